@@ -260,6 +260,11 @@ class DataConfig(ConfigBase):
     hflip: float = 0.5
     num_workers: int = 0
     on_bad_record: Literal["raise", "skip"] = "raise"
+    synthetic_n_paired: int = 512        # corpus size when `synthetic` is on (built once under the run's corpus dir)
+    synthetic_n_unpaired: int = 512
+    synthetic_n_task: int = 200          # images per downstream split
+    synthetic_seed: int = 0
+    synthetic_dir: str | None = None     # where the corpus lives / is built (default: <output_dir>/../corpus-<size>px-seed<seed>)
     def __post_init__(self):
         _check_range(self.paired_batch_size, "data.paired_batch_size", 0)
         _check_range(self.unpaired_batch_size, "data.unpaired_batch_size", 0)
@@ -268,6 +273,8 @@ class DataConfig(ConfigBase):
         _check_range(self.hflip, "data.hflip", 0, 1)
         _check_range(self.num_workers, "data.num_workers", 0, 256)
         _check_choice(self.on_bad_record, "data.on_bad_record", ("raise", "skip"))
+        for f in ("synthetic_n_paired", "synthetic_n_unpaired", "synthetic_n_task"): _check_range(getattr(self, f), f"data.{f}", 0)
+        _check(self.synthetic or self.paired or self.unpaired, "data.paired", "give a paired and/or unpaired manifest, or set data.synthetic=True")
 
 @dataclass
 class TrainConfig(ConfigBase):
@@ -319,5 +326,5 @@ class TrainConfig(ConfigBase):
 class ExperimentConfig(ConfigBase):
     "Everything one pre-training run needs; saved as `config.json` beside every checkpoint."
     model: MaskedCLIPConfig = field(default_factory=MaskedCLIPConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=True))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))

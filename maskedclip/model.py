@@ -95,8 +95,12 @@ class MaskedCLIP(nn.Module):
         return self.text.tokenize(texts, with_sentences=with_sentences)
 
     # ---- the step --------------------------------------------------------------------------------
-    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> ModelOutput:
-        "One training step's losses for `batch` (paired part + unpaired part)."
+    def forward(self, batch: Batch, generator: torch.Generator | None = None, mask_noise: torch.Tensor | None = None) -> ModelOutput:
+        """One training step's losses for `batch` (paired part + unpaired part).
+
+        The masks come from `generator` (or the global RNG), or from `mask_noise` `(N, L)` for the N masked-pass
+        images (paired first): the trainer derives it from (step, global sample index) so that a sample's mask
+        does not depend on how the global batch is split across processes."""
         c = self.config
         parts, out = {}, {}
         np_ = batch.n_paired
@@ -108,7 +112,9 @@ class MaskedCLIP(nn.Module):
                 x = torch.cat(imgs, dim=0) if len(imgs) > 1 else imgs[0]
             else:
                 x = batch.paired_images
-            enc = self.encoder(x, mask_ratio=c.mask_ratio, generator=generator)
+            if mask_noise is not None and mask_noise.shape[0] != x.shape[0]:
+                raise ValueError(f"mask_noise has {mask_noise.shape[0]} rows for {x.shape[0]} masked-pass images")
+            enc = self.encoder(x, mask_ratio=c.mask_ratio, generator=generator, noise=mask_noise)
             out.update(mask=enc.mask, ids_restore=enc.ids_restore, images=x)
             if c.use_mim:
                 pred = self.decoder(enc.tokens, enc.ids_restore)

@@ -103,7 +103,8 @@ class TextTower(nn.Module):
             self.tokenizer = build_wordpiece_tokenizer(max_length=cfg.max_length)
             bc = BertConfig(vocab_size=len(self.tokenizer), hidden_size=cfg.width, num_hidden_layers=cfg.depth,
                             num_attention_heads=cfg.heads, intermediate_size=4 * cfg.width,
-                            max_position_embeddings=max(128, cfg.max_length), pad_token_id=0)
+                            max_position_embeddings=max(128, cfg.max_length), pad_token_id=0,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)   # no dropout: exact DDP/resume checks
             self.model = BertModel(bc, add_pooling_layer=False)
         elif local_dir is not None:
             local_dir = Path(local_dir)
