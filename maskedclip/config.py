@@ -198,6 +198,8 @@ class MaskedCLIPConfig(ConfigBase):
         _check(self.mask_ratio > 0 or not (self.use_mim or self.use_mfd), "mask_ratio", "must be > 0 when use_mim or use_mfd is on")
         _check(int(self.vision.num_patches * (1 - self.mask_ratio)) >= 1, "mask_ratio", f"{self.mask_ratio} keeps no patch of {self.vision.num_patches}")
         _check_choice(self.clip_view, "clip_view", ("full", "masked"))
+        _check(self.mlip.integrity == "off" or self.clip_view == "masked", "mlip.integrity", "integrity weighting scores the masked view; it needs clip_view='masked'")
+        _check(self.mlip.mask_sampler != "phi" or self.mlip.integrity == "maco", "mlip.mask_sampler", "'phi' sampling needs the position weights of mlip.integrity='maco'")
         _check_range(self.proj_dim, "proj_dim", 1)
         _check_range(self.logit_scale_max, "logit_scale_max", 0, lo_open=True)
         _check_range(self.logit_scale_init, "logit_scale_init", 0, self.logit_scale_max)
@@ -217,7 +219,7 @@ class MaskedCLIPConfig(ConfigBase):
         mlip = self.mlip if method == self.method else MLIPConfig()
         return dataclasses.replace(self, method=method, mlip=mlip, **sw)
 
-MLIP_SWITCHES = dict(use_mim=True, use_clip=True, use_bridge=False, use_mfd=False,
+MLIP_SWITCHES = dict(use_mim=True, use_clip=True, use_bridge=False, use_mfd=False, clip_view="masked",
                      mlip=MLIPConfig(integrity="maco", use_ot=True))
 
 # %% ../nbs/00_config.ipynb #0000000e

@@ -8,7 +8,16 @@ from dataclasses import dataclass, fields
 import torch
 
 # %% auto #0
-__all__ = ['Batch']
+__all__ = ['RECORD_FIELDS', 'SPLITS', 'MAX_PIXELS', 'IMAGE_EXTENSIONS', 'BAD_RECORD_REASONS', 'CONTRACT_FEATURES',
+           'IMAGENET_MEAN', 'IMAGENET_STD', 'DR_GRADES', 'AIROGS_CLASSES', 'ORIGA_CLASSES', 'GF_FOLDERS',
+           'RETINA_FOLDERS', 'JSIEC_FOLDERS', 'JSIEC_CLASSES', 'LABEL_SPACES', 'ADAPTERS', 'Batch', 'Record',
+           'BadRecordError', 'MissingImageError', 'check_image', 'to_rgb', 'load_image', 'resolve_image_path',
+           'validate_record', 'SkippedRecord', 'LoadReport', 'ManifestData', 'default_cache_dir', 'load_manifest',
+           'load_records', 'load_imagefolder', 'write_manifest', 'fundus_border_crop', 'FundusBorderCrop',
+           'train_transform', 'eval_transform', 'denormalize', 'build_label_map', 'label_to_id', 'ImageDataset',
+           'ImageTextDataset', 'PairedUnpairedLoader', 'make_loader', 'read_eyepacs', 'read_aptos2019',
+           'read_idrid_grading', 'read_messidor2', 'odir_keywords', 'read_odir5k', 'read_airogs', 'read_origa',
+           'read_glaucoma_fundus', 'jsiec_label', 'read_jsiec', 'read_retina_cataract', 'assign_splits']
 
 # %% ../nbs/01_data.ipynb #00000004
 @dataclass
@@ -36,3 +45,1411 @@ class Batch:
             v = getattr(self, f.name)
             kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
         return Batch(**kw)
+
+# %% ../nbs/01_data.ipynb #00000007
+import csv, json, math, os, random, re, tempfile, warnings, weakref
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
+
+import numpy as np
+import datasets
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import Dataset as TorchDataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+# %% ../nbs/01_data.ipynb #00000008
+class Record(TypedDict, total=False):
+    "One manifest row (the team's data contract). Extra keys are allowed and preserved."
+    id: str                   # unique within a manifest
+    image: str                # path relative to the data root
+    text: str | None          # paired text (report or label-derived prompt)
+    label: str | None         # category name in the task's label space
+    labels: list[str] | None  # optional multi-label categories
+    source: str | None        # dataset name
+    split: str | None         # 'train' | 'val' | 'test'
+
+RECORD_FIELDS = ('id', 'image', 'text', 'label', 'labels', 'source', 'split')
+SPLITS = ('train', 'val', 'test')
+MAX_PIXELS = 100_000_000   # default header-size limit (width*height) before anything is decoded
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp', '.webp', '.ppm')
+
+BAD_RECORD_REASONS = {
+    'malformed_row': 'the line is not a JSON object / the CSV row has the wrong number of fields',
+    'missing_field': 'a required field (id, image) is missing or empty',
+    'bad_value': 'a field has the wrong type or an invalid value',
+    'duplicate_id': 'the id was already used by an earlier row of the manifest',
+    'missing_text': 'a paired record has no text (or only blanks)',
+    'label_outside_space': 'the label is not in the given label space',
+    'path_escapes_root': 'the image path points outside the data root (.., absolute path or symlink)',
+    'missing_file': 'the image file does not exist',
+    'empty_file': 'the image file has zero bytes',
+    'corrupt_image': 'the file is not a readable image',
+    'truncated_image': 'the image data ends early (truncated file)',
+    'too_large': 'width*height above max_pixels (checked from the header) or a PIL decompression bomb',
+}
+
+# %% ../nbs/01_data.ipynb #00000009
+class BadRecordError(ValueError):
+    """A manifest row or an image file that cannot be used.
+
+    The message names the manifest and line, the record id, the field, the file and the problem;
+    `reason` is a short code from `BAD_RECORD_REASONS` used for counting in a `LoadReport`."""
+    def __init__(self, problem: str, *, reason: str = 'bad_record', manifest=None, line=None,
+                 record_id=None, field=None, file=None):
+        self.problem, self.reason = problem, reason
+        self.manifest = None if manifest is None else str(manifest)
+        self.line, self.record_id, self.field = line, record_id, field
+        self.file = None if file is None else str(file)
+        super().__init__(self._message())
+
+    def _context(self) -> dict:
+        return dict(reason=self.reason, manifest=self.manifest, line=self.line,
+                    record_id=self.record_id, field=self.field, file=self.file)
+
+    def _message(self) -> str:
+        where = []
+        if self.manifest is not None: where.append(self.manifest + (f':{self.line}' if self.line is not None else ''))
+        elif self.line is not None: where.append(f'line {self.line}')
+        if self.record_id is not None: where.append(f'id={self.record_id!r}')
+        if self.field is not None: where.append(f'field {self.field!r}')
+        if self.file is not None: where.append(f'file {self.file}')
+        return (' | '.join(where) + ': ' if where else '') + self.problem
+
+    def located(self, **context) -> 'BadRecordError':
+        "A copy with the missing context (`manifest`, `line`, `record_id`, `field`, `file`) filled in."
+        kw = self._context()
+        kw.update({k: v for k, v in context.items() if kw.get(k) is None and v is not None})
+        return type(self)(self.problem, **kw)
+
+    def __reduce__(self):  # keep the context when pickled (e.g. across processes)
+        return (partial(type(self), self.problem, **self._context()), ())
+
+
+class MissingImageError(BadRecordError, FileNotFoundError):
+    "The image file of a record does not exist (both a `BadRecordError` and a `FileNotFoundError`)."
+
+# %% ../nbs/01_data.ipynb #0000000e
+_TRUNCATION_HINTS = ('truncat', 'incomplete', 'premature', 'not enough data', 'end of file', 'eof')
+
+def _decode_error(e: BaseException, path, what: str) -> BadRecordError:
+    msg = str(e) or type(e).__name__
+    reason = 'truncated_image' if any(h in msg.lower() for h in _TRUNCATION_HINTS) else 'corrupt_image'
+    return BadRecordError(f'{what}: {msg}', reason=reason, file=path)
+
+
+def _open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    "Open the header of `path` (no pixel decoding) with clear errors; refuse images above `max_pixels`."
+    p = Path(path)
+    if not p.exists(): raise MissingImageError('image file not found', reason='missing_file', file=p)
+    if p.is_dir(): raise MissingImageError('expected an image file, found a directory', reason='missing_file', file=p)
+    if p.stat().st_size == 0: raise BadRecordError('zero-byte image file', reason='empty_file', file=p)
+    try: im = Image.open(p)
+    except Image.DecompressionBombError as e:
+        raise BadRecordError(f'image too large to open safely (PIL decompression-bomb guard: {e})',
+                             reason='too_large', file=p) from None
+    except UnidentifiedImageError:
+        raise BadRecordError('not a readable image (unknown format or corrupt header)', reason='corrupt_image', file=p) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _decode_error(e, p, 'cannot read the image header') from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise BadRecordError(f'image is {w}x{h} = {w*h:,} pixels, above max_pixels={max_pixels:,} '
+                             '(read from the header, nothing decoded)', reason='too_large', file=p)
+    if w == 0 or h == 0:
+        im.close(); raise BadRecordError(f'image has size {w}x{h}', reason='corrupt_image', file=p)
+    return im
+
+
+def check_image(path, mode: str = 'verify', max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Validate an image file without keeping it; return its `(width, height)`.
+
+    `mode`: `'header'` (open the header, check size), `'verify'` (also detect truncation/corruption:
+    PNG chunk CRCs, JPEG decoded at 1/8 scale, other formats decoded), `'decode'` (full decode).
+    Raises `BadRecordError` with `reason` in missing_file, empty_file, corrupt_image, truncated_image, too_large."""
+    if mode not in ('header', 'verify', 'decode'):
+        raise ValueError(f"check_image mode must be 'header', 'verify' or 'decode', got {mode!r}")
+    im = _open_image(path, max_pixels)
+    size = im.size
+    try:
+        if mode == 'verify':
+            if im.format == 'JPEG':
+                im.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8))); im.load()
+            elif im.format == 'PNG': im.verify()
+            else: im.load()
+        elif mode == 'decode': im.load()
+    except MemoryError: raise
+    except Exception as e: raise _decode_error(e, path, 'image data cannot be decoded') from None
+    finally: im.close()
+    return size
+
+# %% ../nbs/01_data.ipynb #0000000f
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit is scaled (`round(v*255/65535)`), alpha is composited over black,
+    CMYK/YCbCr/LAB/palette/grayscale go through PIL's conversions."""
+    mode = im.mode
+    if mode == 'RGB': return im
+    if mode.startswith('I'):          # 'I;16', 'I;16B', 'I;16L', 'I' (32-bit int, assumed 16-bit range)
+        a = np.asarray(im).astype(np.float64)
+        top = max(65535.0, float(a.max(initial=0)))
+        g = np.rint(np.clip(a, 0, None) * (255.0 / top)).astype(np.uint8)
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), 'RGB')
+    if mode == 'F':
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        top = max(1.0, float(a.max(initial=0)))
+        g = np.rint(np.clip(a, 0, None) * (255.0 / top)).astype(np.uint8)
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), 'RGB')
+    if mode in ('RGBA', 'RGBa', 'LA', 'La', 'PA') or (mode == 'P' and 'transparency' in im.info):
+        a = np.asarray(im.convert('RGBA')).astype(np.uint32)
+        rgb = (a[..., :3] * a[..., 3:4] + 127) // 255
+        return Image.fromarray(rgb.astype(np.uint8), 'RGB')
+    if mode == '1': return im.convert('L').convert('RGB')
+    return im.convert('RGB')
+
+
+def load_image(path, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Decode `path` into an 8-bit RGB PIL image, with clear `BadRecordError`s naming the file.
+
+    `draft`: for JPEG, let the decoder downscale by 1/2, 1/4 or 1/8 while keeping both sides >= `draft`
+    pixels (much faster for 3000-pixel fundus photographs when the model sees 224 pixels)."""
+    im = _open_image(path, max_pixels)
+    try:
+        if draft and im.format == 'JPEG': im.draft(None, (int(draft), int(draft)))
+        im.load()
+        return to_rgb(im)
+    except MemoryError: raise
+    except Exception as e:
+        im.close()
+        raise _decode_error(e, path, 'image data cannot be decoded') from None
+
+# %% ../nbs/01_data.ipynb #00000013
+def _image_check_mode(check_images) -> str | None:
+    if check_images is True: return 'verify'
+    if check_images in (False, None): return None
+    if check_images in ('header', 'verify', 'decode'): return check_images
+    raise ValueError(f"check_images must be True/False or 'header'|'verify'|'decode', got {check_images!r}")
+
+
+def resolve_image_path(image: str, root) -> tuple[Path, str]:
+    """`(absolute path, clean relative POSIX path)` of `image` under `root`; `BadRecordError`
+    (`path_escapes_root`) if it leaves the root lexically or through a symlink."""
+    root_abs = Path(os.path.abspath(root))
+    p = Path(image)
+    lex = Path(os.path.normpath(p if p.is_absolute() else root_abs / p))
+    if not lex.is_relative_to(root_abs) or lex == root_abs:
+        raise BadRecordError(f'image path {image!r} escapes the data root {root_abs}', reason='path_escapes_root',
+                             field='image', file=lex)
+    real, real_root = Path(os.path.realpath(lex)), Path(os.path.realpath(root_abs))
+    if not real.is_relative_to(real_root):
+        raise BadRecordError(f'image path {image!r} resolves (through a symlink) to {real}, outside the data '
+                             f'root {real_root}', reason='path_escapes_root', field='image', file=lex)
+    return lex, lex.relative_to(root_abs).as_posix()
+
+
+def _opt_str(v, name: str, rid, numbers_ok: bool = False) -> str | None:
+    if v is None: return None
+    if numbers_ok and isinstance(v, int) and not isinstance(v, bool): return str(v)
+    if not isinstance(v, str):
+        raise BadRecordError(f'{name} must be a string or null, got {type(v).__name__} {v!r}', reason='bad_value',
+                             record_id=rid, field=name)
+    return v if v.strip() else None
+
+
+def _parse_labels(v, rid) -> list[str] | None:
+    if v is None: return None
+    if isinstance(v, str):
+        s = v.strip()
+        if not s: return None
+        if s.startswith('['):
+            try: v = json.loads(s)
+            except json.JSONDecodeError as e:
+                raise BadRecordError(f'labels is not a JSON list: {e.msg}', reason='bad_value', record_id=rid, field='labels') from None
+        else: v = [x.strip() for x in s.split('|')]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise BadRecordError(f'labels must be a list of strings, got {v!r}', reason='bad_value', record_id=rid, field='labels')
+    out = [x for x in v if x.strip()]
+    return out or None
+
+
+def _preview(xs, n: int = 8) -> str:
+    xs = list(xs); s = ', '.join(repr(x) for x in xs[:n])
+    return s + (f', ... ({len(xs)} in all)' if len(xs) > n else '')
+
+
+def validate_record(record: Mapping, root=None, *, label_space: Iterable[str] | None = None,
+                    require_text: bool = False, check_images=True, max_pixels: int = MAX_PIXELS) -> Record:
+    """Check one record against the contract and return it normalised (extra keys kept).
+
+    `root`: data root the image path is relative to (`None`: no containment check, path used as given).
+    `require_text`: the record is paired, so empty/missing text is an error. `check_images`: True/'verify',
+    'header', 'decode' or False (see `check_image`). Raises `BadRecordError` naming the field."""
+    if not isinstance(record, Mapping):
+        raise BadRecordError(f'a record must be a JSON object, got {type(record).__name__}', reason='malformed_row')
+    rid = record.get('id')
+    if isinstance(rid, int) and not isinstance(rid, bool): rid = str(rid)
+    if rid is None or (isinstance(rid, str) and not rid.strip()):
+        raise BadRecordError('missing or empty id', reason='missing_field', field='id')
+    if not isinstance(rid, str):
+        raise BadRecordError(f'id must be a string, got {type(rid).__name__} {rid!r}', reason='bad_value', field='id')
+    out = dict(record); out['id'] = rid
+    image = record.get('image')
+    if image is None or (isinstance(image, str) and not image.strip()):
+        raise BadRecordError('missing or empty image path', reason='missing_field', record_id=rid, field='image')
+    if not isinstance(image, str):
+        raise BadRecordError(f'image must be a path string, got {type(image).__name__}', reason='bad_value', record_id=rid, field='image')
+    out['text'] = _opt_str(record.get('text'), 'text', rid)
+    if require_text and out['text'] is None:
+        raise BadRecordError('paired record has empty or missing text', reason='missing_text', record_id=rid, field='text')
+    out['label'] = _opt_str(record.get('label'), 'label', rid, numbers_ok=True)
+    out['labels'] = _parse_labels(record.get('labels'), rid)
+    if label_space is not None:
+        space = label_space if isinstance(label_space, (set, frozenset, dict)) else list(label_space)
+        for name, vals in (('label', [out['label']] if out['label'] is not None else []), ('labels', out['labels'] or [])):
+            for lab in vals:
+                if lab not in space:
+                    raise BadRecordError(f'label {lab!r} is not in the label space ({_preview(space)})',
+                                         reason='label_outside_space', record_id=rid, field=name)
+    out['source'] = _opt_str(record.get('source'), 'source', rid)
+    out['split'] = _opt_str(record.get('split'), 'split', rid)
+    if out['split'] is not None and out['split'] not in SPLITS:
+        raise BadRecordError(f'split must be one of {SPLITS}, got {out["split"]!r}', reason='bad_value', record_id=rid, field='split')
+    if root is None: path, out['image'] = Path(image), image
+    else:
+        try: path, out['image'] = resolve_image_path(image, root)
+        except BadRecordError as e: raise e.located(record_id=rid) from None
+    mode = _image_check_mode(check_images)
+    if mode is not None:
+        try: check_image(path, mode, max_pixels)
+        except BadRecordError as e: raise e.located(record_id=rid, field='image') from None
+    return out
+
+# %% ../nbs/01_data.ipynb #00000017
+@dataclass
+class SkippedRecord:
+    "One record left out of a manifest under `on_bad_record='skip'`."
+    reason: str
+    where: str
+    record_id: str | None
+    file: str | None
+    message: str
+
+
+@dataclass
+class LoadReport:
+    "Counts of a manifest load: `total` rows, `kept`, and every skipped row with its reason and file."
+    manifest: str
+    root: str
+    total: int = 0
+    kept: int = 0
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+    def add(self, err: BadRecordError) -> None:
+        where = (err.manifest or '') + (f':{err.line}' if err.line is not None else '')
+        self.skipped.append(SkippedRecord(err.reason, where, err.record_id, err.file, str(err)))
+
+    @property
+    def n_skipped(self) -> int: return len(self.skipped)
+
+    def by_reason(self) -> dict[str, int]:
+        "Number of skipped rows per reason code."
+        return dict(Counter(s.reason for s in self.skipped))
+
+    def files(self, reason: str | None = None) -> list[str]:
+        "Image files of the skipped rows (optionally of one reason)."
+        return [s.file for s in self.skipped if s.file is not None and (reason is None or s.reason == reason)]
+
+    def summary(self, max_lines: int = 20) -> str:
+        lines = [f'{self.manifest} (root {self.root}): {self.total} records, {self.kept} kept, {self.n_skipped} skipped']
+        if self.skipped:
+            lines.append('  skipped by reason: ' + ', '.join(f'{k} {v}' for k, v in sorted(self.by_reason().items())))
+            lines += [f'  - {s.message}' for s in self.skipped[:max_lines]]
+            if self.n_skipped > max_lines: lines.append(f'  ... and {self.n_skipped - max_lines} more (see LoadReport.skipped)')
+        return '\n'.join(lines)
+
+    def to_dict(self) -> dict:
+        return dict(manifest=self.manifest, root=self.root, total=self.total, kept=self.kept,
+                    skipped_by_reason=self.by_reason(), skipped=[vars(s) for s in self.skipped])
+
+    __str__ = summary
+
+
+@dataclass
+class ManifestData:
+    "A validated manifest: the `datasets.Dataset` of records, the `LoadReport`, the data root and the file."
+    dataset: datasets.Dataset
+    report: LoadReport
+    root: Path
+    path: Path | None = None
+
+    def __len__(self) -> int: return len(self.dataset)
+
+    @property
+    def label_values(self) -> list[str]:
+        "Sorted distinct values of `label` and `labels` (the label space the data actually uses)."
+        vals = {x for x in self.dataset['label'] if x is not None}
+        for ls in self.dataset['labels']: vals.update(ls or ())
+        return sorted(vals)
+
+# %% ../nbs/01_data.ipynb #00000018
+_V = datasets.Value('string')
+CONTRACT_FEATURES = datasets.Features({'id': _V, 'image': _V, 'text': _V, 'label': _V,
+                                       'labels': datasets.List(_V), 'source': _V, 'split': _V})
+
+
+def default_cache_dir() -> Path:
+    "Where `datasets` may write its cache: `$MASKEDCLIP_CACHE/hf_datasets` or `<tmp>/maskedclip-cache/hf_datasets`."
+    base = os.environ.get('MASKEDCLIP_CACHE') or os.path.join(tempfile.gettempdir(), 'maskedclip-cache')
+    return Path(base) / 'hf_datasets'
+
+
+@contextmanager
+def _quiet_datasets():
+    bars, verb = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars(); datasets.logging.set_verbosity_error()
+    try: yield
+    finally:
+        if bars: datasets.enable_progress_bars()
+        datasets.logging.set_verbosity(verb)
+
+
+def _hf_read(fmt: str, file, cache_dir, header: Sequence[str] | None = None) -> datasets.Dataset:
+    kw = dict(data_files=str(file), split='train', cache_dir=str(cache_dir), keep_in_memory=True)
+    if fmt == 'csv': kw.update(converters={c: str for c in header}, na_filter=False)
+    with _quiet_datasets(): return datasets.load_dataset(fmt, **kw)
+
+
+def _extras_from_rows(rows: list[dict]) -> datasets.Dataset | None:
+    extras = [{k: v for k, v in r.items() if k not in RECORD_FIELDS} for r in rows]
+    if not any(extras): return None
+    keys = sorted({k for e in extras for k in e})
+    extras = [{k: e.get(k) for k in keys} for e in extras]
+    try: return datasets.Dataset.from_list(extras)
+    except Exception:  # mixed types in an extra column: keep them as JSON text
+        enc = lambda v: v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+        return datasets.Dataset.from_list([{k: enc(v) for k, v in e.items()} for e in extras])
+
+
+def _assemble(normalized: list[dict], extras: datasets.Dataset | None, report: LoadReport) -> datasets.Dataset:
+    contract = datasets.Dataset.from_dict({f: [r.get(f) for r in normalized] for f in RECORD_FIELDS}, features=CONTRACT_FEATURES)
+    ds = contract if extras is None or not extras.column_names else datasets.concatenate_datasets([contract, extras], axis=1)
+    ds.info.description = report.summary()
+    return ds
+
+# %% ../nbs/01_data.ipynb #00000019
+def _scan_json(path: Path):
+    "Rows of a JSON-lines file (or a JSON array) with their line numbers; malformed lines become errors."
+    try: text = path.read_bytes().decode('utf-8-sig')
+    except UnicodeDecodeError as e: raise ValueError(f'{path}: manifest is not UTF-8 text ({e})') from None
+    rows, lines, bad = [], [], []
+    if text.lstrip().startswith('['):
+        try: data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRecordError(f'malformed JSON array: {e.msg}', reason='malformed_row', manifest=path, line=e.lineno) from None
+        items = [(f'item {i}', obj) for i, obj in enumerate(data)]
+    else:
+        items = []
+        for lineno, line in enumerate(text.split('\n'), 1):
+            s = line.strip()
+            if not s: continue
+            try: items.append((lineno, json.loads(s)))
+            except json.JSONDecodeError as e:
+                bad.append(BadRecordError(f'malformed JSON: {e.msg} (column {e.colno})', reason='malformed_row', manifest=path, line=lineno))
+    for where, obj in items:
+        if isinstance(obj, dict): rows.append(obj); lines.append(where)
+        else: bad.append(BadRecordError(f'expected a JSON object, got {type(obj).__name__}', reason='malformed_row', manifest=path, line=where))
+    return rows, lines, bad, None
+
+
+def _scan_csv(path: Path):
+    "Rows of a CSV file as exact strings with their line numbers; rows with the wrong field count become errors."
+    rows, lines, bad = [], [], []
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None: return rows, lines, bad, []
+        dup = [c for c, n in Counter(header).items() if n > 1]
+        if dup: raise ValueError(f'{path}: duplicate column names {dup}')
+        for row in reader:
+            if not row: continue
+            if len(row) != len(header):
+                bad.append(BadRecordError(f'expected {len(header)} comma-separated fields, found {len(row)}',
+                                          reason='malformed_row', manifest=path, line=reader.line_num))
+                continue
+            rows.append(dict(zip(header, row))); lines.append(reader.line_num)
+    return rows, lines, bad, header
+
+
+def _manifest_format(path: Path) -> str:
+    suf = path.suffix.lower()
+    if suf in ('.jsonl', '.json', '.ndjson'): return 'json'
+    if suf == '.csv': return 'csv'
+    raise ValueError(f'{path}: unknown manifest format {suf!r} (use .jsonl, .json or .csv)')
+
+
+def _check_many(paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool) -> Iterator[BadRecordError | None]:
+    "Image checks on a thread pool (PIL releases the GIL while decoding), yielded in input order."
+    def one(p):
+        try: check_image(p, mode, max_pixels); return None
+        except BadRecordError as e: return e
+    n = num_threads or min(8, os.cpu_count() or 1)
+    ex = ThreadPoolExecutor(max_workers=max(1, n))
+    try:
+        it = ex.map(one, paths)
+        yield from tqdm(it, total=len(paths), desc='checking images', disable=not progress, leave=False)
+    finally: ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _validate_rows(rows, locs, root, *, label_space, require_text, check_images, max_pixels, num_threads,
+                   on_bad_record, report, verbose) -> tuple[list[dict], list[int]]:
+    "Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices."
+    seen, cheap, errors = {}, [], {}
+    def fail(i, err):
+        if on_bad_record == 'raise': raise err
+        errors[i] = err
+    for i, (row, (man, line)) in enumerate(zip(rows, locs)):
+        rid = row.get('id') if isinstance(row, Mapping) else None
+        try:
+            rec = validate_record(row, root, label_space=label_space, require_text=require_text, check_images=False)
+            if rec['id'] in seen:
+                raise BadRecordError(f'duplicate id {rec["id"]!r} (first used at {seen[rec["id"]]})', reason='duplicate_id',
+                                     record_id=rec['id'], field='id')
+            seen[rec['id']] = f'{man}:{line}'
+            cheap.append((i, rec))
+        except BadRecordError as e:
+            fail(i, e.located(manifest=man, line=line, record_id=None if rid is None else str(rid)))
+    mode = _image_check_mode(check_images)
+    if mode is not None and cheap:
+        paths = [Path(root) / rec['image'] for _, rec in cheap]
+        for (i, rec), err in zip(cheap, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)):
+            if err is not None:
+                man, line = locs[i]
+                fail(i, err.located(manifest=man, line=line, record_id=rec['id'], field='image'))
+    for i in sorted(errors): report.add(errors[i])
+    kept = [(i, rec) for i, rec in cheap if i not in errors]
+    return [rec for _, rec in kept], [i for i, _ in kept]
+
+
+def _check_policy(on_bad_record):
+    if on_bad_record not in ('raise', 'skip'):
+        raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
+
+# %% ../nbs/01_data.ipynb #0000001a
+def load_manifest(path, root=None, label_space: Iterable[str] | None = None, on_bad_record: str = 'raise',
+                  check_images=True, *, require_text: bool = False, max_pixels: int = MAX_PIXELS,
+                  num_threads: int | None = None, cache_dir=None, verbose: bool = True) -> ManifestData:
+    """Read and validate a JSON-lines / JSON / CSV manifest through Hugging Face `datasets`.
+
+    `root`: data root for the image paths (default: the manifest's folder). `label_space`: allowed labels
+    (None: any). `on_bad_record`: 'raise' (first bad row raises `BadRecordError`) or 'skip' (bad rows are
+    left out, counted and listed in the report). `check_images`: True/'verify', 'header', 'decode', False.
+    `require_text`: rows are paired (text needed). Returns `ManifestData(dataset, report, root, path)`."""
+    _check_policy(on_bad_record)
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f'manifest not found: {path}')
+    fmt = _manifest_format(path)
+    root = Path(root) if root is not None else path.parent
+    if not root.is_dir(): raise FileNotFoundError(f'data root not found: {root} (for manifest {path})')
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    report = LoadReport(manifest=str(path), root=str(root))
+    rows, lines, bad, header = (_scan_json if fmt == 'json' else _scan_csv)(path)
+    report.total = len(rows) + len(bad)
+    if bad and on_bad_record == 'raise':   # raise the earliest bad row: check the rows above the first malformed one
+        first = bad[0].line if isinstance(bad[0].line, int) else 0
+        before = [(r, l) for r, l in zip(rows, lines) if isinstance(l, int) and l < first]
+        _validate_rows([r for r, _ in before], [(str(path), l) for _, l in before], root, label_space=label_space,
+                       require_text=require_text, check_images=False, max_pixels=max_pixels, num_threads=num_threads,
+                       on_bad_record='raise', report=report, verbose=False)
+        raise bad[0]
+    normalized, kept = _validate_rows(rows, [(str(path), l) for l in lines], root, label_space=label_space,
+                                      require_text=require_text, check_images=check_images, max_pixels=max_pixels,
+                                      num_threads=num_threads, on_bad_record=on_bad_record, report=report, verbose=verbose)
+    for e in bad: report.add(e)
+    report.skipped.sort(key=lambda s: (len(s.where), s.where))
+    extras, table = None, None
+    if not bad and rows:
+        try:
+            table = _hf_read(fmt, path, cache_dir, header)
+            if len(table) != len(rows): table = None
+        except Exception: table = None
+    if table is not None:
+        extras = table.select(kept).remove_columns([c for c in table.column_names if c in RECORD_FIELDS])
+    else: extras = _extras_from_rows(normalized)
+    report.kept = len(normalized)
+    ds = _assemble(normalized, extras, report)
+    if verbose: print(report.summary())
+    return ManifestData(ds, report, root, path)
+
+
+def load_records(records: Iterable[Mapping], root, label_space: Iterable[str] | None = None, on_bad_record: str = 'raise',
+                 check_images=True, *, require_text: bool = False, max_pixels: int = MAX_PIXELS,
+                 num_threads: int | None = None, name: str = '<records>', verbose: bool = True) -> ManifestData:
+    "Validate in-memory records (e.g. an adapter's output) exactly like `load_manifest` does for a file."
+    _check_policy(on_bad_record)
+    root = Path(root)
+    if not root.is_dir(): raise FileNotFoundError(f'data root not found: {root}')
+    rows = list(records)
+    report = LoadReport(manifest=name, root=str(root), total=len(rows))
+    normalized, _ = _validate_rows(rows, [(name, f'record {i}') for i in range(len(rows))], root, label_space=label_space,
+                                   require_text=require_text, check_images=check_images, max_pixels=max_pixels,
+                                   num_threads=num_threads, on_bad_record=on_bad_record, report=report, verbose=verbose)
+    report.kept = len(normalized)
+    ds = _assemble(normalized, _extras_from_rows(normalized), report)
+    if verbose: print(report.summary())
+    return ManifestData(ds, report, root, None)
+
+# %% ../nbs/01_data.ipynb #0000001b
+_SPLIT_DIRS = {'train': 'train', 'training': 'train', 'val': 'val', 'valid': 'val', 'validation': 'val',
+               'test': 'test', 'testing': 'test'}
+
+
+def _visible(p: Path) -> bool: return not (p.name.startswith('.') or p.name == '__MACOSX')
+
+
+def _image_files(folder: Path) -> list[Path]:
+    "Image files under `folder` (recursive, sorted), skipping hidden files and `__MACOSX`."
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if _visible(Path(d)))
+        out += [Path(dirpath) / f for f in sorted(filenames)
+                if _visible(Path(f)) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return out
+
+
+def _class_folder_records(root: Path, folder_label: Callable[[str], str | None], *, source: str,
+                          relative_to: Path | None = None) -> list[dict]:
+    """Records of a `root/[split/]class_folder/**/image` tree; `folder_label(name)` gives the label of a folder
+    (None: not a class folder, reported with a warning if it holds images)."""
+    rel_to = Path(relative_to) if relative_to is not None else root
+    splits = [(d, _SPLIT_DIRS[d.name.lower()]) for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in _SPLIT_DIRS]
+    records, ignored = [], []
+    for base, split in splits or [(root, None)]:
+        for d in sorted(p for p in base.iterdir() if p.is_dir() and _visible(p)):
+            label = folder_label(d.name)
+            if label is None:
+                if _image_files(d): ignored.append(str(d))
+                continue
+            for f in _image_files(d):
+                records.append(dict(id=f'{source}/{f.relative_to(root).with_suffix("").as_posix()}',
+                                    image=_relpath(f, rel_to), text=None, label=label, labels=None, source=source, split=split))
+    if ignored: warnings.warn(f'{source}: ignored folders that are not classes of this dataset: {ignored}')
+    return records
+
+
+def _relpath(f: Path, rel_to: Path) -> str:
+    try: return Path(os.path.abspath(f)).relative_to(os.path.abspath(rel_to)).as_posix()
+    except ValueError: raise ValueError(f'{f} is not inside relative_to={rel_to}') from None
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline='', encoding='utf-8-sig') as f: return next(csv.reader(f), [])
+
+
+def load_imagefolder(root, *, text_column: str = 'text', label_column: str = 'label', label_space: Iterable[str] | None = None,
+                     on_bad_record: str = 'raise', check_images=True, require_text: bool = False,
+                     max_pixels: int = MAX_PIXELS, num_threads: int | None = None, cache_dir=None,
+                     verbose: bool = True) -> ManifestData:
+    """Records of a Hugging Face `imagefolder` tree.
+
+    With `root/metadata.csv` (or `root/<split>/metadata.csv`): one record per row, `file_name` relative to
+    the metadata file's folder, `text_column`/`label_column` as text and label, other columns kept; `id` is
+    the `id` column if present, else the image path without extension. Read with `datasets`' csv builder
+    (not the `imagefolder` builder, which would decode every image). Without metadata: class sub-folders
+    (`root/[split/]<label>/<image>`) give the labels."""
+    root = Path(root)
+    if not root.is_dir(): raise FileNotFoundError(f'imagefolder root not found: {root}')
+    metas = [root / 'metadata.csv'] if (root / 'metadata.csv').is_file() else sorted(root.glob('*/metadata.csv'))
+    common = dict(label_space=label_space, on_bad_record=on_bad_record, check_images=check_images, require_text=require_text,
+                  max_pixels=max_pixels, num_threads=num_threads, verbose=verbose)
+    if not metas:
+        recs = _class_folder_records(root, lambda name: name, source=root.name)
+        if not recs: raise FileNotFoundError(f'{root}: no metadata.csv and no class folders with images')
+        return load_records(recs, root, name=str(root), **common)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    rows, locs = [], []
+    for meta in metas:
+        header = _csv_header(meta)
+        if 'file_name' not in header: raise ValueError(f'{meta}: imagefolder metadata needs a file_name column, found {header}')
+        table = _hf_read('csv', meta, cache_dir, header)
+        sub = meta.parent.relative_to(root)
+        split = _SPLIT_DIRS.get(sub.parts[0].lower()) if sub.parts else None
+        for i, r in enumerate(table):
+            fn = r['file_name'] or ''
+            image = (sub / fn).as_posix() if fn else ''
+            rec = {k: v for k, v in r.items() if k not in ('file_name', text_column, label_column)}
+            rec.update(id=r.get('id') or (str(Path(image).with_suffix('').as_posix()) if image else ''), image=image,
+                       text=r.get(text_column), label=r.get(label_column),
+                       source=r.get('source') or root.name, split=r.get('split') or split)
+            rows.append(rec); locs.append((str(meta), i + 2))
+    report = LoadReport(manifest=str(root), root=str(root), total=len(rows))
+    _check_policy(on_bad_record)
+    normalized, _ = _validate_rows(rows, locs, root, report=report, **common)
+    report.kept = len(normalized)
+    ds = _assemble(normalized, _extras_from_rows(normalized), report)
+    if verbose: print(report.summary())
+    return ManifestData(ds, report, root, root / 'metadata.csv')
+
+
+def _json_default(o):
+    if isinstance(o, Path): return o.as_posix()
+    if isinstance(o, (np.integer, np.floating, np.bool_)): return o.item()
+    raise TypeError(f'cannot write {type(o).__name__} to a manifest')
+
+
+def write_manifest(records: Iterable[Mapping], path) -> Path:
+    """Write records as JSON lines (`.jsonl`) or CSV (`.csv`; `labels` and nested extras as JSON text).
+    Written atomically (temporary file + rename); every record needs an `id` and an `image`."""
+    path = Path(path); fmt = _manifest_format(path)
+    recs = [dict(r) for r in records]
+    for i, r in enumerate(recs):
+        for k in ('id', 'image'):
+            if not r.get(k): raise ValueError(f'write_manifest({path}): record {i} has no {k!r}: {r}')
+        for k in RECORD_FIELDS: r.setdefault(k, None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'w', encoding='utf-8', newline='') as f:
+        if fmt == 'json':
+            for r in recs: f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + '\n')
+        else:
+            extras = sorted({k for r in recs for k in r if k not in RECORD_FIELDS})
+            w = csv.writer(f); w.writerow(list(RECORD_FIELDS) + extras)
+            enc = lambda v: '' if v is None else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=_json_default)
+            for r in recs: w.writerow([enc(r.get(k)) for k in list(RECORD_FIELDS) + extras])
+    os.replace(tmp, path)
+    return path
+
+# %% ../nbs/01_data.ipynb #0000001f
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def fundus_border_crop(img: Image.Image, threshold: float = 0.1, min_threshold: int = 10, min_fraction: float = 0.01,
+                       square: bool = True) -> Image.Image:
+    """Crop the dark border around the circular field of view of an RGB fundus image; pad to a black square.
+
+    Foreground = `max(R,G,B) > max(min_threshold, threshold * p99)` (p99: 99th percentile of `max(R,G,B)`, from the
+    histogram); the crop is the bounding box of rows and
+    columns with at least `min_fraction` foreground pixels. An image without foreground is only squared."""
+    if not isinstance(img, Image.Image): raise TypeError(f'fundus_border_crop expects a PIL image, got {type(img).__name__}')
+    w, h = img.size
+    f = max(1, max(w, h) // 512)
+    small = img.reduce(f) if f > 1 else img
+    a = np.asarray(small.convert('RGB'))
+    m = np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])             # (h, w) brightest channel
+    p99 = int(np.searchsorted(np.cumsum(np.bincount(m.ravel(), minlength=256)), 0.99 * m.size))
+    fg = m > max(float(min_threshold), threshold * p99)
+    rows, cols = np.flatnonzero(fg.mean(1) >= min_fraction), np.flatnonzero(fg.mean(0) >= min_fraction)
+    if len(rows) and len(cols):
+        box = (cols[0] * f, rows[0] * f, min(w, (cols[-1] + 1) * f), min(h, (rows[-1] + 1) * f))
+        img = img.crop(box)
+    if not square or img.width == img.height: return img
+    side = max(img.size)
+    canvas = Image.new(img.mode, (side, side))
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
+
+
+class FundusBorderCrop:
+    "`fundus_border_crop` as a picklable transform (for `v2.Compose` and DataLoader workers)."
+    def __init__(self, threshold: float = 0.1, min_threshold: int = 10, min_fraction: float = 0.01, square: bool = True):
+        self.kw = dict(threshold=threshold, min_threshold=min_threshold, min_fraction=min_fraction, square=square)
+    def __call__(self, img: Image.Image) -> Image.Image: return fundus_border_crop(img, **self.kw)
+    def __repr__(self) -> str: return f'FundusBorderCrop({", ".join(f"{k}={v}" for k, v in self.kw.items())})'
+
+
+def _check_size(size):
+    if not isinstance(size, int) or size <= 0: raise ValueError(f'size must be a positive int, got {size!r}')
+
+
+def _to_tensor_normalized() -> list:
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def train_transform(size: int = 224, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
+                    border_crop: bool = True, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> v2.Compose:
+    "PIL RGB -> `(3, size, size)` float: [border crop] + RandomResizedCrop(bicubic) + HFlip(`hflip`) + ImageNet norm."
+    _check_size(size)
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f'scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}')
+    if not 0 <= hflip <= 1: raise ValueError(f'hflip must be a probability in [0, 1], got {hflip!r}')
+    ts = [FundusBorderCrop()] if border_crop else []
+    ts.append(v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
+                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
+    if hflip > 0: ts.append(v2.RandomHorizontalFlip(hflip))
+    return v2.Compose(ts + _to_tensor_normalized())
+
+
+def eval_transform(size: int = 224, border_crop: bool = True) -> v2.Compose:
+    "Deterministic PIL RGB -> `(3, size, size)` float: [border crop] + resize + centre crop + ImageNet norm."
+    _check_size(size)
+    ts = [FundusBorderCrop()] if border_crop else []
+    ts += [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+    return v2.Compose(ts + _to_tensor_normalized())
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    "Undo the ImageNet normalisation of `(..., 3, H, W)` images (for pictures)."
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x * std + mean
+
+# %% ../nbs/01_data.ipynb #00000023
+def build_label_map(labels: Iterable[str | None]) -> dict[str, int]:
+    "Label -> id: the order of a label space as given, or sorted distinct labels of a set (None ignored)."
+    if isinstance(labels, (set, frozenset)): labels = sorted(l for l in labels if l is not None)
+    out = {}
+    for l in labels:
+        if l is not None and l not in out: out[l] = len(out)
+    return out
+
+
+def label_to_id(label: str | None, label_map: Mapping[str, int]) -> int:
+    "Id of `label` in `label_map`; `None` -> -1 (no categorical label)."
+    if label is None: return -1
+    try: return label_map[label]
+    except KeyError: raise ValueError(f'label {label!r} is not in the label map ({_preview(label_map)})') from None
+
+
+def _as_records(records, root) -> tuple[datasets.Dataset, Path]:
+    if isinstance(records, ManifestData): return records.dataset, Path(root) if root is not None else records.root
+    if root is None: raise ValueError('root is required when records are not a ManifestData')
+    if isinstance(records, datasets.Dataset): return records, Path(root)
+    return datasets.Dataset.from_list([dict(r) for r in records]), Path(root)
+
+
+@contextmanager
+def _private_rng(seed: int | None):
+    "Inside: torch's CPU RNG seeded with `seed` (restored afterwards); yields a `random.Random(seed)`."
+    if seed is None:
+        yield random.Random()
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield random.Random(seed)
+
+
+class _ImageRecords(TorchDataset):
+    def __init__(self, records, root=None, transform=None, *, max_pixels: int = MAX_PIXELS, decode_size: int | None = None,
+                 on_error: str = 'raise', max_retries: int = 10):
+        self.records, self.root = _as_records(records, root)
+        self.transform = transform if transform is not None else eval_transform(224)
+        if on_error not in ('raise', 'replace'): raise ValueError(f"on_error must be 'raise' or 'replace', got {on_error!r}")
+        self.max_pixels, self.decode_size, self.on_error, self.max_retries = max_pixels, decode_size, on_error, max_retries
+
+    def __len__(self) -> int: return len(self.records)
+
+    def _load(self, idx: int) -> tuple[Image.Image, dict, list]:
+        errors, n = [], len(self)
+        for k in range(self.max_retries + 1):
+            row = self.records[(idx + k) % n]
+            path = self.root / row['image']
+            try: return load_image(path, self.max_pixels, self.decode_size), row, errors
+            except BadRecordError as e:
+                err = e.located(record_id=row['id'], field='image', file=path)
+                if self.on_error == 'raise': raise err from None
+                errors.append((str(path), str(err)))
+        raise BadRecordError(f'{self.max_retries + 1} consecutive images failed to decode from index {idx}; last: {errors[-1][1]}',
+                             reason='corrupt_image')
+
+    def _extra(self, row: dict, rng) -> dict: return {}
+
+    def __getitem__(self, key) -> dict:
+        idx, seed = key if isinstance(key, tuple) else (key, None)
+        idx = int(idx)
+        if not -len(self) <= idx < len(self): raise IndexError(f'index {idx} out of range for {len(self)} records')
+        img, row, errors = self._load(idx % len(self))
+        with _private_rng(seed) as rng:
+            out = dict(image=self.transform(img), id=row['id'], **self._extra(row, rng))
+        if errors: out['errors'] = errors
+        return out
+
+
+class ImageDataset(_ImageRecords):
+    """Unpaired images: item = `dict(image=(3,H,W) float, id=str)`.
+
+    `records`: `ManifestData`, `datasets.Dataset` or list of records (the last two need `root`).
+    `decode_size`: JPEG draft decoding (see `load_image`). `on_error`: 'raise' or 'replace'."""
+
+
+class ImageTextDataset(_ImageRecords):
+    """Paired images: item = `dict(image=(3,H,W) float, text=str, label_id=int, id=str)`.
+
+    `label_map`: label -> id mapping or an ordered label space (default: sorted labels of the records).
+    `text_fn(record, rng) -> str | (str, label)`: builds the text (default: the record's `text`).
+    `require_text`: a record without text (after `text_fn`) is an error; if False its text is ''."""
+    def __init__(self, records, root=None, transform=None, *, label_map: Mapping[str, int] | Sequence[str] | None = None,
+                 text_fn: Callable | None = None, require_text: bool = True, **kw):
+        super().__init__(records, root, transform, **kw)
+        if label_map is None:
+            vals = {l for l in self.records['label'] if l is not None}
+            for ls in self.records['labels']: vals.update(ls or ())
+            label_map = sorted(vals)
+        self.label_map = dict(label_map) if isinstance(label_map, Mapping) else build_label_map(label_map)
+        self.text_fn, self.require_text = text_fn, require_text
+
+    def _extra(self, row: dict, rng) -> dict:
+        text, label = row.get('text'), row.get('label')
+        if self.text_fn is not None:
+            out = self.text_fn(row, rng)
+            text, label = out if isinstance(out, tuple) else (out, label)
+        if not text:
+            if self.require_text:
+                raise BadRecordError('paired record has no text and no text_fn made one', reason='missing_text',
+                                     record_id=row['id'], field='text')
+            text = ''
+        return dict(text=text, label_id=label_to_id(label, self.label_map))
+
+# %% ../nbs/01_data.ipynb #00000025
+_PAIRED_SEED_OFFSET = 1_000_003
+
+
+def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+        else: rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f'need 0 <= rank < world_size, got rank={rank}, world_size={world_size}')
+    return rank, world_size
+
+
+class _TwoStreams(TorchDataset):
+    def __init__(self, paired, unpaired): self.paired, self.unpaired = paired, unpaired
+    def __len__(self) -> int: return (len(self.paired) if self.paired else 0) + (len(self.unpaired) if self.unpaired else 0)
+    def __getitem__(self, key):
+        stream, idx, seed = key
+        return stream, (self.paired if stream == 'p' else self.unpaired)[(idx, seed)]
+
+
+class _Collate:
+    def __init__(self, tokenize: Callable | None): self.tokenize = tokenize
+
+    def __call__(self, items) -> tuple[Batch, dict]:
+        p = [s for tag, s in items if tag == 'p']; u = [s for tag, s in items if tag == 'u']
+        b = Batch()
+        if p:
+            b.paired_images = torch.stack([s['image'] for s in p])
+            b.texts = [s['text'] for s in p]
+            b.labels = torch.tensor([s['label_id'] for s in p], dtype=torch.long)
+            if self.tokenize is not None:
+                tok = self.tokenize(b.texts)
+                b.input_ids = torch.as_tensor(tok['input_ids'], dtype=torch.long)
+                b.attention_mask = torch.as_tensor(tok['attention_mask'], dtype=torch.long)
+                if tok.get('sentence_ids') is not None: b.sentence_ids = torch.as_tensor(tok['sentence_ids'], dtype=torch.long)
+        if u: b.unpaired_images = torch.stack([s['image'] for s in u])
+        meta = dict(paired_ids=[s['id'] for s in p], unpaired_ids=[s['id'] for s in u],
+                    errors=[e for _, s in items for e in s.get('errors', ())])
+        return b, meta
+
+
+class _StepSampler:
+    """Batch sampler: the index keys of the remaining steps of the loader's current epoch. It holds the loader
+    weakly: a reference cycle would leave the worker processes to the garbage collector, which shuts them down
+    after their queues are gone (5 s timeout per worker)."""
+    def __init__(self, loader): self._loader = weakref.ref(loader)
+    @property
+    def loader(self): return self._loader()
+    def __iter__(self):
+        L = self.loader
+        for s in range(L.step, len(L)): yield L.batch_keys(L.epoch, s)
+    def __len__(self) -> int: return max(0, len(self.loader) - self.loader.step)
+
+
+def _pin(b: Batch) -> Batch:
+    return Batch(**{f.name: (getattr(b, f.name).pin_memory() if isinstance(getattr(b, f.name), torch.Tensor)
+                             else getattr(b, f.name)) for f in fields(b)})
+
+# %% ../nbs/01_data.ipynb #00000026
+class PairedUnpairedLoader:
+    """Yields `Batch`es of `batch_size_paired` paired + `batch_size_unpaired` unpaired samples (D15).
+
+    `paired`: `ImageTextDataset` (or None), `unpaired`: `ImageDataset` (or None). `tokenize(texts) ->
+    dict(input_ids, attention_mask[, sentence_ids])` runs in the collate (workers). `rank`/`world_size`:
+    explicit or from an initialised `torch.distributed` (else 0/1). `shuffle`/`drop_last`: True for training.
+    `len()` = steps per epoch; `state_dict()`/`load_state_dict()` resume exactly."""
+    def __init__(self, paired: ImageTextDataset | None = None, unpaired: ImageDataset | None = None, *,
+                 batch_size_paired: int = 8, batch_size_unpaired: int = 8, tokenize: Callable | None = None,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, shuffle: bool = True,
+                 drop_last: bool = True, num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = True,
+                 prefetch_factor: int | None = 2, multiprocessing_context=None, timeout: float = 0):
+        for name, v in (('batch_size_paired', batch_size_paired), ('batch_size_unpaired', batch_size_unpaired)):
+            if not isinstance(v, int) or v < 0: raise ValueError(f'{name} must be an int >= 0, got {v!r}')
+        bp = batch_size_paired if paired is not None else 0
+        bu = batch_size_unpaired if unpaired is not None else 0
+        if bp == 0 and bu == 0: raise ValueError('nothing to load: both batch sizes are 0 (or both datasets are None)')
+        for name, ds, b in (('paired', paired, bp), ('unpaired', unpaired, bu)):
+            if b > 0 and len(ds) == 0: raise ValueError(f'the {name} dataset is empty but batch_size_{name}={b}')
+        self.paired, self.unpaired = (paired if bp else None), (unpaired if bu else None)
+        self.bp, self.bu, self.tokenize, self.seed = bp, bu, tokenize, int(seed)
+        self.rank, self.world_size = _dist_info(rank, world_size)
+        self.shuffle, self.drop_last, self.pin_memory = shuffle, drop_last, pin_memory
+        mk = lambda ds, s: DistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=s, drop_last=False)
+        self._ps = mk(self.paired, self.seed + _PAIRED_SEED_OFFSET) if self.paired is not None else None
+        self._us = mk(self.unpaired, self.seed) if self.unpaired is not None else None
+        shard, b = (self._us.num_samples, bu) if self._us is not None else (self._ps.num_samples, bp)
+        self._steps = shard // b if drop_last else math.ceil(shard / b)
+        if self._steps == 0:
+            raise ValueError(f'0 steps per epoch: this rank\'s shard has {shard} samples, fewer than the batch size {b} '
+                             f'(drop_last=True, world_size={self.world_size})')
+        self.epoch, self.step = 0, 0
+        self.decode_errors: list[tuple[str, str]] = []
+        self._perms: dict = {}
+        workers = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+                       multiprocessing_context=multiprocessing_context) if num_workers > 0 else {}
+        # a private generator: creating a DataLoader iterator draws a base seed, which must not consume the global RNG
+        self._dl = DataLoader(_TwoStreams(self.paired, self.unpaired), batch_sampler=_StepSampler(self),
+                              collate_fn=_Collate(tokenize), num_workers=num_workers, timeout=timeout,
+                              generator=torch.Generator().manual_seed(self.seed), **workers)
+
+    def __len__(self) -> int: return self._steps
+
+    def close(self) -> None:
+        "Stop the worker processes now (otherwise they stop when the loader is deleted)."
+        it = getattr(self._dl, '_iterator', None)
+        if it is not None and hasattr(it, '_shutdown_workers'): it._shutdown_workers()
+        self._dl._iterator = None
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+    def set_epoch(self, epoch: int) -> None:
+        "Start epoch `epoch` from its first step (what `DistributedSampler.set_epoch` does for a plain loader)."
+        self.epoch, self.step = int(epoch), 0
+
+    def _perm(self, stream: str, epoch: int) -> list[int]:
+        key = (stream, epoch)
+        if key not in self._perms:
+            s = self._ps if stream == 'p' else self._us
+            s.set_epoch(epoch); self._perms[key] = list(iter(s))
+            while len(self._perms) > 6: self._perms.pop(next(iter(self._perms)))
+        return self._perms[key]
+
+    def _sample_seed(self, stream: int, a: int, b: int) -> int:
+        s = np.random.SeedSequence([self.seed, stream, self.rank, a, b]).generate_state(2, dtype=np.uint32)
+        return int(s[0]) << 32 | int(s[1])
+
+    def paired_position(self, epoch: int, step: int) -> tuple[int, int] | None:
+        "`(paired epoch, offset in its permutation)` of the first paired sample of step `step` of `epoch`."
+        if self.paired is None: return None
+        if self.unpaired is None: return (epoch, step * self.bp)
+        return divmod((epoch * self._steps + step) * self.bp, self._ps.num_samples)
+
+    def batch_keys(self, epoch: int, step: int) -> list[tuple[str, int, int]]:
+        "The `(stream, index, sample seed)` keys of step `step` of epoch `epoch` (for this rank)."
+        keys = []
+        if self.paired is not None:
+            if self.unpaired is not None:
+                L, start = self._ps.num_samples, (epoch * self._steps + step) * self.bp
+                for pos in range(start, start + self.bp):
+                    k, off = divmod(pos, L)
+                    keys.append(('p', self._perm('p', k)[off], self._sample_seed(0, 0, pos)))
+            else:
+                perm = self._perm('p', epoch)
+                keys += [('p', perm[j], self._sample_seed(0, epoch + 1, j)) for j in range(step * self.bp, min((step + 1) * self.bp, len(perm)))]
+        if self.unpaired is not None:
+            perm = self._perm('u', epoch)
+            keys += [('u', perm[j], self._sample_seed(1, epoch, j)) for j in range(step * self.bu, min((step + 1) * self.bu, len(perm)))]
+        return keys
+
+    def iter_with_meta(self) -> Iterator[tuple[Batch, dict]]:
+        "Like iterating the loader, but yields `(batch, meta)` with the ids, epoch, step and decode errors."
+        if self.step >= self._steps: self.epoch, self.step = self.epoch + 1, 0
+        epoch, it = self.epoch, iter(self._dl)
+        while True:
+            try: batch, meta = next(it)
+            except StopIteration: break
+            except Exception:          # e.g. a BadRecordError raised in a worker: stop the workers, then re-raise
+                self.close(); raise
+            meta.update(epoch=epoch, step=self.step)
+            self.step += 1
+            if meta['errors']:
+                self.decode_errors.extend(meta['errors'])
+                warnings.warn(f'{len(meta["errors"])} image(s) failed to decode and were replaced: ' +
+                              '; '.join(m for _, m in meta['errors']))
+            yield (_pin(batch) if self.pin_memory and torch.cuda.is_available() else batch), meta
+        if self.step >= self._steps: self.epoch, self.step = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch, _ in self.iter_with_meta(): yield batch
+
+    _CONFIG_KEYS = ('seed', 'rank', 'world_size', 'n_paired', 'n_unpaired', 'batch_size_paired', 'batch_size_unpaired',
+                    'shuffle', 'drop_last')
+
+    def _config(self) -> dict:
+        return dict(seed=self.seed, rank=self.rank, world_size=self.world_size,
+                    n_paired=len(self.paired) if self.paired is not None else 0,
+                    n_unpaired=len(self.unpaired) if self.unpaired is not None else 0,
+                    batch_size_paired=self.bp, batch_size_unpaired=self.bu, shuffle=self.shuffle, drop_last=self.drop_last)
+
+    def state_dict(self) -> dict:
+        "Position (epoch, next step, paired stream position) and the configuration it is valid for."
+        e, s = (self.epoch + 1, 0) if self.step >= self._steps else (self.epoch, self.step)
+        pos = self.paired_position(e, s)
+        return dict(version=1, epoch=e, step=s, paired_position=None if pos is None else list(pos), **self._config())
+
+    def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
+        "Resume at `state`'s position; with `strict`, refuse a state saved for another configuration."
+        cfg = self._config()
+        diff = {k: (state.get(k), cfg[k]) for k in self._CONFIG_KEYS if state.get(k) != cfg[k]}
+        if diff:
+            msg = 'loader state was saved for another configuration: ' + ', '.join(f'{k} saved {a!r} != now {b!r}' for k, (a, b) in diff.items())
+            if strict: raise ValueError(msg + ' (the data order would differ; pass strict=False to accept)')
+            warnings.warn(msg)
+        epoch, step = int(state['epoch']), int(state['step'])
+        if not (epoch >= 0 and 0 <= step <= self._steps): raise ValueError(f'bad loader position epoch={epoch}, step={step} ({self._steps} steps per epoch)')
+        self.epoch, self.step = epoch, step
+        saved = state.get('paired_position')
+        if strict and not diff and saved is not None and tuple(saved) != self.paired_position(*self._norm(epoch, step)):
+            raise ValueError(f'inconsistent loader state: paired_position {saved} does not follow from epoch {epoch}, step {step}')
+
+    def _norm(self, e, s): return (e + 1, 0) if s >= self._steps else (e, s)
+
+# %% ../nbs/01_data.ipynb #00000027
+def _as_manifest(m, root, **kw) -> ManifestData | None:
+    "A manifest file -> `load_manifest`; a folder -> `load_imagefolder`; `ManifestData`/None as they are."
+    if m is None or isinstance(m, ManifestData): return m
+    if Path(m).is_dir():
+        if root is not None and Path(root).resolve() != Path(m).resolve():
+            raise ValueError(f'an imagefolder ({m}) is its own data root; got root={root}')
+        return load_imagefolder(m, **kw)
+    return load_manifest(m, root, **kw)
+
+
+def make_loader(paired=None, unpaired=None, *, tokenize: Callable | None = None, root=None, image_size: int = 224,
+                batch_size_paired: int = 8, batch_size_unpaired: int = 8, train: bool = True,
+                scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, border_crop: bool = True,
+                label_space: Sequence[str] | None = None, text_fn: Callable | None = None, seed: int = 0,
+                rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                on_bad_record: str = 'raise', check_images=True, max_pixels: int = MAX_PIXELS,
+                decode_size: int | None = None, on_decode_error: str = 'raise', verbose: bool = True,
+                **loader_kw) -> PairedUnpairedLoader:
+    """Two manifests (JSONL/CSV paths, `imagefolder` folders or `ManifestData`) -> a `PairedUnpairedLoader` with the
+    MAE train transform (`train=True`: shuffled, drop_last) or the eval transform. Paired rows need text unless
+    `text_fn` is given (e.g. `maskedclip.prompts.FlairTextFn()`)."""
+    tf = train_transform(image_size, scale, hflip, border_crop) if train else eval_transform(image_size, border_crop)
+    common = dict(label_space=label_space, on_bad_record=on_bad_record, check_images=check_images,
+                  max_pixels=max_pixels, verbose=verbose)
+    pm = _as_manifest(paired, root, require_text=text_fn is None, **common)
+    um = _as_manifest(unpaired, root, **common)
+    ds_kw = dict(transform=tf, max_pixels=max_pixels, decode_size=decode_size, on_error=on_decode_error)
+    pds = ImageTextDataset(pm, label_map=label_space, text_fn=text_fn, **ds_kw) if pm is not None else None
+    uds = ImageDataset(um, **ds_kw) if um is not None else None
+    return PairedUnpairedLoader(pds, uds, batch_size_paired=batch_size_paired, batch_size_unpaired=batch_size_unpaired,
+                                tokenize=tokenize, seed=seed, rank=rank, world_size=world_size, shuffle=train,
+                                drop_last=train, num_workers=num_workers, **loader_kw)
+
+# %% ../nbs/01_data.ipynb #0000002b
+DR_GRADES = ('no DR', 'mild DR', 'moderate DR', 'severe DR', 'proliferative DR')
+AIROGS_CLASSES = {'NRG': 'no referable glaucoma', 'RG': 'referable glaucoma'}
+ORIGA_CLASSES = {'0': 'no glaucoma', '1': 'glaucoma'}
+GF_FOLDERS = {'normal_control': 'no glaucoma', 'early_glaucoma': 'early glaucoma', 'advanced_glaucoma': 'advanced glaucoma'}
+RETINA_FOLDERS = {'1_normal': 'normal', '2_cataract': 'cataract', '2_glaucoma': 'glaucoma', '3_retina_disease': 'retina disease'}
+JSIEC_FOLDERS = (
+    '0.0.Normal', '0.1.Tessellated fundus', '0.2.Large optic cup', '0.3.DR1', '1.0.DR2', '1.1.DR3', '2.0.BRVO', '2.1.CRVO',
+    '3.RAO', '4.Rhegmatogenous RD', '5.0.CSCR', '5.1.VKH disease', '6.Maculopathy', '7.ERM', '8.MH', '9.Pathological myopia',
+    '10.0.Possible glaucoma', '10.1.Optic atrophy', '11.Severe hypertensive retinopathy', '12.Disc swelling and elevation',
+    '13.Dragged Disc', '14.Congenital disc abnormality', '15.0.Retinitis pigmentosa', '15.1.Bietti crystalline dystrophy',
+    '16.Peripheral retinal degeneration and break', '17.Myelinated nerve fiber', '18.Vitreous particles', '19.Fundus neoplasm',
+    '20.Massive hard exudates', '21.Yellow-white spots-flecks', '22.Cotton-wool spots', '23.Vessel tortuosity',
+    '24.Chorioretinal atrophy-coloboma', '25.Preretinal hemorrhage', '26.Fibrosis', '27.Laser Spots', '28.Silicon oil in eye',
+    '29.0.Blur fundus without PDR', '29.1.Blur fundus with suspected PDR')
+_JSIEC_PREFIX = re.compile(r'^\d+(?:\.\d+)?\.(?=\D)')
+JSIEC_CLASSES = tuple(_JSIEC_PREFIX.sub('', f) for f in JSIEC_FOLDERS)
+
+LABEL_SPACES = {'eyepacs': DR_GRADES, 'aptos2019': DR_GRADES, 'idrid_grading': DR_GRADES, 'messidor2': DR_GRADES,
+                'odir5k': None, 'airogs': tuple(AIROGS_CLASSES.values()), 'origa': tuple(ORIGA_CLASSES.values()),
+                'glaucoma_fundus': tuple(GF_FOLDERS.values()), 'jsiec': JSIEC_CLASSES,
+                'retina_cataract': tuple(RETINA_FOLDERS.values())}
+
+# %% ../nbs/01_data.ipynb #0000002c
+def _read_table(path: Path, required: Sequence[str]) -> list[dict]:
+    """CSV rows with header names stripped of spaces (IDRiD's 'Risk of macular edema ' has a trailing one), empty
+    columns and all-empty rows dropped; each row gets `_line`. Missing `required` columns -> ValueError."""
+    if not path.is_file(): raise FileNotFoundError(f'expected label file not found: {path}')
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        reader = csv.DictReader(f)
+        header = [(h or '').strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing: raise ValueError(f'{path}: missing column(s) {missing}; found {[h for h in header if h]}')
+        rows = []
+        for row in reader:
+            clean = {k.strip(): (v.strip() if isinstance(v, str) else '') for k, v in row.items() if k is not None and k.strip()}
+            if not any(clean.values()): continue
+            clean['_line'] = reader.line_num
+            rows.append(clean)
+    return rows
+
+
+def _find(root: Path, *names: str) -> Path:
+    "The first of `names` found at `root`, else anywhere below it (shallowest first); FileNotFoundError otherwise."
+    for n in names:
+        if (root / n).is_file(): return root / n
+    for n in names:
+        hits = sorted(root.rglob(n), key=lambda p: (len(p.parts), str(p)))
+        if hits: return hits[0]
+    raise FileNotFoundError(f'none of {list(names)} found under {root}')
+
+
+def _index_images(root: Path) -> dict[str, list[Path]]:
+    "Image files below `root` by lower-case file name and by lower-case stem (one walk)."
+    idx: dict[str, list[Path]] = {}
+    for f in _image_files(root):
+        idx.setdefault(f.name.lower(), []).append(f)
+        idx.setdefault('stem:' + f.stem.lower(), []).append(f)
+    return idx
+
+
+def _lookup(idx: dict, name: str, prefer: Callable[[Path], bool] = lambda p: False) -> Path | None:
+    hits = idx.get(name.lower()) or idx.get('stem:' + Path(name).stem.lower()) or idx.get('stem:' + name.lower())
+    if not hits: return None
+    return sorted(hits, key=lambda p: (not prefer(p), len(p.parts), str(p)))[0]
+
+
+def _grade(value: str, path: Path, line: int, field: str = 'grade') -> str:
+    try: g = float(value); assert g == int(g) and 0 <= g <= 4
+    except (ValueError, AssertionError):
+        raise ValueError(f'{path}:{line}: {field} {value!r} is not a DR grade 0..4') from None
+    return DR_GRADES[int(g)]
+
+
+def _rec(source: str, key: str, image: Path, rel_to: Path, **kw) -> dict:
+    r = dict(id=f'{source}/{key}', image=_relpath(image, rel_to), text=None, label=None, labels=None, source=source, split=None)
+    r.update(kw)
+    return r
+
+
+def _roots(root, relative_to) -> tuple[Path, Path]:
+    root = Path(root)
+    if not root.is_dir(): raise FileNotFoundError(f'dataset root not found: {root}')
+    return root, (Path(relative_to) if relative_to is not None else root)
+
+# %% ../nbs/01_data.ipynb #0000002d
+def read_eyepacs(root, *, relative_to=None, include_test: bool = False) -> list[dict]:
+    """Kaggle "Diabetic Retinopathy Detection" (EyePACS): `trainLabels.csv` (`image,level`) with images
+    `train/<image>.jpeg`; with `include_test`, `retinopathy_solution.csv` (`image,level,Usage`) and `test/<image>.jpeg`.
+    Labels: level 0..4 -> `DR_GRADES`."""
+    root, rel_to = _roots(root, relative_to)
+    parts = [('trainLabels.csv', 'train', 'train')] + ([('retinopathy_solution.csv', 'test', 'test')] if include_test else [])
+    out = []
+    for csv_name, folder, split in parts:
+        path = root / csv_name
+        for r in _read_table(path, ['image', 'level']):
+            out.append(_rec('eyepacs', r['image'], root / folder / f"{r['image']}.jpeg", rel_to,
+                            label=_grade(r['level'], path, r['_line'], 'level'), split=split,
+                            **({'usage': r['Usage']} if r.get('Usage') else {})))
+    return out
+
+
+def read_aptos2019(root, *, relative_to=None) -> list[dict]:
+    """Kaggle APTOS 2019 Blindness Detection: `train.csv` (`id_code,diagnosis`), images `train_images/<id_code>.png`
+    (the competition's `test.csv` has no labels and is not read). Labels: diagnosis 0..4 -> `DR_GRADES`."""
+    root, rel_to = _roots(root, relative_to)
+    path = root / 'train.csv'
+    return [_rec('aptos2019', r['id_code'], root / 'train_images' / f"{r['id_code']}.png", rel_to,
+                 label=_grade(r['diagnosis'], path, r['_line'], 'diagnosis'), split='train')
+            for r in _read_table(path, ['id_code', 'diagnosis'])]
+
+
+def read_idrid_grading(root, *, relative_to=None) -> list[dict]:
+    """IDRiD part B (Disease Grading). `root` is the IDRiD folder or `B. Disease Grading` itself:
+    `2. Groundtruths/a. IDRiD_Training Set.csv` and `b. IDRiD_Testing Set.csv` with columns
+    `Image name,Retinopathy grade,Risk of macular edema ` (trailing space, plus empty trailing columns);
+    images `1. Original Images/a. Training Set/IDRiD_001.jpg` and `b. Testing Set/` (the test images reuse the names
+    IDRiD_001.., so ids are `idrid/<split>/<name>`). Labels: grade -> `DR_GRADES`; `dme_risk` (0..2) as an extra column."""
+    root, rel_to = _roots(root, relative_to)
+    base = root / 'B. Disease Grading' if (root / 'B. Disease Grading').is_dir() else root
+    parts = [('a. IDRiD_Training Set.csv', 'a. Training Set', 'train'), ('b. IDRiD_Testing Set.csv', 'b. Testing Set', 'test')]
+    found = [p for p in parts if (base / '2. Groundtruths' / p[0]).is_file()]
+    if not found: raise FileNotFoundError(f"no IDRiD grading csv under {base / '2. Groundtruths'} (expected {parts[0][0]!r})")
+    out = []
+    for csv_name, folder, split in found:
+        path = base / '2. Groundtruths' / csv_name
+        for r in _read_table(path, ['Image name', 'Retinopathy grade', 'Risk of macular edema']):
+            name = r['Image name']
+            fname = name if Path(name).suffix.lower() in IMAGE_EXTENSIONS else f'{name}.jpg'
+            dme = r['Risk of macular edema']
+            out.append(_rec('idrid', f'{split}/{Path(name).stem}', base / '1. Original Images' / folder / fname, rel_to,
+                            label=_grade(r['Retinopathy grade'], path, r['_line'], 'Retinopathy grade'), split=split,
+                            dme_risk=int(float(dme)) if dme else None))
+    return out
+
+
+def read_messidor2(root, *, relative_to=None, include_ungradable: bool = False) -> list[dict]:
+    """MESSIDOR-2 with the Kaggle adjudicated grades (google-brain/messidor2-dr-grades): `messidor_data.csv`
+    (`image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable`); images anywhere below `root` (e.g.
+    `IMAGES/` or `messidor-2/preprocess/`), matched by file name, else by stem (`.tif` originals vs `.png`/`.jpg`
+    copies). Ungradable images (gradable 0 or no grade) are left out **with a warning** unless
+    `include_ungradable` (then `label=None`). Extras: `dme` (0/1), `gradable`."""
+    root, rel_to = _roots(root, relative_to)
+    path = _find(root, 'messidor_data.csv')
+    idx = _index_images(root)
+    out, ungradable = [], []
+    for r in _read_table(path, ['image_id', 'adjudicated_dr_grade', 'adjudicated_dme', 'adjudicated_gradable']):
+        name = r['image_id']
+        gradable = r['adjudicated_gradable'] not in ('0', '0.0', 'False', 'false') and r['adjudicated_dr_grade'] != ''
+        if not gradable:
+            ungradable.append(name)
+            if not include_ungradable: continue
+        label = _grade(r['adjudicated_dr_grade'], path, r['_line'], 'adjudicated_dr_grade') if gradable else None
+        img = _lookup(idx, name) or root / 'IMAGES' / name
+        dme = r['adjudicated_dme']
+        out.append(_rec('messidor2', Path(name).stem, img, rel_to, label=label, gradable=gradable,
+                        dme=int(float(dme)) if dme else None))
+    if ungradable and not include_ungradable:
+        warnings.warn(f'messidor2: left out {len(ungradable)} ungradable image(s) (adjudicated_gradable=0 or no grade), '
+                      f'e.g. {ungradable[:3]}; pass include_ungradable=True to keep them with label=None')
+    return out
+
+# %% ../nbs/01_data.ipynb #0000002e
+_ODIR_SPLIT = re.compile(r'[，,;；]')
+
+
+def odir_keywords(text: str | None) -> list[str]:
+    "ODIR diagnostic keywords: split on full-width and ASCII commas/semicolons, strip, drop empties and repeats."
+    out = []
+    for k in _ODIR_SPLIT.split(text or ''):
+        k = ' '.join(k.split())
+        if k and k not in out: out.append(k)
+    return out
+
+
+def read_odir5k(root, *, relative_to=None, csv_name: str | None = None) -> list[dict]:
+    """ODIR-5K: `full_df.csv` (Kaggle, one row per eye with repeated patient columns) or the csv exported from
+    `ODIR-5K_Training_Annotations(Updated)_V2.xlsx` (one row per patient), columns `ID,Patient Age,Patient Sex,
+    Left-Fundus,Right-Fundus,Left-Diagnostic Keywords,Right-Diagnostic Keywords,N,D,G,C,A,H,M,O`. One record per
+    fundus image: `text` = that eye's keywords (free text, `'，'` separators normalised to `', '`), `labels` = the
+    keyword list, `label=None` (free text: its own CLIP class, D8). Images found below `root`, preferring
+    `Training Images/` over `preprocessed_images/`. Extras: `eye`, `patient_id`, `patient_labels` (the N..O flags)."""
+    root, rel_to = _roots(root, relative_to)
+    path = root / csv_name if csv_name else _find(root, 'full_df.csv', 'ODIR-5K_Training_Annotations(Updated)_V2.csv', 'data.csv')
+    cols = ['ID', 'Left-Fundus', 'Right-Fundus', 'Left-Diagnostic Keywords', 'Right-Diagnostic Keywords']
+    idx = _index_images(root)
+    out, seen = [], {}
+    for r in _read_table(path, cols):
+        flags = [c for c in 'NDGCAHMO' if r.get(c) in ('1', '1.0')]
+        for eye in ('Left', 'Right'):
+            fname = r[f'{eye}-Fundus']
+            if not fname: continue
+            kws = odir_keywords(r[f'{eye}-Diagnostic Keywords'])
+            if fname in seen:
+                if seen[fname] != kws:
+                    raise ValueError(f'{path}:{r["_line"]}: {fname} has keywords {kws} here but {seen[fname]} in an earlier row')
+                continue
+            seen[fname] = kws
+            img = _lookup(idx, fname, prefer=lambda p: 'Training Images' in p.parts) or root / 'Training Images' / fname
+            out.append(_rec('odir5k', Path(fname).stem, img, rel_to, text=', '.join(kws) or None, labels=kws or None,
+                            eye=eye.lower(), patient_id=r['ID'], patient_labels=flags))
+    return out
+
+
+def read_airogs(root, *, relative_to=None) -> list[dict]:
+    """Rotterdam EyePACS AIROGS (train set): `train_labels.csv` (`challenge_id,class`, class RG/NRG); images
+    `<challenge_id>.jpg` anywhere below `root` (the release splits them over folders `0/`..`5/`).
+    Labels: RG -> 'referable glaucoma', NRG -> 'no referable glaucoma'."""
+    root, rel_to = _roots(root, relative_to)
+    path = _find(root, 'train_labels.csv')
+    idx = _index_images(root)
+    out = []
+    for r in _read_table(path, ['challenge_id', 'class']):
+        cid, cls = r['challenge_id'], r['class'].upper()
+        if cls not in AIROGS_CLASSES: raise ValueError(f'{path}:{r["_line"]}: class {r["class"]!r} is not RG or NRG')
+        img = _lookup(idx, f'{cid}.jpg') or root / f'{cid}.jpg'
+        out.append(_rec('airogs', cid, img, rel_to, label=AIROGS_CLASSES[cls], split='train'))
+    return out
+
+
+def read_origa(root, *, relative_to=None) -> list[dict]:
+    """ORIGA(-light): `OrigaList.csv` (`Filename,ExpCDR,Eye,Set,Glaucoma`; also found as `glaucoma.csv` in Kaggle
+    copies), images `Images/<Filename>` (else found by name below `root`). Labels: Glaucoma 0/1 -> 'no glaucoma' /
+    'glaucoma'. Extras: `cdr` (ExpCDR), `eye`, `origa_set` (ORIGA's own A/B subsets, not a train/test split)."""
+    root, rel_to = _roots(root, relative_to)
+    path = _find(root, 'OrigaList.csv', 'origa_list.csv', 'glaucoma.csv')
+    idx = _index_images(root)
+    out = []
+    for r in _read_table(path, ['Filename', 'Glaucoma']):
+        g = r['Glaucoma'].split('.')[0]
+        if g not in ORIGA_CLASSES: raise ValueError(f'{path}:{r["_line"]}: Glaucoma {r["Glaucoma"]!r} is not 0 or 1')
+        fn = r['Filename']
+        img = root / 'Images' / fn if (root / 'Images' / fn).is_file() else (_lookup(idx, fn) or root / 'Images' / fn)
+        extra = {k: v for k, v in (('cdr', float(r['ExpCDR']) if r.get('ExpCDR') else None), ('eye', r.get('Eye') or None),
+                                   ('origa_set', r.get('Set') or None))}
+        out.append(_rec('origa', Path(fn).stem, img, rel_to, label=ORIGA_CLASSES[g], **extra))
+    return out
+
+# %% ../nbs/01_data.ipynb #0000002f
+def _locate_class_root(root: Path, folder_label: Callable[[str], str | None], depth: int = 3) -> Path:
+    "The shallowest folder at or below `root` whose sub-folders (or split folders' sub-folders) are class folders."
+    def is_class_root(d: Path) -> bool:
+        subs = [s for s in d.iterdir() if s.is_dir()]
+        if any(folder_label(s.name) is not None for s in subs): return True
+        return any(s.name.lower() in _SPLIT_DIRS and any(folder_label(c.name) is not None for c in s.iterdir() if c.is_dir()) for s in subs)
+    level = [root]
+    for _ in range(depth + 1):
+        for d in level:
+            if is_class_root(d): return d
+        level = [s for d in level for s in sorted(d.iterdir()) if s.is_dir() and _visible(s)]
+    raise FileNotFoundError(f'no class folders of this dataset found under {root}')
+
+
+def _folder_dataset(root, relative_to, source: str, folder_label: Callable[[str], str | None]) -> list[dict]:
+    root, rel_to = _roots(root, relative_to)
+    base = _locate_class_root(root, folder_label)
+    return _class_folder_records(base, folder_label, source=source, relative_to=rel_to)
+
+
+def read_glaucoma_fundus(root, *, relative_to=None) -> list[dict]:
+    """Glaucoma Fundus (Ahn et al. 2018, "GF"): class folders `normal_control/`, `early_glaucoma/`,
+    `advanced_glaucoma/`, directly or inside `train/ val/ test/` (the RETFound copy). Labels:
+    'no glaucoma', 'early glaucoma', 'advanced glaucoma'."""
+    return _folder_dataset(root, relative_to, 'glaucoma_fundus', lambda n: GF_FOLDERS.get(n.lower()))
+
+
+def jsiec_label(folder: str) -> str | None:
+    "'0.1.Tessellated fundus' -> 'Tessellated fundus'; None for a folder without the numeric prefix."
+    return _JSIEC_PREFIX.sub('', folder) if _JSIEC_PREFIX.match(folder) else None
+
+
+def read_jsiec(root, *, relative_to=None) -> list[dict]:
+    """JSIEC 1000 fundus images (39 classes): class folders `0.0.Normal`, `0.1.Tessellated fundus`, ...,
+    `29.1.Blur fundus with suspected PDR` (see `JSIEC_FOLDERS`), found at or up to three levels below `root`
+    (e.g. Kaggle's `1000images/`), optionally inside `train/ val/ test/`. Label = folder name without the number."""
+    return _folder_dataset(root, relative_to, 'jsiec', jsiec_label)
+
+
+def read_retina_cataract(root, *, relative_to=None) -> list[dict]:
+    """Kaggle cataract dataset ("Retina", jr2ngb/cataractdataset): folders `1_normal/`, `2_cataract/`,
+    `2_glaucoma/`, `3_retina_disease/` (under `dataset/` in the download, or inside `train/ val/ test/`).
+    Labels: 'normal', 'cataract', 'glaucoma', 'retina disease'."""
+    return _folder_dataset(root, relative_to, 'retina_cataract', lambda n: RETINA_FOLDERS.get(n.lower()))
+
+
+ADAPTERS: dict[str, Callable[..., list[dict]]] = {
+    'eyepacs': read_eyepacs, 'aptos2019': read_aptos2019, 'idrid_grading': read_idrid_grading, 'messidor2': read_messidor2,
+    'odir5k': read_odir5k, 'airogs': read_airogs, 'origa': read_origa, 'glaucoma_fundus': read_glaucoma_fundus,
+    'jsiec': read_jsiec, 'retina_cataract': read_retina_cataract}
+
+# %% ../nbs/01_data.ipynb #00000030
+def assign_splits(records: Iterable[Mapping], val: float = 0.1, test: float = 0.2, seed: int = 0,
+                  stratify: bool = True, overwrite: bool = False) -> list[dict]:
+    """Copies of `records` with a seeded split for those without one (all with `overwrite`), stratified by `label`:
+    per label, `round(n*test)` test, `round(n*val)` val, the rest train (ids sorted first, so the result does not
+    depend on the input order)."""
+    if not (0 <= val and 0 <= test and val + test < 1): raise ValueError(f'need 0 <= val, test and val + test < 1, got {val}, {test}')
+    recs = [dict(r) for r in records]
+    todo = [r for r in recs if overwrite or not r.get('split')]
+    groups: dict = {}
+    for r in sorted(todo, key=lambda r: str(r['id'])): groups.setdefault(r.get('label') if stratify else None, []).append(r)
+    rng = random.Random(seed)
+    for key in sorted(groups, key=lambda k: (k is None, str(k))):
+        g = groups[key]; rng.shuffle(g)
+        n_test, n_val = round(len(g) * test), round(len(g) * val)
+        for i, r in enumerate(g): r['split'] = 'test' if i < n_test else 'val' if i < n_test + n_val else 'train'
+    return recs

@@ -15,6 +15,7 @@ from .data import Batch
 from .vision import ViTEncoder, MaskedTokenDecoder, TransformerStack, load_timm_weights
 from .text import TextTower
 from .losses import mim_loss, label_guided_clip_loss, masked_feature_distillation_loss, all_gather_with_grad, all_gather_labels
+from .mlip import SemanticIntegrityEstimator, integrity_weighted_contrastive_loss, ot_local_loss, sentence_pool
 
 # %% auto #0
 __all__ = ['ModelOutput', 'Teacher', 'MaskedCLIP']
@@ -75,8 +76,17 @@ class MaskedCLIP(nn.Module):
         self._build_mlip()
 
     def _build_mlip(self):
-        "MLIP parts (semantic integrity, patch–sentence OT) — see `maskedclip.mlip`; none unless configured."
-        self.integrity = self.patch_proj = None
+        "MLIP parts (semantic-integrity estimator, patch–sentence OT; `maskedclip.mlip`): none unless configured."
+        ml, v = self.config.mlip, self.config.vision
+        self.integrity = self.ot_logit_scale = self.patch_proj = None
+        if ml.integrity != "off":
+            self.integrity = SemanticIntegrityEstimator(v.num_patches, v.grid_size, init="zero",
+                                                        mode="mask" if ml.integrity == "maco" else "content", embed_dim=v.width)
+        if ml.use_ot:
+            clip_width = self.bridge.width if self.bridge is not None else v.width
+            self.patch_proj = nn.Linear(clip_width, self.config.proj_dim, bias=False)
+            self.ot_logit_scale = nn.Parameter(torch.tensor(float(self.config.logit_scale_init)))   # τ_loc init 0.07 (M4)
+            if not self.patch_proj.weight.is_meta: nn.init.normal_(self.patch_proj.weight, std=clip_width ** -0.5)
 
     # ---- pieces ----------------------------------------------------------------------------------
     @property
@@ -114,6 +124,11 @@ class MaskedCLIP(nn.Module):
                 x = batch.paired_images
             if mask_noise is not None and mask_noise.shape[0] != x.shape[0]:
                 raise ValueError(f"mask_noise has {mask_noise.shape[0]} rows for {x.shape[0]} masked-pass images")
+            if c.mlip.mask_sampler == "phi":   # keep patches ∝ softmax(φ) (M2)
+                if mask_noise is None:
+                    gdev = generator.device if generator is not None else x.device
+                    mask_noise = torch.rand(x.shape[0], c.vision.num_patches, generator=generator, device=gdev).to(x.device)
+                mask_noise = self._phi_noise(mask_noise)
             enc = self.encoder(x, mask_ratio=c.mask_ratio, generator=generator, noise=mask_noise)
             out.update(mask=enc.mask, ids_restore=enc.ids_restore, images=x)
             if c.use_mim:
@@ -128,11 +143,14 @@ class MaskedCLIP(nn.Module):
             if c.clip_view == "full" or not self.uses_masked_pass: ptoks = self.encoder(batch.paired_images).tokens
             else: ptoks = enc.tokens[:np_]
             z, v = self._clip_image_features(ptoks)
-            pooled, _ = self.text(batch.input_ids, batch.attention_mask)
+            pooled, hidden = self.text(batch.input_ids, batch.attention_mask)
             u = self.text_proj(pooled)
-            labels = batch.labels if batch.labels is not None else torch.full((np_,), -1, dtype=torch.long, device=v.device)
-            v_all, u_all, y_all = all_gather_with_grad(v), all_gather_with_grad(u), all_gather_labels(labels)
-            parts["lg_clip"] = label_guided_clip_loss(v_all, u_all, y_all, self.logit_scale.exp())
+            out["extras"] = {}
+            if self.integrity is None:   # MaskedCLIP's label-guided CLIP (MLIP replaces it by the integrity-weighted loss)
+                labels = batch.labels if batch.labels is not None else torch.full((np_,), -1, dtype=torch.long, device=v.device)
+                v_all, u_all, y_all = all_gather_with_grad(v), all_gather_with_grad(u), all_gather_labels(labels)
+                parts["lg_clip"] = label_guided_clip_loss(v_all, u_all, y_all, self.logit_scale.exp())
+            self._mlip_losses(batch, enc if self.uses_masked_pass else None, z, v, u, hidden, parts, out)
             out.update(bridge_tokens=z, image_emb=F.normalize(v.detach(), dim=-1), text_emb=F.normalize(u.detach(), dim=-1))
         weights = {"mim": c.lambda_mim, "lg_clip": c.lambda_lg_clip, "mfd": c.lambda_mfd}
         weights.update(self._mlip_weights())
@@ -140,7 +158,32 @@ class MaskedCLIP(nn.Module):
         loss = sum(weights[k] * v for k, v in parts.items())
         return ModelOutput(loss=loss, parts=parts, **out)
 
-    def _mlip_weights(self) -> dict: return {}
+    def _mlip_weights(self) -> dict:
+        return {"mcl": self.config.lambda_lg_clip, "ot": self.config.mlip.lambda_ot}
+
+    def _phi_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        "Turn uniform noise `(N, L)` into masking noise that keeps patches ∝ softmax(φ) (Gumbel top-k, M2)."
+        u = noise.clamp(1e-12, 1 - 1e-7)
+        gumbel = -torch.log(-torch.log(u))
+        return -(self.integrity.phi.detach().to(noise.dtype)[None] + gumbel)
+
+    def _mlip_losses(self, batch: Batch, enc, z: torch.Tensor, v: torch.Tensor, u: torch.Tensor, hidden: torch.Tensor, parts: dict, out: dict):
+        "MLIP's global (integrity-weighted) and local (patch–sentence OT) losses on the paired images."
+        c, np_ = self.config, batch.n_paired
+        if self.integrity is not None:
+            visibility = 1.0 - enc.mask[:np_]
+            tokens = None
+            if self.integrity.mode == "content":
+                with torch.no_grad(): tokens = self.encoder.patch_embed(batch.paired_images) + self.encoder.pos_embed[:, 1:]
+            rho = self.integrity(visibility, tokens)
+            parts["mcl"] = integrity_weighted_contrastive_loss(all_gather_with_grad(v), all_gather_with_grad(u), all_gather_with_grad(rho), self.logit_scale.exp())
+            out["extras"]["rho"] = rho.detach()
+        if self.patch_proj is not None:
+            if batch.sentence_ids is None: raise ValueError("mlip.use_ot needs Batch.sentence_ids (tokenize with with_sentences=True)")
+            sent, sent_mask = sentence_pool(hidden, batch.attention_mask, batch.sentence_ids, c.mlip.max_sentences)
+            patches = self.patch_proj(z[:, 1:])
+            sent = self.text_proj(sent)
+            parts["ot"] = ot_local_loss(patches, None, sent, sent_mask, self.ot_logit_scale.exp(), eps=c.mlip.ot_eps, n_iters=c.mlip.ot_iters)
 
     # ---- after the optimizer step ---------------------------------------------------------------
     @torch.no_grad()
@@ -163,6 +206,7 @@ class MaskedCLIP(nn.Module):
     def clamp_logit_scale(self):
         "Clamp log τ to [0, ln 100] (D20; call after each optimizer step)."
         if self.logit_scale is not None: self.logit_scale.clamp_(0, self.config.logit_scale_max)
+        if self.ot_logit_scale is not None: self.ot_logit_scale.clamp_(0, self.config.logit_scale_max)
 
     # ---- inference -------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -183,7 +227,7 @@ class MaskedCLIP(nn.Module):
         tok = self.encoder(images).tokens
         return tok[:, 1:].mean(1) if pool == "mean" else tok[:, 0]
 
-# %% ../nbs/07_model.ipynb #0000000f
+# %% ../nbs/07_model.ipynb #00000011
 def _save_pretrained(self, directory: str | Path) -> Path:
     "Write config.json, model.safetensors (student + teacher) and text/ (architecture + tokenizer)."
     from safetensors.torch import save_file

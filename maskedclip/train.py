@@ -146,8 +146,9 @@ def _memory_mb(device: torch.device) -> float:
 class Trainer:
     """Pre-trains `MaskedCLIP` on a two-stream loader.
 
-    `loader` yields this rank's `Batch`es and has `__len__` (steps per epoch), `set_epoch`, `state_dict` and
-    `load_state_dict`; `build_loader` makes one from `config.data`."""
+    `loader` yields this rank's `Batch`es for the rest of the current epoch each time it is iterated (rolling over
+    to the next epoch by itself), has `__len__` (steps per epoch), `epoch`, `state_dict` and `load_state_dict`;
+    `build_loader` makes one from `config.data`."""
     def __init__(self, config: ExperimentConfig, loader=None, dist_info: DistInfo | None = None, progress: bool = True):
         self.cfg, t = config, config.train
         self.di = dist_info or setup_distributed(t.device)
@@ -250,12 +251,14 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _batches(self):
-        "Endless stream of (epoch, batch); the loader's own state says where in the epoch we are."
+        "Endless stream of batches. The loader keeps its own position (epoch, step) and rolls over epochs itself."
         while True:
-            self.loader.set_epoch(self.epoch)
+            n = 0
             for b in self.loader:
+                n += 1
+                self.epoch = getattr(self.loader, "epoch", self.epoch)
                 yield b
-            self.epoch += 1
+            if n == 0: raise RuntimeError("the loader yielded no batch for a whole epoch")
 
     def _check_finite(self, parts: dict[str, torch.Tensor]):
         bad = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
@@ -358,7 +361,7 @@ def _fused_ok(device: torch.device) -> bool:
 
 # %% ../nbs/09_train.ipynb #00000010
 class InMemoryBatches:
-    "Two-stream loader over in-memory tensors with the trainer's loader protocol (len, set_epoch, state_dict)."
+    "Two-stream loader over in-memory tensors with the loader protocol of `maskedclip.data.PairedUnpairedLoader`."
     def __init__(self, paired_images=None, texts=None, labels=None, unpaired_images=None, paired_batch_size=0, unpaired_batch_size=0,
                  tokenize=None, rank=0, world_size=1, seed=0, shuffle=True):
         self.pi, self.texts, self.labels, self.ui = paired_images, texts, labels, unpaired_images
@@ -371,7 +374,8 @@ class InMemoryBatches:
         self._len = nu // (self.bu * world_size) if self.bu else np_ // (self.bp * world_size)
     def __len__(self): return self._len
     def set_epoch(self, epoch: int):
-        if epoch != self.epoch: self.epoch, self.pos = epoch, 0
+        "Start epoch `epoch` from its first step."
+        self.epoch, self.pos = epoch, 0
     def _perm(self, n, epoch, salt):
         if not self.shuffle: return torch.arange(n)
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch * 7919 + salt))
@@ -385,6 +389,8 @@ class InMemoryBatches:
         self.paired_pos += G
         return idx[self.rank * self.bp:(self.rank + 1) * self.bp]
     def __iter__(self):
+        "This rank's batches until the end of the epoch; a new iteration after the end starts the next epoch."
+        if self.pos >= self._len: self.epoch, self.pos = self.epoch + 1, 0
         while self.pos < self._len:
             kw = {}
             if self.bp:
@@ -410,7 +416,7 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
     with_sentences = bool(m.mlip.use_ot)
     tokenize = (lambda texts: model.tokenize(texts, with_sentences=with_sentences)) if model.text is not None else None
     return make_loader(paired=paired if d.paired_batch_size else None, unpaired=unpaired if d.unpaired_batch_size else None, root=root,
-                       image_size=m.vision.image_size, paired_batch_size=d.paired_batch_size, unpaired_batch_size=d.unpaired_batch_size,
+                       image_size=m.vision.image_size, batch_size_paired=d.paired_batch_size, batch_size_unpaired=d.unpaired_batch_size,
                        tokenize=tokenize, scale=(d.crop_scale_min, 1.0), hflip=d.hflip, num_workers=d.num_workers,
                        on_bad_record=d.on_bad_record, seed=config.train.seed, rank=di.rank, world_size=di.world_size)
 
@@ -574,8 +580,8 @@ def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], 
         name = "-".join(f"{k}={v}" for k, v in zip(keys, values)) or "run"
         run_dir = Path(out_root) / re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
         run_dir.mkdir(parents=True, exist_ok=True)
-        params["output_dir"] = str(run_dir / "run")
-        pm.execute_notebook(str(notebook), str(run_dir / Path(notebook).name), parameters=params, kernel_name=kernel_name, cwd=str(Path(notebook).parent), progress_bar=False)
+        params["output_dir"] = str((run_dir / "run").resolve())
+        pm.execute_notebook(str(notebook), str(run_dir / Path(notebook).name), parameters=params, kernel_name=kernel_name, progress_bar=False)
         done.append(run_dir)
     return done
 

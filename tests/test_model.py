@@ -136,3 +136,36 @@ def test_hub_id_is_not_downloaded_without_permission():
     with pytest.raises(ValueError, match="text.name_or_path"):
         MaskedCLIP(get_preset("paper").replace(vision=get_preset("tiny").vision, pixel_decoder=get_preset("tiny").pixel_decoder,
                                                bridge=get_preset("tiny").bridge, feature_decoder=get_preset("tiny").feature_decoder))
+
+
+def test_mlip_switches_build_and_train_their_parts():
+    torch.manual_seed(0)
+    model = MaskedCLIP(get_preset("tiny", "mlip"))
+    assert model.bridge is None and model.teacher is None and model.feature_decoder is None
+    texts = ["No haemorrhages are seen. The cup-to-disc ratio is 0.7.", "Scattered microaneurysms. Hard exudates near the macula.",
+             "Healthy fundus.", "Drusen around the macula. No exudates."]
+    b = Batch(paired_images=torch.randn(4, 3, 64, 64), unpaired_images=torch.randn(3, 3, 64, 64), texts=texts,
+              **model.tokenize(texts, with_sentences=True))
+    out = model(b)
+    assert set(out.parts) == {"mim", "mcl", "ot"}
+    c = model.config
+    assert torch.allclose(out.loss, out.parts["mim"] + c.lambda_lg_clip * out.parts["mcl"] + c.mlip.lambda_ot * out.parts["ot"])
+    out.loss.backward()
+    for part in ("encoder", "decoder", "text", "image_proj", "text_proj", "integrity", "patch_proj"):
+        assert all(p.grad is not None for p in getattr(model, part).parameters() if p.requires_grad), part
+    assert model.ot_logit_scale.grad is not None and model.logit_scale.grad is not None
+    # without sentence ids the OT loss cannot run and says why
+    with pytest.raises(ValueError, match="sentence_ids"):
+        model(Batch(paired_images=b.paired_images, texts=texts, **model.tokenize(texts)))
+
+
+def test_phi_mask_sampler_keeps_high_phi_patches():
+    cfg = get_preset("tiny", "mlip")
+    cfg = cfg.replace(mlip=cfg.mlip.replace(mask_sampler="phi", use_ot=False))
+    model = MaskedCLIP(cfg).eval()
+    with torch.no_grad():
+        model.integrity.proj.weight.zero_(); model.integrity.proj.weight[0, :8] = 20.0   # first grid row is "important"
+    texts = ["healthy fundus"] * 8
+    out = model(Batch(paired_images=torch.randn(8, 3, 64, 64), texts=texts, **model.tokenize(texts)))
+    kept = 1 - out.mask
+    assert kept[:, :8].mean() > 0.95 and kept[:, 8:].mean() < 0.15
