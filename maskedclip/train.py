@@ -552,7 +552,9 @@ def launch(config: ExperimentConfig, nproc: int = 1, nnodes: int = 1, node_rank:
         cmd += ["-m", "maskedclip.train"]
     cmd += ["--config", str(cfg_path), "--no-progress"]
     stream = stream or (lambda line: print(line, end="", flush=True))
-    stream(f"$ {shlex.join(cmd)}\n")
+    header = f"$ {shlex.join(cmd)}\n"
+    stream(header)
+    with open(out / "train.log", "a") as log: log.write(header)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), **(env or {})})
     with open(out / "train.log", "a") as log:
