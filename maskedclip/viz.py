@@ -24,7 +24,7 @@ __all__ = ['RECON_COLUMNS', 'ATTENTION_STACKS', 'LOSS_KEYS', 'NON_LOSS_KEYS', 'd
            'phi_evolution_figure', 'patch_embeddings', 'prompt_heatmaps', 'prompt_heatmap', 'load_mask',
            'pointing_game', 'prompt_heatmap_figure', 'read_metrics', 'loss_keys', 'training_curves_figure', 'pca_2d',
            'embedding_projection_figure', 'reconstruction_explorer', 'attention_explorer', 'prompt_explorer',
-           'metrics_summary', 'write_report']
+           'metrics_summary', 'write_report', 'run_figures']
 
 # %% ../nbs/11_viz.ipynb #00000005
 def denormalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
@@ -624,8 +624,10 @@ th:first-child,td:first-child{text-align:left}.fig{margin:8px 0 24px}nav a{margi
 def _fmt(v: float) -> str: return f"{v:.4g}"
 
 def write_report(path: str | Path, figures: dict[str, go.Figure], config=None, metrics=None,
-                 title: str = "maskedclip report") -> Path:
-    "One self-contained HTML file: plotly.js inlined once, every figure, the config as JSON, a metrics summary."
+                 title: str = "maskedclip report", tables: dict | None = None, notes: str | None = None) -> Path:
+    """One self-contained HTML file: plotly.js inlined once, every figure, the config as JSON, a metrics summary.
+
+    `tables`: name -> list of row dicts (or a pandas DataFrame), shown after the figures; `notes`: a paragraph."""
     from plotly.offline import get_plotlyjs
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -641,6 +643,13 @@ def write_report(path: str | Path, figures: dict[str, go.Figure], config=None, m
         div = go.Figure(fig).to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
                                      config=dict(displaylogo=False, responsive=True), default_height="520px")
         body.append(f'<h2 id="fig-{i}">{esc(name)}</h2><div class="fig">{div}</div>')
+    if notes: body.insert(2, f"<p>{esc(notes)}</p>")
+    for i, (name, tab) in enumerate((tables or {}).items()):
+        recs = tab.to_dict("records") if hasattr(tab, "to_dict") else list(tab)
+        cols = list(dict.fromkeys(k for r in recs for k in r))
+        head = "".join(f"<th>{esc(str(c))}</th>" for c in cols)
+        trs = "".join("<tr>" + "".join(f"<td>{esc(_fmt(r.get(c)) if _is_num(r.get(c)) else str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in recs)
+        body.append(f'<h2 id="table-{i}">{esc(name)}</h2><table><tr>{head}</tr>{trs}</table>')
     if rows:
         summ = metrics_summary(rows)
         steps = [r["step"] for r in rows if _is_num(r.get("step"))]
@@ -657,3 +666,42 @@ def write_report(path: str | Path, figures: dict[str, go.Figure], config=None, m
             + "\n".join(body) + "\n</body></html>\n")
     path.write_text(page, encoding="utf-8")
     return path
+
+# %% ../nbs/11_viz.ipynb #00000027
+def run_figures(run_dir: str | Path, data_root: str | Path | None = None, manifest: str | Path | None = None, n: int = 4,
+                prompts: Sequence[str] = ("a fundus photograph of hard exudates", "a fundus photograph of haemorrhages",
+                                          "a fundus photograph of an enlarged optic cup")) -> dict[str, go.Figure]:
+    """Figures for a finished run directory (`final/`, `metrics.jsonl`) on `n` images of `manifest` (records with
+    optional lesion `masks`); default manifest: the synthetic corpus's `tasks/multi_disease/test.jsonl` under `data_root`."""
+    import json as _json
+    from maskedclip.model import MaskedCLIP
+    from maskedclip.data import load_manifest, eval_transform, load_image
+    run_dir = Path(run_dir)
+    figs = {"training curves": training_curves_figure(run_dir / "metrics.jsonl")}
+    model = MaskedCLIP.from_pretrained(run_dir / "final").eval()
+    if manifest is None and data_root is not None: manifest = Path(data_root) / "tasks" / "multi_disease" / "test.jsonl"
+    if manifest is None: return figs
+    root = Path(data_root) if data_root is not None else Path(manifest).parent
+    ds = load_manifest(manifest, root=root, verbose=False).dataset
+    recs = ds.select(range(min(n, len(ds))))
+    tf = eval_transform(model.config.vision.image_size)
+    images = torch.stack([tf(load_image(root / r["image"])) for r in recs])
+    labels = [r.get("label") for r in recs]
+    masks = []
+    for r in recs:
+        m = r.get("masks")
+        m = _json.loads(m) if isinstance(m, str) else (m or {})
+        masks.append({k: root / v for k, v in m.items()})
+    if model.decoder is not None: figs["reconstructions"] = reconstruction_figure(model, images, n=len(images))
+    figs["encoder attention (last layer, CLS)"] = attention_figure(model, images[0], which="encoder")
+    figs["encoder attention rollout"] = attention_rollout_figure(model, images[0], which="encoder")
+    if getattr(model, "bridge", None) is not None: figs["bridge attention (last layer, CLS)"] = attention_figure(model, images[0], which="bridge")
+    if model.text is not None:
+        i = next((j for j, m in enumerate(masks) if m), 0)
+        lm = next(iter(masks[i].values()), None) if masks[i] else None
+        figs["prompt heatmaps"] = prompt_heatmap_figure(model, images[i], list(prompts), lesion_mask=lm)
+        with torch.no_grad():
+            figs["embedding projection"] = embedding_projection_figure(model.encode_image(images), model.encode_text([f"a fundus photograph of {l}" for l in labels]), labels)
+    if getattr(model, "integrity", None) is not None:
+        figs["semantic-integrity weights φ"] = phi_figure(model, images[0] if model.integrity.mode == "content" else None)
+    return figs
