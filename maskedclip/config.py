@@ -217,6 +217,7 @@ class MaskedCLIPConfig(ConfigBase):
         _check(method in METHODS, "method", f"{method!r} is not one of {list(METHODS) + ['mlip']}")
         sw = dict(METHODS[method])
         mlip = self.mlip if method == self.method else MLIPConfig()
+        if self.method == "mlip": sw["clip_view"] = "full"   # leaving MLIP's masked contrastive view: back to the paper's default (D1)
         return dataclasses.replace(self, method=method, mlip=mlip, **sw)
 
 MLIP_SWITCHES = dict(use_mim=True, use_clip=True, use_bridge=False, use_mfd=False, clip_view="masked",
