@@ -16,7 +16,7 @@ __all__ = ['DEMO_TASKS', 'ZERO_SHOT_TASKS', 'run_demo', 'main']
 DEMO_TASKS = ("glaucoma", "dr_referral", "dr_grade", "multi_disease")
 ZERO_SHOT_TASKS = ("glaucoma", "dr_referral")
 
-def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = "maskedclip", steps: int = 300,
+def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = "maskedclip", steps: int = 200,
              batch_size: int = 32, lr: float = 1e-3, image_size: int = 64, n_paired: int = 1024, n_unpaired: int = 1024,
              n_task: int = 300, seeds=(0, 1, 2), tasks=DEMO_TASKS, zero_shot_tasks=ZERO_SHOT_TASKS, n_boot: int = 500,
              progress: bool = True, log=print) -> dict:
@@ -39,7 +39,9 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
     cfg = experiment_config(preset, method, steps=steps, lr=lr, warmup_steps=max(1, steps // 10), paired_batch_size=batch_size,
                             unpaired_batch_size=batch_size, synthetic=True, synthetic_dir=str(corpus), output_dir=str(run),
                             save_every=max(1, steps // 4), seed=0,
-                            overrides={"model.vision.image_size": image_size, "train.resume": "latest", "train.keep_last": 2})
+                            overrides={"model.vision.image_size": image_size, "train.resume": "latest", "train.keep_last": 2,
+                                       # the synthetic reports name the eye ("left eye"): a horizontal flip would contradict the text
+                                       "data.hflip": 0.0})
     t0 = time.time()
     if not (run / "final" / "model.safetensors").is_file(): train(cfg, progress=progress)
     timings["pretrain_s"] = time.time() - t0
@@ -78,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--preset", default="demo", choices=PRESETS)
     ap.add_argument("--method", default="maskedclip")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
