@@ -47,11 +47,12 @@ def test_invalid_parameter_fails_before_launch(tmp_path):
 def test_grid_runner_one_notebook_and_run_dir_per_point(tmp_path):
     from maskedclip.train import run_grid
     corpus = tmp_path / "corpus"
-    dirs = run_grid(NB, tmp_path / "grid", {"method": ["mae", "clip"]},
+    dirs = run_grid(NB, tmp_path / "grid", {"method": ["mae", "mlip"]},     # MLIP runs through the same notebook
                     base=dict(TINY, steps=1, synthetic_dir=str(corpus)))
-    assert [d.name for d in dirs] == ["method=mae", "method=clip"]
-    for d, parts in zip(dirs, ({"mim"}, {"lg_clip"})):
+    assert [d.name for d in dirs] == ["method=mae", "method=mlip"]
+    for d, parts in zip(dirs, ({"mim"}, {"mim", "mcl", "ot"})):
         assert (d / "pretrain.ipynb").is_file()
         row = json.loads((d / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-        assert parts <= set(row) and not ({"mim", "lg_clip", "mfd"} - parts) & set(row)
+        assert parts <= set(row) and not ({"mim", "lg_clip", "mfd", "mcl", "ot"} - parts) & set(row)
+    assert "semantic-integrity weights" in (dirs[1] / "run" / "report.html").read_text()
     assert (corpus / "corpus.json").is_file()   # built once, shared by both points
