@@ -9,3 +9,14 @@ import sys
 from pathlib import Path
 if (Path(sys.prefix) / "share" / "jupyter" / "kernels" / "python3").is_dir():
     os.environ["JUPYTER_PATH"] = str(Path(sys.prefix) / "share" / "jupyter")
+
+
+import pytest
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny models: one intra-op thread is faster than two, and far faster on a shared, busy machine (restored after)."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,7 @@ from maskedclip.vision import ViTEncoder, timm_vit
 TINY_VC = VisionConfig(image_size=32, patch_size=8, width=64, depth=3, heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "These models are tiny: one intra-op thread is faster, and far faster on a shared, loaded machine (restored after)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # shared fixture in conftest.py
 
 
 # ---------------------------------------------------------------- metrics

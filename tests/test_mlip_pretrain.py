@@ -37,13 +37,7 @@ from maskedclip.train import checkpoint_dirs, read_metrics
 STEPS, SAVE_EVERY, BP, BU = 180, 45, 16, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Small ops: one intra-op thread is 5-10x faster than two on a shared, busy 2-core machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # shared fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

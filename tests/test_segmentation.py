@@ -16,13 +16,7 @@ from maskedclip.segmentation import (SegmentationData, SegmentationHead, dice_sc
                                      segmentation_curve, select_fraction, soft_dice_loss, _fit_and_score)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Small ops: one intra-op thread is 5-10x faster than two on a shared, busy 2-core machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # shared fixture in conftest.py
 
 
 def _blobs(n, size=64, seed=0, p_empty=0.3, max_blobs=3):
