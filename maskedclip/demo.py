@@ -57,7 +57,7 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
     t0 = time.time()
     figures = viz.run_figures(run, data_root=corpus, n=4)
     figures["label efficiency (linear probe)"] = ev.label_efficiency_figure(probe)
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = viz.read_metrics(run / "metrics.jsonl")
     probe_summary = ev.summarize(probe).round(4)
     zs_table = zs[["task", "auroc", "ci_low", "ci_high", "auprc"]].round(4)
     summary = dict(out=str(out.resolve()), preset=preset, method=method, steps=steps, timings=timings,
