@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_train.ipynb #00000002
 from __future__ import annotations
-import argparse, contextlib, dataclasses, hashlib, json, math, os, random, re, shutil, sys, time
+import argparse, contextlib, dataclasses, hashlib, json, math, os, random, re, shutil, sys, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -562,14 +562,30 @@ def launch(config: ExperimentConfig, nproc: int = 1, nnodes: int = 1, node_rank:
             log.write(line); stream(line)
     return proc.wait(timeout=timeout)
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    "The rows of a run's `metrics.jsonl` (a truncated last line from a crash is ignored)."
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.is_file(): raise FileNotFoundError(f"{p}: no metrics (did the run start?)")
-    rows = []
-    for line in p.read_text().splitlines():
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError: pass
+def read_metrics(source, partial_tail: bool = True) -> list[dict]:
+    """Metric rows from a run directory (its `metrics.jsonl`), a JSON-lines file, or an iterable of dicts.
+
+    Blank lines are skipped. A line that is not JSON raises `ValueError` naming `file:line` — except, with
+    `partial_tail=True`, the last line when the file does not end with a newline: that is what a run killed
+    while writing leaves behind, and it is dropped with a warning that names it (never silently)."""
+    if isinstance(source, (str, Path)):
+        p = Path(source)
+        if p.is_dir(): p = p / "metrics.jsonl"
+        if not p.is_file(): raise FileNotFoundError(f"{p}: no metrics file (did the run start?)")
+        text = p.read_text()
+        lines = text.splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip(): continue
+            try: rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if partial_tail and i == len(lines) and not text.endswith("\n"):
+                    warnings.warn(f"{p}:{i}: ignored a truncated last line (the run was interrupted while writing it)")
+                    continue
+                raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from e
+    else: rows = list(source)
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+    if bad: raise ValueError(f"metrics: row {bad[0]} is {type(rows[bad[0]]).__name__}, not a dict")
     return rows
 
 def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], base: dict | None = None, kernel_name: str = "python3") -> list[Path]:

@@ -16,13 +16,14 @@ from plotly.basedatatypes import BaseFigure
 from plotly.subplots import make_subplots
 from .vision import patchify, unpatchify
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from .train import read_metrics   # the one reader of metrics.jsonl, shared with the trainer
 
 # %% auto #0
 __all__ = ['RECON_COLUMNS', 'ATTENTION_STACKS', 'LOSS_KEYS', 'NON_LOSS_KEYS', 'denormalize', 'to_display', 'reconstruct',
            'reconstruction_figure', 'attention_weights', 'attention_maps', 'cls_attention', 'attention_figure',
            'attention_grid_figure', 'attention_rollout', 'attention_rollout_figure', 'phi_map_of', 'phi_figure',
            'phi_evolution_figure', 'patch_embeddings', 'prompt_heatmaps', 'prompt_heatmap', 'load_mask',
-           'pointing_game', 'prompt_heatmap_figure', 'read_metrics', 'loss_keys', 'training_curves_figure', 'pca_2d',
+           'pointing_game', 'prompt_heatmap_figure', 'loss_keys', 'training_curves_figure', 'pca_2d',
            'embedding_projection_figure', 'reconstruction_explorer', 'attention_explorer', 'prompt_explorer',
            'metrics_summary', 'write_report', 'run_figures']
 
@@ -422,21 +423,6 @@ def prompt_heatmap_figure(model: nn.Module, image, texts: str | Sequence[str], l
 LOSS_KEYS = ("loss", "mim", "lg_clip", "mfd", "mcl", "ot")
 NON_LOSS_KEYS = frozenset({"step", "epoch", "lr", "tau", "logit_scale", "images_per_s", "samples_per_s", "step_s",
                            "time", "elapsed", "memory_mb", "grad_norm", "throughput", "micro", "global_step"})
-
-def read_metrics(source) -> list[dict]:
-    "Metric rows from a JSON-lines file (blank lines skipped) or a list of dicts."
-    if isinstance(source, (str, Path)):
-        p = Path(source)
-        if not p.is_file(): raise FileNotFoundError(f"metrics file not found: {p}")
-        rows = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip(): continue
-            try: rows.append(json.loads(line))
-            except json.JSONDecodeError as e: raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from e
-    else: rows = list(source)
-    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
-    if bad: raise ValueError(f"metrics: row {bad[0]} is {type(rows[bad[0]]).__name__}, not a dict")
-    return rows
 
 def _is_num(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))

@@ -380,6 +380,21 @@ def test_training_curves_from_jsonl(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:2"): read_metrics(bad)
     with pytest.raises(FileNotFoundError): training_curves_figure(tmp_path / "none.jsonl")
     with pytest.raises(ValueError, match="no metric rows"): training_curves_figure([])
+
+
+def test_read_metrics_is_the_trainers_reader_and_tolerates_only_a_cut_last_line(tmp_path):
+    import maskedclip.train as T
+    assert read_metrics is T.read_metrics                      # one reader for viz, the demo and the trainer
+    run = tmp_path / "run"; run.mkdir()
+    good = "\n".join(json.dumps(r) for r in _rows()[:2]) + "\n"
+    (run / "metrics.jsonl").write_text(good + '{"step": 3, "lo')   # killed while writing line 3
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:3: ignored a truncated last line"):
+        rows = read_metrics(run)                               # a run directory is accepted too
+    assert [r["step"] for r in rows] == [1, 2]
+    with pytest.raises(ValueError, match="metrics.jsonl:3"): read_metrics(run, partial_tail=False)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 3}\n')   # damage in the middle is an error
+    with pytest.raises(ValueError, match="metrics.jsonl:2"): read_metrics(run)
+    with pytest.raises(ValueError, match="row 1 is int"): read_metrics([{"step": 1}, 2])
     # rows with gaps (e.g. a key logged only sometimes) and None values
     gappy = [dict(step=1, loss=1.0, lr=0.1), dict(step=2, loss=None, val_loss=0.5), dict(step=3, loss=0.5)]
     g = training_curves_figure(gappy)
