@@ -118,10 +118,13 @@ class TextConfig(ConfigBase):
     heads: int = 2                     # tiny only
     arch: dict | None = None           # BERT config fields for building without files
     gradient_checkpointing: bool = False
+    freeze: bool = False               # keep E_T's weights fixed (eval mode, no grad); the projection g_t still trains
+    cache_size: int = 2048             # frozen only: texts whose hidden states are kept (LRU, on CPU); 0 turns the cache off
     def __post_init__(self):
         _check_choice(self.kind, "text.kind", ("hf", "tiny", "minilm"))
         _check(self.kind != "hf" or bool(self.name_or_path), "text.name_or_path", "required when kind='hf'")
         _check_range(self.max_length, "text.max_length", 4, 4096)
+        _check_range(self.cache_size, "text.cache_size", 0)
         _check_choice(self.pooling, "text.pooling", ("mean", "cls"))
         _check_range(self.width, "text.width", 8)
         _check_range(self.depth, "text.depth", 1, 64)
@@ -243,7 +246,7 @@ def get_preset(name: str, method: str | None = None) -> MaskedCLIPConfig:
             pixel_decoder=TransformerConfig(width=768, depth=4, heads=6), mask_ratio=0.5,
             norm_pix_loss=False, lambda_mim=1.0, lambda_lg_clip=1.0).with_method("mlip")
     elif name == "tiny": cfg = _tiny()
-    elif name == "demo": cfg = _tiny().replace(text=TextConfig(kind="minilm", max_length=64))
+    elif name == "demo": cfg = _tiny().replace(text=TextConfig(kind="minilm", max_length=64, freeze=True), lambda_lg_clip=1.0)
     else: raise ValueError(f"preset: {name!r} is not one of {PRESETS}")
     return cfg.with_method(method) if method is not None else cfg
 

@@ -5,6 +5,7 @@
 # %% ../nbs/05_text.ipynb #00000002
 from __future__ import annotations
 import importlib.util, json, re
+from collections import OrderedDict
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -123,6 +124,14 @@ class TextTower(nn.Module):
             except (ValueError, OSError): self.tokenizer = None
         self.width = self.model.config.hidden_size
         if cfg.gradient_checkpointing: self.model.gradient_checkpointing_enable()
+        if cfg.freeze: self.model.requires_grad_(False)
+        self._cache = OrderedDict()   # frozen only: a text's token ids -> its last hidden states (CPU, float32), LRU
+
+    def train(self, mode: bool = True):
+        "A frozen tower stays in eval mode (no dropout), so its embeddings are the same in training and evaluation."
+        super().train(mode)
+        if self.cfg.freeze: self.model.eval()
+        return self
 
     def tokenize(self, texts: list[str], with_sentences: bool = False) -> dict[str, torch.Tensor]:
         "Texts -> `input_ids`, `attention_mask` `(B, T)` (+ `sentence_ids` `(B, T)` when `with_sentences`)."
@@ -135,8 +144,34 @@ class TextTower(nn.Module):
         if with_sentences: out["sentence_ids"] = sentence_ids_from_offsets(texts, enc["offset_mapping"], enc["attention_mask"])
         return out
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache.clear()   # new weights: cached hidden states are stale
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _frozen_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        "Frozen E_T: each text's hidden states from the LRU cache; the encoder runs once on the distinct texts it misses."
+        keep = attention_mask.bool()
+        keys = [tuple(input_ids[b][keep[b]].tolist()) for b in range(input_ids.shape[0])]
+        first = {}
+        for b, k in enumerate(keys):
+            if k not in self._cache: first.setdefault(k, b)
+        if first:
+            idx = list(first.values())
+            with torch.no_grad():
+                h = self.model(input_ids=input_ids[idx], attention_mask=attention_mask[idx]).last_hidden_state
+            for j, (k, b) in enumerate(first.items()): self._cache[k] = h[j][keep[b]].float().cpu()
+        hidden = torch.zeros(*input_ids.shape, self.width, device=input_ids.device)
+        for b, k in enumerate(keys):
+            self._cache.move_to_end(k)
+            hidden[b, keep[b]] = self._cache[k].to(input_ids.device)
+        while len(self._cache) > self.cfg.cache_size: self._cache.popitem(last=False)
+        return hidden
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.cfg.freeze and self.cfg.cache_size > 0: hidden = self._frozen_hidden(input_ids, attention_mask)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze):   # frozen: no graph through E_T
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.cfg.pooling == "cls": return hidden[:, 0], hidden
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0), hidden

@@ -56,3 +56,24 @@ def test_grid_runner_one_notebook_and_run_dir_per_point(tmp_path):
         assert parts <= set(row) and not ({"mim", "lg_clip", "mfd", "mcl", "ot"} - parts) & set(row)
     assert "semantic-integrity weights" in (dirs[1] / "run" / "report.html").read_text()
     assert (corpus / "corpus.json").is_file()   # built once, shared by both points
+
+
+@pytest.mark.slow
+def test_reproduce_notebook_end_to_end_small(tmp_path):
+    "experiments/reproduce.ipynb on a toy budget: pre-trains at equal compute, evaluates against random init, writes tables."
+    import pandas as pd
+    out = tmp_path / "repro"; out.mkdir()
+    params = dict(preset="tiny", methods=["mae", "maskedclip"], steps=2, warmup_steps=1, paired_batch_size=4, unpaired_batch_size=4,
+                  synthetic_n_paired=32, synthetic_n_unpaired=32, synthetic_n_task=24, corpus_workers=1, tasks=["glaucoma"],
+                  fractions=[1.0], seeds=[0], n_boot=20, launcher="inprocess", parallel_runs=1, out_dir=str(out))
+    papermill.execute_notebook(str(ROOT / "experiments" / "reproduce.ipynb"), str(out / "reproduce.ipynb"), parameters=params,
+                               progress_bar=False)
+    df = pd.read_csv(out / "results.csv")
+    assert set(df["method"]) == {"random", "mae", "maskedclip"} and set(df["task"]) == {"glaucoma"}
+    assert df["auroc"].between(0, 1).all() and (df["protocol"] == "linear_probe").all()
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings["pretrain_step_s"]) == {"mae", "maskedclip"} and timings["evaluate_s"] > 0
+    assert _plotly_outputs(out / "reproduce.ipynb")   # the label-efficiency figure
+    # equal compute: both runs stopped at the same step with the same batch
+    steps = {m: json.loads((out / "pretrain" / m / "metrics.jsonl").read_text().splitlines()[-1])["step"] for m in ("mae", "maskedclip")}
+    assert steps == {"mae": 2, "maskedclip": 2}
