@@ -34,7 +34,7 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
              progress: bool = True, log=print) -> dict:
     "The whole demo; returns a summary dict (also written to `out/results.json`)."
     from maskedclip.synthetic import build_corpus
-    from maskedclip.train import experiment_config, train, find_latest
+    from maskedclip.train import experiment_config, train, find_latest, read_metrics
     from maskedclip import evaluate as ev, viz
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -71,7 +71,7 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
     t0 = time.time()
     figures = viz.run_figures(run, data_root=corpus, n=4)
     figures["label efficiency (linear probe)"] = ev.label_efficiency_figure(probe)
-    rows = viz.read_metrics(run / "metrics.jsonl")
+    rows = read_metrics(run)
     probe_summary = ev.summarize(probe).round(4)
     zs_table = zs[["task", "auroc", "ci_low", "ci_high", "auprc"]].round(4)
     margins = probe_margins(probe, method=method).round(4)

@@ -380,6 +380,10 @@ def test_training_curves_from_jsonl(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:2"): read_metrics(bad)
     with pytest.raises(FileNotFoundError): training_curves_figure(tmp_path / "none.jsonl")
     with pytest.raises(ValueError, match="no metric rows"): training_curves_figure([])
+    # rows with gaps (e.g. a key logged only sometimes) and None values
+    gappy = [dict(step=1, loss=1.0, lr=0.1), dict(step=2, loss=None, val_loss=0.5), dict(step=3, loss=0.5)]
+    g = training_curves_figure(gappy)
+    assert [t.name for t in g.data] == ["loss", "val_loss", "lr"] and list(g.data[0].x) == [1, 3]
 
 
 def test_read_metrics_is_the_trainers_reader_and_tolerates_only_a_cut_last_line(tmp_path):
@@ -395,10 +399,6 @@ def test_read_metrics_is_the_trainers_reader_and_tolerates_only_a_cut_last_line(
     (run / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 3}\n')   # damage in the middle is an error
     with pytest.raises(ValueError, match="metrics.jsonl:2"): read_metrics(run)
     with pytest.raises(ValueError, match="row 1 is int"): read_metrics([{"step": 1}, 2])
-    # rows with gaps (e.g. a key logged only sometimes) and None values
-    gappy = [dict(step=1, loss=1.0, lr=0.1), dict(step=2, loss=None, val_loss=0.5), dict(step=3, loss=0.5)]
-    g = training_curves_figure(gappy)
-    assert [t.name for t in g.data] == ["loss", "val_loss", "lr"] and list(g.data[0].x) == [1, 3]
 
 
 def test_embedding_projection_matches_sklearn():
