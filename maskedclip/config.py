@@ -246,7 +246,8 @@ def get_preset(name: str, method: str | None = None) -> MaskedCLIPConfig:
             pixel_decoder=TransformerConfig(width=768, depth=4, heads=6), mask_ratio=0.5,
             norm_pix_loss=False, lambda_mim=1.0, lambda_lg_clip=1.0).with_method("mlip")
     elif name == "tiny": cfg = _tiny()
-    elif name == "demo": cfg = _tiny().replace(text=TextConfig(kind="minilm", max_length=64, freeze=True), lambda_lg_clip=1.0)
+    elif name == "demo": cfg = _tiny().replace(text=TextConfig(kind="minilm", max_length=64, freeze=True), lambda_lg_clip=1.0,
+                                          ema_momentum=0.99)
     else: raise ValueError(f"preset: {name!r} is not one of {PRESETS}")
     return cfg.with_method(method) if method is not None else cfg
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_demo.ipynb #00000002
 from __future__ import annotations
-import argparse, json, time
+import argparse, json, os, time
 from pathlib import Path
 import torch
 from .config import PRESETS
@@ -30,7 +30,7 @@ def probe_margins(probe, baseline: str = "random init", method: str = "maskedcli
 
 def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = "maskedclip", steps: int = 500,
              batch_size: int = 32, lr: float = 1e-3, image_size: int = 64, n_paired: int = 1024, n_unpaired: int = 1024,
-             n_task: int = 300, seeds=(0, 1, 2), tasks=DEMO_TASKS, zero_shot_tasks=ZERO_SHOT_TASKS, n_boot: int = 500,
+             n_task: int = 1000, seeds=(0, 1, 2), tasks=DEMO_TASKS, zero_shot_tasks=ZERO_SHOT_TASKS, n_boot: int = 500,
              progress: bool = True, log=print) -> dict:
     "The whole demo; returns a summary dict (also written to `out/results.json`)."
     from maskedclip.synthetic import build_corpus
@@ -44,7 +44,7 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
     if not (corpus / "corpus.json").is_file():
         t0 = time.time()
         build_corpus(corpus, n_paired=n_paired, n_unpaired=n_unpaired, n_task_per_split=dict(train=n_task, val=n_task // 2, test=n_task),
-                     size=image_size, seed=0, progress=progress)
+                     size=image_size, seed=0, num_workers=max(1, min(2, os.cpu_count() or 1)), progress=progress)
         timings["corpus_s"] = time.time() - t0
     # 2. pre-training (resumes if interrupted)
     run = out / "pretrain"
@@ -80,7 +80,7 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
                    margins=margins.to_dict("records"),
                    linear_probe_runs=probe.to_dict("records"))
     notes = (f"{method} ({preset} preset) pre-trained for {steps} steps of {batch_size}+{batch_size} images on the synthetic corpus "
-             f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px). Linear probe: mean ± std over seeds {list(seeds)}, "
+             f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
              f"bootstrap 95% CIs per run; 'separated' means every seed's CI for {method} lies above every seed's CI for random init. "
              f"Zero-shot with FLAIR-style prompt ensembles.")
     report = viz.write_report(out / "report.html", figures, cfg, rows, title=f"maskedclip demo: {method}",
@@ -101,9 +101,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--n-task", type=int, default=1000, help="images per downstream training and test split (validation: half)")
     ap.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
     a = ap.parse_args(argv)
-    kw = dict(out=a.out, preset=a.preset, method=a.method, steps=a.steps, batch_size=a.batch_size, seeds=tuple(range(a.seeds)))
+    kw = dict(out=a.out, preset=a.preset, method=a.method, steps=a.steps, batch_size=a.batch_size, seeds=tuple(range(a.seeds)), n_task=a.n_task)
     if a.quick: kw.update(steps=4, batch_size=8, n_paired=64, n_unpaired=64, n_task=40, seeds=(0,), n_boot=50)
     s = run_demo(**kw)
     print("\nlinear probe (AUROC, mean over seeds):")
