@@ -1020,7 +1020,7 @@ def save_results(df: pd.DataFrame, out_dir, stem: str = "results", figure: bool 
             tag = "zero_shot" if frac == 0 else f"{round(100 * frac):g}pct"
             md, _ = t.save(out / f"table1{sfx}_{tag}")
             paths[f"table1{sfx}_{tag}"] = md
-            if any(m in set(d["method"]) for m in ABLATION_ROWS):
+            if sum(m in set(d["method"]) for m in ABLATION_ROWS) >= 2:   # an ablation needs at least two of its steps
                 paths[f"table2{sfx}_{tag}"] = table2(d, fraction=frac, protocol=proto).save(out / f"table2{sfx}_{tag}")[0]
         if figure and (d["fraction"] > 0).any():
             fig = label_efficiency_figure(d, protocol=proto)

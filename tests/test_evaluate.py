@@ -324,7 +324,7 @@ def test_evaluate_all_tables_figure_and_cli(tmp_path):
     assert main(["--checkpoint", "a=random", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
 
 
-def test_table2_orders_the_ablation_and_averages_tasks():
+def test_table2_orders_the_ablation_and_averages_tasks(tmp_path):
     rows = []
     vals = {"mae_clip": (0.70, 0.72), "mae_clip_bridge": (0.75, 0.77), "maskedclip": (0.80, 0.84)}
     for m, (a, b) in vals.items():
@@ -337,3 +337,8 @@ def test_table2_orders_the_ablation_and_averages_tasks():
     assert t.values.loc["+ bridge transformer", ("mean", "AUROC")] == pytest.approx((0.75 + 0.77) / 2 + 0.01)
     assert t.frame.loc["+ masked feature distillation (MaskedCLIP)", ("glaucoma", "AUROC")] == f"**{0.82:.3f} ± {np.std([0.8, 0.84], ddof=1):.3f}**"
     assert not t.frame.loc["MAE + CLIP (shared encoder)", ("glaucoma", "AUROC")].startswith("**")
+    # save_results writes the ablation table only when at least two of its steps are there
+    df = pd.DataFrame(rows)
+    assert "table2_100pct" in save_results(df, tmp_path / "all", figure=False)
+    one = save_results(df[df["method"].isin(["random", "maskedclip"])], tmp_path / "one", figure=False)
+    assert "table1_100pct" in one and "table2_100pct" not in one and not (tmp_path / "one" / "table2_100pct.md").exists()
