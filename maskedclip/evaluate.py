@@ -29,8 +29,8 @@ __all__ = ['PROTOCOLS', 'DEFAULT_TASKS', 'METHOD_ORDER', 'METHOD_LABELS', 'METRI
            'bootstrap_indices', 'bootstrap_ci', 'mean_std', 'label_fraction', 'LoadedEncoder', 'infer_vision_config',
            'load_encoder', 'extract_features', 'EvalResult', 'fit_linear_probe', 'linear_probe', 'ViTClassifier',
            'layer_id', 'param_groups_lrd', 'augment_batch', 'finetune', 'load_model', 'class_embeddings', 'zero_shot',
-           'TaskData', 'task_classes', 'load_task', 'evaluate_all', 'summarize', 'Table', 'table1', 'table2',
-           'label_efficiency_figure', 'save_results', 'build_parser', 'main']
+           'TaskData', 'task_classes', 'load_task', 'evaluate_all', 'summarize', 'Table', 'table1', 'has_ablation',
+           'table2', 'label_efficiency_figure', 'save_results', 'build_parser', 'main']
 
 # %% ../nbs/10_evaluate.ipynb #00000004
 PROTOCOLS = ("linear_probe", "finetune", "zero_shot")
@@ -949,6 +949,10 @@ def table1(df: pd.DataFrame, fraction: float | None = None, protocol: str | None
 ABLATION_ROWS = {"mae_clip": "MAE + CLIP (shared encoder)", "mae_clip_bridge": "+ bridge transformer",
                  "maskedclip": "+ masked feature distillation (MaskedCLIP)"}
 
+def has_ablation(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS) -> bool:
+    "Whether `df` holds at least two steps of the ablation, so that a Table 2 compares something."
+    return not df.empty and sum(m in set(df["method"]) for m in rows) >= 2
+
 def table2(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS, fraction: float | None = None, protocol: str | None = None,
            metrics: Sequence[str] = ("auroc", "auprc"), digits: int = 3) -> Table:
     "Table 2, the ablation MAE+CLIP -> +bridge -> +L_mfd: rows in the given order, tasks × metrics and the mean over tasks."
@@ -1020,7 +1024,7 @@ def save_results(df: pd.DataFrame, out_dir, stem: str = "results", figure: bool 
             tag = "zero_shot" if frac == 0 else f"{round(100 * frac):g}pct"
             md, _ = t.save(out / f"table1{sfx}_{tag}")
             paths[f"table1{sfx}_{tag}"] = md
-            if sum(m in set(d["method"]) for m in ABLATION_ROWS) >= 2:   # an ablation needs at least two of its steps
+            if has_ablation(d):
                 paths[f"table2{sfx}_{tag}"] = table2(d, fraction=frac, protocol=proto).save(out / f"table2{sfx}_{tag}")[0]
         if figure and (d["fraction"] > 0).any():
             fig = label_efficiency_figure(d, protocol=proto)

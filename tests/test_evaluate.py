@@ -13,7 +13,8 @@ from sklearn.preprocessing import label_binarize
 from maskedclip.config import VisionConfig, get_preset
 from maskedclip.evaluate import (ViTClassifier, _macro_rows, _rank_ap, _rank_auc, auprc, auroc, bootstrap_ci, evaluate_all,
                                  extract_features, finetune, fit_linear_probe, label_efficiency_figure, label_fraction,
-                                 linear_probe, load_encoder, main, param_groups_lrd, save_results, table1, table2, zero_shot)
+                                 linear_probe, load_encoder, main, param_groups_lrd, save_results, table1, table2, zero_shot,
+                                 has_ablation)
 from maskedclip.prompts import class_prompts
 from maskedclip.vision import ViTEncoder, timm_vit
 
@@ -339,6 +340,8 @@ def test_table2_orders_the_ablation_and_averages_tasks(tmp_path):
     assert not t.frame.loc["MAE + CLIP (shared encoder)", ("glaucoma", "AUROC")].startswith("**")
     # save_results writes the ablation table only when at least two of its steps are there
     df = pd.DataFrame(rows)
+    assert has_ablation(df) and has_ablation(df[df["method"].isin(["mae_clip", "maskedclip"])])
+    assert not has_ablation(df[df["method"].isin(["random", "maskedclip"])]) and not has_ablation(df.iloc[:0])
     assert "table2_100pct" in save_results(df, tmp_path / "all", figure=False)
     one = save_results(df[df["method"].isin(["random", "maskedclip"])], tmp_path / "one", figure=False)
     assert "table1_100pct" in one and "table2_100pct" not in one and not (tmp_path / "one" / "table2_100pct.md").exists()

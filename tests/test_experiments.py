@@ -78,3 +78,22 @@ def test_reproduce_notebook_end_to_end_small(tmp_path):
     from maskedclip.train import read_metrics
     steps = {m: read_metrics(out / "pretrain" / m)[-1]["step"] for m in ("mae", "maskedclip")}
     assert steps == {"mae": 2, "maskedclip": 2}
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_tables_and_figure(tmp_path):
+    "experiments/evaluate.ipynb on a toy corpus: two random encoders through the linear probe; Table 1, no one-step Table 2."
+    import pandas as pd
+    from maskedclip.synthetic import build_corpus
+    corpus = build_corpus(tmp_path / "corpus", n_paired=8, n_unpaired=8, n_task_per_split=24, progress=False)
+    out = tmp_path / "eval"; out.mkdir()
+    params = dict(checkpoints={"random": "random", "random other seed": "random:tiny"}, corpus_root=str(corpus), tasks=["glaucoma"],
+                  fractions=[0.5, 1.0], seeds=[0, 1], n_boot=20, out_dir=str(out), device="cpu")
+    papermill.execute_notebook(str(ROOT / "experiments" / "evaluate.ipynb"), str(out / "evaluate.ipynb"), parameters=params,
+                               progress_bar=False)
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 2 * 2 * 2 and set(df["method"]) == {"random", "random other seed"}
+    assert ((df["ci_low"] <= df["auroc"]) & (df["auroc"] <= df["ci_high"])).all()
+    assert (out / "table1_50pct.md").is_file() and (out / "table1_100pct.md").is_file()
+    assert not list(out.glob("table2_*"))          # no ablation methods, so no Table 2
+    assert _plotly_outputs(out / "evaluate.ipynb")  # the label-efficiency figure
