@@ -12,7 +12,7 @@ from maskedclip.prompts import (EXPERT_KNOWLEDGE, PRETRAIN_TEMPLATE, ZERO_SHOT_T
 SYNTHETIC_CLASSES = ['no DR', 'mild DR', 'moderate DR', 'severe DR', 'proliferative DR', 'non-referable DR', 'referable DR',
                      'no glaucoma', 'glaucoma', 'normal', 'diabetic retinopathy', 'age-related macular degeneration', 'cataract']
 
-# method-notes §3.4: FLAIR's own descriptions, which must be used verbatim
+# DECISIONS.md §3.4: FLAIR's own descriptions, which must be used verbatim
 FLAIR_ENTRIES = {
     'no DR': ['no diabetic retinopathy', 'no microaneurysms'], 'mild DR': ['only few microaneurysms'],
     'moderate DR': ['many exudates near the macula', 'many haemorrhages near the macula', 'retinal thickening near the macula',
