@@ -21,3 +21,15 @@ def test_every_module_has_a_notebook():
             for line in "".join(cell["source"]).splitlines():
                 if line.startswith("#| default_exp"): exported.add(line.split()[-1])
     assert mods <= exported, f"modules without a source notebook: {sorted(mods - exported)}"
+
+
+def test_module_docstrings_are_whole_sentences():
+    "nbdev turns a notebook's `> description` into the module docstring and keeps only its first line: one line, one sentence."
+    import importlib
+    for nb in NBS:
+        head = "".join(json.loads(nb.read_text())["cells"][0]["source"]).splitlines()
+        desc = [l for l in head if l.startswith("> ")]
+        assert len(desc) == 1, f"{nb.name}: the `> description` must be one line (nbdev keeps only the first), got {len(desc)}"
+    for mod in sorted(p.stem for p in (Path(__file__).parent.parent / "maskedclip").glob("*.py") if not p.stem.startswith("_")):
+        doc = (importlib.import_module(f"maskedclip.{mod}").__doc__ or "").strip()
+        assert doc.endswith((".", ".)")), f"maskedclip.{mod}: module docstring is not a whole sentence: ...{doc[-60:]!r}"
