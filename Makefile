@@ -34,13 +34,15 @@ demo: $(STAMP)
 check-nbdev: $(STAMP)
 	PATH=$(BIN):$$PATH $(BIN)/python scripts/check_nbdev_clean.py
 
+# every notebook once, outside pytest (pytest's tests/test_notebooks.py runs each one too, through nbdev's test_nb)
 nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
 
-test: check-nbdev nbtest pytest
+# each notebook runs once, inside pytest (tests/test_notebooks.py), so one summary line counts everything
+test: check-nbdev pytest
 
 clean-venv:
 	rm -rf $(VENV)
