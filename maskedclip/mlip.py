@@ -103,7 +103,7 @@ def sentence_pool(
     sent = torch.bmm(w, token_emb) / counts.clamp_min(1).unsqueeze(-1)
     return sent, counts > 0
 
-# %% ../nbs/08_mlip.ipynb #00000011
+# %% ../nbs/08_mlip.ipynb #63a9d88f
 def _valid_mask(mask: torch.Tensor | None, shape: tuple[int, int], name: str, device) -> torch.Tensor:
     if mask is None: return torch.ones(shape, dtype=torch.bool, device=device)
     if mask.dtype != torch.bool:
@@ -156,7 +156,7 @@ def ot_local_plan(
         cos, mu, nu = _ot_inputs(patch_emb, patch_mask, sent_emb, sent_mask, patch_weights)
         return sinkhorn(1 - cos, mu.unsqueeze(1), nu.unsqueeze(0), eps=eps, n_iters=n_iters, tol=tol)
 
-
+# %% ../nbs/08_mlip.ipynb #b88fcbb9
 def ot_local_similarity(
     patch_emb: torch.Tensor,  # (Bi, K, D)
     patch_mask: torch.Tensor | None,  # (Bi, K) bool, True = valid
@@ -204,7 +204,7 @@ def ot_local_loss(
     s = ot_local_similarity(patch_emb, patch_mask, sent_emb, sent_mask, eps, n_iters, tol, patch_weights, plan)
     return _symmetric_ce(logit_scale * s)
 
-# %% ../nbs/08_mlip.ipynb #0000001a
+# %% ../nbs/08_mlip.ipynb #75add072
 def _pyramid_axis(n: int) -> torch.Tensor:
     "MaCo's per-axis profile: linspace(0.5, 1) then its mirror (peak duplicated for even n, as in MaCo)."
     first = torch.linspace(0.5, 1.0, (n + 1) // 2)
@@ -215,7 +215,7 @@ def pyramid_weights(grid_h: int, grid_w: int) -> torch.Tensor:
     "MaCo's centre-peaked prior `(grid_h * grid_w,)`: outer product of the axis profiles, softmax-normalised."
     return (_pyramid_axis(grid_h)[:, None] * _pyramid_axis(grid_w)[None, :]).flatten().softmax(-1)
 
-
+# %% ../nbs/08_mlip.ipynb #ba0b43a8
 class SemanticIntegrityEstimator(nn.Module):
     """Scalar semantic integrity `ρ (B,)` of a masked image.
 

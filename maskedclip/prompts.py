@@ -14,7 +14,7 @@ __all__ = ['EXPERT_KNOWLEDGE', 'PRETRAIN_TEMPLATE', 'ZERO_SHOT_TEMPLATE', 'ABBRE
            'label_to_text', 'labels_to_paired_records', 'FlairTextFn', 'class_prompts', 'sentence_spans',
            'split_sentences']
 
-# %% ../nbs/03_prompts.ipynb #00000004
+# %% ../nbs/03_prompts.ipynb #ea8a36aa
 EXPERT_KNOWLEDGE: dict[str, list[str]] = {
     # --- diabetic retinopathy (FLAIR descriptions; keys = corpus / adapter names)
     'no DR': ['no diabetic retinopathy', 'no microaneurysms'],
@@ -84,6 +84,7 @@ EXPERT_KNOWLEDGE: dict[str, list[str]] = {
     'Blur fundus with suspected PDR': ['blurred fundus with suspected proliferative diabetic retinopathy', 'possible neovascularization'],
 }
 
+# %% ../nbs/03_prompts.ipynb #f811b31b
 PRETRAIN_TEMPLATE = 'A [ATR] fundus photograph of [CLS]'
 ZERO_SHOT_TEMPLATE = 'A fundus photograph of [CLS]'
 
@@ -104,7 +105,7 @@ def fill_template(template: str, cls: str, atr: str = '') -> str:
     "Fill `[CLS]` and `[ATR]`; collapse the double spaces an empty attribute leaves (and trim)."
     return ' '.join(template.replace('[CLS]', cls).replace('[ATR]', atr).split())
 
-# %% ../nbs/03_prompts.ipynb #00000009
+# %% ../nbs/03_prompts.ipynb #d090f751
 class _NumpyChoice:
     def __init__(self, g: np.random.Generator): self.g = g
     def choice(self, seq): return seq[int(self.g.integers(len(seq)))]
@@ -152,7 +153,7 @@ def labels_to_paired_records(records: Iterable[Mapping], rng=None, *, augment: b
         out.append(r)
     return out
 
-
+# %% ../nbs/03_prompts.ipynb #3394f135
 class FlairTextFn:
     """`text_fn(record, rng) -> (text, label)` for `ImageTextDataset`: FLAIR text re-sampled at every draw.
     With `use_existing_text`, records that have text (reports, ODIR keywords) keep it."""

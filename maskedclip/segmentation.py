@@ -135,7 +135,7 @@ class SegmentationData:
         return (f"SegmentationData({N} images {H}×{W}, lesions {'+'.join(self.lesions)}: {int(self.has_lesion.sum())} with a lesion, "
                 f"{100 * float(self.masks.float().mean()):.2f}% lesion pixels)")
 
-# %% ../nbs/12_segmentation.ipynb #0000000f
+# %% ../nbs/12_segmentation.ipynb #8af9fc10
 def _record_masks(v, rid) -> dict:
     if v is None: return {}
     if isinstance(v, str): v = json.loads(v) if v.strip() else {}
@@ -183,6 +183,7 @@ def load_segmentation_manifest(path, root=None, lesions: str | Sequence[str] = "
     union = torch.stack(list(lm.values())).any(0)
     return SegmentationData(torch.stack(images), union, lm, ids, lesions)
 
+# %% ../nbs/12_segmentation.ipynb #f5dae9a3
 def load_segmentation_split(corpus_root, task: str | Sequence[str] = "multi_disease", split: str = "train",
                             lesions: str | Sequence[str] = "red", image_size: int | None = None, progress: bool = False) -> SegmentationData:
     "One split of a synthetic-corpus task (`root/tasks/<task>/<split>.jsonl`; several tasks are concatenated) with its lesion masks."
@@ -295,7 +296,7 @@ def select_fraction(data: SegmentationData | Sequence[bool] | torch.Tensor, frac
     groups = ["lesion" if h else "no lesion" for h in has.tolist()]
     return label_fraction(groups, fraction, seed=seed, min_per_class=min_per_group)
 
-# %% ../nbs/12_segmentation.ipynb #00000021
+# %% ../nbs/12_segmentation.ipynb #0a5817f4
 def _train_head(feats: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], *, seed: int, steps: int, lr: float,
                 batch_size: int, hidden: int | None, subpatch: int, dice_weight: float, pos_weight: float | None,
                 weight_decay: float, device) -> tuple[SegmentationHead, list[float]]:
@@ -352,6 +353,7 @@ def fewshot_segmentation(encoder_or_model, train: SegmentationData, test: Segmen
                           hidden=hidden, subpatch=subpatch, dice_weight=dice_weight, pos_weight=pos_weight, weight_decay=weight_decay,
                           threshold=threshold, n_boot=n_boot, device=device, return_head=return_head)
 
+# %% ../nbs/12_segmentation.ipynb #51ea1423
 def segmentation_curve(encoder_or_model, train: SegmentationData, test: SegmentationData, fractions: Sequence[float] = (0.01, 0.1, 1.0),
                        seeds: Sequence[int] = (0, 1, 2), progress: bool = False, **kw):
     "`fewshot_segmentation` for every fraction × seed with the features computed once; a pandas DataFrame (one row per run)."

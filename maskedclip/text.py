@@ -92,7 +92,7 @@ def resolve_text_source(cfg: TextConfig) -> str | None:
                      f"(e.g. `huggingface-cli download {cfg.name_or_path} --local-dir DIR`) and pass DIR, "
                      f"or set text.allow_download=True to fetch it from the hub.")
 
-# %% ../nbs/05_text.ipynb #00000009
+# %% ../nbs/05_text.ipynb #39feb267
 class TextTower(nn.Module):
     "E_T: a transformers encoder + tokenizer; `forward` -> (pooled `(B, H)`, tokens `(B, T, H)`)."
     def __init__(self, cfg: TextConfig, pretrained: bool = True, local_dir: str | Path | None = None):
@@ -182,6 +182,7 @@ class TextTower(nn.Module):
         self.model.config.save_pretrained(directory)
         if self.tokenizer is not None: self.tokenizer.save_pretrained(directory)
 
+# %% ../nbs/05_text.ipynb #df3f7849
 def sentence_ids_from_offsets(texts, offsets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     "Each token's sentence index `(B, T)` from character `offsets` `(B, T, 2)`; -1 for special/pad tokens."
     from maskedclip.prompts import sentence_spans
