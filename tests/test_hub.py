@@ -150,3 +150,52 @@ def test_push_to_hub_refuses_without_allow_upload_or_network(tiny, monkeypatch, 
     with pytest.raises(PermissionError, match="allow_upload=True"): m.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="org/x")
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE"): m.push_to_hub("org/x", allow_upload=True)
+
+
+# ---- loggers (maskedclip.loggers) and the trainer's use of them -----------------------------------------------------
+def test_trainer_tensorboard_events_read_back_equal_metrics_jsonl(tmp_path):
+    import json, warnings
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from maskedclip.config import DataConfig, ExperimentConfig, TrainConfig
+    from maskedclip.train import InMemoryBatches, Trainer
+    torch.manual_seed(0)
+    cfg = ExperimentConfig(model=get_preset("tiny", "mae"), data=DataConfig(paired_batch_size=2, unpaired_batch_size=2, synthetic=True),
+                           train=TrainConfig(output_dir=str(tmp_path / "run"), steps=3, lr=1e-3, tensorboard=True, wandb=True))
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(8, 3, 64, 64, generator=g)
+    loader = InMemoryBatches(imgs[:4], ["a"] * 4, torch.zeros(4, dtype=torch.long), imgs[4:], 2, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(cfg, loader=loader, progress=False).fit()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    assert {"loss", "mim", "lr"} <= set(acc.Tags()["scalars"])
+    for tag in ("loss", "mim", "lr"):
+        ev = acc.Scalars(tag)
+        assert [e.step for e in ev] == [r["step"] for r in rows] == [1, 2, 3]
+        np.testing.assert_allclose([e.value for e in ev], [r[tag] for r in rows], rtol=1e-6)
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:     # enabled but not installed: one clear warning, nothing else
+        wb = [w for w in caught if "wandb" in str(w.message)]
+        assert len(wb) == 1 and "not installed" in str(wb[0].message), [str(w.message) for w in caught]
+        assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_wandb_hook_is_a_noop_unless_installed_and_enabled(tmp_path, monkeypatch):
+    import builtins, warnings
+    from maskedclip.loggers import WandbLogger, make_loggers
+    real_import = builtins.__import__
+    def no_wandb(name, *a, **k):          # the package absent, whatever this environment has
+        if name == "wandb" or name.startswith("wandb."): raise ImportError("No module named 'wandb'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        off = WandbLogger(enabled=False)
+        assert not off.active and not caught             # disabled: silent
+        lg = make_loggers(tmp_path / "r", wandb=True)
+        lg.log({"loss": 1.0}, 1); lg.close()
+    assert not lg and not lg.sinks
+    assert len(caught) == 1 and "wandb package is not installed" in str(caught[0].message)
+    assert not (tmp_path / "r").exists()                  # nothing written
