@@ -20,7 +20,8 @@ from .model import MaskedCLIP
 
 # %% auto #0
 __all__ = ['ENCODER_ARCHS', 'default_cfgs', 'timm_kwargs', 'register_config', 'list_models', 'get_model_config',
-           'encoder_config_of', 'timm_encoder', 'resolve_hub_dir', 'HubMaskedCLIP', 'create_model_and_transforms']
+           'encoder_config_of', 'timm_encoder', 'resolve_hub_dir', 'HubMaskedCLIP', 'create_model_and_transforms',
+           'save_timm_folder']
 
 # %% ../nbs/14_hub.ipynb #00000005
 ENCODER_ARCHS = {
@@ -202,3 +203,15 @@ def create_model_and_transforms(name_or_dir: str | Path, *, pretrained: str | Pa
         if encoder_only: model = _timm_of(model)
     if device is not None: model = model.to(device)
     return (model.eval(), *_transforms(size, border_crop))
+
+# %% ../nbs/14_hub.ipynb #0000001b
+def save_timm_folder(source, directory: str | Path) -> Path:
+    "An encoder (exported file, `MaskedCLIP` or timm model) as timm's Hub folder: `config.json` + `model.safetensors`."
+    from timm.models._hub import save_for_hf
+    if isinstance(source, (str, Path)): model = timm_encoder(encoder_config_of(source), source)
+    elif isinstance(source, MaskedCLIP): model = _timm_of(source)
+    elif isinstance(source, VisionTransformer): model = source
+    else: raise TypeError(f"save_timm_folder: expected an encoder file, a MaskedCLIP or a timm VisionTransformer, got {type(source).__name__}")
+    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(d), safe_serialization=True)
+    return d

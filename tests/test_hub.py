@@ -132,16 +132,28 @@ def test_hub_mixin_round_trip_through_a_local_cache(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hub id"): HubMaskedCLIP.from_pretrained(str(tmp_path / "no" / "such" / "dir"))
 
 
-def test_hub_id_resolves_from_HF_HUB_CACHE_in_a_fresh_process(tiny, tmp_path):
-    m, _, _ = tiny
+def test_hub_ids_resolve_from_HF_HUB_CACHE_in_a_fresh_process(tiny, tmp_path):
+    "A whole model through maskedclip, and the exported encoder through timm's own 'hf-hub:' loader, from the cache."
+    from maskedclip.hub import save_timm_folder
+    m, f, _ = tiny
     hub_cache(m, tmp_path / "envcache", "org/env-model")
-    code = ("import torch, maskedclip; m, tr, ev = maskedclip.create_model_and_transforms('org/env-model'); "
-            "print(type(m).__name__, float(m.encoder.cls_token.sum()))")
+    enc_repo = tmp_path / "envcache" / "models--org--env-encoder"
+    save_timm_folder(f, enc_repo / "snapshots" / REV)
+    (enc_repo / "refs").mkdir(); (enc_repo / "refs" / "main").write_text(REV)
+    code = ("import torch, timm, maskedclip; m, tr, ev = maskedclip.create_model_and_transforms('org/env-model'); "
+            "e = timm.create_model('hf-hub:org/env-encoder', pretrained=True); x = torch.linspace(-1, 1, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64); "
+            "torch.save(dict(cls=m.encoder.cls_token.detach(), feat=m.eval().image_features(x).detach(), timm=e.eval()(x).detach()), 'out.pt'); "
+            "print(type(m).__name__, type(e).__name__)")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "envcache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    name, s = out.stdout.split()
-    assert name == "HubMaskedCLIP" and abs(float(s) - float(m.encoder.cls_token.detach().sum())) < 1e-6
+    assert out.stdout.split() == ["HubMaskedCLIP", "VisionTransformer"]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    x = torch.linspace(-1, 1, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
+    with torch.no_grad(): ref = m.image_features(x)
+    assert torch.equal(got["cls"], m.encoder.cls_token.detach())
+    torch.testing.assert_close(got["feat"], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["timm"], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_push_to_hub_refuses_without_allow_upload_or_network(tiny, monkeypatch, tmp_path):
