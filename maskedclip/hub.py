@@ -58,8 +58,8 @@ def _entrypoint(name: str) -> Callable:
                   f"{vc.image_size} px); weights: `pretrained=True, pretrained_cfg_overlay=dict(file=...)`.")
     return fn
 
-for _name in ENCODER_ARCHS:                       # registered on import (once per process)
-    if not timm.is_model(_name): register_model(_entrypoint(_name))
+for _name in ENCODER_ARCHS:                       # registered on import (once per process), and module attributes
+    globals()[_name] = timm.models.model_entrypoint(_name) if timm.is_model(_name) else register_model(_entrypoint(_name))
 
 # %% ../nbs/14_hub.ipynb #0000000b
 _CONFIGS: dict[str, Callable[[], MaskedCLIPConfig]] = {}
@@ -133,7 +133,8 @@ def resolve_hub_dir(repo_id: str, *, allow_download: bool = False, cache_dir: st
     where = cache_dir or hf_constants.HF_HUB_CACHE
     try: return Path(snapshot_download(str(repo_id), revision=revision, cache_dir=cache_dir, local_files_only=not allow_download, token=token))
     except Exception as e:
-        hint = "" if allow_download else "; pass allow_download=True to fetch it"
+        hint = ("; pass allow_download=True to fetch it" if not allow_download else
+                "; HF_HUB_OFFLINE is set, so nothing was downloaded" if hf_constants.HF_HUB_OFFLINE else "")
         raise FileNotFoundError(f"{repo_id}: not found in the Hugging Face cache {where} (revision {revision or 'main'}){hint} "
                                 f"[{type(e).__name__}]") from None
 
