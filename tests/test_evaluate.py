@@ -397,6 +397,9 @@ def test_evaluate_all_stream_and_finetune_give_the_same_numbers_as_float_images(
     a = evaluate_all({"random": "random"}, **kw)
     b = evaluate_all({"random": "random"}, stream=True, **kw)
     pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
+    ftk = dict(kw, protocol="finetune", finetune_kw=dict(epochs=1, batch_size=4))
+    pd.testing.assert_frame_equal(evaluate_all({"random": "random"}, **ftk).drop(columns="seconds"),
+                                  evaluate_all({"random": "random"}, stream=True, **ftk).drop(columns="seconds"))
     # fine-tuning on the uint8 task images = fine-tuning on the float images the evaluation used to hold
     from maskedclip.evaluate import load_task
     td = load_task(corpus, "glaucoma", 32)
