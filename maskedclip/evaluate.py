@@ -643,6 +643,7 @@ def _amp_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
         warnings.warn(f"precision 'bf16': {dev} has no native bf16; fine-tuning in fp32"); return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
+# %% ../nbs/10_evaluate.ipynb #fcb0ce0b
 def _posterize_safe(img, bits_to_keep, **_):
     "timm's posterize op, with 0 bits kept = a black image (what older Pillow did; Pillow >= 11 raises)."
     from PIL import Image, ImageOps
@@ -711,6 +712,7 @@ def _resolve_device(device) -> torch.device:
     if device is None or device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
+# %% ../nbs/10_evaluate.ipynb #2c593799
 def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr: float = 5e-3, layer_decay: float = 0.65, *,
              weight_decay: float = 0.05, drop_path: float = 0.1, warmup_epochs: float = 1.0, min_lr: float = 1e-6,
              label_smoothing: float = 0.1, n_classes: int | None = None, classes=None, vision_config=None, seed: int = 0,
