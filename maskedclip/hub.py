@@ -196,9 +196,10 @@ def create_model_and_transforms(name_or_dir: str | Path, *, pretrained: str | Pa
         model, size = timm_encoder(vc, s, **timm_kw), vc.image_size
     else:
         if pretrained is not None: raise ValueError(f"create_model_and_transforms: `pretrained` is only for registered names, not {s!r}")
+        from maskedclip.evaluate import _resolve_dir
         d = Path(s) if Path(s).is_dir() else resolve_hub_dir(s, allow_download=allow_download, cache_dir=cache_dir, revision=revision)
-        if d.is_dir() and not (d / "config.json").is_file() and (d / "encoder.safetensors").is_file():   # run folder of an exported encoder
-            return create_model_and_transforms(d / "encoder.safetensors", border_crop=border_crop, device=device, **timm_kw)
+        d = _resolve_dir(d)                       # model folder, run folder (final/ or latest checkpoint), or its encoder file
+        if d.is_file(): return create_model_and_transforms(d, border_crop=border_crop, device=device, **timm_kw)
         model = HubMaskedCLIP.from_pretrained(d)
         size = model.config.vision.image_size
         if encoder_only: model = _timm_of(model)

@@ -187,6 +187,13 @@ def test_trainer_tensorboard_events_read_back_equal_metrics_jsonl(tmp_path):
         ev = acc.Scalars(tag)
         assert [e.step for e in ev] == [r["step"] for r in rows] == [1, 2, 3]
         np.testing.assert_allclose([e.value for e in ev], [r[tag] for r in rows], rtol=1e-6)
+    # the run folder through the ecosystem entry points: the whole model from final/, the encoder from encoder.safetensors
+    run = tmp_path / "run"
+    full, _, ev = create_model_and_transforms(run)
+    enc, _, _ = create_model_and_transforms(run / "encoder.safetensors")
+    ref = load_file(str(run / "final" / "model.safetensors"))
+    assert isinstance(full, HubMaskedCLIP) and all(torch.equal(full.state_dict()[k], v) for k, v in ref.items())
+    assert all(torch.equal(enc.state_dict()[k], ref["encoder." + k]) for k in enc.state_dict())
     import importlib.util
     if importlib.util.find_spec("wandb") is None:     # enabled but not installed: one clear warning, nothing else
         wb = [w for w in caught if "wandb" in str(w.message)]
