@@ -308,6 +308,7 @@ class TrainConfig(ConfigBase):
     resume: str | None = None           # None, "latest" or a checkpoint dir
     log_every: int = 1
     tensorboard: bool = False
+    wandb: bool = False                 # Weights & Biases (no-op + warning without the wandb package; offline unless WANDB_MODE=online)
     device: str = "auto"
     def __post_init__(self):
         if isinstance(self.betas, list): self.betas = tuple(self.betas)

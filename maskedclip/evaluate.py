@@ -25,12 +25,13 @@ from .vision import ViTEncoder, LoadReport, load_timm_weights, read_state_dict
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'DEFAULT_TASKS', 'METHOD_ORDER', 'METHOD_LABELS', 'METRICS', 'DEFAULT_CS', 'NO_WEIGHT_DECAY',
-           'ABLATION_ROWS', 'as_score_matrix', 'encode_labels', 'auroc', 'auprc', 'ConfidenceInterval',
+           'RETFOUND_AUG', 'ABLATION_ROWS', 'as_score_matrix', 'encode_labels', 'auroc', 'auprc', 'ConfidenceInterval',
            'bootstrap_indices', 'bootstrap_ci', 'mean_std', 'label_fraction', 'LoadedEncoder', 'infer_vision_config',
-           'load_encoder', 'extract_features', 'EvalResult', 'fit_linear_probe', 'linear_probe', 'ViTClassifier',
-           'layer_id', 'param_groups_lrd', 'augment_batch', 'finetune', 'load_model', 'class_embeddings', 'zero_shot',
-           'TaskData', 'task_classes', 'load_task', 'evaluate_all', 'summarize', 'Table', 'table1', 'has_ablation',
-           'table2', 'label_efficiency_figure', 'save_results', 'build_parser', 'main']
+           'load_encoder', 'extract_features', 'uint8_eval_transform', 'TaskImages', 'EvalResult', 'fit_linear_probe',
+           'linear_probe', 'ViTClassifier', 'layer_id', 'param_groups_lrd', 'augment_batch', 'finetune', 'load_model',
+           'class_embeddings', 'zero_shot', 'TaskData', 'task_classes', 'load_task', 'evaluate_all', 'summarize',
+           'Table', 'table1', 'has_ablation', 'table2', 'label_efficiency_figure', 'save_results', 'build_parser',
+           'main']
 
 # %% ../nbs/10_evaluate.ipynb #00000004
 PROTOCOLS = ("linear_probe", "finetune", "zero_shot")
@@ -418,6 +419,13 @@ def _image_batches(data, batch_size: int):
     for i in range(0, len(data), batch_size):
         yield torch.stack([_item_image(data[j]) for j in range(i, min(len(data), i + batch_size))])
 
+def _model_input(x: torch.Tensor, device) -> torch.Tensor:
+    "A batch as the model's float32 input on `device`: uint8 images (as `load_task` keeps them) are scaled and normalised here."
+    if x.dtype != torch.uint8: return x.to(device, torch.float32)
+    from torchvision.transforms.v2 import functional as TF
+    from maskedclip.data import IMAGENET_MEAN, IMAGENET_STD
+    return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD).to(device)   # = eval_transform's last steps
+
 def _device_of(m: nn.Module) -> torch.device:
     p = next(m.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -436,10 +444,36 @@ def extract_features(encoder, data, batch_size: int = 64, device=None, pool: str
     n = len(data)
     try:
         for x in tqdm(_image_batches(data, batch_size), total=math.ceil(n / batch_size), desc=desc, disable=not progress, leave=False):
-            tok = enc(x.to(dev, torch.float32)).tokens
+            tok = enc(_model_input(x, dev)).tokens
             out.append((tok[:, 1:].mean(1) if pool == "mean" else tok[:, 0]).float().cpu())
     finally: enc.train(was)
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(enc, "embed_dim", 0)), np.float32)
+
+# %% ../nbs/10_evaluate.ipynb #aeae837f
+def uint8_eval_transform(size: int = 224, border_crop: bool = True):
+    "`maskedclip.data.eval_transform` without its last two steps (to float, normalise): PIL -> uint8 `(3, size, size)`."
+    from torchvision.transforms import v2
+    from maskedclip.data import eval_transform
+    ts = eval_transform(size, border_crop=border_crop).transforms
+    if not (isinstance(ts[-2], v2.ToDtype) and isinstance(ts[-1], v2.Normalize) and isinstance(ts[-3], v2.PILToTensor)):
+        raise RuntimeError(f"uint8_eval_transform: eval_transform no longer ends with PILToTensor, ToDtype, Normalize: {ts}")
+    return v2.Compose(ts[:-2])
+
+class TaskImages:
+    "The images of one split, decoded on demand: `x[i]` -> uint8 `(3, S, S)`; `x[index array]` -> a lazy subset."
+    def __init__(self, dataset, image_size: int, index=None):
+        self.dataset, self.image_size = dataset, image_size
+        self.index = np.arange(len(dataset)) if index is None else np.asarray(index, dtype=np.int64)
+    def __len__(self) -> int: return len(self.index)
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)): return self.dataset[int(self.index[i])]["image"]
+        return TaskImages(self.dataset, self.image_size, self.index[np.asarray(i.numpy() if torch.is_tensor(i) else i)])
+    def materialize(self, progress: bool = False, desc: str = "images") -> torch.Tensor:
+        "All images as one uint8 tensor `(N, 3, S, S)`, filled in place (no list of copies)."
+        out = torch.empty((len(self), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        for j in tqdm(range(len(self)), desc=desc, disable=not progress, leave=False): out[j] = self[j]
+        return out
+    def __repr__(self) -> str: return f"TaskImages({len(self)} images, {self.image_size} px, decoded per batch)"
 
 # %% ../nbs/10_evaluate.ipynb #00000017
 @dataclass
@@ -593,6 +627,69 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, cro
         out = torch.where(m.unsqueeze(1).to(out.device), noise, out)
     return out
 
+# %% ../nbs/10_evaluate.ipynb #15bb6d07
+RETFOUND_AUG = dict(randaugment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0)   # RETFound / MAE fine-tuning
+
+def _cpu_bf16() -> bool:
+    return any(bool(getattr(torch.cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+def _amp_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
+    "Autocast dtype of `precision` on `dev` (None = fp32); 'auto' and an unsupported bf16 fall back to fp32."
+    if precision not in ("auto", "fp32", "bf16", "fp16"): raise ValueError(f"precision: {precision!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
+    if precision == "fp16" and dev.type != "cuda": raise ValueError(f"precision 'fp16' needs a CUDA device (got {dev}); use 'bf16'")
+    bf16_ok = torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_bf16()
+    if precision == "auto": return torch.bfloat16 if bf16_ok else (torch.float16 if dev.type == "cuda" else None)
+    if precision == "bf16" and not bf16_ok:
+        warnings.warn(f"precision 'bf16': {dev} has no native bf16; fine-tuning in fp32"); return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+# %% ../nbs/10_evaluate.ipynb #fcb0ce0b
+def _posterize_safe(img, bits_to_keep, **_):
+    "timm's posterize op, with 0 bits kept = a black image (what older Pillow did; Pillow >= 11 raises)."
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8: return img
+    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep >= 1 else Image.new(img.mode, img.size)
+
+class _FinetuneAug:
+    "timm's fine-tuning augmentation (`create_transform` with RandAugment / random erasing, `Mixup`), seeded per run."
+    def __init__(self, augment, size, randaugment, reprob, mixup, cutmix, smoothing, k, seed):
+        from timm.data import Mixup, create_transform
+        from timm.loss import SoftTargetCrossEntropy
+        from maskedclip.data import IMAGENET_MEAN, IMAGENET_STD
+        if not 0 <= reprob <= 1 or mixup < 0 or cutmix < 0: raise ValueError(f"finetune: reprob {reprob} must be in [0, 1], mixup {mixup} / cutmix {cutmix} >= 0")
+        self.seed, self.opts = seed, dict(randaugment=randaugment, reprob=reprob, mixup=mixup, cutmix=cutmix)
+        self.timm_tf = create_transform(size, is_training=True, auto_augment=randaugment, color_jitter=None, interpolation="bicubic",
+                                        re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD) \
+            if augment and (randaugment or reprob > 0) else None
+        for t in getattr(self.timm_tf, "transforms", []):
+            for op in getattr(t, "ops", []):                     # RandAugment: Pillow >= 11 rejects posterize(bits=0)
+                if op.name.startswith("Posterize"): op.aug_fn = _posterize_safe
+        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=k) if mixup > 0 or cutmix > 0 else None
+        self.soft = SoftTargetCrossEntropy()
+    @contextlib.contextmanager
+    def rng(self):
+        "Seed Python's and NumPy's RNG (timm's transforms draw from them) for the run, and restore them after."
+        if self.timm_tf is None and self.mixup is None: yield; return
+        import random
+        py, npst = random.getstate(), np.random.get_state()
+        random.seed(self.seed); np.random.seed(self.seed)
+        try: yield
+        finally: random.setstate(py); np.random.set_state(npst)
+    def images(self, xb: torch.Tensor) -> torch.Tensor:
+        "timm's training transform per image (uint8 -> PIL; float images are de-normalised first)."
+        from PIL import Image
+        from maskedclip.data import denormalize
+        if xb.dtype != torch.uint8: xb = (denormalize(xb.float()) * 255).round().clamp(0, 255).to(torch.uint8)
+        return torch.stack([self.timm_tf(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in xb])
+    def mix(self, xb, yb, crit):
+        "(images, targets, loss) after Mixup/CutMix (even batches only, as timm requires), else unchanged with `crit`."
+        if self.mixup is None or len(xb) % 2: return xb, yb, crit
+        xb, soft = self.mixup(xb, yb)
+        return xb, soft, self.soft
+    def describe(self) -> str:
+        on = {k: v for k, v in self.opts.items() if v}
+        return "timm " + ", ".join(f"{k}={v}" for k, v in on.items()) if on else "augment_batch"
+
 # %% ../nbs/10_evaluate.ipynb #0000001e
 def _splits3(splits) -> tuple:
     if isinstance(splits, Mapping):
@@ -603,28 +700,40 @@ def _splits3(splits) -> tuple:
     raise ValueError("splits: expected {'train': (x, y), 'val': (x, y), 'test': (x, y)} or a 3-tuple")
 
 @torch.no_grad()
-def _predict(model: nn.Module, x, batch_size: int, device) -> np.ndarray:
+def _predict(model: nn.Module, x, batch_size: int, device, amp: torch.dtype | None = None) -> np.ndarray:
     model.eval()
-    out = [torch.softmax(model(b.to(device, torch.float32)).float(), -1).cpu() for b in _image_batches(x, batch_size)]
+    out = []
+    for b in _image_batches(x, batch_size):
+        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None): logits = model(_model_input(b, device))
+        out.append(torch.softmax(logits.float(), -1).cpu())
     return torch.cat(out).numpy()
 
 def _resolve_device(device) -> torch.device:
     if device is None or device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
+# %% ../nbs/10_evaluate.ipynb #2c593799
 def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr: float = 5e-3, layer_decay: float = 0.65, *,
              weight_decay: float = 0.05, drop_path: float = 0.1, warmup_epochs: float = 1.0, min_lr: float = 1e-6,
              label_smoothing: float = 0.1, n_classes: int | None = None, classes=None, vision_config=None, seed: int = 0,
              device=None, augment: bool = True, eval_batch_size: int = 128, n_boot: int = 1000, alpha: float = 0.05,
-             head_init_std: float = 2e-5, progress: bool = True) -> EvalResult:
+             head_init_std: float = 2e-5, progress: bool = True, precision: str = "fp32", randaugment: str | None = None,
+             reprob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0) -> EvalResult:
     """Fine-tune E_I end to end with RETFound's recipe (layer decay, drop path, AdamW, warm-up + cosine, label
-    smoothing); select the epoch with the best validation AUROC; return its test metrics (`details['best_epoch']`, 1-based)."""
+    smoothing); select the epoch with the best validation AUROC; return its test metrics (`details['best_epoch']`, 1-based).
+
+    `precision`: 'fp32' (default), 'bf16', 'fp16' (CUDA, with a grad scaler) or 'auto' (bf16 where the device supports it,
+    else fp32) for autocast. `randaugment` (a timm policy, e.g. 'rand-m9-mstd0.5-inc1') / `reprob` (random erasing) switch
+    the augmentation to timm's `create_transform`; `mixup` / `cutmix` (alphas) apply timm's `Mixup` (`RETFOUND_AUG` has
+    RETFound's values). With all of them off the result is the one of earlier versions."""
     from maskedclip.train import lr_at
     (xtr, ytr), (xva, yva), (xte, yte) = (_unpack(s, n) for s, n in zip(_splits3(splits), ("train", "val", "test")))
+    if isinstance(xtr, TaskImages): xtr = xtr.materialize()            # read every epoch: decoded once, kept as uint8
     k = _n_classes(n_classes, classes, np.asarray(ytr), np.asarray(yva), np.asarray(yte))
     ytr, yva, yte = (_labels_array(y, k) for y in (ytr, yva, yte))
     if epochs < 1 or batch_size < 1: raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
     dev = _resolve_device(device)
+    amp = _amp_dtype(precision, dev)
     loaded = load_encoder(encoder_source, vision_config, seed=seed, drop_path=drop_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -633,6 +742,8 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
     lr = blr * batch_size / 256
     opt = torch.optim.AdamW([{k_: v for k_, v in g.items() if k_ not in ("names", "layer_id")} for g in groups], lr=lr)
     crit = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    aug = _FinetuneAug(augment, loaded.vision.image_size, randaugment, reprob, mixup, cutmix, label_smoothing, k, seed)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     n = len(ytr)
     steps_per_epoch = math.ceil(n / batch_size)
     total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
@@ -643,7 +754,7 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
     history = []
     step = 0
     bar = tqdm(total=total, desc=f"finetune {loaded.kind}", disable=not progress, leave=False)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), aug.rng():
         torch.manual_seed(seed)                                   # drop path draws from the global RNG
         for epoch in range(epochs):
             model.train()
@@ -652,25 +763,29 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
             for i in range(0, n, batch_size):
                 idx = perm[i:i + batch_size]
                 xb = xtr[idx] if tensor_data else torch.stack([_item_image(xtr[int(j)]) for j in idx])
-                if augment and tensor_data: xb = augment_batch(xb.float(), gen)
+                if aug.timm_tf is not None and tensor_data: xb = aug.images(xb)
+                elif augment and tensor_data: xb = augment_batch(_model_input(xb, "cpu"), gen)
                 cur = lr_at(step, total, warmup, lr, min_lr)
                 for g in opt.param_groups: g["lr"] = cur * g["lr_scale"]
-                loss = crit(model(xb.to(dev, torch.float32)), y_t[idx].to(dev))
+                xb, yb = _model_input(xb, dev), y_t[idx].to(dev)
+                xb, target, lossf = aug.mix(xb, yb, crit)
+                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None): loss = lossf(model(xb).float(), target)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None: loss.backward(); opt.step()
+                else: scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
                 losses.append(float(loss.detach())); step += 1
                 bar.update(1)
-            val_auc, sel = _selection_score(yva, _predict(model, xva, eval_batch_size, dev))
+            val_auc, sel = _selection_score(yva, _predict(model, xva, eval_batch_size, dev, amp))
             history.append(dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_auroc=val_auc, lr=cur))
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_auroc=f"{val_auc:.3f}")
             if val_auc > best[0]:
                 best = (val_auc, epoch + 1, {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()})
     bar.close()
     model.load_state_dict(best[2])
-    scores = _predict(model, xte, eval_batch_size, dev)
+    scores = _predict(model, xte, eval_batch_size, dev, amp)
     details = dict(best_epoch=best[1], best_val_auroc=best[0], selection=sel, history=history, lr=lr, blr=blr, batch_size=batch_size,
-                   layer_decay=layer_decay, drop_path=drop_path, epochs=epochs, source=loaded.summary())
+                   layer_decay=layer_decay, drop_path=drop_path, epochs=epochs, source=loaded.summary(),
+                   precision=str(amp).replace("torch.", "") if amp is not None else "fp32", augmentation=aug.describe())
     return _make_result("finetune", yte, scores, n, classes, n_boot, alpha, seed, details)
 
 # %% ../nbs/10_evaluate.ipynb #00000022
@@ -722,7 +837,7 @@ def zero_shot(model, images, labels, classes: Sequence[str], domain_knowledge: b
     t, prompts = class_embeddings(model, classes, domain_knowledge, template, renormalize)
     scale = _logit_scale(model)
     n = len(images)
-    v = torch.cat([model.encode_image(b.to(dev, torch.float32)).float().cpu()
+    v = torch.cat([model.encode_image(_model_input(b, dev)).float().cpu()
                    for b in tqdm(_image_batches(images, batch_size), total=math.ceil(n / batch_size), desc="zero-shot", disable=not progress, leave=False)])
     scores = torch.softmax(scale * v @ t.cpu().T, dim=-1).numpy()
     details = dict(prompt_set="flair_domain_knowledge" if domain_knowledge else "class_names", prompts=prompts,
@@ -751,22 +866,22 @@ def task_classes(corpus_root, task: str) -> list[str] | None:
     return None
 
 def load_task(corpus_root, task: str, image_size: int = 224, classes: Sequence[str] | None = None, border_crop: bool = True,
-              splits: Sequence[str] = ("train", "val", "test"), progress: bool = False) -> TaskData:
-    "Read `root/tasks/<task>/<split>.jsonl` into image tensors with `eval_transform(image_size)` and class ids."
-    from maskedclip.data import load_manifest, ImageDataset, eval_transform
+              splits: Sequence[str] = ("train", "val", "test"), progress: bool = False, lazy: bool = False) -> TaskData:
+    """Read `root/tasks/<task>/<split>.jsonl`: per split, uint8 images after `eval_transform(image_size)`'s geometry
+    (normalised per batch by the consumers) and class ids. `lazy=True`: `TaskImages` that decode per batch instead."""
+    from maskedclip.data import load_manifest, ImageDataset
     root = Path(corpus_root)
     tdir = root / "tasks" / task
     if not tdir.is_dir(): raise FileNotFoundError(f"task {task!r}: no folder {tdir}")
     classes = list(classes) if classes is not None else task_classes(root, task)
     mds = {s: load_manifest(tdir / f"{s}.jsonl", root=root, label_space=classes, check_images=False, verbose=False) for s in splits}
     if classes is None: classes = sorted({l for l in mds["train"].dataset["label"] if l is not None})
-    tf = eval_transform(image_size, border_crop=border_crop)
+    tf = uint8_eval_transform(image_size, border_crop=border_crop)
     out, ids = {}, {}
     for s, md in mds.items():
-        ds = ImageDataset(md, transform=tf)
-        imgs = [ds[i]["image"] for i in tqdm(range(len(ds)), desc=f"{task}/{s}", disable=not progress, leave=False)]
-        if not imgs: raise ValueError(f"task {task!r}: split {s!r} is empty ({tdir / (s + '.jsonl')})")
-        out[s] = (torch.stack(imgs), encode_labels(md.dataset["label"], classes))
+        imgs = TaskImages(ImageDataset(md, transform=tf), image_size)
+        if not len(imgs): raise ValueError(f"task {task!r}: split {s!r} is empty ({tdir / (s + '.jsonl')})")
+        out[s] = (imgs if lazy else imgs.materialize(progress, f"{task}/{s}"), encode_labels(md.dataset["label"], classes))
         ids[s] = list(md.dataset["id"])
     return TaskData(task, list(classes), out, ids)
 
@@ -777,8 +892,11 @@ def _subset(split, idx):
 def evaluate_all(sources: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASKS, fractions: Sequence[float] = (0.1, 1.0),
                  seeds: Sequence[int] = (0, 1, 2), protocol: str = "linear_probe", corpus_root=None, *, vision_config=None,
                  n_boot: int = 1000, probe_kw: dict | None = None, finetune_kw: dict | None = None, zero_shot_kw: dict | None = None,
-                 device=None, progress: bool = True, log: Callable[[str], None] | None = print) -> pd.DataFrame:
+                 device=None, progress: bool = True, log: Callable[[str], None] | None = print, stream: bool = False) -> pd.DataFrame:
     """Evaluate every source with `protocol` on every task, label fraction and seed; a tidy DataFrame (one row per run).
+
+    Images stay in memory as uint8 (a quarter of float32); `stream=True` decodes them per batch instead (only features
+    stay; fine-tuning keeps its training subset as uint8).
 
     `sources`: name -> anything `load_encoder` takes ('random' takes `vision_config`, default: the first other
     source's architecture). `df.attrs` holds the load summaries and the skipped (source, task) pairs."""
@@ -801,7 +919,7 @@ def evaluate_all(sources: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
     for n, s in summaries.items(): log(f"[eval] {n}: {s}")
     task_cache: dict[tuple, TaskData] = {}
     def task_data(task, size):
-        if (task, size) not in task_cache: task_cache[(task, size)] = load_task(corpus_root, task, size)
+        if (task, size) not in task_cache: task_cache[(task, size)] = load_task(corpus_root, task, size, lazy=stream)
         return task_cache[(task, size)]
     def check(td: TaskData):
         for split in ("train", "test"):

@@ -183,7 +183,7 @@ class Trainer:
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step, self.epoch, self.micro = 0, 0, 0
         self.progress = progress and self.di.is_main
-        self._tb = None
+        self._loggers = None
         if self.di.is_main:
             print(f"[maskedclip] method={config.model.method} world_size={self.di.world_size} device={self.device} precision={self.precision}")
             print(f"[maskedclip] global images/step={self.images_per_step} base_lr={t.base_lr:g} -> lr={self.lr:g}"
@@ -277,9 +277,9 @@ class Trainer:
         self.model.train()
         rows = []
         metrics_f = open(self.out / "metrics.jsonl", "a") if self.di.is_main else None
-        if self.di.is_main and t.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.out / "tb"))
+        if self.di.is_main and (t.tensorboard or t.wandb):
+            from maskedclip.loggers import make_loggers
+            self._loggers = make_loggers(self.out, tensorboard=t.tensorboard, wandb=t.wandb, config=self.cfg.to_dict(), run_name=self.out.name)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {mc.method}", disable=not self.progress, dynamic_ncols=True)
         stream = self._batches()
         L = mc.vision.num_patches
@@ -328,9 +328,7 @@ class Trainer:
                                images_per_s=n_img * self.di.world_size / dt, step_s=dt, memory_mb=_memory_mb(self.device))
                     if gnorm is not None: row["grad_norm"] = float(gnorm)
                     metrics_f.write(json.dumps(row) + "\n"); metrics_f.flush()
-                    if self._tb is not None:
-                        for k, v in row.items():
-                            if isinstance(v, (int, float)): self._tb.add_scalar(k, v, self.step)
+                    if self._loggers is not None: self._loggers.log(row, self.step)
                     rows.append(row)
                     bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
@@ -345,7 +343,7 @@ class Trainer:
         finally:
             bar.close()
             if metrics_f is not None: metrics_f.close()
-            if self._tb is not None: self._tb.close()
+            if self._loggers is not None: self._loggers.close()
         return rows
 
 def _set_grad_ckpt(m):

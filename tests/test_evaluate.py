@@ -345,3 +345,115 @@ def test_table2_orders_the_ablation_and_averages_tasks(tmp_path):
     assert "table2_100pct" in save_results(df, tmp_path / "all", figure=False)
     one = save_results(df[df["method"].isin(["random", "maskedclip"])], tmp_path / "one", figure=False)
     assert "table1_100pct" in one and "table2_100pct" not in one and not (tmp_path / "one" / "table2_100pct.md").exists()
+
+
+# ---------------------------------------------------------------- streaming, autocast, timm augmentation (issue 22)
+def _float_reference(corpus, task, split, size=32):
+    "The images as the evaluation used to hold them: eval_transform (float32, normalised) of every record."
+    from maskedclip.data import ImageDataset, eval_transform, load_manifest
+    md = load_manifest(corpus / "tasks" / task / f"{split}.jsonl", root=corpus, check_images=False, verbose=False)
+    ds = ImageDataset(md, transform=eval_transform(size))
+    return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+
+def test_load_task_keeps_uint8_or_streams_and_matches_the_float_pipeline(tmp_path):
+    from maskedclip.evaluate import TaskImages, _model_input, load_task
+    corpus = _toy_corpus(tmp_path / "c", {"glaucoma": ["no glaucoma", "glaucoma"]}, n=(10, 6, 9))
+    ref = _float_reference(corpus, "glaucoma", "test")
+    td, lz = load_task(corpus, "glaucoma", 32), load_task(corpus, "glaucoma", 32, lazy=True)
+    x, xl = td.splits["test"][0], lz.splits["test"][0]
+    assert x.dtype == torch.uint8 and x.shape == (9, 3, 32, 32) and x.nbytes * 4 == ref.nbytes   # a quarter of float32
+    assert isinstance(xl, TaskImages) and len(xl) == 9 and torch.equal(xl.materialize(), x)
+    assert torch.equal(_model_input(x, "cpu"), ref)                   # bit-identical to eval_transform's float images
+    np.testing.assert_array_equal(td.splits["test"][1], lz.splits["test"][1])
+    sub = xl[np.array([4, 1])]
+    assert isinstance(sub, TaskImages) and torch.equal(sub.materialize(), x[[4, 1]])
+    # features: the same from the float images, the uint8 tensor and the lazily decoded split
+    enc = ViTEncoder(TINY_VC).eval()
+    f_ref = extract_features(enc, ref, batch_size=4)
+    for data in (x, xl):
+        np.testing.assert_array_equal(extract_features(enc, data, batch_size=4), f_ref)
+
+
+def test_lazy_split_is_read_one_batch_at_a_time(tmp_path):
+    from maskedclip.evaluate import load_task
+    corpus = _toy_corpus(tmp_path / "c", {"glaucoma": ["no glaucoma", "glaucoma"]}, n=(4, 4, 10))
+    xl = load_task(corpus, "glaucoma", 32, lazy=True).splits["test"][0]
+    seen, live = [], []
+    class Probe(torch.nn.Module):                 # records, per forward, how many images had been decoded so far
+        def __init__(self): super().__init__(); self.enc = ViTEncoder(TINY_VC)
+        def forward(self, b): live.append((len(seen), len(b))); return self.enc(b)
+    orig = type(xl.dataset).__getitem__
+    class Counting(type(xl.dataset)):
+        def __getitem__(self, i): seen.append(i); return orig(self, i)
+    xl.dataset.__class__ = Counting
+    extract_features(Probe(), xl, batch_size=4)
+    assert live == [(4, 4), (8, 4), (10, 2)]      # decoded per batch, never ahead of the model
+
+
+def test_evaluate_all_stream_and_finetune_give_the_same_numbers_as_float_images(tmp_path):
+    corpus = _toy_corpus(tmp_path / "c", {"glaucoma": ["no glaucoma", "glaucoma"]}, n=(12, 8, 12))
+    kw = dict(tasks=["glaucoma"], fractions=[1.0], seeds=[0], corpus_root=corpus, vision_config=TINY_VC, n_boot=50, progress=False, log=None)
+    a = evaluate_all({"random": "random"}, **kw)
+    b = evaluate_all({"random": "random"}, stream=True, **kw)
+    pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
+    ftk = dict(kw, protocol="finetune", finetune_kw=dict(epochs=1, batch_size=4))
+    pd.testing.assert_frame_equal(evaluate_all({"random": "random"}, **ftk).drop(columns="seconds"),
+                                  evaluate_all({"random": "random"}, stream=True, **ftk).drop(columns="seconds"))
+    # fine-tuning on the uint8 task images = fine-tuning on the float images the evaluation used to hold
+    from maskedclip.evaluate import load_task
+    td = load_task(corpus, "glaucoma", 32)
+    fl = {s: (_float_reference(corpus, "glaucoma", s), td.splits[s][1]) for s in ("train", "val", "test")}
+    ft = dict(epochs=2, batch_size=4, vision_config=TINY_VC, n_boot=50, progress=False)
+    r_u8, r_fl = finetune("random", td.splits, **ft), finetune("random", fl, **ft)
+    np.testing.assert_array_equal(r_u8.scores, r_fl.scores)
+    assert r_u8.details["precision"] == "fp32" and r_u8.details["augmentation"] == "augment_batch"
+
+
+def test_finetune_autocast_bf16_on_cpu():
+    from maskedclip.evaluate import _amp_dtype, _cpu_bf16
+    splits = {"train": _band_images(48, k=3), "val": _band_images(24, k=3, seed=1), "test": _band_images(30, k=3, seed=2)}
+    kw = dict(epochs=3, batch_size=16, blr=5e-2, vision_config=TINY_VC, n_boot=50, progress=False)
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA device"): finetune("random", splits, precision="fp16", **kw)
+    with pytest.raises(ValueError, match="precision: 'half'"): finetune("random", splits, precision="half", **kw)
+    if not _cpu_bf16():
+        with pytest.warns(UserWarning, match="no native bf16"): assert _amp_dtype("bf16", torch.device("cpu")) is None
+        pytest.skip("this CPU has no native bf16")
+    fp32, bf16 = finetune("random", splits, **kw), finetune("random", splits, precision="bf16", **kw)
+    assert bf16.details["precision"] == "bfloat16" and fp32.details["precision"] == "fp32"
+    assert not np.array_equal(bf16.scores, fp32.scores)        # autocast did change the arithmetic ...
+    assert bf16.auroc > 0.8 and abs(bf16.auroc - fp32.auroc) < 0.1, (bf16.auroc, fp32.auroc)   # ... not the result
+
+
+def test_finetune_timm_augmentations():
+    from timm.data import Mixup
+    from maskedclip.evaluate import RETFOUND_AUG, _FinetuneAug
+    # random erasing with p=1 replaces a rectangle of a constant image by per-pixel normal noise; RandAugment changes pixels
+    aug = _FinetuneAug(True, 32, "rand-m9-mstd0.5-inc1", 1.0, 0.0, 0.0, 0.1, 3, seed=0)
+    const = torch.full((4, 3, 32, 32), 128, dtype=torch.uint8)
+    with aug.rng(): out = aug.images(const)
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+    assert all(float(o.std()) > 0.1 for o in out)
+    # mixup/cutmix: soft targets of timm's Mixup on even batches, untouched odd batches
+    aug = _FinetuneAug(True, 32, None, 0.0, 0.8, 1.0, 0.1, 3, seed=0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    xm, target, lossf = aug.mix(x.clone(), y, None)
+    assert target.shape == (4, 3) and torch.allclose(target.sum(1), torch.ones(4)) and lossf is aug.soft
+    assert aug.mix(x[:3], y[:3], "crit")[2] == "crit"
+    from PIL import Image
+    from maskedclip.evaluate import _posterize_safe
+    img = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
+    assert np.asarray(_posterize_safe(img, 0)).max() == 0 and np.asarray(_posterize_safe(img, 1)).max() == 128
+    # the whole RETFound recipe: learns, is reproducible, and leaves Python's and NumPy's RNG as they were
+    import random
+    u8 = lambda x: ((x.clamp(-2, 2) + 2) / 4 * 255).round().to(torch.uint8)
+    splits = {s: (u8(x), y) for s, (x, y) in (("train", _band_images(48, k=3)), ("val", _band_images(24, k=3, seed=1)), ("test", _band_images(30, k=3, seed=2)))}
+    kw = dict(epochs=3, batch_size=16, blr=5e-2, vision_config=TINY_VC, n_boot=50, progress=False, **RETFOUND_AUG)
+    random.seed(123); np.random.seed(123)
+    r1 = finetune("random", splits, **kw)
+    assert random.random() == random.Random(123).random() and np.random.random() == np.random.RandomState(123).random_sample()
+    r2 = finetune("random", splits, **kw)
+    np.testing.assert_array_equal(r1.scores, r2.scores)
+    assert r1.details["augmentation"].startswith("timm randaugment=rand-m9") and "cutmix=1.0" in r1.details["augmentation"]
+    base = finetune("random", splits, **{k: v for k, v in kw.items() if k not in RETFOUND_AUG})
+    assert not np.array_equal(base.scores, r1.scores)
