@@ -145,8 +145,8 @@ def reconstruction_figure(model: nn.Module, images, mask_ratio: float | None = N
             fig.add_trace(go.Image(z=z, name=f"{RECON_COLUMNS[j]} {i}"), row=i + 1, col=j + 1)
     mse = float((((rec["reconstruction"] - rec["original"]) ** 2).mean(1, keepdim=True) * rec["mask"]).sum() / rec["mask"].sum().clamp_min(1))
     fig.update_layout(title=dict(text=f"MAE reconstruction: {r:.0%} of patches removed (seed {seed}); MSE on removed patches "
-                                      f"{mse:.4f} (normalised pixels)<br><sup>MAE puts no loss on the visible patches: the decoder's "
-                                      "output there is unconstrained (noisy); the last column pastes them back</sup>", font=dict(size=14)),
+                                      f"{mse:.4f} (normalised pixels)<br><span style='font-size:12px'>MAE puts no loss on the visible patches: the decoder's "
+                                      "output there is unconstrained (noisy); the last column pastes them back</span>", font=dict(size=14)),
                       height=80 + 190 * rows, width=820, margin=dict(l=10, r=30, t=100, b=10))
     return _image_axes(fig)
 
@@ -595,7 +595,7 @@ def prompt_explorer(model: nn.Module, images, masks: Sequence | None = None, tex
         return fig
     return _explorer(dict(sample=sample, text=box), render)
 
-# %% ../nbs/11_viz.ipynb #58004f87
+# %% ../nbs/11_viz.ipynb #c8c6de2a
 def phi_explorer(history: Sequence[tuple[int, Any]], image=None, normalized: bool = True, opacity: float = 0.5):
     """Widget: a step slider over a φ history `[(step, (gh, gw) map), ...]` (e.g. `segmentation.phi_history(run_dir)`):
     φ per patch (value on hover and, for small grids, in the cell) and, with `image`, φ over the image — one colour
