@@ -513,19 +513,21 @@ def _explorer(controls: dict, render):
     whole state on every change, so a page reload (which re-renders widgets from their synced state) shows the figure
     of the current controls. Returns a `VBox` with `.figure`, `.controls`, `.update()` and `.hold` (True: ignore changes)."""
     import ipywidgets as widgets
-    box = widgets.VBox([widgets.HBox(list(controls.values())), widgets.HTML("")])
-    box.controls, box.figure, box.hold = controls, None, False
+    state = lambda: {k: c.value for k, c in controls.items()}
+    first = render(**state())
+    if first is None: raise ValueError("explorer: nothing to draw for the initial values of the controls")
+    box = widgets.VBox([widgets.HBox(list(controls.values())), _figure_widget(first)])
+    box.controls, box.figure, box.hold = controls, box.children[1], False
     def update(_=None):
         if box.hold: return
-        new = render(**{k: c.value for k, c in controls.items()})
+        new = render(**state())
         if new is None: return                                               # nothing to draw (e.g. a blank text box)
         fig, old = _figure_widget(new), box.children[1]
         box.children = (box.children[0], fig)
         box.figure = fig
-        old.close()
+        old.close()                                    # the kernel and the page forget the replaced figure
     for c in controls.values(): c.observe(update, names="value")
     box.update = update
-    update()
     return box
 
 def reconstruction_explorer(model: nn.Module, images, normalized: bool = True, seed: int = 0):
