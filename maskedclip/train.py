@@ -596,8 +596,10 @@ def read_metrics(source, partial_tail: bool = True) -> list[dict]:
     if bad: raise ValueError(f"metrics: row {bad[0]} is {type(rows[bad[0]]).__name__}, not a dict")
     return rows
 
-def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], base: dict | None = None, kernel_name: str = "python3") -> list[Path]:
-    "Execute `notebook` with papermill once per point of `grid` into `out_root/<point>/` (its `output_dir` parameter)."
+def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], base: dict | None = None, kernel_name: str = "python3",
+             echo: bool = True) -> list[Path]:
+    """Execute `notebook` with papermill once per point of `grid` into `out_root/<point>/` (its `output_dir` parameter).
+    `echo`: copy each notebook's printed output (the training log, `[progress]` lines) to this process's stdout as it comes."""
     import itertools, papermill as pm
     keys = sorted(grid)
     done = []
@@ -607,7 +609,9 @@ def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], 
         run_dir = Path(out_root) / re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
         run_dir.mkdir(parents=True, exist_ok=True)
         params["output_dir"] = str((run_dir / "run").resolve())
-        pm.execute_notebook(str(notebook), str(run_dir / Path(notebook).name), parameters=params, kernel_name=kernel_name, progress_bar=False)
+        if echo: print(f"[grid] {name}: {run_dir}", flush=True)
+        pm.execute_notebook(str(notebook), str(run_dir / Path(notebook).name), parameters=params, kernel_name=kernel_name, progress_bar=False,
+                            **(dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if echo else {}))
         done.append(run_dir)
     return done
 
