@@ -303,6 +303,9 @@ def phi_figure(source, image=None, normalized: bool = True, title: str | None = 
     fig.add_trace(go.Heatmap(**hm), row=1, col=1)
     if cols == 2:
         img, heat = _overlay_traces(to_display(_as_batch(image)[:1], normalized)[0], phi, opacity, upsample="nearest", coloraxis="coloraxis", name="φ")
+        h, w = heat.z.shape                                                  # hover over the image names the patch and its φ
+        heat.customdata = np.stack(np.meshgrid(np.arange(h) * gh // h, np.arange(w) * gw // w, indexing="ij"), -1)
+        heat.hovertemplate = "patch (%{customdata[0]}, %{customdata[1]}): φ=%{z:.4f}<extra></extra>"
         fig.add_trace(img, row=1, col=2); fig.add_trace(heat, row=1, col=2)
     fig.update_layout(title=title or f"semantic-integrity weights φ ({gh}×{gw} patches)",
                       coloraxis=dict(colorscale="Viridis", colorbar=dict(title="φ")),
