@@ -216,8 +216,18 @@ def test_explorers_in_jupyterlab_survive_a_reload(lab, tmp_path):
         # save, reload the page (the kernel keeps running): every figure must still show its controls' state
         page.js("window.jupyterapp.commands.execute('docmanager:save'); true")
         _wait(lambda: page.js(f"!({NB}).context.model.dirty"), "the notebook to be saved", 60)
-        _open_lab(page, url)
-        _wait(lambda: _all_rendered(page), "the explorers to render after the reload", 180)
+        # JupyterLab itself sometimes renders the outputs of a reopened notebook before its widget manager has loaded the
+        # kernel's widget models ("Error displaying widget: model not found", on any widget, old code or new): an upstream
+        # race, not a figure out of step with its controls. Reload again then (at most three more times); anything else fails.
+        for attempt in range(4):
+            page.cdp.events.clear()
+            _open_lab(page, url)
+            try:
+                _wait(lambda: _all_rendered(page), "the explorers to render after the reload", 180)
+                break
+            except AssertionError as e:
+                if "widget model not found" not in str(e) or attempt == 3: raise
+                print(f"reload {attempt + 1}: JupyterLab rendered before loading the kernel's widget models; reloading again")
         for cls in EXPLORERS:
             s2 = _wait(lambda: drawn(cls, len(before[cls]["images"])), f"{cls}: its figure after the reload", 60)
             assert s2["readouts"] == before[cls]["readouts"], f"{cls}: controls changed over the reload"
@@ -226,6 +236,9 @@ def test_explorers_in_jupyterlab_survive_a_reload(lab, tmp_path):
             assert s2["images"] == before[cls]["images"] and s2["heat"] == before[cls]["heat"], \
                 f"{cls}: after the reload the figure's pixels are not those of the controls' state"
         page.screenshot(shots / "3-reloaded.png")
+        for cls in EXPLORERS:                                               # one picture of each explorer, for a person
+            page.js(f"document.querySelector('.{cls}').scrollIntoView(); true")
+            page.screenshot(shots / f"4-{cls}.png")
 
         # and a control moved after the reload still drives the whole figure
         page.js("document.querySelector('.mc-recon .noUi-handle').focus()")
