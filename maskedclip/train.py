@@ -20,7 +20,8 @@ from .model import MaskedCLIP
 __all__ = ['NO_DECAY_NAMES', 'DistInfo', 'resolve_device', 'setup_distributed', 'cleanup_distributed', 'seed_everything',
            'param_groups', 'lr_at', 'mask_noise_for_step', 'checkpoint_dirs', 'find_latest', 'NonFiniteLossError',
            'Trainer', 'InMemoryBatches', 'build_loader', 'synthetic_corpus_dir', 'ensure_synthetic_corpus', 'train',
-           'config_from_args', 'main', 'experiment_config', 'launch', 'read_metrics', 'run_grid', 'grid_main']
+           'config_from_args', 'main', 'experiment_config', 'launch', 'read_metrics', 'run_grid', 'grid_main',
+           'LiveProgress']
 
 # %% ../nbs/09_train.ipynb #00000004
 @dataclass
@@ -536,8 +537,12 @@ def experiment_config(preset: str = "tiny", method: str = "maskedclip", override
         raise
 
 def launch(config: ExperimentConfig, nproc: int = 1, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
-           master_port: int | None = None, stream=None, env: dict | None = None, timeout: float | None = None) -> int:
-    "Write `config.json` into the run directory and run `maskedclip-pretrain` under torchrun; stream its log."
+           master_port: int | None = None, stream=None, env: dict | None = None, timeout: float | None = None,
+           progress: bool | str = True) -> int:
+    """Write `config.json` into the run directory and run `maskedclip-pretrain` under torchrun; stream its log.
+
+    `progress`: True = live progress while it trains (`LiveProgress`: a bar and a loss plot in a Jupyter kernel, plus
+    periodic `[progress]` lines), 'lines' = the lines only, False = the log only."""
     import subprocess, shlex
     if nproc < 1: raise ValueError(f"nproc: {nproc} must be >= 1")
     out = Path(config.train.output_dir); out.mkdir(parents=True, exist_ok=True)
@@ -555,10 +560,13 @@ def launch(config: ExperimentConfig, nproc: int = 1, nnodes: int = 1, node_rank:
     with open(out / "train.log", "a") as log: log.write(header)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), **(env or {})})
+    live = LiveProgress(out, config.train.steps, widgets=None if progress is True else False, stream=stream) if progress else None
     with open(out / "train.log", "a") as log:
-        for line in proc.stdout:
+        for line in _lines_while(proc, live.poll if live else None):
             log.write(line); stream(line)
-    return proc.wait(timeout=timeout)
+    rc = proc.wait(timeout=timeout)
+    if live: live.close()
+    return rc
 
 def read_metrics(source, partial_tail: bool = True) -> list[dict]:
     """Metric rows from a run directory (its `metrics.jsonl`), a JSON-lines file, or an iterable of dicts.
@@ -586,8 +594,10 @@ def read_metrics(source, partial_tail: bool = True) -> list[dict]:
     if bad: raise ValueError(f"metrics: row {bad[0]} is {type(rows[bad[0]]).__name__}, not a dict")
     return rows
 
-def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], base: dict | None = None, kernel_name: str = "python3") -> list[Path]:
-    "Execute `notebook` with papermill once per point of `grid` into `out_root/<point>/` (its `output_dir` parameter)."
+def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], base: dict | None = None, kernel_name: str = "python3",
+             echo: bool = True) -> list[Path]:
+    """Execute `notebook` with papermill once per point of `grid` into `out_root/<point>/` (its `output_dir` parameter).
+    `echo`: copy each notebook's printed output (the training log, `[progress]` lines) to this process's stdout as it comes."""
     import itertools, papermill as pm
     keys = sorted(grid)
     done = []
@@ -597,7 +607,9 @@ def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], 
         run_dir = Path(out_root) / re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
         run_dir.mkdir(parents=True, exist_ok=True)
         params["output_dir"] = str((run_dir / "run").resolve())
-        pm.execute_notebook(str(notebook), str(run_dir / Path(notebook).name), parameters=params, kernel_name=kernel_name, progress_bar=False)
+        if echo: print(f"[grid] {name}: {run_dir}", flush=True)
+        pm.execute_notebook(str(notebook), str(run_dir / Path(notebook).name), parameters=params, kernel_name=kernel_name, progress_bar=False,
+                            **(dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if echo else {}))
         done.append(run_dir)
     return done
 
@@ -613,6 +625,101 @@ def grid_main(argv=None):
     for item in a.set:
         k, v = item.split("=", 1); base[k] = _parse_value(v)
     for d in run_grid(a.notebook, a.out, json.loads(a.grid), base): print(d)
+
+# %% ../nbs/09_train.ipynb #ee93677a
+from fastcore.basics import patch
+
+def _lines_while(proc, poll=None, interval: float = 0.5):
+    "Yield `proc`'s output lines as they come; call `poll()` at least every `interval` seconds meanwhile."
+    import queue, threading
+    q: queue.Queue = queue.Queue()
+    def pump():
+        for line in proc.stdout: q.put(line)
+        q.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        try: line = q.get(timeout=interval)
+        except queue.Empty: line = ""
+        if poll is not None: poll()
+        if line is None: return
+        if line: yield line
+
+def _in_jupyter_kernel() -> bool:
+    "True inside a Jupyter kernel (JupyterLab, nbclient, papermill), where widgets can be shown."
+    try: from IPython import get_ipython
+    except ImportError: return False
+    return type(get_ipython()).__name__ == "ZMQInteractiveShell"
+
+class LiveProgress:
+    """Follows a run's `metrics.jsonl` as the trainer appends to it (rank 0 writes one row per logged step): a plain
+    line every `every` steps (default: every tenth of the run) through `stream`, and — in a Jupyter kernel, or with
+    `widgets=True` — a tqdm/ipywidgets progress bar and a plotly `FigureWidget` of the losses redrawn every
+    `plot_every` steps. Call `poll()` often (cheap: it reads only the bytes added since the last call) and `close()`
+    at the end. `updates` records `(seconds since start, step)` for each poll that found new rows."""
+    def __init__(self, run_dir, total: int | None = None, widgets: bool | None = None, every: int | None = None,
+                 plot_every: int | None = None, stream=None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0    # a resumed run: only what is new
+        self.total, self.rows, self.updates, self.t0 = total, [], [], time.monotonic()
+        self.every = every or max(1, (total or 100) // 10)
+        self.plot_every = plot_every or max(1, (total or 100) // 50)
+        self.stream = stream or (lambda s: print(s, end="", flush=True))
+        self._line_at = self._plot_at = 0
+        self.bar = self.figure = None
+        if widgets is None: widgets = _in_jupyter_kernel()
+        if widgets: self._show_widgets()
+
+    def _show_widgets(self):
+        import plotly.graph_objects as go
+        from IPython.display import display
+        from tqdm.notebook import tqdm as tqdm_widget
+        self.bar = tqdm_widget(total=self.total, desc="pre-training", unit="step")
+        self.figure = go.FigureWidget(layout=dict(title="training losses (live)", xaxis_title="step", yaxis_title="loss",
+                                                  width=720, height=320, margin=dict(l=10, r=10, t=40, b=10)))
+        display(self.figure)
+
+# %% ../nbs/09_train.ipynb #6b19393b
+@patch
+def poll(self: LiveProgress) -> list[dict]:
+    "Read the rows appended since the last call (a half-written last line waits for the next call); update the displays."
+    if not self.path.is_file(): return []
+    with open(self.path, "rb") as f:
+        f.seek(self.offset); chunk = f.read()
+    end = chunk.rfind(b"\n")
+    if end < 0: return []
+    self.offset += end + 1
+    new = [json.loads(l) for l in chunk[:end].decode("utf-8").splitlines() if l.strip()]
+    if not new: return []
+    self.rows += new
+    step, last = new[-1].get("step", len(self.rows)), new[-1]
+    self.updates.append((time.monotonic() - self.t0, step))
+    done = self.total is not None and step >= self.total
+    loss = f" loss {last['loss']:.4f}" if isinstance(last.get("loss"), (int, float)) else ""
+    if self.bar is not None:
+        self.bar.update(step - self.bar.n)
+        if loss: self.bar.set_postfix_str(loss.strip())
+    if step - self._line_at >= self.every or done:
+        self._line_at = step
+        self.stream(f"[progress] step {step}/{self.total or '?'}{loss} ({time.monotonic() - self.t0:.0f} s)\n")
+    if self.figure is not None and (step - self._plot_at >= self.plot_every or done): self._plot_at = step; self._redraw()
+    return new
+
+@patch
+def _redraw(self: LiveProgress):
+    keys = [k for k in ("loss", "mim", "lg_clip", "mfd", "mcl", "ot") if any(k in r for r in self.rows)]
+    with self.figure.batch_update():
+        for k in keys:
+            if k not in [t.name for t in self.figure.data]: self.figure.add_scatter(name=k, mode="lines")
+        for t in self.figure.data:
+            pts = [(r["step"], r[t.name]) for r in self.rows if isinstance(r.get(t.name), (int, float))]
+            t.x, t.y = [p[0] for p in pts], [p[1] for p in pts]
+
+@patch
+def close(self: LiveProgress):
+    "A last poll, then leave the bar (red if the run failed) and the plot on screen."
+    self.poll()
+    if self.figure is not None and self.rows: self._redraw()
+    if self.bar is not None: self.bar.close()        # tqdm turns an unfinished bar red
 
 # %% ../nbs/09_train.ipynb #00000017
 #| eval: false

@@ -25,7 +25,7 @@ __all__ = ['RECON_COLUMNS', 'ATTENTION_STACKS', 'LOSS_KEYS', 'NON_LOSS_KEYS', 'd
            'phi_evolution_figure', 'patch_embeddings', 'prompt_heatmaps', 'prompt_heatmap', 'load_mask',
            'pointing_game', 'prompt_heatmap_figure', 'loss_keys', 'training_curves_figure', 'pca_2d',
            'embedding_projection_figure', 'reconstruction_explorer', 'attention_explorer', 'prompt_explorer',
-           'metrics_summary', 'write_report', 'run_figures']
+           'phi_explorer', 'metrics_summary', 'write_report', 'run_figures']
 
 # %% ../nbs/11_viz.ipynb #00000005
 def denormalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
@@ -144,9 +144,10 @@ def reconstruction_figure(model: nn.Module, images, mask_ratio: float | None = N
         for j, z in enumerate(_recon_panels(rec, i, normalized)):
             fig.add_trace(go.Image(z=z, name=f"{RECON_COLUMNS[j]} {i}"), row=i + 1, col=j + 1)
     mse = float((((rec["reconstruction"] - rec["original"]) ** 2).mean(1, keepdim=True) * rec["mask"]).sum() / rec["mask"].sum().clamp_min(1))
-    fig.update_layout(title=f"MAE reconstruction: {r:.0%} of patches removed (seed {seed}); "
-                            f"MSE on removed patches {mse:.4f} (normalised pixels)", height=60 + 190 * rows, width=820,
-                      margin=dict(l=10, r=30, t=80, b=10))
+    fig.update_layout(title=dict(text=f"MAE reconstruction: {r:.0%} of patches removed (seed {seed}); MSE on removed patches "
+                                      f"{mse:.4f} (normalised pixels)<br><span style='font-size:12px'>MAE puts no loss on the visible patches: the decoder's "
+                                      "output there is unconstrained (noisy); the last column pastes them back</span>", font=dict(size=14)),
+                      height=80 + 190 * rows, width=820, margin=dict(l=10, r=30, t=100, b=10))
     return _image_axes(fig)
 
 # %% ../nbs/11_viz.ipynb #0000000f
@@ -302,6 +303,9 @@ def phi_figure(source, image=None, normalized: bool = True, title: str | None = 
     fig.add_trace(go.Heatmap(**hm), row=1, col=1)
     if cols == 2:
         img, heat = _overlay_traces(to_display(_as_batch(image)[:1], normalized)[0], phi, opacity, upsample="nearest", coloraxis="coloraxis", name="φ")
+        h, w = heat.z.shape                                                  # hover over the image names the patch and its φ
+        heat.customdata = np.stack(np.meshgrid(np.arange(h) * gh // h, np.arange(w) * gw // w, indexing="ij"), -1)
+        heat.hovertemplate = "patch (%{customdata[0]}, %{customdata[1]}): φ=%{z:.4f}<extra></extra>"
         fig.add_trace(img, row=1, col=2); fig.add_trace(heat, row=1, col=2)
     fig.update_layout(title=title or f"semantic-integrity weights φ ({gh}×{gw} patches)",
                       coloraxis=dict(colorscale="Viridis", colorbar=dict(title="φ")),
@@ -507,10 +511,26 @@ def _figure_widget(fig: go.Figure):
     except ImportError as e:
         raise ImportError("explorers need plotly's FigureWidget, which needs `anywidget` (pip install anywidget)") from e
 
-def _explorer_box(fig, controls: dict):
+def _explorer(controls: dict, render):
+    """`controls` (name -> ipywidget) above a `FigureWidget` that is **rebuilt** by `render(**values) -> go.Figure` from the
+    whole state on every change, so a page reload (which re-renders widgets from their synced state) shows the figure
+    of the current controls. Returns a `VBox` with `.figure`, `.controls`, `.update()` and `.hold` (True: ignore changes)."""
     import ipywidgets as widgets
-    box = widgets.VBox([widgets.HBox(list(controls.values())), fig])
-    box.figure, box.controls = fig, controls
+    state = lambda: {k: c.value for k, c in controls.items()}
+    first = render(**state())
+    if first is None: raise ValueError("explorer: nothing to draw for the initial values of the controls")
+    box = widgets.VBox([widgets.HBox(list(controls.values())), _figure_widget(first)])
+    box.controls, box.figure, box.hold = controls, box.children[1], False
+    def update(_=None):
+        if box.hold: return
+        new = render(**state())
+        if new is None: return                                               # nothing to draw (e.g. a blank text box)
+        fig, old = _figure_widget(new), box.children[1]
+        box.children = (box.children[0], fig)
+        box.figure = fig
+        old.close()                                    # the kernel and the page forget the replaced figure
+    for c in controls.values(): c.observe(update, names="value")
+    box.update = update
     return box
 
 def reconstruction_explorer(model: nn.Module, images, normalized: bool = True, seed: int = 0):
@@ -521,48 +541,48 @@ def reconstruction_explorer(model: nn.Module, images, normalized: bool = True, s
     r_max = min(0.95, round(1 - 1 / L - 1e-9, 2))
     sample = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="sample", continuous_update=False)
     ratio = widgets.FloatSlider(value=model.config.mask_ratio, min=0.0, max=r_max, step=0.05, description="mask ratio", continuous_update=False)
-    fig = reconstruction_figure(model, x[:1], ratio.value, seed, n=1, normalized=normalized)
-    fig.layout.annotations = [a for a in fig.layout.annotations if a.text in RECON_COLUMNS]   # drop the "sample 0" row title
-    fig = _figure_widget(fig)
-    def update(_=None):
-        rec = reconstruct(model, x[sample.value:sample.value + 1], ratio.value, seed)
-        with fig.batch_update():
-            for tr, z in zip(fig.data, _recon_panels(rec, 0, normalized)): tr.z = z
-            fig.layout.title.text = f"sample {sample.value}: {ratio.value:.0%} of patches removed (seed {seed})"
-    sample.observe(update, names="value"); ratio.observe(update, names="value")
-    update()
-    return _explorer_box(fig, dict(sample=sample, mask_ratio=ratio))
+    def render(sample, mask_ratio):
+        fig = reconstruction_figure(model, x[sample:sample + 1], mask_ratio, seed, n=1, normalized=normalized)
+        fig.layout.annotations = [a for a in fig.layout.annotations if a.text in RECON_COLUMNS]   # drop the "sample 0" row title
+        fig.layout.title.text = f"sample {sample}: " + fig.layout.title.text
+        return fig
+    return _explorer(dict(sample=sample, mask_ratio=ratio), render)
 
 def attention_explorer(model: nn.Module, images, which: str = "encoder", normalized: bool = True, opacity: float = 0.5):
     "Widget: sample, stack, layer and head pickers for the CLS-to-patch attention overlay."
     import ipywidgets as widgets
     x = _as_batch(images)
     stacks = [s for s in ATTENTION_STACKS if s == "encoder" or getattr(model, "bridge", None) is not None]
+    n_layers = len(_stack_blocks(model, which))
     sample = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="sample", continuous_update=False)
     stack = widgets.Dropdown(options=stacks, value=which, description="stack")
-    layer = widgets.IntSlider(value=len(_stack_blocks(model, which)) - 1, min=0, max=len(_stack_blocks(model, which)) - 1, description="layer", continuous_update=False)
+    layer = widgets.IntSlider(value=n_layers - 1, min=0, max=n_layers - 1, description="layer", continuous_update=False)
     head = widgets.Dropdown(options=["mean"] + list(range(_stack_blocks(model, which)[0].attn.num_heads)), value="mean", description="head")
-    fig = _figure_widget(attention_figure(model, x[0], which, layer.value, "mean", normalized, opacity))
     cache: dict = {}
-    def maps():
-        key = (sample.value, stack.value)
-        if key not in cache: cache.clear(); cache[key] = attention_maps(model, x[sample.value:sample.value + 1], stack.value)
-        return cache[key]
-    def on_stack(_):
+    def render(sample, stack, layer, head):
+        key = (sample, stack)
+        if key not in cache: cache.clear(); cache[key] = attention_maps(model, x[sample:sample + 1], stack)
+        A = cache[key]
+        layer = min(layer, A.shape[0] - 1)                                   # mid-way through a stack switch
+        head = head if head == "mean" or head < A.shape[2] else "mean"
+        img, heat = _overlay_traces(to_display(x[sample], normalized)[0], cls_attention(A[layer], _grid(model), head)[0],
+                                    opacity, upsample="nearest", name="CLS attention", colorbar_title="weight")
+        hname = "mean of heads" if head == "mean" else f"head {head}"
+        fig = go.Figure([img, heat])
+        fig.update_layout(title=f"{stack} layer {layer}, {hname}: CLS → patch attention (sample {sample})", width=560,
+                          height=540, margin=dict(l=10, r=10, t=80, b=10))
+        return _image_axes(fig)
+    ref: dict = {}
+    def on_stack(_):                    # observes before the explorer does: adjust layer/head quietly, then one redraw
         blocks = _stack_blocks(model, stack.value)
-        layer.max = len(blocks) - 1; layer.value = min(layer.value, layer.max)
-        head.options = ["mean"] + list(range(blocks[0].attn.num_heads)); head.value = "mean"
-        update()
-    def update(_=None):
-        m = cls_attention(maps()[layer.value], _grid(model), head.value)[0]
-        img, heat = _overlay_traces(to_display(x[sample.value], normalized)[0], m, opacity, upsample="nearest")
-        with fig.batch_update():
-            fig.data[0].z, fig.data[1].z = img.z, heat.z
-            hname = "mean of heads" if head.value == "mean" else f"head {head.value}"
-            fig.layout.title.text = f"{stack.value} layer {layer.value}, {hname}: CLS → patch attention (sample {sample.value})"
-    sample.observe(update, names="value"); layer.observe(update, names="value"); head.observe(update, names="value")
+        ref["box"].hold = True
+        try:
+            layer.max = len(blocks) - 1; layer.value = min(layer.value, layer.max)
+            head.options = ["mean"] + list(range(blocks[0].attn.num_heads)); head.value = "mean"
+        finally: ref["box"].hold = False
     stack.observe(on_stack, names="value")
-    return _explorer_box(fig, dict(sample=sample, stack=stack, layer=layer, head=head))
+    ref["box"] = _explorer(dict(sample=sample, stack=stack, layer=layer, head=head), render)
+    return ref["box"]
 
 def prompt_explorer(model: nn.Module, images, masks: Sequence | None = None, text: str = "hard exudates",
                     normalized: bool = True, opacity: float = 0.5, projection: str = "image"):
@@ -572,18 +592,37 @@ def prompt_explorer(model: nn.Module, images, masks: Sequence | None = None, tex
     if masks is not None and len(masks) != len(x): raise ValueError(f"masks: got {len(masks)} for {len(x)} images")
     sample = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="sample", continuous_update=False)
     box = widgets.Text(value=text, description="text", continuous_update=False, layout=widgets.Layout(width="420px"))
-    mk = lambda i: None if masks is None else masks[i]
-    fig = _figure_widget(prompt_heatmap_figure(model, x[0], [text], mk(0), normalized, opacity, projection=projection))
-    def update(_=None):
-        if not box.value.strip(): return
-        new = prompt_heatmap_figure(model, x[sample.value], [box.value], mk(sample.value), normalized, opacity, projection=projection)
-        with fig.batch_update():
-            for i, tr in enumerate(new.data):
-                if i < len(fig.data): fig.data[i].z = tr.z
-            fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax = new.layout.coloraxis.cmin, new.layout.coloraxis.cmax
-            fig.layout.annotations[0].text = new.layout.annotations[0].text
-    sample.observe(update, names="value"); box.observe(update, names="value")
-    return _explorer_box(fig, dict(sample=sample, text=box))
+    def render(sample, text):
+        if not text.strip(): return None
+        fig = prompt_heatmap_figure(model, x[sample], [text], None if masks is None else masks[sample], normalized, opacity,
+                                    projection=projection)
+        fig.layout.title.text = f"text → patch cosine similarity (sample {sample})"
+        return fig
+    return _explorer(dict(sample=sample, text=box), render)
+
+# %% ../nbs/11_viz.ipynb #c8c6de2a
+def phi_explorer(history: Sequence[tuple[int, Any]], image=None, normalized: bool = True, opacity: float = 0.5):
+    """Widget: a step slider over a φ history `[(step, (gh, gw) map), ...]` (e.g. `segmentation.phi_history(run_dir)`):
+    φ per patch (value on hover and, for small grids, in the cell) and, with `image`, φ over the image — one colour
+    scale for every step, so a change of colour is a change of φ. Plus an opacity slider for the overlay."""
+    import ipywidgets as widgets
+    if not history: raise ValueError("phi_explorer: `history` is empty")
+    steps = [int(s) for s, _ in history]
+    maps = [phi_map_of(m) for _, m in history]
+    if len({tuple(m.shape) for m in maps}) != 1: raise ValueError("phi_explorer: the φ maps differ in shape")
+    lo, hi = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
+    if hi <= lo: hi = lo + 1e-6
+    step = widgets.SelectionSlider(options=[(str(s), i) for i, s in enumerate(steps)], value=len(steps) - 1,
+                                   description="step", continuous_update=False)
+    controls = dict(step=step)
+    if image is not None:
+        controls["opacity"] = widgets.FloatSlider(value=opacity, min=0.0, max=1.0, step=0.05, description="opacity", continuous_update=False)
+    def render(step, opacity=opacity):
+        fig = phi_figure(maps[step], image, normalized, opacity=opacity,
+                         title=f"semantic-integrity weights φ at step {steps[step]} ({step + 1} of {len(steps)} checkpoints)")
+        fig.update_layout(coloraxis=dict(cmin=lo, cmax=hi))
+        return fig
+    return _explorer(controls, render)
 
 # %% ../nbs/11_viz.ipynb #00000024
 def _config_dict(config) -> dict | None:
@@ -607,6 +646,8 @@ pre{background:#f6f8fa;padding:12px;overflow:auto;font-size:12px;max-height:480p
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th:first-child,td:first-child{text-align:left}.fig{margin:8px 0 24px}nav a{margin-right:14px}"""
 
+_REPORT_WIDTH = 1240       # px: figures wider than the page's column are fitted to it
+
 def _fmt(v: float) -> str: return f"{v:.4g}"
 
 def write_report(path: str | Path, figures: dict[str, go.Figure], config=None, metrics=None,
@@ -626,7 +667,9 @@ def write_report(path: str | Path, figures: dict[str, go.Figure], config=None, m
     body.append("<nav>" + "".join(links) + "</nav>")
     for i, (name, fig) in enumerate(figures.items()):
         if not isinstance(fig, BaseFigure): raise ValueError(f"figures[{name!r}]: expected a plotly Figure, got {type(fig).__name__}")
-        div = go.Figure(fig).to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
+        f = go.Figure(fig)
+        if (f.layout.width or 0) > _REPORT_WIDTH: f.update_layout(width=None, autosize=True)   # fit the column, no sideways scroll
+        div = f.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
                                      config=dict(displaylogo=False, responsive=True), default_height="520px")
         body.append(f'<h2 id="fig-{i}">{esc(name)}</h2><div class="fig">{div}</div>')
     if notes: body.insert(2, f"<p>{esc(notes)}</p>")

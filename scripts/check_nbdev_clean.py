@@ -15,7 +15,9 @@ def main():
         print('check_nbdev_clean: not a git work tree; nothing to compare against', file=sys.stderr)
         return 1
     before = snapshot()
-    for cmd in (['nbdev_clean'], ['nbdev_export']):
+    # experiments/ holds papermill notebooks (not exported); cleaning them too undoes what JupyterLab writes on save
+    # (kernelspec display name, language_info, execution counts), so a notebook saved from JupyterLab fails this check
+    for cmd in (['nbdev_clean'], ['nbdev_clean', '--fname', 'experiments'], ['nbdev_export']):
         r = subprocess.run(cmd)
         if r.returncode: print(f'{cmd[0]} failed with exit code {r.returncode}', file=sys.stderr); return r.returncode
     after = snapshot()
@@ -25,7 +27,7 @@ def main():
     if changed or created or removed:
         for label, paths in (('changed', changed), ('created', created), ('removed', removed)):
             for p in paths: print(f'nbdev_clean/nbdev_export {label}: {p}', file=sys.stderr)
-        print('Run `nbdev_export && nbdev_clean` and commit the result.', file=sys.stderr)
+        print('Run `nbdev_export && nbdev_clean && nbdev_clean --fname experiments` and commit the result.', file=sys.stderr)
         return 1
     print(f'nbdev_clean and nbdev_export leave all {len(after)} files unchanged')
     return 0

@@ -67,10 +67,21 @@ def report(tmp_path_factory):
     figs = {"reconstructions": reconstruction_figure(model, images, n=2),
             "attention": attention_figure(model, images[0]),
             "prompt heatmaps": prompt_heatmap_figure(model, images[0], ["hard exudates", "optic disc"], lesion_mask=lesion),
-            "training curves": training_curves_figure(rows)}
+            "training curves": training_curves_figure(rows),
+            "label efficiency": _label_efficiency()}                       # four task panels: 1440 px wide as built
     path = write_report(tmp_path_factory.mktemp("report") / "report.html", figs, config=model.config, metrics=rows,
                         title="browser test report")
     return path, len(figs)
+
+
+def _label_efficiency():
+    import pandas as pd
+    from maskedclip.evaluate import label_efficiency_figure
+    rows = [dict(method=m, task=t, fraction=f, protocol="linear_probe", seed=s, auroc=0.6 + 0.1 * f + 0.05 * (m == "mae") + 0.01 * s)
+            for m in ("random", "mae") for t in ("dr_grade", "glaucoma", "amd", "multi_disease") for f in (0.01, 0.1, 1.0) for s in (0, 1)]
+    fig = label_efficiency_figure(pd.DataFrame(rows))
+    assert fig.layout.width > 1280                                          # the case the report has to fit
+    return fig
 
 
 def _devtools_ws(proc, timeout=60) -> str:
@@ -126,6 +137,19 @@ def test_report_renders_offline_in_chromium(report, tmp_path):
         n_images = cdp.send("Runtime.evaluate", expression="document.querySelectorAll('.js-plotly-plot g.imagelayer image').length",
                             returnByValue=True)["result"]["value"]
         assert n_images >= 2 * 4 + 1 + 2, f"only {n_images} image panels drawn"   # reconstructions + attention + prompts
+        # nothing wider than the 1280 px window (no sideways scroll), and no figure title runs past its figure's edge
+        scroll_w = cdp.send("Runtime.evaluate", expression="document.documentElement.scrollWidth", returnByValue=True)["result"]["value"]
+        assert scroll_w <= 1280, f"the page is {scroll_w} px wide in a 1280 px window (sideways scroll)"
+        clipped = cdp.send("Runtime.evaluate", returnByValue=True, expression="""
+            [...document.querySelectorAll('.js-plotly-plot')].flatMap(p => {
+              const box = p.querySelector('.main-svg').getBoundingClientRect();
+              return [...p.querySelectorAll('.infolayer .gtitle, .infolayer .annotation-text')].filter(t => {
+                const r = t.getBoundingClientRect(); return r.width > 0 && (r.left < box.left - 1 || r.right > box.right + 1);
+              }).map(t => t.textContent.slice(0, 60));
+            })""")["result"]["value"]
+        assert not clipped, f"titles cut off at the figure's edge: {clipped}"
+        assert cdp.send("Runtime.evaluate", returnByValue=True, expression=
+                        "document.body.innerText.includes('MAE puts no loss on the visible patches')")["result"]["value"]
         layout = cdp.send("Page.getLayoutMetrics")
         height = min(int((layout.get("cssContentSize") or layout["contentSize"])["height"]), 6000)
         shot = cdp.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
