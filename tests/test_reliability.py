@@ -177,7 +177,7 @@ def _cases(corpus, b):
     return [
         # (name, extra argv, expected fragment, exit code, steps); new in issue 17 first, then the ones handled before
         ("non-finite total loss", ["--set", "model.lambda_mim=1e39"], "total (weighted sum)=inf", N, 2),
-        ("train.steps=2.5", ["--set", "train.steps=2.5"], "train.steps: expected an integer, got 2.5", C, None),
+        ("train.steps=2.5", ["--set", "train.steps=2.5"], "train.steps: expected an integer or null, got 2.5", C, None),
         ("non-int seed", ["--set", 'train.seed="abc"'], "train.seed: expected an integer, got 'abc'", C, 2),
         ("unknown device name", ["--set", "train.device=gpu"], "train.device: 'gpu' is not a device", C, 2),
         ("missing GPU", ["--set", "train.device=cuda:99"], "train.device: cuda:99 is not available on this machine", E, 2),
