@@ -288,6 +288,16 @@ def test_full_disk_before_start_and_during_save(ctx, corpus, tmp_path, figures):
         code, said2 = run_in_process(base_args(corpus, mnt / "run", 2))
     finally: subprocess.run(["umount", str(mnt)], capture_output=True)
     assert code == ExitCode.ENVIRONMENT and "no space left for a checkpoint" in said2 and "MB are free" in said2 and "method=" not in said2, said2
+    # 3. a real ENOSPC: a 75 MB tmpfs holds the first tiny checkpoint (~58 MB) but not a second one beside it
+    mid = tmp_path / "mid"; mid.mkdir()
+    assert _mount("-t", "tmpfs", "-o", "size=75m", "tmpfs", str(mid))
+    try:
+        code, said3 = run_in_process(base_args(corpus, mid / "run", 3, "--set", "train.save_every=1"))
+        left = [p.name for p in (mid / "run" / "checkpoints").iterdir()]
+        latest_ok = load_checkpoint_ok(find_latest(mid / "run"))
+    finally: subprocess.run(["umount", str(mid)], capture_output=True)
+    assert code == ExitCode.ENVIRONMENT and "no space left on device while writing checkpoint step_00000002" in said3 and "Traceback" not in said3, said3
+    assert sorted(left) == ["latest", "step_00000001"] and latest_ok, left   # the partial write removed, the previous checkpoint intact
     figures.setdefault("environment checks", []).append("full disk: exit 5 with 'no space left', no temp dir left")
 
 
