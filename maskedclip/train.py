@@ -305,6 +305,13 @@ def _memory_mb(device: torch.device) -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+def _discard(ckpt: Path):
+    "Delete a checkpoint directory so that a kill half-way can never leave a `COMPLETE`-marked remnant: rename it away first."
+    gone = ckpt.with_name(f".{ckpt.name}.tmp-old")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(ckpt, gone); _fsync_dir(ckpt.parent)
+    shutil.rmtree(gone, ignore_errors=True)
+
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     "Total L2 norm of the gradients (read only; NaN/inf if any gradient is)."
     gs = [p.grad.detach() for p in model.parameters() if p.grad is not None]
@@ -437,11 +444,11 @@ class Trainer:
             for f in tmp.iterdir():
                 if f.is_file():
                     with open(f, "rb") as fh: os.fsync(fh.fileno())
-            if final.exists(): shutil.rmtree(final)
+            if final.exists(): _discard(final)
             os.replace(tmp, final); _fsync_dir(ckdir)
             _atomic_write_text(final / "COMPLETE", "ok\n")
             _atomic_write_text(ckdir / "latest", name + "\n")
-            for old in checkpoint_dirs(self.out)[:-self.cfg.train.keep_last]: shutil.rmtree(old, ignore_errors=True)
+            for old in checkpoint_dirs(self.out)[:-self.cfg.train.keep_last]: _discard(old)
         try:
             if self.di.is_main: guarded(write_shared)
             self._agree(err, f"checkpoint {name}: rank 0 failed to write it")
