@@ -4,30 +4,102 @@
 
 # %% ../nbs/00_config.ipynb #00000002
 from __future__ import annotations
-import dataclasses, json, math, typing
+import dataclasses, enum, errno, json, math, re, sys, types, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Literal
 
 # %% auto #0
-__all__ = ['BIO_CLINICAL_BERT_ARCH', 'METHODS', 'MLIP_SWITCHES', 'PRESETS', 'ConfigBase', 'VisionConfig', 'TransformerConfig',
-           'TextConfig', 'MLIPConfig', 'MaskedCLIPConfig', 'get_preset', 'DataConfig', 'TrainConfig',
-           'ExperimentConfig']
+__all__ = ['BIO_CLINICAL_BERT_ARCH', 'METHODS', 'MLIP_SWITCHES', 'PRESETS', 'ExitCode', 'MaskedCLIPError', 'ConfigError',
+           'DataError', 'RunEnvironmentError', 'NonFiniteError', 'ConfigBase', 'exit_code_for', 'report_error',
+           'VisionConfig', 'TransformerConfig', 'TextConfig', 'MLIPConfig', 'MaskedCLIPConfig', 'get_preset',
+           'DataConfig', 'TrainConfig', 'ExperimentConfig']
 
 # %% ../nbs/00_config.ipynb #00000004
+class ExitCode(enum.IntEnum):
+    "Exit status of every maskedclip console script: one code per class of failure (see the table above)."
+    OK = 0
+    INTERNAL = 1          # a bug: an unexpected exception (the traceback is printed)
+    CONFIG = 2            # bad configuration or command line (argparse's own usage errors are 2 as well)
+    NON_FINITE = 3        # the loss or the weights became NaN/inf; nothing non-finite was saved
+    DATA = 4              # bad data: a manifest row, an image, a label, a weights file
+    ENVIRONMENT = 5       # the machine: output dir not writable / full / locked by another run, device missing
+    INTERRUPTED = 130     # Ctrl-C (128 + SIGINT)
+
+class MaskedCLIPError(Exception):
+    "Base of the errors that end a run with one clear line; `exit_code` says which class of failure it is."
+    exit_code = ExitCode.INTERNAL
+
+class ConfigError(MaskedCLIPError, ValueError):
+    "A config field, command-line option or config file is invalid (the message names it)."
+    exit_code = ExitCode.CONFIG
+
+class DataError(MaskedCLIPError, ValueError):
+    "Training data or a weights file cannot be used (the message names the file, and the manifest line if any)."
+    exit_code = ExitCode.DATA
+
+class RunEnvironmentError(MaskedCLIPError, RuntimeError):
+    "The run cannot proceed on this machine: output directory, disk space, run lock, device."
+    exit_code = ExitCode.ENVIRONMENT
+
+class NonFiniteError(MaskedCLIPError, RuntimeError):
+    "A loss or the weights became NaN/inf (the message names the part and the step)."
+    exit_code = ExitCode.NON_FINITE
+
 def _check(cond: bool, field_name: str, msg: str):
-    if not cond: raise ValueError(f"{field_name}: {msg}")
+    if not cond: raise ConfigError(f"{field_name}: {msg}")
 
 def _check_choice(value, field_name: str, choices):
     _check(value in choices, field_name, f"{value!r} is not one of {list(choices)}")
 
 def _check_range(value, field_name: str, lo=None, hi=None, lo_open=False, hi_open=False):
     _check(isinstance(value, (int, float)) and not isinstance(value, bool), field_name, f"expected a number, got {value!r}")
+    _check(math.isfinite(value), field_name, f"expected a finite number, got {value!r}")
     if lo is not None: _check(value > lo if lo_open else value >= lo, field_name, f"{value!r} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None: _check(value < hi if hi_open else value <= hi, field_name, f"{value!r} must be {'<' if hi_open else '<='} {hi}")
 
+_SECTIONS = {"VisionConfig": "vision.", "TextConfig": "text.", "MLIPConfig": "mlip.", "DataConfig": "data.", "TrainConfig": "train."}
+
+def _type_error(v, tp) -> str | None:
+    "None if `v` fits the annotation `tp`, else what was expected (ints, floats, bools and strings are not interchangeable)."
+    if tp is Any: return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        errs = [_type_error(v, a) for a in args]
+        return None if any(e is None for e in errs) else " or ".join(e for e in errs if e)
+    if tp is type(None): return None if v is None else "null"
+    if origin is Literal: return None if v in args else f"one of {list(args)}"
+    if tp is bool: return None if isinstance(v, bool) else "true or false"
+    if tp is int: return None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
+    if tp is float: return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "a number"
+    if tp is str: return None if isinstance(v, str) else "a string"
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(v, (tuple, list)): return "a list"
+        bad = [x for x in v if args and _type_error(x, args[0])]
+        return f"a list of {_type_error(bad[0], args[0]).removeprefix('a ')}s" if bad else None
+    if origin is dict or tp is dict: return None if isinstance(v, dict) else "a mapping"
+    if isinstance(tp, type): return None if isinstance(v, tp) else f"a {tp.__name__}"
+    return None
+
+def _check_types(obj):
+    "Check every field of a config dataclass against its annotation; whole floats become ints (`1e3` -> 1000)."
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        v, tp = getattr(obj, f.name), hints[f.name]
+        if isinstance(v, float) and v.is_integer() and _type_error(v, tp) and _type_error(int(v), tp) is None:
+            setattr(obj, f.name, int(v)); continue
+        want = _type_error(v, tp)
+        if want: raise ConfigError(f"{_SECTIONS.get(type(obj).__name__, '')}{f.name}: expected {want}, got {v!r}")
+
 class ConfigBase:
-    "Mixin: `to_dict`, `from_dict` (strict, nested), `to_json`, `from_json`, `replace`."
+    "Mixin: `to_dict`, `from_dict` (strict, nested), `to_json`, `from_json`, `replace`; field types checked on construction."
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        own = cls.__dict__.get("__post_init__")
+        def __post_init__(self, _own=own):
+            _check_types(self)
+            if _own is not None: _own(self)
+        cls.__post_init__ = __post_init__
     def to_dict(self) -> dict: return asdict(self)
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         s = json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -35,18 +107,21 @@ class ConfigBase:
         return s
     @classmethod
     def from_dict(cls, d: dict, _prefix: str = ""):
-        if not isinstance(d, dict): raise ValueError(f"{_prefix.rstrip('.') or cls.__name__}: expected a mapping, got {type(d).__name__}")
+        if not isinstance(d, dict): raise ConfigError(f"{_prefix.rstrip('.') or cls.__name__}: expected a mapping, got {type(d).__name__}")
         hints = typing.get_type_hints(cls)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
-        if unknown: raise ValueError(f"{_prefix}{unknown[0]}: unknown field of {cls.__name__} (known: {sorted(names)})")
+        if unknown: raise ConfigError(f"{_prefix}{unknown[0]}: unknown field of {cls.__name__} (known: {sorted(names)})")
         kw = {}
         for k, v in d.items():
             sub = _dataclass_in(hints[k])
             kw[k] = sub.from_dict(v, f"{_prefix}{k}.") if sub is not None and isinstance(v, dict) else v
         try: return cls(**kw)
         except ValueError as e:
-            raise ValueError(f"{_prefix}{e}") if _prefix and not str(e).startswith(_prefix) else e
+            msg, tail = str(e), _prefix.rstrip(".").split(".")[-1] + "."
+            if not _prefix or msg.startswith(_prefix): raise
+            # a section's own message already names it ("vision.image_size"): complete the path, do not repeat it
+            raise ConfigError(_prefix[:-len(tail)] + msg if msg.startswith(tail) else _prefix + msg) from None
     @classmethod
     def from_json(cls, s_or_path: str | Path):
         p = Path(s_or_path) if not str(s_or_path).lstrip().startswith("{") else None
@@ -59,6 +134,27 @@ def _dataclass_in(tp):
     for a in typing.get_args(tp):
         if isinstance(a, type) and dataclasses.is_dataclass(a): return a
     return None
+
+# %% ../nbs/00_config.ipynb #r17-exit
+def exit_code_for(e: BaseException) -> ExitCode:
+    "The `ExitCode` of an exception that ended a run (`INTERNAL` for anything not recognised: a bug)."
+    if isinstance(e, MaskedCLIPError): return e.exit_code
+    if isinstance(e, KeyboardInterrupt): return ExitCode.INTERRUPTED
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
+        return ExitCode.ENVIRONMENT
+    if type(e).__name__ == "OutOfMemoryError": return ExitCode.ENVIRONMENT
+    if isinstance(e, ValueError): return ExitCode.CONFIG
+    return ExitCode.INTERNAL
+
+def report_error(e: BaseException, prog: str) -> int:
+    "Print one line `prog: error: ...` for a known failure (the traceback too for a bug); return the exit code."
+    code = exit_code_for(e)
+    if code == ExitCode.INTERNAL:
+        import traceback; traceback.print_exception(e)
+        print(f"{prog}: internal error ({type(e).__name__}); this is a bug, please report it with the traceback above", file=sys.stderr)
+    elif code == ExitCode.INTERRUPTED: print(f"{prog}: interrupted", file=sys.stderr)
+    else: print(f"{prog}: error: {str(e) or type(e).__name__}", file=sys.stderr)
+    return int(code)
 
 # %% ../nbs/00_config.ipynb #00000006
 @dataclass
@@ -272,6 +368,8 @@ class DataConfig(ConfigBase):
     synthetic_n_task: int = 200          # images per downstream split
     synthetic_seed: int = 0
     synthetic_dir: str | None = None     # where the corpus lives / is built (default: <output_dir>/../corpus-<size>px-seed<seed>)
+    label_space: list[str] | str | None = None   # allowed labels (a list, or a dataset name of maskedclip.data.LABEL_SPACES);
+                                                 # None: the labels found in the data (printed at the start of the run)
     def __post_init__(self):
         _check_range(self.paired_batch_size, "data.paired_batch_size", 0)
         _check_range(self.unpaired_batch_size, "data.unpaired_batch_size", 0)
@@ -282,6 +380,9 @@ class DataConfig(ConfigBase):
         _check_choice(self.on_bad_record, "data.on_bad_record", ("raise", "skip"))
         for f in ("synthetic_n_paired", "synthetic_n_unpaired", "synthetic_n_task"): _check_range(getattr(self, f), f"data.{f}", 0)
         _check(self.synthetic or self.paired or self.unpaired, "data.paired", "give a paired and/or unpaired manifest, or set data.synthetic=True")
+        if isinstance(self.label_space, (list, tuple)):
+            _check(len(self.label_space) > 0 and all(s.strip() for s in self.label_space), "data.label_space", "give at least one non-empty label")
+            self.label_space = list(self.label_space)
 
 @dataclass
 class TrainConfig(ConfigBase):
@@ -329,6 +430,8 @@ class TrainConfig(ConfigBase):
         _check_range(self.save_every, "train.save_every", 0)
         _check_range(self.keep_last, "train.keep_last", 1)
         _check_range(self.log_every, "train.log_every", 1)
+        _check(re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device) is not None, "train.device",
+               f"{self.device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)")
 
 @dataclass
 class ExperimentConfig(ConfigBase):

@@ -9,9 +9,9 @@ import torch
 
 # %% auto #0
 __all__ = ['RECORD_FIELDS', 'SPLITS', 'MAX_PIXELS', 'IMAGE_EXTENSIONS', 'BAD_RECORD_REASONS', 'CONTRACT_FEATURES',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'DR_GRADES', 'AIROGS_CLASSES', 'ORIGA_CLASSES', 'GF_FOLDERS',
-           'RETINA_FOLDERS', 'JSIEC_FOLDERS', 'JSIEC_CLASSES', 'LABEL_SPACES', 'ADAPTERS', 'Batch', 'Record',
-           'BadRecordError', 'MissingImageError', 'check_image', 'to_rgb', 'load_image', 'resolve_image_path',
+           'MIN_IMAGE_SIDE', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DR_GRADES', 'AIROGS_CLASSES', 'ORIGA_CLASSES',
+           'GF_FOLDERS', 'RETINA_FOLDERS', 'JSIEC_FOLDERS', 'JSIEC_CLASSES', 'LABEL_SPACES', 'ADAPTERS', 'Batch',
+           'Record', 'BadRecordError', 'MissingImageError', 'check_image', 'to_rgb', 'load_image', 'resolve_image_path',
            'validate_record', 'SkippedRecord', 'LoadReport', 'ManifestData', 'default_cache_dir', 'load_manifest',
            'load_records', 'load_imagefolder', 'write_manifest', 'fundus_border_crop', 'FundusBorderCrop',
            'train_transform', 'eval_transform', 'denormalize', 'build_label_map', 'label_to_id', 'ImageDataset',
@@ -96,8 +96,10 @@ BAD_RECORD_REASONS = {
 }
 
 # %% ../nbs/01_data.ipynb #00000009
-class BadRecordError(ValueError):
-    """A manifest row or an image file that cannot be used.
+from .config import DataError
+
+class BadRecordError(DataError):
+    """A manifest row or an image file that cannot be used (a `DataError`, so a `ValueError`; exit code 4 in the CLIs).
 
     The message names the manifest and line, the record id, the field, the file and the problem;
     `reason` is a short code from `BAD_RECORD_REASONS` used for counting in a `LoadReport`."""
@@ -387,6 +389,7 @@ class ManifestData:
     report: LoadReport
     root: Path
     path: Path | None = None
+    locations: list | None = None   # (manifest, line) of each kept record, for errors raised when an image is decoded later
 
     def __len__(self) -> int: return len(self.dataset)
 
@@ -493,10 +496,10 @@ def _manifest_format(path: Path) -> str:
     raise ValueError(f'{path}: unknown manifest format {suf!r} (use .jsonl, .json or .csv)')
 
 
-def _check_many(paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool) -> Iterator[BadRecordError | None]:
-    "Image checks on a thread pool (PIL releases the GIL while decoding), yielded in input order."
+def _check_many(paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool) -> Iterator[BadRecordError | tuple[int, int]]:
+    "Image checks on a thread pool (PIL releases the GIL while decoding), yielded in input order: the error or the `(w, h)`."
     def one(p):
-        try: check_image(p, mode, max_pixels); return None
+        try: return check_image(p, mode, max_pixels)
         except BadRecordError as e: return e
     n = num_threads or min(8, os.cpu_count() or 1)
     ex = ThreadPoolExecutor(max_workers=max(1, n))
@@ -525,15 +528,25 @@ def _validate_rows(rows, locs, root, *, label_space, require_text, check_images,
         except BadRecordError as e:
             fail(i, e.located(manifest=man, line=line, record_id=None if rid is None else str(rid)))
     mode = _image_check_mode(check_images)
+    tiny = []
     if mode is not None and cheap:
         paths = [Path(root) / rec['image'] for _, rec in cheap]
         for (i, rec), err in zip(cheap, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)):
-            if err is not None:
+            if isinstance(err, BadRecordError):
                 man, line = locs[i]
                 fail(i, err.located(manifest=man, line=line, record_id=rec['id'], field='image'))
+            elif min(err) < MIN_IMAGE_SIDE: tiny.append((i, rec, err))
+    if tiny:
+        (i, rec, (w, h)), (man, line) = tiny[0], locs[tiny[0][0]]
+        warnings.warn(f'{len(tiny)} image(s) smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, e.g. {man}:{line} id={rec["id"]!r} '
+                      f'file {Path(root) / rec["image"]} is {w}x{h}: they would be upscaled to the model input and carry no detail; '
+                      'check they are real images, or remove them')
     for i in sorted(errors): report.add(errors[i])
     kept = [(i, rec) for i, rec in cheap if i not in errors]
     return [rec for _, rec in kept], [i for i, _ in kept]
+
+
+MIN_IMAGE_SIDE = 16   # smaller images are accepted with a warning (a 1x1 placeholder is almost certainly not a photograph)
 
 
 def _check_policy(on_bad_record):
@@ -584,7 +597,7 @@ def load_manifest(path, root=None, label_space: Iterable[str] | None = None, on_
     report.kept = len(normalized)
     ds = _assemble(normalized, extras, report)
     if verbose: print(report.summary())
-    return ManifestData(ds, report, root, path)
+    return ManifestData(ds, report, root, path, [(str(path), lines[i]) for i in kept])
 
 
 def load_records(records: Iterable[Mapping], root, label_space: Iterable[str] | None = None, on_bad_record: str = 'raise',
@@ -596,13 +609,14 @@ def load_records(records: Iterable[Mapping], root, label_space: Iterable[str] | 
     if not root.is_dir(): raise FileNotFoundError(f'data root not found: {root}')
     rows = list(records)
     report = LoadReport(manifest=name, root=str(root), total=len(rows))
-    normalized, _ = _validate_rows(rows, [(name, f'record {i}') for i in range(len(rows))], root, label_space=label_space,
+    locs = [(name, f'record {i}') for i in range(len(rows))]
+    normalized, kept = _validate_rows(rows, locs, root, label_space=label_space,
                                    require_text=require_text, check_images=check_images, max_pixels=max_pixels,
                                    num_threads=num_threads, on_bad_record=on_bad_record, report=report, verbose=verbose)
     report.kept = len(normalized)
     ds = _assemble(normalized, _extras_from_rows(normalized), report)
     if verbose: print(report.summary())
-    return ManifestData(ds, report, root, None)
+    return ManifestData(ds, report, root, None, [locs[i] for i in kept])
 
 # %% ../nbs/01_data.ipynb #0000001b
 _SPLIT_DIRS = {'train': 'train', 'training': 'train', 'val': 'val', 'valid': 'val', 'validation': 'val',
@@ -689,11 +703,11 @@ def load_imagefolder(root, *, text_column: str = 'text', label_column: str = 'la
             rows.append(rec); locs.append((str(meta), i + 2))
     report = LoadReport(manifest=str(root), root=str(root), total=len(rows))
     _check_policy(on_bad_record)
-    normalized, _ = _validate_rows(rows, locs, root, report=report, **common)
+    normalized, kept = _validate_rows(rows, locs, root, report=report, **common)
     report.kept = len(normalized)
     ds = _assemble(normalized, _extras_from_rows(normalized), report)
     if verbose: print(report.summary())
-    return ManifestData(ds, report, root, root / 'metadata.csv')
+    return ManifestData(ds, report, root, root / 'metadata.csv', [locs[i] for i in kept])
 
 
 def _json_default(o):
@@ -841,6 +855,7 @@ class _ImageRecords(TorchDataset):
         self.transform = transform if transform is not None else eval_transform(224)
         if on_error not in ('raise', 'replace'): raise ValueError(f"on_error must be 'raise' or 'replace', got {on_error!r}")
         self.max_pixels, self.decode_size, self.on_error, self.max_retries = max_pixels, decode_size, on_error, max_retries
+        self.locations = records.locations if isinstance(records, ManifestData) else None
 
     def __len__(self) -> int: return len(self.records)
 
@@ -851,7 +866,8 @@ class _ImageRecords(TorchDataset):
             path = self.root / row['image']
             try: return load_image(path, self.max_pixels, self.decode_size), row, errors
             except BadRecordError as e:
-                err = e.located(record_id=row['id'], field='image', file=path)
+                man, line = self.locations[(idx + k) % n] if self.locations is not None else (None, None)
+                err = e.located(manifest=man, line=line, record_id=row['id'], field='image', file=path)
                 if self.on_error == 'raise': raise err from None
                 errors.append((str(path), str(err)))
         raise BadRecordError(f'{self.max_retries + 1} consecutive images failed to decode from index {idx}; last: {errors[-1][1]}',

@@ -92,21 +92,28 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
-def main(argv=None):
-    "Console script `maskedclip-demo`."
-    ap = argparse.ArgumentParser(prog="maskedclip-demo", description="Synthetic corpus -> CPU pre-training -> evaluation -> HTML report.")
-    ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--preset", default="demo", choices=PRESETS)
-    ap.add_argument("--method", default="maskedclip")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seeds", type=int, default=3)
+def main(argv=None) -> int:
+    "Console script `maskedclip-demo`; returns the exit status (`maskedclip.config.ExitCode`), never exits the interpreter."
+    from maskedclip import __version__
+    from maskedclip.config import METHODS, ExitCode, report_error
+    ap = argparse.ArgumentParser(prog="maskedclip-demo", description="Synthetic corpus -> CPU pre-training -> evaluation -> HTML report. "
+                                 "Exit status as maskedclip-pretrain: 0 ok, 2 bad option, 3 non-finite loss, 4 bad data, 5 environment.")
+    ap.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder: corpus/, pretrain/, report.html, results.json (default: %(default)s)")
+    ap.add_argument("--preset", default="demo", choices=PRESETS, help="model preset (default: %(default)s)")
+    ap.add_argument("--method", default="maskedclip", choices=[*METHODS, "mlip"], help="pre-training method (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=500, help="pre-training steps (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=32, help="paired and unpaired images per step, each (default: %(default)s)")
+    ap.add_argument("--seeds", type=int, default=3, help="number of linear-probe seeds (default: %(default)s)")
     ap.add_argument("--n-task", type=int, default=1000, help="images per downstream training and test split (validation: half)")
     ap.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
-    a = ap.parse_args(argv)
-    kw = dict(out=a.out, preset=a.preset, method=a.method, steps=a.steps, batch_size=a.batch_size, seeds=tuple(range(a.seeds)), n_task=a.n_task)
-    if a.quick: kw.update(steps=4, batch_size=8, n_paired=64, n_unpaired=64, n_task=40, seeds=(0,), n_boot=50)
-    s = run_demo(**kw)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    try:
+        a = ap.parse_args(argv)
+        kw = dict(out=a.out, preset=a.preset, method=a.method, steps=a.steps, batch_size=a.batch_size, seeds=tuple(range(a.seeds)), n_task=a.n_task)
+        if a.quick: kw.update(steps=4, batch_size=8, n_paired=64, n_unpaired=64, n_task=40, seeds=(0,), n_boot=50)
+        s = run_demo(**kw)
+    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
+    except BaseException as e: return report_error(e, "maskedclip-demo")
     print("\nlinear probe (AUROC, mean over seeds):")
     for r in s["linear_probe"]: print(f"  {r['task']:<14} {r['method']:<12} frac={r['fraction']:<4} auroc={r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}")
     print("against random init (linear probe; separated = bootstrap CIs do not overlap in any seed):")
@@ -117,3 +124,4 @@ def main(argv=None):
     for r in s["zero_shot"]: print(f"  {r['task']:<14} {r['auroc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
     print(f"timings: {json.dumps({k: round(v, 1) for k, v in s['timings'].items()})}")
     print(f"\nreport: {s['report']}")
+    return int(ExitCode.OK)

@@ -1152,13 +1152,15 @@ def save_results(df: pd.DataFrame, out_dir, stem: str = "results", figure: bool 
     return paths
 
 # %% ../nbs/10_evaluate.ipynb #0000002d
+from .config import ExitCode, ConfigError, DataError, report_error
+
 def _parse_sources(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for it in items:
         name, src = it.split("=", 1) if "=" in it else (it.split(":", 1)[0] if it.startswith("random") else Path(it).name, it)
         name, src = name.strip(), src.strip()
-        if not name or not src: raise ValueError(f"--checkpoint {it!r}: expected NAME=PATH (or 'random')")
-        if name in out: raise ValueError(f"--checkpoint: name {name!r} given twice")
+        if not name or not src: raise ConfigError(f"--checkpoint {it!r}: expected NAME=PATH (or 'random')")
+        if name in out: raise ConfigError(f"--checkpoint: name {name!r} given twice")
         out[name] = src
     return out
 
@@ -1166,47 +1168,72 @@ def _split_list(values: Sequence[str]) -> list[str]:
     return [v for item in values for v in str(item).replace(",", " ").split()]
 
 def _fraction(v: str) -> float:
-    f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
-    if not 0 < f <= 1: raise ValueError(f"--fractions: {v!r} is not in (0, 1] (or 0–100%)")
+    try: f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
+    except ValueError: raise ConfigError(f"--fractions: {v!r} is not a number (give e.g. 0.1 or 10%)") from None
+    if not 0 < f <= 1: raise ConfigError(f"--fractions: {v!r} is not in (0, 1] (or 0–100%)")
     return f
 
+def _seed(v: str) -> int:
+    try: return int(v)
+    except ValueError: raise ConfigError(f"--seeds: {v!r} is not an integer") from None
+
+def _check_sources(sources: Mapping[str, str]):
+    "Each `--checkpoint` path exists, and a `.safetensors` file really is one (not a pickle renamed), before any work."
+    for name, src in sources.items():
+        if src == "random" or src.startswith("random:"): continue
+        p = Path(src)
+        if not p.exists(): raise ConfigError(f"--checkpoint {name}={src}: not found; give a run/checkpoint directory, an encoder.safetensors, a .pth file or 'random'")
+        if p.is_file() and p.suffix == ".safetensors":
+            from safetensors import safe_open
+            try:
+                with safe_open(str(p), framework="pt") as f: f.keys()
+            except Exception as e:
+                raise DataError(f"--checkpoint {name}={src}: not a valid safetensors file ({str(e).splitlines()[0][:100]}); if it is a "
+                                "pickled state dict renamed .safetensors, give it its real suffix (.pth): it is then loaded weights-only") from None
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="maskedclip-eval", description="Evaluate image encoders (linear probe, fine-tune, zero-shot) on a corpus's downstream tasks.")
+    from maskedclip import __version__
+    ap = argparse.ArgumentParser(prog="maskedclip-eval", description="Evaluate image encoders (linear probe, fine-tune, zero-shot) on a corpus's downstream tasks. "
+                                 "Exit status: 0 ok, 1 internal error, 2 bad arguments, 4 bad data or weights file, 5 environment.")
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH", required=True,
                     help="an encoder source: run/checkpoint dir, encoder.safetensors, timm/MAE/RETFound .pth, or 'random[:preset]' (repeatable)")
-    ap.add_argument("--corpus", required=True, help="corpus root with tasks/<task>/{train,val,test}.jsonl")
-    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    ap.add_argument("--corpus", required=True, metavar="DIR", help="corpus root with tasks/<task>/{train,val,test}.jsonl")
+    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="task names under <corpus>/tasks (default: %(default)s)")
     ap.add_argument("--fractions", nargs="+", default=["0.1", "1.0"], help="label fractions in (0, 1] or percentages, e.g. 1%% 10%% 100%%")
-    ap.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
-    ap.add_argument("--protocol", default="linear_probe", choices=PROTOCOLS)
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--vision-config", default=None, help="preset for 'random' sources (default: the first checkpoint's architecture)")
-    ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
-    ap.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size")
-    ap.add_argument("--blr", type=float, default=5e-3, help="fine-tuning base lr (lr = blr * batch / 256)")
-    ap.add_argument("--layer-decay", type=float, default=0.65)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="seeds of the label subsets and probes (default: 0 1 2)")
+    ap.add_argument("--protocol", default="linear_probe", choices=PROTOCOLS, help="evaluation protocol (default: %(default)s)")
+    ap.add_argument("--out", required=True, metavar="DIR", help="output directory (results, summary, tables, figure)")
+    ap.add_argument("--vision-config", default=None, choices=PRESETS, help="preset for 'random' sources (default: the first checkpoint's architecture)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the confidence intervals (default: %(default)s)")
+    ap.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size (default: %(default)s)")
+    ap.add_argument("--blr", type=float, default=5e-3, help="fine-tuning base lr, lr = blr * batch / 256 (default: %(default)s)")
+    ap.add_argument("--layer-decay", type=float, default=0.65, help="fine-tuning layer-wise lr decay (default: %(default)s)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
     return ap
 
 def main(argv=None) -> int:
-    "Console script `maskedclip-eval` (see `build_parser`); returns the exit status."
+    "Console script `maskedclip-eval` (see `build_parser`); returns the exit status (`maskedclip.config.ExitCode`), never exits."
     ap = build_parser()
-    a = ap.parse_args(argv)
     try:
+        a = ap.parse_args(argv)
         sources = _parse_sources(a.checkpoint)
         fractions = [_fraction(v) for v in _split_list(a.fractions)]
-        seeds = [int(v) for v in _split_list(a.seeds)]
+        seeds = [_seed(v) for v in _split_list(a.seeds)]
+        _check_sources(sources)
         df = evaluate_all(sources, _split_list(a.tasks), fractions, seeds, a.protocol, a.corpus, vision_config=a.vision_config,
                           n_boot=a.n_boot, device=a.device, progress=not a.no_progress,
                           finetune_kw=dict(epochs=a.epochs, batch_size=a.batch_size, blr=a.blr, layer_decay=a.layer_decay))
         paths = save_results(df, a.out)
-    except (ValueError, FileNotFoundError) as e:
+    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
+    except FileNotFoundError as e:   # a path given on the command line
         print(f"maskedclip-eval: error: {e}", file=sys.stderr)
-        return 2
+        return int(ExitCode.CONFIG)
+    except BaseException as e: return report_error(e, "maskedclip-eval")
     if not df.empty:
         t = table1(df)
         print(t.caption); print(t.markdown)
     print(f"[eval] wrote {', '.join(str(p) for p in paths.values() if Path(p).exists())}")
-    return 0
+    return int(ExitCode.OK)

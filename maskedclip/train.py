@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_train.ipynb #00000002
 from __future__ import annotations
-import argparse, contextlib, dataclasses, hashlib, json, math, os, random, re, shutil, sys, time, warnings
+import argparse, contextlib, dataclasses, errno, hashlib, json, math, os, random, re, shutil, socket, sys, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -12,16 +12,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from .config import ExperimentConfig, TrainConfig, MaskedCLIPConfig, DataConfig, get_preset
-from .data import Batch
+from .config import ExperimentConfig, TrainConfig, MaskedCLIPConfig, DataConfig, get_preset, PRESETS, METHODS
+from .config import ExitCode, MaskedCLIPError, ConfigError, DataError, RunEnvironmentError, NonFiniteError, exit_code_for, report_error
+from .data import Batch, BadRecordError
 from .model import MaskedCLIP
 
 # %% auto #0
 __all__ = ['NO_DECAY_NAMES', 'DistInfo', 'resolve_device', 'setup_distributed', 'cleanup_distributed', 'seed_everything',
-           'param_groups', 'lr_at', 'mask_noise_for_step', 'checkpoint_dirs', 'find_latest', 'NonFiniteLossError',
-           'Trainer', 'InMemoryBatches', 'build_loader', 'synthetic_corpus_dir', 'ensure_synthetic_corpus', 'train',
-           'config_from_args', 'main', 'experiment_config', 'launch', 'read_metrics', 'run_grid', 'grid_main',
-           'LiveProgress']
+           'param_groups', 'lr_at', 'mask_noise_for_step', 'checkpoint_dirs', 'find_latest', 'RunLock',
+           'clean_stale_tmp', 'rewrite_metrics', 'estimate_checkpoint_bytes', 'check_output_dir', 'preflight',
+           'NonFiniteLossError', 'Trainer', 'InMemoryBatches', 'build_loader', 'synthetic_corpus_dir',
+           'ensure_synthetic_corpus', 'train', 'pretrain_parser', 'config_from_args', 'main', 'console_main',
+           'experiment_config', 'launch', 'read_metrics', 'run_grid', 'grid_main', 'LiveProgress']
 
 # %% ../nbs/09_train.ipynb #00000004
 @dataclass
@@ -36,8 +38,18 @@ class DistInfo:
     def distributed(self) -> bool: return self.world_size > 1
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    "`auto` -> this rank's GPU or the CPU; a named device must exist on this machine (else `RunEnvironmentError`)."
     if name == "auto": return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    try: dev = torch.device(name)
+    except RuntimeError: raise ConfigError(f"train.device: {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise RunEnvironmentError(f"train.device: {name} is not available on this machine ({n} CUDA device{'s' if n != 1 else ''}); "
+                                      f"use train.device=auto{' or cuda:0' if n else ' or cpu'}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RunEnvironmentError(f"train.device: {name} is not available on this machine; use train.device=auto or cpu")
+    return dev
 
 def setup_distributed(device: str = "auto") -> DistInfo:
     "Initialise torch.distributed from torchrun's variables (no-op for a single process)."
@@ -130,13 +142,162 @@ def find_latest(run_dir: str | Path) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
 
+# %% ../nbs/09_train.ipynb #r17-lock
+class RunLock:
+    """Exclusive lock on a run directory: `<dir>/.lock` names the holder and is `flock`ed while the run lives.
+
+    A live holder -> `RunEnvironmentError` naming it; a lock left by a dead process is taken over with a message."""
+    NAME = ".lock"
+    def __init__(self, run_dir: str | Path): self.path, self._fd = Path(run_dir) / self.NAME, None
+    @property
+    def held(self) -> bool: return self._fd is not None
+
+    @staticmethod
+    def _holder(fd) -> dict:
+        with contextlib.suppress(OSError, ValueError): return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return {}
+
+    @staticmethod
+    def _describe(h: dict) -> str:
+        return f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, started {h.get('started', '?')}" if h else "a holder that left no details"
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                h = self._holder(fd); os.close(fd)
+                if h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int) and not _pid_alive(h["pid"]):
+                    # the holder died but a child it forked (a data-loader worker) still holds the flock: replace the file
+                    print(f"[maskedclip] {self.path}: taking over the lock of a run that is no longer running ({self._describe(h)})", file=sys.stderr)
+                    with contextlib.suppress(FileNotFoundError): os.unlink(self.path)
+                    continue
+                raise RunEnvironmentError(f"{self.path.parent}: in use by another run ({self._describe(h)}; lock file {self.path}); "
+                                          "wait for it to finish or stop it, or give this run another --output-dir") from None
+            try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError: same = False
+            if not same: os.close(fd); continue      # released and removed meanwhile: lock the new file instead
+            old = self._holder(fd)
+            if old: print(f"[maskedclip] {self.path}: took over the stale lock of a run that is no longer running ({self._describe(old)})", file=sys.stderr)
+            me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+            os.ftruncate(fd, 0); os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            self._fd = fd
+            return self
+        raise RunEnvironmentError(f"{self.path}: could not take the run lock (it kept changing hands); try again")
+
+    def release(self):
+        if self._fd is None: return
+        with contextlib.suppress(OSError): os.unlink(self.path)
+        with contextlib.suppress(OSError): os.close(self._fd)
+        self._fd = None
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+    def __del__(self): self.release()
+
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def clean_stale_tmp(run_dir: str | Path) -> list[str]:
+    "Remove what an interrupted save leaves (`.step_N.tmp/`, `.final.tmp/`, `*.tmp<pid>` pointer files); only the lock holder may call this."
+    run_dir, gone = Path(run_dir), []
+    for d in (run_dir / "checkpoints", run_dir):
+        if not d.is_dir(): continue
+        for p in d.iterdir():
+            if re.fullmatch(r"\.(step_\d+|final|final\.old|encoder)\.tmp.*|.+\.tmp\d+", p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                gone.append(str(p))
+    return gone
+
+def _json_line(row: dict) -> str:
+    "Strict JSON (no `NaN`/`Infinity` tokens): a non-finite number becomes null."
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
+
+def rewrite_metrics(path: str | Path, upto_step: int) -> int:
+    "Keep the rows of `metrics.jsonl` with `step <= upto_step` (and drop a torn last line); returns how many were dropped."
+    path = Path(path)
+    if not path.is_file(): return 0
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            r = json.loads(line)
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto_step: keep.append(line)
+    dropped = len([l for l in lines if l.strip()]) - len(keep)
+    if dropped: _atomic_write_text(path, "".join(l + "\n" for l in keep))
+    return dropped
+
+# %% ../nbs/09_train.ipynb #r17-pre
+def estimate_checkpoint_bytes(model_cfg: MaskedCLIPConfig) -> int | None:
+    "Bytes of one checkpoint: all weights + AdamW moments of the trainable ones (a build on the meta device; None if that fails)."
+    try:
+        with torch.device("meta"): m = MaskedCLIP(model_cfg, pretrained_text=False)
+    except Exception: return None
+    weights = sum(v.numel() * v.element_size() for v in m.state_dict().values())
+    moments = sum(p.numel() for p in m.parameters() if p.requires_grad) * 4 * 2
+    return weights + moments + (1 << 20)   # + config, tokenizer files, state and RNG pickles
+
+def check_output_dir(out: str | Path, need_bytes: int | None = None) -> Path:
+    "The output directory exists, is writable and has `need_bytes` free, or `RunEnvironmentError` says what to do."
+    out = Path(out)
+    try: out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunEnvironmentError(f"train.output_dir: {out} (or a parent) exists and is not a directory; choose another --output-dir") from None
+    except OSError as e:
+        raise RunEnvironmentError(f"train.output_dir: cannot create {out} ({e.strerror}); choose a writable --output-dir") from None
+    probe = out / f".write-test.tmp{os.getpid()}"
+    try:
+        with open(probe, "wb") as f: f.write(b"\0" * 4096); f.flush(); os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError): probe.unlink()
+        if _is_disk_full(e): raise RunEnvironmentError(f"train.output_dir: no space left on the device of {out}; free some space or choose another --output-dir") from None
+        raise RunEnvironmentError(f"train.output_dir: {out} is not writable ({e.strerror}); fix its permissions/mount or choose another --output-dir") from None
+    probe.unlink()
+    if need_bytes:
+        free = shutil.disk_usage(out).free
+        if free < need_bytes:
+            raise RunEnvironmentError(f"train.output_dir: no space left for a checkpoint in {out}: one needs about {need_bytes / 2**20:.0f} MB "
+                                      f"and {free / 2**20:.0f} MB are free; free some space or choose another --output-dir")
+    return out
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL_TEXT = ("no space left", "file too large", "disk quota", "os error 28", "os error 27", "unexpected pos", "file write failed")
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    "Whether an exception (or one it came from) is a full disk, a quota or a file-size limit (torch and safetensors hide the errno)."
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) in _DISK_FULL_ERRNOS or any(t in str(e).lower() for t in _DISK_FULL_TEXT): return True
+        e = e.__cause__ or e.__context__
+    return False
+
+def preflight(config: ExperimentConfig) -> RunLock:
+    "Rank 0, before anything heavy: device exists, output dir writable with room for a checkpoint; take the run lock, clean stale temporaries."
+    out = Path(config.train.output_dir)
+    check_output_dir(out, estimate_checkpoint_bytes(config.model))
+    lock = RunLock(out).acquire()
+    try:
+        gone = clean_stale_tmp(out)
+        if gone: print(f"[maskedclip] removed {len(gone)} leftover(s) of an interrupted run: {', '.join(Path(g).name for g in gone)}", file=sys.stderr)
+        r = config.train.resume
+        if r not in (None, "latest") and not Path(r).is_dir():
+            raise ConfigError(f"train.resume: {r} does not exist; give 'latest' or a checkpoint directory "
+                              f"(complete ones here: {[p.name for p in checkpoint_dirs(out)] or 'none'})")
+    except BaseException: lock.release(); raise
+    return lock
+
 # %% ../nbs/09_train.ipynb #0000000e
-class NonFiniteLossError(RuntimeError):
-    "A loss part became NaN/inf; the message names the part and the step, and a checkpoint was saved."
+class NonFiniteLossError(NonFiniteError):
+    "A loss part, the weighted total or the gradient became NaN/inf; the message names it and the step (exit code 3)."
 
 def _resolve_precision(p: str, device: torch.device) -> str:
     if p == "auto": return "bf16" if device.type == "cuda" else "fp32"
-    if p == "fp16" and device.type != "cuda": raise ValueError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
+    if p == "fp16" and device.type != "cuda": raise ConfigError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
     return p
 
 def _memory_mb(device: torch.device) -> float:
@@ -144,19 +305,56 @@ def _memory_mb(device: torch.device) -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+def _discard(ckpt: Path):
+    "Delete a checkpoint directory so that a kill half-way can never leave a `COMPLETE`-marked remnant: rename it away first."
+    gone = ckpt.with_name(f".{ckpt.name}.tmp-old")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(ckpt, gone); _fsync_dir(ckpt.parent)
+    shutil.rmtree(gone, ignore_errors=True)
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    "Total L2 norm of the gradients (read only; NaN/inf if any gradient is)."
+    gs = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])) if gs else torch.zeros(())
+
+def _check_weights_file(path: str | Path, field: str):
+    "A weights file named in the config exists and, if `.safetensors`, really is one (a pickle renamed `.safetensors` is not)."
+    p = Path(path)
+    if not p.is_file(): raise ConfigError(f"{field}: {p} does not exist; give the path of a .safetensors or .pth weights file")
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(p), framework="pt") as f: f.keys()
+        except Exception as e:
+            raise DataError(f"{field}: {p} is not a valid safetensors file ({str(e).splitlines()[0][:120]}); if it is a pickled "
+                            "state dict renamed .safetensors, give it its real suffix (.pth) — it is then loaded weights-only") from None
+
 class Trainer:
     """Pre-trains `MaskedCLIP` on a two-stream loader.
 
     `loader` yields this rank's `Batch`es for the rest of the current epoch each time it is iterated (rolling over
     to the next epoch by itself), has `__len__` (steps per epoch), `epoch`, `state_dict` and `load_state_dict`;
-    `build_loader` makes one from `config.data`."""
+    `build_loader` makes one from `config.data`. Rank 0 holds the run directory's `RunLock` from construction
+    to the end of `fit` (or `close`)."""
     def __init__(self, config: ExperimentConfig, loader=None, dist_info: DistInfo | None = None, progress: bool = True):
         self.cfg, t = config, config.train
         self.di = dist_info or setup_distributed(t.device)
         self.device = self.di.device
         self.precision = _resolve_precision(t.precision, self.device)
         self.out = Path(t.output_dir)
-        if self.di.is_main: self.out.mkdir(parents=True, exist_ok=True)
+        self._lock, self._snap, self.skipped_records = None, None, []
+        err = None
+        if self.di.is_main:
+            try:
+                if config.model.vision.init_weights: _check_weights_file(config.model.vision.init_weights, "model.vision.init_weights")
+                self._lock = preflight(config)
+            except MaskedCLIPError as e: err = e
+        self._agree(err, "rank 0 could not prepare the output directory")
+        try: self._build(config, loader, progress)
+        except BaseException: self.close(); raise
+
+    def _build(self, config: ExperimentConfig, loader, progress: bool):
+        t = config.train
         seed_everything(t.seed)   # identical initial weights on every rank ...
         self.model = MaskedCLIP(config.model).to(self.device)
         seed_everything(t.seed + self.di.rank)   # ... then per-rank randomness (drop path, dropout)
@@ -191,36 +389,77 @@ class Trainer:
                   f"{' (lr given directly)' if t.lr is not None else ''}; steps={self.total_steps} warmup={self.warmup_steps}")
         if t.resume: self.resume(t.resume)
 
+    def close(self):
+        "Release the run directory's lock (`fit` does this when it ends)."
+        if self._lock is not None: self._lock.release()
+
+    def _agree(self, err: BaseException | None, what: str):
+        "Every rank learns whether any rank failed (this is also a barrier); the failing rank raises its own error."
+        flag = torch.tensor([1.0 if err is not None else 0.0], device=self.device)
+        if self.di.distributed: dist.all_reduce(flag)
+        if err is not None: raise err
+        if flag.item() > 0: raise RunEnvironmentError(f"{what}; see the message of the rank that failed")
+
     # ---------------------------------------------------------------- checkpoints
-    def save(self, tag: str | None = None) -> Path | None:
-        "Write a checkpoint atomically (all ranks call this; rank 0 writes the shared files)."
+    def _disk_error(self, e: BaseException, what: str) -> RunEnvironmentError:
+        free = shutil.disk_usage(self.out).free / 2**20 if self.out.is_dir() else float("nan")
+        latest = find_latest(self.out)
+        if _is_disk_full(e):
+            return RunEnvironmentError(f"no space left on device while writing {what} in {self.out} ({free:.0f} MB free; one checkpoint needs about "
+                                       f"{(estimate_checkpoint_bytes(self.cfg.model) or 0) / 2**20:.0f} MB); the partial write was removed. Free some space "
+                                       f"or move the run, then rerun with --resume latest (last complete checkpoint: {latest.name if latest else 'none'})")
+        return RunEnvironmentError(f"cannot write {what} in {self.out} ({getattr(e, 'strerror', None) or e}); the partial write was removed. "
+                                   f"Fix the directory, then rerun with --resume latest")
+
+    def save(self, tag: str | None = None, at_step_start: bool = False) -> Path | None:
+        """Write a checkpoint atomically (all ranks call this; rank 0 writes the shared files). Refuses non-finite weights.
+        `at_step_start`: the state from before the step in progress (loader position, micro-step, RNG), for a failure mid-step."""
         ckdir = self.out / "checkpoints"
         name = tag or f"step_{self.step:08d}"
-        final = ckdir / name
-        tmp = ckdir / f".{name}.tmp"
-        if self.di.is_main:
+        final, tmp = ckdir / name, ckdir / f".{name}.tmp"
+        bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            latest = find_latest(self.out)
+            raise NonFiniteError(f"the weights became non-finite before step {self.step} ({len(bad)} tensors, e.g. {bad[0]}); nothing was saved. "
+                                 f"Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}")
+        snap = self._snap if at_step_start and self._snap is not None else None
+        err = None
+        def guarded(fn):
+            nonlocal err
+            if err is None:
+                try: fn()
+                except Exception as e: err = e
+        def write_shared():
             ckdir.mkdir(parents=True, exist_ok=True)
             if tmp.exists(): shutil.rmtree(tmp)
             self.model.save_pretrained(tmp)
             self.cfg.to_json(tmp / "config.json")
-            state = {"step": self.step, "epoch": self.epoch, "micro": self.micro, "optimizer": self.opt.state_dict(),
+            state = {"step": self.step, "epoch": snap["epoch"] if snap else self.epoch, "micro": snap["micro"] if snap else self.micro,
+                     "optimizer": self.opt.state_dict(),
                      "scheduler": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "lr": self.lr, "min_lr": self.cfg.train.min_lr},
-                     "loader": self.loader.state_dict(), "world_size": self.di.world_size,
+                     "loader": snap["loader"] if snap else self.loader.state_dict(), "world_size": self.di.world_size,
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None}
             torch.save(state, tmp / "state.pt")
-        self._barrier()
-        torch.save(_rng_state(), (tmp / f"rng_rank{self.di.rank}.pt"))
-        self._barrier()
-        if self.di.is_main:
+        def publish():
             for f in tmp.iterdir():
                 if f.is_file():
                     with open(f, "rb") as fh: os.fsync(fh.fileno())
-            if final.exists(): shutil.rmtree(final)
+            if final.exists(): _discard(final)
             os.replace(tmp, final); _fsync_dir(ckdir)
             _atomic_write_text(final / "COMPLETE", "ok\n")
             _atomic_write_text(ckdir / "latest", name + "\n")
-            for old in checkpoint_dirs(self.out)[:-self.cfg.train.keep_last]: shutil.rmtree(old, ignore_errors=True)
-        self._barrier()
+            for old in checkpoint_dirs(self.out)[:-self.cfg.train.keep_last]: _discard(old)
+        try:
+            if self.di.is_main: guarded(write_shared)
+            self._agree(err, f"checkpoint {name}: rank 0 failed to write it")
+            guarded(lambda: torch.save(snap["rng"] if snap else _rng_state(), tmp / f"rng_rank{self.di.rank}.pt"))
+            self._agree(err, f"checkpoint {name}: a rank failed to write its RNG state")
+            if self.di.is_main: guarded(publish)
+            self._agree(err, f"checkpoint {name}: rank 0 failed to publish it")
+        except Exception as e:
+            if self.di.is_main: shutil.rmtree(tmp, ignore_errors=True)   # never leave a half-written checkpoint filling the disk
+            if isinstance(e, MaskedCLIPError) or not (isinstance(e, OSError) or _is_disk_full(e)): raise
+            raise self._disk_error(e, f"checkpoint {name}") from None
         return final
 
     def resume(self, where: str):
@@ -229,11 +468,17 @@ class Trainer:
         if path is None:
             if self.di.is_main: print(f"[maskedclip] resume='latest': no checkpoint in {self.out / 'checkpoints'}; starting fresh")
             return
-        if not (path / "COMPLETE").is_file(): raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint")
+        have = [p.name for p in checkpoint_dirs(self.out)] or "none"
+        if not path.is_dir(): raise ConfigError(f"train.resume: {path} does not exist; give 'latest' or a checkpoint directory (complete ones in {self.out}: {have})")
+        if not (path / "COMPLETE").is_file(): raise ConfigError(f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker); give 'latest' or one of {have}")
         from safetensors.torch import load_file
-        self.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(self.device)), strict=True)
-        st = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
-        if st["world_size"] != self.di.world_size: raise ValueError(f"train.resume: {path} was written with {st['world_size']} processes, this run has {self.di.world_size}")
+        try: sd = load_file(str(path / "model.safetensors"), device=str(self.device))
+        except Exception as e: raise DataError(f"train.resume: {path / 'model.safetensors'} is not a readable safetensors file ({str(e)[:100]}); resume from another checkpoint") from None
+        try: st = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
+        except Exception as e: raise DataError(f"train.resume: {path / 'state.pt'} cannot be loaded weights-only ({type(e).__name__}); resume from another checkpoint") from None
+        try: self.model.load_state_dict(sd, strict=True)
+        except RuntimeError as e: raise ConfigError(f"train.resume: {path} holds another model than this config builds ({str(e).splitlines()[0][:150]})") from None
+        if st["world_size"] != self.di.world_size: raise ConfigError(f"train.resume: {path} was written with {st['world_size']} processes, this run has {self.di.world_size}")
         self.opt.load_state_dict(st["optimizer"])
         if self.scaler is not None and st["scaler"] is not None: self.scaler.load_state_dict(st["scaler"])
         self.step, self.epoch, self.micro = st["step"], st["epoch"], st["micro"]
@@ -261,14 +506,33 @@ class Trainer:
                 yield b
             if n == 0: raise RuntimeError("the loader yielded no batch for a whole epoch")
 
-    def _check_finite(self, parts: dict[str, torch.Tensor]):
-        bad = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
+    def _check_finite(self, parts: dict[str, torch.Tensor], total: torch.Tensor | None = None):
+        "Every loss part and the weighted total must be finite on every rank, before backward; else save the step-start state and stop."
+        named = {**parts, **({"total (weighted sum)": total} if total is not None else {})}
+        bad = [k for k, v in named.items() if not torch.isfinite(v.detach()).all()]
         flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
         if self.di.distributed: dist.all_reduce(flag)
         if flag.item() > 0:
-            path = self.save(tag=f"step_{self.step:08d}")
-            which = ", ".join(f"{k}={float(parts[k].detach()):g}" for k in bad) or "on another rank"
-            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {which}; state saved to {path}")
+            path = self.save(tag=f"step_{self.step:08d}", at_step_start=True)
+            which = ", ".join(f"{k}={float(named[k].detach()):g}" for k in bad) or "on another rank"
+            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {which}; the optimizer did not step and the state before it "
+                                     f"is saved to {path}. Check the loss weights (model.lambda_*), train.lr and the data, then resume")
+
+    def _next_batch(self, stream):
+        "The next batch; an image that fails to decode stops the run with its manifest line and a checkpoint to resume from."
+        try: return next(stream)
+        except BadRecordError as e:
+            path = self.save(tag=f"step_{self.step:08d}", at_step_start=True)
+            raise DataError(f"{e}; the state before step {self.step + 1} is saved to {path}. Replace or remove that record "
+                            "(or set data.on_bad_record=skip), then rerun with --resume latest") from None
+
+    def _note_skipped(self):
+        "Under data.on_bad_record='skip' the loader replaces undecodable images; count them and name each once."
+        errs = getattr(self.loader, "decode_errors", None)
+        while errs is not None and len(self.skipped_records) < len(errs):
+            f, msg = errs[len(self.skipped_records)]
+            self.skipped_records.append(msg)
+            if self.di.is_main: print(f"[maskedclip] skipped a record whose image failed to decode (data.on_bad_record=skip): {msg}", file=sys.stderr)
 
     def fit(self, until: int | None = None) -> list[dict]:
         "Train until `total_steps` (or stop early at step `until`, saving a checkpoint); returns rank 0's metric rows."
@@ -277,7 +541,12 @@ class Trainer:
         net = self.ddp or self.model
         self.model.train()
         rows = []
-        metrics_f = open(self.out / "metrics.jsonl", "a") if self.di.is_main else None
+        metrics_f = None
+        if self.di.is_main:
+            if not (self._lock and self._lock.held): self._lock = RunLock(self.out).acquire()   # a second fit() on this Trainer
+            dropped = rewrite_metrics(self.out / "metrics.jsonl", self.step)
+            if dropped: print(f"[maskedclip] metrics.jsonl: replaced {dropped} row(s) logged after step {self.step} by an earlier, interrupted run")
+            metrics_f = open(self.out / "metrics.jsonl", "a")
         if self.di.is_main and (t.tensorboard or t.wandb):
             from maskedclip.loggers import make_loggers
             self._loggers = make_loggers(self.out, tensorboard=t.tensorboard, wandb=t.wandb, config=self.cfg.to_dict(), run_name=self.out.name)
@@ -291,9 +560,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 sums: dict[str, float] = {}
                 n_img = 0
+                self._snap = dict(micro=self.micro, epoch=self.epoch, loader=self.loader.state_dict(), rng=_rng_state())
                 for k in range(t.grad_accum):
-                    batch = next(stream).to(self.device, non_blocking=True)
-                    n_mp = (batch.n_paired + batch.n_unpaired) if (mc.use_mim or mc.use_mfd) else (batch.n_paired if self.model.uses_masked_pass else 0)
+                    batch = self._next_batch(stream).to(self.device, non_blocking=True)
+                    self._note_skipped()
                     noise = None
                     if self.model.uses_masked_pass:
                         np_, nu_ = (batch.n_paired, batch.n_unpaired) if (mc.use_mim or mc.use_mfd) else (batch.n_paired, 0)
@@ -302,7 +572,7 @@ class Trainer:
                     with sync:
                         with self._autocast():
                             out = net(batch, mask_noise=noise)
-                        self._check_finite(out.parts)
+                        self._check_finite(out.parts, out.loss)
                         loss = out.loss / t.grad_accum
                         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
                     self.micro += 1
@@ -311,6 +581,12 @@ class Trainer:
                     sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / t.grad_accum
                 if self.scaler is not None: self.scaler.unscale_(self.opt)
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip) if t.grad_clip else None
+                if self.scaler is None:   # fp16's scaler skips inf/NaN gradients itself; otherwise they must never reach the weights
+                    if not torch.isfinite(gnorm if gnorm is not None else _grad_norm(self.model)):
+                        self.opt.zero_grad(set_to_none=True)
+                        path = self.save(tag=f"step_{self.step:08d}", at_step_start=True)
+                        raise NonFiniteLossError(f"non-finite gradient at step {self.step + 1} (loss {sums.get('loss', float('nan')):g} was finite); the optimizer "
+                                                 f"did not step and the state before it is saved to {path}. Lower train.lr or the loss weights, or set train.grad_clip")
                 if self.scaler is not None: self.scaler.step(self.opt); self.scaler.update()
                 else: self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -328,25 +604,42 @@ class Trainer:
                                tau=float(self.model.logit_scale.detach().exp()) if self.model.logit_scale is not None else None,
                                images_per_s=n_img * self.di.world_size / dt, step_s=dt, memory_mb=_memory_mb(self.device))
                     if gnorm is not None: row["grad_norm"] = float(gnorm)
-                    metrics_f.write(json.dumps(row) + "\n"); metrics_f.flush()
+                    if self.skipped_records: row["skipped_records"] = len(self.skipped_records)
+                    metrics_f.write(_json_line(row) + "\n"); metrics_f.flush()
                     if self._loggers is not None: self._loggers.log(row, self.step)
                     rows.append(row)
                     bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 if t.save_every and self.step % t.save_every == 0 and self.step < stop: self.save()
+            self._snap = None
             self.save()
-            if self.di.is_main and self.step == self.total_steps:
-                final = self.out / "final"
-                if final.exists(): shutil.rmtree(final)
-                self.model.save_pretrained(final)
-                self.cfg.to_json(final / "config.json")
-                self.model.export_encoder(self.out / "encoder.safetensors")
+            if self.di.is_main and self.step == self.total_steps: self._write_final()
+            if self.di.is_main and self.skipped_records:
+                print(f"[maskedclip] {len(self.skipped_records)} record(s) skipped because their image failed to decode (listed above)", file=sys.stderr)
         finally:
             bar.close()
             if metrics_f is not None: metrics_f.close()
             if self._loggers is not None: self._loggers.close()
+            self.close()
         return rows
 
+    def _write_final(self):
+        "`final/` and `encoder.safetensors`, each written under a temporary name and renamed (a kill leaves the old or the new)."
+        final, tmp, old = self.out / "final", self.out / ".final.tmp", self.out / ".final.old.tmp"
+        enc_tmp = self.out / ".encoder.tmp.safetensors"
+        try:
+            for p in (tmp, old): shutil.rmtree(p, ignore_errors=True)
+            self.model.save_pretrained(tmp)
+            self.cfg.to_json(tmp / "config.json")
+            self.model.export_encoder(enc_tmp)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True); enc_tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) or _is_disk_full(e): raise self._disk_error(e, "final/ and encoder.safetensors") from None
+            raise
+        if final.exists(): os.replace(final, old)
+        os.replace(tmp, final)
+        os.replace(enc_tmp, self.out / "encoder.safetensors"); _fsync_dir(self.out)
+        shutil.rmtree(old, ignore_errors=True)
 def _set_grad_ckpt(m):
     for sub in m.modules():
         if hasattr(sub, "grad_checkpointing"): sub.grad_checkpointing = True
@@ -404,20 +697,40 @@ class InMemoryBatches:
             self.pos += 1
             yield Batch(**kw)
 
+def _label_space(d: DataConfig) -> list[str] | None:
+    from maskedclip.data import LABEL_SPACES
+    if not isinstance(d.label_space, str): return d.label_space
+    if LABEL_SPACES.get(d.label_space) is None:
+        raise ConfigError(f"data.label_space: {d.label_space!r} is not a dataset with a fixed label space "
+                          f"({[k for k, v in LABEL_SPACES.items() if v]}); or give the labels as a JSON list")
+    return list(LABEL_SPACES[d.label_space])
+
 def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
-    "The two-stream loader of `maskedclip.data` for `config.data` (synthetic corpus built on demand)."
+    """The two-stream loader of `maskedclip.data` for `config.data` (synthetic corpus built on demand).
+
+    `data.on_bad_record='skip'` also covers images that pass the load-time check but fail to decode during training
+    (they are replaced by the next record, counted and named); `data.label_space` refuses labels outside it."""
     from maskedclip.data import make_loader
     d, m = config.data, config.model
     paired, unpaired, root = d.paired, d.unpaired, d.root
     if d.synthetic and not (paired or unpaired):
         corpus = ensure_synthetic_corpus(config, di)
         paired, unpaired, root = str(corpus / "pretrain" / "paired.jsonl"), str(corpus / "pretrain" / "unpaired.jsonl"), str(corpus)
+    for name, p, b in (("data.paired", paired, d.paired_batch_size), ("data.unpaired", unpaired, d.unpaired_batch_size), ("data.root", root, 1)):
+        if p and b and not Path(p).exists(): raise DataError(f"{name}: {p} does not exist; give an existing manifest (JSONL/CSV) or image folder")
     with_sentences = bool(m.mlip.use_ot)
     tokenize = (lambda texts: model.tokenize(texts, with_sentences=with_sentences)) if model.text is not None else None
-    return make_loader(paired=paired if d.paired_batch_size else None, unpaired=unpaired if d.unpaired_batch_size else None, root=root,
-                       image_size=m.vision.image_size, batch_size_paired=d.paired_batch_size, batch_size_unpaired=d.unpaired_batch_size,
-                       tokenize=tokenize, scale=(d.crop_scale_min, 1.0), hflip=d.hflip, num_workers=d.num_workers,
-                       on_bad_record=d.on_bad_record, seed=config.train.seed, rank=di.rank, world_size=di.world_size)
+    space = _label_space(d)
+    loader = make_loader(paired=paired if d.paired_batch_size else None, unpaired=unpaired if d.unpaired_batch_size else None, root=root,
+                         image_size=m.vision.image_size, batch_size_paired=d.paired_batch_size, batch_size_unpaired=d.unpaired_batch_size,
+                         tokenize=tokenize, scale=(d.crop_scale_min, 1.0), hflip=d.hflip, num_workers=d.num_workers,
+                         on_bad_record=d.on_bad_record, on_decode_error="replace" if d.on_bad_record == "skip" else "raise",
+                         label_space=space, seed=config.train.seed, rank=di.rank, world_size=di.world_size, verbose=di.is_main)
+    if di.is_main and loader.paired is not None:
+        labels = list(loader.paired.label_map)
+        print(f"[maskedclip] label space ({'data.label_space' if space else 'the labels found in the paired data; pin it with --set data.label_space=[...]'}): "
+              f"{len(labels)} label(s): {labels[:12]}{' ...' if len(labels) > 12 else ''}")
+    return loader
 
 def synthetic_corpus_dir(config: ExperimentConfig) -> Path:
     d = config.data
@@ -445,7 +758,7 @@ def _set_path(d: dict, dotted: str, value):
     keys = dotted.split(".")
     cur = d
     for k in keys[:-1]:
-        if k not in cur or not isinstance(cur[k], dict): raise ValueError(f"{dotted}: {k!r} is not a config section")
+        if k not in cur or not isinstance(cur[k], dict): raise ConfigError(f"{dotted}: {k!r} is not a config section")
         cur = cur[k]
     cur[keys[-1]] = value
 
@@ -453,49 +766,81 @@ def _parse_value(s: str):
     try: return json.loads(s)
     except json.JSONDecodeError: return s
 
-def config_from_args(argv=None) -> tuple[ExperimentConfig, bool]:
-    "Parse `maskedclip-pretrain` arguments into a validated `ExperimentConfig` (and whether to show progress)."
-    ap = argparse.ArgumentParser(prog="maskedclip-pretrain", description="Pre-train MaskedCLIP / baselines / MLIP (launch with torchrun for several processes).")
-    ap.add_argument("--config", help="experiment config JSON (e.g. a run's config.json)")
-    ap.add_argument("--preset", default=None, help="model preset: paper, mlip, tiny, demo (default: tiny, or the config file's)")
-    ap.add_argument("--method", default=None, help="mae, clip, mae_clip, mae_clip_bridge, maskedclip, mlip")
-    ap.add_argument("--output-dir", default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field, e.g. --set train.base_lr=1e-4")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    d = json.loads(Path(a.config).read_text()) if a.config else ExperimentConfig(model=get_preset(a.preset or "tiny")).to_dict()
+def _key_values(items, what: str, example: str) -> list[tuple[str, object]]:
+    "`KEY=VALUE` strings -> (key, JSON-or-string value); a malformed one is a `ConfigError` naming it."
+    out = []
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip(): raise ConfigError(f"--set {item!r}: expected {what}, e.g. --set {example}")
+        out.append((k.strip(), _parse_value(v)))
+    return out
+
+def _read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file(): raise ConfigError(f"--config: {p} {'is a directory' if p.is_dir() else 'not found'}; give an experiment config JSON file (e.g. a run's config.json)")
+    try: d = json.loads(p.read_text())
+    except json.JSONDecodeError as e: raise ConfigError(f"--config {p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e: raise ConfigError(f"--config {p}: cannot be read ({e})") from None
+    if not isinstance(d, dict) or not {"model", "data", "train"} & set(d): raise ConfigError(f"--config {p}: not an experiment config (expected an object with model/data/train)")
+    return d
+
+def pretrain_parser() -> argparse.ArgumentParser:
+    "The `maskedclip-pretrain` command line."
+    from maskedclip import __version__
+    ap = argparse.ArgumentParser(prog="maskedclip-pretrain", description="Pre-train MaskedCLIP / baselines / MLIP (launch with torchrun for several processes). "
+                                 "Exit status: 0 ok, 1 internal error, 2 bad configuration, 3 non-finite loss, 4 bad data, 5 environment (disk, lock, device).")
+    ap.add_argument("--config", metavar="JSON", help="experiment config JSON (e.g. a run's config.json); options below override it")
+    ap.add_argument("--preset", default=None, choices=PRESETS, help="model preset (default: tiny, or the config file's model)")
+    ap.add_argument("--method", default=None, choices=[*METHODS, "mlip"], help="which losses: a baseline of the paper's tables, maskedclip, or mlip")
+    ap.add_argument("--output-dir", default=None, metavar="DIR", help="run directory: config, metrics.jsonl, checkpoints/, final/ (one run at a time: it is locked)")
+    ap.add_argument("--steps", type=int, default=None, help="total optimizer steps (same as --set train.steps=N)")
+    ap.add_argument("--resume", default=None, metavar="latest|DIR", help="'latest' (the newest complete checkpoint of --output-dir; fresh if none) or a checkpoint directory")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field (value parsed as JSON when it can be), e.g. --set train.base_lr=1e-4; repeatable")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (logs and metrics.jsonl are unchanged)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved, validated config as JSON and exit without training")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    return ap
+
+def _parse_pretrain(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
+    a = pretrain_parser().parse_args(argv)
+    d = _read_config_file(a.config) if a.config else ExperimentConfig(model=get_preset(a.preset or "tiny")).to_dict()
     if a.preset or a.method:
-        base = MaskedCLIPConfig.from_dict(d["model"]) if a.config else None
+        base = MaskedCLIPConfig.from_dict(d.get("model", {})) if a.config else None
         preset = get_preset(a.preset) if a.preset else base
         d["model"] = (preset.with_method(a.method) if a.method else preset).to_dict()
+    d.setdefault("train", {})
     for k, v in (("output_dir", a.output_dir), ("steps", a.steps), ("resume", a.resume)):
         if v is not None: d["train"][k] = v
-    for item in a.set:
-        if "=" not in item: raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
-        k, v = item.split("=", 1)
-        _set_path(d, k.strip(), _parse_value(v))
-    return ExperimentConfig.from_dict(d), not a.no_progress
+    for k, v in _key_values(a.set, "SECTION.FIELD=VALUE", "train.base_lr=1e-4"): _set_path(d, k, v)
+    return ExperimentConfig.from_dict(d), a
 
-def main(argv=None):
-    "Console script `maskedclip-pretrain`: parse, train, clean up, and exit hard (see above)."
-    code = 0
+def config_from_args(argv=None) -> tuple[ExperimentConfig, bool]:
+    "Parse `maskedclip-pretrain` arguments into a validated `ExperimentConfig` (and whether to show progress)."
+    cfg, a = _parse_pretrain(argv)
+    return cfg, not a.no_progress
+
+def main(argv=None) -> int:
+    """`maskedclip-pretrain` in-process: parse, train, clean up; returns the exit code (`ExitCode`), never exits the interpreter.
+    A failure prints one line naming the input and what to do (a traceback only for a bug)."""
+    code = int(ExitCode.OK)
     try:
-        cfg, progress = config_from_args(argv)
-        train(cfg, progress=progress)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except NonFiniteLossError as e:
-        print(f"[maskedclip] {e}", file=sys.stderr); code = 3
-    except ValueError as e:
-        print(f"[maskedclip] invalid configuration: {e}", file=sys.stderr); code = 2
-    except BaseException:
-        import traceback; traceback.print_exc(); code = 1
+        cfg, a = _parse_pretrain(argv)
+        if a.print_config: print(cfg.to_json())
+        else: train(cfg, progress=not a.no_progress)
+    except SystemExit as e:   # argparse: --help / --version (0) or a usage error (2, message already printed)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
+    except BaseException as e:
+        code = report_error(e, "maskedclip-pretrain")
     finally:
         cleanup_distributed()
         sys.stdout.flush(); sys.stderr.flush()
-    os._exit(code)
+    return code
+
+def console_main():
+    "The `maskedclip-pretrain` script and `python -m maskedclip.train` (what torchrun runs): `main()`, then `os._exit` with its code."
+    code = main()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)   # after destroy_process_group: gloo's threads can SIGABRT a normal interpreter shutdown
 
 # %% ../nbs/09_train.ipynb #00000016
 _PARAM_MAP = {   # papermill parameter -> config path
@@ -613,18 +958,28 @@ def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], 
         done.append(run_dir)
     return done
 
-def grid_main(argv=None):
-    "Console script `maskedclip-grid`: run a papermill notebook over a JSON grid of parameters."
-    ap = argparse.ArgumentParser(prog="maskedclip-grid")
-    ap.add_argument("--notebook", default="experiments/pretrain.ipynb")
-    ap.add_argument("--out", required=True, help="runs/<name>")
-    ap.add_argument("--grid", required=True, help='JSON, e.g. \'{"method": ["mae", "maskedclip"], "seed": [0, 1]}\'')
-    ap.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE")
-    a = ap.parse_args(argv)
-    base = {}
-    for item in a.set:
-        k, v = item.split("=", 1); base[k] = _parse_value(v)
-    for d in run_grid(a.notebook, a.out, json.loads(a.grid), base): print(d)
+def grid_main(argv=None) -> int:
+    "Console script `maskedclip-grid`: run a papermill notebook over a JSON grid of parameters; returns the exit code."
+    from maskedclip import __version__
+    ap = argparse.ArgumentParser(prog="maskedclip-grid", description="Run a papermill notebook once per point of a parameter grid, "
+                                 "each into <out>/<point>/. Exit status as maskedclip-pretrain (2: bad option).")
+    ap.add_argument("--notebook", default="experiments/pretrain.ipynb", help="papermill notebook to execute (default: %(default)s)")
+    ap.add_argument("--out", required=True, metavar="DIR", help="root folder of the grid, e.g. runs/<name>; one sub-folder per point")
+    ap.add_argument("--grid", required=True, metavar="JSON", help='parameter -> list of values, e.g. \'{"method": ["mae", "maskedclip"], "seed": [0, 1]}\'')
+    ap.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a notebook parameter shared by every point (value parsed as JSON when it can be); repeatable")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    try:
+        a = ap.parse_args(argv)
+        base = dict(_key_values(a.set, "PARAM=VALUE", "steps=200"))
+        try: grid = json.loads(a.grid)
+        except json.JSONDecodeError as e: raise ConfigError(f"--grid: not valid JSON ({e.msg} at column {e.colno}); e.g. --grid '{{\"seed\": [0, 1]}}'") from None
+        if not (isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values())):
+            raise ConfigError(f"--grid: expected an object of non-empty lists, e.g. {{\"seed\": [0, 1]}}, got {a.grid}")
+        if not Path(a.notebook).is_file(): raise ConfigError(f"--notebook: {a.notebook} not found; give the path of a papermill notebook")
+        for d in run_grid(a.notebook, a.out, grid, base): print(d)
+    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
+    except BaseException as e: return report_error(e, "maskedclip-grid")
+    return int(ExitCode.OK)
 
 # %% ../nbs/09_train.ipynb #ee93677a
 from fastcore.basics import patch
@@ -723,4 +1078,4 @@ def close(self: LiveProgress):
 
 # %% ../nbs/09_train.ipynb #00000017
 #| eval: false
-if __name__ == "__main__" and not getattr(__import__("builtins"), "__IPYTHON__", False): main()   # `python -m maskedclip.train` (torchrun)
+if __name__ == "__main__" and not getattr(__import__("builtins"), "__IPYTHON__", False): console_main()   # `python -m maskedclip.train` (torchrun)

@@ -20,3 +20,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---- figures that a suite wants printed at the end of the run (the reliability suite's kills / bad inputs / ...)
+_FIGURES = pytest.StashKey[dict]()
+
+@pytest.fixture(scope="session")
+def figures(request) -> dict:
+    "A dict whose items are printed in pytest's terminal summary under 'reliability figures'."
+    return request.config.stash.setdefault(_FIGURES, {})
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    figs = config.stash.get(_FIGURES, {})
+    if not figs: return
+    terminalreporter.section("reliability figures (issue 17)")
+    for k, v in figs.items():
+        for line in (v if isinstance(v, list) else [v]): terminalreporter.write_line(f"{k}: {line}")
