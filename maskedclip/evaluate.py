@@ -1209,6 +1209,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size (default: %(default)s)")
     ap.add_argument("--blr", type=float, default=5e-3, help="fine-tuning base lr, lr = blr * batch / 256 (default: %(default)s)")
     ap.add_argument("--layer-decay", type=float, default=0.65, help="fine-tuning layer-wise lr decay (default: %(default)s)")
+    ap.add_argument("--stream", action="store_true", help="decode images per batch so that only features stay in memory (large splits; same numbers)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="fine-tuning autocast precision; bf16 falls back to fp32 where the processor lacks it (default: %(default)s)")
+    ap.add_argument("--randaugment", default=None, metavar="POLICY", help="fine-tuning RandAugment policy in timm's notation, e.g. rand-m9-mstd0.5-inc1 (default: off)")
+    ap.add_argument("--reprob", type=float, default=0.0, help="fine-tuning random-erasing probability (default: %(default)s)")
+    ap.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha, 0 = off (default: %(default)s)")
+    ap.add_argument("--cutmix", type=float, default=0.0, help="fine-tuning cutmix alpha, 0 = off (default: %(default)s)")
+    ap.add_argument("--retfound-aug", action="store_true", help="RETFound's fine-tuning augmentations (RandAugment m9, random erasing 0.25, mixup 0.8, cutmix 1.0); overrides the four above")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
@@ -1223,9 +1230,10 @@ def main(argv=None) -> int:
         fractions = [_fraction(v) for v in _split_list(a.fractions)]
         seeds = [_seed(v) for v in _split_list(a.seeds)]
         _check_sources(sources)
+        aug = RETFOUND_AUG if a.retfound_aug else dict(randaugment=a.randaugment, reprob=a.reprob, mixup=a.mixup, cutmix=a.cutmix)
+        ft = dict(epochs=a.epochs, batch_size=a.batch_size, blr=a.blr, layer_decay=a.layer_decay, precision=a.precision, **aug)
         df = evaluate_all(sources, _split_list(a.tasks), fractions, seeds, a.protocol, a.corpus, vision_config=a.vision_config,
-                          n_boot=a.n_boot, device=a.device, progress=not a.no_progress,
-                          finetune_kw=dict(epochs=a.epochs, batch_size=a.batch_size, blr=a.blr, layer_decay=a.layer_decay))
+                          n_boot=a.n_boot, device=a.device, progress=not a.no_progress, finetune_kw=ft, stream=a.stream)
         paths = save_results(df, a.out)
     except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
     except FileNotFoundError as e:   # a path given on the command line
