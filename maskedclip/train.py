@@ -955,6 +955,7 @@ def launch(config: ExperimentConfig, nproc: int = 1, nnodes: int = 1, node_rank:
     import subprocess, shlex
     if nproc < 1: raise ValueError(f"nproc: {nproc} must be >= 1")
     out = Path(config.train.output_dir); out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out): pass   # a live run on this directory stops us here, before its config.json is overwritten
     cfg_path = out / "config.json"; config.to_json(cfg_path)
     if nproc == 1 and nnodes == 1: cmd = [sys.executable, "-m", "maskedclip.train"]
     else:

@@ -99,3 +99,15 @@ def test_main_in_process_returns_an_int_and_the_interpreter_survives(tmp_path):
     assert code.returncode == 0 and "still here int 2" in code.stdout, code.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "maskedclip.train", "--set", "train.steps=2.5"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "maskedclip-pretrain: error: train.steps: expected an integer or null, got 2.5"
+
+
+def test_launch_refuses_a_directory_in_use(tmp_path):
+    "`launch` (the notebook launcher) checks the run lock before it overwrites the live run's config.json."
+    from maskedclip.config import RunEnvironmentError
+    from maskedclip.train import RunLock, experiment_config, launch
+    run = tmp_path / "run"; run.mkdir()
+    cfg = experiment_config("tiny", "mae", steps=2, output_dir=str(run))
+    with RunLock(run):
+        with pytest.raises(RunEnvironmentError, match="in use by another run"):
+            launch(cfg, progress=False)
+    assert not (run / "config.json").exists()
