@@ -64,6 +64,8 @@ def main(argv=None):
     ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='evaluation seeds')
     ap.add_argument('--source-commit', default=None, help='commit of the maskedclip code on the path (default: this checkout\'s HEAD)')
     ap.add_argument('--finetune', action='store_true', help='also fine-tune (RETFound recipe, 10 epochs) at 10 %% labels')
+    ap.add_argument('--finetune-only', action='store_true',
+                    help='add the fine-tune comparison to an existing OUT/results.json (pre-training and the rest are not redone)')
     a = ap.parse_args(argv)
     from maskedclip.synthetic import build_corpus
     from maskedclip.train import experiment_config, train
@@ -72,6 +74,18 @@ def main(argv=None):
     from maskedclip.demo import probe_margins, DEMO_TASKS
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     corpus = Path(a.corpus) if a.corpus else out / 'corpus'
+    if a.finetune_only:
+        res = json.loads((out / 'results.json').read_text())
+        t0 = time.time()
+        ft = ev.evaluate_all({'random init': 'random', 'mae': str(out / 'pretrain' / 'final')}, tasks=DEMO_TASKS, fractions=(0.1,),
+                             seeds=a.seeds, protocol='finetune', corpus_root=corpus, n_boot=500, progress=False, log=None)
+        res['finetune_margins'] = probe_margins(ft, method='mae').round(4).to_dict('records')
+        res['finetune_runs'] = ft[['method', 'task', 'fraction', 'seed', 'auroc', 'ci_low', 'ci_high']].round(4).to_dict('records')
+        res['finetune_command'] = ' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+        res['timings']['finetune_s'] = round(time.time() - t0, 1)
+        print(probe_margins(ft, method='mae').round(3).to_string(), flush=True)
+        (out / 'results.json').write_text(json.dumps(res, indent=1, default=str) + '\n')
+        return
     t = {}
     t0 = time.time()
     if not (corpus / 'corpus.json').is_file():
