@@ -1127,7 +1127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--n-unpaired', type=int, default=1000, help='images without text (pretrain/unpaired.jsonl)')
     p.add_argument('--n-task', type=_parse_n_task, default=100, help='images per split of every task: N or TRAIN,VAL,TEST')
     p.add_argument('--size', type=int, default=64, help='image size in pixels (64-512 tested)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='corpus seed: the same seed renders the same corpus, byte for byte')
     p.add_argument('--workers', type=int, default=1, help='worker processes')
     p.add_argument('--overwrite', action='store_true', help='replace an existing corpus at --out')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
