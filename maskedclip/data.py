@@ -14,8 +14,8 @@ __all__ = ['RECORD_FIELDS', 'SPLITS', 'MAX_PIXELS', 'IMAGE_EXTENSIONS', 'BAD_REC
            'Record', 'BadRecordError', 'MissingImageError', 'check_image', 'to_rgb', 'load_image', 'resolve_image_path',
            'validate_record', 'SkippedRecord', 'LoadReport', 'ManifestData', 'default_cache_dir', 'load_manifest',
            'load_records', 'load_imagefolder', 'write_manifest', 'fundus_border_crop', 'FundusBorderCrop',
-           'train_transform', 'eval_transform', 'denormalize', 'build_label_map', 'label_to_id', 'ImageDataset',
-           'ImageTextDataset', 'PairedUnpairedLoader', 'make_loader', 'read_eyepacs', 'read_aptos2019',
+           'mirror_laterality', 'train_transform', 'eval_transform', 'denormalize', 'build_label_map', 'label_to_id',
+           'ImageDataset', 'ImageTextDataset', 'PairedUnpairedLoader', 'make_loader', 'read_eyepacs', 'read_aptos2019',
            'read_idrid_grading', 'read_messidor2', 'odir_keywords', 'read_odir5k', 'read_airogs', 'read_origa',
            'read_glaucoma_fundus', 'jsiec_label', 'read_jsiec', 'read_retina_cataract', 'assign_splits']
 
@@ -777,6 +777,19 @@ class FundusBorderCrop:
     def __repr__(self) -> str: return f'FundusBorderCrop({", ".join(f"{k}={v}" for k, v in self.kw.items())})'
 
 
+_LATERALITY = {'left': 'right', 'right': 'left', 'Left': 'Right', 'Right': 'Left', 'LEFT': 'RIGHT', 'RIGHT': 'LEFT',
+               'OD': 'OS', 'OS': 'OD'}
+_LATERALITY_RE = re.compile(r'\b(' + '|'.join(_LATERALITY) + r')\b')
+
+
+def mirror_laterality(text: str | None) -> str | None:
+    """The report of a horizontally flipped fundus photo: a mirrored right eye looks like a left eye, so
+    'left' <-> 'right' (any case) and 'OD' <-> 'OS' swap as whole words. Anatomical directions (temporal, nasal,
+    superior, inferior, the quadrants) stay as they are: they move with the anatomy."""
+    if not text: return text
+    return _LATERALITY_RE.sub(lambda m: _LATERALITY[m.group(1)], text)
+
+
 def _check_size(size):
     if not isinstance(size, int) or size <= 0: raise ValueError(f'size must be a positive int, got {size!r}')
 
@@ -787,7 +800,9 @@ def _to_tensor_normalized() -> list:
 
 def train_transform(size: int = 224, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
                     border_crop: bool = True, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> v2.Compose:
-    "PIL RGB -> `(3, size, size)` float: [border crop] + RandomResizedCrop(bicubic) + HFlip(`hflip`) + ImageNet norm."
+    """PIL RGB -> `(3, size, size)` float: [border crop] + RandomResizedCrop(bicubic) + HFlip(`hflip`) + ImageNet norm.
+    `scale` is the area fraction of the crop (MAE: 0.2-1). For image-text pairs give `hflip=0` here and the
+    probability to the dataset (`ImageTextDataset(hflip=...)`), which mirrors the eye in the text with the image."""
     _check_size(size)
     if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f'scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}')
@@ -850,8 +865,10 @@ def _private_rng(seed: int | None):
 
 class _ImageRecords(TorchDataset):
     def __init__(self, records, root=None, transform=None, *, max_pixels: int = MAX_PIXELS, decode_size: int | None = None,
-                 on_error: str = 'raise', max_retries: int = 10):
+                 on_error: str = 'raise', max_retries: int = 10, hflip: float = 0.0):
         self.records, self.root = _as_records(records, root)
+        if not 0 <= hflip <= 1: raise ValueError(f'hflip must be a probability in [0, 1], got {hflip!r}')
+        self.hflip = float(hflip)
         self.transform = transform if transform is not None else eval_transform(224)
         if on_error not in ('raise', 'replace'): raise ValueError(f"on_error must be 'raise' or 'replace', got {on_error!r}")
         self.max_pixels, self.decode_size, self.on_error, self.max_retries = max_pixels, decode_size, on_error, max_retries
@@ -874,6 +891,7 @@ class _ImageRecords(TorchDataset):
                              reason='corrupt_image')
 
     def _extra(self, row: dict, rng) -> dict: return {}
+    def _mirror(self, extra: dict) -> dict: return extra
 
     def __getitem__(self, key) -> dict:
         idx, seed = key if isinstance(key, tuple) else (key, None)
@@ -881,7 +899,10 @@ class _ImageRecords(TorchDataset):
         if not -len(self) <= idx < len(self): raise IndexError(f'index {idx} out of range for {len(self)} records')
         img, row, errors = self._load(idx % len(self))
         with _private_rng(seed) as rng:
-            out = dict(image=self.transform(img), id=row['id'], **self._extra(row, rng))
+            extra = self._extra(row, rng)
+            if self.hflip > 0 and rng.random() < self.hflip:   # a flip mirrors the eye's laterality in the text too
+                img, extra = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self._mirror(extra)
+            out = dict(image=self.transform(img), id=row['id'], **extra)
         if errors: out['errors'] = errors
         return out
 
@@ -890,7 +911,8 @@ class ImageDataset(_ImageRecords):
     """Unpaired images: item = `dict(image=(3,H,W) float, id=str)`.
 
     `records`: `ManifestData`, `datasets.Dataset` or list of records (the last two need `root`).
-    `decode_size`: JPEG draft decoding (see `load_image`). `on_error`: 'raise' or 'replace'."""
+    `decode_size`: JPEG draft decoding (see `load_image`). `on_error`: 'raise' or 'replace'.
+    `hflip`: probability of a horizontal flip before `transform` (from the item's private RNG)."""
 
 
 class ImageTextDataset(_ImageRecords):
@@ -898,7 +920,8 @@ class ImageTextDataset(_ImageRecords):
 
     `label_map`: label -> id mapping or an ordered label space (default: sorted labels of the records).
     `text_fn(record, rng) -> str | (str, label)`: builds the text (default: the record's `text`).
-    `require_text`: a record without text (after `text_fn`) is an error; if False its text is ''."""
+    `require_text`: a record without text (after `text_fn`) is an error; if False its text is ''.
+    `hflip`: probability of a horizontal flip; a flipped item's text is `mirror_laterality(text)` (left <-> right eye)."""
     def __init__(self, records, root=None, transform=None, *, label_map: Mapping[str, int] | Sequence[str] | None = None,
                  text_fn: Callable | None = None, require_text: bool = True, **kw):
         super().__init__(records, root, transform, **kw)
@@ -920,6 +943,8 @@ class ImageTextDataset(_ImageRecords):
                                      record_id=row['id'], field='text')
             text = ''
         return dict(text=text, label_id=label_to_id(label, self.label_map))
+
+    def _mirror(self, extra: dict) -> dict: return dict(extra, text=mirror_laterality(extra['text']))
 
 # %% ../nbs/01_data.ipynb #00000025
 _PAIRED_SEED_OFFSET = 1_000_003
@@ -1149,13 +1174,14 @@ def make_loader(paired=None, unpaired=None, *, tokenize: Callable | None = None,
                 **loader_kw) -> PairedUnpairedLoader:
     """Two manifests (JSONL/CSV paths, `imagefolder` folders or `ManifestData`) -> a `PairedUnpairedLoader` with the
     MAE train transform (`train=True`: shuffled, drop_last) or the eval transform. Paired rows need text unless
-    `text_fn` is given (e.g. `maskedclip.prompts.FlairTextFn()`)."""
-    tf = train_transform(image_size, scale, hflip, border_crop) if train else eval_transform(image_size, border_crop)
+    `text_fn` is given (e.g. `maskedclip.prompts.FlairTextFn()`). `scale`: RandomResizedCrop area range; `hflip`: flip
+    probability, applied by the datasets so that a flipped pair's text names the other eye (`mirror_laterality`)."""
+    tf = train_transform(image_size, scale, 0.0, border_crop) if train else eval_transform(image_size, border_crop)
     common = dict(label_space=label_space, on_bad_record=on_bad_record, check_images=check_images,
                   max_pixels=max_pixels, verbose=verbose)
     pm = _as_manifest(paired, root, require_text=text_fn is None, **common)
     um = _as_manifest(unpaired, root, **common)
-    ds_kw = dict(transform=tf, max_pixels=max_pixels, decode_size=decode_size, on_error=on_decode_error)
+    ds_kw = dict(transform=tf, max_pixels=max_pixels, decode_size=decode_size, on_error=on_decode_error, hflip=hflip if train else 0.0)
     pds = ImageTextDataset(pm, label_map=label_space, text_fn=text_fn, **ds_kw) if pm is not None else None
     uds = ImageDataset(um, **ds_kw) if um is not None else None
     return PairedUnpairedLoader(pds, uds, batch_size_paired=batch_size_paired, batch_size_unpaired=batch_size_unpaired,

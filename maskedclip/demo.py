@@ -29,7 +29,7 @@ def probe_margins(probe, baseline: str = "random init", method: str = "maskedcli
     return pd.DataFrame(rows)
 
 def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = "maskedclip", steps: int = 500,
-             batch_size: int = 32, lr: float = 1e-3, image_size: int = 64, n_paired: int = 1024, n_unpaired: int = 1024,
+             batch_size: int = 32, lr: float = 1e-3, image_size: int = 64, n_paired: int = 1024, n_unpaired: int = 8192,
              n_task: int = 1000, seeds=(0, 1, 2), tasks=DEMO_TASKS, zero_shot_tasks=ZERO_SHOT_TASKS, n_boot: int = 500,
              progress: bool = True, log=print) -> dict:
     "The whole demo; returns a summary dict (also written to `out/results.json`)."
@@ -52,10 +52,9 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
                             unpaired_batch_size=batch_size, synthetic=True, synthetic_dir=str(corpus), output_dir=str(run),
                             save_every=max(1, steps // 4), seed=0,
                             overrides={"model.vision.image_size": image_size, "train.resume": "latest", "train.keep_last": 2,
-                                       # the synthetic reports name the eye ("left eye"): a horizontal flip would contradict the text
-                                       "data.hflip": 0.0,
-                                       # the synthetic discs and lesions sit at fixed places: keep the whole field of view
-                                       "data.crop_scale_min": 1.0})
+                                       # MAE's augmentation: random-resized crops of 20-100 % of the area, and horizontal
+                                       # flips; a flipped pair's report names the other eye (data.mirror_laterality)
+                                       "data.crop_scale_min": 0.2, "data.hflip": 0.5})
     t0 = time.time()
     if not (run / "final" / "model.safetensors").is_file(): train(cfg, progress=progress)
     timings["pretrain_s"] = time.time() - t0

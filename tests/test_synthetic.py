@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage as ndi
 from sklearn.linear_model import LogisticRegression
@@ -109,11 +110,12 @@ BRIGHT = ('hard_exudate', 'cotton_wool_spot', 'drusen')
 def test_masks_line_up_with_the_drawn_lesions():
     """Under each lesion mask the pixels differ from a ring of background around it in the lesion's direction:
     red lesions darker (green) and redder (R/G), exudates and drusen brighter and yellower (G/B), cotton-wool
-    spots brighter in green and blue (whitish)."""
+    spots brighter in green and blue (whitish). Checked before the JPEG round trip (the last step, after the masks
+    are fixed: `test_jpeg_changes_pixels_not_masks`), which blurs the colour of 1-2 px exudates at 128 px."""
     ok, seen, rng, shifted = {k: 0 for k in LESION_TYPES}, {k: 0 for k in LESION_TYPES}, np.random.default_rng(9), []
     for i in range(40):
         f = sample_findings(rng, FindingPrior(dr_grade_probs=(0.1, 0.15, 0.25, 0.2, 0.3), p_amd=0.4, p_preretinal=0.8, p_cws=0.5))
-        img, masks = render_fundus(f, 128, np.random.default_rng(i))
+        img, masks = render_fundus(f, 128, np.random.default_rng(i), Nuisance(jpeg_quality=(100, 100)))
         x = img.astype(float) + 1.0
         lesion_any = np.any([masks[k] for k in LESION_TYPES], 0)
         for k in RED + BRIGHT:
@@ -137,6 +139,34 @@ def test_masks_line_up_with_the_drawn_lesions():
     for k in RED + BRIGHT:
         assert seen[k] >= 3, (k, seen)
         assert ok[k] >= 0.9 * seen[k], (k, ok[k], seen[k])
+
+
+def test_jpeg_changes_pixels_not_masks():
+    "Same eye and camera draw with and without JPEG: identical masks, the image differs by compression noise only."
+    f = sample_findings(np.random.default_rng(5), FindingPrior(dr_grade_probs=(0, 0, 0.5, 0.5, 0)))
+    a, ma = render_fundus(f, 128, np.random.default_rng(1), Nuisance(jpeg_quality=(60, 60)))
+    b, mb = render_fundus(f, 128, np.random.default_rng(1), Nuisance(jpeg_quality=(100, 100)))
+    assert ma.keys() == mb.keys() and all(np.array_equal(ma[k], mb[k]) for k in ma)
+    d = a.astype(float) - b.astype(float)
+    assert 0 < np.abs(d).mean() and 10 * np.log10(255 ** 2 / (d ** 2).mean()) > 28     # PSNR of the round trip
+
+
+def test_flipped_pairs_name_the_other_eye(tmp_path):
+    "A horizontal flip in the paired loader mirrors the image and swaps the eye in the report (data.mirror_laterality)."
+    from maskedclip.data import ImageTextDataset, eval_transform, mirror_laterality
+    root = build_corpus(tmp_path / 'c', 6, 0, 0, size=64, seed=2, progress=False)
+    recs = _read(root / 'pretrain/paired.jsonl')
+    plain = ImageTextDataset(recs, root, eval_transform(64, border_crop=False), hflip=0.0)   # border crop pads odd sizes asymmetrically
+    flip = ImageTextDataset(recs, root, eval_transform(64, border_crop=False), hflip=1.0)
+    for i, r in enumerate(recs):
+        p, q = plain[i, 3], flip[i, 3]
+        assert p['text'] == r['text'] and q['text'] == mirror_laterality(r['text'])
+        side = 'right' if r['eye'] == 'OD' else 'left'
+        other = 'left' if side == 'right' else 'right'
+        if side in r['text'].lower(): assert other in q['text'].lower() and side not in q['text'].lower()
+        assert torch.allclose(q['image'], p['image'].flip(-1), atol=1e-5)
+    assert mirror_laterality('Right eye (OD), superotemporal; leftover, rightly.') == 'Left eye (OS), superotemporal; leftover, rightly.'
+    assert mirror_laterality('bright cottonwool, LEFT') == 'bright cottonwool, RIGHT'
 
 
 def test_neovascularisation_mask_sits_at_the_disc_for_nvd():
