@@ -1209,7 +1209,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size (default: %(default)s)")
     ap.add_argument("--blr", type=float, default=5e-3, help="fine-tuning base lr, lr = blr * batch / 256 (default: %(default)s)")
     ap.add_argument("--layer-decay", type=float, default=0.65, help="fine-tuning layer-wise lr decay (default: %(default)s)")
-    ap.add_argument("--stream", action="store_true", help="decode images per batch so that only features stay in memory (large splits; same numbers)")
+    ap.add_argument("--no-stream", dest="stream", action="store_false", help="hold each split's images in memory as uint8 (faster with many encoders on small splits); by default images are decoded per batch and only features stay in memory (same numbers)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="fine-tuning autocast precision; bf16 falls back to fp32 where the processor lacks it (default: %(default)s)")
     ap.add_argument("--randaugment", default=None, metavar="POLICY", help="fine-tuning RandAugment policy in timm's notation, e.g. rand-m9-mstd0.5-inc1 (default: off)")
     ap.add_argument("--reprob", type=float, default=0.0, help="fine-tuning random-erasing probability (default: %(default)s)")

@@ -322,10 +322,10 @@ def test_evaluate_all_tables_figure_and_cli(tmp_path):
                  "--fractions", "50%", "100%", "--seeds", "0", "--out", str(tmp_path / "cli"), "--n-boot", "50", "--no-progress"]) == 0
     out = pd.read_csv(tmp_path / "cli" / "results.csv")
     assert out[["method", "fraction"]].values.tolist() == [["random", 0.5], ["random", 1.0], ["mae", 0.5], ["mae", 1.0]]
-    # streaming (only features in memory) gives the same numbers through the CLI
+    # the CLI streams by default (only features in memory); holding the images (--no-stream) gives the same numbers
     assert main(["--checkpoint", "random", "--checkpoint", f"mae={tmp_path / 'mae.pth'}", "--corpus", str(corpus), "--tasks", "glaucoma",
                  "--fractions", "50%", "100%", "--seeds", "0", "--out", str(tmp_path / "cli_stream"), "--n-boot", "50", "--no-progress",
-                 "--stream"]) == 0
+                 "--no-stream"]) == 0
     streamed = pd.read_csv(tmp_path / "cli_stream" / "results.csv")
     assert np.allclose(streamed["auroc"], out["auroc"]) and np.allclose(streamed["ci_low"], out["ci_low"])
     assert main(["--checkpoint", "a=random", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
