@@ -1047,8 +1047,6 @@ def grid_main(argv=None) -> int:
     return int(ExitCode.OK)
 
 # %% ../nbs/09_train.ipynb #ee93677a
-from fastcore.basics import patch
-
 def _lines_while(proc, poll=None, interval: float = 0.5):
     "Yield `proc`'s output lines as they come; call `poll()` at least every `interval` seconds meanwhile."
     import queue, threading
