@@ -51,6 +51,7 @@ def model_config(size: str, method: str, clip_view: str | None = None, image_siz
     if clip_view is not None and cfg.use_clip and cfg.clip_view != clip_view: cfg = cfg.replace(clip_view=clip_view)
     if image_size is not None and image_size != cfg.vision.image_size: cfg = cfg.replace(vision=cfg.vision.replace(image_size=image_size))
     if mask_ratio is not None: cfg = cfg.replace(mask_ratio=mask_ratio)
+    if cfg.use_supervised and not cfg.supervised_classes: cfg = cfg.replace(supervised_classes=5)   # the synthetic corpus's labels
     return cfg
 
 

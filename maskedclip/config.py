@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 # %% auto #0
-__all__ = ['BIO_CLINICAL_BERT_ARCH', 'METHODS', 'MLIP_SWITCHES', 'PRESETS', 'ExitCode', 'MaskedCLIPError', 'ConfigError',
-           'DataError', 'RunEnvironmentError', 'NonFiniteError', 'ConfigBase', 'exit_code_for', 'report_error',
-           'VisionConfig', 'TransformerConfig', 'TextConfig', 'MLIPConfig', 'MaskedCLIPConfig', 'get_preset',
-           'DataConfig', 'TrainConfig', 'ExperimentConfig']
+__all__ = ['BIO_CLINICAL_BERT_ARCH', 'METHODS', 'MFD_TARGETS', 'MLIP_SWITCHES', 'PRESETS', 'ExitCode', 'MaskedCLIPError',
+           'ConfigError', 'DataError', 'RunEnvironmentError', 'NonFiniteError', 'ConfigBase', 'exit_code_for',
+           'report_error', 'VisionConfig', 'TransformerConfig', 'TextConfig', 'MLIPConfig', 'MaskedCLIPConfig',
+           'get_preset', 'DataConfig', 'TrainConfig', 'ExperimentConfig', 'supervised_label_space']
 
 # %% ../nbs/00_config.ipynb #00000004
 class ExitCode(enum.IntEnum):
@@ -254,12 +254,14 @@ class MLIPConfig(ConfigBase):
 # %% ../nbs/00_config.ipynb #0000000c
 METHODS: dict[str, dict] = {
     # name: switches  (Table 1 / Table 2 rows of the MaskedCLIP paper)
-    "mae":             dict(use_mim=True,  use_clip=False, use_bridge=False, use_mfd=False),
-    "clip":            dict(use_mim=False, use_clip=True,  use_bridge=False, use_mfd=False),
-    "mae_clip":        dict(use_mim=True,  use_clip=True,  use_bridge=False, use_mfd=False),
-    "mae_clip_bridge": dict(use_mim=True,  use_clip=True,  use_bridge=True,  use_mfd=False),
-    "maskedclip":      dict(use_mim=True,  use_clip=True,  use_bridge=True,  use_mfd=True),
+    "supervised":      dict(use_mim=False, use_clip=False, use_bridge=False, use_mfd=False, use_supervised=True),   # reference row (D24)
+    "mae":             dict(use_mim=True,  use_clip=False, use_bridge=False, use_mfd=False, use_supervised=False),
+    "clip":            dict(use_mim=False, use_clip=True,  use_bridge=False, use_mfd=False, use_supervised=False),
+    "mae_clip":        dict(use_mim=True,  use_clip=True,  use_bridge=False, use_mfd=False, use_supervised=False),
+    "mae_clip_bridge": dict(use_mim=True,  use_clip=True,  use_bridge=True,  use_mfd=False, use_supervised=False),
+    "maskedclip":      dict(use_mim=True,  use_clip=True,  use_bridge=True,  use_mfd=True,  use_supervised=False),
 }
+MFD_TARGETS = ("teacher", "teacher_ln", "teacher_in", "encoder")   # D25: what masked feature distillation regresses
 
 @dataclass
 class MaskedCLIPConfig(ConfigBase):
@@ -275,6 +277,9 @@ class MaskedCLIPConfig(ConfigBase):
     use_clip: bool = True
     use_bridge: bool = True
     use_mfd: bool = True
+    use_supervised: bool = False         # D24: cross-entropy on the paired images' labels (the supervised reference row)
+    supervised_classes: int = 0          # classes of that head (0: ExperimentConfig takes them from data.label_space)
+    mfd_target: Literal["teacher", "teacher_ln", "teacher_in", "encoder"] = "teacher"   # D25; "teacher" is the paper's
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True           # D18
     clip_view: Literal["full", "masked"] = "full"   # D1
@@ -287,9 +292,13 @@ class MaskedCLIPConfig(ConfigBase):
     lambda_lg_clip: float = 0.01
     lambda_mfd: float = 0.01
     def __post_init__(self):
-        for f in ("use_mim", "use_clip", "use_bridge", "use_mfd"):
+        for f in ("use_mim", "use_clip", "use_bridge", "use_mfd", "use_supervised"):
             _check(isinstance(getattr(self, f), bool), f, f"expected a bool, got {getattr(self, f)!r}")
-        _check(self.use_mim or self.use_clip or self.mlip.integrity != "off" or self.mlip.use_ot, "use_mim", "at least one of use_mim / use_clip must be on")
+        _check(self.use_mim or self.use_clip or self.use_supervised or self.mlip.integrity != "off" or self.mlip.use_ot, "use_mim",
+               "at least one of use_mim / use_clip / use_supervised must be on")
+        _check(isinstance(self.supervised_classes, int) and self.supervised_classes >= 0, "supervised_classes",
+               f"expected an int >= 0 (0: from data.label_space), got {self.supervised_classes!r}")
+        _check_choice(self.mfd_target, "mfd_target", MFD_TARGETS)
         _check(not self.use_bridge or self.use_clip, "use_bridge", "the bridge feeds the CLIP loss; it needs use_clip=True")
         _check(not self.use_mfd or self.use_bridge, "use_mfd", "the distillation target is EMA(bridge∘encoder); it needs use_bridge=True")
         _check(not (self.mlip.integrity != "off" or self.mlip.use_ot) or self.use_clip, "mlip", "MLIP losses are contrastive; they need use_clip=True")
@@ -319,7 +328,7 @@ class MaskedCLIPConfig(ConfigBase):
         if self.method == "mlip": sw["clip_view"] = "full"   # leaving MLIP's masked contrastive view: back to the paper's default (D1)
         return dataclasses.replace(self, method=method, mlip=mlip, **sw)
 
-MLIP_SWITCHES = dict(use_mim=True, use_clip=True, use_bridge=False, use_mfd=False, clip_view="masked",
+MLIP_SWITCHES = dict(use_mim=True, use_clip=True, use_bridge=False, use_mfd=False, use_supervised=False, clip_view="masked",
                      mlip=MLIPConfig(integrity="maco", use_ot=True))
 
 # %% ../nbs/00_config.ipynb #0000000e
@@ -408,6 +417,7 @@ class TrainConfig(ConfigBase):
     keep_last: int = 3
     resume: str | None = None           # None, "latest" or a checkpoint dir
     log_every: int = 1
+    diag_every: int = 50                # steps between representation diagnostics (`diag/*` in metrics.jsonl; 0: off; D26)
     tensorboard: bool = False
     wandb: bool = False                 # Weights & Biases (no-op + warning without the wandb package; offline unless WANDB_MODE=online)
     device: str = "auto"
@@ -430,6 +440,7 @@ class TrainConfig(ConfigBase):
         _check_range(self.save_every, "train.save_every", 0)
         _check_range(self.keep_last, "train.keep_last", 1)
         _check_range(self.log_every, "train.log_every", 1)
+        _check_range(self.diag_every, "train.diag_every", 0)
         _check(re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device) is not None, "train.device",
                f"{self.device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)")
 
@@ -439,3 +450,22 @@ class ExperimentConfig(ConfigBase):
     model: MaskedCLIPConfig = field(default_factory=MaskedCLIPConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=True))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
+    def __post_init__(self):
+        m = self.model
+        if isinstance(m, MaskedCLIPConfig) and isinstance(self.data, DataConfig) and m.use_supervised and m.supervised_classes == 0:
+            self.model = m.replace(supervised_classes=len(supervised_label_space(self.data)))
+
+def supervised_label_space(data: DataConfig) -> list[str]:
+    """The classes of the supervised reference's head (D24): `data.label_space`, or for the synthetic corpus its paired
+    records' primary finding (the multi-disease label space)."""
+    ls = data.label_space
+    if isinstance(ls, str):
+        from maskedclip.data import LABEL_SPACES
+        _check(ls in LABEL_SPACES, "data.label_space", f"{ls!r} is not one of {sorted(LABEL_SPACES)}")
+        ls = list(LABEL_SPACES[ls])
+    if ls is None and data.synthetic and not data.paired:
+        from maskedclip.synthetic import TASKS
+        ls = list(TASKS["multi_disease"])
+    _check(ls is not None and len(ls) >= 2, "data.label_space", "method 'supervised' needs the label space of the paired data "
+           "(--set data.label_space=[...] or model.supervised_classes=N)")
+    return list(ls)

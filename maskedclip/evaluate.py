@@ -25,20 +25,23 @@ from .vision import ViTEncoder, LoadReport, load_timm_weights, read_state_dict
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'DEFAULT_TASKS', 'METHOD_ORDER', 'METHOD_LABELS', 'METRICS', 'DEFAULT_CS', 'NO_WEIGHT_DECAY',
-           'RETFOUND_AUG', 'ABLATION_ROWS', 'as_score_matrix', 'encode_labels', 'auroc', 'auprc', 'ConfidenceInterval',
-           'bootstrap_indices', 'bootstrap_ci', 'mean_std', 'label_fraction', 'LoadedEncoder', 'infer_vision_config',
-           'load_encoder', 'extract_features', 'uint8_eval_transform', 'TaskImages', 'EvalResult', 'fit_linear_probe',
-           'linear_probe', 'ViTClassifier', 'layer_id', 'param_groups_lrd', 'augment_batch', 'finetune', 'load_model',
-           'class_embeddings', 'zero_shot', 'TaskData', 'task_classes', 'load_task', 'evaluate_all', 'summarize',
-           'Table', 'table1', 'has_ablation', 'table2', 'label_efficiency_figure', 'save_results', 'build_parser',
-           'main']
+           'RETFOUND_AUG', 'ABLATION_ROWS', 'TEST_SET_LABELS', 'as_score_matrix', 'encode_labels', 'auroc', 'auprc',
+           'ConfidenceInterval', 'bootstrap_indices', 'bootstrap_ci', 'mean_std', 'label_fraction', 'LoadedEncoder',
+           'infer_vision_config', 'load_encoder', 'extract_features', 'uint8_eval_transform', 'TaskImages',
+           'EvalResult', 'fit_linear_probe', 'linear_probe', 'ViTClassifier', 'layer_id', 'param_groups_lrd',
+           'augment_batch', 'finetune', 'load_model', 'class_embeddings', 'zero_shot', 'TaskData', 'task_classes',
+           'load_task', 'evaluate_all', 'summarize', 'Table', 'table1', 'has_ablation', 'table2', 'side_by_side',
+           'label_efficiency_figure', 'save_results', 'build_parser', 'main']
 
 # %% ../nbs/10_evaluate.ipynb #00000004
 PROTOCOLS = ("linear_probe", "finetune", "zero_shot")
 DEFAULT_TASKS = ("dr_grade", "glaucoma", "multi_disease")
-METHOD_ORDER = ("random", "mae", "clip", "mae_clip", "mae_clip_bridge", "maskedclip", "mlip")
-METHOD_LABELS = {"random": "Random init", "mae": "MAE", "clip": "CLIP", "mae_clip": "MAE + CLIP",
-                 "mae_clip_bridge": "MAE + CLIP + bridge", "maskedclip": "MaskedCLIP", "mlip": "MLIP"}
+METHOD_ORDER = ("random", "supervised", "mae", "clip", "mae_clip", "mae_clip_bridge", "maskedclip", "maskedclip_teacher_ln",
+                "maskedclip_teacher_in", "maskedclip_encoder", "mlip")
+METHOD_LABELS = {"random": "Random init", "supervised": "Supervised (corpus labels)", "mae": "MAE", "clip": "CLIP", "mae_clip": "MAE + CLIP",
+                 "mae_clip_bridge": "MAE + CLIP + bridge", "maskedclip": "MaskedCLIP",
+                 "maskedclip_teacher_ln": "MaskedCLIP, MFD target LN per patch", "maskedclip_teacher_in": "MaskedCLIP, MFD target IN per image",
+                 "maskedclip_encoder": "MaskedCLIP, MFD target EMA(E_I)", "mlip": "MLIP"}
 
 # %% ../nbs/10_evaluate.ipynb #00000006
 def _labels_array(y, n_classes: int | None = None) -> np.ndarray:
@@ -525,11 +528,13 @@ def _proba(clf, x: np.ndarray, k: int) -> np.ndarray:
     return p
 
 def fit_linear_probe(train, val, test, Cs: Sequence[float] = DEFAULT_CS, *, n_classes: int | None = None, classes=None,
-                     max_iter: int = 1000, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, blas_threads: int | None = 1) -> EvalResult:
+                     max_iter: int = 1000, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, blas_threads: int | None = 1,
+                     more_tests: Mapping[str, Any] | None = None) -> EvalResult:
     """Standardise, fit logistic regression for each C on train, keep the best validation AUROC, score test. Splits: `(features (N, D), labels)`.
 
     `blas_threads`: BLAS threads during the fits (1: these small L-BFGS problems run ~10x faster than with a
-    thread pool on a busy machine; None: leave the pool as it is)."""
+    thread pool on a busy machine; None: leave the pool as it is). `more_tests`: name -> `(features, labels)` of other test
+    sets, scored by the same selected probe (`details['more_tests'][name]` is their `EvalResult`)."""
     (xtr, ytr), (xva, yva), (xte, yte) = (_unpack(s, n) for s, n in ((train, "train"), (val, "val"), (test, "test")))
     xtr, xva, xte = (np.asarray(x, dtype=np.float64) for x in (xtr, xva, xte))
     k = _n_classes(n_classes, classes, np.asarray(ytr), np.asarray(yva), np.asarray(yte))
@@ -546,8 +551,14 @@ def fit_linear_probe(train, val, test, Cs: Sequence[float] = DEFAULT_CS, *, n_cl
         a, sel = _selection_score(yva, _proba(clf, xva, k))
         val_auroc[float(C)] = a
         if best is None or a > best[0]: best = (a, float(C), clf)
-    return _make_result("linear_probe", yte, _proba(best[2], xte, k), len(ytr), classes, n_boot, alpha, seed,
-                        dict(C=best[1], val_auroc=val_auroc, selection=sel))
+    details = dict(C=best[1], val_auroc=val_auroc, selection=sel)
+    more = {}
+    for name, split in (more_tests or {}).items():
+        x, y = _unpack(split, name)
+        more[name] = _make_result("linear_probe", _labels_array(y, k), _proba(best[2], scaler.transform(np.asarray(x, dtype=np.float64)), k),
+                                  len(ytr), classes, n_boot, alpha, seed, dict(details))
+    if more: details["more_tests"] = more
+    return _make_result("linear_probe", yte, _proba(best[2], xte, k), len(ytr), classes, n_boot, alpha, seed, details)
 
 def linear_probe(encoder, train, val, test, Cs: Sequence[float] = DEFAULT_CS, *, batch_size: int = 64, device=None,
                  pool: str = "mean", progress: bool = False, **fit_kw) -> EvalResult:
@@ -718,14 +729,20 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
              label_smoothing: float = 0.1, n_classes: int | None = None, classes=None, vision_config=None, seed: int = 0,
              device=None, augment: bool = True, eval_batch_size: int = 128, n_boot: int = 1000, alpha: float = 0.05,
              head_init_std: float = 2e-5, progress: bool = True, precision: str = "fp32", randaugment: str | None = None,
-             reprob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0) -> EvalResult:
+             reprob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, max_steps: int | None = None, n_evals: int | None = None,
+             more_tests: Mapping[str, Any] | None = None) -> EvalResult:
     """Fine-tune E_I end to end with RETFound's recipe (layer decay, drop path, AdamW, warm-up + cosine, label
     smoothing); select the epoch with the best validation AUROC; return its test metrics (`details['best_epoch']`, 1-based).
 
     `precision`: 'fp32' (default), 'bf16', 'fp16' (CUDA, with a grad scaler) or 'auto' (bf16 where the device supports it,
     else fp32) for autocast. `randaugment` (a timm policy, e.g. 'rand-m9-mstd0.5-inc1') / `reprob` (random erasing) switch
     the augmentation to timm's `create_transform`; `mixup` / `cutmix` (alphas) apply timm's `Mixup` (`RETFOUND_AUG` has
-    RETFound's values). With all of them off the result is the one of earlier versions."""
+    RETFound's values). With all of them off the result is the one of earlier versions.
+
+    Budget: `max_steps` caps the optimizer steps by running fewer epochs (the warm-up keeps its share of the schedule);
+    `n_evals` scores the validation set on at most that many evenly spaced epochs (always the last) instead of every
+    epoch. `more_tests`: name -> `(images, labels)` of other test sets, scored by the selected epoch's weights
+    (`details['more_tests'][name]`)."""
     from maskedclip.train import lr_at
     (xtr, ytr), (xva, yva), (xte, yte) = (_unpack(s, n) for s, n in zip(_splits3(splits), ("train", "val", "test")))
     if isinstance(xtr, TaskImages): xtr = xtr.materialize()            # read every epoch: decoded once, kept as uint8
@@ -746,7 +763,10 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     n = len(ytr)
     steps_per_epoch = math.ceil(n / batch_size)
+    if max_steps is not None and epochs * steps_per_epoch > max_steps:
+        warmup_epochs, epochs = warmup_epochs * max(1, max_steps // steps_per_epoch) / epochs, max(1, max_steps // steps_per_epoch)
     total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
+    eval_at = set(range(epochs)) if not n_evals else {int(round(e)) for e in np.linspace(0, epochs - 1, min(n_evals, epochs))}
     gen = torch.Generator().manual_seed(seed)
     tensor_data = torch.is_tensor(xtr)
     y_t = torch.from_numpy(ytr)
@@ -775,6 +795,7 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
                 else: scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
                 losses.append(float(loss.detach())); step += 1
                 bar.update(1)
+            if epoch not in eval_at: continue
             val_auc, sel = _selection_score(yva, _predict(model, xva, eval_batch_size, dev, amp))
             history.append(dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_auroc=val_auc, lr=cur))
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_auroc=f"{val_auc:.3f}")
@@ -783,9 +804,16 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
     bar.close()
     model.load_state_dict(best[2])
     scores = _predict(model, xte, eval_batch_size, dev, amp)
+    more = {}
+    for name, split in (more_tests or {}).items():
+        x, y = _unpack(split, name)
+        more[name] = _make_result("finetune", _labels_array(y, k), _predict(model, x, eval_batch_size, dev, amp), n, classes, n_boot, alpha, seed, {})
     details = dict(best_epoch=best[1], best_val_auroc=best[0], selection=sel, history=history, lr=lr, blr=blr, batch_size=batch_size,
                    layer_decay=layer_decay, drop_path=drop_path, epochs=epochs, source=loaded.summary(),
-                   precision=str(amp).replace("torch.", "") if amp is not None else "fp32", augmentation=aug.describe())
+                   precision=str(amp).replace("torch.", "") if amp is not None else "fp32", augmentation=aug.describe(),
+                   steps=total, warmup_steps=warmup, n_evals=len(history))
+    for r in more.values(): r.details.update({k: v for k, v in details.items() if k != "history"})
+    if more: details["more_tests"] = more
     return _make_result("finetune", yte, scores, n, classes, n_boot, alpha, seed, details)
 
 # %% ../nbs/10_evaluate.ipynb #00000022
@@ -892,11 +920,17 @@ def _subset(split, idx):
 def evaluate_all(sources: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASKS, fractions: Sequence[float] = (0.1, 1.0),
                  seeds: Sequence[int] = (0, 1, 2), protocol: str = "linear_probe", corpus_root=None, *, vision_config=None,
                  n_boot: int = 1000, probe_kw: dict | None = None, finetune_kw: dict | None = None, zero_shot_kw: dict | None = None,
-                 device=None, progress: bool = True, log: Callable[[str], None] | None = print, stream: bool = False) -> pd.DataFrame:
-    """Evaluate every source with `protocol` on every task, label fraction and seed; a tidy DataFrame (one row per run).
+                 device=None, progress: bool = True, log: Callable[[str], None] | None = print, stream: bool = False,
+                 test_splits: Sequence[str] = ("test",), fraction_seeds: Mapping[float, Sequence[int]] | None = None,
+                 workers: int = 1) -> pd.DataFrame:
+    """Evaluate every source with `protocol` on every task, label fraction and seed; a tidy DataFrame (one row per run and
+    test set).
 
     Images stay in memory as uint8 (a quarter of float32); `stream=True` decodes them per batch instead (only features
-    stay; fine-tuning keeps its training subset as uint8).
+    stay; fine-tuning keeps its training subset as uint8). `test_splits`: the test sets every trained model is scored
+    on (e.g. `("test", "test_shifted")`; column `test_set`); model selection always uses `val`. `fraction_seeds`:
+    other seeds for some fractions (e.g. `{1.0: [0]}`). `workers` > 1 runs independent (source, task, fraction, seed)
+    jobs in that many processes with one thread each; the rows are the same as with one worker.
 
     `sources`: name -> anything `load_encoder` takes ('random' takes `vision_config`, default: the first other
     source's architecture). `df.attrs` holds the load summaries and the skipped (source, task) pairs."""
@@ -905,76 +939,136 @@ def evaluate_all(sources: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
     if not sources: raise ValueError("sources: give at least one name -> source")
     for f in fractions:
         if not 0 < f <= 1: raise ValueError(f"fractions: {f!r} is not in (0, 1]")
+    if not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers: {workers!r} must be an int >= 1")
+    test_splits = tuple(test_splits)
+    if not test_splits or "test" != test_splits[0]: raise ValueError(f"test_splits: {test_splits!r} must start with 'test'")
     log = log or (lambda s: None)
-    dev = _resolve_device(device)
-    is_random = {n: isinstance(s, str) and (s == "random" or s.startswith("random:")) for n, s in sources.items()}
-    loaded: dict[str, LoadedEncoder] = {n: load_encoder(s) for n, s in sources.items() if not is_random[n]}
-    vc_random = _vision_config(vision_config) or next((l.vision for l in loaded.values()), None)
-    def encoder_for(name, seed):
-        if not is_random[name]: return loaded[name]
-        src = sources[name]
-        return load_encoder(src, None if ":" in src else vc_random, seed=seed)
-    summaries = {n: (loaded[n] if n in loaded else encoder_for(n, seeds[0])).summary() for n in sources}
-    vision = {n: (loaded[n].vision if n in loaded else encoder_for(n, seeds[0]).vision) for n in sources}
+    ctx = _EvalContext(dict(sources), str(corpus_root), _vision_config(vision_config), protocol, n_boot, dict(probe_kw or {}),
+                       dict(finetune_kw or {}), dict(zero_shot_kw or {}), str(_resolve_device(device)), stream, test_splits)
+    summaries = {n: ctx.encoder(n, seeds[0]).summary() for n in sources}
     for n, s in summaries.items(): log(f"[eval] {n}: {s}")
-    task_cache: dict[tuple, TaskData] = {}
-    def task_data(task, size):
-        if (task, size) not in task_cache: task_cache[(task, size)] = load_task(corpus_root, task, size, lazy=stream)
-        return task_cache[(task, size)]
-    def check(td: TaskData):
-        for split in ("train", "test"):
-            y = td.splits[split][1]
-            if len(np.unique(y)) < 2:
-                counts = {td.classes[c]: int((y == c).sum()) for c in np.unique(y)}
-                raise ValueError(f"task {td.name!r}: the {split} split holds a single class {counts}; build a larger corpus")
+    units = _eval_units(ctx, tasks, fractions, seeds, fraction_seeds)
     rows, skipped = [], []
-    jobs = [(n, t) for n in sources for t in tasks]
-    per_job = 1 if protocol == "zero_shot" else len(fractions) * len(seeds)
-    bar = tqdm(total=len(jobs) * per_job, desc=f"evaluate ({protocol})", disable=not progress)
-    for name, task in jobs:
-        size = vision[name].image_size
-        td = task_data(task, size)
-        check(td)
-        tr, va, te = td.splits["train"], td.splits["val"], td.splits["test"]
-        if protocol == "zero_shot":
-            if is_random[name] or not loaded[name].has_text:
-                skipped.append(dict(method=name, task=task, reason="no text tower")); bar.update(1); continue
-            t0 = time.perf_counter()
-            r = zero_shot(loaded[name], te[0], te[1], td.classes, n_boot=n_boot, seed=seeds[0], device=dev, **(zero_shot_kw or {}))
-            rows.append(r.row(method=name, task=task, fraction=0.0, seed=seeds[0], seconds=time.perf_counter() - t0)); bar.update(1)
-            continue
-        feats = {}
-        for seed in seeds:
-            enc = encoder_for(name, seed)
-            if protocol == "linear_probe" and (is_random[name] or not feats):
-                t0 = time.perf_counter()
-                feats = {s: extract_features(enc, td.splits[s][0], device=dev) for s in ("train", "val", "test")}
-                feat_s = time.perf_counter() - t0
-            for frac in fractions:
-                idx = label_fraction(tr[1], frac, seed)
-                t0 = time.perf_counter()
-                if protocol == "linear_probe":
-                    r = fit_linear_probe((feats["train"][idx], tr[1][idx]), (feats["val"], va[1]), (feats["test"], te[1]),
-                                         classes=td.classes, n_boot=n_boot, seed=seed, **(probe_kw or {}))
-                else:
-                    r = finetune(enc, {"train": _subset(tr, idx), "val": va, "test": te}, classes=td.classes, n_boot=n_boot,
-                                 seed=seed, device=dev, progress=False, **(finetune_kw or {}))
-                sec = time.perf_counter() - t0 + (feat_s if protocol == "linear_probe" else 0.0)
-                rows.append(r.row(method=name, task=task, fraction=float(frac), seed=int(seed), seconds=sec))
-                bar.update(1)
+    bar = tqdm(total=sum(len(u[2]) for u in units), desc=f"evaluate ({protocol})", disable=not progress)
+    def collect(res):
+        rows.extend(res[0]); skipped.extend(res[1]); bar.update(res[2])
+    if workers == 1:
+        for u in units: collect(ctx.run(u))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_eval_worker, initargs=(ctx,)) as ex:
+            for res in ex.map(_run_eval_unit, units): collect(res)
     bar.close()
-    cols = ["method", "task", "fraction", "seed", "protocol", "auroc", "auprc", "ci_low", "ci_high", "auprc_ci_low", "auprc_ci_high",
-            "n_train", "n_test", "selected", "seconds"]
+    cols = ["method", "task", "fraction", "seed", "protocol", "test_set", "auroc", "auprc", "ci_low", "ci_high", "auprc_ci_low",
+            "auprc_ci_high", "n_train", "n_test", "selected", "seconds"]
+    order = {u: i for i, u in enumerate(sorted({(r["method"], r["task"], r["fraction"], r["seed"]) for r in rows},
+                                               key=lambda k: (list(sources).index(k[0]), list(tasks).index(k[1]), k[2], k[3])))}
+    rows.sort(key=lambda r: (order[(r["method"], r["task"], r["fraction"], r["seed"])], test_splits.index(r["test_set"])))
     df = pd.DataFrame(rows, columns=cols)
-    df.attrs.update(load_reports=summaries, skipped=skipped, protocol=protocol, corpus_root=str(corpus_root), n_boot=n_boot)
+    df.attrs.update(load_reports=summaries, skipped=skipped, protocol=protocol, corpus_root=str(corpus_root), n_boot=n_boot,
+                    test_splits=list(test_splits))
     for s in skipped: log(f"[eval] skipped {s['method']} on {s['task']}: {s['reason']}")
     return df
+
+def _eval_units(ctx, tasks, fractions, seeds, fraction_seeds) -> list[tuple]:
+    "Independent jobs `(source, task, ((fraction, seed), ...))`, the most expensive first (a linear probe of a trained encoder is one job)."
+    fs = {float(f): list(seeds) for f in fractions}
+    for f, s in (fraction_seeds or {}).items():
+        if float(f) not in fs: raise ValueError(f"fraction_seeds: {f!r} is not one of the fractions {list(fractions)}")
+        fs[float(f)] = list(s)
+    pairs = [(f, s) for f in fs for s in fs[f]]
+    units = []
+    for name in ctx.sources:
+        for task in tasks:
+            if ctx.protocol == "zero_shot": units.append((name, task, ((0.0, seeds[0]),)))
+            elif ctx.protocol == "linear_probe" and not ctx.is_random(name): units.append((name, task, tuple(pairs)))
+            elif ctx.protocol == "linear_probe":
+                units += [(name, task, tuple(p for p in pairs if p[1] == s)) for s in dict.fromkeys(s for _, s in pairs)]
+            else: units += [(name, task, (p,)) for p in pairs]
+    return sorted(units, key=lambda u: -sum(f for f, _ in u[2])) if ctx.protocol == "finetune" else units
+
+class _EvalContext:
+    "What every evaluation job needs, picklable for worker processes; loaded encoders and task data are cached per process."
+    def __init__(self, sources, corpus_root, vision, protocol, n_boot, probe_kw, finetune_kw, zero_shot_kw, device, stream, test_splits):
+        self.sources, self.corpus_root, self.vision, self.protocol, self.n_boot = sources, corpus_root, vision, protocol, n_boot
+        self.probe_kw, self.finetune_kw, self.zero_shot_kw, self.device, self.stream = probe_kw, finetune_kw, zero_shot_kw, device, stream
+        self.test_splits, self._loaded, self._tasks = test_splits, {}, {}
+    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k not in ("_loaded", "_tasks")} | {"_loaded": {}, "_tasks": {}}
+    def is_random(self, name) -> bool:
+        s = self.sources[name]
+        return isinstance(s, str) and (s == "random" or s.startswith("random:"))
+    def encoder(self, name, seed) -> LoadedEncoder:
+        if not self.is_random(name):
+            if name not in self._loaded: self._loaded[name] = load_encoder(self.sources[name])
+            return self._loaded[name]
+        if self.vision is None:
+            other = next((n for n in self.sources if not self.is_random(n)), None)
+            if other is None: raise ValueError("a 'random' source needs vision_config= (or another source to copy the architecture from)")
+            self.vision = self.encoder(other, seed).vision
+        src = self.sources[name]
+        return load_encoder(src, None if ":" in src else self.vision, seed=seed)
+    def task(self, task, size) -> TaskData:
+        if (task, size) not in self._tasks:
+            td = load_task(self.corpus_root, task, size, lazy=self.stream, splits=("train", "val") + self.test_splits)
+            for split in ("train", "test"):
+                y = td.splits[split][1]
+                if len(np.unique(y)) < 2:
+                    counts = {td.classes[c]: int((y == c).sum()) for c in np.unique(y)}
+                    raise ValueError(f"task {td.name!r}: the {split} split holds a single class {counts}; build a larger corpus")
+            self._tasks[(task, size)] = td
+        return self._tasks[(task, size)]
+    def run(self, unit) -> tuple[list[dict], list[dict], int]:
+        "One job -> (rows, skipped, runs done)."
+        name, task, pairs = unit
+        enc0 = self.encoder(name, pairs[0][1])
+        td = self.task(task, enc0.vision.image_size)
+        tests = {s: td.splits[s] for s in self.test_splits}
+        if self.protocol == "zero_shot":
+            if self.is_random(name) or not enc0.has_text: return [], [dict(method=name, task=task, reason="no text tower")], 1
+            rows = []
+            for s, (x, y) in tests.items():
+                t0 = time.perf_counter()
+                r = zero_shot(enc0, x, y, td.classes, n_boot=self.n_boot, seed=pairs[0][1], device=self.device, **self.zero_shot_kw)
+                rows.append(r.row(method=name, task=task, fraction=0.0, seed=pairs[0][1], test_set=s, seconds=time.perf_counter() - t0))
+            return rows, [], 1
+        tr, va = td.splits["train"], td.splits["val"]
+        rows, feats = [], None
+        for frac, seed in pairs:
+            enc = self.encoder(name, seed)
+            idx = label_fraction(tr[1], frac, seed)
+            t0 = time.perf_counter()
+            if self.protocol == "linear_probe":
+                if feats is None or self.is_random(name):
+                    feats = {s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()}
+                r = fit_linear_probe((feats["train"][idx], tr[1][idx]), (feats["val"], va[1]), (feats["test"], tests["test"][1]),
+                                     classes=td.classes, n_boot=self.n_boot, seed=seed, **self.probe_kw,
+                                     more_tests={s: (feats[s], tests[s][1]) for s in self.test_splits[1:]})
+            else:
+                r = finetune(enc, {"train": _subset(tr, idx), "val": va, "test": tests["test"]}, classes=td.classes, n_boot=self.n_boot,
+                             seed=seed, device=self.device, progress=False, **self.finetune_kw,
+                             more_tests={s: tests[s] for s in self.test_splits[1:]})
+            sec = time.perf_counter() - t0
+            for s in self.test_splits:
+                rs = r if s == "test" else r.details["more_tests"][s]
+                rows.append(rs.row(method=name, task=task, fraction=float(frac), seed=int(seed), test_set=s, seconds=sec))
+        return rows, [], len(pairs)
+
+_WORKER_CTX: _EvalContext | None = None
+
+def _init_eval_worker(ctx: _EvalContext):
+    global _WORKER_CTX
+    torch.set_num_threads(1)
+    _WORKER_CTX = ctx
+
+def _run_eval_unit(unit): return _WORKER_CTX.run(unit)
 
 # %% ../nbs/10_evaluate.ipynb #00000028
 def summarize(df: pd.DataFrame, metrics: Sequence[str] = ("auroc", "auprc")) -> pd.DataFrame:
     "Mean and sample std over seeds per (method, task, fraction, protocol), with the number of seeds."
     if df.empty: raise ValueError("summarize: empty results")
-    g = df.groupby(["method", "task", "fraction", "protocol"], sort=False)
+    keys = ["method", "task", "fraction", "protocol"] + (["test_set"] if "test_set" in df.columns else [])
+    g = df.groupby(keys, sort=False)
     out = g[list(metrics)].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
     out["n_seeds"] = g.size()
@@ -991,6 +1085,7 @@ class Table:
     markdown: str
     html: str
     caption: str = ""
+    stds: pd.DataFrame | None = None   # std over seeds, same shape as `values`
     def _repr_markdown_(self): return (f"**{self.caption}**\n\n" if self.caption else "") + self.markdown
     def _repr_html_(self): return self.html
     def __str__(self): return self.markdown
@@ -1002,8 +1097,12 @@ class Table:
         html.write_text(self.html)
         return [md, html]
 
-def _pick(df: pd.DataFrame, protocol: str | None, fraction: float | None) -> tuple[pd.DataFrame, str, float]:
+def _pick(df: pd.DataFrame, protocol: str | None, fraction: float | None, test_set: str = "test") -> tuple[pd.DataFrame, str, float]:
     if df.empty: raise ValueError("no results")
+    if "test_set" in df.columns:
+        have = list(dict.fromkeys(df["test_set"]))
+        df = df[df["test_set"] == test_set]
+        if df.empty: raise ValueError(f"no results on test set {test_set!r} (have {have})")
     protos = list(dict.fromkeys(df["protocol"]))
     if protocol is None:
         if len(protos) > 1: raise ValueError(f"results hold several protocols {protos}: pass protocol=")
@@ -1046,9 +1145,9 @@ def _render(values: pd.DataFrame, stds: pd.DataFrame, digits: int, index_name: s
 _METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC"}
 
 def table1(df: pd.DataFrame, fraction: float | None = None, protocol: str | None = None, metrics: Sequence[str] = ("auroc", "auprc"),
-           digits: int = 3, labels: Mapping[str, str] | None = None) -> Table:
+           digits: int = 3, labels: Mapping[str, str] | None = None, test_set: str = "test") -> Table:
     "Table 1: methods × (task, metric) at one label fraction (default the largest); mean ± std over seeds, best in bold."
-    d, protocol, fraction = _pick(df, protocol, fraction)
+    d, protocol, fraction = _pick(df, protocol, fraction, test_set)
     s = summarize(d, metrics)
     tasks = list(dict.fromkeys(d["task"]))
     methods = sorted(dict.fromkeys(d["method"]), key=_method_sort_key)
@@ -1062,7 +1161,8 @@ def table1(df: pd.DataFrame, fraction: float | None = None, protocol: str | None
             stds.at[names[r["method"]], (r["task"], _METRIC_NAMES.get(m, m))] = r[f"{m}_std"]
     frame, md, html = _render(vals, stds, digits, "method")
     cap = f"Table 1 — {protocol.replace('_', ' ')}, {fraction:.0%} labels" if protocol != "zero_shot" else "Table 1 — zero-shot"
-    return Table(frame, vals, md, html, cap + f", mean ± std over seeds (n = {int(s['n_seeds'].max())}); best in bold")
+    if test_set != "test": cap += f", test set {test_set}"
+    return Table(frame, vals, md, html, cap + f", mean ± std over seeds (n = {int(s['n_seeds'].max())}); best in bold", stds)
 
 ABLATION_ROWS = {"mae_clip": "MAE + CLIP (shared encoder)", "mae_clip_bridge": "+ bridge transformer",
                  "maskedclip": "+ masked feature distillation (MaskedCLIP)"}
@@ -1072,9 +1172,9 @@ def has_ablation(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS) -> b
     return len(set(rows) & set(df["method"])) >= 2
 
 def table2(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS, fraction: float | None = None, protocol: str | None = None,
-           metrics: Sequence[str] = ("auroc", "auprc"), digits: int = 3) -> Table:
+           metrics: Sequence[str] = ("auroc", "auprc"), digits: int = 3, test_set: str = "test") -> Table:
     "Table 2, the ablation MAE+CLIP -> +bridge -> +L_mfd: rows in the given order, tasks × metrics and the mean over tasks."
-    d, protocol, fraction = _pick(df, protocol, fraction)
+    d, protocol, fraction = _pick(df, protocol, fraction, test_set)
     present = [m for m in rows if m in set(d["method"])]
     if not present: raise ValueError(f"table2: none of the ablation methods {list(rows)} is in the results ({sorted(set(d['method']))})")
     d = d[d["method"].isin(present)]
@@ -1092,7 +1192,25 @@ def table2(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS, fraction: 
         stds[("mean", _METRIC_NAMES.get(m, m))] = [per_seed[m].std()[k] for k in present]
     frame, md, html = _render(vals, stds, digits, "ablation")
     what = "zero-shot" if protocol == "zero_shot" else f"{protocol.replace('_', ' ')}, {fraction:.0%} labels"
-    return Table(frame, vals, md, html, f"Table 2 — ablation, {what}; mean ± std over seeds; best in bold")
+    if test_set != "test": what += f", test set {test_set}"
+    return Table(frame, vals, md, html, f"Table 2 — ablation, {what}; mean ± std over seeds; best in bold", stds)
+
+TEST_SET_LABELS = {"test": "in-distribution", "test_shifted": "shifted"}
+
+def side_by_side(table_fn, df: pd.DataFrame, *args, test_sets: Sequence[str] | None = None, digits: int = 3, **kw) -> Table:
+    """`table_fn` (`table1` or `table2`) once per test set, joined column-wise: every (task, metric) column appears
+    for the in-distribution test set and beside it for each other one (e.g. the shifted acquisition)."""
+    test_sets = list(test_sets or (dict.fromkeys(df["test_set"]) if "test_set" in df.columns else ["test"]))
+    tabs = [(ts, table_fn(df, *args, test_set=ts, digits=digits, **kw)) for ts in test_sets]
+    def join(attr):
+        return pd.concat({TEST_SET_LABELS.get(ts, ts): getattr(t, attr) for ts, t in tabs}, axis=1).reorder_levels([1, 0, 2], axis=1)
+    vals, stds = join("values"), join("stds")
+    first = tabs[0][1]
+    cols = [c for t in dict.fromkeys(c[0] for c in first.values.columns) for c in vals.columns if c[0] == t]
+    vals, stds = vals[cols], stds[cols]
+    frame, md, html = _render(vals, stds, digits, first.frame.columns.name or ("method" if table_fn is table1 else "ablation"))
+    cap = first.caption.split(";")[0] + f"; test sets: {', '.join(TEST_SET_LABELS.get(ts, ts) for ts in test_sets)}; best in bold"
+    return Table(frame, vals, md, html, cap, stds)
 
 def label_efficiency_figure(df: pd.DataFrame, metric: str = "auroc", protocol: str | None = None, tasks: Sequence[str] | None = None,
                             labels: Mapping[str, str] | None = None, title: str | None = None):
@@ -1104,6 +1222,7 @@ def label_efficiency_figure(df: pd.DataFrame, metric: str = "auroc", protocol: s
     protos = list(dict.fromkeys(df["protocol"]))
     protocol = protocol or ("linear_probe" if "linear_probe" in protos else protos[0])
     d = df[(df["protocol"] == protocol) & (df["fraction"] > 0)]
+    if "test_set" in d.columns: d = d[d["test_set"] == "test"]
     if d.empty: raise ValueError(f"no label-fraction results for protocol {protocol!r}")
     tasks = list(tasks or dict.fromkeys(d["task"]))
     s = summarize(d, (metric,))
@@ -1138,12 +1257,12 @@ def save_results(df: pd.DataFrame, out_dir, stem: str = "results", figure: bool 
         d = df[df["protocol"] == proto]
         sfx = "" if df["protocol"].nunique() == 1 else f"_{proto}"
         for frac in sorted(set(d["fraction"])):
-            t = table1(d, frac, proto)
-            tag = "zero_shot" if frac == 0 else f"{round(100 * frac):g}pct"
-            md, _ = t.save(out / f"table1{sfx}_{tag}")
-            paths[f"table1{sfx}_{tag}"] = md
-            if has_ablation(d):
-                paths[f"table2{sfx}_{tag}"] = table2(d, fraction=frac, protocol=proto).save(out / f"table2{sfx}_{tag}")[0]
+            for ts in (dict.fromkeys(d["test_set"]) if "test_set" in d.columns else ["test"]):
+                tag = ("zero_shot" if frac == 0 else f"{round(100 * frac):g}pct") + ("" if ts == "test" else f"_{ts}")
+                md, _ = table1(d, frac, proto, test_set=ts).save(out / f"table1{sfx}_{tag}")
+                paths[f"table1{sfx}_{tag}"] = md
+                if has_ablation(d):
+                    paths[f"table2{sfx}_{tag}"] = table2(d, fraction=frac, protocol=proto, test_set=ts).save(out / f"table2{sfx}_{tag}")[0]
         if figure and (d["fraction"] > 0).any():
             fig = label_efficiency_figure(d, protocol=proto)
             paths[f"figure{sfx}"] = out / f"label_efficiency{sfx}.html"
@@ -1216,6 +1335,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha, 0 = off (default: %(default)s)")
     ap.add_argument("--cutmix", type=float, default=0.0, help="fine-tuning cutmix alpha, 0 = off (default: %(default)s)")
     ap.add_argument("--retfound-aug", action="store_true", help="RETFound's fine-tuning augmentations (RandAugment m9, random erasing 0.25, mixup 0.8, cutmix 1.0); overrides the four above")
+    ap.add_argument("--max-steps", type=int, default=None, help="fine-tuning: at most this many optimizer steps (fewer epochs; default: no cap)")
+    ap.add_argument("--n-evals", type=int, default=None, help="fine-tuning: read the validation AUROC on at most this many epochs (default: every epoch)")
+    ap.add_argument("--test-splits", nargs="+", default=["test"], help="test sets to score every model on, the first 'test' (e.g. test test_shifted)")
+    ap.add_argument("--workers", type=int, default=1, help="evaluation processes with one thread each (same numbers; default: %(default)s)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
@@ -1231,9 +1354,11 @@ def main(argv=None) -> int:
         seeds = [_seed(v) for v in _split_list(a.seeds)]
         _check_sources(sources)
         aug = RETFOUND_AUG if a.retfound_aug else dict(randaugment=a.randaugment, reprob=a.reprob, mixup=a.mixup, cutmix=a.cutmix)
-        ft = dict(epochs=a.epochs, batch_size=a.batch_size, blr=a.blr, layer_decay=a.layer_decay, precision=a.precision, **aug)
+        ft = dict(epochs=a.epochs, batch_size=a.batch_size, blr=a.blr, layer_decay=a.layer_decay, precision=a.precision,
+                  max_steps=a.max_steps, n_evals=a.n_evals, **aug)
         df = evaluate_all(sources, _split_list(a.tasks), fractions, seeds, a.protocol, a.corpus, vision_config=a.vision_config,
-                          n_boot=a.n_boot, device=a.device, progress=not a.no_progress, finetune_kw=ft, stream=a.stream)
+                          n_boot=a.n_boot, device=a.device, progress=not a.no_progress, finetune_kw=ft, stream=a.stream,
+                          test_splits=_split_list(a.test_splits), workers=a.workers)
         paths = save_results(df, a.out)
     except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
     except FileNotFoundError as e:   # a path given on the command line

@@ -19,7 +19,7 @@ from .losses import mim_loss, label_guided_clip_loss, masked_feature_distillatio
 from .mlip import SemanticIntegrityEstimator, integrity_weighted_contrastive_loss, ot_local_loss, sentence_pool
 
 # %% auto #0
-__all__ = ['ModelOutput', 'Teacher', 'MaskedCLIP', 'ClipFeatures']
+__all__ = ['ModelOutput', 'Teacher', 'normalize_targets', 'MaskedCLIP', 'ClipFeatures']
 
 # %% ../nbs/07_model.ipynb #00000004
 @dataclass
@@ -37,17 +37,28 @@ class ModelOutput:
     extras: dict = field(default_factory=dict)
 
 class Teacher(nn.Module):
-    "EMA(B ∘ E_I): frozen copies of the encoder and bridge; consumes the original image."
-    def __init__(self, encoder: nn.Module, bridge: nn.Module):
+    "EMA(B ∘ E_I) (or EMA(E_I) when `bridge` is None): frozen copies of the encoder and bridge; consumes the original image."
+    def __init__(self, encoder: nn.Module, bridge: nn.Module | None):
         super().__init__()
-        self.encoder, self.bridge = copy.deepcopy(encoder), copy.deepcopy(bridge)
+        self.encoder, self.bridge = copy.deepcopy(encoder), copy.deepcopy(bridge) if bridge is not None else None
         self.requires_grad_(False)
     def train(self, mode: bool = True):   # always eval: no drop path, deterministic targets
         return super().train(False)
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         "`(N, C, H, W)` -> patch features `(N, L, D_B)` (CLS dropped)."
-        return self.bridge(self.encoder(imgs).tokens)[:, 1:]
+        t = self.encoder(imgs).tokens
+        return (self.bridge(t) if self.bridge is not None else t)[:, 1:]
+
+def normalize_targets(t: torch.Tensor, mode: str, eps: float = 1e-6) -> torch.Tensor:
+    """Parameter-free normalisation of distillation targets `(N, L, D)` (D25): 'teacher' leaves them as they are (the
+    paper), 'teacher_ln' normalises each patch over its channels (MaskFeat / data2vec 2.0 style), 'teacher_in' each
+    channel over the image's patches (data2vec's instance norm: the part every patch of an image shares is removed)."""
+    if mode in ("teacher", "encoder"): return t
+    t = t.float()
+    if mode == "teacher_ln": return F.layer_norm(t, t.shape[-1:], eps=eps)
+    if mode == "teacher_in": return (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True, unbiased=False) + eps).sqrt()
+    raise ValueError(f"mfd_target: {mode!r} is not one of teacher, teacher_ln, teacher_in, encoder")
 
 # %% ../nbs/07_model.ipynb #ce3a1226
 class MaskedCLIP(nn.Module):
@@ -62,8 +73,15 @@ class MaskedCLIP(nn.Module):
         self.decoder = MaskedTokenDecoder(v.width, c.pixel_decoder, v.grid_size, v.patch_size ** 2 * v.in_chans) if c.use_mim else None
         self.bridge = TransformerStack(v.width, c.bridge) if c.use_bridge else None
         clip_width = self.bridge.width if self.bridge is not None else v.width
-        self.feature_decoder = MaskedTokenDecoder(v.width, c.feature_decoder, v.grid_size, clip_width) if c.use_mfd else None
-        self.teacher = Teacher(self.encoder, self.bridge) if c.use_mfd else None
+        if c.use_supervised and c.supervised_classes < 2:
+            raise ValueError(f"model.supervised_classes is {c.supervised_classes}: the supervised head needs the number of classes "
+                             "(ExperimentConfig sets it from data.label_space)")
+        from_encoder = c.mfd_target == "encoder"   # D25: distil EMA(E_I)'s tokens instead of EMA(B∘E_I)'s
+        self.feature_decoder = (MaskedTokenDecoder(v.width, c.feature_decoder, v.grid_size, v.width if from_encoder else clip_width)
+                                if c.use_mfd else None)
+        self.teacher = Teacher(self.encoder, None if from_encoder else self.bridge) if c.use_mfd else None
+        self.classifier = (nn.Sequential(nn.LayerNorm(v.width), nn.Linear(v.width, c.supervised_classes))
+                           if c.use_supervised else None)   # D24: the supervised reference's head
         self._build_clip(clip_width, pretrained_text, text_dir)
         self._build_mlip(clip_width)
 
@@ -133,6 +151,7 @@ def forward(self: MaskedCLIP, batch: Batch, generator: torch.Generator | None = 
     if self.config.use_clip and batch.n_paired > 0:
         feats, p, o = self._clip_pass(batch, enc); parts.update(p); out.update(o)
         p, extras = self._mlip_pass(batch, enc, feats); parts.update(p); out["extras"] = extras
+    if self.classifier is not None and batch.n_paired > 0: parts.update(self._supervised_pass(batch))
     return ModelOutput(loss=self.weighted_loss(parts), parts=parts, **out)
 
 @patch
@@ -140,7 +159,7 @@ def weighted_loss(self: MaskedCLIP, parts: dict[str, torch.Tensor]) -> torch.Ten
     "Eq. 6: the λ-weighted sum of the unweighted loss parts (MLIP's `mcl` takes CLIP's weight, `ot` its own)."
     if not parts: raise ValueError("no loss part was computed for this batch (no paired images for a CLIP-only method?)")
     c = self.config
-    w = {"mim": c.lambda_mim, "lg_clip": c.lambda_lg_clip, "mfd": c.lambda_mfd, "mcl": c.lambda_lg_clip, "ot": c.mlip.lambda_ot}
+    w = {"mim": c.lambda_mim, "lg_clip": c.lambda_lg_clip, "mfd": c.lambda_mfd, "mcl": c.lambda_lg_clip, "ot": c.mlip.lambda_ot, "sup": 1.0}
     return sum(w[k] * v for k, v in parts.items())
 
 # %% ../nbs/07_model.ipynb #5fd61df8
@@ -166,8 +185,20 @@ def _masked_pass(self: MaskedCLIP, batch: Batch, generator=None, mask_noise=None
         parts["mim"] = mim_loss(x, out["pred"], enc.mask, c.vision.patch_size, c.norm_pix_loss)
     if c.use_mfd:
         fpred = self.feature_decoder(enc.tokens, enc.ids_restore)
-        parts["mfd"] = masked_feature_distillation_loss(fpred, self.teacher(x), enc.mask if c.mfd_masked_only else None)
+        target = normalize_targets(self.teacher(x), c.mfd_target)
+        parts["mfd"] = masked_feature_distillation_loss(fpred, target, enc.mask if c.mfd_masked_only else None)
     return enc, parts, out
+
+@patch
+def _supervised_pass(self: MaskedCLIP, batch: Batch) -> dict[str, torch.Tensor]:
+    "The supervised reference (D24): cross-entropy of a head on E_I's mean patch token (full image) against the paired labels."
+    if batch.labels is None: raise ValueError("method 'supervised' needs Batch.labels (label ids of the paired images)")
+    logits = self.classifier(self.encoder(batch.paired_images).tokens[:, 1:].mean(dim=1)).float()
+    y = batch.labels.to(logits.device)
+    if (y >= logits.shape[1]).any():
+        raise ValueError(f"a label id {int(y.max())} is outside the head's {logits.shape[1]} classes (model.supervised_classes)")
+    if (y < 0).all(): return {"sup": logits.sum() * 0.0}   # no labelled image in this batch: a zero loss that keeps the graph
+    return {"sup": F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=0.1)}
 
 @patch
 def _phi_noise(self: MaskedCLIP, noise: torch.Tensor) -> torch.Tensor:
@@ -231,7 +262,7 @@ def update_teacher(self: MaskedCLIP, momentum: float | None = None):
     if self.teacher is None: return
     m = self.config.ema_momentum if momentum is None else momentum
     t = [p for p in self.teacher.parameters()]
-    s = [p.detach() for p in list(self.encoder.parameters()) + list(self.bridge.parameters())]
+    s = [p.detach() for p in self._teacher_sources()]
     torch._foreach_mul_(t, m)
     torch._foreach_add_(t, s, alpha=1 - m)
 
@@ -240,7 +271,12 @@ def update_teacher(self: MaskedCLIP, momentum: float | None = None):
 def reset_teacher(self: MaskedCLIP):
     "Copy the student's encoder and bridge into the teacher (θ_t ← θ_s)."
     if self.teacher is None: return
-    for t, s in zip(self.teacher.parameters(), list(self.encoder.parameters()) + list(self.bridge.parameters())): t.copy_(s)
+    for t, s in zip(self.teacher.parameters(), self._teacher_sources()): t.copy_(s)
+
+@patch
+def _teacher_sources(self: MaskedCLIP) -> list[nn.Parameter]:
+    "The student parameters the teacher averages, in the teacher's order: E_I's, then B's (none for `mfd_target='encoder'`)."
+    return list(self.encoder.parameters()) + (list(self.bridge.parameters()) if self.teacher.bridge is not None else [])
 
 @patch
 @torch.no_grad()

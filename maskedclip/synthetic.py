@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_synthetic.ipynb #00000002
 from __future__ import annotations
-import argparse, io, json, math, os, shutil, time
+import argparse, dataclasses, io, json, math, os, shutil, time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 __all__ = ['DR_GRADES', 'TASKS', 'DISEASE_PRIORITY', 'SPLITS', 'LESION_TYPES', 'ANATOMY', 'QUADRANTS', 'GLAUCOMA_CDR_THRESHOLD',
            'SEVERE_HAEMORRHAGES_PER_QUADRANT', 'SEVERE_BEADING_QUADRANTS', 'DRUSEN_INTERMEDIATE_UM', 'DRUSEN_LARGE_UM',
            'AMD_MIN_INTERMEDIATE_DRUSEN', 'CATARACT_HAZE_THRESHOLD', 'DISC_DIAMETER_UM', 'MIN_LESION_RADIUS_PX',
-           'FOV_RADIUS', 'RETINA_REFERENCE', 'DEFAULT_NUISANCE', 'VESSEL_STEP', 'CORPUS_FORMAT_VERSION', 'quadrant_of',
-           'Lesion', 'haemorrhages_per_quadrant', 'dr_grade_from_lesions', 'drusen_diameter_um', 'amd_from_drusen',
-           'Findings', 'FindingPrior', 'sample_findings', 'write_report', 'image_statistics', 'retina_reference',
-           'Nuisance', 'render_fundus', 'png_bytes', 'SyntheticSample', 'make_sample', 'build_corpus', 'main']
+           'FOV_RADIUS', 'RETINA_REFERENCE', 'DEFAULT_NUISANCE', 'VESSEL_STEP', 'CORPUS_FORMAT_VERSION',
+           'SHIFTED_SPLIT', 'quadrant_of', 'Lesion', 'haemorrhages_per_quadrant', 'dr_grade_from_lesions',
+           'drusen_diameter_um', 'amd_from_drusen', 'Findings', 'FindingPrior', 'sample_findings', 'write_report',
+           'image_statistics', 'retina_reference', 'Nuisance', 'render_fundus', 'png_bytes', 'SyntheticSample',
+           'make_sample', 'ShiftedAcquisition', 'make_shifted_sample', 'build_corpus', 'main']
 
 # %% ../nbs/02_synthetic.ipynb #00000005
 DR_GRADES = ['no DR', 'mild DR', 'moderate DR', 'severe DR', 'proliferative DR']
@@ -986,17 +987,53 @@ def make_sample(seed: int, index: int, size: int = 64, prior: FindingPrior | Non
     report = write_report(findings, np.random.default_rng(t_ss))
     return SyntheticSample(int(seed), int(index), int(size), findings, image, masks, report)
 
+# %% ../nbs/02_synthetic.ipynb #5181d395
+@dataclass
+class ShiftedAcquisition:
+    """An acquisition profile no pre-training or training image uses: the shifted test set of every task (issue 16).
+
+    Another camera (warmer colour, green cast, stronger contrast and vignetting, heavier JPEG), more optical blur, a
+    narrower field of view, a lower-resolution sensor (rendered at `resolution` x the corpus size, then upsampled) and
+    `lesion_scale` x larger lesions (haemorrhages, exudates, spots, microaneurysms; drusen keep their size because it
+    defines AMD). Labels follow the same findings by the same rules, so only the appearance shifts."""
+    nuisance: Nuisance = field(default_factory=lambda: Nuisance(
+        colour_temp=(0.12, 0.2), tint=(0.07, 0.1), gamma=(1.2, 1.3), blur=(0.006, 0.009), vignetting=(0.5, 0.65),
+        fov_scale=(0.72, 0.8), jpeg_quality=(40.0, 55.0)))
+    resolution: float = 0.75
+    lesion_scale: float = 1.4
+    def __post_init__(self):
+        if not 0 < self.resolution <= 1: raise ValueError(f"ShiftedAcquisition.resolution must be in (0, 1], got {self.resolution}")
+        if not self.lesion_scale > 0: raise ValueError(f"ShiftedAcquisition.lesion_scale must be > 0, got {self.lesion_scale}")
+
+def make_shifted_sample(seed: int, index: int, size: int = 64, prior: FindingPrior | None = None,
+                        shift: ShiftedAcquisition | None = None) -> SyntheticSample:
+    "The `index`-th eye of `make_sample` (same findings and report), imaged through `shift`'s acquisition."
+    shift = shift or ShiftedAcquisition()
+    f_ss, r_ss, t_ss = np.random.SeedSequence([int(seed), int(index)]).spawn(3)
+    f = sample_findings(np.random.default_rng(f_ss), prior)
+    grow = lambda l: l if l.kind == 'drusen' else dataclasses.replace(l, rx=l.rx * shift.lesion_scale, ry=l.ry * shift.lesion_scale)
+    f = dataclasses.replace(f, lesions=[grow(l) for l in f.lesions])
+    small = max(16, int(round(size * shift.resolution)))
+    image, masks = render_fundus(f, small, np.random.default_rng(r_ss), shift.nuisance)
+    if small != size:
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        masks = {k: np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) for k, m in masks.items()}
+    return SyntheticSample(int(seed), int(index), int(size), f, image, masks, write_report(f, np.random.default_rng(t_ss)))
+
 # %% ../nbs/02_synthetic.ipynb #0000003e
 CORPUS_FORMAT_VERSION = 2
 _POOL_OFFSET = dict(paired=0, unpaired=10 ** 8, tasks=2 * 10 ** 8)   # sample index ranges: pools never share an eye
 
+SHIFTED_SPLIT = 'test_shifted'   # every task's test set under `ShiftedAcquisition` (eyes of their own)
+
 def _task_index(task: str, split: str, k: int) -> int:
-    return _POOL_OFFSET['tasks'] + list(TASKS).index(task) * 10 ** 7 + SPLITS.index(split) * 10 ** 6 + k
+    return _POOL_OFFSET['tasks'] + list(TASKS).index(task) * 10 ** 7 + (SPLITS + (SHIFTED_SPLIT,)).index(split) * 10 ** 6 + k
 
 def _write_sample(job: tuple) -> tuple[dict, dict]:
     "Worker: render one record's eye, write its PNG and lesion masks under `root`; return (record, labels)."
     root, seed, index, size, prior, nuisance, rid, pool, split, task = job
-    s = make_sample(seed, index, size, prior, nuisance)
+    s = (make_shifted_sample(seed, index, size, prior, nuisance) if isinstance(nuisance, ShiftedAcquisition)
+         else make_sample(seed, index, size, prior, nuisance))
     root = Path(root)
     (root / 'images' / f'{rid}.png').write_bytes(png_bytes(s.image))
     masks = {}
@@ -1040,12 +1077,15 @@ def _write_jsonl(path: Path, records: list[dict]):
 
 def build_corpus(root: str | os.PathLike, n_paired: int, n_unpaired: int, n_task_per_split: int | dict[str, int],
                  size: int = 64, seed: int = 0, prior: FindingPrior | None = None, num_workers: int = 1,
-                 progress: bool = True, nuisance: Nuisance | None = DEFAULT_NUISANCE, overwrite: bool = False) -> Path:
+                 progress: bool = True, nuisance: Nuisance | None = DEFAULT_NUISANCE, overwrite: bool = False,
+                 n_shifted_test: int = 0, shift: ShiftedAcquisition | None = None) -> Path:
     """Render a synthetic corpus under `root` in the layout of the data contract: `corpus.json`, `images/<id>.png`,
     `masks/<id>/<lesion>.png`, `pretrain/{paired,unpaired}.jsonl`, `tasks/<task>/{train,val,test}.jsonl`.
     Image and mask paths in every manifest are relative to `root`. Pools (paired, unpaired, each task split)
     use disjoint sample indices, so no eye appears twice; the output is identical for any `num_workers`.
-    An existing corpus at `root` raises `FileExistsError` unless `overwrite=True` (which first removes it)."""
+    An existing corpus at `root` raises `FileExistsError` unless `overwrite=True` (which first removes it).
+    `n_shifted_test` > 0 adds `tasks/<task>/test_shifted.jsonl`: that many new eyes per task imaged through `shift`
+    (default `ShiftedAcquisition()`), an acquisition no other split uses; the other splits are unchanged by it."""
     root = Path(root)
     prior = prior or FindingPrior()
     for name, v in (('n_paired', n_paired), ('n_unpaired', n_unpaired)):
@@ -1066,6 +1106,12 @@ def build_corpus(root: str | os.PathLike, n_paired: int, n_unpaired: int, n_task
         for split in SPLITS:
             jobs += [base + (_task_index(task, split, k),) + tail + (f'{task}-{split}-{k:06d}', 'task', split, task)
                      for k in range(splits[split])]
+    if not isinstance(n_shifted_test, (int, np.integer)) or not 0 <= n_shifted_test < 10 ** 6:
+        raise ValueError(f"n_shifted_test must be an int in [0, 1e6), got {n_shifted_test!r}")
+    shift = shift or ShiftedAcquisition()
+    for task in TASKS:
+        jobs += [base + (_task_index(task, SHIFTED_SPLIT, k), int(size), prior, shift, f'{task}-{SHIFTED_SPLIT}-{k:06d}', 'task',
+                         'test', task) for k in range(n_shifted_test)]   # records of a test set ('split' keeps the contract's values)
     bar = tqdm(total=len(jobs), desc=f'synthetic corpus ({size}px)', disable=not progress, unit='img')
     results = []
     if num_workers == 1 or len(jobs) < 2:
@@ -1094,9 +1140,17 @@ def build_corpus(root: str | os.PathLike, n_paired: int, n_unpaired: int, n_task
             _write_jsonl(root / 'tasks' / task / f'{split}.jsonl', r)
             manifests[f'{task}/{split}'] = f'tasks/{task}/{split}.jsonl'
             prevalence[f'{task}/{split}'] = _prevalence(l)
+    for task in TASKS:
+        if not n_shifted_test: break
+        r, l = take(n_shifted_test)
+        _write_jsonl(root / 'tasks' / task / f'{SHIFTED_SPLIT}.jsonl', r)
+        counts['tasks'][task][SHIFTED_SPLIT] = int(n_shifted_test)
+        manifests[f'{task}/{SHIFTED_SPLIT}'] = f'tasks/{task}/{SHIFTED_SPLIT}.jsonl'
+        prevalence[f'{task}/{SHIFTED_SPLIT}'] = _prevalence(l)
     meta = dict(format='maskedclip-synthetic-fundus', version=CORPUS_FORMAT_VERSION, generator='maskedclip.synthetic',
                 seed=int(seed), image_size=int(size), counts=counts, manifests=manifests,
                 prior=asdict(prior), nuisance=asdict(nuisance) if nuisance is not None else None,
+                shifted_acquisition=asdict(shift) if n_shifted_test else None,
                 label_spaces=TASKS, disease_priority=list(DISEASE_PRIORITY), lesion_types=list(LESION_TYPES),
                 rules=dict(glaucoma_cdr_threshold=GLAUCOMA_CDR_THRESHOLD, severe_haemorrhages_per_quadrant_gt=SEVERE_HAEMORRHAGES_PER_QUADRANT,
                            severe_beading_quadrants=SEVERE_BEADING_QUADRANTS, drusen_intermediate_um=DRUSEN_INTERMEDIATE_UM,
@@ -1129,13 +1183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--size', type=int, default=64, help='image size in pixels (64-512 tested)')
     p.add_argument('--seed', type=int, default=0, help='corpus seed: the same seed renders the same corpus, byte for byte')
     p.add_argument('--workers', type=int, default=1, help='worker processes')
+    p.add_argument('--n-shifted-test', type=int, default=0, help='images per task in tasks/<task>/test_shifted.jsonl (ShiftedAcquisition)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing corpus at --out')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         root = build_corpus(a.out, a.n_paired, a.n_unpaired, a.n_task, size=a.size, seed=a.seed, num_workers=a.workers,
-                            progress=not a.no_progress, overwrite=a.overwrite)
+                            progress=not a.no_progress, overwrite=a.overwrite, n_shifted_test=a.n_shifted_test)
     except (ValueError, FileExistsError) as e:
         p.error(str(e))
     meta = json.loads((root / 'corpus.json').read_text())

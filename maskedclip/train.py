@@ -19,12 +19,12 @@ from .model import MaskedCLIP
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NO_DECAY_NAMES', 'DistInfo', 'resolve_device', 'setup_distributed', 'cleanup_distributed', 'seed_everything',
-           'param_groups', 'lr_at', 'mask_noise_for_step', 'checkpoint_dirs', 'find_latest', 'RunLock',
-           'clean_stale_tmp', 'rewrite_metrics', 'estimate_checkpoint_bytes', 'check_output_dir', 'preflight',
-           'NonFiniteLossError', 'Trainer', 'InMemoryBatches', 'build_loader', 'synthetic_corpus_dir',
-           'ensure_synthetic_corpus', 'train', 'pretrain_parser', 'config_from_args', 'main', 'console_main',
-           'experiment_config', 'launch', 'read_metrics', 'run_grid', 'grid_main', 'LiveProgress']
+__all__ = ['NO_DECAY_NAMES', 'DIAG_IMAGES', 'DIAG_SEED', 'DistInfo', 'resolve_device', 'setup_distributed', 'cleanup_distributed',
+           'seed_everything', 'param_groups', 'lr_at', 'mask_noise_for_step', 'checkpoint_dirs', 'find_latest',
+           'RunLock', 'clean_stale_tmp', 'rewrite_metrics', 'estimate_checkpoint_bytes', 'check_output_dir',
+           'preflight', 'NonFiniteLossError', 'Trainer', 'diagnostic_batch', 'InMemoryBatches', 'build_loader',
+           'synthetic_corpus_dir', 'ensure_synthetic_corpus', 'train', 'pretrain_parser', 'config_from_args', 'main',
+           'console_main', 'experiment_config', 'launch', 'read_metrics', 'run_grid', 'grid_main', 'LiveProgress']
 
 # %% ../nbs/09_train.ipynb #00000004
 @dataclass
@@ -344,7 +344,7 @@ class Trainer:
         self.device = self.di.device
         self.precision = _resolve_precision(t.precision, self.device)
         self.out = Path(t.output_dir)
-        self._lock, self._snap, self.skipped_records = None, None, []
+        self._lock, self._snap, self.skipped_records, self._diag_batch = None, None, [], None
         err = None
         if self.di.is_main:
             try:
@@ -575,6 +575,29 @@ def _micro_step(self: Trainer, stream, k: int, sums: dict) -> int:
     sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / t.grad_accum
     return batch.n_paired + batch.n_unpaired
 
+# %% ../nbs/09_train.ipynb #b7f95776
+DIAG_IMAGES, DIAG_SEED = 32, 20_240_601   # the fixed diagnostics batch: 32 images spread over the paired (else unpaired) data
+
+def diagnostic_batch(loader, n: int = DIAG_IMAGES) -> Batch | None:
+    """A fixed batch for `representation_diagnostics`: `n` records spread evenly over the loader's paired dataset (else its
+    unpaired one), each drawn with a fixed private seed, so every step (and every resumed run) measures the same images.
+    None when the loader has no indexable dataset (e.g. `InMemoryBatches`)."""
+    from .data import _Collate
+    for tag, ds in (("p", getattr(loader, "paired", None)), ("u", getattr(loader, "unpaired", None))):
+        if ds is None or not len(ds): continue
+        idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
+        items = [(tag, ds[(int(i), DIAG_SEED)]) for i in idx]
+        return _Collate(getattr(loader, "tokenize", None))(items)[0]
+    return None
+
+@patch
+def _diagnostics(self: Trainer) -> dict[str, float]:
+    "Rank 0: the `diag/*` numbers of the model on the fixed diagnostics batch (fp32, eval mode, no gradients; D26)."
+    from .diagnostics import representation_diagnostics
+    if self._diag_batch is None: self._diag_batch = diagnostic_batch(self.loader) or False
+    if self._diag_batch is False: return {}
+    return representation_diagnostics(self.model, self._diag_batch.to(self.device))
+
 # %% ../nbs/09_train.ipynb #843d5cb5
 @patch
 def _optimizer_step(self: Trainer, sums: dict):
@@ -611,7 +634,8 @@ def _train_step(self: Trainer, stream) -> dict | None:
     gnorm = self._optimizer_step(sums)
     self.step += 1
     dt = time.perf_counter() - t0
-    if not (self.step % t.log_every == 0 or self.step == self.total_steps): return None
+    diag = t.diag_every > 0 and (self.step % t.diag_every == 0 or self.step in (1, self.total_steps))
+    if not (self.step % t.log_every == 0 or self.step == self.total_steps or diag): return None
     if self.di.distributed:   # log the global-batch means, not rank 0's shard
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -622,6 +646,7 @@ def _train_step(self: Trainer, stream) -> dict | None:
                images_per_s=n_img * self.di.world_size / dt, step_s=dt, memory_mb=_memory_mb(self.device))
     if gnorm is not None: row["grad_norm"] = float(gnorm)
     if self.skipped_records: row["skipped_records"] = len(self.skipped_records)
+    if diag: row.update(self._diagnostics())
     return row
 
 # %% ../nbs/09_train.ipynb #5ebdb17f

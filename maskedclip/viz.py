@@ -19,12 +19,12 @@ from .data import IMAGENET_MEAN, IMAGENET_STD
 from .train import read_metrics   # the one reader of metrics.jsonl, shared with the trainer
 
 # %% auto #0
-__all__ = ['RECON_COLUMNS', 'ATTENTION_STACKS', 'LOSS_KEYS', 'NON_LOSS_KEYS', 'denormalize', 'to_display', 'reconstruct',
-           'reconstruction_figure', 'attention_weights', 'attention_maps', 'cls_attention', 'attention_figure',
-           'attention_grid_figure', 'attention_rollout', 'attention_rollout_figure', 'phi_map_of', 'phi_figure',
-           'phi_evolution_figure', 'patch_embeddings', 'prompt_heatmaps', 'prompt_heatmap', 'load_mask',
-           'pointing_game', 'prompt_heatmap_figure', 'loss_keys', 'training_curves_figure', 'pca_2d',
-           'embedding_projection_figure', 'reconstruction_explorer', 'attention_explorer', 'prompt_explorer',
+__all__ = ['RECON_COLUMNS', 'ATTENTION_STACKS', 'DIAG_PANELS', 'LOSS_KEYS', 'NON_LOSS_KEYS', 'denormalize', 'to_display',
+           'reconstruct', 'reconstruction_figure', 'attention_weights', 'attention_maps', 'cls_attention',
+           'attention_figure', 'attention_grid_figure', 'attention_rollout', 'attention_rollout_figure', 'phi_map_of',
+           'phi_figure', 'phi_evolution_figure', 'patch_embeddings', 'prompt_heatmaps', 'prompt_heatmap', 'load_mask',
+           'pointing_game', 'prompt_heatmap_figure', 'diagnostics_figure', 'loss_keys', 'training_curves_figure',
+           'pca_2d', 'embedding_projection_figure', 'reconstruction_explorer', 'attention_explorer', 'prompt_explorer',
            'phi_explorer', 'metrics_summary', 'write_report', 'run_figures']
 
 # %% ../nbs/11_viz.ipynb #00000005
@@ -423,8 +423,30 @@ def prompt_heatmap_figure(model: nn.Module, image, texts: str | Sequence[str], l
                       width=max(360 * len(texts), 420) + 80, height=430, margin=dict(l=10, r=10, t=80, b=10))
     return _image_axes(fig)
 
+# %% ../nbs/11_viz.ipynb #6fb6bdb1
+DIAG_PANELS = (("within-image patch-token cosine", "_patch_cos"), ("effective rank of patch tokens", "_erank"),
+               ("joint space (alignment, uniformity) and MFD target variance", ("diag/align", "diag/uniform_image", "diag/uniform_text",
+                                                                                 "diag/mfd_target_var")))
+
+def diagnostics_figure(metrics, title: str = "representation diagnostics (diag/*)") -> go.Figure:
+    """The `diag/*` rows of `metrics.jsonl` (or rows) against the step, three panels: within-image patch-token cosine and
+    effective rank of the encoder, bridge, teacher and distillation-target features (collapse: cosine -> 1, rank -> 1),
+    and the joint space's alignment / uniformity with the MFD target's within-image variance."""
+    rows = [r for r in read_metrics(metrics) if any(k.startswith("diag/") for k in r)]
+    if not rows: raise ValueError("diagnostics_figure: no diag/* values (train.diag_every was 0, or the run is shorter than one interval)")
+    keys = [k for k in _metric_keys(rows) if k.startswith("diag/")]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for t, _ in DIAG_PANELS], horizontal_spacing=0.07)
+    for j, (_, sel) in enumerate(DIAG_PANELS):
+        for k in (keys if isinstance(sel, str) else sel):
+            if k not in keys or (isinstance(sel, str) and not k.endswith(sel)): continue
+            pts = [(r["step"], float(r[k])) for r in rows if _is_num(r.get(k))]
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=k[5:]), row=1, col=j + 1)
+        fig.update_xaxes(title_text="step", row=1, col=j + 1)
+    fig.update_layout(title=title, width=1200, height=400, margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
 # %% ../nbs/11_viz.ipynb #0000001d
-LOSS_KEYS = ("loss", "mim", "lg_clip", "mfd", "mcl", "ot")
+LOSS_KEYS = ("loss", "mim", "lg_clip", "mfd", "mcl", "ot", "sup")
 NON_LOSS_KEYS = frozenset({"step", "epoch", "lr", "tau", "logit_scale", "images_per_s", "samples_per_s", "step_s",
                            "time", "elapsed", "memory_mb", "grad_norm", "throughput", "micro", "global_step"})
 
@@ -440,9 +462,9 @@ def _metric_keys(rows: list[dict]) -> list[str]:
     return list(keys)
 
 def loss_keys(rows: list[dict]) -> list[str]:
-    "The loss keys of metric rows: `LOSS_KEYS` first, then every other numeric key not in `NON_LOSS_KEYS` / `lr*`."
+    "The loss keys of metric rows: `LOSS_KEYS` first, then every other numeric key not in `NON_LOSS_KEYS` / `lr*` / `diag/*`."
     num = _metric_keys(rows)
-    rest = [k for k in num if k not in LOSS_KEYS and k not in NON_LOSS_KEYS and not k.startswith(("lr_", "lr/"))]
+    rest = [k for k in num if k not in LOSS_KEYS and k not in NON_LOSS_KEYS and not k.startswith(("lr_", "lr/", "diag/"))]
     return [k for k in LOSS_KEYS if k in num] + rest
 
 def training_curves_figure(metrics, keys: Sequence[str] | None = None, title: str = "training curves") -> go.Figure:
@@ -707,6 +729,8 @@ def run_figures(run_dir: str | Path, data_root: str | Path | None = None, manife
     from maskedclip.data import load_manifest, eval_transform, load_image
     run_dir = Path(run_dir)
     figs = {"training curves": training_curves_figure(run_dir / "metrics.jsonl")}
+    try: figs["representation diagnostics"] = diagnostics_figure(run_dir / "metrics.jsonl")
+    except ValueError: pass   # a run without diag/* rows
     model = MaskedCLIP.from_pretrained(run_dir / "final").eval()
     if manifest is None and data_root is not None: manifest = Path(data_root) / "tasks" / "multi_disease" / "test.jsonl"
     if manifest is None: return figs

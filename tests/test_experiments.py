@@ -63,16 +63,42 @@ def test_reproduce_notebook_end_to_end_small(tmp_path):
     "experiments/reproduce.ipynb on a toy budget: pre-trains at equal compute, evaluates against random init, writes tables."
     import pandas as pd
     out = tmp_path / "repro"; out.mkdir()
-    params = dict(preset="tiny", methods=["mae", "maskedclip"], steps=2, warmup_steps=1, paired_batch_size=4, unpaired_batch_size=4,
-                  synthetic_n_paired=32, synthetic_n_unpaired=32, synthetic_n_task=24, corpus_workers=1, tasks=["glaucoma"],
-                  fractions=[1.0], seeds=[0], n_boot=20, launcher="inprocess", parallel_runs=1, out_dir=str(out))
+    params = dict(preset="tiny", methods=["supervised", "mae", "maskedclip"],
+                  variants={"maskedclip_teacher_in": ["maskedclip", {"model.mfd_target": "teacher_in"}]},
+                  steps=2, warmup_steps=1, paired_batch_size=4, unpaired_batch_size=4,
+                  synthetic_n_paired=32, synthetic_n_unpaired=32, synthetic_n_task=24, synthetic_n_shifted=24, corpus_workers=1,
+                  tasks=["glaucoma"], fractions=[0.5, 1.0], seeds=[0, 1], fraction_seeds={"1.0": [0]},
+                  label_efficiency_fractions=[0.25], label_efficiency_methods=["random", "mae"], label_efficiency_seeds=[0],
+                  finetune_kw={"epochs": 2, "batch_size": 8, "max_steps": 4, "n_evals": 1}, eval_workers=1,
+                  n_boot=20, launcher="inprocess", parallel_runs=1, out_dir=str(out))
     papermill.execute_notebook(str(ROOT / "experiments" / "reproduce.ipynb"), str(out / "reproduce.ipynb"), parameters=params,
                                progress_bar=False)
     df = pd.read_csv(out / "results.csv")
-    assert set(df["method"]) == {"random", "mae", "maskedclip"} and set(df["task"]) == {"glaucoma"}
-    assert df["auroc"].between(0, 1).all() and (df["protocol"] == "linear_probe").all()
+    assert set(df["method"]) == {"random", "supervised", "mae", "maskedclip", "maskedclip_teacher_in"} and set(df["task"]) == {"glaucoma"}
+    assert df["auroc"].between(0, 1).all() and set(df["protocol"]) == {"finetune", "linear_probe"}
+    assert set(df["test_set"]) == {"test", "test_shifted"} and (df.groupby(["protocol", "test_set"]).size() > 0).all()
+    main = df[df["fraction"].isin([0.5, 1.0])]
+    # 5 encoders x 2 protocols x (2 seeds at 50 % + 1 at 100 %) x 2 test sets, plus the label-efficiency fine-tunes
+    assert len(main) == 5 * 2 * 3 * 2 and len(df[df["fraction"] == 0.25]) == 2 * 1 * 2
+    assert (out / "table1_finetune_10pct_side_by_side.md").exists() is False
+    side = (out / "table1_finetune_50pct_side_by_side.md").read_text()
+    assert "in-distribution" in side and "shifted" in side and "Supervised" in side
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings["pretrain_step_s"]) == {"mae", "maskedclip"} and timings["evaluate_s"] > 0
+    assert set(timings["pretrain_step_s"]) == {"supervised", "mae", "maskedclip", "maskedclip_teacher_in"} and timings["evaluate_s"] > 0
+    from maskedclip.train import read_metrics
+    assert any("diag/teacher_patch_cos" in r for r in read_metrics(out / "pretrain" / "maskedclip_teacher_in"))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mfd_diagnosis", ROOT / "experiments" / "mfd_diagnosis.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    assert mod.main([str(out), "--out", str(out / "diag")]) == 0
+    diag = json.loads((out / "diag" / "mfd_diagnosis.json").read_text())
+    assert set(diag) == {"maskedclip", "maskedclip_teacher_in"} and diag["maskedclip_teacher_in"]["last"]["mfd_target_var"] > 0.99
+    spec = importlib.util.spec_from_file_location("claims", ROOT / "experiments" / "claims.py")
+    claims = importlib.util.module_from_spec(spec); spec.loader.exec_module(claims)
+    assert claims.main([str(out / "results.csv"), "--out", str(out / "claims.md")]) == 0
+    checked = claims.check(df)
+    assert set(checked["verdict"]) <= {"holds (separated)", "holds (within CIs)", "does not hold"}
+    assert "MaskedCLIP beats random init" in (out / "claims.md").read_text()
     assert _plotly_outputs(out / "reproduce.ipynb")   # the label-efficiency figure
     # equal compute: both runs stopped at the same step with the same batch
     from maskedclip.train import read_metrics

@@ -19,20 +19,21 @@ def make_batch(model, n_p=4, n_u=3, seed=0):
 
 # which top-level parts each method must train
 USED = {
+    "supervised": {"encoder", "classifier"},
     "mae": {"encoder", "decoder"},
     "clip": {"encoder", "text", "image_proj", "text_proj", "logit_scale"},
     "mae_clip": {"encoder", "decoder", "text", "image_proj", "text_proj", "logit_scale"},
     "mae_clip_bridge": {"encoder", "decoder", "bridge", "text", "image_proj", "text_proj", "logit_scale"},
     "maskedclip": {"encoder", "decoder", "bridge", "feature_decoder", "text", "image_proj", "text_proj", "logit_scale"},
 }
-PARTS = {"encoder", "decoder", "bridge", "feature_decoder", "teacher", "text", "image_proj", "text_proj", "logit_scale"}
+PARTS = {"encoder", "decoder", "bridge", "feature_decoder", "teacher", "text", "image_proj", "text_proj", "logit_scale", "classifier"}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("clip_view", ["full", "masked"])
 def test_backward_reaches_exactly_the_parts_in_use(method, clip_view):
     torch.manual_seed(0)
-    cfg = get_preset("tiny", method).replace(clip_view=clip_view)
+    cfg = get_preset("tiny", method).replace(clip_view=clip_view, supervised_classes=3)
     model = MaskedCLIP(cfg)
     out = model(make_batch(model))
     assert torch.isfinite(out.loss)
