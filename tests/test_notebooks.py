@@ -4,7 +4,18 @@ from pathlib import Path
 import pytest
 from nbdev.test import test_nb as run_notebook   # alias: pytest must not collect nbdev's function itself
 
-NBS = sorted((Path(__file__).parent.parent / "nbs").glob("[0-9]*.ipynb"))
+ROOT = Path(__file__).parent.parent
+NBS = sorted((ROOT / "nbs").glob("[0-9]*.ipynb"))
+
+
+def _modules() -> list[str]:
+    "Every generated module as `#| default_exp` names it: `config`, `data.records`, `data.__init__` (sub-package inits)."
+    out = []
+    for p in sorted((ROOT / "maskedclip").rglob("*.py")):
+        parts = p.relative_to(ROOT / "maskedclip").with_suffix("").parts
+        if parts == ("__init__",) or (parts[-1].startswith("_") and parts[-1] != "__init__"): continue
+        out.append(".".join(parts))
+    return out
 
 
 @pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
@@ -14,7 +25,8 @@ def test_notebook(nb):
 
 
 def test_every_module_has_a_notebook():
-    mods = {p.stem for p in (Path(__file__).parent.parent / "maskedclip").glob("*.py") if not p.stem.startswith("_")}
+    mods = set(_modules())
+    assert {"config", "data.records", "data.__init__"} <= mods
     exported = set()
     for nb in NBS:
         for cell in json.loads(nb.read_text())["cells"]:
@@ -30,6 +42,7 @@ def test_module_docstrings_are_whole_sentences():
         head = "".join(json.loads(nb.read_text())["cells"][0]["source"]).splitlines()
         desc = [l for l in head if l.startswith("> ")]
         assert len(desc) == 1, f"{nb.name}: the `> description` must be one line (nbdev keeps only the first), got {len(desc)}"
-    for mod in sorted(p.stem for p in (Path(__file__).parent.parent / "maskedclip").glob("*.py") if not p.stem.startswith("_")):
+    for mod in _modules():
+        mod = mod.removesuffix(".__init__")
         doc = (importlib.import_module(f"maskedclip.{mod}").__doc__ or "").strip()
         assert doc.endswith((".", ".)")), f"maskedclip.{mod}: module docstring is not a whole sentence: ...{doc[-60:]!r}"
