@@ -582,7 +582,7 @@ def diagnostic_batch(loader, n: int = DIAG_IMAGES) -> Batch | None:
     """A fixed batch for `representation_diagnostics`: `n` records spread evenly over the loader's paired dataset (else its
     unpaired one), each drawn with a fixed private seed, so every step (and every resumed run) measures the same images.
     None when the loader has no indexable dataset (e.g. `InMemoryBatches`)."""
-    from .data import _Collate
+    from maskedclip.data import _Collate
     for tag, ds in (("p", getattr(loader, "paired", None)), ("u", getattr(loader, "unpaired", None))):
         if ds is None or not len(ds): continue
         idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
@@ -593,7 +593,7 @@ def diagnostic_batch(loader, n: int = DIAG_IMAGES) -> Batch | None:
 @patch
 def _diagnostics(self: Trainer) -> dict[str, float]:
     "Rank 0: the `diag/*` numbers of the model on the fixed diagnostics batch (fp32, eval mode, no gradients; D26)."
-    from .diagnostics import representation_diagnostics
+    from maskedclip.diagnostics import representation_diagnostics
     if self._diag_batch is None: self._diag_batch = diagnostic_batch(self.loader) or False
     if self._diag_batch is False: return {}
     return representation_diagnostics(self.model, self._diag_batch.to(self.device))
