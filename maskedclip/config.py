@@ -60,6 +60,7 @@ def _check_range(value, field_name: str, lo=None, hi=None, lo_open=False, hi_ope
 
 _SECTIONS = {"VisionConfig": "vision.", "TextConfig": "text.", "MLIPConfig": "mlip.", "DataConfig": "data.", "TrainConfig": "train."}
 
+# %% ../nbs/00_config.ipynb #90387880
 def _type_error(v, tp) -> str | None:
     "None if `v` fits the annotation `tp`, else what was expected (ints, floats, bools and strings are not interchangeable)."
     if tp is Any: return None
@@ -91,6 +92,7 @@ def _check_types(obj):
         want = _type_error(v, tp)
         if want: raise ConfigError(f"{_SECTIONS.get(type(obj).__name__, '')}{f.name}: expected {want}, got {v!r}")
 
+# %% ../nbs/00_config.ipynb #712b12ad
 class ConfigBase:
     "Mixin: `to_dict`, `from_dict` (strict, nested), `to_json`, `from_json`, `replace`; field types checked on construction."
     def __init_subclass__(cls, **kw):
@@ -261,8 +263,10 @@ METHODS: dict[str, dict] = {
     "mae_clip_bridge": dict(use_mim=True,  use_clip=True,  use_bridge=True,  use_mfd=False, use_supervised=False),
     "maskedclip":      dict(use_mim=True,  use_clip=True,  use_bridge=True,  use_mfd=True,  use_supervised=False),
 }
+
 MFD_TARGETS = ("teacher", "teacher_ln", "teacher_in", "encoder")   # D25: what masked feature distillation regresses
 
+# %% ../nbs/00_config.ipynb #97a44a01
 @dataclass
 class MaskedCLIPConfig(ConfigBase):
     "The whole model: encoder, decoders, bridge, text tower, losses and switches."
@@ -328,6 +332,7 @@ class MaskedCLIPConfig(ConfigBase):
         if self.method == "mlip": sw["clip_view"] = "full"   # leaving MLIP's masked contrastive view: back to the paper's default (D1)
         return dataclasses.replace(self, method=method, mlip=mlip, **sw)
 
+# %% ../nbs/00_config.ipynb #06bb08cd
 MLIP_SWITCHES = dict(use_mim=True, use_clip=True, use_bridge=False, use_mfd=False, use_supervised=False, clip_view="masked",
                      mlip=MLIPConfig(integrity="maco", use_ot=True))
 
@@ -393,6 +398,7 @@ class DataConfig(ConfigBase):
             _check(len(self.label_space) > 0 and all(s.strip() for s in self.label_space), "data.label_space", "give at least one non-empty label")
             self.label_space = list(self.label_space)
 
+# %% ../nbs/00_config.ipynb #a70613e6
 @dataclass
 class TrainConfig(ConfigBase):
     "Optimisation, precision, schedule, checkpointing and logging."
@@ -444,6 +450,7 @@ class TrainConfig(ConfigBase):
         _check(re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device) is not None, "train.device",
                f"{self.device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)")
 
+# %% ../nbs/00_config.ipynb #36d9ce2c
 @dataclass
 class ExperimentConfig(ConfigBase):
     "Everything one pre-training run needs; saved as `config.json` beside every checkpoint."

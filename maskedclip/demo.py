@@ -14,6 +14,7 @@ __all__ = ['DEMO_TASKS', 'ZERO_SHOT_TASKS', 'probe_margins', 'run_demo', 'main']
 
 # %% ../nbs/13_demo.ipynb #00000003
 DEMO_TASKS = ("glaucoma", "dr_referral", "dr_grade", "multi_disease")
+
 ZERO_SHOT_TASKS = ("glaucoma", "dr_referral")
 
 def probe_margins(probe, baseline: str = "random init", method: str = "maskedclip"):
@@ -28,6 +29,7 @@ def probe_margins(probe, baseline: str = "random init", method: str = "maskedcli
                          separated=bool(m["ci_low"].min() > b["ci_high"].max())))
     return pd.DataFrame(rows)
 
+# %% ../nbs/13_demo.ipynb #86e46aec
 def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = "maskedclip", steps: int = 500,
              batch_size: int = 32, lr: float = 1e-3, image_size: int = 64, n_paired: int = 1024, n_unpaired: int = 8192,
              n_task: int = 1000, seeds=(0, 1, 2), tasks=DEMO_TASKS, zero_shot_tasks=ZERO_SHOT_TASKS, n_boot: int = 500,
@@ -91,6 +93,7 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
+# %% ../nbs/13_demo.ipynb #0feb2a41
 def main(argv=None) -> int:
     "Console script `maskedclip-demo`; returns the exit status (`maskedclip.config.ExitCode`), never exits the interpreter."
     from maskedclip import __version__

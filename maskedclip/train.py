@@ -202,6 +202,7 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
+# %% ../nbs/09_train.ipynb #91a106af
 def clean_stale_tmp(run_dir: str | Path) -> list[str]:
     "Remove what an interrupted save leaves (`.step_N.tmp/`, `.final.tmp/`, `*.tmp<pid>` pointer files); only the lock holder may call this."
     run_dir, gone = Path(run_dir), []
@@ -794,6 +795,7 @@ def _label_space(d: DataConfig) -> list[str] | None:
                           f"({[k for k, v in LABEL_SPACES.items() if v]}); or give the labels as a JSON list")
     return list(LABEL_SPACES[d.label_space])
 
+# %% ../nbs/09_train.ipynb #32725b5e
 def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
     """The two-stream loader of `maskedclip.data` for `config.data` (synthetic corpus built on demand).
 
@@ -890,6 +892,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
     return ap
 
+# %% ../nbs/09_train.ipynb #ad69883d
 def _parse_pretrain(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     a = pretrain_parser().parse_args(argv)
     d = _read_config_file(a.config) if a.config else ExperimentConfig(model=get_preset(a.preset or "tiny")).to_dict()
@@ -970,6 +973,7 @@ def experiment_config(preset: str = "tiny", method: str = "maskedclip", override
                 raise ValueError(f"parameter {pname!r} ({path}): {msg.split(':', 1)[1].strip()}") from None
         raise
 
+# %% ../nbs/09_train.ipynb #ce8cbeab
 def launch(config: ExperimentConfig, nproc: int = 1, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
            master_port: int | None = None, stream=None, env: dict | None = None, timeout: float | None = None,
            progress: bool | str = True) -> int:
@@ -1029,6 +1033,7 @@ def read_metrics(source, partial_tail: bool = True) -> list[dict]:
     if bad: raise ValueError(f"metrics: row {bad[0]} is {type(rows[bad[0]]).__name__}, not a dict")
     return rows
 
+# %% ../nbs/09_train.ipynb #3eedead2
 def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], base: dict | None = None, kernel_name: str = "python3",
              echo: bool = True) -> list[Path]:
     """Execute `notebook` with papermill once per point of `grid` into `out_root/<point>/` (its `output_dir` parameter).

@@ -235,6 +235,7 @@ def attention_grid_figure(model: nn.Module, image, which: str = "encoder") -> go
                       width=max(150 * n_h + 160, 480), height=150 * n_l + 90, margin=dict(l=10, r=10, t=70, b=10))
     return _image_axes(fig)
 
+# %% ../nbs/11_viz.ipynb #204b75f5
 def attention_rollout(attn, head_fusion: str = "mean", residual: bool = True) -> torch.Tensor:
     """Attention rollout `(B, T, T)` of weights `(layers, B, heads, T, T)` (or a list of such stacks, first
     stack first): fuse heads, add I and renormalise rows, multiply through the layers (last layer on the left)."""
@@ -312,6 +313,7 @@ def phi_figure(source, image=None, normalized: bool = True, title: str | None = 
                       width=460 * cols + 80, height=500, margin=dict(l=10, r=10, t=70, b=10))
     return _image_axes(fig)
 
+# %% ../nbs/11_viz.ipynb #1ddf9c6e
 def phi_evolution_figure(history: Sequence[tuple[int, Any]], title: str = "φ over training") -> go.Figure:
     "φ maps of several checkpoints, `[(step, (gh, gw) map), ...]`, behind a slider (one shared colour scale)."
     if not history: raise ValueError("phi_evolution_figure: `history` is empty")
@@ -393,6 +395,7 @@ def pointing_game(heatmap, mask, mode: str = "bilinear") -> bool:
     r, c = divmod(int(up.argmax()), m.shape[1])
     return bool(m[r, c])
 
+# %% ../nbs/11_viz.ipynb #7f75224b
 def prompt_heatmap_figure(model: nn.Module, image, texts: str | Sequence[str], lesion_mask=None, normalized: bool = True,
                           opacity: float = 0.5, upsample: str = "bilinear", projection: str = "image") -> go.Figure:
     """One panel per text: cosine text–patch heatmap over `image`; with `lesion_mask` (one mask, or one per
@@ -447,6 +450,7 @@ def diagnostics_figure(metrics, title: str = "representation diagnostics (diag/*
 
 # %% ../nbs/11_viz.ipynb #0000001d
 LOSS_KEYS = ("loss", "mim", "lg_clip", "mfd", "mcl", "ot", "sup")
+
 NON_LOSS_KEYS = frozenset({"step", "epoch", "lr", "tau", "logit_scale", "images_per_s", "samples_per_s", "step_s",
                            "time", "elapsed", "memory_mb", "grad_norm", "throughput", "micro", "global_step"})
 
@@ -502,6 +506,7 @@ def pca_2d(x) -> tuple[np.ndarray, np.ndarray]:
     ratio = var[:2] / var.sum() if var.sum() > 0 else np.zeros(2)
     return scores, np.pad(ratio, (0, 2 - len(ratio)))
 
+# %% ../nbs/11_viz.ipynb #a77134a3
 def embedding_projection_figure(image_emb, text_emb=None, labels: Sequence | None = None,
                                 title: str = "image and text embeddings (PCA)") -> go.Figure:
     """Joint 2-D PCA of image `(N, d)` and text `(M, d)` embeddings; colour = label, marker = modality.
@@ -570,6 +575,7 @@ def reconstruction_explorer(model: nn.Module, images, normalized: bool = True, s
         return fig
     return _explorer(dict(sample=sample, mask_ratio=ratio), render)
 
+# %% ../nbs/11_viz.ipynb #b39abcc8
 def attention_explorer(model: nn.Module, images, which: str = "encoder", normalized: bool = True, opacity: float = 0.5):
     "Widget: sample, stack, layer and head pickers for the CLS-to-patch attention overlay."
     import ipywidgets as widgets
@@ -672,6 +678,7 @@ _REPORT_WIDTH = 1240       # px: figures wider than the page's column are fitted
 
 def _fmt(v: float) -> str: return f"{v:.4g}"
 
+# %% ../nbs/11_viz.ipynb #ac8bc126
 def write_report(path: str | Path, figures: dict[str, go.Figure], config=None, metrics=None,
                  title: str = "maskedclip report", tables: dict | None = None, notes: str | None = None) -> Path:
     """One self-contained HTML file: plotly.js inlined once, every figure, the config as JSON, a metrics summary.

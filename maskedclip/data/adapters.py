@@ -132,7 +132,6 @@ def read_eyepacs(root, *, relative_to=None, include_test: bool = False) -> list[
                             **({'usage': r['Usage']} if r.get('Usage') else {})))
     return out
 
-
 def read_aptos2019(root, *, relative_to=None) -> list[dict]:
     """Kaggle APTOS 2019 Blindness Detection: `train.csv` (`id_code,diagnosis`), images `train_images/<id_code>.png`
     (the competition's `test.csv` has no labels and is not read). Labels: diagnosis 0..4 -> `DR_GRADES`."""
@@ -141,7 +140,6 @@ def read_aptos2019(root, *, relative_to=None) -> list[dict]:
     return [_rec('aptos2019', r['id_code'], root / 'train_images' / f"{r['id_code']}.png", rel_to,
                  label=_grade(r['diagnosis'], path, r['_line'], 'diagnosis'), split='train')
             for r in _read_table(path, ['id_code', 'diagnosis'])]
-
 
 def read_idrid_grading(root, *, relative_to=None) -> list[dict]:
     """IDRiD part B (Disease Grading). `root` is the IDRiD folder or `B. Disease Grading` itself:
@@ -166,7 +164,7 @@ def read_idrid_grading(root, *, relative_to=None) -> list[dict]:
                             dme_risk=int(float(dme)) if dme else None))
     return out
 
-
+# %% ../../nbs/01e_data_adapters.ipynb #828be24e
 def read_messidor2(root, *, relative_to=None, include_ungradable: bool = False) -> list[dict]:
     """MESSIDOR-2 with the Kaggle adjudicated grades (google-brain/messidor2-dr-grades): `messidor_data.csv`
     (`image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable`); images anywhere below `root` (e.g.
@@ -196,7 +194,6 @@ def read_messidor2(root, *, relative_to=None, include_ungradable: bool = False) 
 # %% ../../nbs/01e_data_adapters.ipynb #0000002e
 _ODIR_SPLIT = re.compile(r'[，,;；]')
 
-
 def odir_keywords(text: str | None) -> list[str]:
     "ODIR diagnostic keywords: split on full-width and ASCII commas/semicolons, strip, drop empties and repeats."
     out = []
@@ -204,7 +201,6 @@ def odir_keywords(text: str | None) -> list[str]:
         k = ' '.join(k.split())
         if k and k not in out: out.append(k)
     return out
-
 
 def read_odir5k(root, *, relative_to=None, csv_name: str | None = None) -> list[dict]:
     """ODIR-5K: `full_df.csv` (Kaggle, one row per eye with repeated patient columns) or the csv exported from
@@ -234,7 +230,6 @@ def read_odir5k(root, *, relative_to=None, csv_name: str | None = None) -> list[
                             eye=eye.lower(), patient_id=r['ID'], patient_labels=flags))
     return out
 
-
 def read_airogs(root, *, relative_to=None) -> list[dict]:
     """Rotterdam EyePACS AIROGS (train set): `train_labels.csv` (`challenge_id,class`, class RG/NRG); images
     `<challenge_id>.jpg` anywhere below `root` (the release splits them over folders `0/`..`5/`).
@@ -250,7 +245,7 @@ def read_airogs(root, *, relative_to=None) -> list[dict]:
         out.append(_rec('airogs', cid, img, rel_to, label=AIROGS_CLASSES[cls], split='train'))
     return out
 
-
+# %% ../../nbs/01e_data_adapters.ipynb #cded2453
 def read_origa(root, *, relative_to=None) -> list[dict]:
     """ORIGA(-light): `OrigaList.csv` (`Filename,ExpCDR,Eye,Set,Glaucoma`; also found as `glaucoma.csv` in Kaggle
     copies), images `Images/<Filename>` (else found by name below `root`). Labels: Glaucoma 0/1 -> 'no glaucoma' /

@@ -38,20 +38,17 @@ def build_label_map(labels: Iterable[str | None]) -> dict[str, int]:
         if l is not None and l not in out: out[l] = len(out)
     return out
 
-
 def label_to_id(label: str | None, label_map: Mapping[str, int]) -> int:
     "Id of `label` in `label_map`; `None` -> -1 (no categorical label)."
     if label is None: return -1
     try: return label_map[label]
     except KeyError: raise ValueError(f'label {label!r} is not in the label map ({_preview(label_map)})') from None
 
-
 def _as_records(records, root) -> tuple[datasets.Dataset, Path]:
     if isinstance(records, ManifestData): return records.dataset, Path(root) if root is not None else records.root
     if root is None: raise ValueError('root is required when records are not a ManifestData')
     if isinstance(records, datasets.Dataset): return records, Path(root)
     return datasets.Dataset.from_list([dict(r) for r in records]), Path(root)
-
 
 @contextmanager
 def _private_rng(seed: int | None):
@@ -63,7 +60,7 @@ def _private_rng(seed: int | None):
         torch.manual_seed(seed)
         yield random.Random(seed)
 
-
+# %% ../../nbs/01d_data_loader.ipynb #b0345bbe
 class _ImageRecords(TorchDataset):
     def __init__(self, records, root=None, transform=None, *, max_pixels: int = MAX_PIXELS, decode_size: int | None = None,
                  on_error: str = 'raise', max_retries: int = 10, hflip: float = 0.0):
@@ -107,7 +104,6 @@ class _ImageRecords(TorchDataset):
         if errors: out['errors'] = errors
         return out
 
-
 class ImageDataset(_ImageRecords):
     """Unpaired images: item = `dict(image=(3,H,W) float, id=str)`.
 
@@ -115,7 +111,7 @@ class ImageDataset(_ImageRecords):
     `decode_size`: JPEG draft decoding (see `load_image`). `on_error`: 'raise' or 'replace'.
     `hflip`: probability of a horizontal flip before `transform` (from the item's private RNG)."""
 
-
+# %% ../../nbs/01d_data_loader.ipynb #9c60feb9
 class ImageTextDataset(_ImageRecords):
     """Paired images: item = `dict(image=(3,H,W) float, text=str, label_id=int, id=str)`.
 

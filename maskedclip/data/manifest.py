@@ -38,7 +38,6 @@ class SkippedRecord:
     file: str | None
     message: str
 
-
 @dataclass
 class LoadReport:
     "Counts of a manifest load: `total` rows, `kept`, and every skipped row with its reason and file."
@@ -77,7 +76,7 @@ class LoadReport:
 
     __str__ = summary
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #bf3ddbe2
 @dataclass
 class ManifestData:
     "A validated manifest: the `datasets.Dataset` of records, the `LoadReport`, the data root and the file."
@@ -165,7 +164,6 @@ def _scan_json(path: Path):
         else: bad.append(BadRecordError(f'expected a JSON object, got {type(obj).__name__}', reason='malformed_row', manifest=path, line=where))
     return rows, lines, bad, None
 
-
 def _scan_csv(path: Path):
     "Rows of a CSV file as exact strings with their line numbers; rows with the wrong field count become errors."
     rows, lines, bad = [], [], []
@@ -184,13 +182,11 @@ def _scan_csv(path: Path):
             rows.append(dict(zip(header, row))); lines.append(reader.line_num)
     return rows, lines, bad, header
 
-
 def _manifest_format(path: Path) -> str:
     suf = path.suffix.lower()
     if suf in ('.jsonl', '.json', '.ndjson'): return 'json'
     if suf == '.csv': return 'csv'
     raise ValueError(f'{path}: unknown manifest format {suf!r} (use .jsonl, .json or .csv)')
-
 
 def _check_many(paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool) -> Iterator[BadRecordError | tuple[int, int]]:
     "Image checks on a thread pool (PIL releases the GIL while decoding), yielded in input order: the error or the `(w, h)`."
@@ -204,7 +200,7 @@ def _check_many(paths: list[Path], mode: str, max_pixels: int, num_threads: int 
         yield from tqdm(it, total=len(paths), desc='checking images', disable=not progress, leave=False)
     finally: ex.shutdown(wait=True, cancel_futures=True)
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #8ea369f9
 def _validate_rows(rows, locs, root, *, label_space, require_text, check_images, max_pixels, num_threads,
                    on_bad_record, report, verbose) -> tuple[list[dict], list[int]]:
     "Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices."
@@ -241,9 +237,7 @@ def _validate_rows(rows, locs, root, *, label_space, require_text, check_images,
     kept = [(i, rec) for i, rec in cheap if i not in errors]
     return [rec for _, rec in kept], [i for i, _ in kept]
 
-
 MIN_IMAGE_SIDE = 16   # smaller images are accepted with a warning (a 1x1 placeholder is almost certainly not a photograph)
-
 
 def _check_policy(on_bad_record):
     if on_bad_record not in ('raise', 'skip'):
@@ -295,7 +289,7 @@ def load_manifest(path, root=None, label_space: Iterable[str] | None = None, on_
     if verbose: print(report.summary())
     return ManifestData(ds, report, root, path, [(str(path), lines[i]) for i in kept])
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #66571f27
 def load_records(records: Iterable[Mapping], root, label_space: Iterable[str] | None = None, on_bad_record: str = 'raise',
                  check_images=True, *, require_text: bool = False, max_pixels: int = MAX_PIXELS,
                  num_threads: int | None = None, name: str = '<records>', verbose: bool = True) -> ManifestData:
@@ -318,9 +312,7 @@ def load_records(records: Iterable[Mapping], root, label_space: Iterable[str] | 
 _SPLIT_DIRS = {'train': 'train', 'training': 'train', 'val': 'val', 'valid': 'val', 'validation': 'val',
                'test': 'test', 'testing': 'test'}
 
-
 def _visible(p: Path) -> bool: return not (p.name.startswith('.') or p.name == '__MACOSX')
-
 
 def _image_files(folder: Path) -> list[Path]:
     "Image files under `folder` (recursive, sorted), skipping hidden files and `__MACOSX`."
@@ -330,7 +322,6 @@ def _image_files(folder: Path) -> list[Path]:
         out += [Path(dirpath) / f for f in sorted(filenames)
                 if _visible(Path(f)) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     return out
-
 
 def _class_folder_records(root: Path, folder_label: Callable[[str], str | None], *, source: str,
                           relative_to: Path | None = None) -> list[dict]:
@@ -351,16 +342,14 @@ def _class_folder_records(root: Path, folder_label: Callable[[str], str | None],
     if ignored: warnings.warn(f'{source}: ignored folders that are not classes of this dataset: {ignored}')
     return records
 
-
 def _relpath(f: Path, rel_to: Path) -> str:
     try: return Path(os.path.abspath(f)).relative_to(os.path.abspath(rel_to)).as_posix()
     except ValueError: raise ValueError(f'{f} is not inside relative_to={rel_to}') from None
 
-
 def _csv_header(path: Path) -> list[str]:
     with open(path, newline='', encoding='utf-8-sig') as f: return next(csv.reader(f), [])
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #d0e1836d
 def load_imagefolder(root, *, text_column: str = 'text', label_column: str = 'label', label_space: Iterable[str] | None = None,
                      on_bad_record: str = 'raise', check_images=True, require_text: bool = False,
                      max_pixels: int = MAX_PIXELS, num_threads: int | None = None, cache_dir=None,
@@ -405,13 +394,12 @@ def load_imagefolder(root, *, text_column: str = 'text', label_column: str = 'la
     if verbose: print(report.summary())
     return ManifestData(ds, report, root, root / 'metadata.csv', [locs[i] for i in kept])
 
-
 def _json_default(o):
     if isinstance(o, Path): return o.as_posix()
     if isinstance(o, (np.integer, np.floating, np.bool_)): return o.item()
     raise TypeError(f'cannot write {type(o).__name__} to a manifest')
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #ede13182
 def write_manifest(records: Iterable[Mapping], path) -> Path:
     """Write records as JSON lines (`.jsonl`) or CSV (`.csv`; `labels` and nested extras as JSON text).
     Written atomically (temporary file + rename); every record needs an `id` and an `image`."""

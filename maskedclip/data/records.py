@@ -246,7 +246,6 @@ def _image_check_mode(check_images) -> str | None:
     if check_images in ('header', 'verify', 'decode'): return check_images
     raise ValueError(f"check_images must be True/False or 'header'|'verify'|'decode', got {check_images!r}")
 
-
 def resolve_image_path(image: str, root) -> tuple[Path, str]:
     """`(absolute path, clean relative POSIX path)` of `image` under `root`; `BadRecordError`
     (`path_escapes_root`) if it leaves the root lexically or through a symlink."""
@@ -262,7 +261,6 @@ def resolve_image_path(image: str, root) -> tuple[Path, str]:
                              f'root {real_root}', reason='path_escapes_root', field='image', file=lex)
     return lex, lex.relative_to(root_abs).as_posix()
 
-
 def _opt_str(v, name: str, rid, numbers_ok: bool = False) -> str | None:
     if v is None: return None
     if numbers_ok and isinstance(v, int) and not isinstance(v, bool): return str(v)
@@ -270,7 +268,6 @@ def _opt_str(v, name: str, rid, numbers_ok: bool = False) -> str | None:
         raise BadRecordError(f'{name} must be a string or null, got {type(v).__name__} {v!r}', reason='bad_value',
                              record_id=rid, field=name)
     return v if v.strip() else None
-
 
 def _parse_labels(v, rid) -> list[str] | None:
     if v is None: return None
@@ -287,12 +284,11 @@ def _parse_labels(v, rid) -> list[str] | None:
     out = [x for x in v if x.strip()]
     return out or None
 
-
 def _preview(xs, n: int = 8) -> str:
     xs = list(xs); s = ', '.join(repr(x) for x in xs[:n])
     return s + (f', ... ({len(xs)} in all)' if len(xs) > n else '')
 
-
+# %% ../../nbs/01a_data_records.ipynb #effe6ad3
 def validate_record(record: Mapping, root=None, *, label_space: Iterable[str] | None = None,
                     require_text: bool = False, check_images=True, max_pixels: int = MAX_PIXELS) -> Record:
     """Check one record against the contract and return it normalised (extra keys kept).

@@ -29,8 +29,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'fundus_border_crop', 'FundusBorderC
 
 # %% ../../nbs/01c_data_transforms.ipynb #0000001f
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def fundus_border_crop(img: Image.Image, threshold: float = 0.1, min_threshold: int = 10, min_fraction: float = 0.01,
                        square: bool = True) -> Image.Image:
@@ -57,7 +57,6 @@ def fundus_border_crop(img: Image.Image, threshold: float = 0.1, min_threshold: 
     canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
     return canvas
 
-
 class FundusBorderCrop:
     "`fundus_border_crop` as a picklable transform (for `v2.Compose` and DataLoader workers)."
     def __init__(self, threshold: float = 0.1, min_threshold: int = 10, min_fraction: float = 0.01, square: bool = True):
@@ -65,11 +64,10 @@ class FundusBorderCrop:
     def __call__(self, img: Image.Image) -> Image.Image: return fundus_border_crop(img, **self.kw)
     def __repr__(self) -> str: return f'FundusBorderCrop({", ".join(f"{k}={v}" for k, v in self.kw.items())})'
 
-
 _LATERALITY = {'left': 'right', 'right': 'left', 'Left': 'Right', 'Right': 'Left', 'LEFT': 'RIGHT', 'RIGHT': 'LEFT',
                'OD': 'OS', 'OS': 'OD'}
-_LATERALITY_RE = re.compile(r'\b(' + '|'.join(_LATERALITY) + r')\b')
 
+_LATERALITY_RE = re.compile(r'\b(' + '|'.join(_LATERALITY) + r')\b')
 
 def mirror_laterality(text: str | None) -> str | None:
     """The report of a horizontally flipped fundus photo: a mirrored right eye looks like a left eye, so
@@ -78,15 +76,13 @@ def mirror_laterality(text: str | None) -> str | None:
     if not text: return text
     return _LATERALITY_RE.sub(lambda m: _LATERALITY[m.group(1)], text)
 
-
 def _check_size(size):
     if not isinstance(size, int) or size <= 0: raise ValueError(f'size must be a positive int, got {size!r}')
-
 
 def _to_tensor_normalized() -> list:
     return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
-
+# %% ../../nbs/01c_data_transforms.ipynb #ef3940e4
 def train_transform(size: int = 224, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
                     border_crop: bool = True, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> v2.Compose:
     """PIL RGB -> `(3, size, size)` float: [border crop] + RandomResizedCrop(bicubic) + HFlip(`hflip`) + ImageNet norm.
@@ -102,14 +98,12 @@ def train_transform(size: int = 224, scale: tuple[float, float] = (0.2, 1.0), hf
     if hflip > 0: ts.append(v2.RandomHorizontalFlip(hflip))
     return v2.Compose(ts + _to_tensor_normalized())
 
-
 def eval_transform(size: int = 224, border_crop: bool = True) -> v2.Compose:
     "Deterministic PIL RGB -> `(3, size, size)` float: [border crop] + resize + centre crop + ImageNet norm."
     _check_size(size)
     ts = [FundusBorderCrop()] if border_crop else []
     ts += [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
     return v2.Compose(ts + _to_tensor_normalized())
-
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     "Undo the ImageNet normalisation of `(..., 3, H, W)` images (for pictures)."

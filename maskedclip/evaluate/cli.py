@@ -70,6 +70,7 @@ def _check_sources(sources: Mapping[str, str]):
                 raise DataError(f"--checkpoint {name}={src}: not a valid safetensors file ({str(e).splitlines()[0][:100]}); if it is a "
                                 "pickled state dict renamed .safetensors, give it its real suffix (.pth): it is then loaded weights-only") from None
 
+# %% ../../nbs/10f_evaluate_cli.ipynb #8b9b8cb1
 def build_parser() -> argparse.ArgumentParser:
     from maskedclip import __version__
     ap = argparse.ArgumentParser(prog="maskedclip-eval", description="Evaluate image encoders (linear probe, fine-tune, zero-shot) on a corpus's downstream tasks. "

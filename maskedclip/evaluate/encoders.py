@@ -73,6 +73,7 @@ class LoadedEncoder:
         return s
     __str__ = summary
 
+# %% ../../nbs/10b_evaluate_encoders.ipynb #87c8f81e
 def infer_vision_config(sd: Mapping[str, torch.Tensor], heads: int | None = None, image_size: int | None = None) -> VisionConfig:
     "The `VisionConfig` of a timm-style ViT state dict from its tensor shapes (heads: standard count for the width)."
     if "patch_embed.proj.weight" not in sd:
@@ -133,6 +134,7 @@ def _finish(enc_sd, vc, source, kind, strict, seed, drop_path, other=None, **kw)
     for cat, keys in (other or {}).items(): report.unexpected.setdefault(cat, []).extend(sorted(keys))
     return LoadedEncoder(enc, vc, str(source), kind, report, **kw)
 
+# %% ../../nbs/10b_evaluate_encoders.ipynb #7658804f
 def load_encoder(source, vision_config=None, *, seed: int = 0, drop_path: float | None = None, heads: int | None = None,
                  strict: bool = False) -> LoadedEncoder:
     """The image encoder E_I from `source` ('random[:preset]', checkpoint/run dir, encoder.safetensors, timm/MAE/RETFound file).

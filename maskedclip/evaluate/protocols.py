@@ -160,6 +160,7 @@ def _proba(clf, x: np.ndarray, k: int) -> np.ndarray:
     p[:, clf.classes_] = clf.predict_proba(x)
     return p
 
+# %% ../../nbs/10c_evaluate_protocols.ipynb #8fa25616
 def fit_linear_probe(train, val, test, Cs: Sequence[float] = DEFAULT_CS, *, n_classes: int | None = None, classes=None,
                      max_iter: int = 1000, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, blas_threads: int | None = 1,
                      more_tests: Mapping[str, Any] | None = None) -> EvalResult:
@@ -246,6 +247,7 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: 
         g["params"].append(p); g["names"].append(name)
     return list(groups.values())
 
+# %% ../../nbs/10c_evaluate_protocols.ipynb #0d9d0cc5
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, crop_scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
                   hflip: float = 0.5, erase: float = 0.25) -> torch.Tensor:
     "Per-sample random-resized crop + horizontal flip + random erasing (normal noise) of `(B, C, H, W)` normalised images."

@@ -74,6 +74,7 @@ def _subset(split, idx):
     x, y = split
     return x[torch.as_tensor(idx)] if torch.is_tensor(x) else x[idx], y[idx]
 
+# %% ../../nbs/10e_evaluate_runner.ipynb #e46a967c
 def evaluate_all(sources: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASKS, fractions: Sequence[float] = (0.1, 1.0),
                  seeds: Sequence[int] = (0, 1, 2), protocol: str = "linear_probe", corpus_root=None, *, vision_config=None,
                  n_boot: int = 1000, probe_kw: dict | None = None, finetune_kw: dict | None = None, zero_shot_kw: dict | None = None,
@@ -128,6 +129,7 @@ def evaluate_all(sources: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
     for s in skipped: log(f"[eval] skipped {s['method']} on {s['task']}: {s['reason']}")
     return df
 
+# %% ../../nbs/10e_evaluate_runner.ipynb #b1743b69
 def _eval_units(ctx, tasks, fractions, seeds, fraction_seeds) -> list[tuple]:
     "Independent jobs `(source, task, ((fraction, seed), ...))`, the most expensive first (a linear probe of a trained encoder is one job)."
     fs = {float(f): list(seeds) for f in fractions}
@@ -145,6 +147,7 @@ def _eval_units(ctx, tasks, fractions, seeds, fraction_seeds) -> list[tuple]:
             else: units += [(name, task, (p,)) for p in pairs]
     return sorted(units, key=lambda u: -sum(f for f, _ in u[2])) if ctx.protocol == "finetune" else units
 
+# %% ../../nbs/10e_evaluate_runner.ipynb #1a5f0e23
 class _EvalContext:
     "What every evaluation job needs, picklable for worker processes; loaded encoders and task data are cached per process."
     def __init__(self, sources, corpus_root, vision, protocol, n_boot, probe_kw, finetune_kw, zero_shot_kw, device, stream, test_splits):
@@ -211,6 +214,7 @@ class _EvalContext:
                 rows.append(rs.row(method=name, task=task, fraction=float(frac), seed=int(seed), test_set=s, seconds=sec))
         return rows, [], len(pairs)
 
+# %% ../../nbs/10e_evaluate_runner.ipynb #eebff30d
 _WORKER_CTX: _EvalContext | None = None
 
 def _init_eval_worker(ctx: _EvalContext):

@@ -82,6 +82,7 @@ def _pick(df: pd.DataFrame, protocol: str | None, fraction: float | None, test_s
 def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if np.isfinite(std) else "")
 
+# %% ../../nbs/10d_evaluate_tables.ipynb #c9964d9f
 def _render(values: pd.DataFrame, stds: pd.DataFrame, digits: int, index_name: str) -> tuple[pd.DataFrame, str, str]:
     "Formatted frame + Markdown + HTML with the best (highest mean) of each column in bold."
     best = {c: values[c].max() for c in values.columns}
@@ -136,6 +137,7 @@ def has_ablation(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS) -> b
     "Whether `df` holds at least two steps of the ablation, so that a Table 2 compares something."
     return len(set(rows) & set(df["method"])) >= 2
 
+# %% ../../nbs/10d_evaluate_tables.ipynb #f6a2c2ce
 def table2(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS, fraction: float | None = None, protocol: str | None = None,
            metrics: Sequence[str] = ("auroc", "auprc"), digits: int = 3, test_set: str = "test") -> Table:
     "Table 2, the ablation MAE+CLIP -> +bridge -> +L_mfd: rows in the given order, tasks × metrics and the mean over tasks."
@@ -177,6 +179,7 @@ def side_by_side(table_fn, df: pd.DataFrame, *args, test_sets: Sequence[str] | N
     cap = first.caption.split(";")[0] + f"; test sets: {', '.join(TEST_SET_LABELS.get(ts, ts) for ts in test_sets)}; best in bold"
     return Table(frame, vals, md, html, cap, stds)
 
+# %% ../../nbs/10d_evaluate_tables.ipynb #eff86dfe
 def label_efficiency_figure(df: pd.DataFrame, metric: str = "auroc", protocol: str | None = None, tasks: Sequence[str] | None = None,
                             labels: Mapping[str, str] | None = None, title: str | None = None):
     "Fig. 2: `metric` against the label fraction (log axis) per method, error bars = std over seeds, one panel per task."

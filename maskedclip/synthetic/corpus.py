@@ -95,6 +95,7 @@ def make_shifted_sample(seed: int, index: int, size: int = 64, prior: FindingPri
 
 # %% ../../nbs/02d_synthetic_corpus.ipynb #0000003e
 CORPUS_FORMAT_VERSION = 2
+
 _POOL_OFFSET = dict(paired=0, unpaired=10 ** 8, tasks=2 * 10 ** 8)   # sample index ranges: pools never share an eye
 
 SHIFTED_SPLIT = 'test_shifted'   # every task's test set under `ShiftedAcquisition` (eyes of their own)
@@ -148,6 +149,7 @@ def _write_jsonl(path: Path, records: list[dict]):
         for r in records: fh.write(json.dumps(r, ensure_ascii=False) + '\n')
     os.replace(tmp, path)
 
+# %% ../../nbs/02d_synthetic_corpus.ipynb #a7c1d0b9
 def build_corpus(root: str | os.PathLike, n_paired: int, n_unpaired: int, n_task_per_split: int | dict[str, int],
                  size: int = 64, seed: int = 0, prior: FindingPrior | None = None, num_workers: int = 1,
                  progress: bool = True, nuisance: Nuisance | None = DEFAULT_NUISANCE, overwrite: bool = False,

@@ -331,6 +331,7 @@ def _dr_lesions(rng: np.random.Generator, grade: int, prior: FindingPrior, fovea
             les.append(Lesion('preretinal_haemorrhage', float(p[0]), float(p[1]), r, r * rng.uniform(0.75, 0.95), 0.0))
     return les, beading
 
+# %% ../../nbs/02a_synthetic_findings.ipynb #8ffacf79
 def _drusen(rng: np.random.Generator, amd: bool, prior: FindingPrior, fovea, disc, dd) -> list[Lesion]:
     "Drusen around the fovea; sizes drawn in micrometres so that `amd_from_drusen` returns `amd`."
     sizes = []

@@ -119,6 +119,7 @@ class Nuisance:
         d['offset_y'], d['gradient_dir'] = d.pop('fov_offset'), 2 * np.pi * u[k + 1]
         return {k: float(v) for k, v in d.items()}      # Python floats keep float32 images float32
 
+# %% ../../nbs/02c_synthetic_render.ipynb #e4dbb8a8
 DEFAULT_NUISANCE = Nuisance()
 
 # %% ../../nbs/02c_synthetic_render.ipynb #00000025
@@ -175,6 +176,7 @@ def _window(geom: _Geometry, px: np.ndarray, py: np.ndarray, h: int):
     flat = np.broadcast_to(i * S + j, ok.shape)
     return flat, ok, dx, dy
 
+# %% ../../nbs/02c_synthetic_render.ipynb #6827ae61
 def _accumulate(size: int, flat, ok, *values) -> list[np.ndarray]:
     "Max-composite per-window values into `(H, W)` float32 maps."
     out, idx = [], flat[ok]
@@ -229,6 +231,7 @@ def _splat_tubes(geom: _Geometry, px: np.ndarray, py: np.ndarray, r: np.ndarray,
 
 # %% ../../nbs/02c_synthetic_render.ipynb #00000027
 VESSEL_STEP = 0.015     # centre-line step of the vessel random walks (FOV radii)
+
 _FAZ = 0.06             # foveal avascular zone radius (FOV radii)
 
 def _walk(rng, start, heading, length, curv, tort, fovea, bound=None, bend=None):
@@ -259,6 +262,7 @@ _TRUNKS = [(-92, -0.35, -2.7, 0.45, 0.28, 1.9, 1.0), (92, 0.35, 2.7, 0.45, 0.28,
            (-165, -0.6, 0, 0, 1, 0.5, 0.45), (165, 0.6, 0, 0, 1, 0.5, 0.45),                 # small macular branches
            (5, 0.0, 0, 0, 1, 0.5, 0.55)]                                                    # nasal
 
+# %% ../../nbs/02c_synthetic_render.ipynb #7fd9a887
 def _vessel_tree(rng: np.random.Generator, f: Findings, vein: bool, levels: int = 3, tortuosity: float = 1.0, calibre: float = 0.0):
     """Branching vessel tree emanating from the disc (canonical units): list of `(points (B, M, 2), radius (B, M),
     arclength (M,), alive (B, M))` per branching level. Veins are wider than arteries (AV ratio ~0.72).
@@ -319,6 +323,7 @@ def _rasterise_tree(geom: _Geometry, tree, beading: Sequence[str] = (), rng=None
     px, py = geom.to_px(np.concatenate(xs), np.concatenate(ys))
     return px, py, np.concatenate(rs) * geom.R
 
+# %% ../../nbs/02c_synthetic_render.ipynb #7b5acc70
 def _nv_tree(rng: np.random.Generator, les: Lesion, fovea):
     "Neovascularisation: a tangle of fine, very tortuous looping vessels confined to the lesion's extent."
     B = 10
@@ -332,17 +337,29 @@ def _nv_tree(rng: np.random.Generator, les: Lesion, fovea):
 
 # %% ../../nbs/02c_synthetic_render.ipynb #00000028
 _BASE_RGB = np.array([0.84, 0.35, 0.25], np.float32)       # choroid/RPE orange-red (before auto-exposure)
+
 _TEX_GAIN = np.array([0.4, 1.3, 1.5], np.float32)         # texture is weaker in red (deeper light)
+
 _MACULA = np.array([0.12, 0.32, 0.42], np.float32)         # macular pigment absorbs green/blue
+
 _DISC_RGB, _CUP_RGB = np.array([0.98, 0.62, 0.42], np.float32), np.array([1.0, 0.8, 0.62], np.float32)
+
 _VEIN_T, _ARTERY_T = np.array([0.8, 0.42, 0.5], np.float32), np.array([0.93, 0.66, 0.72], np.float32)
+
 _NV_T = np.array([0.62, 0.4, 0.5], np.float32)
+
 _MA_T, _HAEM_T = np.array([0.7, 0.36, 0.44], np.float32), np.array([0.64, 0.3, 0.38], np.float32)
+
 _PRE_T = np.array([0.55, 0.22, 0.3], np.float32)
+
 _EXUDATE, _CWS, _DRUSEN = (np.array(c, np.float32) for c in ((1.0, 0.92, 0.5), (0.96, 0.86, 0.76), (0.98, 0.8, 0.45)))
+
 _VEIL = np.array([0.95, 0.75, 0.38], np.float32)           # yellow-brown lens veil of cataract
+
 _TESS = np.array([0.25, 0.6, 0.6], np.float32)             # melanin between choroidal vessels absorbs green/blue most
+
 _NFL = np.array([0.3, 1.0, 1.0], np.float32)               # the nerve-fibre layer reflects green/blue
+
 def _bbox(alpha: np.ndarray) -> tuple[slice, slice]:
     "The rows and columns where `alpha` is non-zero (compositing only touches them)."
     rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
@@ -359,6 +376,7 @@ def _paint(img, alpha, colour, shade):
     b = _bbox(alpha)
     img[b] += alpha[b][..., None] * (colour * shade[b][..., None] - img[b])
 
+# %% ../../nbs/02c_synthetic_render.ipynb #2f62e4df
 def render_fundus(findings: Findings, size: int = 224, rng: np.random.Generator | None = None,
                   nuisance: Nuisance | None = DEFAULT_NUISANCE) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render `findings` as a colour fundus photograph.

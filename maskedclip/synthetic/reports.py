@@ -39,6 +39,7 @@ def _where(quadrants: Sequence[str], rng: np.random.Generator) -> str:
 
 def _cap(s: str) -> str: return s[0].upper() + s[1:]
 
+# %% ../../nbs/02b_synthetic_reports.ipynb #9652b702
 def write_report(findings: Findings, rng: np.random.Generator) -> str:
     """A free-text fundus report of several sentences: varied wording and order, random negations of absent
     findings, optional impression; deterministic for the state of `rng`."""
