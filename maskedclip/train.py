@@ -581,14 +581,17 @@ DIAG_IMAGES, DIAG_SEED = 32, 20_240_601   # the fixed diagnostics batch: 32 imag
 
 def diagnostic_batch(loader, n: int = DIAG_IMAGES) -> Batch | None:
     """A fixed batch for `representation_diagnostics`: `n` records spread evenly over the loader's paired dataset (else its
-    unpaired one), each drawn with a fixed private seed, so every step (and every resumed run) measures the same images.
-    None when the loader has no indexable dataset (e.g. `InMemoryBatches`)."""
+    unpaired one), each drawn with a fixed private seed, so every step (and every resumed run) measures the same images;
+    records that fail to decode are left out. None when the loader has no indexable dataset (e.g. `InMemoryBatches`)."""
     from maskedclip.data import _Collate
     for tag, ds in (("p", getattr(loader, "paired", None)), ("u", getattr(loader, "unpaired", None))):
         if ds is None or not len(ds): continue
         idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
-        items = [(tag, ds[(int(i), DIAG_SEED)]) for i in idx]
-        return _Collate(getattr(loader, "tokenize", None))(items)[0]
+        items = []
+        for i in idx:
+            try: items.append((tag, ds[(int(i), DIAG_SEED)]))
+            except BadRecordError: continue   # diagnostics never stop a run: a record that fails to decode is left out
+        if items: return _Collate(getattr(loader, "tokenize", None))(items)[0]
     return None
 
 @patch

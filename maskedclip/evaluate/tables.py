@@ -229,7 +229,7 @@ def save_results(df: pd.DataFrame, out_dir, stem: str = "results", figure: bool 
                 tag = ("zero_shot" if frac == 0 else f"{round(100 * frac):g}pct") + ("" if ts == "test" else f"_{ts}")
                 md, _ = table1(d, frac, proto, test_set=ts).save(out / f"table1{sfx}_{tag}")
                 paths[f"table1{sfx}_{tag}"] = md
-                if has_ablation(d):
+                if has_ablation(d[np.isclose(d["fraction"], frac)]):   # a Table 2 needs two ablation steps at this fraction
                     paths[f"table2{sfx}_{tag}"] = table2(d, fraction=frac, protocol=proto, test_set=ts).save(out / f"table2{sfx}_{tag}")[0]
         if figure and (d["fraction"] > 0).any():
             fig = label_efficiency_figure(d, protocol=proto)
