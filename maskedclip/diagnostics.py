@@ -76,7 +76,8 @@ def representation_diagnostics(model, batch) -> dict[str, float]:
             out["diag/mfd_target_var"], out["diag/mfd_target_patch_cos"] = within_image_variance(target), patch_cosine(target)
         if model.image_proj is not None and batch.n_paired >= 2 and batch.input_ids is not None:
             v = model._clip_image_features(enc)[1]
-            u = model.text_proj(model.text(batch.input_ids, batch.attention_mask)[0])
+            with model.text.uncached():   # the frozen tower's LRU cache is part of training's state: leave it untouched
+                u = model.text_proj(model.text(batch.input_ids, batch.attention_mask)[0])
             out["diag/align"] = alignment(v, u)
             out["diag/uniform_image"], out["diag/uniform_text"] = uniformity(v), uniformity(u)
         return {k: round(v, 6) for k, v in out.items()}

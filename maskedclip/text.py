@@ -6,6 +6,7 @@
 from __future__ import annotations
 import importlib.util, json, re
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -126,6 +127,7 @@ class TextTower(nn.Module):
         if cfg.gradient_checkpointing: self.model.gradient_checkpointing_enable()
         if cfg.freeze: self.model.requires_grad_(False)
         self._cache = OrderedDict()   # frozen only: a text's token ids -> its last hidden states (CPU, float32), LRU
+        self._use_cache = True
 
     def train(self, mode: bool = True):
         "A frozen tower stays in eval mode (no dropout), so its embeddings are the same in training and evaluation."
@@ -143,6 +145,13 @@ class TextTower(nn.Module):
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if with_sentences: out["sentence_ids"] = sentence_ids_from_offsets(texts, enc["offset_mapping"], enc["attention_mask"])
         return out
+
+    @contextmanager
+    def uncached(self):
+        "Inside, `forward` neither reads nor fills the cache (a look at the model that must not change training: D26)."
+        old, self._use_cache = self._use_cache, False
+        try: yield self
+        finally: self._use_cache = old
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache.clear()   # new weights: cached hidden states are stale
@@ -168,7 +177,7 @@ class TextTower(nn.Module):
         return hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        if self.cfg.freeze and self.cfg.cache_size > 0: hidden = self._frozen_hidden(input_ids, attention_mask)
+        if self.cfg.freeze and self.cfg.cache_size > 0 and self._use_cache: hidden = self._frozen_hidden(input_ids, attention_mask)
         else:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze):   # frozen: no graph through E_T
                 hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

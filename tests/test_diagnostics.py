@@ -138,3 +138,25 @@ def test_trainer_logs_diag_rows_without_changing_training(tmp_path, one_thread):
     json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     figs = run_figures(tmp_path / "d2")
     assert "representation diagnostics" in figs and len(figs["representation diagnostics"].data) >= 8
+
+
+def test_diagnostics_leave_the_frozen_text_cache_untouched(one_thread):
+    "The frozen tower's LRU cache is training state: diagnostics must neither read nor fill nor reorder it (D26)."
+    from maskedclip.config import get_preset
+    from maskedclip.model import MaskedCLIP
+    from maskedclip.data import Batch
+    torch.manual_seed(0)
+    m = MaskedCLIP(get_preset("demo", "maskedclip"))
+    assert m.text.cfg.freeze and m.text.cfg.cache_size > 0
+    def batch(texts, seed):
+        tok = m.tokenize(texts)
+        return Batch(paired_images=torch.randn(len(texts), 3, 64, 64, generator=torch.Generator().manual_seed(seed)),
+                     input_ids=torch.as_tensor(tok["input_ids"]), attention_mask=torch.as_tensor(tok["attention_mask"]),
+                     labels=torch.arange(len(texts)))
+    train_texts = ["no diabetic retinopathy.", "a large optic cup.", "many drusen at the macula."]
+    m(batch(train_texts, 0))                                   # a training forward fills the cache
+    before = [(k, v.clone()) for k, v in m.text._cache.items()]
+    d = representation_diagnostics(m, batch(["cataract with a hazy view.", "a normal fundus.", train_texts[0]], 1))
+    assert "diag/align" in d
+    after = list(m.text._cache.items())
+    assert [k for k, _ in before] == [k for k, _ in after] and all(torch.equal(a, b) for (_, a), (_, b) in zip(before, after))
