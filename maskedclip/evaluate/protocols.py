@@ -398,8 +398,9 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     n = len(ytr)
     steps_per_epoch = math.ceil(n / batch_size)
-    if max_steps is not None and epochs * steps_per_epoch > max_steps:
-        warmup_epochs, epochs = warmup_epochs * max(1, max_steps // steps_per_epoch) / epochs, max(1, max_steps // steps_per_epoch)
+    if max_steps is not None and epochs * steps_per_epoch > max_steps:   # fewer epochs; the warm-up keeps its share
+        capped = max(1, max_steps // steps_per_epoch)
+        warmup_epochs, epochs = warmup_epochs * capped / epochs, capped
     total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
     eval_at = set(range(epochs)) if not n_evals else {int(round(e)) for e in np.linspace(0, epochs - 1, min(n_evals, epochs))}
     gen = torch.Generator().manual_seed(seed)

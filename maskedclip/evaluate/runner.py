@@ -193,14 +193,15 @@ class _EvalContext:
                 rows.append(r.row(method=name, task=task, fraction=0.0, seed=pairs[0][1], test_set=s, seconds=time.perf_counter() - t0))
             return rows, [], 1
         tr, va = td.splits["train"], td.splits["val"]
-        rows, feats = [], None
+        rows, feats, feats_seed, feat_s = [], None, None, 0.0
         for frac, seed in pairs:
-            enc = self.encoder(name, seed)
+            enc = enc0 if seed == pairs[0][1] else self.encoder(name, seed)   # a random source is re-drawn per seed
             idx = label_fraction(tr[1], frac, seed)
             t0 = time.perf_counter()
             if self.protocol == "linear_probe":
-                if feats is None or self.is_random(name):
+                if feats is None or (self.is_random(name) and seed != feats_seed):   # features once per encoder
                     feats = {s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()}
+                    feats_seed, feat_s, t0 = seed, time.perf_counter() - t0, time.perf_counter()
                 r = fit_linear_probe((feats["train"][idx], tr[1][idx]), (feats["val"], va[1]), (feats["test"], tests["test"][1]),
                                      classes=td.classes, n_boot=self.n_boot, seed=seed, **self.probe_kw,
                                      more_tests={s: (feats[s], tests[s][1]) for s in self.test_splits[1:]})
@@ -208,7 +209,7 @@ class _EvalContext:
                 r = finetune(enc, {"train": _subset(tr, idx), "val": va, "test": tests["test"]}, classes=td.classes, n_boot=self.n_boot,
                              seed=seed, device=self.device, progress=False, **self.finetune_kw,
                              more_tests={s: tests[s] for s in self.test_splits[1:]})
-            sec = time.perf_counter() - t0
+            sec = time.perf_counter() - t0 + feat_s   # a probe's time includes its encoder's feature extraction
             for s in self.test_splits:
                 rs = r if s == "test" else r.details["more_tests"][s]
                 rows.append(rs.row(method=name, task=task, fraction=float(frac), seed=int(seed), test_set=s, seconds=sec))

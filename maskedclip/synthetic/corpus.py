@@ -49,14 +49,16 @@ class SyntheticSample:
         return {k: m for k, m in self.masks.items() if k in LESION_TYPES and m.any()}
 
 def make_sample(seed: int, index: int, size: int = 64, prior: FindingPrior | None = None,
-                nuisance: Nuisance | None = DEFAULT_NUISANCE) -> SyntheticSample:
+                nuisance: Nuisance | None = DEFAULT_NUISANCE, shift: 'ShiftedAcquisition | None' = None) -> SyntheticSample:
     """The `index`-th eye of the corpus with `seed`: findings, image and report come from three independent
-    streams of `SeedSequence([seed, index])`, so the same eye renders identically at every size."""
+    streams of `SeedSequence([seed, index])`, so the same eye renders identically at every size. `shift` images
+    the same eye through a `ShiftedAcquisition` instead of `nuisance` (see `make_shifted_sample`)."""
     for name, v in (('seed', seed), ('index', index)):
         if not isinstance(v, (int, np.integer)) or v < 0: raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     f_ss, r_ss, t_ss = np.random.SeedSequence([int(seed), int(index)]).spawn(3)
     findings = sample_findings(np.random.default_rng(f_ss), prior)
-    image, masks = render_fundus(findings, size, np.random.default_rng(r_ss), nuisance)
+    if shift is None: image, masks = render_fundus(findings, size, np.random.default_rng(r_ss), nuisance)
+    else: findings, image, masks = shift.render(findings, size, np.random.default_rng(r_ss))
     report = write_report(findings, np.random.default_rng(t_ss))
     return SyntheticSample(int(seed), int(index), int(size), findings, image, masks, report)
 
@@ -78,20 +80,21 @@ class ShiftedAcquisition:
         if not 0 < self.resolution <= 1: raise ValueError(f"ShiftedAcquisition.resolution must be in (0, 1], got {self.resolution}")
         if not self.lesion_scale > 0: raise ValueError(f"ShiftedAcquisition.lesion_scale must be > 0, got {self.lesion_scale}")
 
+    def render(self, findings: Findings, size: int, rng: np.random.Generator):
+        "(findings with grown lesions, image `(size, size, 3)` uint8, masks) of one eye imaged through this acquisition."
+        grow = lambda l: l if l.kind == 'drusen' else dataclasses.replace(l, rx=l.rx * self.lesion_scale, ry=l.ry * self.lesion_scale)
+        findings = dataclasses.replace(findings, lesions=[grow(l) for l in findings.lesions])
+        small = max(16, int(round(size * self.resolution)))
+        image, masks = render_fundus(findings, small, rng, self.nuisance)
+        if small != size:
+            image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+            masks = {k: np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) for k, m in masks.items()}
+        return findings, image, masks
+
 def make_shifted_sample(seed: int, index: int, size: int = 64, prior: FindingPrior | None = None,
                         shift: ShiftedAcquisition | None = None) -> SyntheticSample:
     "The `index`-th eye of `make_sample` (same findings and report), imaged through `shift`'s acquisition."
-    shift = shift or ShiftedAcquisition()
-    f_ss, r_ss, t_ss = np.random.SeedSequence([int(seed), int(index)]).spawn(3)
-    f = sample_findings(np.random.default_rng(f_ss), prior)
-    grow = lambda l: l if l.kind == 'drusen' else dataclasses.replace(l, rx=l.rx * shift.lesion_scale, ry=l.ry * shift.lesion_scale)
-    f = dataclasses.replace(f, lesions=[grow(l) for l in f.lesions])
-    small = max(16, int(round(size * shift.resolution)))
-    image, masks = render_fundus(f, small, np.random.default_rng(r_ss), shift.nuisance)
-    if small != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-        masks = {k: np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) for k, m in masks.items()}
-    return SyntheticSample(int(seed), int(index), int(size), f, image, masks, write_report(f, np.random.default_rng(t_ss)))
+    return make_sample(seed, index, size, prior, shift=shift or ShiftedAcquisition())
 
 # %% ../../nbs/02d_synthetic_corpus.ipynb #0000003e
 CORPUS_FORMAT_VERSION = 2
