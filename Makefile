@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 # papermill notebooks run on this venv's kernel even if the user has another "python3" kernelspec
 export JUPYTER_PATH := $(abspath $(VENV))/share/jupyter
 
-.PHONY: venv demo test check-nbdev nbtest pytest clean-venv
+.PHONY: venv demo test check-nbdev lint nbtest pytest clean-venv
 
 venv: $(STAMP)
 
@@ -34,6 +34,12 @@ demo: $(STAMP)
 check-nbdev: $(STAMP)
 	PATH=$(BIN):$$PATH $(BIN)/python scripts/check_nbdev_clean.py
 
+# one formatter and linter (ruff.toml): the notebooks are the source; maskedclip/ is generated from them by
+# nbdev_export, so it is linted but not format-checked (nbdev writes its own `__all__` lines and cell spacing)
+lint: $(STAMP)
+	$(BIN)/ruff format --check nbs tests benchmarks scripts experiments setup.py
+	$(BIN)/ruff check .
+
 # every notebook once, outside pytest (pytest's tests/test_notebooks.py runs each one too, through nbdev's test_nb)
 nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2
@@ -42,7 +48,7 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest
 
 # each notebook runs once, inside pytest (tests/test_notebooks.py), so one summary line counts everything
-test: check-nbdev pytest
+test: check-nbdev lint pytest
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,6 +9,7 @@ seeds, the difference, and a verdict by a fixed rule chosen before looking at th
 
     python experiments/claims.py experiments/results/reproduce-v2/results.csv --out experiments/results/reproduce-v2/claims.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,8 @@ CLAIMS = [  # (A, B, what the paper says)
 
 
 def verdict(a: pd.DataFrame, b: pd.DataFrame) -> str:
-    if a["auroc"].mean() <= b["auroc"].mean(): return "does not hold"
+    if a["auroc"].mean() <= b["auroc"].mean():
+        return "does not hold"
     return "holds (separated)" if a["ci_low"].min() > b["ci_high"].max() else "holds (within CIs)"
 
 
@@ -42,25 +44,48 @@ def check(df: pd.DataFrame) -> pd.DataFrame:
     for (proto, frac, ts, task), d in df.groupby(keys, sort=False):
         for a, b, what in CLAIMS:
             da, db = d[d["method"] == a], d[d["method"] == b]
-            if da.empty or db.empty: continue
-            rows.append(dict(claim=what, protocol=proto, fraction=frac, test_set=ts, task=task, a=a, b=b,
-                             mean_a=da["auroc"].mean(), mean_b=db["auroc"].mean(), diff=da["auroc"].mean() - db["auroc"].mean(),
-                             ci_a=f"[{da['ci_low'].min():.3f}, {da['ci_high'].max():.3f}]",
-                             ci_b=f"[{db['ci_low'].min():.3f}, {db['ci_high'].max():.3f}]", seeds=len(da), verdict=verdict(da, db)))
+            if da.empty or db.empty:
+                continue
+            rows.append(
+                dict(
+                    claim=what,
+                    protocol=proto,
+                    fraction=frac,
+                    test_set=ts,
+                    task=task,
+                    a=a,
+                    b=b,
+                    mean_a=da["auroc"].mean(),
+                    mean_b=db["auroc"].mean(),
+                    diff=da["auroc"].mean() - db["auroc"].mean(),
+                    ci_a=f"[{da['ci_low'].min():.3f}, {da['ci_high'].max():.3f}]",
+                    ci_b=f"[{db['ci_low'].min():.3f}, {db['ci_high'].max():.3f}]",
+                    seeds=len(da),
+                    verdict=verdict(da, db),
+                )
+            )
     return pd.DataFrame(rows)
 
 
 def tally(c: pd.DataFrame) -> pd.DataFrame:
     "Per claim and protocol: in how many (fraction, test set, task) cells it holds, and how many of those are separated."
     g = c.groupby(["claim", "protocol"], sort=False)["verdict"]
-    return pd.DataFrame({"cells": g.size(), "holds": g.apply(lambda v: int(v.str.startswith("holds").sum())),
-                         "separated": g.apply(lambda v: int((v == "holds (separated)").sum()))}).reset_index()
+    return pd.DataFrame(
+        {
+            "cells": g.size(),
+            "holds": g.apply(lambda v: int(v.str.startswith("holds").sum())),
+            "separated": g.apply(lambda v: int((v == "holds (separated)").sum())),
+        }
+    ).reset_index()
 
 
 def markdown(df: pd.DataFrame) -> str:
     "A pipe table (no extra dependency)."
     cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in df.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)] + ["| " + " | ".join(r) + " |" for r in cells])
+    return "\n".join(
+        ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+        + ["| " + " | ".join(r) + " |" for r in cells]
+    )
 
 
 def main(argv=None) -> int:
@@ -69,17 +94,27 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the tables as Markdown here")
     a = p.parse_args(argv)
     df = pd.read_csv(a.results)
-    if "test_set" not in df.columns: df["test_set"] = "test"
+    if "test_set" not in df.columns:
+        df["test_set"] = "test"
     c = check(df)
     if c.empty:
-        print(f"claims: no pair of methods of {sorted({x for t in CLAIMS for x in t[:2]})} in {a.results}", file=sys.stderr)
+        print(
+            f"claims: no pair of methods of {sorted({x for t in CLAIMS for x in t[:2]})} in {a.results}",
+            file=sys.stderr,
+        )
         return 2
     t = tally(c)
     fmt = c.assign(fraction=(100 * c["fraction"]).round(0).astype(int).astype(str) + " %")
-    text = ("Claims of the paper against this reproduction: 'separated' = every seed's 95 % bootstrap CI of A above every seed's "
-            "CI of B; 'within CIs' = higher mean, overlapping CIs.\n\n## Tally (cells where the claim holds, of all cells)\n\n"
-            + markdown(t) + "\n\n## Every cell\n\n" + markdown(fmt) + "\n")
-    if a.out: Path(a.out).write_text(text)
+    text = (
+        "Claims of the paper against this reproduction: 'separated' = every seed's 95 % bootstrap CI of A above every seed's "
+        "CI of B; 'within CIs' = higher mean, overlapping CIs.\n\n## Tally (cells where the claim holds, of all cells)\n\n"
+        + markdown(t)
+        + "\n\n## Every cell\n\n"
+        + markdown(fmt)
+        + "\n"
+    )
+    if a.out:
+        Path(a.out).write_text(text)
     print(markdown(t))
     return 0
 

@@ -9,24 +9,35 @@ masks drawn from a fixed generator (seed 0), mask ratio 0.75, normalised-pixel l
 
     python experiments/mae_corpus_study.py --out runs/study/after --crop-scale-min 0.2 --hflip 0.5
 """
+
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, time
+
+import argparse
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
 def _git(*args) -> str:
-    try: return subprocess.run(['git', *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except Exception: return 'unknown'
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
 
 
 def unseen_renders(n: int, size: int, seed: int = 7, zoom: float = 1.0) -> torch.Tensor:
     "`n` fresh renders (renderer seed `seed`) through the evaluation transform; `zoom` > 1 magnifies the centre first."
     from PIL import Image
-    from maskedclip.synthetic import make_sample
+
     from maskedclip.data import eval_transform
+    from maskedclip.synthetic import make_sample
+
     tf = eval_transform(size)
     out = []
     for k in range(n):
@@ -43,100 +54,197 @@ def unseen_renders(n: int, size: int, seed: int = 7, zoom: float = 1.0) -> torch
 def mim_loss_on(model, x: torch.Tensor, seed: int = 0, batch_size: int = 128) -> float:
     "Mean MIM loss (the model's own loss: mask ratio, normalised pixels) of `model` on images `x`, masks from `seed`."
     from maskedclip.data import Batch
+
     model.eval()
     g = torch.Generator().manual_seed(seed)
     tot = 0.0
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        tot += float(model(Batch(unpaired_images=xb), generator=g).parts['mim']) * len(xb)
+        xb = x[i : i + batch_size]
+        tot += float(model(Batch(unpaired_images=xb), generator=g).parts["mim"]) * len(xb)
     return tot / len(x)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--out', required=True, help='output folder (corpus, run, results.json)')
-    ap.add_argument('--corpus', default=None, help='corpus folder (built with the demo sizes if missing; default OUT/corpus)')
-    ap.add_argument('--crop-scale-min', type=float, default=1.0, help='RandomResizedCrop lower scale for pre-training')
-    ap.add_argument('--hflip', type=float, default=0.0, help='horizontal flip probability for pre-training')
-    ap.add_argument('--steps', type=int, default=500, help='pre-training steps')
-    ap.add_argument('--n-unpaired', type=int, default=1024, help='unpaired images of a corpus built here')
-    ap.add_argument('--n-unseen', type=int, default=512, help='unseen renders for the MIM loss')
-    ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='evaluation seeds')
-    ap.add_argument('--source-commit', default=None, help='commit of the maskedclip code on the path (default: this checkout\'s HEAD)')
-    ap.add_argument('--finetune', action='store_true', help='also fine-tune (RETFound recipe, 10 epochs) at 10 %% labels')
-    ap.add_argument('--finetune-only', action='store_true',
-                    help='add the fine-tune comparison to an existing OUT/results.json (pre-training and the rest are not redone)')
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (corpus, run, results.json)")
+    ap.add_argument(
+        "--corpus",
+        default=None,
+        help="corpus folder (built with the demo sizes if missing; default OUT/corpus)",
+    )
+    ap.add_argument(
+        "--crop-scale-min", type=float, default=1.0, help="RandomResizedCrop lower scale for pre-training"
+    )
+    ap.add_argument("--hflip", type=float, default=0.0, help="horizontal flip probability for pre-training")
+    ap.add_argument("--steps", type=int, default=500, help="pre-training steps")
+    ap.add_argument("--n-unpaired", type=int, default=1024, help="unpaired images of a corpus built here")
+    ap.add_argument("--n-unseen", type=int, default=512, help="unseen renders for the MIM loss")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds")
+    ap.add_argument(
+        "--source-commit",
+        default=None,
+        help="commit of the maskedclip code on the path (default: this checkout's HEAD)",
+    )
+    ap.add_argument(
+        "--finetune", action="store_true", help="also fine-tune (RETFound recipe, 10 epochs) at 10 %% labels"
+    )
+    ap.add_argument(
+        "--finetune-only",
+        action="store_true",
+        help="add the fine-tune comparison to an existing OUT/results.json (pre-training and the rest are not redone)",
+    )
     a = ap.parse_args(argv)
+    from maskedclip import evaluate as ev
+    from maskedclip.demo import DEMO_TASKS, probe_margins
+    from maskedclip.model import MaskedCLIP
     from maskedclip.synthetic import build_corpus
     from maskedclip.train import experiment_config, train
-    from maskedclip.model import MaskedCLIP
-    from maskedclip import evaluate as ev
-    from maskedclip.demo import probe_margins, DEMO_TASKS
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    corpus = Path(a.corpus) if a.corpus else out / 'corpus'
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Path(a.corpus) if a.corpus else out / "corpus"
     if a.finetune_only:
-        res = json.loads((out / 'results.json').read_text())
+        res = json.loads((out / "results.json").read_text())
         t0 = time.time()
-        ft = ev.evaluate_all({'random init': 'random', 'mae': str(out / 'pretrain' / 'final')}, tasks=DEMO_TASKS, fractions=(0.1,),
-                             seeds=a.seeds, protocol='finetune', corpus_root=corpus, n_boot=500, progress=False, log=None)
-        res['finetune_margins'] = probe_margins(ft, method='mae').round(4).to_dict('records')
-        res['finetune_runs'] = ft[['method', 'task', 'fraction', 'seed', 'auroc', 'ci_low', 'ci_high']].round(4).to_dict('records')
-        res['finetune_command'] = ' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
-        res['timings']['finetune_s'] = round(time.time() - t0, 1)
-        print(probe_margins(ft, method='mae').round(3).to_string(), flush=True)
-        (out / 'results.json').write_text(json.dumps(res, indent=1, default=str) + '\n')
+        ft = ev.evaluate_all(
+            {"random init": "random", "mae": str(out / "pretrain" / "final")},
+            tasks=DEMO_TASKS,
+            fractions=(0.1,),
+            seeds=a.seeds,
+            protocol="finetune",
+            corpus_root=corpus,
+            n_boot=500,
+            progress=False,
+            log=None,
+        )
+        res["finetune_margins"] = probe_margins(ft, method="mae").round(4).to_dict("records")
+        res["finetune_runs"] = (
+            ft[["method", "task", "fraction", "seed", "auroc", "ci_low", "ci_high"]]
+            .round(4)
+            .to_dict("records")
+        )
+        res["finetune_command"] = " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+        res["timings"]["finetune_s"] = round(time.time() - t0, 1)
+        print(probe_margins(ft, method="mae").round(3).to_string(), flush=True)
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
         return
     t = {}
     t0 = time.time()
-    if not (corpus / 'corpus.json').is_file():
-        build_corpus(corpus, n_paired=1024, n_unpaired=a.n_unpaired, n_task_per_split=dict(train=1000, val=500, test=1000),
-                     size=64, seed=0, num_workers=1, progress=False)
-    t['corpus_s'] = time.time() - t0
-    run = out / 'pretrain'
-    cfg = experiment_config('demo', 'mae', steps=a.steps, lr=1e-3, warmup_steps=max(1, a.steps // 10), paired_batch_size=32,
-                            unpaired_batch_size=32, synthetic=True, synthetic_dir=str(corpus), output_dir=str(run),
-                            save_every=max(1, a.steps // 4), seed=0,
-                            overrides={'model.vision.image_size': 64, 'train.resume': 'latest', 'train.keep_last': 2,
-                                       'data.hflip': a.hflip, 'data.crop_scale_min': a.crop_scale_min})
+    if not (corpus / "corpus.json").is_file():
+        build_corpus(
+            corpus,
+            n_paired=1024,
+            n_unpaired=a.n_unpaired,
+            n_task_per_split=dict(train=1000, val=500, test=1000),
+            size=64,
+            seed=0,
+            num_workers=1,
+            progress=False,
+        )
+    t["corpus_s"] = time.time() - t0
+    run = out / "pretrain"
+    cfg = experiment_config(
+        "demo",
+        "mae",
+        steps=a.steps,
+        lr=1e-3,
+        warmup_steps=max(1, a.steps // 10),
+        paired_batch_size=32,
+        unpaired_batch_size=32,
+        synthetic=True,
+        synthetic_dir=str(corpus),
+        output_dir=str(run),
+        save_every=max(1, a.steps // 4),
+        seed=0,
+        overrides={
+            "model.vision.image_size": 64,
+            "train.resume": "latest",
+            "train.keep_last": 2,
+            "data.hflip": a.hflip,
+            "data.crop_scale_min": a.crop_scale_min,
+        },
+    )
     t0 = time.time()
-    if not (run / 'final' / 'model.safetensors').is_file(): train(cfg, progress=False)
-    t['pretrain_s'] = time.time() - t0
+    if not (run / "final" / "model.safetensors").is_file():
+        train(cfg, progress=False)
+    t["pretrain_s"] = time.time() - t0
     t0 = time.time()
-    model = MaskedCLIP.from_pretrained(run / 'final')
+    model = MaskedCLIP.from_pretrained(run / "final")
     torch.manual_seed(0)
     rand = MaskedCLIP(model.config)
     x = unseen_renders(a.n_unseen, 64)
     xz = unseen_renders(a.n_unseen, 64, zoom=1 / 0.95)
-    from maskedclip.data import load_manifest, ImageDataset, eval_transform
-    seen = ImageDataset(load_manifest(corpus / 'pretrain' / 'unpaired.jsonl', root=corpus, check_images=False, verbose=False),
-                        transform=eval_transform(64))
-    xseen = torch.stack([seen[i]['image'] for i in range(min(a.n_unseen, len(seen)))])   # pre-training images
-    mim = dict(unseen=mim_loss_on(model, x), unseen_zoom5=mim_loss_on(model, xz), pretraining_images=mim_loss_on(model, xseen),
-               random_init_unseen=mim_loss_on(rand, x))
-    t['mim_s'] = time.time() - t0
-    print('MIM loss:', json.dumps({k: round(v, 4) for k, v in mim.items()}), flush=True)
+    from maskedclip.data import ImageDataset, eval_transform, load_manifest
+
+    seen = ImageDataset(
+        load_manifest(corpus / "pretrain" / "unpaired.jsonl", root=corpus, check_images=False, verbose=False),
+        transform=eval_transform(64),
+    )
+    xseen = torch.stack([seen[i]["image"] for i in range(min(a.n_unseen, len(seen)))])  # pre-training images
+    mim = dict(
+        unseen=mim_loss_on(model, x),
+        unseen_zoom5=mim_loss_on(model, xz),
+        pretraining_images=mim_loss_on(model, xseen),
+        random_init_unseen=mim_loss_on(rand, x),
+    )
+    t["mim_s"] = time.time() - t0
+    print("MIM loss:", json.dumps({k: round(v, 4) for k, v in mim.items()}), flush=True)
     t0 = time.time()
-    probe = ev.evaluate_all({'random init': 'random', 'mae': str(run / 'final')}, tasks=DEMO_TASKS, fractions=(0.1,), seeds=a.seeds,
-                            protocol='linear_probe', corpus_root=corpus, n_boot=500, progress=False, log=None)
-    t['probe_s'] = time.time() - t0
-    res = dict(command=' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), commit=a.source_commit or _git('rev-parse', 'HEAD'),
-               dirty=False if a.source_commit else bool(_git('status', '--porcelain', '--untracked-files=no')),
-               recipe=dict(preset='demo', method='mae', steps=a.steps, batch='32+32', image_size=64, lr=1e-3,
-                           crop_scale=(a.crop_scale_min, 1.0), hflip=a.hflip, n_unpaired=a.n_unpaired, corpus=str(corpus)),
-               mim_loss=mim, linear_probe_margins=probe_margins(probe, method='mae').round(4).to_dict('records'),
-               linear_probe_runs=probe[['method', 'task', 'fraction', 'seed', 'auroc', 'ci_low', 'ci_high']].round(4).to_dict('records'))
-    print(probe_margins(probe, method='mae').round(3).to_string(), flush=True)
+    probe = ev.evaluate_all(
+        {"random init": "random", "mae": str(run / "final")},
+        tasks=DEMO_TASKS,
+        fractions=(0.1,),
+        seeds=a.seeds,
+        protocol="linear_probe",
+        corpus_root=corpus,
+        n_boot=500,
+        progress=False,
+        log=None,
+    )
+    t["probe_s"] = time.time() - t0
+    res = dict(
+        command=" ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        commit=a.source_commit or _git("rev-parse", "HEAD"),
+        dirty=False if a.source_commit else bool(_git("status", "--porcelain", "--untracked-files=no")),
+        recipe=dict(
+            preset="demo",
+            method="mae",
+            steps=a.steps,
+            batch="32+32",
+            image_size=64,
+            lr=1e-3,
+            crop_scale=(a.crop_scale_min, 1.0),
+            hflip=a.hflip,
+            n_unpaired=a.n_unpaired,
+            corpus=str(corpus),
+        ),
+        mim_loss=mim,
+        linear_probe_margins=probe_margins(probe, method="mae").round(4).to_dict("records"),
+        linear_probe_runs=probe[["method", "task", "fraction", "seed", "auroc", "ci_low", "ci_high"]]
+        .round(4)
+        .to_dict("records"),
+    )
+    print(probe_margins(probe, method="mae").round(3).to_string(), flush=True)
     if a.finetune:
         t0 = time.time()
-        ft = ev.evaluate_all({'random init': 'random', 'mae': str(run / 'final')}, tasks=DEMO_TASKS, fractions=(0.1,), seeds=a.seeds,
-                             protocol='finetune', corpus_root=corpus, n_boot=500, progress=False, log=None)
-        t['finetune_s'] = time.time() - t0
-        res['finetune_margins'] = probe_margins(ft, method='mae').round(4).to_dict('records')
-        print(probe_margins(ft, method='mae').round(3).to_string(), flush=True)
-    res['timings'] = {k: round(v, 1) for k, v in t.items()}
-    (out / 'results.json').write_text(json.dumps(res, indent=1, default=str) + '\n')
-    print('written', out / 'results.json')
+        ft = ev.evaluate_all(
+            {"random init": "random", "mae": str(run / "final")},
+            tasks=DEMO_TASKS,
+            fractions=(0.1,),
+            seeds=a.seeds,
+            protocol="finetune",
+            corpus_root=corpus,
+            n_boot=500,
+            progress=False,
+            log=None,
+        )
+        t["finetune_s"] = time.time() - t0
+        res["finetune_margins"] = probe_margins(ft, method="mae").round(4).to_dict("records")
+        print(probe_margins(ft, method="mae").round(3).to_string(), flush=True)
+    res["timings"] = {k: round(v, 1) for k, v in t.items()}
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    print("written", out / "results.json")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

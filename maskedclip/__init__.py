@@ -10,9 +10,11 @@ __all__ = ['create_model_and_transforms', 'list_models', 'timm_encoder', 'HubMas
 _all_ = ["create_model_and_transforms", "list_models", "timm_encoder", "HubMaskedCLIP"]
 _LAZY = {n: "hub" for n in _all_}
 
+
 def __getattr__(name: str):
     "Lazy top-level names: the first use of `maskedclip.create_model_and_transforms` imports `maskedclip.hub`."
     if name in _LAZY:
         import importlib
+
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,8 +4,17 @@
 
 # %% ../nbs/00_config.ipynb #00000002
 from __future__ import annotations
-import dataclasses, enum, errno, json, math, re, sys, types, typing
-from dataclasses import dataclass, field, fields, asdict
+
+import dataclasses
+import enum
+import errno
+import json
+import math
+import re
+import sys
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,69 +27,116 @@ __all__ = ['BIO_CLINICAL_BERT_ARCH', 'METHODS', 'MFD_TARGETS', 'MLIP_SWITCHES', 
 # %% ../nbs/00_config.ipynb #00000004
 class ExitCode(enum.IntEnum):
     "Exit status of every maskedclip console script: one code per class of failure (see the table above)."
+
     OK = 0
-    INTERNAL = 1          # a bug: an unexpected exception (the traceback is printed)
-    CONFIG = 2            # bad configuration or command line (argparse's own usage errors are 2 as well)
-    NON_FINITE = 3        # the loss or the weights became NaN/inf; nothing non-finite was saved
-    DATA = 4              # bad data: a manifest row, an image, a label, a weights file
-    ENVIRONMENT = 5       # the machine: output dir not writable / full / locked by another run, device missing
-    INTERRUPTED = 130     # Ctrl-C (128 + SIGINT)
+    INTERNAL = 1  # a bug: an unexpected exception (the traceback is printed)
+    CONFIG = 2  # bad configuration or command line (argparse's own usage errors are 2 as well)
+    NON_FINITE = 3  # the loss or the weights became NaN/inf; nothing non-finite was saved
+    DATA = 4  # bad data: a manifest row, an image, a label, a weights file
+    ENVIRONMENT = 5  # the machine: output dir not writable / full / locked by another run, device missing
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
 
 class MaskedCLIPError(Exception):
     "Base of the errors that end a run with one clear line; `exit_code` says which class of failure it is."
+
     exit_code = ExitCode.INTERNAL
+
 
 class ConfigError(MaskedCLIPError, ValueError):
     "A config field, command-line option or config file is invalid (the message names it)."
+
     exit_code = ExitCode.CONFIG
+
 
 class DataError(MaskedCLIPError, ValueError):
     "Training data or a weights file cannot be used (the message names the file, and the manifest line if any)."
+
     exit_code = ExitCode.DATA
+
 
 class RunEnvironmentError(MaskedCLIPError, RuntimeError):
     "The run cannot proceed on this machine: output directory, disk space, run lock, device."
+
     exit_code = ExitCode.ENVIRONMENT
+
 
 class NonFiniteError(MaskedCLIPError, RuntimeError):
     "A loss or the weights became NaN/inf (the message names the part and the step)."
+
     exit_code = ExitCode.NON_FINITE
 
+
 def _check(cond: bool, field_name: str, msg: str):
-    if not cond: raise ConfigError(f"{field_name}: {msg}")
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
 
 def _check_choice(value, field_name: str, choices):
     _check(value in choices, field_name, f"{value!r} is not one of {list(choices)}")
 
-def _check_range(value, field_name: str, lo=None, hi=None, lo_open=False, hi_open=False):
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool), field_name, f"expected a number, got {value!r}")
-    _check(math.isfinite(value), field_name, f"expected a finite number, got {value!r}")
-    if lo is not None: _check(value > lo if lo_open else value >= lo, field_name, f"{value!r} must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None: _check(value < hi if hi_open else value <= hi, field_name, f"{value!r} must be {'<' if hi_open else '<='} {hi}")
 
-_SECTIONS = {"VisionConfig": "vision.", "TextConfig": "text.", "MLIPConfig": "mlip.", "DataConfig": "data.", "TrainConfig": "train."}
+def _check_range(value, field_name: str, lo=None, hi=None, lo_open=False, hi_open=False):
+    _check(
+        isinstance(value, (int, float)) and not isinstance(value, bool),
+        field_name,
+        f"expected a number, got {value!r}",
+    )
+    _check(math.isfinite(value), field_name, f"expected a finite number, got {value!r}")
+    if lo is not None:
+        _check(
+            value > lo if lo_open else value >= lo,
+            field_name,
+            f"{value!r} must be {'>' if lo_open else '>='} {lo}",
+        )
+    if hi is not None:
+        _check(
+            value < hi if hi_open else value <= hi,
+            field_name,
+            f"{value!r} must be {'<' if hi_open else '<='} {hi}",
+        )
+
+
+_SECTIONS = {
+    "VisionConfig": "vision.",
+    "TextConfig": "text.",
+    "MLIPConfig": "mlip.",
+    "DataConfig": "data.",
+    "TrainConfig": "train.",
+}
 
 # %% ../nbs/00_config.ipynb #90387880
 def _type_error(v, tp) -> str | None:
     "None if `v` fits the annotation `tp`, else what was expected (ints, floats, bools and strings are not interchangeable)."
-    if tp is Any: return None
+    if tp is Any:
+        return None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         errs = [_type_error(v, a) for a in args]
         return None if any(e is None for e in errs) else " or ".join(e for e in errs if e)
-    if tp is type(None): return None if v is None else "null"
-    if origin is Literal: return None if v in args else f"one of {list(args)}"
-    if tp is bool: return None if isinstance(v, bool) else "true or false"
-    if tp is int: return None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
-    if tp is float: return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "a number"
-    if tp is str: return None if isinstance(v, str) else "a string"
+    if tp is type(None):
+        return None if v is None else "null"
+    if origin is Literal:
+        return None if v in args else f"one of {list(args)}"
+    if tp is bool:
+        return None if isinstance(v, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
+    if tp is float:
+        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "a number"
+    if tp is str:
+        return None if isinstance(v, str) else "a string"
     if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(v, (tuple, list)): return "a list"
+        if not isinstance(v, (tuple, list)):
+            return "a list"
         bad = [x for x in v if args and _type_error(x, args[0])]
         return f"a list of {_type_error(bad[0], args[0]).removeprefix('a ')}s" if bad else None
-    if origin is dict or tp is dict: return None if isinstance(v, dict) else "a mapping"
-    if isinstance(tp, type): return None if isinstance(v, tp) else f"a {tp.__name__}"
+    if origin is dict or tp is dict:
+        return None if isinstance(v, dict) else "a mapping"
+    if isinstance(tp, type):
+        return None if isinstance(v, tp) else f"a {tp.__name__}"
     return None
+
 
 def _check_types(obj):
     "Check every field of a config dataclass against its annotation; whole floats become ints (`1e3` -> 1000)."
@@ -88,80 +144,127 @@ def _check_types(obj):
     for f in fields(obj):
         v, tp = getattr(obj, f.name), hints[f.name]
         if isinstance(v, float) and v.is_integer() and _type_error(v, tp) and _type_error(int(v), tp) is None:
-            setattr(obj, f.name, int(v)); continue
+            setattr(obj, f.name, int(v))
+            continue
         want = _type_error(v, tp)
-        if want: raise ConfigError(f"{_SECTIONS.get(type(obj).__name__, '')}{f.name}: expected {want}, got {v!r}")
+        if want:
+            raise ConfigError(f"{_SECTIONS.get(type(obj).__name__, '')}{f.name}: expected {want}, got {v!r}")
 
 # %% ../nbs/00_config.ipynb #712b12ad
 class ConfigBase:
     "Mixin: `to_dict`, `from_dict` (strict, nested), `to_json`, `from_json`, `replace`; field types checked on construction."
+
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         own = cls.__dict__.get("__post_init__")
+
         def __post_init__(self, _own=own):
             _check_types(self)
-            if _own is not None: _own(self)
+            if _own is not None:
+                _own(self)
+
         cls.__post_init__ = __post_init__
-    def to_dict(self) -> dict: return asdict(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         s = json.dumps(self.to_dict(), indent=indent, sort_keys=False)
-        if path is not None: Path(path).write_text(s + "\n")
+        if path is not None:
+            Path(path).write_text(s + "\n")
         return s
+
     @classmethod
     def from_dict(cls, d: dict, _prefix: str = ""):
-        if not isinstance(d, dict): raise ConfigError(f"{_prefix.rstrip('.') or cls.__name__}: expected a mapping, got {type(d).__name__}")
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"{_prefix.rstrip('.') or cls.__name__}: expected a mapping, got {type(d).__name__}"
+            )
         hints = typing.get_type_hints(cls)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
-        if unknown: raise ConfigError(f"{_prefix}{unknown[0]}: unknown field of {cls.__name__} (known: {sorted(names)})")
+        if unknown:
+            raise ConfigError(
+                f"{_prefix}{unknown[0]}: unknown field of {cls.__name__} (known: {sorted(names)})"
+            )
         kw = {}
         for k, v in d.items():
             sub = _dataclass_in(hints[k])
             kw[k] = sub.from_dict(v, f"{_prefix}{k}.") if sub is not None and isinstance(v, dict) else v
-        try: return cls(**kw)
+        try:
+            return cls(**kw)
         except ValueError as e:
             msg, tail = str(e), _prefix.rstrip(".").split(".")[-1] + "."
-            if not _prefix or msg.startswith(_prefix): raise
+            if not _prefix or msg.startswith(_prefix):
+                raise
             # a section's own message already names it ("vision.image_size"): complete the path, do not repeat it
-            raise ConfigError(_prefix[:-len(tail)] + msg if msg.startswith(tail) else _prefix + msg) from None
+            raise ConfigError(
+                _prefix[: -len(tail)] + msg if msg.startswith(tail) else _prefix + msg
+            ) from None
+
     @classmethod
     def from_json(cls, s_or_path: str | Path):
         p = Path(s_or_path) if not str(s_or_path).lstrip().startswith("{") else None
         return cls.from_dict(json.loads(p.read_text() if p is not None else s_or_path))
-    def replace(self, **kw): return dataclasses.replace(self, **kw)
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
 
 def _dataclass_in(tp):
     "The ConfigBase dataclass inside a type hint such as `X | None`, or None."
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp): return tp
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
     for a in typing.get_args(tp):
-        if isinstance(a, type) and dataclasses.is_dataclass(a): return a
+        if isinstance(a, type) and dataclasses.is_dataclass(a):
+            return a
     return None
 
 # %% ../nbs/00_config.ipynb #r17-exit
 def exit_code_for(e: BaseException) -> ExitCode:
     "The `ExitCode` of an exception that ended a run (`INTERNAL` for anything not recognised: a bug)."
-    if isinstance(e, MaskedCLIPError): return e.exit_code
-    if isinstance(e, KeyboardInterrupt): return ExitCode.INTERRUPTED
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
+    if isinstance(e, MaskedCLIPError):
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    if isinstance(e, OSError) and e.errno in (
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+    ):
         return ExitCode.ENVIRONMENT
-    if type(e).__name__ == "OutOfMemoryError": return ExitCode.ENVIRONMENT
-    if isinstance(e, ValueError): return ExitCode.CONFIG
+    if type(e).__name__ == "OutOfMemoryError":
+        return ExitCode.ENVIRONMENT
+    if isinstance(e, ValueError):
+        return ExitCode.CONFIG
     return ExitCode.INTERNAL
+
 
 def report_error(e: BaseException, prog: str) -> int:
     "Print one line `prog: error: ...` for a known failure (the traceback too for a bug); return the exit code."
     code = exit_code_for(e)
     if code == ExitCode.INTERNAL:
-        import traceback; traceback.print_exception(e)
-        print(f"{prog}: internal error ({type(e).__name__}); this is a bug, please report it with the traceback above", file=sys.stderr)
-    elif code == ExitCode.INTERRUPTED: print(f"{prog}: interrupted", file=sys.stderr)
-    else: print(f"{prog}: error: {str(e) or type(e).__name__}", file=sys.stderr)
+        import traceback
+
+        traceback.print_exception(e)
+        print(
+            f"{prog}: internal error ({type(e).__name__}); this is a bug, please report it with the traceback above",
+            file=sys.stderr,
+        )
+    elif code == ExitCode.INTERRUPTED:
+        print(f"{prog}: interrupted", file=sys.stderr)
+    else:
+        print(f"{prog}: error: {str(e) or type(e).__name__}", file=sys.stderr)
     return int(code)
 
 # %% ../nbs/00_config.ipynb #00000006
 @dataclass
 class VisionConfig(ConfigBase):
     "Image encoder E_I: a ViT with fixed 2-D sin-cos position embeddings and a CLS token."
+
     image_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -170,34 +273,54 @@ class VisionConfig(ConfigBase):
     heads: int = 16
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
-    init_weights: str | None = None   # local timm/MAE/RETFound state dict to start from (D19); None = random
+    init_weights: str | None = None  # local timm/MAE/RETFound state dict to start from (D19); None = random
+
     def __post_init__(self):
         _check_range(self.image_size, "vision.image_size", 8, 4096)
         _check_range(self.patch_size, "vision.patch_size", 1, 64)
-        _check(self.image_size % self.patch_size == 0, "vision.image_size", f"{self.image_size} is not divisible by patch_size {self.patch_size}")
+        _check(
+            self.image_size % self.patch_size == 0,
+            "vision.image_size",
+            f"{self.image_size} is not divisible by patch_size {self.patch_size}",
+        )
         _check_range(self.in_chans, "vision.in_chans", 1, 16)
         _check_range(self.width, "vision.width", 8)
         _check_range(self.depth, "vision.depth", 1, 256)
         _check_range(self.heads, "vision.heads", 1)
-        _check(self.width % self.heads == 0, "vision.heads", f"width {self.width} is not divisible by heads {self.heads}")
+        _check(
+            self.width % self.heads == 0,
+            "vision.heads",
+            f"width {self.width} is not divisible by heads {self.heads}",
+        )
         _check_range(self.mlp_ratio, "vision.mlp_ratio", 0, lo_open=True)
         _check_range(self.drop_path, "vision.drop_path", 0, 1, hi_open=True)
+
     @property
-    def grid_size(self) -> int: return self.image_size // self.patch_size
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
     @property
-    def num_patches(self) -> int: return self.grid_size ** 2
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
 
 @dataclass
 class TransformerConfig(ConfigBase):
     "A stack of timm `Block`s (pixel decoder, bridge, feature decoder). `width=None`: the encoder's width."
+
     width: int | None = None
     depth: int = 4
     heads: int = 16
     mlp_ratio: float = 4.0
+
     def __post_init__(self):
         if self.width is not None:
             _check_range(self.width, "width", 8)
-            _check(self.width % self.heads == 0, "heads", f"width {self.width} is not divisible by heads {self.heads}")
+            _check(
+                self.width % self.heads == 0,
+                "heads",
+                f"width {self.width} is not divisible by heads {self.heads}",
+            )
         _check_range(self.depth, "depth", 0, 256)
         _check_range(self.heads, "heads", 1)
         _check_range(self.mlp_ratio, "mlp_ratio", 0, lo_open=True)
@@ -206,18 +329,22 @@ class TransformerConfig(ConfigBase):
 @dataclass
 class TextConfig(ConfigBase):
     "Text encoder E_T (with projection g_t built by the model)."
+
     kind: Literal["hf", "tiny", "minilm"] = "hf"
     name_or_path: str | None = None
-    allow_download: bool = False       # hub ids are only fetched when the user says so
-    max_length: int = 77               # D10
-    pooling: Literal["mean", "cls"] = "mean"   # masked mean of the last layer (D10)
-    width: int = 128                   # tiny only
-    depth: int = 2                     # tiny only
-    heads: int = 2                     # tiny only
-    arch: dict | None = None           # BERT config fields for building without files
+    allow_download: bool = False  # hub ids are only fetched when the user says so
+    max_length: int = 77  # D10
+    pooling: Literal["mean", "cls"] = "mean"  # masked mean of the last layer (D10)
+    width: int = 128  # tiny only
+    depth: int = 2  # tiny only
+    heads: int = 2  # tiny only
+    arch: dict | None = None  # BERT config fields for building without files
     gradient_checkpointing: bool = False
-    freeze: bool = False               # keep E_T's weights fixed (eval mode, no grad); the projection g_t still trains
-    cache_size: int = 2048             # frozen only: texts whose hidden states are kept (LRU, on CPU); 0 turns the cache off
+    freeze: bool = False  # keep E_T's weights fixed (eval mode, no grad); the projection g_t still trains
+    cache_size: int = (
+        2048  # frozen only: texts whose hidden states are kept (LRU, on CPU); 0 turns the cache off
+    )
+
     def __post_init__(self):
         _check_choice(self.kind, "text.kind", ("hf", "tiny", "minilm"))
         _check(self.kind != "hf" or bool(self.name_or_path), "text.name_or_path", "required when kind='hf'")
@@ -227,27 +354,45 @@ class TextConfig(ConfigBase):
         _check_range(self.width, "text.width", 8)
         _check_range(self.depth, "text.depth", 1, 64)
         _check_range(self.heads, "text.heads", 1)
-        _check(self.width % self.heads == 0, "text.heads", f"width {self.width} is not divisible by heads {self.heads}")
+        _check(
+            self.width % self.heads == 0,
+            "text.heads",
+            f"width {self.width} is not divisible by heads {self.heads}",
+        )
 
-BIO_CLINICAL_BERT_ARCH = dict(model_type="bert", vocab_size=28996, hidden_size=768, num_hidden_layers=12,
-                              num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
-                              type_vocab_size=2)
+
+BIO_CLINICAL_BERT_ARCH = dict(
+    model_type="bert",
+    vocab_size=28996,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+)
 
 # %% ../nbs/00_config.ipynb #0000000a
 @dataclass
 class MLIPConfig(ConfigBase):
     "Semantic-integrity weighting (M1–M3) and patch–sentence optimal transport (M4–M5)."
-    integrity: Literal["off", "maco", "content"] = "off"   # M1
-    mask_sampler: Literal["random", "phi"] = "random"        # M2
-    use_ot: bool = False                                     # M4
+
+    integrity: Literal["off", "maco", "content"] = "off"  # M1
+    mask_sampler: Literal["random", "phi"] = "random"  # M2
+    use_ot: bool = False  # M4
     ot_eps: float = 0.1
     ot_iters: int = 100
-    max_sentences: int = 16                                  # M5
-    lambda_ot: float = 1.0                                   # M7
+    max_sentences: int = 16  # M5
+    lambda_ot: float = 1.0  # M7
+
     def __post_init__(self):
         _check_choice(self.integrity, "mlip.integrity", ("off", "maco", "content"))
         _check_choice(self.mask_sampler, "mlip.mask_sampler", ("random", "phi"))
-        _check(self.mask_sampler != "phi" or self.integrity != "off", "mlip.mask_sampler", "'phi' needs mlip.integrity != 'off'")
+        _check(
+            self.mask_sampler != "phi" or self.integrity != "off",
+            "mlip.mask_sampler",
+            "'phi' needs mlip.integrity != 'off'",
+        )
         _check_range(self.ot_eps, "mlip.ot_eps", 0, lo_open=True)
         _check_range(self.ot_iters, "mlip.ot_iters", 1, 10000)
         _check_range(self.max_sentences, "mlip.max_sentences", 1, 512)
@@ -256,85 +401,162 @@ class MLIPConfig(ConfigBase):
 # %% ../nbs/00_config.ipynb #0000000c
 METHODS: dict[str, dict] = {
     # name: switches  (Table 1 / Table 2 rows of the MaskedCLIP paper)
-    "supervised":      dict(use_mim=False, use_clip=False, use_bridge=False, use_mfd=False, use_supervised=True),   # reference row (D24)
-    "mae":             dict(use_mim=True,  use_clip=False, use_bridge=False, use_mfd=False, use_supervised=False),
-    "clip":            dict(use_mim=False, use_clip=True,  use_bridge=False, use_mfd=False, use_supervised=False),
-    "mae_clip":        dict(use_mim=True,  use_clip=True,  use_bridge=False, use_mfd=False, use_supervised=False),
-    "mae_clip_bridge": dict(use_mim=True,  use_clip=True,  use_bridge=True,  use_mfd=False, use_supervised=False),
-    "maskedclip":      dict(use_mim=True,  use_clip=True,  use_bridge=True,  use_mfd=True,  use_supervised=False),
+    "supervised": dict(
+        use_mim=False, use_clip=False, use_bridge=False, use_mfd=False, use_supervised=True
+    ),  # reference row (D24)
+    "mae": dict(use_mim=True, use_clip=False, use_bridge=False, use_mfd=False, use_supervised=False),
+    "clip": dict(use_mim=False, use_clip=True, use_bridge=False, use_mfd=False, use_supervised=False),
+    "mae_clip": dict(use_mim=True, use_clip=True, use_bridge=False, use_mfd=False, use_supervised=False),
+    "mae_clip_bridge": dict(
+        use_mim=True, use_clip=True, use_bridge=True, use_mfd=False, use_supervised=False
+    ),
+    "maskedclip": dict(use_mim=True, use_clip=True, use_bridge=True, use_mfd=True, use_supervised=False),
 }
 
-MFD_TARGETS = ("teacher", "teacher_ln", "teacher_in", "encoder")   # D25: what masked feature distillation regresses
+MFD_TARGETS = (
+    "teacher",
+    "teacher_ln",
+    "teacher_in",
+    "encoder",
+)  # D25: what masked feature distillation regresses
 
 # %% ../nbs/00_config.ipynb #97a44a01
 @dataclass
 class MaskedCLIPConfig(ConfigBase):
     "The whole model: encoder, decoders, bridge, text tower, losses and switches."
+
     method: str = "maskedclip"
     vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=lambda: TextConfig(name_or_path="emilyalsentzer/Bio_ClinicalBERT", arch=dict(BIO_CLINICAL_BERT_ARCH)))
-    pixel_decoder: TransformerConfig = field(default_factory=lambda: TransformerConfig(width=384, depth=12, heads=6))   # ViT-S (D5)
-    bridge: TransformerConfig = field(default_factory=lambda: TransformerConfig(width=None, depth=4, heads=16))         # D4
-    feature_decoder: TransformerConfig = field(default_factory=lambda: TransformerConfig(width=512, depth=4, heads=16)) # D6
+    text: TextConfig = field(
+        default_factory=lambda: TextConfig(
+            name_or_path="emilyalsentzer/Bio_ClinicalBERT", arch=dict(BIO_CLINICAL_BERT_ARCH)
+        )
+    )
+    pixel_decoder: TransformerConfig = field(
+        default_factory=lambda: TransformerConfig(width=384, depth=12, heads=6)
+    )  # ViT-S (D5)
+    bridge: TransformerConfig = field(
+        default_factory=lambda: TransformerConfig(width=None, depth=4, heads=16)
+    )  # D4
+    feature_decoder: TransformerConfig = field(
+        default_factory=lambda: TransformerConfig(width=512, depth=4, heads=16)
+    )  # D6
     mlip: MLIPConfig = field(default_factory=MLIPConfig)
     use_mim: bool = True
     use_clip: bool = True
     use_bridge: bool = True
     use_mfd: bool = True
-    use_supervised: bool = False         # D24: cross-entropy on the paired images' labels (the supervised reference row)
-    supervised_classes: int = 0          # classes of that head (0: ExperimentConfig takes them from data.label_space)
-    mfd_target: Literal["teacher", "teacher_ln", "teacher_in", "encoder"] = "teacher"   # D25; "teacher" is the paper's
+    use_supervised: bool = (
+        False  # D24: cross-entropy on the paired images' labels (the supervised reference row)
+    )
+    supervised_classes: int = 0  # classes of that head (0: ExperimentConfig takes them from data.label_space)
+    mfd_target: Literal["teacher", "teacher_ln", "teacher_in", "encoder"] = (
+        "teacher"  # D25; "teacher" is the paper's
+    )
     mask_ratio: float = 0.75
-    norm_pix_loss: bool = True           # D18
-    clip_view: Literal["full", "masked"] = "full"   # D1
+    norm_pix_loss: bool = True  # D18
+    clip_view: Literal["full", "masked"] = "full"  # D1
     proj_dim: int = 512
-    logit_scale_init: float = math.log(1 / 0.07)    # D20
+    logit_scale_init: float = math.log(1 / 0.07)  # D20
     logit_scale_max: float = math.log(100.0)
     ema_momentum: float = 0.999
-    mfd_masked_only: bool = False        # D6: the paper distils ALL patches
+    mfd_masked_only: bool = False  # D6: the paper distils ALL patches
     lambda_mim: float = 1.0
     lambda_lg_clip: float = 0.01
     lambda_mfd: float = 0.01
+
     def __post_init__(self):
         for f in ("use_mim", "use_clip", "use_bridge", "use_mfd", "use_supervised"):
             _check(isinstance(getattr(self, f), bool), f, f"expected a bool, got {getattr(self, f)!r}")
-        _check(self.use_mim or self.use_clip or self.use_supervised or self.mlip.integrity != "off" or self.mlip.use_ot, "use_mim",
-               "at least one of use_mim / use_clip / use_supervised must be on")
-        _check(isinstance(self.supervised_classes, int) and self.supervised_classes >= 0, "supervised_classes",
-               f"expected an int >= 0 (0: from data.label_space), got {self.supervised_classes!r}")
+        _check(
+            self.use_mim
+            or self.use_clip
+            or self.use_supervised
+            or self.mlip.integrity != "off"
+            or self.mlip.use_ot,
+            "use_mim",
+            "at least one of use_mim / use_clip / use_supervised must be on",
+        )
+        _check(
+            isinstance(self.supervised_classes, int) and self.supervised_classes >= 0,
+            "supervised_classes",
+            f"expected an int >= 0 (0: from data.label_space), got {self.supervised_classes!r}",
+        )
         _check_choice(self.mfd_target, "mfd_target", MFD_TARGETS)
-        _check(not self.use_bridge or self.use_clip, "use_bridge", "the bridge feeds the CLIP loss; it needs use_clip=True")
-        _check(not self.use_mfd or self.use_bridge, "use_mfd", "the distillation target is EMA(bridge∘encoder); it needs use_bridge=True")
-        _check(not (self.mlip.integrity != "off" or self.mlip.use_ot) or self.use_clip, "mlip", "MLIP losses are contrastive; they need use_clip=True")
+        _check(
+            not self.use_bridge or self.use_clip,
+            "use_bridge",
+            "the bridge feeds the CLIP loss; it needs use_clip=True",
+        )
+        _check(
+            not self.use_mfd or self.use_bridge,
+            "use_mfd",
+            "the distillation target is EMA(bridge∘encoder); it needs use_bridge=True",
+        )
+        _check(
+            not (self.mlip.integrity != "off" or self.mlip.use_ot) or self.use_clip,
+            "mlip",
+            "MLIP losses are contrastive; they need use_clip=True",
+        )
         _check_range(self.mask_ratio, "mask_ratio", 0, 1, hi_open=True)
-        _check(self.mask_ratio > 0 or not (self.use_mim or self.use_mfd), "mask_ratio", "must be > 0 when use_mim or use_mfd is on")
-        _check(int(self.vision.num_patches * (1 - self.mask_ratio)) >= 1, "mask_ratio", f"{self.mask_ratio} keeps no patch of {self.vision.num_patches}")
+        _check(
+            self.mask_ratio > 0 or not (self.use_mim or self.use_mfd),
+            "mask_ratio",
+            "must be > 0 when use_mim or use_mfd is on",
+        )
+        _check(
+            int(self.vision.num_patches * (1 - self.mask_ratio)) >= 1,
+            "mask_ratio",
+            f"{self.mask_ratio} keeps no patch of {self.vision.num_patches}",
+        )
         _check_choice(self.clip_view, "clip_view", ("full", "masked"))
-        _check(self.mlip.integrity == "off" or self.clip_view == "masked", "mlip.integrity", "integrity weighting scores the masked view; it needs clip_view='masked'")
-        _check(self.mlip.mask_sampler != "phi" or self.mlip.integrity == "maco", "mlip.mask_sampler", "'phi' sampling needs the position weights of mlip.integrity='maco'")
+        _check(
+            self.mlip.integrity == "off" or self.clip_view == "masked",
+            "mlip.integrity",
+            "integrity weighting scores the masked view; it needs clip_view='masked'",
+        )
+        _check(
+            self.mlip.mask_sampler != "phi" or self.mlip.integrity == "maco",
+            "mlip.mask_sampler",
+            "'phi' sampling needs the position weights of mlip.integrity='maco'",
+        )
         _check_range(self.proj_dim, "proj_dim", 1)
         _check_range(self.logit_scale_max, "logit_scale_max", 0, lo_open=True)
         _check_range(self.logit_scale_init, "logit_scale_init", 0, self.logit_scale_max)
         _check_range(self.ema_momentum, "ema_momentum", 0, 1)
-        for f in ("lambda_mim", "lambda_lg_clip", "lambda_mfd"): _check_range(getattr(self, f), f, 0)
+        for f in ("lambda_mim", "lambda_lg_clip", "lambda_mfd"):
+            _check_range(getattr(self, f), f, 0)
         for f in ("pixel_decoder", "bridge", "feature_decoder"):
             t = getattr(self, f)
-            _check(isinstance(t, TransformerConfig), f, f"expected a TransformerConfig, got {type(t).__name__}")
+            _check(
+                isinstance(t, TransformerConfig), f, f"expected a TransformerConfig, got {type(t).__name__}"
+            )
             w = t.width or self.vision.width
             _check(w % t.heads == 0, f"{f}.heads", f"width {w} is not divisible by heads {t.heads}")
 
     def with_method(self, method: str) -> "MaskedCLIPConfig":
         "The same config with the switches of one of `METHODS` (or 'mlip')."
-        if method == "mlip": return dataclasses.replace(self, method="mlip", **MLIP_SWITCHES)
+        if method == "mlip":
+            return dataclasses.replace(self, method="mlip", **MLIP_SWITCHES)
         _check(method in METHODS, "method", f"{method!r} is not one of {list(METHODS) + ['mlip']}")
         sw = dict(METHODS[method])
         mlip = self.mlip if method == self.method else MLIPConfig()
-        if self.method == "mlip": sw["clip_view"] = "full"   # leaving MLIP's masked contrastive view: back to the paper's default (D1)
+        if self.method == "mlip":
+            sw["clip_view"] = (
+                "full"  # leaving MLIP's masked contrastive view: back to the paper's default (D1)
+            )
         return dataclasses.replace(self, method=method, mlip=mlip, **sw)
 
 # %% ../nbs/00_config.ipynb #06bb08cd
-MLIP_SWITCHES = dict(use_mim=True, use_clip=True, use_bridge=False, use_mfd=False, use_supervised=False, clip_view="masked",
-                     mlip=MLIPConfig(integrity="maco", use_ot=True))
+MLIP_SWITCHES = dict(
+    use_mim=True,
+    use_clip=True,
+    use_bridge=False,
+    use_mfd=False,
+    use_supervised=False,
+    clip_view="masked",
+    mlip=MLIPConfig(integrity="maco", use_ot=True),
+)
 
 # %% ../nbs/00_config.ipynb #0000000e
 def _tiny() -> MaskedCLIPConfig:
@@ -345,21 +567,33 @@ def _tiny() -> MaskedCLIPConfig:
         pixel_decoder=TransformerConfig(width=128, depth=2, heads=4),
         bridge=TransformerConfig(width=None, depth=2, heads=3),
         feature_decoder=TransformerConfig(width=128, depth=2, heads=4),
-        proj_dim=128)
+        proj_dim=128,
+    )
+
 
 def get_preset(name: str, method: str | None = None) -> MaskedCLIPConfig:
     "A preset config by name (`paper`, `mlip`, `tiny`, `demo`), optionally with another method's switches."
-    if name == "paper": cfg = MaskedCLIPConfig()
+    if name == "paper":
+        cfg = MaskedCLIPConfig()
     elif name == "mlip":
         cfg = MaskedCLIPConfig(
             vision=VisionConfig(image_size=224, patch_size=16, width=768, depth=12, heads=12),
-            pixel_decoder=TransformerConfig(width=768, depth=4, heads=6), mask_ratio=0.5,
-            norm_pix_loss=False, lambda_mim=1.0, lambda_lg_clip=1.0).with_method("mlip")
-    elif name == "tiny": cfg = _tiny()
-    elif name == "demo": cfg = _tiny().replace(text=TextConfig(kind="minilm", max_length=64, freeze=True), lambda_lg_clip=1.0,
-                                          ema_momentum=0.99)
-    else: raise ValueError(f"preset: {name!r} is not one of {PRESETS}")
+            pixel_decoder=TransformerConfig(width=768, depth=4, heads=6),
+            mask_ratio=0.5,
+            norm_pix_loss=False,
+            lambda_mim=1.0,
+            lambda_lg_clip=1.0,
+        ).with_method("mlip")
+    elif name == "tiny":
+        cfg = _tiny()
+    elif name == "demo":
+        cfg = _tiny().replace(
+            text=TextConfig(kind="minilm", max_length=64, freeze=True), lambda_lg_clip=1.0, ema_momentum=0.99
+        )
+    else:
+        raise ValueError(f"preset: {name!r} is not one of {PRESETS}")
     return cfg.with_method(method) if method is not None else cfg
+
 
 PRESETS = ("paper", "mlip", "tiny", "demo")
 
@@ -367,100 +601,144 @@ PRESETS = ("paper", "mlip", "tiny", "demo")
 @dataclass
 class DataConfig(ConfigBase):
     "Where the two streams come from and how they are batched and augmented."
-    paired: str | None = None           # manifest (JSONL/CSV) or imagefolder of image–text/label pairs
-    unpaired: str | None = None         # manifest of image-only records
-    root: str | None = None             # data root that manifest image paths are relative to (default: manifest folder)
-    synthetic: bool = False             # build/use the embedded synthetic corpus (paths then point into it)
-    paired_batch_size: int = 8          # per process
-    unpaired_batch_size: int = 8        # per process
-    crop_scale_min: float = 0.2         # RandomResizedCrop scale (MAE 0.2; D17)
+
+    paired: str | None = None  # manifest (JSONL/CSV) or imagefolder of image–text/label pairs
+    unpaired: str | None = None  # manifest of image-only records
+    root: str | None = None  # data root that manifest image paths are relative to (default: manifest folder)
+    synthetic: bool = False  # build/use the embedded synthetic corpus (paths then point into it)
+    paired_batch_size: int = 8  # per process
+    unpaired_batch_size: int = 8  # per process
+    crop_scale_min: float = 0.2  # RandomResizedCrop scale (MAE 0.2; D17)
     hflip: float = 0.5
     num_workers: int = 0
     on_bad_record: Literal["raise", "skip"] = "raise"
-    synthetic_n_paired: int = 512        # corpus size when `synthetic` is on (built once under the run's corpus dir)
+    synthetic_n_paired: int = (
+        512  # corpus size when `synthetic` is on (built once under the run's corpus dir)
+    )
     synthetic_n_unpaired: int = 512
-    synthetic_n_task: int = 200          # images per downstream split
+    synthetic_n_task: int = 200  # images per downstream split
     synthetic_seed: int = 0
-    synthetic_dir: str | None = None     # where the corpus lives / is built (default: <output_dir>/../corpus-<size>px-seed<seed>)
-    label_space: list[str] | str | None = None   # allowed labels (a list, or a dataset name of maskedclip.data.LABEL_SPACES);
-                                                 # None: the labels found in the data (printed at the start of the run)
+    synthetic_dir: str | None = (
+        None  # where the corpus lives / is built (default: <output_dir>/../corpus-<size>px-seed<seed>)
+    )
+    label_space: list[str] | str | None = (
+        None  # allowed labels (a list, or a dataset name of maskedclip.data.LABEL_SPACES);
+    )
+
+    # None: the labels found in the data (printed at the start of the run)
     def __post_init__(self):
         _check_range(self.paired_batch_size, "data.paired_batch_size", 0)
         _check_range(self.unpaired_batch_size, "data.unpaired_batch_size", 0)
-        _check(self.paired_batch_size + self.unpaired_batch_size > 0, "data.paired_batch_size", "both batch sizes are 0")
+        _check(
+            self.paired_batch_size + self.unpaired_batch_size > 0,
+            "data.paired_batch_size",
+            "both batch sizes are 0",
+        )
         _check_range(self.crop_scale_min, "data.crop_scale_min", 0, 1, lo_open=True)
         _check_range(self.hflip, "data.hflip", 0, 1)
         _check_range(self.num_workers, "data.num_workers", 0, 256)
         _check_choice(self.on_bad_record, "data.on_bad_record", ("raise", "skip"))
-        for f in ("synthetic_n_paired", "synthetic_n_unpaired", "synthetic_n_task"): _check_range(getattr(self, f), f"data.{f}", 0)
-        _check(self.synthetic or self.paired or self.unpaired, "data.paired", "give a paired and/or unpaired manifest, or set data.synthetic=True")
+        for f in ("synthetic_n_paired", "synthetic_n_unpaired", "synthetic_n_task"):
+            _check_range(getattr(self, f), f"data.{f}", 0)
+        _check(
+            self.synthetic or self.paired or self.unpaired,
+            "data.paired",
+            "give a paired and/or unpaired manifest, or set data.synthetic=True",
+        )
         if isinstance(self.label_space, (list, tuple)):
-            _check(len(self.label_space) > 0 and all(s.strip() for s in self.label_space), "data.label_space", "give at least one non-empty label")
+            _check(
+                len(self.label_space) > 0 and all(s.strip() for s in self.label_space),
+                "data.label_space",
+                "give at least one non-empty label",
+            )
             self.label_space = list(self.label_space)
 
 # %% ../nbs/00_config.ipynb #a70613e6
 @dataclass
 class TrainConfig(ConfigBase):
     "Optimisation, precision, schedule, checkpointing and logging."
+
     output_dir: str = "runs/default"
-    steps: int | None = None            # total optimizer steps; or give epochs
+    steps: int | None = None  # total optimizer steps; or give epochs
     epochs: float | None = None
-    warmup_steps: int | None = None     # or warmup_epochs
+    warmup_steps: int | None = None  # or warmup_epochs
     warmup_epochs: float = 0.0
-    base_lr: float = 1.5e-4             # D13: MAE blr
-    lr: float | None = None             # absolute lr override
+    base_lr: float = 1.5e-4  # D13: MAE blr
+    lr: float | None = None  # absolute lr override
     min_lr: float = 0.0
-    text_lr_mult: float = 0.1           # D14
+    text_lr_mult: float = 0.1  # D14
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_accum: int = 1
-    grad_clip: float | None = None      # D22
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
+    grad_clip: float | None = None  # D22
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     grad_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
-    save_every: int = 0                 # steps between checkpoints (0: only at the end)
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_last: int = 3
-    resume: str | None = None           # None, "latest" or a checkpoint dir
+    resume: str | None = None  # None, "latest" or a checkpoint dir
     log_every: int = 1
-    diag_every: int = 50                # steps between representation diagnostics (`diag/*` in metrics.jsonl; 0: off; D26)
+    diag_every: int = 50  # steps between representation diagnostics (`diag/*` in metrics.jsonl; 0: off; D26)
     tensorboard: bool = False
-    wandb: bool = False                 # Weights & Biases (no-op + warning without the wandb package; offline unless WANDB_MODE=online)
+    wandb: bool = False  # Weights & Biases (no-op + warning without the wandb package; offline unless WANDB_MODE=online)
     device: str = "auto"
+
     def __post_init__(self):
-        if isinstance(self.betas, list): self.betas = tuple(self.betas)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
         _check(self.steps is not None or self.epochs is not None, "train.steps", "give steps or epochs")
-        if self.steps is not None: _check_range(self.steps, "train.steps", 1)
-        if self.epochs is not None: _check_range(self.epochs, "train.epochs", 0, lo_open=True)
-        if self.warmup_steps is not None: _check_range(self.warmup_steps, "train.warmup_steps", 0)
+        if self.steps is not None:
+            _check_range(self.steps, "train.steps", 1)
+        if self.epochs is not None:
+            _check_range(self.epochs, "train.epochs", 0, lo_open=True)
+        if self.warmup_steps is not None:
+            _check_range(self.warmup_steps, "train.warmup_steps", 0)
         _check_range(self.warmup_epochs, "train.warmup_epochs", 0)
         _check_range(self.base_lr, "train.base_lr", 0, 1, lo_open=True)
-        if self.lr is not None: _check_range(self.lr, "train.lr", 0, 1, lo_open=True)
+        if self.lr is not None:
+            _check_range(self.lr, "train.lr", 0, 1, lo_open=True)
         _check_range(self.min_lr, "train.min_lr", 0, 1)
         _check_range(self.text_lr_mult, "train.text_lr_mult", 0)
         _check_range(self.weight_decay, "train.weight_decay", 0, 1)
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", f"{self.betas!r} must be two numbers in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            f"{self.betas!r} must be two numbers in [0, 1)",
+        )
         _check_range(self.grad_accum, "train.grad_accum", 1, 4096)
-        if self.grad_clip is not None: _check_range(self.grad_clip, "train.grad_clip", 0, lo_open=True)
+        if self.grad_clip is not None:
+            _check_range(self.grad_clip, "train.grad_clip", 0, lo_open=True)
         _check_choice(self.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
         _check_range(self.save_every, "train.save_every", 0)
         _check_range(self.keep_last, "train.keep_last", 1)
         _check_range(self.log_every, "train.log_every", 1)
         _check_range(self.diag_every, "train.diag_every", 0)
-        _check(re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device) is not None, "train.device",
-               f"{self.device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)")
+        _check(
+            re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device) is not None,
+            "train.device",
+            f"{self.device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)",
+        )
 
 # %% ../nbs/00_config.ipynb #36d9ce2c
 @dataclass
 class ExperimentConfig(ConfigBase):
     "Everything one pre-training run needs; saved as `config.json` beside every checkpoint."
+
     model: MaskedCLIPConfig = field(default_factory=MaskedCLIPConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=True))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1))
+
     def __post_init__(self):
         m = self.model
-        if isinstance(m, MaskedCLIPConfig) and isinstance(self.data, DataConfig) and m.use_supervised and m.supervised_classes == 0:
+        if (
+            isinstance(m, MaskedCLIPConfig)
+            and isinstance(self.data, DataConfig)
+            and m.use_supervised
+            and m.supervised_classes == 0
+        ):
             self.model = m.replace(supervised_classes=len(supervised_label_space(self.data)))
+
 
 def supervised_label_space(data: DataConfig) -> list[str]:
     """The classes of the supervised reference's head (D24): `data.label_space`, or for the synthetic corpus its paired
@@ -468,11 +746,17 @@ def supervised_label_space(data: DataConfig) -> list[str]:
     ls = data.label_space
     if isinstance(ls, str):
         from maskedclip.data import LABEL_SPACES
+
         _check(ls in LABEL_SPACES, "data.label_space", f"{ls!r} is not one of {sorted(LABEL_SPACES)}")
         ls = list(LABEL_SPACES[ls])
     if ls is None and data.synthetic and not data.paired:
         from maskedclip.synthetic import TASKS
+
         ls = list(TASKS["multi_disease"])
-    _check(ls is not None and len(ls) >= 2, "data.label_space", "method 'supervised' needs the label space of the paired data "
-           "(--set data.label_space=[...] or model.supervised_classes=N)")
+    _check(
+        ls is not None and len(ls) >= 2,
+        "data.label_space",
+        "method 'supervised' needs the label space of the paired data "
+        "(--set data.label_space=[...] or model.supervised_classes=N)",
+    )
     return list(ls)

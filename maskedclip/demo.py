@@ -4,9 +4,13 @@
 
 # %% ../nbs/13_demo.ipynb #00000002
 from __future__ import annotations
-import argparse, json, os, time
+
+import argparse
+import json
+import os
+import time
 from pathlib import Path
-import torch
+
 from .config import PRESETS
 
 # %% auto #0
@@ -17,56 +21,128 @@ DEMO_TASKS = ("glaucoma", "dr_referral", "dr_grade", "multi_disease")
 
 ZERO_SHOT_TASKS = ("glaucoma", "dr_referral")
 
+
 def probe_margins(probe, baseline: str = "random init", method: str = "maskedclip"):
     "Per task and label fraction: does `method` beat `baseline` with bootstrap CIs that do not overlap in any seed?"
     import pandas as pd
+
     rows = []
     for (task, frac), g in probe.groupby(["task", "fraction"], sort=False):
         b, m = g[g["method"] == baseline], g[g["method"] == method]
-        if b.empty or m.empty: raise ValueError(f"probe_margins: no {baseline!r} or {method!r} rows for task {task!r} at fraction {frac}")
-        rows.append(dict(task=task, fraction=frac, baseline_auroc=b["auroc"].mean(), baseline_ci_high=b["ci_high"].max(),
-                         method_auroc=m["auroc"].mean(), method_ci_low=m["ci_low"].min(),
-                         separated=bool(m["ci_low"].min() > b["ci_high"].max())))
+        if b.empty or m.empty:
+            raise ValueError(
+                f"probe_margins: no {baseline!r} or {method!r} rows for task {task!r} at fraction {frac}"
+            )
+        rows.append(
+            dict(
+                task=task,
+                fraction=frac,
+                baseline_auroc=b["auroc"].mean(),
+                baseline_ci_high=b["ci_high"].max(),
+                method_auroc=m["auroc"].mean(),
+                method_ci_low=m["ci_low"].min(),
+                separated=bool(m["ci_low"].min() > b["ci_high"].max()),
+            )
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/13_demo.ipynb #86e46aec
-def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = "maskedclip", steps: int = 500,
-             batch_size: int = 32, lr: float = 1e-3, image_size: int = 64, n_paired: int = 1024, n_unpaired: int = 8192,
-             n_task: int = 1000, seeds=(0, 1, 2), tasks=DEMO_TASKS, zero_shot_tasks=ZERO_SHOT_TASKS, n_boot: int = 500,
-             progress: bool = True, log=print) -> dict:
+def run_demo(
+    out: str | Path = "runs/demo",
+    preset: str = "demo",
+    method: str = "maskedclip",
+    steps: int = 500,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    image_size: int = 64,
+    n_paired: int = 1024,
+    n_unpaired: int = 8192,
+    n_task: int = 1000,
+    seeds=(0, 1, 2),
+    tasks=DEMO_TASKS,
+    zero_shot_tasks=ZERO_SHOT_TASKS,
+    n_boot: int = 500,
+    progress: bool = True,
+    log=print,
+) -> dict:
     "The whole demo; returns a summary dict (also written to `out/results.json`)."
+    from maskedclip import evaluate as ev
+    from maskedclip import viz
     from maskedclip.synthetic import build_corpus
-    from maskedclip.train import experiment_config, train, find_latest, read_metrics
-    from maskedclip import evaluate as ev, viz
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    from maskedclip.train import experiment_config, read_metrics, train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     timings = {}
     # 1. data
     corpus = out / "corpus"
     if not (corpus / "corpus.json").is_file():
         t0 = time.time()
-        build_corpus(corpus, n_paired=n_paired, n_unpaired=n_unpaired, n_task_per_split=dict(train=n_task, val=n_task // 2, test=n_task),
-                     size=image_size, seed=0, num_workers=max(1, min(2, os.cpu_count() or 1)), progress=progress)
+        build_corpus(
+            corpus,
+            n_paired=n_paired,
+            n_unpaired=n_unpaired,
+            n_task_per_split=dict(train=n_task, val=n_task // 2, test=n_task),
+            size=image_size,
+            seed=0,
+            num_workers=max(1, min(2, os.cpu_count() or 1)),
+            progress=progress,
+        )
         timings["corpus_s"] = time.time() - t0
     # 2. pre-training (resumes if interrupted)
     run = out / "pretrain"
-    cfg = experiment_config(preset, method, steps=steps, lr=lr, warmup_steps=max(1, steps // 10), paired_batch_size=batch_size,
-                            unpaired_batch_size=batch_size, synthetic=True, synthetic_dir=str(corpus), output_dir=str(run),
-                            save_every=max(1, steps // 4), seed=0,
-                            overrides={"model.vision.image_size": image_size, "train.resume": "latest", "train.keep_last": 2,
-                                       # MAE's augmentation: random-resized crops of 20-100 % of the area, and horizontal
-                                       # flips; a flipped pair's report names the other eye (data.mirror_laterality)
-                                       "data.crop_scale_min": 0.2, "data.hflip": 0.5})
+    cfg = experiment_config(
+        preset,
+        method,
+        steps=steps,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        paired_batch_size=batch_size,
+        unpaired_batch_size=batch_size,
+        synthetic=True,
+        synthetic_dir=str(corpus),
+        output_dir=str(run),
+        save_every=max(1, steps // 4),
+        seed=0,
+        overrides={
+            "model.vision.image_size": image_size,
+            "train.resume": "latest",
+            "train.keep_last": 2,
+            # MAE's augmentation: random-resized crops of 20-100 % of the area, and horizontal
+            # flips; a flipped pair's report names the other eye (data.mirror_laterality)
+            "data.crop_scale_min": 0.2,
+            "data.hflip": 0.5,
+        },
+    )
     t0 = time.time()
-    if not (run / "final" / "model.safetensors").is_file(): train(cfg, progress=progress)
+    if not (run / "final" / "model.safetensors").is_file():
+        train(cfg, progress=progress)
     timings["pretrain_s"] = time.time() - t0
     # 3. evaluation: linear probe against a random encoder of the same architecture, and zero-shot
     t0 = time.time()
     final = run / "final"
-    probe = ev.evaluate_all({"random init": "random", method: str(final)}, tasks=tasks, fractions=(0.1, 1.0), seeds=seeds,
-                            protocol="linear_probe", corpus_root=corpus, n_boot=n_boot, progress=progress, log=log)
-    zs = ev.evaluate_all({method: str(final)}, tasks=zero_shot_tasks, protocol="zero_shot", corpus_root=corpus, seeds=seeds[:1],
-                         n_boot=n_boot, progress=progress, log=log)
+    probe = ev.evaluate_all(
+        {"random init": "random", method: str(final)},
+        tasks=tasks,
+        fractions=(0.1, 1.0),
+        seeds=seeds,
+        protocol="linear_probe",
+        corpus_root=corpus,
+        n_boot=n_boot,
+        progress=progress,
+        log=log,
+    )
+    zs = ev.evaluate_all(
+        {method: str(final)},
+        tasks=zero_shot_tasks,
+        protocol="zero_shot",
+        corpus_root=corpus,
+        seeds=seeds[:1],
+        n_boot=n_boot,
+        progress=progress,
+        log=log,
+    )
     timings["evaluate_s"] = time.time() - t0
     # 4. pictures and report
     t0 = time.time()
@@ -76,17 +152,36 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", method: str = 
     probe_summary = ev.summarize(probe).round(4)
     zs_table = zs[["task", "auroc", "ci_low", "ci_high", "auprc"]].round(4)
     margins = probe_margins(probe, method=method).round(4)
-    summary = dict(out=str(out.resolve()), preset=preset, method=method, steps=steps, timings=timings,
-                   linear_probe=probe_summary.to_dict("records"), zero_shot=zs_table.to_dict("records"),
-                   margins=margins.to_dict("records"),
-                   linear_probe_runs=probe.to_dict("records"))
-    notes = (f"{method} ({preset} preset) pre-trained for {steps} steps of {batch_size}+{batch_size} images on the synthetic corpus "
-             f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
-             f"bootstrap 95% CIs per run; 'separated' means every seed's CI for {method} lies above every seed's CI for random init. "
-             f"Zero-shot with FLAIR-style prompt ensembles.")
-    report = viz.write_report(out / "report.html", figures, cfg, rows, title=f"maskedclip demo: {method}",
-                              tables={"linear probe (mean over seeds)": probe_summary, f"{method} vs random init (linear probe CIs)": margins,
-                                      "zero-shot": zs_table}, notes=notes)
+    summary = dict(
+        out=str(out.resolve()),
+        preset=preset,
+        method=method,
+        steps=steps,
+        timings=timings,
+        linear_probe=probe_summary.to_dict("records"),
+        zero_shot=zs_table.to_dict("records"),
+        margins=margins.to_dict("records"),
+        linear_probe_runs=probe.to_dict("records"),
+    )
+    notes = (
+        f"{method} ({preset} preset) pre-trained for {steps} steps of {batch_size}+{batch_size} images on the synthetic corpus "
+        f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
+        f"bootstrap 95% CIs per run; 'separated' means every seed's CI for {method} lies above every seed's CI for random init. "
+        f"Zero-shot with FLAIR-style prompt ensembles."
+    )
+    report = viz.write_report(
+        out / "report.html",
+        figures,
+        cfg,
+        rows,
+        title=f"maskedclip demo: {method}",
+        tables={
+            "linear probe (mean over seeds)": probe_summary,
+            f"{method} vs random init (linear probe CIs)": margins,
+            "zero-shot": zs_table,
+        },
+        notes=notes,
+    )
     timings["report_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
     summary["report"] = str(report.resolve())
@@ -98,32 +193,77 @@ def main(argv=None) -> int:
     "Console script `maskedclip-demo`; returns the exit status (`maskedclip.config.ExitCode`), never exits the interpreter."
     from maskedclip import __version__
     from maskedclip.config import METHODS, ExitCode, report_error
-    ap = argparse.ArgumentParser(prog="maskedclip-demo", description="Synthetic corpus -> CPU pre-training -> evaluation -> HTML report. "
-                                 "Exit status as maskedclip-pretrain: 0 ok, 2 bad option, 3 non-finite loss, 4 bad data, 5 environment.")
-    ap.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder: corpus/, pretrain/, report.html, results.json (default: %(default)s)")
+
+    ap = argparse.ArgumentParser(
+        prog="maskedclip-demo",
+        description="Synthetic corpus -> CPU pre-training -> evaluation -> HTML report. "
+        "Exit status as maskedclip-pretrain: 0 ok, 2 bad option, 3 non-finite loss, 4 bad data, 5 environment.",
+    )
+    ap.add_argument(
+        "--out",
+        default="runs/demo",
+        metavar="DIR",
+        help="output folder: corpus/, pretrain/, report.html, results.json (default: %(default)s)",
+    )
     ap.add_argument("--preset", default="demo", choices=PRESETS, help="model preset (default: %(default)s)")
-    ap.add_argument("--method", default="maskedclip", choices=[*METHODS, "mlip"], help="pre-training method (default: %(default)s)")
+    ap.add_argument(
+        "--method",
+        default="maskedclip",
+        choices=[*METHODS, "mlip"],
+        help="pre-training method (default: %(default)s)",
+    )
     ap.add_argument("--steps", type=int, default=500, help="pre-training steps (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=32, help="paired and unpaired images per step, each (default: %(default)s)")
-    ap.add_argument("--seeds", type=int, default=3, help="number of linear-probe seeds (default: %(default)s)")
-    ap.add_argument("--n-task", type=int, default=1000, help="images per downstream training and test split (validation: half)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="paired and unpaired images per step, each (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--seeds", type=int, default=3, help="number of linear-probe seeds (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--n-task",
+        type=int,
+        default=1000,
+        help="images per downstream training and test split (validation: half)",
+    )
     ap.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
     try:
         a = ap.parse_args(argv)
-        kw = dict(out=a.out, preset=a.preset, method=a.method, steps=a.steps, batch_size=a.batch_size, seeds=tuple(range(a.seeds)), n_task=a.n_task)
-        if a.quick: kw.update(steps=4, batch_size=8, n_paired=64, n_unpaired=64, n_task=40, seeds=(0,), n_boot=50)
+        kw = dict(
+            out=a.out,
+            preset=a.preset,
+            method=a.method,
+            steps=a.steps,
+            batch_size=a.batch_size,
+            seeds=tuple(range(a.seeds)),
+            n_task=a.n_task,
+        )
+        if a.quick:
+            kw.update(steps=4, batch_size=8, n_paired=64, n_unpaired=64, n_task=40, seeds=(0,), n_boot=50)
         s = run_demo(**kw)
-    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
-    except BaseException as e: return report_error(e, "maskedclip-demo")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
+    except BaseException as e:
+        return report_error(e, "maskedclip-demo")
     print("\nlinear probe (AUROC, mean over seeds):")
-    for r in s["linear_probe"]: print(f"  {r['task']:<14} {r['method']:<12} frac={r['fraction']:<4} auroc={r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}")
+    for r in s["linear_probe"]:
+        print(
+            f"  {r['task']:<14} {r['method']:<12} frac={r['fraction']:<4} auroc={r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}"
+        )
     print("against random init (linear probe; separated = bootstrap CIs do not overlap in any seed):")
     for r in s["margins"]:
-        print(f"  {r['task']:<14} frac={r['fraction']:<4} random={r['baseline_auroc']:.3f} (CI high {r['baseline_ci_high']:.3f})  "
-              f"{a.method}={r['method_auroc']:.3f} (CI low {r['method_ci_low']:.3f})  separated={r['separated']}")
+        print(
+            f"  {r['task']:<14} frac={r['fraction']:<4} random={r['baseline_auroc']:.3f} (CI high {r['baseline_ci_high']:.3f})  "
+            f"{a.method}={r['method_auroc']:.3f} (CI low {r['method_ci_low']:.3f})  separated={r['separated']}"
+        )
     print("zero-shot (AUROC [95% CI]):")
-    for r in s["zero_shot"]: print(f"  {r['task']:<14} {r['auroc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    for r in s["zero_shot"]:
+        print(f"  {r['task']:<14} {r['auroc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
     print(f"timings: {json.dumps({k: round(v, 1) for k, v in s['timings'].items()})}")
     print(f"\nreport: {s['report']}")
     return int(ExitCode.OK)

@@ -4,7 +4,9 @@
 
 # %% ../nbs/17_diagnostics.ipynb #a77163b9
 from __future__ import annotations
+
 import math
+
 import torch
 import torch.nn.functional as F
 
@@ -14,15 +16,18 @@ __all__ = ['patch_cosine', 'effective_rank', 'within_image_variance', 'alignment
 # %% ../nbs/17_diagnostics.ipynb #999164f8
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     x = torch.as_tensor(x).detach().float()
-    if x.ndim == 2: x = x[None]
-    if x.ndim != 3 or x.shape[1] < 2: raise ValueError(f"expected patch tokens (N, L, D) with L >= 2, got shape {tuple(x.shape)}")
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[1] < 2:
+        raise ValueError(f"expected patch tokens (N, L, D) with L >= 2, got shape {tuple(x.shape)}")
     return x
+
 
 def patch_cosine(tokens: torch.Tensor) -> float:
     "Mean cosine between different patch tokens of the same image, averaged over images; `tokens` `(N, L, D)` or `(L, D)`."
     z = F.normalize(_tokens(tokens), dim=-1)
     n, L, _ = z.shape
-    s = (z.sum(1) ** 2).sum(-1) - L                      # sum over l != m of cos(z_l, z_m), per image
+    s = (z.sum(1) ** 2).sum(-1) - L  # sum over l != m of cos(z_l, z_m), per image
     return float((s / (L * (L - 1))).mean())
 
 # %% ../nbs/17_diagnostics.ipynb #584f62f3
@@ -33,23 +38,32 @@ def effective_rank(tokens: torch.Tensor) -> float:
     h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
     return float(torch.exp(h).mean())
 
+
 def within_image_variance(tokens: torch.Tensor) -> float:
     "Share of the tokens' energy that varies across the patches of one image (0: all patches equal; 1: centred)."
     z = _tokens(tokens)
     var = ((z - z.mean(1, keepdim=True)) ** 2).sum((1, 2))
-    return float((var / (z ** 2).sum((1, 2)).clamp_min(1e-12)).mean())
+    return float((var / (z**2).sum((1, 2)).clamp_min(1e-12)).mean())
 
 # %% ../nbs/17_diagnostics.ipynb #bd579114
 def alignment(a: torch.Tensor, b: torch.Tensor) -> float:
     "Mean squared distance between the l2-normalised rows of `a` and `b` `(N, d)` (Wang & Isola 2020, alpha = 2)."
-    a, b = F.normalize(torch.as_tensor(a).detach().float(), dim=-1), F.normalize(torch.as_tensor(b).detach().float(), dim=-1)
-    if a.shape != b.shape: raise ValueError(f"alignment needs paired rows of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = (
+        F.normalize(torch.as_tensor(a).detach().float(), dim=-1),
+        F.normalize(torch.as_tensor(b).detach().float(), dim=-1),
+    )
+    if a.shape != b.shape:
+        raise ValueError(
+            f"alignment needs paired rows of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return float(((a - b) ** 2).sum(-1).mean())
+
 
 def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
     "log E_{i != j} exp(-t ||x_i - x_j||^2) over l2-normalised rows of `x` `(N, d)` (Wang & Isola 2020)."
     x = F.normalize(torch.as_tensor(x).detach().float(), dim=-1)
-    if x.shape[0] < 2: raise ValueError("uniformity needs at least two embeddings")
+    if x.shape[0] < 2:
+        raise ValueError("uniformity needs at least two embeddings")
     d2 = torch.pdist(x) ** 2
     return float(torch.logsumexp(-t * d2, 0) - math.log(d2.numel()))
 
@@ -58,25 +72,35 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
 def representation_diagnostics(model, batch) -> dict[str, float]:
     "`diag/*` numbers of `model` (a `MaskedCLIP`) on `batch` (a `Batch`; paired images, else unpaired ones)."
     from maskedclip.model import normalize_targets
+
     x = batch.paired_images if batch.n_paired else batch.unpaired_images
-    if x is None: raise ValueError("representation_diagnostics: the batch has no images")
+    if x is None:
+        raise ValueError("representation_diagnostics: the batch has no images")
     was_training = model.training
     model.eval()
     try:
         out: dict[str, float] = {}
+
         def tok(name, t):
             out[f"diag/{name}_patch_cos"], out[f"diag/{name}_erank"] = patch_cosine(t), effective_rank(t)
+
         enc = model.encoder(x).tokens
         tok("encoder", enc[:, 1:])
-        if model.bridge is not None: tok("bridge", model.bridge(enc)[:, 1:])
+        if model.bridge is not None:
+            tok("bridge", model.bridge(enc)[:, 1:])
         if model.teacher is not None:
             t = model.teacher(x)
             tok("teacher", t)
             target = normalize_targets(t, model.config.mfd_target)
-            out["diag/mfd_target_var"], out["diag/mfd_target_patch_cos"] = within_image_variance(target), patch_cosine(target)
+            out["diag/mfd_target_var"], out["diag/mfd_target_patch_cos"] = (
+                within_image_variance(target),
+                patch_cosine(target),
+            )
         if model.image_proj is not None and batch.n_paired >= 2 and batch.input_ids is not None:
             v = model._clip_image_features(enc)[1]
-            with model.text.uncached():   # the frozen tower's LRU cache is part of training's state: leave it untouched
+            with (
+                model.text.uncached()
+            ):  # the frozen tower's LRU cache is part of training's state: leave it untouched
                 u = model.text_proj(model.text(batch.input_ids, batch.attention_mask)[0])
             out["diag/align"] = alignment(v, u)
             out["diag/uniform_image"], out["diag/uniform_text"] = uniformity(v), uniformity(u)

@@ -4,18 +4,23 @@
 
 # %% ../nbs/14_hub.ipynb #00000002
 from __future__ import annotations
-import fnmatch, json, os, re
+
+import fnmatch
+import json
+import re
 from functools import partial
 from pathlib import Path
 from typing import Callable
-import torch
-import torch.nn as nn
+
 import timm
+import torch
+from huggingface_hub import ModelHubMixin
+from huggingface_hub import constants as hf_constants
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-from huggingface_hub import ModelHubMixin, constants as hf_constants
-from .config import MaskedCLIPConfig, VisionConfig, TransformerConfig, get_preset, PRESETS
-from .data import IMAGENET_MEAN, IMAGENET_STD, train_transform, eval_transform
+
+from .config import PRESETS, MaskedCLIPConfig, TransformerConfig, VisionConfig, get_preset
+from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from .model import MaskedCLIP
 
 # %% auto #0
@@ -27,193 +32,356 @@ __all__ = ['ENCODER_ARCHS', 'default_cfgs', 'timm_kwargs', 'register_config', 'l
 ENCODER_ARCHS = {
     "maskedclip_vit_tiny_patch16": VisionConfig(image_size=224, patch_size=16, width=192, depth=12, heads=3),
     "maskedclip_vit_base_patch16": VisionConfig(image_size=224, patch_size=16, width=768, depth=12, heads=12),
-    "maskedclip_vit_large_patch16": VisionConfig(image_size=224, patch_size=16, width=1024, depth=24, heads=16),
+    "maskedclip_vit_large_patch16": VisionConfig(
+        image_size=224, patch_size=16, width=1024, depth=24, heads=16
+    ),
     "maskedclip_vit_demo_patch8_64": VisionConfig(image_size=64, patch_size=8, width=192, depth=4, heads=3),
 }
 
+
 def _pretrained_cfg(vc: VisionConfig) -> dict:
     "timm `pretrained_cfg` of an exported encoder: no download source (give `file=`), ImageNet norm, bicubic, crop 1.0."
-    return dict(url="", num_classes=0, input_size=(vc.in_chans, vc.image_size, vc.image_size), pool_size=None,
-                crop_pct=1.0, crop_mode="center", interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
+    return dict(
+        url="",
+        num_classes=0,
+        input_size=(vc.in_chans, vc.image_size, vc.image_size),
+        pool_size=None,
+        crop_pct=1.0,
+        crop_mode="center",
+        interpolation="bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        license="apache-2.0",
+    )
 
-default_cfgs = generate_default_cfgs({n: _pretrained_cfg(vc) for n, vc in ENCODER_ARCHS.items()})   # read by register_model
+
+default_cfgs = generate_default_cfgs(
+    {n: _pretrained_cfg(vc) for n, vc in ENCODER_ARCHS.items()}
+)  # read by register_model
+
 
 def timm_kwargs(vc: VisionConfig) -> dict:
     "`VisionTransformer` kwargs of the architecture of `ViTEncoder(vc)`; pooled output = mean of the patch tokens."
-    return dict(img_size=vc.image_size, patch_size=vc.patch_size, in_chans=vc.in_chans, embed_dim=vc.width, depth=vc.depth,
-                num_heads=vc.heads, mlp_ratio=vc.mlp_ratio, qkv_bias=True, global_pool="avg", fc_norm=False, num_classes=0)
+    return dict(
+        img_size=vc.image_size,
+        patch_size=vc.patch_size,
+        in_chans=vc.in_chans,
+        embed_dim=vc.width,
+        depth=vc.depth,
+        num_heads=vc.heads,
+        mlp_ratio=vc.mlp_ratio,
+        qkv_bias=True,
+        global_pool="avg",
+        fc_norm=False,
+        num_classes=0,
+    )
 
 # %% ../nbs/14_hub.ipynb #00000006
 def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     args = {**timm_kwargs(ENCODER_ARCHS[variant]), **kwargs}
-    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
+    return build_model_with_cfg(
+        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args
+    )
+
 
 def _entrypoint(name: str) -> Callable:
-    def fn(pretrained: bool = False, **kwargs) -> VisionTransformer: return _create(name, pretrained, **kwargs)
+    def fn(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        return _create(name, pretrained, **kwargs)
+
     vc = ENCODER_ARCHS[name]
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = __name__
-    fn.__doc__ = (f"MaskedCLIP image encoder (ViT width {vc.width}, depth {vc.depth}, {vc.heads} heads, patch {vc.patch_size}, "
-                  f"{vc.image_size} px); weights: `pretrained=True, pretrained_cfg_overlay=dict(file=...)`.")
+    fn.__doc__ = (
+        f"MaskedCLIP image encoder (ViT width {vc.width}, depth {vc.depth}, {vc.heads} heads, patch {vc.patch_size}, "
+        f"{vc.image_size} px); weights: `pretrained=True, pretrained_cfg_overlay=dict(file=...)`."
+    )
     return fn
 
-for _name in ENCODER_ARCHS:                       # registered on import (once per process), and module attributes
-    globals()[_name] = timm.models.model_entrypoint(_name) if timm.is_model(_name) else register_model(_entrypoint(_name))
+
+for _name in ENCODER_ARCHS:  # registered on import (once per process), and module attributes
+    globals()[_name] = (
+        timm.models.model_entrypoint(_name) if timm.is_model(_name) else register_model(_entrypoint(_name))
+    )
 
 # %% ../nbs/14_hub.ipynb #0000000b
 _CONFIGS: dict[str, Callable[[], MaskedCLIPConfig]] = {}
 
-def register_config(name: str, config: MaskedCLIPConfig | Callable[[], MaskedCLIPConfig], overwrite: bool = False) -> str:
+
+def register_config(
+    name: str, config: MaskedCLIPConfig | Callable[[], MaskedCLIPConfig], overwrite: bool = False
+) -> str:
     "Add a named model config (a `MaskedCLIPConfig` or a function returning one) to the registry."
-    if not isinstance(name, str) or not name.strip(): raise ValueError(f"register_config: name must be a non-empty string, got {name!r}")
-    if name in _CONFIGS and not overwrite: raise ValueError(f"register_config: {name!r} is already registered (pass overwrite=True)")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"register_config: name must be a non-empty string, got {name!r}")
+    if name in _CONFIGS and not overwrite:
+        raise ValueError(f"register_config: {name!r} is already registered (pass overwrite=True)")
     if not (isinstance(config, MaskedCLIPConfig) or callable(config)):
-        raise TypeError(f"register_config: {name!r} needs a MaskedCLIPConfig or a function returning one, got {type(config).__name__}")
+        raise TypeError(
+            f"register_config: {name!r} needs a MaskedCLIPConfig or a function returning one, got {type(config).__name__}"
+        )
     _CONFIGS[name] = (lambda c=config: c) if isinstance(config, MaskedCLIPConfig) else config
     return name
+
 
 def list_models(pattern: str = "*") -> list[str]:
     "Registered config names matching the shell-style `pattern` (e.g. `'maskedclip_vit_*'`)."
     return sorted(n for n in _CONFIGS if fnmatch.fnmatchcase(n, pattern))
 
+
 def get_model_config(name: str) -> MaskedCLIPConfig:
     "The `MaskedCLIPConfig` registered as `name`."
-    if name not in _CONFIGS: raise ValueError(f"model {name!r} is not registered; known: {list_models()}")
+    if name not in _CONFIGS:
+        raise ValueError(f"model {name!r} is not registered; known: {list_models()}")
     cfg = _CONFIGS[name]()
-    if not isinstance(cfg, MaskedCLIPConfig): raise TypeError(f"model {name!r}: its config function returned {type(cfg).__name__}")
+    if not isinstance(cfg, MaskedCLIPConfig):
+        raise TypeError(f"model {name!r}: its config function returned {type(cfg).__name__}")
     return cfg
+
 
 def _arch_config(vc: VisionConfig) -> MaskedCLIPConfig:
     "The paper's MaskedCLIP around encoder `vc` (the tiny preset for 64-px encoders; bridge heads follow the encoder)."
-    if vc.image_size <= 64: return get_preset("tiny").replace(vision=vc)
-    return get_preset("paper").replace(vision=vc, bridge=TransformerConfig(width=None, depth=4, heads=vc.heads))
+    if vc.image_size <= 64:
+        return get_preset("tiny").replace(vision=vc)
+    return get_preset("paper").replace(
+        vision=vc, bridge=TransformerConfig(width=None, depth=4, heads=vc.heads)
+    )
 
-for _p in PRESETS: register_config(_p, partial(get_preset, _p), overwrite=True)
-for _n, _vc in ENCODER_ARCHS.items(): register_config(_n, partial(_arch_config, _vc), overwrite=True)
+
+for _p in PRESETS:
+    register_config(_p, partial(get_preset, _p), overwrite=True)
+for _n, _vc in ENCODER_ARCHS.items():
+    register_config(_n, partial(_arch_config, _vc), overwrite=True)
 
 # %% ../nbs/14_hub.ipynb #0000000e
 def _same_arch(a: VisionConfig, b: VisionConfig) -> bool:
     return a.replace(drop_path=0.0, init_weights=None) == b.replace(drop_path=0.0, init_weights=None)
 
+
 def encoder_config_of(path: str | Path) -> VisionConfig:
     "The `VisionConfig` of an exported encoder file: from its safetensors metadata, else inferred from the tensors."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"encoder weights not found: {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(path), "pt") as fh: meta = fh.metadata() or {}
-        if "arch" in meta: return VisionConfig.from_dict(json.loads(meta["arch"]))
+
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        if "arch" in meta:
+            return VisionConfig.from_dict(json.loads(meta["arch"]))
     from maskedclip.evaluate import infer_vision_config
     from maskedclip.vision import read_state_dict
+
     return infer_vision_config(read_state_dict(path))
+
 
 def timm_encoder(vision: str | VisionConfig, file: str | Path | None = None, **kwargs) -> VisionTransformer:
     "timm `VisionTransformer` of a registered encoder name or a `VisionConfig`, with the weights of `file` if given."
     if isinstance(vision, str):
-        if vision not in ENCODER_ARCHS: raise ValueError(f"timm_encoder: {vision!r} is not one of {sorted(ENCODER_ARCHS)}")
+        if vision not in ENCODER_ARCHS:
+            raise ValueError(f"timm_encoder: {vision!r} is not one of {sorted(ENCODER_ARCHS)}")
         name, over = vision, {}
     else:
         name = next((n for n, a in ENCODER_ARCHS.items() if _same_arch(a, vision)), None)
         over = {} if name else timm_kwargs(vision)
         name = name or "maskedclip_vit_base_patch16"
-    if file is not None and not Path(file).is_file(): raise FileNotFoundError(f"encoder weights not found: {file}")
+    if file is not None and not Path(file).is_file():
+        raise FileNotFoundError(f"encoder weights not found: {file}")
     overlay = dict(file=str(file)) if file is not None else {}
-    if over: overlay["input_size"] = (vision.in_chans, vision.image_size, vision.image_size)
-    return timm.create_model(name, pretrained=file is not None, pretrained_cfg_overlay=overlay or None, **{**over, **kwargs})
+    if over:
+        overlay["input_size"] = (vision.in_chans, vision.image_size, vision.image_size)
+    return timm.create_model(
+        name, pretrained=file is not None, pretrained_cfg_overlay=overlay or None, **{**over, **kwargs}
+    )
 
 # %% ../nbs/14_hub.ipynb #00000011
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-def resolve_hub_dir(repo_id: str, *, allow_download: bool = False, cache_dir: str | Path | None = None,
-                    revision: str | None = None, token: str | bool | None = None) -> Path:
+
+def resolve_hub_dir(
+    repo_id: str,
+    *,
+    allow_download: bool = False,
+    cache_dir: str | Path | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
     "The local snapshot folder of Hub model `repo_id`: from the Hugging Face cache only, unless `allow_download=True`."
     from huggingface_hub import snapshot_download
-    if not _HUB_ID.match(str(repo_id)): raise FileNotFoundError(f"{repo_id}: no such directory, and not a Hub id 'org/name'")
+
+    if not _HUB_ID.match(str(repo_id)):
+        raise FileNotFoundError(f"{repo_id}: no such directory, and not a Hub id 'org/name'")
     where = cache_dir or hf_constants.HF_HUB_CACHE
-    try: return Path(snapshot_download(str(repo_id), revision=revision, cache_dir=cache_dir, local_files_only=not allow_download, token=token))
+    try:
+        return Path(
+            snapshot_download(
+                str(repo_id),
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=not allow_download,
+                token=token,
+            )
+        )
     except Exception as e:
-        hint = ("; pass allow_download=True to fetch it" if not allow_download else
-                "; HF_HUB_OFFLINE is set, so nothing was downloaded" if hf_constants.HF_HUB_OFFLINE else "")
-        raise FileNotFoundError(f"{repo_id}: not found in the Hugging Face cache {where} (revision {revision or 'main'}){hint} "
-                                f"[{type(e).__name__}]") from None
+        hint = (
+            "; pass allow_download=True to fetch it"
+            if not allow_download
+            else "; HF_HUB_OFFLINE is set, so nothing was downloaded"
+            if hf_constants.HF_HUB_OFFLINE
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{repo_id}: not found in the Hugging Face cache {where} (revision {revision or 'main'}){hint} "
+            f"[{type(e).__name__}]"
+        ) from None
+
 
 def _local_model_dir(p: Path) -> Path:
     from maskedclip.evaluate import _resolve_dir
+
     d = _resolve_dir(p)
-    if not d.is_dir(): raise ValueError(f"{p}: holds an encoder file ({d.name}), not a whole model; use create_model_and_transforms or timm_encoder")
+    if not d.is_dir():
+        raise ValueError(
+            f"{p}: holds an encoder file ({d.name}), not a whole model; use create_model_and_transforms or timm_encoder"
+        )
     return d
 
 # %% ../nbs/14_hub.ipynb #00000012
-class HubMaskedCLIP(ModelHubMixin, MaskedCLIP, library_name="maskedclip", license="apache-2.0",
-                    tags=["maskedclip", "vision-language", "medical-imaging", "fundus"], repo_url="https://github.com/maskedclip/maskedclip"):
+class HubMaskedCLIP(
+    ModelHubMixin,
+    MaskedCLIP,
+    library_name="maskedclip",
+    license="apache-2.0",
+    tags=["maskedclip", "vision-language", "medical-imaging", "fundus"],
+    repo_url="https://github.com/maskedclip/maskedclip",
+):
     "`MaskedCLIP` with the Hub's `from_pretrained` / `save_pretrained` / `push_to_hub` (`huggingface_hub.ModelHubMixin`)."
 
-    def _save_pretrained(self, save_directory: Path) -> None: MaskedCLIP.save_pretrained(self, save_directory)
+    def _save_pretrained(self, save_directory: Path) -> None:
+        MaskedCLIP.save_pretrained(self, save_directory)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, map_location: str | torch.device = "cpu", strict: bool = True, **_) -> "HubMaskedCLIP":
+    def _from_pretrained(
+        cls, *, model_id: str, map_location: str | torch.device = "cpu", strict: bool = True, **_
+    ) -> "HubMaskedCLIP":
         return MaskedCLIP.from_pretrained.__func__(cls, model_id, map_location=map_location, strict=strict)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, allow_download: bool = False, cache_dir: str | Path | None = None,
-                        revision: str | None = None, token: str | bool | None = None, **kwargs) -> "HubMaskedCLIP":
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        allow_download: bool = False,
+        cache_dir: str | Path | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs,
+    ) -> "HubMaskedCLIP":
         "A saved model folder, a run folder or a Hub id `org/name` (from the local cache unless `allow_download=True`)."
         p = Path(pretrained_model_name_or_path)
-        d = _local_model_dir(p) if p.is_dir() else resolve_hub_dir(str(pretrained_model_name_or_path), allow_download=allow_download,
-                                                                  cache_dir=cache_dir, revision=revision, token=token)
+        d = (
+            _local_model_dir(p)
+            if p.is_dir()
+            else resolve_hub_dir(
+                str(pretrained_model_name_or_path),
+                allow_download=allow_download,
+                cache_dir=cache_dir,
+                revision=revision,
+                token=token,
+            )
+        )
         return super().from_pretrained(str(d), **kwargs)
 
     def push_to_hub(self, repo_id: str, *, allow_upload: bool = False, **kwargs) -> str:
         "Upload to the Hub; refuses unless `allow_upload=True` and `HF_HUB_OFFLINE` is unset."
-        if not allow_upload: raise PermissionError(f"push_to_hub({repo_id!r}): nothing is uploaded unless allow_upload=True")
-        if hf_constants.HF_HUB_OFFLINE: raise ConnectionError(f"push_to_hub({repo_id!r}): HF_HUB_OFFLINE is set; unset it to upload")
+        if not allow_upload:
+            raise PermissionError(f"push_to_hub({repo_id!r}): nothing is uploaded unless allow_upload=True")
+        if hf_constants.HF_HUB_OFFLINE:
+            raise ConnectionError(f"push_to_hub({repo_id!r}): HF_HUB_OFFLINE is set; unset it to upload")
         return super().push_to_hub(repo_id, **kwargs)
 
 # %% ../nbs/14_hub.ipynb #00000017
 def _transforms(size: int, border_crop: bool) -> tuple:
     return train_transform(size, border_crop=border_crop), eval_transform(size, border_crop=border_crop)
 
+
 def _timm_of(model: MaskedCLIP) -> VisionTransformer:
     enc = timm_encoder(model.config.vision)
     enc.load_state_dict(model.encoder.state_dict(), strict=True)
     return enc
 
-def create_model_and_transforms(name_or_dir: str | Path, *, pretrained: str | Path | None = None, encoder_only: bool | None = None,
-                                allow_download: bool = False, cache_dir: str | Path | None = None, revision: str | None = None,
-                                border_crop: bool = True, device: str | torch.device | None = None, **timm_kw) -> tuple:
+
+def create_model_and_transforms(
+    name_or_dir: str | Path,
+    *,
+    pretrained: str | Path | None = None,
+    encoder_only: bool | None = None,
+    allow_download: bool = False,
+    cache_dir: str | Path | None = None,
+    revision: str | None = None,
+    border_crop: bool = True,
+    device: str | torch.device | None = None,
+    **timm_kw,
+) -> tuple:
     "`(model, train_transform, eval_transform)` of a registered name, an exported encoder file, a saved model folder or a Hub id."
     s = str(name_or_dir)
     if s in _CONFIGS:
         cfg = get_model_config(s)
         if encoder_only is False:
-            if pretrained is not None: raise ValueError("create_model_and_transforms: `pretrained` is an encoder file; it needs encoder_only=True")
-            model = HubMaskedCLIP(cfg.replace(vision=cfg.vision.replace(init_weights=None)), pretrained_text=False)
-        else: model = timm_encoder(s if s in ENCODER_ARCHS else cfg.vision, pretrained, **timm_kw)
+            if pretrained is not None:
+                raise ValueError(
+                    "create_model_and_transforms: `pretrained` is an encoder file; it needs encoder_only=True"
+                )
+            model = HubMaskedCLIP(
+                cfg.replace(vision=cfg.vision.replace(init_weights=None)), pretrained_text=False
+            )
+        else:
+            model = timm_encoder(s if s in ENCODER_ARCHS else cfg.vision, pretrained, **timm_kw)
         size = cfg.vision.image_size
     elif Path(s).is_file():
         vc = encoder_config_of(s)
         model, size = timm_encoder(vc, s, **timm_kw), vc.image_size
     else:
-        if pretrained is not None: raise ValueError(f"create_model_and_transforms: `pretrained` is only for registered names, not {s!r}")
+        if pretrained is not None:
+            raise ValueError(
+                f"create_model_and_transforms: `pretrained` is only for registered names, not {s!r}"
+            )
         from maskedclip.evaluate import _resolve_dir
-        d = Path(s) if Path(s).is_dir() else resolve_hub_dir(s, allow_download=allow_download, cache_dir=cache_dir, revision=revision)
-        d = _resolve_dir(d)                       # model folder, run folder (final/ or latest checkpoint), or its encoder file
-        if d.is_file(): return create_model_and_transforms(d, border_crop=border_crop, device=device, **timm_kw)
+
+        d = (
+            Path(s)
+            if Path(s).is_dir()
+            else resolve_hub_dir(s, allow_download=allow_download, cache_dir=cache_dir, revision=revision)
+        )
+        d = _resolve_dir(d)  # model folder, run folder (final/ or latest checkpoint), or its encoder file
+        if d.is_file():
+            return create_model_and_transforms(d, border_crop=border_crop, device=device, **timm_kw)
         model = HubMaskedCLIP.from_pretrained(d)
         size = model.config.vision.image_size
-        if encoder_only: model = _timm_of(model)
-    if device is not None: model = model.to(device)
+        if encoder_only:
+            model = _timm_of(model)
+    if device is not None:
+        model = model.to(device)
     return (model.eval(), *_transforms(size, border_crop))
 
 # %% ../nbs/14_hub.ipynb #0000001b
 def save_timm_folder(source, directory: str | Path) -> Path:
     "An encoder (exported file, `MaskedCLIP` or timm model) as timm's Hub folder: `config.json` + `model.safetensors`."
     from timm.models._hub import save_for_hf
-    if isinstance(source, (str, Path)): model = timm_encoder(encoder_config_of(source), source)
-    elif isinstance(source, MaskedCLIP): model = _timm_of(source)
-    elif isinstance(source, VisionTransformer): model = source
-    else: raise TypeError(f"save_timm_folder: expected an encoder file, a MaskedCLIP or a timm VisionTransformer, got {type(source).__name__}")
-    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+
+    if isinstance(source, (str, Path)):
+        model = timm_encoder(encoder_config_of(source), source)
+    elif isinstance(source, MaskedCLIP):
+        model = _timm_of(source)
+    elif isinstance(source, VisionTransformer):
+        model = source
+    else:
+        raise TypeError(
+            f"save_timm_folder: expected an encoder file, a MaskedCLIP or a timm VisionTransformer, got {type(source).__name__}"
+        )
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     save_for_hf(model, str(d), safe_serialization=True)
     return d

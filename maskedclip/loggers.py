@@ -4,7 +4,10 @@
 
 # %% ../nbs/15_loggers.ipynb #00000002
 from __future__ import annotations
-import math, os, warnings
+
+import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,60 +17,118 @@ __all__ = ['TensorBoardLogger', 'WandbLogger', 'Loggers', 'make_loggers']
 # %% ../nbs/15_loggers.ipynb #00000005
 def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
     "The finite numeric entries of a metric row (bools and non-numbers are left out)."
-    return {k: float(v) for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
 
 class TensorBoardLogger:
     "Scalars of each row into TensorBoard event files under `log_dir` (needs the `tensorboard` package)."
+
     def __init__(self, log_dir: str | Path):
-        try: from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ImportError('train.tensorboard=True needs the tensorboard package: pip install "maskedclip[tensorboard]"') from e
+            raise ImportError(
+                'train.tensorboard=True needs the tensorboard package: pip install "maskedclip[tensorboard]"'
+            ) from e
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(str(self.log_dir))
+
     def log(self, row: Mapping[str, Any], step: int):
-        for k, v in _scalars(row).items(): self.writer.add_scalar(k, v, step)
+        for k, v in _scalars(row).items():
+            self.writer.add_scalar(k, v, step)
+
     def close(self):
-        self.writer.flush(); self.writer.close()
+        self.writer.flush()
+        self.writer.close()
 
 # %% ../nbs/15_loggers.ipynb #00000006
 class WandbLogger:
     "Rows into a Weights & Biases run; a no-op (one warning) when `wandb` is not installed or `enabled` is False."
-    def __init__(self, enabled: bool = True, project: str = "maskedclip", name: str | None = None, config: dict | None = None,
-                 dir: str | Path | None = None, mode: str | None = None):
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        project: str = "maskedclip",
+        name: str | None = None,
+        config: dict | None = None,
+        dir: str | Path | None = None,
+        mode: str | None = None,
+    ):
         self.run = None
-        if not enabled: return
-        try: import wandb
-        except ImportError:
-            warnings.warn("train.wandb is on but the wandb package is not installed: Weights & Biases logging is off "
-                          "(pip install wandb to enable it)", RuntimeWarning, stacklevel=2)
+        if not enabled:
             return
-        mode = mode or os.environ.get("WANDB_MODE", "offline")     # nothing leaves the machine unless asked for
-        if dir is not None: Path(dir).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, name=name, config=config, dir=str(dir) if dir is not None else None, mode=mode)
+        try:
+            import wandb
+        except ImportError:
+            warnings.warn(
+                "train.wandb is on but the wandb package is not installed: Weights & Biases logging is off "
+                "(pip install wandb to enable it)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        mode = mode or os.environ.get("WANDB_MODE", "offline")  # nothing leaves the machine unless asked for
+        if dir is not None:
+            Path(dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=project, name=name, config=config, dir=str(dir) if dir is not None else None, mode=mode
+        )
+
     @property
-    def active(self) -> bool: return self.run is not None
+    def active(self) -> bool:
+        return self.run is not None
+
     def log(self, row: Mapping[str, Any], step: int):
-        if self.run is not None: self.run.log(_scalars(row), step=step)
+        if self.run is not None:
+            self.run.log(_scalars(row), step=step)
+
     def close(self):
-        if self.run is not None: self.run.finish(); self.run = None
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
 
 # %% ../nbs/15_loggers.ipynb #00000007
 class Loggers:
     "The enabled sinks as one: `log(row, step)` and `close()` go to each (also a context manager)."
+
     def __init__(self, *sinks):
         self.sinks = [s for s in sinks if s is not None and getattr(s, "active", True)]
-    def __bool__(self) -> bool: return bool(self.sinks)
-    def log(self, row: Mapping[str, Any], step: int):
-        for s in self.sinks: s.log(row, step)
-    def close(self):
-        for s in self.sinks: s.close()
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
 
-def make_loggers(out_dir: str | Path, tensorboard: bool = False, wandb: bool = False, config: dict | None = None,
-                 run_name: str | None = None, project: str = "maskedclip") -> Loggers:
+    def __bool__(self) -> bool:
+        return bool(self.sinks)
+
+    def log(self, row: Mapping[str, Any], step: int):
+        for s in self.sinks:
+            s.log(row, step)
+
+    def close(self):
+        for s in self.sinks:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_loggers(
+    out_dir: str | Path,
+    tensorboard: bool = False,
+    wandb: bool = False,
+    config: dict | None = None,
+    run_name: str | None = None,
+    project: str = "maskedclip",
+) -> Loggers:
     "The trainer's loggers for run folder `out_dir`: TensorBoard under `out_dir/tb`, W&B files under `out_dir/wandb`."
     out = Path(out_dir)
-    return Loggers(TensorBoardLogger(out / "tb") if tensorboard else None,
-                   WandbLogger(project=project, name=run_name or out.name, config=config, dir=out / "wandb") if wandb else None)
+    return Loggers(
+        TensorBoardLogger(out / "tb") if tensorboard else None,
+        WandbLogger(project=project, name=run_name or out.name, config=config, dir=out / "wandb")
+        if wandb
+        else None,
+    )

@@ -4,10 +4,13 @@
 
 # %% ../nbs/06_losses.ipynb #00000002
 from __future__ import annotations
+
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
+import torch.nn.functional as F
+
 from .vision import patchify
+
 
 def _atleast_f32(x: torch.Tensor) -> torch.Tensor:
     "Compute losses in at least float32 (bf16/fp16 activations under autocast are upcast; float64 stays)."
@@ -18,7 +21,9 @@ __all__ = ['mim_loss', 'positives_from_labels', 'label_guided_clip_loss', 'maske
            'all_gather_with_grad', 'all_gather_labels']
 
 # %% ../nbs/06_losses.ipynb #00000004
-def mim_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool = True) -> torch.Tensor:
+def mim_loss(
+    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool = True
+) -> torch.Tensor:
     "`imgs` `(N, C, H, W)`, `pred` `(N, L, p*p*C)`, `mask` `(N, L)` (1 = removed) -> scalar MSE over removed patches."
     target = patchify(imgs, patch_size)
     if norm_pix:
@@ -33,33 +38,43 @@ def mim_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
 def positives_from_labels(labels: torch.Tensor | None, n: int, device=None) -> torch.Tensor:
     "`(n, n)` bool matrix of positives: same label id, or the diagonal (labels < 0 are unique)."
     eye = torch.eye(n, dtype=torch.bool, device=device)
-    if labels is None: return eye
+    if labels is None:
+        return eye
     labels = labels.to(device).view(-1)
-    if labels.numel() != n: raise ValueError(f"labels: expected {n} label ids, got {labels.numel()}")
+    if labels.numel() != n:
+        raise ValueError(f"labels: expected {n} label ids, got {labels.numel()}")
     same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
     return same | eye
 
-def label_guided_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor | None, scale) -> torch.Tensor:
+
+def label_guided_clip_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor | None, scale
+) -> torch.Tensor:
     "UniCL loss of `(B, d)` image and text embeddings (normalised here), label ids `(B,)`, positive multiplier `scale`."
     v = F.normalize(_atleast_f32(image_emb), dim=-1)
     u = F.normalize(_atleast_f32(text_emb), dim=-1)
     logits = scale * v @ u.t()
     pos = positives_from_labels(labels, v.shape[0], v.device).to(v.dtype)
-    w = pos / pos.sum(dim=1, keepdim=True)   # symmetric matrix, so the same weights serve both directions
+    w = pos / pos.sum(dim=1, keepdim=True)  # symmetric matrix, so the same weights serve both directions
     loss_i2t = -(w * F.log_softmax(logits, dim=1)).sum(1).mean()
     loss_t2i = -(w * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
     return 0.5 * (loss_i2t + loss_t2i)
 
 # %% ../nbs/06_losses.ipynb #0000000a
-def masked_feature_distillation_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_feature_distillation_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     "`pred`, `target` `(N, L, D)` -> mean negative cosine over all patches (or over `mask == 1` only)."
     cos = F.cosine_similarity(_atleast_f32(pred), _atleast_f32(target.detach()), dim=-1)
-    if mask is None: return -cos.mean()
+    if mask is None:
+        return -cos.mean()
     mask = mask.to(cos.dtype)
     return -(cos * mask).sum() / mask.sum().clamp_min(1.0)
 
 # %% ../nbs/06_losses.ipynb #0000000d
-def world_size() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
@@ -67,22 +82,26 @@ class _GatherWithGrad(torch.autograd.Function):
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         return torch.cat(out, dim=0)
+
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         n = grad.shape[0] // dist.get_world_size()
         r = dist.get_rank()
-        return grad[r * n:(r + 1) * n]
+        return grad[r * n : (r + 1) * n]
+
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     "Concatenate `x` `(n, ...)` from all ranks (equal `n` per rank) along dim 0; gradients flow back to each owner."
     return x if world_size() == 1 else _GatherWithGrad.apply(x)
 
+
 @torch.no_grad()
 def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
     "Concatenate label ids `(n,)` from all ranks (no gradient)."
-    if world_size() == 1: return labels
+    if world_size() == 1:
+        return labels
     out = [torch.empty_like(labels) for _ in range(world_size())]
     dist.all_gather(out, labels.contiguous())
     return torch.cat(out, dim=0)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_mlip.ipynb #00000002
 from __future__ import annotations
-import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,12 +36,16 @@ def sinkhorn(
     of `cost`, `a`, `b` broadcast. Half/bfloat16 inputs are computed in float32, the plan is returned in the
     input dtype. Differentiable (unrolled) when called with grad; call it under `torch.no_grad()` to use a
     fixed plan (MLIP/PLOT practice)."""
-    if cost.dim() < 2: raise ValueError(f"sinkhorn: `cost` must be (..., K, M), got shape {tuple(cost.shape)}")
+    if cost.dim() < 2:
+        raise ValueError(f"sinkhorn: `cost` must be (..., K, M), got shape {tuple(cost.shape)}")
     K, M = cost.shape[-2:]
     if a.shape[-1:] != (K,) or b.shape[-1:] != (M,):
-        raise ValueError(f"sinkhorn: marginals must be a (..., {K}) and b (..., {M}); got a {tuple(a.shape)}, "
-                         f"b {tuple(b.shape)} for cost {tuple(cost.shape)}")
-    if not eps > 0: raise ValueError(f"sinkhorn: `eps` must be > 0, got {eps}")
+        raise ValueError(
+            f"sinkhorn: marginals must be a (..., {K}) and b (..., {M}); got a {tuple(a.shape)}, "
+            f"b {tuple(b.shape)} for cost {tuple(cost.shape)}"
+        )
+    if not eps > 0:
+        raise ValueError(f"sinkhorn: `eps` must be > 0, got {eps}")
     if n_iters < 1 or check_every < 1:
         raise ValueError(f"sinkhorn: `n_iters` and `check_every` must be >= 1, got {n_iters}, {check_every}")
     batch = torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])
@@ -50,11 +54,14 @@ def sinkhorn(
     cost = cost.to(dt).expand(*batch, K, M)
     a = a.to(dt).expand(*batch, K)
     b = b.to(dt).expand(*batch, M)
-    if bool((a < 0).any()) or bool((b < 0).any()): raise ValueError("sinkhorn: marginals `a`, `b` must be >= 0")
+    if bool((a < 0).any()) or bool((b < 0).any()):
+        raise ValueError("sinkhorn: marginals `a`, `b` must be >= 0")
     ma, mb = a.sum(-1), b.sum(-1)
     if not torch.allclose(ma, mb, rtol=1e-4, atol=1e-6):
-        raise ValueError(f"sinkhorn: `a` and `b` must have equal total mass; max |sum a - sum b| = "
-                         f"{(ma - mb).abs().max().item():.3g}")
+        raise ValueError(
+            f"sinkhorn: `a` and `b` must have equal total mass; max |sum a - sum b| = "
+            f"{(ma - mb).abs().max().item():.3g}"
+        )
     neg = _neg_big(dt)
     pa, pb = a > 0, b > 0
     log_a = torch.where(pa, torch.where(pa, a, torch.ones_like(a)).log(), torch.full_like(a, neg))
@@ -69,7 +76,8 @@ def sinkhorn(
         lse_r = torch.logsumexp(logk + g.unsqueeze(-2), dim=-1)
         if tol > 0 and (it % check_every == 0 or it == n_iters):
             err = (torch.exp(f.detach() + lse_r.detach()) - a.detach()).abs().sum(-1)
-            if err.numel() == 0 or float(err.max()) < tol: break
+            if err.numel() == 0 or float(err.max()) < tol:
+                break
     plan = torch.exp(f.unsqueeze(-1) + logk + g.unsqueeze(-2)).to(out_dtype)
     return (plan, it) if return_iters else plan
 
@@ -85,13 +93,18 @@ def sentence_pool(
 
     `sent_mask[b, m]` is True iff sentence `m` of report `b` has at least one token; empty slots are zero
     vectors. `S = max_sentences` always (a static shape)."""
-    if token_emb.dim() != 3: raise ValueError(f"sentence_pool: `token_emb` must be (B, T, D), got {tuple(token_emb.shape)}")
+    if token_emb.dim() != 3:
+        raise ValueError(f"sentence_pool: `token_emb` must be (B, T, D), got {tuple(token_emb.shape)}")
     B, T, _ = token_emb.shape
     if attention_mask.shape != (B, T) or sentence_ids.shape != (B, T):
-        raise ValueError(f"sentence_pool: `attention_mask` {tuple(attention_mask.shape)} and `sentence_ids` "
-                         f"{tuple(sentence_ids.shape)} must both be (B, T) = {(B, T)}")
-    if sentence_ids.dtype.is_floating_point: raise ValueError("sentence_pool: `sentence_ids` must be an integer tensor")
-    if max_sentences < 1: raise ValueError(f"sentence_pool: `max_sentences` must be >= 1, got {max_sentences}")
+        raise ValueError(
+            f"sentence_pool: `attention_mask` {tuple(attention_mask.shape)} and `sentence_ids` "
+            f"{tuple(sentence_ids.shape)} must both be (B, T) = {(B, T)}"
+        )
+    if sentence_ids.dtype.is_floating_point:
+        raise ValueError("sentence_pool: `sentence_ids` must be an integer tensor")
+    if max_sentences < 1:
+        raise ValueError(f"sentence_pool: `max_sentences` must be >= 1, got {max_sentences}")
     att = attention_mask.bool()
     slots = torch.arange(max_sentences, device=token_emb.device)
     w = (sentence_ids.unsqueeze(1) == slots.view(1, -1, 1)) & att.unsqueeze(1)  # (B, S, T)
@@ -105,24 +118,32 @@ def sentence_pool(
 
 # %% ../nbs/08_mlip.ipynb #63a9d88f
 def _valid_mask(mask: torch.Tensor | None, shape: tuple[int, int], name: str, device) -> torch.Tensor:
-    if mask is None: return torch.ones(shape, dtype=torch.bool, device=device)
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
     if mask.dtype != torch.bool:
-        raise ValueError(f"`{name}` must be a bool tensor (True = valid token), got {mask.dtype}; "
-                         "note the MAE mask (1 = removed) is the opposite convention")
-    if tuple(mask.shape) != tuple(shape): raise ValueError(f"`{name}` must have shape {shape}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"`{name}` must be a bool tensor (True = valid token), got {mask.dtype}; "
+            "note the MAE mask (1 = removed) is the opposite convention"
+        )
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {shape}, got {tuple(mask.shape)}")
     return mask
 
 
 def _ot_inputs(patch_emb, patch_mask, sent_emb, sent_mask, patch_weights):
     "Validate; return cosines `(Bi, Bt, K, M)` (float32+, autocast off) and marginals `(Bi, K)`, `(Bt, M)`."
     if patch_emb.dim() != 3 or sent_emb.dim() != 3 or patch_emb.shape[-1] != sent_emb.shape[-1]:
-        raise ValueError(f"`patch_emb` (Bi, K, D) and `sent_emb` (Bt, M, D) must share D; got "
-                         f"{tuple(patch_emb.shape)} and {tuple(sent_emb.shape)}")
+        raise ValueError(
+            f"`patch_emb` (Bi, K, D) and `sent_emb` (Bt, M, D) must share D; got "
+            f"{tuple(patch_emb.shape)} and {tuple(sent_emb.shape)}"
+        )
     (Bi, K, _), (Bt, M, _) = patch_emb.shape, sent_emb.shape
     pm = _valid_mask(patch_mask, (Bi, K), "patch_mask", patch_emb.device)
     sm = _valid_mask(sent_mask, (Bt, M), "sent_mask", sent_emb.device)
-    if not bool(pm.any(-1).all()): raise ValueError(f"image(s) {(~pm.any(-1)).nonzero().flatten().tolist()} have no valid patch")
-    if not bool(sm.any(-1).all()): raise ValueError(f"report(s) {(~sm.any(-1)).nonzero().flatten().tolist()} have no valid sentence")
+    if not bool(pm.any(-1).all()):
+        raise ValueError(f"image(s) {(~pm.any(-1)).nonzero().flatten().tolist()} have no valid patch")
+    if not bool(sm.any(-1).all()):
+        raise ValueError(f"report(s) {(~sm.any(-1)).nonzero().flatten().tolist()} have no valid sentence")
     dt = torch.promote_types(torch.promote_types(patch_emb.dtype, sent_emb.dtype), torch.float32)
     with torch.autocast(device_type=patch_emb.device.type, enabled=False):
         # padded tokens -> zero vectors (torch.where, so even NaN/inf padding cannot leak into s or its grads)
@@ -132,10 +153,13 @@ def _ot_inputs(patch_emb, patch_mask, sent_emb, sent_mask, patch_weights):
     if patch_weights is None:
         mu = pm.to(dt)
     else:
-        if tuple(patch_weights.shape) != (Bi, K): raise ValueError(f"`patch_weights` must be (Bi, K) = {(Bi, K)}, got {tuple(patch_weights.shape)}")
-        if bool((patch_weights < 0).any()): raise ValueError("`patch_weights` must be >= 0")
+        if tuple(patch_weights.shape) != (Bi, K):
+            raise ValueError(f"`patch_weights` must be (Bi, K) = {(Bi, K)}, got {tuple(patch_weights.shape)}")
+        if bool((patch_weights < 0).any()):
+            raise ValueError("`patch_weights` must be >= 0")
         mu = patch_weights.detach().to(dt) * pm
-        if not bool((mu.sum(-1) > 0).all()): raise ValueError("`patch_weights` sum to 0 over the valid patches of some image")
+        if not bool((mu.sum(-1) > 0).all()):
+            raise ValueError("`patch_weights` sum to 0 over the valid patches of some image")
     mu = mu / mu.sum(-1, keepdim=True)
     nu = sm.to(dt) / sm.sum(-1, keepdim=True)
     return cos, mu, nu
@@ -175,7 +199,9 @@ def ot_local_similarity(
     cos, mu, nu = _ot_inputs(patch_emb, patch_mask, sent_emb, sent_mask, patch_weights)
     if plan is None:
         with torch.no_grad():
-            plan = sinkhorn(1 - cos.detach(), mu.unsqueeze(1), nu.unsqueeze(0), eps=eps, n_iters=n_iters, tol=tol)
+            plan = sinkhorn(
+                1 - cos.detach(), mu.unsqueeze(1), nu.unsqueeze(0), eps=eps, n_iters=n_iters, tol=tol
+            )
     elif plan.shape != cos.shape:
         raise ValueError(f"`plan` must be (Bi, Bt, K, M) = {tuple(cos.shape)}, got {tuple(plan.shape)}")
     return (plan.detach().to(cos.dtype) * cos).sum((-2, -1))
@@ -200,15 +226,19 @@ def ot_local_loss(
 ) -> torch.Tensor:
     "Symmetric InfoNCE on the `(B, B)` OT similarities × `logit_scale` (labels `arange(B)`); scalar."
     if patch_emb.shape[0] != sent_emb.shape[0]:
-        raise ValueError(f"ot_local_loss: need as many images as reports, got {patch_emb.shape[0]} and {sent_emb.shape[0]}")
-    s = ot_local_similarity(patch_emb, patch_mask, sent_emb, sent_mask, eps, n_iters, tol, patch_weights, plan)
+        raise ValueError(
+            f"ot_local_loss: need as many images as reports, got {patch_emb.shape[0]} and {sent_emb.shape[0]}"
+        )
+    s = ot_local_similarity(
+        patch_emb, patch_mask, sent_emb, sent_mask, eps, n_iters, tol, patch_weights, plan
+    )
     return _symmetric_ce(logit_scale * s)
 
 # %% ../nbs/08_mlip.ipynb #75add072
 def _pyramid_axis(n: int) -> torch.Tensor:
     "MaCo's per-axis profile: linspace(0.5, 1) then its mirror (peak duplicated for even n, as in MaCo)."
     first = torch.linspace(0.5, 1.0, (n + 1) // 2)
-    return torch.cat([first, first.flip(0)[n % 2:]])
+    return torch.cat([first, first.flip(0)[n % 2 :]])
 
 
 def pyramid_weights(grid_h: int, grid_w: int) -> torch.Tensor:
@@ -223,20 +253,25 @@ class SemanticIntegrityEstimator(nn.Module):
     (1 = kept, i.e. `1 − mae_mask`). `mode='content'`: `φ_l = sigmoid(MLP(x_l))` from patch tokens
     `x (B, L, D)` of all positions and `ρ = Σ_l v_l φ_l / Σ_l φ_l`."""
 
-    def __init__(self,
-                 num_patches: int,  # L = grid_h * grid_w
-                 grid_size: int | tuple[int, int],  # patch grid (grid_h, grid_w), or one int for a square
-                 init: str = "zero",  # 'zero' (MaCo: φ = 0, ρ = ln 2 at step 0) | 'pyramid' (MaCo's prior, kept)
-                 mode: str = "mask",  # 'mask' (MaCo) | 'content' (φ from patch tokens)
-                 embed_dim: int | None = None,  # token width D, required for mode='content'
-                 hidden_dim: int | None = None,  # MLP width for mode='content' (default max(D // 4, 1))
-                 ):
+    def __init__(
+        self,
+        num_patches: int,  # L = grid_h * grid_w
+        grid_size: int | tuple[int, int],  # patch grid (grid_h, grid_w), or one int for a square
+        init: str = "zero",  # 'zero' (MaCo: φ = 0, ρ = ln 2 at step 0) | 'pyramid' (MaCo's prior, kept)
+        mode: str = "mask",  # 'mask' (MaCo) | 'content' (φ from patch tokens)
+        embed_dim: int | None = None,  # token width D, required for mode='content'
+        hidden_dim: int | None = None,  # MLP width for mode='content' (default max(D // 4, 1))
+    ):
         super().__init__()
         gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
         if gh * gw != num_patches:
-            raise ValueError(f"SemanticIntegrityEstimator: grid_size {(gh, gw)} does not hold num_patches={num_patches}")
-        if init not in ("zero", "pyramid"): raise ValueError(f"SemanticIntegrityEstimator: init must be 'zero' or 'pyramid', got {init!r}")
-        if mode not in ("mask", "content"): raise ValueError(f"SemanticIntegrityEstimator: mode must be 'mask' or 'content', got {mode!r}")
+            raise ValueError(
+                f"SemanticIntegrityEstimator: grid_size {(gh, gw)} does not hold num_patches={num_patches}"
+            )
+        if init not in ("zero", "pyramid"):
+            raise ValueError(f"SemanticIntegrityEstimator: init must be 'zero' or 'pyramid', got {init!r}")
+        if mode not in ("mask", "content"):
+            raise ValueError(f"SemanticIntegrityEstimator: mode must be 'mask' or 'content', got {mode!r}")
         self.num_patches, self.grid_size, self.mode, self.init = num_patches, (gh, gw), mode, init
         if mode == "mask":
             self.proj = nn.Linear(num_patches, 1)
@@ -244,24 +279,31 @@ class SemanticIntegrityEstimator(nn.Module):
                 self.proj.weight.copy_(pyramid_weights(gh, gw)[None] * (0.0 if init == "zero" else 1.0))
                 self.proj.bias.zero_()
         else:
-            if embed_dim is None: raise ValueError("SemanticIntegrityEstimator: mode='content' needs `embed_dim`")
+            if embed_dim is None:
+                raise ValueError("SemanticIntegrityEstimator: mode='content' needs `embed_dim`")
             hid = hidden_dim or max(embed_dim // 4, 1)
             self.mlp = nn.Sequential(nn.Linear(embed_dim, hid), nn.GELU(), nn.Linear(hid, 1))
             with torch.no_grad():
-                self.mlp[-1].weight.zero_(); self.mlp[-1].bias.zero_()  # φ ≡ 1/2 at step 0 (`init` is unused)
+                self.mlp[-1].weight.zero_()
+                self.mlp[-1].bias.zero_()  # φ ≡ 1/2 at step 0 (`init` is unused)
 
     @property
     def phi(self) -> torch.Tensor:
         "Per-position weights φ `(L,)` (mode='mask'; carries grad)."
         if self.mode != "mask":
-            raise ValueError("SemanticIntegrityEstimator.phi: φ depends on the image in mode='content'; use phi_tokens(patch_tokens)")
+            raise ValueError(
+                "SemanticIntegrityEstimator.phi: φ depends on the image in mode='content'; use phi_tokens(patch_tokens)"
+            )
         return self.proj.weight[0]
 
     def phi_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         "Content-aware φ `(B, L)` in (0, 1) from patch tokens `(B, L, D)` (mode='content')."
-        if self.mode != "content": raise ValueError("phi_tokens: only for mode='content'; use .phi in mode='mask'")
+        if self.mode != "content":
+            raise ValueError("phi_tokens: only for mode='content'; use .phi in mode='mask'")
         if patch_tokens.dim() != 3 or patch_tokens.shape[1] != self.num_patches:
-            raise ValueError(f"phi_tokens: `patch_tokens` must be (B, {self.num_patches}, D), got {tuple(patch_tokens.shape)}")
+            raise ValueError(
+                f"phi_tokens: `patch_tokens` must be (B, {self.num_patches}, D), got {tuple(patch_tokens.shape)}"
+            )
         return torch.sigmoid(self.mlp(patch_tokens).squeeze(-1))
 
     def phi_map(self, patch_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,16 +311,20 @@ class SemanticIntegrityEstimator(nn.Module):
         phi = self.phi if self.mode == "mask" else self.phi_tokens(patch_tokens)
         return phi.detach().reshape(*phi.shape[:-1], *self.grid_size)
 
-    def forward(self,
-                visibility: torch.Tensor,  # (B, L) 1 = kept, 0 = removed (= 1 - MAE mask)
-                patch_tokens: torch.Tensor | None = None,  # (B, L, D), mode='content' only
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        visibility: torch.Tensor,  # (B, L) 1 = kept, 0 = removed (= 1 - MAE mask)
+        patch_tokens: torch.Tensor | None = None,  # (B, L, D), mode='content' only
+    ) -> torch.Tensor:
         "Integrity `ρ (B,)`: > 0 in mode='mask', in (0, 1] in mode='content'."
         if visibility.dim() != 2 or visibility.shape[1] != self.num_patches:
-            raise ValueError(f"SemanticIntegrityEstimator: `visibility` must be (B, {self.num_patches}), got {tuple(visibility.shape)}")
+            raise ValueError(
+                f"SemanticIntegrityEstimator: `visibility` must be (B, {self.num_patches}), got {tuple(visibility.shape)}"
+            )
         if self.mode == "mask":
             return F.softplus(self.proj(visibility.to(self.proj.weight.dtype))).squeeze(-1)
-        if patch_tokens is None: raise ValueError("SemanticIntegrityEstimator: mode='content' needs `patch_tokens`")
+        if patch_tokens is None:
+            raise ValueError("SemanticIntegrityEstimator: mode='content' needs `patch_tokens`")
         phi = self.phi_tokens(patch_tokens)
         return (phi * visibility.to(phi.dtype)).sum(-1) / phi.sum(-1)
 
@@ -294,14 +340,19 @@ def sample_mask_from_phi(
 
     Returns `mask (n, L)` float (1 = removed, 0 = kept), `ids_shuffle (n, L)` (kept first) and
     `ids_restore (n, L)`. No gradient flows to φ."""
-    if phi.dim() not in (1, 2): raise ValueError(f"sample_mask_from_phi: `phi` must be (L,) or (n, L), got {tuple(phi.shape)}")
+    if phi.dim() not in (1, 2):
+        raise ValueError(f"sample_mask_from_phi: `phi` must be (L,) or (n, L), got {tuple(phi.shape)}")
     L = phi.shape[-1]
-    if phi.dim() == 2 and phi.shape[0] != n: raise ValueError(f"sample_mask_from_phi: `phi` has {phi.shape[0]} rows, n={n}")
-    if not 0 <= mask_ratio < 1: raise ValueError(f"sample_mask_from_phi: `mask_ratio` must be in [0, 1), got {mask_ratio}")
-    if not temperature > 0: raise ValueError(f"sample_mask_from_phi: `temperature` must be > 0, got {temperature}")
+    if phi.dim() == 2 and phi.shape[0] != n:
+        raise ValueError(f"sample_mask_from_phi: `phi` has {phi.shape[0]} rows, n={n}")
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"sample_mask_from_phi: `mask_ratio` must be in [0, 1), got {mask_ratio}")
+    if not temperature > 0:
+        raise ValueError(f"sample_mask_from_phi: `temperature` must be > 0, got {temperature}")
     len_keep = int(L * (1 - mask_ratio))
     logits = (phi.detach().float() / temperature).expand(n, L)
-    if not bool(torch.isfinite(logits).all()): raise ValueError("sample_mask_from_phi: `phi` must be finite")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("sample_mask_from_phi: `phi` must be finite")
     u = torch.rand(n, L, generator=generator, device=phi.device).clamp_(1e-12, 1 - 1e-7)
     keys = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1)
     ids_shuffle = torch.argsort(keys, dim=1, descending=True)  # kept (largest keys) first
@@ -319,12 +370,19 @@ def integrity_weighted_contrastive_loss(
 ) -> torch.Tensor:
     "MaCo's ¼[CE(diag(ρ)S) + CE(diag(ρ)Sᵀ) + WCE_ρ̄(S) + WCE_ρ̄(Sᵀ)] with `S = scale · cos`; scalar."
     if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
-        raise ValueError(f"`image_emb` and `text_emb` must both be (B, D), got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+        raise ValueError(
+            f"`image_emb` and `text_emb` must both be (B, D), got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
     B = image_emb.shape[0]
-    if rho.numel() != B or rho.dim() > 2: raise ValueError(f"`rho` must be (B,) or (B, 1) with B={B}, got {tuple(rho.shape)}")
+    if rho.numel() != B or rho.dim() > 2:
+        raise ValueError(f"`rho` must be (B,) or (B, 1) with B={B}, got {tuple(rho.shape)}")
     s = scale * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).t()
     r = rho.reshape(B, 1).to(s.dtype)
     w = rho.detach().reshape(B).to(s.dtype)
     labels = torch.arange(B, device=s.device)
-    return (F.cross_entropy(r * s, labels) + F.cross_entropy(r * s.t(), labels)
-            + F.cross_entropy(s, labels, weight=w) + F.cross_entropy(s.t(), labels, weight=w)) / 4
+    return (
+        F.cross_entropy(r * s, labels)
+        + F.cross_entropy(r * s.t(), labels)
+        + F.cross_entropy(s, labels, weight=w)
+        + F.cross_entropy(s.t(), labels, weight=w)
+    ) / 4

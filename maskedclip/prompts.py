@@ -4,8 +4,9 @@
 
 # %% ../nbs/03_prompts.ipynb #00000002
 from __future__ import annotations
-import random, re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import random
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -17,128 +18,231 @@ __all__ = ['EXPERT_KNOWLEDGE', 'PRETRAIN_TEMPLATE', 'ZERO_SHOT_TEMPLATE', 'ABBRE
 # %% ../nbs/03_prompts.ipynb #ea8a36aa
 EXPERT_KNOWLEDGE: dict[str, list[str]] = {
     # --- diabetic retinopathy (FLAIR descriptions; keys = corpus / adapter names)
-    'no DR': ['no diabetic retinopathy', 'no microaneurysms'],
-    'mild DR': ['mild diabetic retinopathy', 'only few microaneurysms'],
-    'moderate DR': ['moderate diabetic retinopathy', 'many exudates near the macula', 'many haemorrhages near the macula',
-                    'retinal thickening near the macula', 'hard exudates', 'cotton wool spots', 'few severe haemorrhages'],
-    'severe DR': ['severe diabetic retinopathy', 'venous beading', 'many severe haemorrhages',
-                  'intraretinal microvascular abnormality'],
-    'proliferative DR': ['proliferative diabetic retinopathy', 'preretinal or vitreous haemorrhage', 'neovascularization'],
-    'non-referable DR': ['no or mild diabetic retinopathy', 'no microaneurysms', 'only few microaneurysms'],
-    'referable DR': ['moderate or worse diabetic retinopathy', 'many haemorrhages near the macula', 'hard exudates',
-                     'venous beading', 'neovascularization'],
-    'diabetic retinopathy': ['microaneurysms and haemorrhages', 'hard exudates', 'cotton wool spots'],
+    "no DR": ["no diabetic retinopathy", "no microaneurysms"],
+    "mild DR": ["mild diabetic retinopathy", "only few microaneurysms"],
+    "moderate DR": [
+        "moderate diabetic retinopathy",
+        "many exudates near the macula",
+        "many haemorrhages near the macula",
+        "retinal thickening near the macula",
+        "hard exudates",
+        "cotton wool spots",
+        "few severe haemorrhages",
+    ],
+    "severe DR": [
+        "severe diabetic retinopathy",
+        "venous beading",
+        "many severe haemorrhages",
+        "intraretinal microvascular abnormality",
+    ],
+    "proliferative DR": [
+        "proliferative diabetic retinopathy",
+        "preretinal or vitreous haemorrhage",
+        "neovascularization",
+    ],
+    "non-referable DR": ["no or mild diabetic retinopathy", "no microaneurysms", "only few microaneurysms"],
+    "referable DR": [
+        "moderate or worse diabetic retinopathy",
+        "many haemorrhages near the macula",
+        "hard exudates",
+        "venous beading",
+        "neovascularization",
+    ],
+    "diabetic retinopathy": ["microaneurysms and haemorrhages", "hard exudates", "cotton wool spots"],
     # --- glaucoma
-    'glaucoma': ['optic nerve abnormalities', 'abnormal size of the optic cup', 'anomalous size in the optic disc'],
-    'no glaucoma': ['healthy optic disc', 'normal cup-to-disc ratio'],
-    'referable glaucoma': ['glaucoma', 'enlarged optic cup', 'optic nerve abnormalities', 'thinning of the neuroretinal rim'],
-    'no referable glaucoma': ['no glaucoma', 'healthy optic disc', 'normal cup-to-disc ratio'],
-    'early glaucoma': ['early stage glaucoma', 'mildly enlarged optic cup', 'focal thinning of the neuroretinal rim'],
-    'advanced glaucoma': ['advanced stage glaucoma', 'large optic cup', 'severe loss of the neuroretinal rim'],
+    "glaucoma": [
+        "optic nerve abnormalities",
+        "abnormal size of the optic cup",
+        "anomalous size in the optic disc",
+    ],
+    "no glaucoma": ["healthy optic disc", "normal cup-to-disc ratio"],
+    "referable glaucoma": [
+        "glaucoma",
+        "enlarged optic cup",
+        "optic nerve abnormalities",
+        "thinning of the neuroretinal rim",
+    ],
+    "no referable glaucoma": ["no glaucoma", "healthy optic disc", "normal cup-to-disc ratio"],
+    "early glaucoma": [
+        "early stage glaucoma",
+        "mildly enlarged optic cup",
+        "focal thinning of the neuroretinal rim",
+    ],
+    "advanced glaucoma": [
+        "advanced stage glaucoma",
+        "large optic cup",
+        "severe loss of the neuroretinal rim",
+    ],
     # --- other diseases (FLAIR descriptions where FLAIR has the category)
-    'normal': ['healthy', 'no findings', 'no lesion signs', 'no glaucoma', 'no retinopathy'],
-    'age-related macular degeneration': ['many small drusen', 'few medium-sized drusen', 'large drusen', 'macular degeneration'],
-    'cataract': ['opacity in the macular area'],
-    'retina disease': ['retinal disease', 'retinal lesions', 'abnormal retina'],
-    'pathologic myopia': ['anomalous disc, macular atrophy and possible tessellation'],
-    'hypertensive retinopathy': ['arteriolar narrowing', 'vascular wall changes', 'flame-shaped haemorrhages'],
-    'macular edema': ['retinal thickening near the macula', 'exudates near the macula'],
+    "normal": ["healthy", "no findings", "no lesion signs", "no glaucoma", "no retinopathy"],
+    "age-related macular degeneration": [
+        "many small drusen",
+        "few medium-sized drusen",
+        "large drusen",
+        "macular degeneration",
+    ],
+    "cataract": ["opacity in the macular area"],
+    "retina disease": ["retinal disease", "retinal lesions", "abnormal retina"],
+    "pathologic myopia": ["anomalous disc, macular atrophy and possible tessellation"],
+    "hypertensive retinopathy": [
+        "arteriolar narrowing",
+        "vascular wall changes",
+        "flame-shaped haemorrhages",
+    ],
+    "macular edema": ["retinal thickening near the macula", "exudates near the macula"],
     # --- JSIEC 1000 (39 classes; 'Normal' uses 'normal' above)
-    'Tessellated fundus': ['tessellation', 'large choroidal vessels at the posterior fundus'],
-    'Large optic cup': ['abnormality in optic cup', 'large cup-to-disc ratio'],
-    'DR1': ['mild non-proliferative diabetic retinopathy', 'only few microaneurysms'],
-    'DR2': ['moderate non-proliferative diabetic retinopathy', 'haemorrhages and hard exudates'],
-    'DR3': ['severe non-proliferative or proliferative diabetic retinopathy', 'venous beading', 'neovascularization'],
-    'BRVO': ['branch retinal vein occlusion', 'haemorrhages in the territory of one branch retinal vein'],
-    'CRVO': ['central retinal vein occlusion', 'haemorrhages in all four quadrants with dilated tortuous veins'],
-    'RAO': ['retinal artery occlusion', 'retinal whitening with a cherry-red spot'],
-    'Rhegmatogenous RD': ['rhegmatogenous retinal detachment', 'retina detachment', 'elevated retina with a retinal break'],
-    'CSCR': ['central serous chorioretinopathy', 'subretinal fluid involving the fovea'],
-    'VKH disease': ['Vogt-Koyanagi-Harada disease', 'multiple serous retinal detachments'],
-    'Maculopathy': ['abnormal macula', 'macular lesion'],
-    'ERM': ['epiretinal membrane', 'greyish semi-translucent avascular membrane'],
-    'MH': ['macular hole', 'lesion in the macula', 'grayish fovea'],
-    'Pathological myopia': ['pathologic myopia', 'anomalous disc, macular atrophy and possible tessellation'],
-    'Possible glaucoma': ['suspected glaucoma', 'abnormal size of the optic cup'],
-    'Optic atrophy': ['pale optic disc', 'atrophy of the optic nerve head'],
-    'Severe hypertensive retinopathy': ['flame-shaped haemorrhages and cotton wool spots', 'optic disc swelling with a macular star'],
-    'Disc swelling and elevation': ['optic disc edema', 'swollen elevated optic disc with blurred margins'],
-    'Dragged Disc': ['optic disc dragged by retinal traction', 'straightened vessels leaving the disc'],
-    'Congenital disc abnormality': ['disk abnormality', 'optic disk lesion'],
-    'Retinitis pigmentosa': ['pigment deposits are present in the periphery', 'bone-spicule pigmentation'],
-    'Bietti crystalline dystrophy': ['glistening crystalline deposits in the posterior pole'],
-    'Peripheral retinal degeneration and break': ['lattice degeneration', 'retinal tear in the periphery'],
-    'Myelinated nerve fiber': ['myelinated nerve fibers', 'white feathery patches along the nerve fiber layer'],
-    'Vitreous particles': ['vitreous opacities', 'floating particles in the vitreous'],
-    'Fundus neoplasm': ['neoplasm', 'elevated pigmented or amelanotic fundus mass'],
-    'Massive hard exudates': ['many small white or yellowish deposits with sharp margins', 'extensive hard exudates'],
-    'Yellow-white spots-flecks': ['yellow-white spots flecks', 'yellow-white flecks at the level of the retinal pigment epithelium'],
-    'Cotton-wool spots': ['cotton wool spots', 'soft exudates'],
-    'Vessel tortuosity': ['tortuous vessels', 'twisted dilated retinal vessels'],
-    'Chorioretinal atrophy-coloboma': ['chorioretinal atrophy', 'coloboma', 'white area of exposed sclera with pigmented margins'],
-    'Preretinal hemorrhage': ['preretinal haemorrhage', 'boat-shaped haemorrhage in front of the retina'],
-    'Fibrosis': ['fibrovascular proliferation', 'white fibrous tissue on the retina'],
-    'Laser Spots': ['laser scar', 'round or oval, yellowish-white with variable black pigment centrally'],
-    'Silicon oil in eye': ['silicon oil', 'silicone oil tamponade with bright light reflexes'],
-    'Blur fundus without PDR': ['blurred fundus', 'media opacity without proliferative diabetic retinopathy'],
-    'Blur fundus with suspected PDR': ['blurred fundus with suspected proliferative diabetic retinopathy', 'possible neovascularization'],
+    "Tessellated fundus": ["tessellation", "large choroidal vessels at the posterior fundus"],
+    "Large optic cup": ["abnormality in optic cup", "large cup-to-disc ratio"],
+    "DR1": ["mild non-proliferative diabetic retinopathy", "only few microaneurysms"],
+    "DR2": ["moderate non-proliferative diabetic retinopathy", "haemorrhages and hard exudates"],
+    "DR3": [
+        "severe non-proliferative or proliferative diabetic retinopathy",
+        "venous beading",
+        "neovascularization",
+    ],
+    "BRVO": ["branch retinal vein occlusion", "haemorrhages in the territory of one branch retinal vein"],
+    "CRVO": [
+        "central retinal vein occlusion",
+        "haemorrhages in all four quadrants with dilated tortuous veins",
+    ],
+    "RAO": ["retinal artery occlusion", "retinal whitening with a cherry-red spot"],
+    "Rhegmatogenous RD": [
+        "rhegmatogenous retinal detachment",
+        "retina detachment",
+        "elevated retina with a retinal break",
+    ],
+    "CSCR": ["central serous chorioretinopathy", "subretinal fluid involving the fovea"],
+    "VKH disease": ["Vogt-Koyanagi-Harada disease", "multiple serous retinal detachments"],
+    "Maculopathy": ["abnormal macula", "macular lesion"],
+    "ERM": ["epiretinal membrane", "greyish semi-translucent avascular membrane"],
+    "MH": ["macular hole", "lesion in the macula", "grayish fovea"],
+    "Pathological myopia": ["pathologic myopia", "anomalous disc, macular atrophy and possible tessellation"],
+    "Possible glaucoma": ["suspected glaucoma", "abnormal size of the optic cup"],
+    "Optic atrophy": ["pale optic disc", "atrophy of the optic nerve head"],
+    "Severe hypertensive retinopathy": [
+        "flame-shaped haemorrhages and cotton wool spots",
+        "optic disc swelling with a macular star",
+    ],
+    "Disc swelling and elevation": ["optic disc edema", "swollen elevated optic disc with blurred margins"],
+    "Dragged Disc": ["optic disc dragged by retinal traction", "straightened vessels leaving the disc"],
+    "Congenital disc abnormality": ["disk abnormality", "optic disk lesion"],
+    "Retinitis pigmentosa": ["pigment deposits are present in the periphery", "bone-spicule pigmentation"],
+    "Bietti crystalline dystrophy": ["glistening crystalline deposits in the posterior pole"],
+    "Peripheral retinal degeneration and break": ["lattice degeneration", "retinal tear in the periphery"],
+    "Myelinated nerve fiber": [
+        "myelinated nerve fibers",
+        "white feathery patches along the nerve fiber layer",
+    ],
+    "Vitreous particles": ["vitreous opacities", "floating particles in the vitreous"],
+    "Fundus neoplasm": ["neoplasm", "elevated pigmented or amelanotic fundus mass"],
+    "Massive hard exudates": [
+        "many small white or yellowish deposits with sharp margins",
+        "extensive hard exudates",
+    ],
+    "Yellow-white spots-flecks": [
+        "yellow-white spots flecks",
+        "yellow-white flecks at the level of the retinal pigment epithelium",
+    ],
+    "Cotton-wool spots": ["cotton wool spots", "soft exudates"],
+    "Vessel tortuosity": ["tortuous vessels", "twisted dilated retinal vessels"],
+    "Chorioretinal atrophy-coloboma": [
+        "chorioretinal atrophy",
+        "coloboma",
+        "white area of exposed sclera with pigmented margins",
+    ],
+    "Preretinal hemorrhage": ["preretinal haemorrhage", "boat-shaped haemorrhage in front of the retina"],
+    "Fibrosis": ["fibrovascular proliferation", "white fibrous tissue on the retina"],
+    "Laser Spots": ["laser scar", "round or oval, yellowish-white with variable black pigment centrally"],
+    "Silicon oil in eye": ["silicon oil", "silicone oil tamponade with bright light reflexes"],
+    "Blur fundus without PDR": ["blurred fundus", "media opacity without proliferative diabetic retinopathy"],
+    "Blur fundus with suspected PDR": [
+        "blurred fundus with suspected proliferative diabetic retinopathy",
+        "possible neovascularization",
+    ],
 }
 
 # %% ../nbs/03_prompts.ipynb #f811b31b
-PRETRAIN_TEMPLATE = 'A [ATR] fundus photograph of [CLS]'
-ZERO_SHOT_TEMPLATE = 'A fundus photograph of [CLS]'
+PRETRAIN_TEMPLATE = "A [ATR] fundus photograph of [CLS]"
+ZERO_SHOT_TEMPLATE = "A fundus photograph of [CLS]"
 
 
-def _key(s: str) -> str: return ' '.join(str(s).lower().split())
+def _key(s: str) -> str:
+    return " ".join(str(s).lower().split())
 
 
 def descriptions(category: str, knowledge: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     "The expert descriptions of `category` (case- and space-insensitive look-up); `[]` for an unknown one."
     kn = EXPERT_KNOWLEDGE if knowledge is None else knowledge
-    if category in kn: return list(kn[category])
+    if category in kn:
+        return list(kn[category])
     idx = {_key(k): k for k in kn}
     k = idx.get(_key(category))
     return list(kn[k]) if k is not None else []
 
 
-def fill_template(template: str, cls: str, atr: str = '') -> str:
+def fill_template(template: str, cls: str, atr: str = "") -> str:
     "Fill `[CLS]` and `[ATR]`; collapse the double spaces an empty attribute leaves (and trim)."
-    return ' '.join(template.replace('[CLS]', cls).replace('[ATR]', atr).split())
+    return " ".join(template.replace("[CLS]", cls).replace("[ATR]", atr).split())
 
 # %% ../nbs/03_prompts.ipynb #d090f751
 class _NumpyChoice:
-    def __init__(self, g: np.random.Generator): self.g = g
-    def choice(self, seq): return seq[int(self.g.integers(len(seq)))]
+    def __init__(self, g: np.random.Generator):
+        self.g = g
+
+    def choice(self, seq):
+        return seq[int(self.g.integers(len(seq)))]
 
 
 def _as_rng(rng):
-    if rng is None: return random.Random()
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool): return random.Random(int(rng))
-    if isinstance(rng, np.random.Generator): return _NumpyChoice(rng)
-    if hasattr(rng, 'choice'): return rng
-    raise TypeError(f'rng must be a random.Random, numpy Generator, int seed or None, got {type(rng).__name__}')
+    if rng is None:
+        return random.Random()
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return random.Random(int(rng))
+    if isinstance(rng, np.random.Generator):
+        return _NumpyChoice(rng)
+    if hasattr(rng, "choice"):
+        return rng
+    raise TypeError(
+        f"rng must be a random.Random, numpy Generator, int seed or None, got {type(rng).__name__}"
+    )
 
 
-def label_to_text(label: str | Sequence[str], rng=None, augment: bool = True, template: str = PRETRAIN_TEMPLATE,
-                  attribute: str = '', knowledge: Mapping[str, Sequence[str]] | None = None) -> str:
+def label_to_text(
+    label: str | Sequence[str],
+    rng=None,
+    augment: bool = True,
+    template: str = PRETRAIN_TEMPLATE,
+    attribute: str = "",
+    knowledge: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     "FLAIR text for a label (or one label sampled from a list): `[label] + descriptions` sampled, template filled."
     rng = _as_rng(rng)
     if isinstance(label, (list, tuple)):
-        if not label: raise ValueError('label_to_text got an empty label list')
+        if not label:
+            raise ValueError("label_to_text got an empty label list")
         label = rng.choice(list(label))
-    if not isinstance(label, str) or not label.strip(): raise ValueError(f'label_to_text needs a non-empty label, got {label!r}')
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError(f"label_to_text needs a non-empty label, got {label!r}")
     cls = rng.choice([label] + descriptions(label, knowledge)) if augment else label
     return fill_template(template, cls, attribute)
 
 
 def _pick_label(record: Mapping, rng) -> str | None:
-    if record.get('label'): return record['label']
-    labels = [l for l in (record.get('labels') or []) if l]
+    if record.get("label"):
+        return record["label"]
+    labels = [l for l in (record.get("labels") or []) if l]
     return rng.choice(labels) if labels else None
 
 
-def labels_to_paired_records(records: Iterable[Mapping], rng=None, *, augment: bool = True, template: str = PRETRAIN_TEMPLATE,
-                             overwrite: bool = False, knowledge: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
+def labels_to_paired_records(
+    records: Iterable[Mapping],
+    rng=None,
+    *,
+    augment: bool = True,
+    template: str = PRETRAIN_TEMPLATE,
+    overwrite: bool = False,
+    knowledge: Mapping[str, Sequence[str]] | None = None,
+) -> list[dict]:
     """Image–label records -> image–text records: `text = label_to_text(label)`, the label kept (for multi-label
     records the sampled label becomes `label`, D8). Records that already have text are kept unless `overwrite`;
     a record with neither text nor label is a `ValueError` naming its id."""
@@ -146,10 +250,13 @@ def labels_to_paired_records(records: Iterable[Mapping], rng=None, *, augment: b
     out = []
     for r in records:
         r = dict(r)
-        if r.get('text') and not overwrite: out.append(r); continue
+        if r.get("text") and not overwrite:
+            out.append(r)
+            continue
         label = _pick_label(r, rng)
-        if label is None: raise ValueError(f'record {r.get("id")!r} has neither text nor a label to build text from')
-        r['text'], r['label'] = label_to_text(label, rng, augment, template, knowledge=knowledge), label
+        if label is None:
+            raise ValueError(f"record {r.get('id')!r} has neither text nor a label to build text from")
+        r["text"], r["label"] = label_to_text(label, rng, augment, template, knowledge=knowledge), label
         out.append(r)
     return out
 
@@ -157,20 +264,37 @@ def labels_to_paired_records(records: Iterable[Mapping], rng=None, *, augment: b
 class FlairTextFn:
     """`text_fn(record, rng) -> (text, label)` for `ImageTextDataset`: FLAIR text re-sampled at every draw.
     With `use_existing_text`, records that have text (reports, ODIR keywords) keep it."""
-    def __init__(self, template: str = PRETRAIN_TEMPLATE, augment: bool = True, use_existing_text: bool = True,
-                 knowledge: Mapping[str, Sequence[str]] | None = None):
-        self.template, self.augment, self.use_existing_text, self.knowledge = template, augment, use_existing_text, knowledge
+
+    def __init__(
+        self,
+        template: str = PRETRAIN_TEMPLATE,
+        augment: bool = True,
+        use_existing_text: bool = True,
+        knowledge: Mapping[str, Sequence[str]] | None = None,
+    ):
+        self.template, self.augment, self.use_existing_text, self.knowledge = (
+            template,
+            augment,
+            use_existing_text,
+            knowledge,
+        )
 
     def __call__(self, record: Mapping, rng=None) -> tuple[str | None, str | None]:
-        if self.use_existing_text and record.get('text'): return record['text'], record.get('label')
+        if self.use_existing_text and record.get("text"):
+            return record["text"], record.get("label")
         rng = _as_rng(rng)
         label = _pick_label(record, rng)
-        if label is None: return None, None
+        if label is None:
+            return None, None
         return label_to_text(label, rng, self.augment, self.template, knowledge=self.knowledge), label
 
 # %% ../nbs/03_prompts.ipynb #0000000d
-def class_prompts(classes: Iterable[str], domain_knowledge: bool = True, template: str = ZERO_SHOT_TEMPLATE,
-                  knowledge: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+def class_prompts(
+    classes: Iterable[str],
+    domain_knowledge: bool = True,
+    template: str = ZERO_SHOT_TEMPLATE,
+    knowledge: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, list[str]]:
     "Class -> its prompts for zero-shot prompt ensembling (descriptions, then the class name; deduplicated)."
     out = {}
     for c in classes:
@@ -179,35 +303,67 @@ def class_prompts(classes: Iterable[str], domain_knowledge: bool = True, templat
     return out
 
 # %% ../nbs/03_prompts.ipynb #00000011
-ABBREVIATIONS = frozenset({'e.g', 'i.e', 'approx', 'appr', 'vs', 'cf', 'fig', 'figs', 'resp', 'incl', 'esp', 'ca',
-                           'al', 'vol', 'prof', 'mr', 'mrs'})   # not 'dr' (= DR) and not 'etc' (often ends a sentence)
-_CLOSERS = '.!?"\')]»”’'
+ABBREVIATIONS = frozenset(
+    {
+        "e.g",
+        "i.e",
+        "approx",
+        "appr",
+        "vs",
+        "cf",
+        "fig",
+        "figs",
+        "resp",
+        "incl",
+        "esp",
+        "ca",
+        "al",
+        "vol",
+        "prof",
+        "mr",
+        "mrs",
+    }
+)  # not 'dr' (= DR) and not 'etc' (often ends a sentence)
+_CLOSERS = ".!?\"')]»”’"
 
 
 def _period_ends_sentence(text: str, i: int) -> bool:
-    nxt = text[i + 1] if i + 1 < len(text) else ''
-    if nxt and not nxt.isspace() and nxt not in _CLOSERS: return False     # 0.7, e.g, .5, www.x
+    nxt = text[i + 1] if i + 1 < len(text) else ""
+    if nxt and not nxt.isspace() and nxt not in _CLOSERS:
+        return False  # 0.7, e.g, .5, www.x
     k = i
-    while k > 0 and not text[k - 1].isspace(): k -= 1
-    return text[k:i].lstrip('(["\'').lower() not in ABBREVIATIONS
+    while k > 0 and not text[k - 1].isspace():
+        k -= 1
+    return text[k:i].lstrip("([\"'").lower() not in ABBREVIATIONS
 
 
 def sentence_spans(report: str, min_chars: int = 3) -> list[tuple[int, int]]:
     "Character spans `(start, end)` of the sentences of `report` (see the rules above); `report[s:e]` is a sentence."
-    if not isinstance(report, str): raise TypeError(f'report must be a string, got {type(report).__name__}')
+    if not isinstance(report, str):
+        raise TypeError(f"report must be a string, got {type(report).__name__}")
     spans, n, start, i = [], len(report), 0, 0
+
     def emit(s, e):
-        while s < e and report[s].isspace(): s += 1
-        while e > s and report[e - 1].isspace(): e -= 1
-        if sum(ch.isalnum() for ch in report[s:e]) >= min_chars: spans.append((s, e))
+        while s < e and report[s].isspace():
+            s += 1
+        while e > s and report[e - 1].isspace():
+            e -= 1
+        if sum(ch.isalnum() for ch in report[s:e]) >= min_chars:
+            spans.append((s, e))
+
     while i < n:
         ch = report[i]
-        if ch in '\n\r':
-            emit(start, i); start = i = i + 1; continue
-        if ch in '!?;' or (ch == '.' and _period_ends_sentence(report, i)):
+        if ch in "\n\r":
+            emit(start, i)
+            start = i = i + 1
+            continue
+        if ch in "!?;" or (ch == "." and _period_ends_sentence(report, i)):
             j = i + 1
-            while j < n and report[j] in _CLOSERS: j += 1
-            emit(start, j); start = i = j; continue
+            while j < n and report[j] in _CLOSERS:
+                j += 1
+            emit(start, j)
+            start = i = j
+            continue
         i += 1
     emit(start, n)
     return spans

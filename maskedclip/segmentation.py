@@ -4,10 +4,13 @@
 
 # %% ../nbs/12_segmentation.ipynb #00000002
 from __future__ import annotations
-import json, math
+
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -26,19 +29,26 @@ def _as_bool_masks(x, name: str) -> torch.Tensor:
     "A bool tensor from a bool/integer tensor or array (values 0/1); floats are refused (threshold first)."
     t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
     if t.dtype.is_floating_point or t.is_complex():
-        raise ValueError(f"{name}: expected a bool (or 0/1 integer) mask, got {t.dtype}; threshold probabilities first")
+        raise ValueError(
+            f"{name}: expected a bool (or 0/1 integer) mask, got {t.dtype}; threshold probabilities first"
+        )
     if t.dtype != torch.bool:
-        if bool(((t != 0) & (t != 1)).any()): raise ValueError(f"{name}: integer masks must contain only 0 and 1")
+        if bool(((t != 0) & (t != 1)).any()):
+            raise ValueError(f"{name}: integer masks must contain only 0 and 1")
         t = t != 0
     return t
+
 
 def _dice_parts(pred, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Per-image |P∩T|, |P|, |T| as float64 `(N,)` (or 0-d for one `(H, W)` mask)."
     p, t = _as_bool_masks(pred, "pred"), _as_bool_masks(target, "target")
-    if p.shape != t.shape: raise ValueError(f"pred {tuple(p.shape)} and target {tuple(t.shape)} must have the same shape")
-    if p.dim() not in (2, 3): raise ValueError(f"masks must be (H, W) or (N, H, W), got {tuple(p.shape)}")
+    if p.shape != t.shape:
+        raise ValueError(f"pred {tuple(p.shape)} and target {tuple(t.shape)} must have the same shape")
+    if p.dim() not in (2, 3):
+        raise ValueError(f"masks must be (H, W) or (N, H, W), got {tuple(p.shape)}")
     dims = (-2, -1)
     return (p & t).sum(dims).double(), p.sum(dims).double(), t.sum(dims).double()
+
 
 def dice_score(pred, target, empty_score: float = 1.0) -> torch.Tensor:
     """Dice `2|P∩T| / (|P| + |T|)` of bool masks `(H, W)` -> 0-d, or `(N, H, W)` -> `(N,)` float64.
@@ -48,6 +58,7 @@ def dice_score(pred, target, empty_score: float = 1.0) -> torch.Tensor:
     den = ps + ts
     return torch.where(den > 0, 2 * inter / den.clamp_min(1), torch.full_like(den, float(empty_score)))
 
+
 def pooled_dice(pred, target, empty_score: float = 1.0) -> float:
     "Dice of all pixels of all images at once: `2 Σ|P∩T| / Σ(|P| + |T|)`; `empty_score` if there is no pixel in either."
     inter, ps, ts = _dice_parts(pred, target)
@@ -55,21 +66,32 @@ def pooled_dice(pred, target, empty_score: float = 1.0) -> float:
     return 2 * float(inter.sum()) / den if den > 0 else float(empty_score)
 
 # %% ../nbs/12_segmentation.ipynb #0000000a
-def dice_summary(pred, target, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, empty_score: float = 1.0) -> dict:
+def dice_summary(
+    pred, target, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, empty_score: float = 1.0
+) -> dict:
     """Dice of `(N, H, W)` bool masks: per-image mean over all images (`dice`), over images with a lesion
     (`dice_lesion`, NaN if none), pooled (`dice_pooled`); `empty_correct`: fraction of lesion-free images predicted
     empty; bootstrap `(low, high)` intervals `dice_ci`, `dice_pooled_ci` (`n_boot=0`: none)."""
     inter, ps, ts = _dice_parts(pred, target)
-    if inter.dim() != 1: raise ValueError("dice_summary: expects a batch of masks (N, H, W)")
+    if inter.dim() != 1:
+        raise ValueError("dice_summary: expects a batch of masks (N, H, W)")
     n = len(inter)
-    if n == 0: raise ValueError("dice_summary: no images")
+    if n == 0:
+        raise ValueError("dice_summary: no images")
     d = dice_score(pred, target, empty_score).numpy()
     has = (ts > 0).numpy()
-    out = dict(dice=float(d.mean()), dice_lesion=float(d[has].mean()) if has.any() else float("nan"),
-               dice_pooled=pooled_dice(pred, target, empty_score), n_images=n, n_lesion=int(has.sum()), n_empty=int((~has).sum()),
-               empty_correct=float((ps.numpy()[~has] == 0).mean()) if (~has).any() else float("nan"))
+    out = dict(
+        dice=float(d.mean()),
+        dice_lesion=float(d[has].mean()) if has.any() else float("nan"),
+        dice_pooled=pooled_dice(pred, target, empty_score),
+        n_images=n,
+        n_lesion=int(has.sum()),
+        n_empty=int((~has).sum()),
+        empty_correct=float((ps.numpy()[~has] == 0).mean()) if (~has).any() else float("nan"),
+    )
     if n_boot:
-        if not 0 < alpha < 1: raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
         i, s = inter.numpy()[idx].sum(1), (ps + ts).numpy()[idx].sum(1)
         pooled = np.where(s > 0, 2 * i / np.maximum(s, 1), empty_score)
@@ -84,12 +106,16 @@ LESION_GROUPS: dict[str, tuple[str, ...]] = {
     "bright": ("hard_exudate", "cotton_wool_spot", "drusen"),
 }
 
+
 def _lesion_types(root: Path | None = None) -> tuple[str, ...]:
     if root is not None and (root / "corpus.json").is_file():
         lt = json.loads((root / "corpus.json").read_text()).get("lesion_types")
-        if lt: return tuple(lt)
+        if lt:
+            return tuple(lt)
     from maskedclip.synthetic import LESION_TYPES
+
     return tuple(LESION_TYPES)
+
 
 def resolve_lesions(lesions: str | Sequence[str], known: Sequence[str] | None = None) -> tuple[str, ...]:
     "Lesion names from a group name ('red', 'bright'), 'all', one lesion name or a list of them (validated)."
@@ -97,68 +123,109 @@ def resolve_lesions(lesions: str | Sequence[str], known: Sequence[str] | None = 
     if isinstance(lesions, str):
         lesions = known if lesions == "all" else LESION_GROUPS.get(lesions, (lesions,))
     out = tuple(dict.fromkeys(lesions))
-    if not out: raise ValueError("lesions: give at least one lesion type")
+    if not out:
+        raise ValueError("lesions: give at least one lesion type")
     bad = [l for l in out if l not in known]
-    if bad: raise ValueError(f"lesions: {bad[0]!r} is not a lesion type ({list(known)}) or group ({list(LESION_GROUPS)} or 'all')")
+    if bad:
+        raise ValueError(
+            f"lesions: {bad[0]!r} is not a lesion type ({list(known)}) or group ({list(LESION_GROUPS)} or 'all')"
+        )
     return out
+
 
 @dataclass
 class SegmentationData:
     "Images and lesion masks in memory (one split)."
-    images: torch.Tensor                    # (N, 3, H, W) float, ImageNet-normalised
-    masks: torch.Tensor                     # (N, H, W) bool: union of `lesions`
-    lesion_masks: dict[str, torch.Tensor]   # lesion -> (N, H, W) bool
+
+    images: torch.Tensor  # (N, 3, H, W) float, ImageNet-normalised
+    masks: torch.Tensor  # (N, H, W) bool: union of `lesions`
+    lesion_masks: dict[str, torch.Tensor]  # lesion -> (N, H, W) bool
     ids: list[str]
     lesions: tuple[str, ...]
+
     def __post_init__(self):
         N, H, W = self.masks.shape
         if self.images.dim() != 4 or self.images.shape[0] != N or tuple(self.images.shape[2:]) != (H, W):
-            raise ValueError(f"SegmentationData: images {tuple(self.images.shape)} do not match masks {tuple(self.masks.shape)}")
-        if self.masks.dtype != torch.bool: raise ValueError("SegmentationData: masks must be bool")
-        if len(self.ids) != N: raise ValueError(f"SegmentationData: {len(self.ids)} ids for {N} images")
+            raise ValueError(
+                f"SegmentationData: images {tuple(self.images.shape)} do not match masks {tuple(self.masks.shape)}"
+            )
+        if self.masks.dtype != torch.bool:
+            raise ValueError("SegmentationData: masks must be bool")
+        if len(self.ids) != N:
+            raise ValueError(f"SegmentationData: {len(self.ids)} ids for {N} images")
         for k, m in self.lesion_masks.items():
-            if m.shape != self.masks.shape or m.dtype != torch.bool: raise ValueError(f"SegmentationData: lesion_masks[{k!r}] must be bool {tuple(self.masks.shape)}")
-    def __len__(self) -> int: return len(self.ids)
+            if m.shape != self.masks.shape or m.dtype != torch.bool:
+                raise ValueError(
+                    f"SegmentationData: lesion_masks[{k!r}] must be bool {tuple(self.masks.shape)}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
     @property
     def has_lesion(self) -> torch.Tensor:
         "`(N,)` bool: the image has at least one pixel of the target lesions."
         return self.masks.flatten(1).any(1)
+
     def subset(self, idx) -> "SegmentationData":
         "The images at `idx` (indices or a bool mask)."
         i = torch.as_tensor(np.asarray(idx))
-        if i.dtype == torch.bool: i = i.nonzero().flatten()
+        if i.dtype == torch.bool:
+            i = i.nonzero().flatten()
         i = i.long()
-        return SegmentationData(self.images[i], self.masks[i], {k: m[i] for k, m in self.lesion_masks.items()},
-                                [self.ids[j] for j in i.tolist()], self.lesions)
+        return SegmentationData(
+            self.images[i],
+            self.masks[i],
+            {k: m[i] for k, m in self.lesion_masks.items()},
+            [self.ids[j] for j in i.tolist()],
+            self.lesions,
+        )
+
     def __repr__(self) -> str:
         N, H, W = self.masks.shape
-        return (f"SegmentationData({N} images {H}×{W}, lesions {'+'.join(self.lesions)}: {int(self.has_lesion.sum())} with a lesion, "
-                f"{100 * float(self.masks.float().mean()):.2f}% lesion pixels)")
+        return (
+            f"SegmentationData({N} images {H}×{W}, lesions {'+'.join(self.lesions)}: {int(self.has_lesion.sum())} with a lesion, "
+            f"{100 * float(self.masks.float().mean()):.2f}% lesion pixels)"
+        )
 
 # %% ../nbs/12_segmentation.ipynb #8af9fc10
 def _record_masks(v, rid) -> dict:
-    if v is None: return {}
-    if isinstance(v, str): v = json.loads(v) if v.strip() else {}
-    if not isinstance(v, Mapping): raise ValueError(f"record {rid!r}: `masks` must be a mapping lesion -> path, got {type(v).__name__}")
+    if v is None:
+        return {}
+    if isinstance(v, str):
+        v = json.loads(v) if v.strip() else {}
+    if not isinstance(v, Mapping):
+        raise ValueError(f"record {rid!r}: `masks` must be a mapping lesion -> path, got {type(v).__name__}")
     return {k: p for k, p in v.items() if p}
 
-def load_segmentation_manifest(path, root=None, lesions: str | Sequence[str] = "red", image_size: int | None = None,
-                               progress: bool = False) -> SegmentationData:
+
+def load_segmentation_manifest(
+    path,
+    root=None,
+    lesions: str | Sequence[str] = "red",
+    image_size: int | None = None,
+    progress: bool = False,
+) -> SegmentationData:
     """Images and lesion masks of one manifest whose records carry `masks` (lesion -> mask path relative to `root`).
 
     `image_size`: default the corpus's (`corpus.json`) or the first image's size. Images: `eval_transform(image_size,
     border_crop=False)`; masks: nearest resize + centre crop with the same geometry."""
     from PIL import Image
     from torchvision.transforms import v2
-    from maskedclip.data import load_manifest, load_image, eval_transform
+
+    from maskedclip.data import eval_transform, load_image, load_manifest
+
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     lesions = resolve_lesions(lesions, _lesion_types(root))
     md = load_manifest(path, root=root, check_images=False, verbose=False)
     ds = md.dataset
-    if "masks" not in ds.column_names: raise ValueError(f"{path}: records have no `masks` column (lesion -> mask path)")
-    if len(ds) == 0: raise ValueError(f"{path}: no records")
-    if image_size is None and (root / "corpus.json").is_file(): image_size = json.loads((root / "corpus.json").read_text()).get("image_size")
+    if "masks" not in ds.column_names:
+        raise ValueError(f"{path}: records have no `masks` column (lesion -> mask path)")
+    if len(ds) == 0:
+        raise ValueError(f"{path}: no records")
+    if image_size is None and (root / "corpus.json").is_file():
+        image_size = json.loads((root / "corpus.json").read_text()).get("image_size")
     images, masks, ids = [], {l: [] for l in lesions}, []
     tf = None
     for rec in tqdm(ds, desc=f"{path.parent.name}/{path.stem}", disable=not progress, leave=False):
@@ -166,73 +233,113 @@ def load_segmentation_manifest(path, root=None, lesions: str | Sequence[str] = "
         if tf is None:
             size = int(image_size or img.size[0])
             tf = eval_transform(size, border_crop=False)
-            mtf = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.NEAREST), v2.CenterCrop(size)])
+            mtf = v2.Compose(
+                [v2.Resize(size, interpolation=v2.InterpolationMode.NEAREST), v2.CenterCrop(size)]
+            )
         images.append(tf(img))
         rm = _record_masks(rec["masks"], rec["id"])
         for l in lesions:
             if l in rm:
                 mp = root / rm[l]
-                if not mp.is_file(): raise FileNotFoundError(f"record {rec['id']!r}: mask file not found: {mp}")
-                with Image.open(mp) as im: m = np.array(im.convert("L")) > 0
+                if not mp.is_file():
+                    raise FileNotFoundError(f"record {rec['id']!r}: mask file not found: {mp}")
+                with Image.open(mp) as im:
+                    m = np.array(im.convert("L")) > 0
                 if m.shape != (img.size[1], img.size[0]):
-                    raise ValueError(f"record {rec['id']!r}: mask {mp} is {m.shape[::-1]} but the image is {img.size}")
+                    raise ValueError(
+                        f"record {rec['id']!r}: mask {mp} is {m.shape[::-1]} but the image is {img.size}"
+                    )
                 masks[l].append(mtf(torch.from_numpy(m)[None])[0])
-            else: masks[l].append(torch.zeros(size, size, dtype=torch.bool))
+            else:
+                masks[l].append(torch.zeros(size, size, dtype=torch.bool))
         ids.append(rec["id"])
     lm = {l: torch.stack(v) for l, v in masks.items()}
     union = torch.stack(list(lm.values())).any(0)
     return SegmentationData(torch.stack(images), union, lm, ids, lesions)
 
 # %% ../nbs/12_segmentation.ipynb #f5dae9a3
-def load_segmentation_split(corpus_root, task: str | Sequence[str] = "multi_disease", split: str = "train",
-                            lesions: str | Sequence[str] = "red", image_size: int | None = None, progress: bool = False) -> SegmentationData:
+def load_segmentation_split(
+    corpus_root,
+    task: str | Sequence[str] = "multi_disease",
+    split: str = "train",
+    lesions: str | Sequence[str] = "red",
+    image_size: int | None = None,
+    progress: bool = False,
+) -> SegmentationData:
     "One split of a synthetic-corpus task (`root/tasks/<task>/<split>.jsonl`; several tasks are concatenated) with its lesion masks."
     root = Path(corpus_root)
     tasks = [task] if isinstance(task, str) else list(task)
-    if not tasks: raise ValueError("task: give at least one task name")
+    if not tasks:
+        raise ValueError("task: give at least one task name")
     parts = []
     for t in tasks:
         p = root / "tasks" / t / f"{split}.jsonl"
-        if not p.is_file(): raise FileNotFoundError(f"task {t!r}, split {split!r}: manifest not found: {p}")
+        if not p.is_file():
+            raise FileNotFoundError(f"task {t!r}, split {split!r}: manifest not found: {p}")
         parts.append(load_segmentation_manifest(p, root, lesions, image_size, progress))
-    if len(parts) == 1: return parts[0]
-    return SegmentationData(torch.cat([d.images for d in parts]), torch.cat([d.masks for d in parts]),
-                            {l: torch.cat([d.lesion_masks[l] for d in parts]) for l in parts[0].lesions},
-                            sum((d.ids for d in parts), []), parts[0].lesions)
+    if len(parts) == 1:
+        return parts[0]
+    return SegmentationData(
+        torch.cat([d.images for d in parts]),
+        torch.cat([d.masks for d in parts]),
+        {l: torch.cat([d.lesion_masks[l] for d in parts]) for l in parts[0].lesions},
+        sum((d.ids for d in parts), []),
+        parts[0].lesions,
+    )
 
 # %% ../nbs/12_segmentation.ipynb #00000014
 def as_encoder(encoder_or_model) -> nn.Module:
     "The ViT image encoder E_I of a MaskedCLIP, a ViTEncoder, a LoadedEncoder, or a source `load_encoder` takes."
-    from maskedclip.vision import ViTEncoder
     from maskedclip.evaluate import LoadedEncoder, load_encoder
+    from maskedclip.vision import ViTEncoder
+
     x = encoder_or_model
-    if isinstance(x, ViTEncoder): return x
-    if isinstance(x, LoadedEncoder): return x.encoder
-    if isinstance(getattr(x, "encoder", None), ViTEncoder): return x.encoder
-    if isinstance(x, (str, Path)): return load_encoder(x).encoder
-    raise ValueError(f"encoder: expected a MaskedCLIP, ViTEncoder, LoadedEncoder or an encoder source, got {type(x).__name__}")
+    if isinstance(x, ViTEncoder):
+        return x
+    if isinstance(x, LoadedEncoder):
+        return x.encoder
+    if isinstance(getattr(x, "encoder", None), ViTEncoder):
+        return x.encoder
+    if isinstance(x, (str, Path)):
+        return load_encoder(x).encoder
+    raise ValueError(
+        f"encoder: expected a MaskedCLIP, ViTEncoder, LoadedEncoder or an encoder source, got {type(x).__name__}"
+    )
+
 
 def _device_of(m: nn.Module) -> torch.device:
     p = next(m.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
+
 @torch.no_grad()
-def patch_features(encoder_or_model, images: torch.Tensor, batch_size: int = 64, device=None, progress: bool = False) -> torch.Tensor:
+def patch_features(
+    encoder_or_model, images: torch.Tensor, batch_size: int = 64, device=None, progress: bool = False
+) -> torch.Tensor:
     "Frozen E_I patch tokens `(N, L, D)` float32 on the CPU of full images `(N, 3, H, W)` (H = the encoder's image size)."
     enc = as_encoder(encoder_or_model)
-    if images.dim() != 4: raise ValueError(f"images: expected (N, 3, H, W), got {tuple(images.shape)}")
+    if images.dim() != 4:
+        raise ValueError(f"images: expected (N, 3, H, W), got {tuple(images.shape)}")
     g, p = enc.grid_size, enc.patch_size
     gh, gw = (g, g) if isinstance(g, int) else g
     if tuple(images.shape[2:]) != (gh * p, gw * p):
-        raise ValueError(f"images are {tuple(images.shape[2:])} but the encoder expects {(gh * p, gw * p)} (load the split with image_size={gh * p})")
+        raise ValueError(
+            f"images are {tuple(images.shape[2:])} but the encoder expects {(gh * p, gw * p)} (load the split with image_size={gh * p})"
+        )
     dev = torch.device(device) if device is not None else _device_of(enc)
     was = enc.training
     enc.eval()
     try:
-        out = [enc(images[i:i + batch_size].to(dev)).tokens[:, 1:].float().cpu()
-               for i in tqdm(range(0, len(images), batch_size), desc="patch features", disable=not progress, leave=False)]
-    finally: enc.train(was)
+        out = [
+            enc(images[i : i + batch_size].to(dev)).tokens[:, 1:].float().cpu()
+            for i in tqdm(
+                range(0, len(images), batch_size), desc="patch features", disable=not progress, leave=False
+            )
+        ]
+    finally:
+        enc.train(was)
     return torch.cat(out)
+
 
 def encoder_grid(encoder_or_model) -> tuple[tuple[int, int], int]:
     "`((grid_h, grid_w), patch_size)` of the encoder."
@@ -243,14 +350,28 @@ def encoder_grid(encoder_or_model) -> tuple[tuple[int, int], int]:
 # %% ../nbs/12_segmentation.ipynb #00000016
 class SegmentationHead(nn.Module):
     "Light segmentation head: patch tokens `(B, L, D)` -> lesion logits `(B, H, W)`."
-    def __init__(self, dim: int, grid_size: tuple[int, int], image_size: tuple[int, int], hidden: int | None = None,
-                 subpatch: int = 1):
+
+    def __init__(
+        self,
+        dim: int,
+        grid_size: tuple[int, int],
+        image_size: tuple[int, int],
+        hidden: int | None = None,
+        subpatch: int = 1,
+    ):
         super().__init__()
         gh, gw = grid_size
-        if subpatch < 1 or image_size[0] % gh or image_size[1] % gw: raise ValueError(f"SegmentationHead: bad grid {grid_size} / image {image_size} / subpatch {subpatch}")
+        if subpatch < 1 or image_size[0] % gh or image_size[1] % gw:
+            raise ValueError(
+                f"SegmentationHead: bad grid {grid_size} / image {image_size} / subpatch {subpatch}"
+            )
         self.grid_size, self.image_size, self.subpatch = (gh, gw), tuple(image_size), subpatch
         out = subpatch * subpatch
-        self.net = nn.Linear(dim, out) if not hidden else nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+        self.net = (
+            nn.Linear(dim, out)
+            if not hidden
+            else nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+        )
         self.register_buffer("feat_mean", torch.zeros(dim))
         self.register_buffer("feat_std", torch.ones(dim))
 
@@ -258,7 +379,8 @@ class SegmentationHead(nn.Module):
     def fit_normalization(self, tokens: torch.Tensor, prior: float | None = None):
         "Standardise with the mean/std of `tokens (N, L, D)`; set the output bias to logit(`prior`) if given."
         flat = tokens.reshape(-1, tokens.shape[-1]).double()
-        self.feat_mean.copy_(flat.mean(0).float()); self.feat_std.copy_(flat.std(0).clamp_min(1e-6).float())
+        self.feat_mean.copy_(flat.mean(0).float())
+        self.feat_std.copy_(flat.std(0).clamp_min(1e-6).float())
         if prior is not None:
             p = min(max(float(prior), 1e-4), 1 - 1e-4)
             last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
@@ -268,8 +390,9 @@ class SegmentationHead(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, L, _ = tokens.shape
         (gh, gw), s = self.grid_size, self.subpatch
-        if L != gh * gw: raise ValueError(f"SegmentationHead: {L} tokens for a {gh}×{gw} grid")
-        z = self.net((tokens - self.feat_mean) / self.feat_std)                       # (B, L, s*s)
+        if L != gh * gw:
+            raise ValueError(f"SegmentationHead: {L} tokens for a {gh}×{gw} grid")
+        z = self.net((tokens - self.feat_mean) / self.feat_std)  # (B, L, s*s)
         z = z.reshape(B, gh, gw, s, s).permute(0, 1, 3, 2, 4).reshape(B, gh * s, gw * s)
         if (gh * s, gw * s) != self.image_size:
             z = F.interpolate(z[:, None], size=self.image_size, mode="bilinear", align_corners=False)[:, 0]
@@ -282,24 +405,46 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     t = target.float()
     return 1 - (2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, pos_weight: float | None = None) -> torch.Tensor:
+
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, pos_weight: float | None = None
+) -> torch.Tensor:
     "BCE (mean over pixels; optional `pos_weight` for lesion pixels) + `dice_weight` × batch soft-Dice loss."
     pw = torch.tensor(float(pos_weight), device=logits.device) if pos_weight else None
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=pw)
     return bce + dice_weight * soft_dice_loss(logits, target) if dice_weight else bce
 
 # %% ../nbs/12_segmentation.ipynb #0000001d
-def select_fraction(data: SegmentationData | Sequence[bool] | torch.Tensor, fraction: float, seed: int = 0, min_per_group: int = 1) -> np.ndarray:
+def select_fraction(
+    data: SegmentationData | Sequence[bool] | torch.Tensor,
+    fraction: float,
+    seed: int = 0,
+    min_per_group: int = 1,
+) -> np.ndarray:
     "Sorted indices of a seeded `fraction` of the images, stratified by lesion presence (>= `min_per_group` of each)."
     from maskedclip.evaluate import label_fraction
+
     has = data.has_lesion if isinstance(data, SegmentationData) else torch.as_tensor(np.asarray(data)).bool()
     groups = ["lesion" if h else "no lesion" for h in has.tolist()]
     return label_fraction(groups, fraction, seed=seed, min_per_class=min_per_group)
 
 # %% ../nbs/12_segmentation.ipynb #0a5817f4
-def _train_head(feats: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], *, seed: int, steps: int, lr: float,
-                batch_size: int, hidden: int | None, subpatch: int, dice_weight: float, pos_weight: float | None,
-                weight_decay: float, device) -> tuple[SegmentationHead, list[float]]:
+def _train_head(
+    feats: torch.Tensor,
+    masks: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    seed: int,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    hidden: int | None,
+    subpatch: int,
+    dice_weight: float,
+    pos_weight: float | None,
+    weight_decay: float,
+    device,
+) -> tuple[SegmentationHead, list[float]]:
     n, _, D = feats.shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -311,66 +456,179 @@ def _train_head(feats: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
     bs = min(batch_size, n)
     perm, pos, losses = torch.randperm(n, generator=g), 0, []
     for _ in range(steps):
-        if pos + bs > n: perm, pos = torch.randperm(n, generator=g), 0
-        i = perm[pos:pos + bs]; pos += bs
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        i = perm[pos : pos + bs]
+        pos += bs
         loss = segmentation_loss(head(feats[i].to(device)), masks[i].to(device), dice_weight, pos_weight)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         losses.append(float(loss.detach()))
     return head.eval(), losses
 
+
 @torch.no_grad()
-def predict_masks(head: SegmentationHead, feats: torch.Tensor, threshold: float = 0.5, batch_size: int = 256) -> torch.Tensor:
+def predict_masks(
+    head: SegmentationHead, feats: torch.Tensor, threshold: float = 0.5, batch_size: int = 256
+) -> torch.Tensor:
     "Bool masks `(N, H, W)`: `sigmoid(head(feats)) > threshold`."
     dev = _device_of(head)
-    return torch.cat([(torch.sigmoid(head(feats[i:i + batch_size].to(dev))) > threshold).cpu() for i in range(0, len(feats), batch_size)])
+    return torch.cat(
+        [
+            (torch.sigmoid(head(feats[i : i + batch_size].to(dev))) > threshold).cpu()
+            for i in range(0, len(feats), batch_size)
+        ]
+    )
 
-def _fit_and_score(ftr, fte, train: SegmentationData, test: SegmentationData, grid, fraction, seed, *, steps=300, epochs=None,
-                   lr=1e-2, batch_size=16, hidden=None, subpatch=1, dice_weight=1.0, pos_weight=None, weight_decay=1e-4,
-                   threshold=0.5, n_boot=1000, device=None, return_head=False) -> dict:
+
+def _fit_and_score(
+    ftr,
+    fte,
+    train: SegmentationData,
+    test: SegmentationData,
+    grid,
+    fraction,
+    seed,
+    *,
+    steps=300,
+    epochs=None,
+    lr=1e-2,
+    batch_size=16,
+    hidden=None,
+    subpatch=1,
+    dice_weight=1.0,
+    pos_weight=None,
+    weight_decay=1e-4,
+    threshold=0.5,
+    n_boot=1000,
+    device=None,
+    return_head=False,
+) -> dict:
     idx = select_fraction(train, fraction, seed)
-    if epochs is not None: steps = max(1, int(math.ceil(epochs * len(idx) / min(batch_size, len(idx)))))
-    if steps < 1: raise ValueError(f"steps: {steps} must be >= 1")
+    if epochs is not None:
+        steps = max(1, int(math.ceil(epochs * len(idx) / min(batch_size, len(idx)))))
+    if steps < 1:
+        raise ValueError(f"steps: {steps} must be >= 1")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    head, losses = _train_head(ftr[idx], train.masks[idx], grid, seed=seed, steps=steps, lr=lr, batch_size=batch_size, hidden=hidden,
-                               subpatch=subpatch, dice_weight=dice_weight, pos_weight=pos_weight, weight_decay=weight_decay, device=dev)
+    head, losses = _train_head(
+        ftr[idx],
+        train.masks[idx],
+        grid,
+        seed=seed,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        hidden=hidden,
+        subpatch=subpatch,
+        dice_weight=dice_weight,
+        pos_weight=pos_weight,
+        weight_decay=weight_decay,
+        device=dev,
+    )
     pred = predict_masks(head, fte, threshold)
-    out = dict(fraction=float(fraction), seed=int(seed), lesions="+".join(train.lesions), n_train=len(idx),
-               n_train_lesion=int(train.has_lesion[idx].sum()), steps=steps, final_loss=float(np.mean(losses[-10:])),
-               threshold=threshold, **dice_summary(pred, test.masks, n_boot=n_boot, seed=seed), train_idx=idx.tolist())
-    if return_head: out.update(head=head, pred=pred)
+    out = dict(
+        fraction=float(fraction),
+        seed=int(seed),
+        lesions="+".join(train.lesions),
+        n_train=len(idx),
+        n_train_lesion=int(train.has_lesion[idx].sum()),
+        steps=steps,
+        final_loss=float(np.mean(losses[-10:])),
+        threshold=threshold,
+        **dice_summary(pred, test.masks, n_boot=n_boot, seed=seed),
+        train_idx=idx.tolist(),
+    )
+    if return_head:
+        out.update(head=head, pred=pred)
     return out
 
-def fewshot_segmentation(encoder_or_model, train: SegmentationData, test: SegmentationData, fraction: float = 0.1, seed: int = 0,
-                         steps: int = 300, epochs: float | None = None, lr: float = 1e-2, batch_size: int = 16, hidden: int | None = None,
-                         subpatch: int = 1, dice_weight: float = 1.0, pos_weight: float | None = None, weight_decay: float = 1e-4,
-                         threshold: float = 0.5, n_boot: int = 1000, device=None, return_head: bool = False) -> dict:
+
+def fewshot_segmentation(
+    encoder_or_model,
+    train: SegmentationData,
+    test: SegmentationData,
+    fraction: float = 0.1,
+    seed: int = 0,
+    steps: int = 300,
+    epochs: float | None = None,
+    lr: float = 1e-2,
+    batch_size: int = 16,
+    hidden: int | None = None,
+    subpatch: int = 1,
+    dice_weight: float = 1.0,
+    pos_weight: float | None = None,
+    weight_decay: float = 1e-4,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    device=None,
+    return_head: bool = False,
+) -> dict:
     """Train a `SegmentationHead` on frozen E_I patch features of a seeded, lesion-stratified `fraction` of `train`;
     Dice on `test` (`dice_summary` keys + `n_train`, `n_train_lesion`, `steps`, `final_loss`, `train_idx`)."""
-    if train.lesions != test.lesions: raise ValueError(f"train lesions {train.lesions} differ from test lesions {test.lesions}")
+    if train.lesions != test.lesions:
+        raise ValueError(f"train lesions {train.lesions} differ from test lesions {test.lesions}")
     grid, _ = encoder_grid(encoder_or_model)
-    ftr, fte = patch_features(encoder_or_model, train.images, device=device), patch_features(encoder_or_model, test.images, device=device)
-    return _fit_and_score(ftr, fte, train, test, grid, fraction, seed, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                          hidden=hidden, subpatch=subpatch, dice_weight=dice_weight, pos_weight=pos_weight, weight_decay=weight_decay,
-                          threshold=threshold, n_boot=n_boot, device=device, return_head=return_head)
+    ftr, fte = (
+        patch_features(encoder_or_model, train.images, device=device),
+        patch_features(encoder_or_model, test.images, device=device),
+    )
+    return _fit_and_score(
+        ftr,
+        fte,
+        train,
+        test,
+        grid,
+        fraction,
+        seed,
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        hidden=hidden,
+        subpatch=subpatch,
+        dice_weight=dice_weight,
+        pos_weight=pos_weight,
+        weight_decay=weight_decay,
+        threshold=threshold,
+        n_boot=n_boot,
+        device=device,
+        return_head=return_head,
+    )
 
 # %% ../nbs/12_segmentation.ipynb #51ea1423
-def segmentation_curve(encoder_or_model, train: SegmentationData, test: SegmentationData, fractions: Sequence[float] = (0.01, 0.1, 1.0),
-                       seeds: Sequence[int] = (0, 1, 2), progress: bool = False, **kw):
+def segmentation_curve(
+    encoder_or_model,
+    train: SegmentationData,
+    test: SegmentationData,
+    fractions: Sequence[float] = (0.01, 0.1, 1.0),
+    seeds: Sequence[int] = (0, 1, 2),
+    progress: bool = False,
+    **kw,
+):
     "`fewshot_segmentation` for every fraction × seed with the features computed once; a pandas DataFrame (one row per run)."
     import pandas as pd
-    if train.lesions != test.lesions: raise ValueError(f"train lesions {train.lesions} differ from test lesions {test.lesions}")
+
+    if train.lesions != test.lesions:
+        raise ValueError(f"train lesions {train.lesions} differ from test lesions {test.lesions}")
     grid, _ = encoder_grid(encoder_or_model)
     dev = kw.get("device")
-    ftr, fte = patch_features(encoder_or_model, train.images, device=dev), patch_features(encoder_or_model, test.images, device=dev)
+    ftr, fte = (
+        patch_features(encoder_or_model, train.images, device=dev),
+        patch_features(encoder_or_model, test.images, device=dev),
+    )
     rows = []
     for f in tqdm(list(fractions), desc="fractions", disable=not progress):
         for s in seeds:
             r = _fit_and_score(ftr, fte, train, test, grid, f, s, **kw)
-            r.pop("train_idx"); rows.append(r)
+            r.pop("train_idx")
+            rows.append(r)
     return pd.DataFrame(rows)
 
 # %% ../nbs/12_segmentation.ipynb #00000029
-DEFAULT_LESION_PROMPTS: dict[str, str] = {   # worded like the synthetic reports (maskedclip.synthetic.write_report)
+DEFAULT_LESION_PROMPTS: dict[
+    str, str
+] = {  # worded like the synthetic reports (maskedclip.synthetic.write_report)
     "microaneurysm": "There are several microaneurysms.",
     "haemorrhage": "There are dot and blot haemorrhages.",
     "hard_exudate": "Hard exudates are present in the posterior pole.",
@@ -380,77 +638,116 @@ DEFAULT_LESION_PROMPTS: dict[str, str] = {   # worded like the synthetic reports
     "preretinal_haemorrhage": "There is a boat-shaped preretinal haemorrhage.",
 }
 
-def pointing_game_score(model, images, masks=None, prompts: Mapping[str, str] | None = None, projection: str = "auto",
-                        progress: bool = False) -> dict:
+
+def pointing_game_score(
+    model,
+    images,
+    masks=None,
+    prompts: Mapping[str, str] | None = None,
+    projection: str = "auto",
+    progress: bool = False,
+) -> dict:
     """Pointing-game hit rate of text-prompt heatmaps (`viz.prompt_heatmaps`) against lesion masks.
 
     `images`: `(N, 3, H, W)` or a `SegmentationData` (then `masks` defaults to its `lesion_masks`); `masks`: lesion ->
     `(N, H, W)` bool; `prompts`: lesion -> text (default `DEFAULT_LESION_PROMPTS`). Returns `hit_rate`, `hits`, `n`,
     `n_skipped_empty`, `chance` over all scored (image, lesion) pairs and the same per lesion in `per_lesion`."""
-    from maskedclip.viz import prompt_heatmaps, pointing_game
+    from maskedclip.viz import pointing_game, prompt_heatmaps
+
     if isinstance(images, SegmentationData):
         masks = images.lesion_masks if masks is None else masks
         images = images.images
-    if not isinstance(masks, Mapping) or not masks: raise ValueError("masks: expected a mapping lesion -> (N, H, W) bool masks")
-    prompts = dict(prompts) if prompts is not None else {l: DEFAULT_LESION_PROMPTS[l] for l in masks if l in DEFAULT_LESION_PROMPTS}
+    if not isinstance(masks, Mapping) or not masks:
+        raise ValueError("masks: expected a mapping lesion -> (N, H, W) bool masks")
+    prompts = (
+        dict(prompts)
+        if prompts is not None
+        else {l: DEFAULT_LESION_PROMPTS[l] for l in masks if l in DEFAULT_LESION_PROMPTS}
+    )
     missing = [l for l in masks if l not in prompts]
-    if missing: raise ValueError(f"prompts: no text for lesion {missing[0]!r}")
+    if missing:
+        raise ValueError(f"prompts: no text for lesion {missing[0]!r}")
     lesions = list(masks)
     ms = {l: _as_bool_masks(masks[l], f"masks[{l!r}]") for l in lesions}
     for l, m in ms.items():
-        if m.dim() != 3 or len(m) != len(images): raise ValueError(f"masks[{l!r}]: expected ({len(images)}, H, W), got {tuple(m.shape)}")
+        if m.dim() != 3 or len(m) != len(images):
+            raise ValueError(f"masks[{l!r}]: expected ({len(images)}, H, W), got {tuple(m.shape)}")
     per = {l: dict(prompt=prompts[l], hits=0, n=0, n_skipped_empty=0, area=0.0) for l in lesions}
     texts = [prompts[l] for l in lesions]
     for i in tqdm(range(len(images)), desc="pointing game", disable=not progress, leave=False):
         todo = [k for k, l in enumerate(lesions) if ms[l][i].any()]
         for k, l in enumerate(lesions):
-            if k not in todo: per[l]["n_skipped_empty"] += 1
-        if not todo: continue
+            if k not in todo:
+                per[l]["n_skipped_empty"] += 1
+        if not todo:
+            continue
         maps = prompt_heatmaps(model, images[i], [texts[k] for k in todo], projection)
         for j, k in enumerate(todo):
             l, m = lesions[k], ms[lesions[k]][i]
             per[l]["hits"] += int(pointing_game(maps[j], m))
-            per[l]["n"] += 1; per[l]["area"] += float(m.float().mean())
+            per[l]["n"] += 1
+            per[l]["area"] += float(m.float().mean())
     for d in per.values():
         d["hit_rate"] = d["hits"] / d["n"] if d["n"] else float("nan")
         d["chance"] = d.pop("area") / d["n"] if d["n"] else float("nan")
     n, hits = sum(d["n"] for d in per.values()), sum(d["hits"] for d in per.values())
     chance = sum(d["chance"] * d["n"] for d in per.values() if d["n"]) / n if n else float("nan")
-    return dict(hit_rate=hits / n if n else float("nan"), hits=hits, n=n, n_skipped_empty=sum(d["n_skipped_empty"] for d in per.values()),
-                chance=chance, per_lesion=per)
+    return dict(
+        hit_rate=hits / n if n else float("nan"),
+        hits=hits,
+        n=n,
+        n_skipped_empty=sum(d["n_skipped_empty"] for d in per.values()),
+        chance=chance,
+        per_lesion=per,
+    )
 
 # %% ../nbs/12_segmentation.ipynb #0000002e
 def _run_model_config(ckpt: Path):
     from maskedclip.config import MaskedCLIPConfig
+
     raw = json.loads((ckpt / "config.json").read_text())
     return MaskedCLIPConfig.from_dict(raw.get("model", raw))
 
-def phi_history(run_dir, include_init: bool = True, image: torch.Tensor | None = None) -> list[tuple[int, torch.Tensor]]:
+
+def phi_history(
+    run_dir, include_init: bool = True, image: torch.Tensor | None = None
+) -> list[tuple[int, torch.Tensor]]:
     "`[(step, φ (grid_h, grid_w)), ...]` for every complete checkpoint of `run_dir` (oldest first), step 0 = the initial φ."
-    from maskedclip.train import checkpoint_dirs
     from maskedclip.mlip import SemanticIntegrityEstimator
+    from maskedclip.train import checkpoint_dirs
+
     run_dir = Path(run_dir)
     ckpts = checkpoint_dirs(run_dir)
-    if not ckpts: raise FileNotFoundError(f"{run_dir}: no complete checkpoints/step_* directory")
+    if not ckpts:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoints/step_* directory")
     cfg = _run_model_config(ckpts[0])
-    if cfg.mlip.integrity == "off": raise ValueError(f"{run_dir}: method {cfg.method!r} has no semantic-integrity estimator (mlip.integrity='off')")
+    if cfg.mlip.integrity == "off":
+        raise ValueError(
+            f"{run_dir}: method {cfg.method!r} has no semantic-integrity estimator (mlip.integrity='off')"
+        )
     content = cfg.mlip.integrity == "content"
-    if content and image is None: raise ValueError("phi_history: content-aware φ depends on the image; pass `image=`")
+    if content and image is None:
+        raise ValueError("phi_history: content-aware φ depends on the image; pass `image=`")
     v = cfg.vision
     out = []
     if include_init and not content:
-        est = SemanticIntegrityEstimator(v.num_patches, v.grid_size, init="zero", mode="mask")   # as MaskedCLIP._build_mlip
+        est = SemanticIntegrityEstimator(
+            v.num_patches, v.grid_size, init="zero", mode="mask"
+        )  # as MaskedCLIP._build_mlip
         out.append((0, est.phi_map().clone()))
     for ck in ckpts:
         step = int(ck.name.split("_")[1])
         if content:
             from maskedclip.model import MaskedCLIP
             from maskedclip.viz import phi_map_of
+
             out.append((step, phi_map_of(MaskedCLIP.from_pretrained(ck).eval(), image)))
             continue
         from safetensors import safe_open
+
         with safe_open(str(ck / "model.safetensors"), framework="pt") as f:
-            if "integrity.proj.weight" not in f.keys(): raise ValueError(f"{ck}: no integrity.proj.weight in model.safetensors")
+            if "integrity.proj.weight" not in f.keys():
+                raise ValueError(f"{ck}: no integrity.proj.weight in model.safetensors")
             w = f.get_tensor("integrity.proj.weight")
         out.append((step, w.reshape(v.grid_size, v.grid_size).float()))
     return out
@@ -461,14 +758,21 @@ def lesion_frequency_map(masks: torch.Tensor | SegmentationData, grid: tuple[int
     m = masks.masks if isinstance(masks, SegmentationData) else _as_bool_masks(masks, "masks")
     N, H, W = m.shape
     gh, gw = grid
-    if H % gh or W % gw: raise ValueError(f"masks {H}×{W} do not tile into a {gh}×{gw} grid")
+    if H % gh or W % gw:
+        raise ValueError(f"masks {H}×{W} do not tile into a {gh}×{gw} grid")
     return m.reshape(N, gh, H // gh, gw, W // gw).any(4).any(2).double().mean(0)
+
 
 def phi_lesion_correlation(phi, freq, where=None) -> dict:
     "Pearson and Spearman correlation of φ `(gh, gw)` with a per-patch map `freq` over the patches (or `where` `(gh, gw)` bool)."
     from scipy.stats import pearsonr, spearmanr
-    a, b = np.asarray(torch.as_tensor(phi).double()).ravel(), np.asarray(torch.as_tensor(freq).double()).ravel()
-    if a.shape != b.shape: raise ValueError(f"phi {tuple(np.shape(phi))} and freq {tuple(np.shape(freq))} differ in shape")
+
+    a, b = (
+        np.asarray(torch.as_tensor(phi).double()).ravel(),
+        np.asarray(torch.as_tensor(freq).double()).ravel(),
+    )
+    if a.shape != b.shape:
+        raise ValueError(f"phi {tuple(np.shape(phi))} and freq {tuple(np.shape(freq))} differ in shape")
     if where is not None:
         w = np.asarray(torch.as_tensor(where).bool()).ravel()
         a, b = a[w], b[w]
@@ -477,34 +781,83 @@ def phi_lesion_correlation(phi, freq, where=None) -> dict:
     return dict(pearson=float(pearsonr(a, b)[0]), spearman=float(spearmanr(a, b)[0]), n_patches=len(a))
 
 # %% ../nbs/12_segmentation.ipynb #00000033
-SHORT_RUN_OVERRIDES: dict[str, Any] = {"data.hflip": 0.0, "data.crop_scale_min": 1.0, "train.text_lr_mult": 1.0}
+SHORT_RUN_OVERRIDES: dict[str, Any] = {
+    "data.hflip": 0.0,
+    "data.crop_scale_min": 1.0,
+    "train.text_lr_mult": 1.0,
+}
 
-def short_mlip_pretrain(output_dir, steps: int = 180, save_every: int = 45, lr: float = 1e-3, corpus_dir=None, n_paired: int = 256,
-                        n_unpaired: int = 32, paired_batch_size: int = 16, unpaired_batch_size: int = 4, seed: int = 0,
-                        overrides: Mapping[str, Any] | None = None, subprocess: bool = False, progress: bool = False) -> Path:
+
+def short_mlip_pretrain(
+    output_dir,
+    steps: int = 180,
+    save_every: int = 45,
+    lr: float = 1e-3,
+    corpus_dir=None,
+    n_paired: int = 256,
+    n_unpaired: int = 32,
+    paired_batch_size: int = 16,
+    unpaired_batch_size: int = 4,
+    seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+    subprocess: bool = False,
+    progress: bool = False,
+) -> Path:
     """Pre-train the tiny MLIP model for `steps` steps at a constant `lr` on the synthetic corpus (built under `corpus_dir`
     if missing), with `SHORT_RUN_OVERRIDES`, a checkpoint every `save_every` steps and all of them kept; returns the run dir."""
-    from maskedclip.train import experiment_config, train, launch
-    ov = {**SHORT_RUN_OVERRIDES, "train.min_lr": lr, "train.keep_last": max(1, steps // max(1, save_every) + 1),
-          "data.synthetic_n_task": 0, **(overrides or {})}
-    cfg = experiment_config("tiny", "mlip", overrides=ov, steps=steps, lr=lr, save_every=save_every, seed=seed, output_dir=str(output_dir),
-                            synthetic=True, synthetic_dir=str(corpus_dir) if corpus_dir is not None else None,
-                            synthetic_n_paired=n_paired, synthetic_n_unpaired=n_unpaired,
-                            paired_batch_size=paired_batch_size, unpaired_batch_size=unpaired_batch_size)
+    from maskedclip.train import experiment_config, launch, train
+
+    ov = {
+        **SHORT_RUN_OVERRIDES,
+        "train.min_lr": lr,
+        "train.keep_last": max(1, steps // max(1, save_every) + 1),
+        "data.synthetic_n_task": 0,
+        **(overrides or {}),
+    }
+    cfg = experiment_config(
+        "tiny",
+        "mlip",
+        overrides=ov,
+        steps=steps,
+        lr=lr,
+        save_every=save_every,
+        seed=seed,
+        output_dir=str(output_dir),
+        synthetic=True,
+        synthetic_dir=str(corpus_dir) if corpus_dir is not None else None,
+        synthetic_n_paired=n_paired,
+        synthetic_n_unpaired=n_unpaired,
+        paired_batch_size=paired_batch_size,
+        unpaired_batch_size=unpaired_batch_size,
+    )
     if subprocess:
-        rc = launch(cfg, nproc=1, stream=(lambda line: print(line, end="")) if progress else (lambda line: None))
-        if rc != 0: raise RuntimeError(f"pre-training exited with code {rc}; see {Path(output_dir) / 'train.log'}")
-    else: train(cfg, progress=progress)
+        rc = launch(
+            cfg, nproc=1, stream=(lambda line: print(line, end="")) if progress else (lambda line: None)
+        )
+        if rc != 0:
+            raise RuntimeError(f"pre-training exited with code {rc}; see {Path(output_dir) / 'train.log'}")
+    else:
+        train(cfg, progress=progress)
     return Path(output_dir)
 
 # %% ../nbs/12_segmentation.ipynb #00000038
 @torch.no_grad()
-def ot_alignment(model, images: torch.Tensor, texts: Sequence[str], mask_ratio: float = 0.0, n_shuffles: int = 10, seed: int = 0) -> dict:
+def ot_alignment(
+    model,
+    images: torch.Tensor,
+    texts: Sequence[str],
+    mask_ratio: float = 0.0,
+    n_shuffles: int = 10,
+    seed: int = 0,
+) -> dict:
     "MLIP's patch–sentence OT similarity `(B, B)` of images × their reports, and the local loss for true vs shuffled pairings."
-    from maskedclip.mlip import sentence_pool, ot_local_similarity
-    if getattr(model, "patch_proj", None) is None: raise ValueError("ot_alignment: the model has no patch_proj (mlip.use_ot=False)")
+    from maskedclip.mlip import ot_local_similarity, sentence_pool
+
+    if getattr(model, "patch_proj", None) is None:
+        raise ValueError("ot_alignment: the model has no patch_proj (mlip.use_ot=False)")
     B = len(texts)
-    if images.shape[0] != B or B < 2: raise ValueError(f"ot_alignment: need B >= 2 images and as many texts, got {images.shape[0]} and {B}")
+    if images.shape[0] != B or B < 2:
+        raise ValueError(f"ot_alignment: need B >= 2 images and as many texts, got {images.shape[0]} and {B}")
     c, dev = model.config, _device_of(model)
     was = model.training
     model.eval()
@@ -519,16 +872,32 @@ def ot_alignment(model, images: torch.Tensor, texts: Sequence[str], mask_ratio: 
         tokens = model.encoder(images.to(dev), mask_ratio=mask_ratio, noise=noise).tokens
         z = model.bridge(tokens) if model.bridge is not None else tokens
         patches = model.patch_proj(z[:, 1:])
-        s = ot_local_similarity(patches, None, sent, sent_mask, eps=c.mlip.ot_eps, n_iters=c.mlip.ot_iters).float().cpu()
+        s = (
+            ot_local_similarity(patches, None, sent, sent_mask, eps=c.mlip.ot_eps, n_iters=c.mlip.ot_iters)
+            .float()
+            .cpu()
+        )
         scale = float(model.ot_logit_scale.exp())
-    finally: model.train(was)
+    finally:
+        model.train(was)
     lab = torch.arange(B)
-    def loss(sm): return float((F.cross_entropy(scale * sm, lab) + F.cross_entropy(scale * sm.t(), lab)) / 2)
+
+    def loss(sm):
+        return float((F.cross_entropy(scale * sm, lab) + F.cross_entropy(scale * sm.t(), lab)) / 2)
+
     shuffled = []
     for _ in range(n_shuffles):
         perm = torch.randperm(B, generator=g)
-        while bool((perm == lab).any()): perm = torch.randperm(B, generator=g)   # a derangement: nobody keeps its report
+        while bool((perm == lab).any()):
+            perm = torch.randperm(B, generator=g)  # a derangement: nobody keeps its report
         shuffled.append(loss(s[:, perm]))
     off = s[~torch.eye(B, dtype=torch.bool)]
-    return dict(similarity=s, matched_loss=loss(s), shuffled_loss=float(np.mean(shuffled)), diag_mean=float(s.diag().mean()),
-                offdiag_mean=float(off.mean()), top1=float((s.argmax(1) == lab).float().mean()), logit_scale=scale)
+    return dict(
+        similarity=s,
+        matched_loss=loss(s),
+        shuffled_loss=float(np.mean(shuffled)),
+        diag_mean=float(s.diag().mean()),
+        offdiag_mean=float(off.mean()),
+        top1=float((s.argmax(1) == lab).float().mean()),
+        logit_scale=scale,
+    )

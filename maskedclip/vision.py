@@ -4,18 +4,20 @@
 
 # %% ../nbs/04_vision.ipynb #00000002
 from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
-from .config import VisionConfig, TransformerConfig
+from torch.utils.checkpoint import checkpoint
+
+from .config import TransformerConfig, VisionConfig
 
 # %% auto #0
 __all__ = ['patchify', 'unpatchify', 'random_masking', 'sincos_pos_embed', 'EncoderOutput', 'ViTEncoder', 'timm_vit',
@@ -26,29 +28,40 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     "`(N, C, H, W)` images -> `(N, L, p*p*C)` patches in MAE order."
     n, c, h, w = imgs.shape
     p = patch_size
-    if h % p or w % p: raise ValueError(f"patchify: image size {h}x{w} is not divisible by patch_size {p}")
+    if h % p or w % p:
+        raise ValueError(f"patchify: image size {h}x{w} is not divisible by patch_size {p}")
     x = imgs.reshape(n, c, h // p, p, w // p, p)
     x = torch.einsum("nchpwq->nhwpqc", x)
     return x.reshape(n, (h // p) * (w // p), p * p * c)
+
 
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
     "`(N, L, p*p*C)` patches -> `(N, C, H, W)` images (square grid), exact inverse of `patchify`."
     n, L, d = x.shape
     p = patch_size
     g = int(math.isqrt(L))
-    if g * g != L or d != p * p * channels: raise ValueError(f"unpatchify: cannot make a square {channels}-channel image from {L} patches of {d} values with patch_size {p}")
+    if g * g != L or d != p * p * channels:
+        raise ValueError(
+            f"unpatchify: cannot make a square {channels}-channel image from {L} patches of {d} values with patch_size {p}"
+        )
     x = x.reshape(n, g, g, p, p, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(n, channels, g * p, g * p)
 
 # %% ../nbs/04_vision.ipynb #00000007
-def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
+def random_masking(
+    x: torch.Tensor,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+):
     """MAE masking of `x` `(N, L, D)` -> `(x_visible (N, K, D), mask (N, L), ids_restore (N, L))`, K = int(L(1-r)).
 
     `noise` `(N, L)` may be given to choose the mask (smallest noise = kept), e.g. to sample from weights."""
     n, L, d = x.shape
     len_keep = int(L * (1 - mask_ratio))
-    if not 0 < len_keep <= L: raise ValueError(f"random_masking: mask_ratio {mask_ratio} keeps {len_keep} of {L} tokens")
+    if not 0 < len_keep <= L:
+        raise ValueError(f"random_masking: mask_ratio {mask_ratio} keeps {len_keep} of {L} tokens")
     if noise is None:
         gdev = generator.device if generator is not None else x.device
         noise = torch.rand(n, L, generator=generator, device=gdev).to(x.device)
@@ -64,36 +77,47 @@ def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generato
 # %% ../nbs/04_vision.ipynb #0000000a
 def sincos_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
     "`(1 + L, dim)` (or `(L, dim)`) fixed 2-D sin-cos position embedding, computed in float64."
-    if dim % 4: raise ValueError(f"sincos_pos_embed: dim {dim} must be divisible by 4")
+    if dim % 4:
+        raise ValueError(f"sincos_pos_embed: dim {dim} must be divisible by 4")
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
     gh = np.arange(grid_size, dtype=np.float64)
-    grid = np.meshgrid(gh, gh)           # w goes first, as in MAE
+    grid = np.meshgrid(gh, gh)  # w goes first, as in MAE
     emb = np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
-    if cls_token: emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
     return torch.from_numpy(emb).float()
 
 # %% ../nbs/04_vision.ipynb #0000000d
 _norm = partial(nn.LayerNorm, eps=1e-6)
 
+
 @dataclass
 class EncoderOutput:
     "Output of `ViTEncoder`: tokens `(N, 1+K, D)` (CLS first), and for masked passes `mask`/`ids_restore` `(N, L)`."
+
     tokens: torch.Tensor
     mask: torch.Tensor | None = None
     ids_restore: torch.Tensor | None = None
 
+
 def _init_weights(m):
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None: nn.init.zeros_(m.bias)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
 
 class ViTEncoder(nn.Module):
     "E_I: ViT on all or only the visible patches; timm-compatible state dict."
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
@@ -101,34 +125,56 @@ class ViTEncoder(nn.Module):
         self.embed_dim = cfg.width
         self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, cfg.width), requires_grad=False)  # fixed
-        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]   # stochastic depth rule (plain floats: works on the meta device)
-        self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=_norm, drop_path=dpr[i]) for i in range(cfg.depth)])
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + self.num_patches, cfg.width), requires_grad=False
+        )  # fixed
+        dpr = [
+            cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)
+        ]  # stochastic depth rule (plain floats: works on the meta device)
+        self.blocks = nn.ModuleList(
+            [
+                Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=_norm, drop_path=dpr[i])
+                for i in range(cfg.depth)
+            ]
+        )
         self.norm = _norm(cfg.width)
         self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
         "MAE initialisation: sin-cos positions, xavier-uniform patch embedding and linears, N(0, 0.02) CLS."
-        if self.pos_embed.is_meta: return
+        if self.pos_embed.is_meta:
+            return
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid_size).unsqueeze(0))
             w = self.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.normal_(self.cls_token, std=0.02)
-            for b in self.blocks: b.apply(_init_weights)
+            for b in self.blocks:
+                b.apply(_init_weights)
             _init_weights(self.norm)
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+            x = (
+                checkpoint(blk, x, use_reentrant=False)
+                if self.grad_checkpointing and self.training
+                else blk(x)
+            )
         return self.norm(x)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.0, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> EncoderOutput:
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float = 0.0,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> EncoderOutput:
         "`imgs` `(N, C, H, W)` -> `EncoderOutput`; `mask_ratio=0` encodes every patch."
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         mask = ids_restore = None
-        if mask_ratio > 0 or noise is not None: x, mask, ids_restore = random_masking(x, mask_ratio, generator, noise)
+        if mask_ratio > 0 or noise is not None:
+            x, mask, ids_restore = random_masking(x, mask_ratio, generator, noise)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return EncoderOutput(self.run_blocks(torch.cat([cls, x], dim=1)), mask, ids_restore)
 
@@ -136,40 +182,67 @@ class ViTEncoder(nn.Module):
 def timm_vit(cfg: VisionConfig, **kw) -> nn.Module:
     "The timm `VisionTransformer` (no head) with the same architecture as `ViTEncoder(cfg)`."
     from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.width,
-                             depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
-                             norm_layer=_norm, num_classes=0, **kw)
+
+    return VisionTransformer(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        norm_layer=_norm,
+        num_classes=0,
+        **kw,
+    )
+
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     "A state dict from a local `.safetensors` or `.pth`/`.pt`/`.bin` file (never unpickles arbitrary objects)."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"weights file not found: {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path))
-    try: sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({e})") from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({e})") from e
     for k in ("model", "state_dict", "module"):
-        if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict): sd = sd[k]
-    if not isinstance(sd, dict): raise ValueError(f"{path}: does not contain a state dict")
+        if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
+            sd = sd[k]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: does not contain a state dict")
     return sd
+
 
 @dataclass
 class LoadReport:
     "What `load_timm_weights` did: keys loaded, missing, unexpected (by category), resampled."
+
     loaded: list[str]
     missing: list[str]
     unexpected: dict[str, list[str]]
     resampled: list[str]
+
     def __str__(self):
         unexp = ", ".join(f"{k}: {len(v)}" for k, v in self.unexpected.items() if v) or "none"
-        return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)} {self.missing[:5]}; "
-                f"unexpected {unexp}; resampled {self.resampled}")
+        return (
+            f"loaded {len(self.loaded)} tensors; missing {len(self.missing)} {self.missing[:5]}; "
+            f"unexpected {unexp}; resampled {self.resampled}"
+        )
+
 
 def _key_category(k: str) -> str:
-    if k.startswith(("head", "fc_norm")): return "head"
-    if k.startswith(("decoder", "mask_token")): return "mae_decoder"
+    if k.startswith(("head", "fc_norm")):
+        return "head"
+    if k.startswith(("decoder", "mask_token")):
+        return "mae_decoder"
     return "other"
+
 
 def load_timm_weights(encoder: ViTEncoder, sd_or_path, strict: bool = False) -> LoadReport:
     "Load a timm-style ViT state dict (or file) into `encoder`, resampling `pos_embed` if the grid differs."
@@ -179,50 +252,74 @@ def load_timm_weights(encoder: ViTEncoder, sd_or_path, strict: bool = False) -> 
     resampled = []
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         old = int(math.isqrt(sd["pos_embed"].shape[1] - 1))
-        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], [encoder.grid_size] * 2, [old, old], num_prefix_tokens=1)
+        sd["pos_embed"] = resample_abs_pos_embed(
+            sd["pos_embed"], [encoder.grid_size] * 2, [old, old], num_prefix_tokens=1
+        )
         resampled.append(f"pos_embed {old}x{old} -> {encoder.grid_size}x{encoder.grid_size}")
     unexpected: dict[str, list[str]] = {}
-    for k in sorted(set(sd) - set(own)): unexpected.setdefault(_key_category(k), []).append(k)
+    for k in sorted(set(sd) - set(own)):
+        unexpected.setdefault(_key_category(k), []).append(k)
     missing = sorted(set(own) - set(sd))
     shape_bad = [k for k in set(sd) & set(own) if sd[k].shape != own[k].shape]
-    if shape_bad: raise ValueError(f"load_timm_weights: shape mismatch for {sorted(shape_bad)[:5]} (checkpoint {sd[shape_bad[0]].shape} vs model {own[shape_bad[0]].shape})")
-    if strict and (missing or unexpected): raise ValueError(f"load_timm_weights: missing {missing[:5]}, unexpected {unexpected}")
+    if shape_bad:
+        raise ValueError(
+            f"load_timm_weights: shape mismatch for {sorted(shape_bad)[:5]} (checkpoint {sd[shape_bad[0]].shape} vs model {own[shape_bad[0]].shape})"
+        )
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_timm_weights: missing {missing[:5]}, unexpected {unexpected}")
     encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return LoadReport(sorted(set(sd) & set(own)), missing, unexpected, resampled)
 
 # %% ../nbs/04_vision.ipynb #00000013
 class TransformerStack(nn.Module):
     "Optional input projection, `depth` timm Blocks, LayerNorm: `(N, T, in_dim)` -> `(N, T, width)`."
+
     def __init__(self, in_dim: int, cfg: TransformerConfig):
         super().__init__()
         self.width = cfg.width or in_dim
         self.proj_in = nn.Linear(in_dim, self.width) if self.width != in_dim else nn.Identity()
-        self.blocks = nn.ModuleList([Block(self.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=_norm) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList(
+            [
+                Block(self.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=_norm)
+                for _ in range(cfg.depth)
+            ]
+        )
         self.norm = _norm(self.width)
         self.grad_checkpointing = False
         self.apply(_init_weights)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(x)
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+            x = (
+                checkpoint(blk, x, use_reentrant=False)
+                if self.grad_checkpointing and self.training
+                else blk(x)
+            )
         return self.norm(x)
+
 
 class MaskedTokenDecoder(nn.Module):
     "MAE-style decoder: `(N, 1+K, in_dim)` visible tokens + `ids_restore` -> `(N, L, out_dim)` for all patches."
+
     def __init__(self, in_dim: int, cfg: TransformerConfig, grid_size: int, out_dim: int):
         super().__init__()
         self.width = cfg.width or in_dim
-        self.grid_size, self.num_patches = grid_size, grid_size ** 2
+        self.grid_size, self.num_patches = grid_size, grid_size**2
         self.embed = nn.Linear(in_dim, self.width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, self.width), requires_grad=False)
-        self.stack = TransformerStack(self.width, TransformerConfig(width=self.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio))
+        self.stack = TransformerStack(
+            self.width,
+            TransformerConfig(width=self.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio),
+        )
         self.head = nn.Linear(self.width, out_dim)
         self.apply(_init_weights)
         if not self.pos_embed.is_meta:
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_pos_embed(self.width, grid_size).unsqueeze(0))
                 nn.init.normal_(self.mask_token, std=0.02)
+
     def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(tokens)
         if ids_restore is not None:

@@ -4,19 +4,27 @@
 
 # %% ../nbs/11_viz.ipynb #00000002
 from __future__ import annotations
-import contextlib, dataclasses, html, json, math, numbers
+
+import contextlib
+import dataclasses
+import html
+import json
+import math
+import numbers
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
 import numpy as np
+import plotly.graph_objects as go
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import plotly.graph_objects as go
 from plotly.basedatatypes import BaseFigure
 from plotly.subplots import make_subplots
-from .vision import patchify, unpatchify
+
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .train import read_metrics   # the one reader of metrics.jsonl, shared with the trainer
+from .train import read_metrics  # the one reader of metrics.jsonl, shared with the trainer
+from .vision import patchify, unpatchify
 
 # %% auto #0
 __all__ = ['RECON_COLUMNS', 'ATTENTION_STACKS', 'DIAG_PANELS', 'LOSS_KEYS', 'NON_LOSS_KEYS', 'denormalize', 'to_display',
@@ -28,37 +36,51 @@ __all__ = ['RECON_COLUMNS', 'ATTENTION_STACKS', 'DIAG_PANELS', 'LOSS_KEYS', 'NON
            'phi_explorer', 'metrics_summary', 'write_report', 'run_figures']
 
 # %% ../nbs/11_viz.ipynb #00000005
-def denormalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def denormalize(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     "Undo `(x - mean) / std` of `(..., C, H, W)` images and clamp to [0, 1] (for pictures)."
     c = images.shape[-3]
     if len(mean) != c or len(std) != c:
-        raise ValueError(f"denormalize: images have {c} channels but mean/std have {len(mean)}/{len(std)} values")
+        raise ValueError(
+            f"denormalize: images have {c} channels but mean/std have {len(mean)}/{len(std)} values"
+        )
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(c, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(c, 1, 1)
     return (images * s + m).clamp(0, 1)
 
+
 def _as_batch(images, name: str = "images") -> torch.Tensor:
     "`(C, H, W)` or `(B, C, H, W)` tensor/array -> `(B, C, H, W)` float tensor."
     x = torch.as_tensor(images)
-    if x.dim() == 3: x = x.unsqueeze(0)
-    if x.dim() != 4: raise ValueError(f"{name}: expected (C, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected (C, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
     return x.float() if not x.is_floating_point() else x
+
 
 def to_display(images, normalized: bool = True) -> np.ndarray:
     "`(B, C, H, W)` (or `(C, H, W)`) model-space images -> `uint8` `(B, H, W, 3)` for `go.Image`."
     x = _as_batch(images).detach().float().cpu()
     x = denormalize(x) if normalized else x.clamp(0, 1)
-    if x.shape[1] == 1: x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] != 3: raise ValueError(f"to_display: cannot show {x.shape[1]}-channel images (need 1 or 3)")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != 3:
+        raise ValueError(f"to_display: cannot show {x.shape[1]}-channel images (need 1 or 3)")
     return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     "Temporarily `model.eval()` (no drop path / dropout), restoring the previous mode."
     was = model.training
     model.eval()
-    try: yield model
-    finally: model.train(was)
+    try:
+        yield model
+    finally:
+        model.train(was)
+
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -67,48 +89,85 @@ def _device(model: nn.Module) -> torch.device:
 def _upsample(grid, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     "`(gh, gw)` patch-grid map -> `(H, W)` (`mode` 'nearest' keeps the patches, 'bilinear' smooths)."
     g = torch.as_tensor(grid).detach().float().cpu()
-    if g.dim() != 2: raise ValueError(f"expected a (grid_h, grid_w) map, got shape {tuple(g.shape)}")
-    if mode not in ("nearest", "bilinear"): raise ValueError(f"upsample: {mode!r} is not 'nearest' or 'bilinear'")
+    if g.dim() != 2:
+        raise ValueError(f"expected a (grid_h, grid_w) map, got shape {tuple(g.shape)}")
+    if mode not in ("nearest", "bilinear"):
+        raise ValueError(f"upsample: {mode!r} is not 'nearest' or 'bilinear'")
     kw = dict(align_corners=False) if mode == "bilinear" else {}
     return F.interpolate(g[None, None], size=tuple(size), mode=mode, **kw)[0, 0]
 
+
 def _np(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    return (
+        x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    )
+
 
 def _image_axes(fig: go.Figure) -> go.Figure:
     "Hide ticks, y downwards, square pixels on every subplot of an image figure."
     fig.for_each_xaxis(lambda ax: ax.update(visible=False, constrain="domain"))
-    fig.for_each_yaxis(lambda ax: ax.update(visible=False, autorange="reversed", constrain="domain", scaleanchor=ax.anchor or "x"))
+    fig.for_each_yaxis(
+        lambda ax: ax.update(
+            visible=False, autorange="reversed", constrain="domain", scaleanchor=ax.anchor or "x"
+        )
+    )
     return fig
 
-def _overlay_traces(img: np.ndarray, heat, opacity: float = 0.5, colorscale: str = "Turbo", name: str = "",
-                    coloraxis: str | None = None, zmin=None, zmax=None, upsample: str = "bilinear",
-                    colorbar_title: str = "") -> list:
+
+def _overlay_traces(
+    img: np.ndarray,
+    heat,
+    opacity: float = 0.5,
+    colorscale: str = "Turbo",
+    name: str = "",
+    coloraxis: str | None = None,
+    zmin=None,
+    zmax=None,
+    upsample: str = "bilinear",
+    colorbar_title: str = "",
+) -> list:
     "`go.Image` of `img` `(H, W, 3)` uint8 + a heatmap of `heat` `(gh, gw)` upsampled to `(H, W)`."
     h, w = img.shape[:2]
     up = _np(_upsample(heat, (h, w), upsample))
-    hm = dict(z=up, x0=0, dx=1, y0=0, dy=1, opacity=opacity, name=name, hovertemplate="x %{x}, y %{y}: %{z:.4f}<extra></extra>")
-    if coloraxis is not None: hm.update(coloraxis=coloraxis)
-    else: hm.update(colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar=dict(title=colorbar_title))
+    hm = dict(
+        z=up,
+        x0=0,
+        dx=1,
+        y0=0,
+        dy=1,
+        opacity=opacity,
+        name=name,
+        hovertemplate="x %{x}, y %{y}: %{z:.4f}<extra></extra>",
+    )
+    if coloraxis is not None:
+        hm.update(coloraxis=coloraxis)
+    else:
+        hm.update(colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar=dict(title=colorbar_title))
     return [go.Image(z=img, name=name, hoverinfo="skip"), go.Heatmap(**hm)]
 
 # %% ../nbs/11_viz.ipynb #0000000a
 @torch.no_grad()
-def reconstruct(model: nn.Module, images, mask_ratio: float | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+def reconstruct(
+    model: nn.Module, images, mask_ratio: float | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Mask `images` `(B, C, H, W)` (model input space), encode the visible patches and decode all of them.
 
     Returns model-space tensors `original`, `reconstruction` (every patch predicted, de-normalised per patch
     when `model.config.norm_pix_loss`), `pasted` (visible patches of the original, predictions elsewhere)
     `(B, C, H, W)`, the pixel `mask` `(B, 1, H, W)` and `patch_mask` `(B, L)` (1 = removed)."""
     if getattr(model, "decoder", None) is None:
-        raise ValueError(f"reconstruction: method {model.config.method!r} has no pixel decoder (use_mim=False); "
-                         "use a model trained with masked image modelling")
+        raise ValueError(
+            f"reconstruction: method {model.config.method!r} has no pixel decoder (use_mim=False); "
+            "use a model trained with masked image modelling"
+        )
     c = model.config
     p, ch = c.vision.patch_size, c.vision.in_chans
     r = c.mask_ratio if mask_ratio is None else float(mask_ratio)
-    if not 0 <= r < 1: raise ValueError(f"reconstruction: mask_ratio {r} must be in [0, 1)")
+    if not 0 <= r < 1:
+        raise ValueError(f"reconstruction: mask_ratio {r} must be in [0, 1)")
     x = _as_batch(images).to(_device(model))
-    if x.shape[1] != ch: raise ValueError(f"reconstruction: images have {x.shape[1]} channels, the model expects {ch}")
+    if x.shape[1] != ch:
+        raise ValueError(f"reconstruction: images have {x.shape[1]} channels, the model expects {ch}")
     g = torch.Generator(device=x.device).manual_seed(int(seed))
     with _eval_mode(model):
         enc = model.encoder(x, mask_ratio=r, generator=g)
@@ -120,34 +179,71 @@ def reconstruct(model: nn.Module, images, mask_ratio: float | None = None, seed:
     mask = enc.mask if enc.mask is not None else torch.zeros(pred.shape[:2], device=x.device)
     pix = unpatchify(mask[..., None].expand(-1, -1, p * p * ch).to(pred.dtype), p, ch)[:, :1]
     recon = unpatchify(pred, p, ch)
-    return dict(original=x.float(), reconstruction=recon, pasted=x.float() * (1 - pix) + recon * pix, mask=pix, patch_mask=mask)
+    return dict(
+        original=x.float(),
+        reconstruction=recon,
+        pasted=x.float() * (1 - pix) + recon * pix,
+        mask=pix,
+        patch_mask=mask,
+    )
+
 
 RECON_COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
+
 
 def _recon_panels(rec: dict, i: int, normalized: bool) -> list[np.ndarray]:
     "The four uint8 `(H, W, 3)` panels of sample `i`; removed patches of the masked input are mid-grey."
     orig = to_display(rec["original"][i], normalized)[0]
     m = rec["mask"][i, 0].cpu().numpy().astype(bool)
-    masked = orig.copy(); masked[m] = 128
-    return [orig, masked, to_display(rec["reconstruction"][i], normalized)[0], to_display(rec["pasted"][i], normalized)[0]]
+    masked = orig.copy()
+    masked[m] = 128
+    return [
+        orig,
+        masked,
+        to_display(rec["reconstruction"][i], normalized)[0],
+        to_display(rec["pasted"][i], normalized)[0],
+    ]
 
-def reconstruction_figure(model: nn.Module, images, mask_ratio: float | None = None, seed: int = 0, n: int = 4,
-                          normalized: bool = True) -> go.Figure:
+
+def reconstruction_figure(
+    model: nn.Module,
+    images,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    n: int = 4,
+    normalized: bool = True,
+) -> go.Figure:
     "Grid: one row per sample (first `n`), columns original | masked input | reconstruction | reconstruction + visible."
     x = _as_batch(images)[:n]
     rec = reconstruct(model, x, mask_ratio, seed)
     r = model.config.mask_ratio if mask_ratio is None else mask_ratio
     rows = x.shape[0]
-    fig = make_subplots(rows=rows, cols=4, column_titles=list(RECON_COLUMNS), row_titles=[f"sample {i}" for i in range(rows)],
-                        horizontal_spacing=0.01, vertical_spacing=0.02)
+    fig = make_subplots(
+        rows=rows,
+        cols=4,
+        column_titles=list(RECON_COLUMNS),
+        row_titles=[f"sample {i}" for i in range(rows)],
+        horizontal_spacing=0.01,
+        vertical_spacing=0.02,
+    )
     for i in range(rows):
         for j, z in enumerate(_recon_panels(rec, i, normalized)):
             fig.add_trace(go.Image(z=z, name=f"{RECON_COLUMNS[j]} {i}"), row=i + 1, col=j + 1)
-    mse = float((((rec["reconstruction"] - rec["original"]) ** 2).mean(1, keepdim=True) * rec["mask"]).sum() / rec["mask"].sum().clamp_min(1))
-    fig.update_layout(title=dict(text=f"MAE reconstruction: {r:.0%} of patches removed (seed {seed}); MSE on removed patches "
-                                      f"{mse:.4f} (normalised pixels)<br><span style='font-size:12px'>MAE puts no loss on the visible patches: the decoder's "
-                                      "output there is unconstrained (noisy); the last column pastes them back</span>", font=dict(size=14)),
-                      height=80 + 190 * rows, width=820, margin=dict(l=10, r=30, t=100, b=10))
+    mse = float(
+        (((rec["reconstruction"] - rec["original"]) ** 2).mean(1, keepdim=True) * rec["mask"]).sum()
+        / rec["mask"].sum().clamp_min(1)
+    )
+    fig.update_layout(
+        title=dict(
+            text=f"MAE reconstruction: {r:.0%} of patches removed (seed {seed}); MSE on removed patches "
+            f"{mse:.4f} (normalised pixels)<br><span style='font-size:12px'>MAE puts no loss on the visible patches: the decoder's "
+            "output there is unconstrained (noisy); the last column pastes them back</span>",
+            font=dict(size=14),
+        ),
+        height=80 + 190 * rows,
+        width=820,
+        margin=dict(l=10, r=30, t=100, b=10),
+    )
     return _image_axes(fig)
 
 # %% ../nbs/11_viz.ipynb #0000000f
@@ -160,13 +256,17 @@ def attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
     return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
 
+
 ATTENTION_STACKS = ("encoder", "bridge")
 
+
 def _stack_blocks(model: nn.Module, which: str) -> list[nn.Module]:
-    if which not in ATTENTION_STACKS: raise ValueError(f"which: {which!r} is not one of {list(ATTENTION_STACKS)}")
+    if which not in ATTENTION_STACKS:
+        raise ValueError(f"which: {which!r} is not one of {list(ATTENTION_STACKS)}")
     if which == "bridge" and getattr(model, "bridge", None) is None:
         raise ValueError(f"which='bridge': method {model.config.method!r} has no bridge (use_bridge=False)")
     return list((model.encoder if which == "encoder" else model.bridge).blocks)
+
 
 @torch.no_grad()
 def attention_maps(model: nn.Module, images, which: str = "encoder") -> torch.Tensor:
@@ -174,65 +274,123 @@ def attention_maps(model: nn.Module, images, which: str = "encoder") -> torch.Te
     blocks = _stack_blocks(model, which)
     x = _as_batch(images).to(_device(model))
     maps: list[torch.Tensor] = []
-    def hook(mod, args): maps.append(attention_weights(mod, args[0]))
+
+    def hook(mod, args):
+        maps.append(attention_weights(mod, args[0]))
+
     handles = [blk.attn.register_forward_pre_hook(hook) for blk in blocks]
     try:
         with _eval_mode(model):
             tokens = model.encoder(x).tokens
-            if which == "bridge": model.bridge(tokens)
+            if which == "bridge":
+                model.bridge(tokens)
     finally:
-        for hd in handles: hd.remove()
-    if len(maps) != len(blocks): raise RuntimeError(f"attention_maps: captured {len(maps)} of {len(blocks)} layers")
+        for hd in handles:
+            hd.remove()
+    if len(maps) != len(blocks):
+        raise RuntimeError(f"attention_maps: captured {len(maps)} of {len(blocks)} layers")
     return torch.stack(maps)
 
 # %% ../nbs/11_viz.ipynb #00000013
 def _pick_layer(n_layers: int, layer: int) -> int:
-    if not -n_layers <= layer < n_layers: raise ValueError(f"layer: {layer} is out of range for {n_layers} layers")
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer: {layer} is out of range for {n_layers} layers")
     return layer % n_layers
+
 
 def cls_attention(attn: torch.Tensor, grid: tuple[int, int], head: int | str = "mean") -> torch.Tensor:
     "CLS-to-patch attention `(B, gh, gw)` of one layer's weights `(B, heads, T, T)`; `head` an index or 'mean'."
-    if attn.dim() != 4: raise ValueError(f"cls_attention: expected (B, heads, T, T), got {tuple(attn.shape)}")
-    if head == "mean": a = attn.mean(1)
-    elif isinstance(head, numbers.Integral) and -attn.shape[1] <= head < attn.shape[1]: a = attn[:, head]
-    else: raise ValueError(f"head: {head!r} is not 'mean' or an index below {attn.shape[1]}")
+    if attn.dim() != 4:
+        raise ValueError(f"cls_attention: expected (B, heads, T, T), got {tuple(attn.shape)}")
+    if head == "mean":
+        a = attn.mean(1)
+    elif isinstance(head, numbers.Integral) and -attn.shape[1] <= head < attn.shape[1]:
+        a = attn[:, head]
+    else:
+        raise ValueError(f"head: {head!r} is not 'mean' or an index below {attn.shape[1]}")
     gh, gw = grid
-    if a.shape[-1] != 1 + gh * gw: raise ValueError(f"cls_attention: {a.shape[-1]} tokens is not 1 + {gh}x{gw}")
+    if a.shape[-1] != 1 + gh * gw:
+        raise ValueError(f"cls_attention: {a.shape[-1]} tokens is not 1 + {gh}x{gw}")
     return a[:, 0, 1:].reshape(-1, gh, gw)
+
 
 def _grid(model: nn.Module) -> tuple[int, int]:
     g = model.config.vision.grid_size
     return (g, g)
 
-def attention_figure(model: nn.Module, image, which: str = "encoder", layer: int = -1, head: int | str = "mean",
-                     normalized: bool = True, opacity: float = 0.5, upsample: str = "nearest") -> go.Figure:
+
+def attention_figure(
+    model: nn.Module,
+    image,
+    which: str = "encoder",
+    layer: int = -1,
+    head: int | str = "mean",
+    normalized: bool = True,
+    opacity: float = 0.5,
+    upsample: str = "nearest",
+) -> go.Figure:
     "CLS-to-patch attention of one layer (one head, or the head mean) over `image` `(C, H, W)`."
     x = _as_batch(image)[:1]
     A = attention_maps(model, x, which)
     li = _pick_layer(A.shape[0], layer)
     m = cls_attention(A[li], _grid(model), head)[0]
-    tr = _overlay_traces(to_display(x, normalized)[0], m, opacity, upsample=upsample, name="CLS attention", colorbar_title="weight")
+    tr = _overlay_traces(
+        to_display(x, normalized)[0],
+        m,
+        opacity,
+        upsample=upsample,
+        name="CLS attention",
+        colorbar_title="weight",
+    )
     fig = go.Figure(tr)
     hname = "mean of heads" if head == "mean" else f"head {head}"
-    fig.update_layout(title=f"{which} layer {li}, {hname}: CLS → patch attention", width=560, height=540, margin=dict(l=10, r=10, t=80, b=10))
+    fig.update_layout(
+        title=f"{which} layer {li}, {hname}: CLS → patch attention",
+        width=560,
+        height=540,
+        margin=dict(l=10, r=10, t=80, b=10),
+    )
     return _image_axes(fig)
+
 
 def attention_grid_figure(model: nn.Module, image, which: str = "encoder") -> go.Figure:
     "Every layer (rows) × head (columns) CLS-to-patch map of `image`, each scaled to its own maximum."
     x = _as_batch(image)[:1]
     A = attention_maps(model, x, which)
     n_l, _, n_h = A.shape[:3]
-    fig = make_subplots(rows=n_l, cols=n_h, row_titles=[f"layer {l}" for l in range(n_l)],
-                        column_titles=[f"head {h}" for h in range(n_h)], horizontal_spacing=0.01, vertical_spacing=0.01)
+    fig = make_subplots(
+        rows=n_l,
+        cols=n_h,
+        row_titles=[f"layer {l}" for l in range(n_l)],
+        column_titles=[f"head {h}" for h in range(n_h)],
+        horizontal_spacing=0.01,
+        vertical_spacing=0.01,
+    )
     for l in range(n_l):
         for h in range(n_h):
             m = _np(cls_attention(A[l], _grid(model), h)[0])
-            fig.add_trace(go.Heatmap(z=m / max(m.max(), 1e-12), customdata=m, coloraxis="coloraxis", name=f"L{l} H{h}",
-                                     hovertemplate="patch (%{y}, %{x}): %{customdata:.4f}<extra>layer " + str(l) + ", head " + str(h) + "</extra>"),
-                          row=l + 1, col=h + 1)
-    fig.update_layout(title=f"{which}: CLS → patch attention, layer × head",
-                      coloraxis=dict(colorscale="Turbo", cmin=0, cmax=1, colorbar=dict(title="/ max")),
-                      width=max(150 * n_h + 160, 480), height=150 * n_l + 90, margin=dict(l=10, r=10, t=70, b=10))
+            fig.add_trace(
+                go.Heatmap(
+                    z=m / max(m.max(), 1e-12),
+                    customdata=m,
+                    coloraxis="coloraxis",
+                    name=f"L{l} H{h}",
+                    hovertemplate="patch (%{y}, %{x}): %{customdata:.4f}<extra>layer "
+                    + str(l)
+                    + ", head "
+                    + str(h)
+                    + "</extra>",
+                ),
+                row=l + 1,
+                col=h + 1,
+            )
+    fig.update_layout(
+        title=f"{which}: CLS → patch attention, layer × head",
+        coloraxis=dict(colorscale="Turbo", cmin=0, cmax=1, colorbar=dict(title="/ max")),
+        width=max(150 * n_h + 160, 480),
+        height=150 * n_l + 90,
+        margin=dict(l=10, r=10, t=70, b=10),
+    )
     return _image_axes(fig)
 
 # %% ../nbs/11_viz.ipynb #204b75f5
@@ -242,29 +400,57 @@ def attention_rollout(attn, head_fusion: str = "mean", residual: bool = True) ->
     stacks = [attn] if isinstance(attn, torch.Tensor) else list(attn)
     fused = []
     for s in stacks:
-        if s.dim() != 5: raise ValueError(f"attention_rollout: expected (layers, B, heads, T, T), got {tuple(s.shape)}")
-        if head_fusion == "mean": fused.append(s.mean(2))
-        elif head_fusion == "max": fused.append(s.amax(2))
-        elif head_fusion == "min": fused.append(s.amin(2))
-        else: raise ValueError(f"head_fusion: {head_fusion!r} is not 'mean', 'max' or 'min'")
+        if s.dim() != 5:
+            raise ValueError(f"attention_rollout: expected (layers, B, heads, T, T), got {tuple(s.shape)}")
+        if head_fusion == "mean":
+            fused.append(s.mean(2))
+        elif head_fusion == "max":
+            fused.append(s.amax(2))
+        elif head_fusion == "min":
+            fused.append(s.amin(2))
+        else:
+            raise ValueError(f"head_fusion: {head_fusion!r} is not 'mean', 'max' or 'min'")
     a = torch.cat(fused).double()
-    if residual: a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    if residual:
+        a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     a = a / a.sum(-1, keepdim=True)
     r = a[0]
-    for layer in a[1:]: r = layer @ r
+    for layer in a[1:]:
+        r = layer @ r
     return r.float()
 
-def attention_rollout_figure(model: nn.Module, image, which: str | Sequence[str] = "encoder", normalized: bool = True,
-                             opacity: float = 0.5, head_fusion: str = "mean", upsample: str = "nearest") -> go.Figure:
+
+def attention_rollout_figure(
+    model: nn.Module,
+    image,
+    which: str | Sequence[str] = "encoder",
+    normalized: bool = True,
+    opacity: float = 0.5,
+    head_fusion: str = "mean",
+    upsample: str = "nearest",
+) -> go.Figure:
     "Rollout of CLS attention over `image` through one stack or several (`['encoder', 'bridge']`)."
     x = _as_batch(image)[:1]
     names = [which] if isinstance(which, str) else list(which)
     R = attention_rollout([attention_maps(model, x, w) for w in names], head_fusion)
     gh, gw = _grid(model)
     m = R[0, 0, 1:].reshape(gh, gw)
-    fig = go.Figure(_overlay_traces(to_display(x, normalized)[0], m, opacity, upsample=upsample, name="rollout", colorbar_title="rollout"))
-    fig.update_layout(title=f"attention rollout through {' + '.join(names)} (heads: {head_fusion})", width=560, height=540,
-                      margin=dict(l=10, r=10, t=80, b=10))
+    fig = go.Figure(
+        _overlay_traces(
+            to_display(x, normalized)[0],
+            m,
+            opacity,
+            upsample=upsample,
+            name="rollout",
+            colorbar_title="rollout",
+        )
+    )
+    fig.update_layout(
+        title=f"attention rollout through {' + '.join(names)} (heads: {head_fusion})",
+        width=560,
+        height=540,
+        margin=dict(l=10, r=10, t=80, b=10),
+    )
     return _image_axes(fig)
 
 # %% ../nbs/11_viz.ipynb #00000017
@@ -273,79 +459,178 @@ def phi_map_of(source, image=None) -> torch.Tensor:
     "φ `(gh, gw)` from a map (tensor/array), a `SemanticIntegrityEstimator`, or a model with `.integrity`."
     if isinstance(source, (torch.Tensor, np.ndarray)):
         t = torch.as_tensor(source).detach().float().cpu()
-        if t.dim() == 3 and t.shape[0] == 1: t = t[0]
-        if t.dim() != 2: raise ValueError(f"phi: expected a (grid_h, grid_w) map, got shape {tuple(t.shape)}")
+        if t.dim() == 3 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 2:
+            raise ValueError(f"phi: expected a (grid_h, grid_w) map, got shape {tuple(t.shape)}")
         return t
     model = source if hasattr(source, "integrity") else None
     est = source.integrity if model is not None else source
     if est is None:
         method = getattr(getattr(source, "config", None), "method", "?")
-        raise ValueError(f"phi: model.integrity is None — method {method!r} has no semantic-integrity estimator "
-                         "(configure mlip.integrity)")
-    if not hasattr(est, "phi_map"): raise ValueError(f"phi: {type(source).__name__} is neither a φ map, an estimator nor a model")
+        raise ValueError(
+            f"phi: model.integrity is None — method {method!r} has no semantic-integrity estimator "
+            "(configure mlip.integrity)"
+        )
+    if not hasattr(est, "phi_map"):
+        raise ValueError(f"phi: {type(source).__name__} is neither a φ map, an estimator nor a model")
     if getattr(est, "mode", "mask") == "content":
         if model is None or image is None:
             raise ValueError("phi: content-aware φ depends on the image; pass the model and `image=`")
         enc = model.encoder
-        tokens = enc.patch_embed(_as_batch(image)[:1].to(_device(model))) + enc.pos_embed[:, 1:]   # as MaskedCLIP feeds it
+        tokens = (
+            enc.patch_embed(_as_batch(image)[:1].to(_device(model))) + enc.pos_embed[:, 1:]
+        )  # as MaskedCLIP feeds it
         return est.phi_map(tokens)[0].float().cpu()
     return est.phi_map().detach().float().cpu()
 
-def phi_figure(source, image=None, normalized: bool = True, title: str | None = None, opacity: float = 0.5) -> go.Figure:
+
+def phi_figure(
+    source, image=None, normalized: bool = True, title: str | None = None, opacity: float = 0.5
+) -> go.Figure:
     "φ as a patch-grid heatmap (values written in the cells for small grids); with `image`, also over the image."
     phi = phi_map_of(source, image)
     gh, gw = phi.shape
     z = _np(phi)
     cols = 2 if image is not None else 1
-    fig = make_subplots(rows=1, cols=cols, subplot_titles=["φ per patch"] + (["φ over the image"] if cols == 2 else []),
-                        horizontal_spacing=0.04)
-    hm = dict(z=z, coloraxis="coloraxis", name="φ", hovertemplate="patch (%{y}, %{x}): φ=%{z:.4f}<extra></extra>")
-    if gh * gw <= 256: hm.update(texttemplate="%{z:.3g}", textfont=dict(size=9))
+    fig = make_subplots(
+        rows=1,
+        cols=cols,
+        subplot_titles=["φ per patch"] + (["φ over the image"] if cols == 2 else []),
+        horizontal_spacing=0.04,
+    )
+    hm = dict(
+        z=z, coloraxis="coloraxis", name="φ", hovertemplate="patch (%{y}, %{x}): φ=%{z:.4f}<extra></extra>"
+    )
+    if gh * gw <= 256:
+        hm.update(texttemplate="%{z:.3g}", textfont=dict(size=9))
     fig.add_trace(go.Heatmap(**hm), row=1, col=1)
     if cols == 2:
-        img, heat = _overlay_traces(to_display(_as_batch(image)[:1], normalized)[0], phi, opacity, upsample="nearest", coloraxis="coloraxis", name="φ")
-        h, w = heat.z.shape                                                  # hover over the image names the patch and its φ
-        heat.customdata = np.stack(np.meshgrid(np.arange(h) * gh // h, np.arange(w) * gw // w, indexing="ij"), -1)
+        img, heat = _overlay_traces(
+            to_display(_as_batch(image)[:1], normalized)[0],
+            phi,
+            opacity,
+            upsample="nearest",
+            coloraxis="coloraxis",
+            name="φ",
+        )
+        h, w = heat.z.shape  # hover over the image names the patch and its φ
+        heat.customdata = np.stack(
+            np.meshgrid(np.arange(h) * gh // h, np.arange(w) * gw // w, indexing="ij"), -1
+        )
         heat.hovertemplate = "patch (%{customdata[0]}, %{customdata[1]}): φ=%{z:.4f}<extra></extra>"
-        fig.add_trace(img, row=1, col=2); fig.add_trace(heat, row=1, col=2)
-    fig.update_layout(title=title or f"semantic-integrity weights φ ({gh}×{gw} patches)",
-                      coloraxis=dict(colorscale="Viridis", colorbar=dict(title="φ")),
-                      width=460 * cols + 80, height=500, margin=dict(l=10, r=10, t=70, b=10))
+        fig.add_trace(img, row=1, col=2)
+        fig.add_trace(heat, row=1, col=2)
+    fig.update_layout(
+        title=title or f"semantic-integrity weights φ ({gh}×{gw} patches)",
+        coloraxis=dict(colorscale="Viridis", colorbar=dict(title="φ")),
+        width=460 * cols + 80,
+        height=500,
+        margin=dict(l=10, r=10, t=70, b=10),
+    )
     return _image_axes(fig)
 
 # %% ../nbs/11_viz.ipynb #1ddf9c6e
 def phi_evolution_figure(history: Sequence[tuple[int, Any]], title: str = "φ over training") -> go.Figure:
     "φ maps of several checkpoints, `[(step, (gh, gw) map), ...]`, behind a slider (one shared colour scale)."
-    if not history: raise ValueError("phi_evolution_figure: `history` is empty")
+    if not history:
+        raise ValueError("phi_evolution_figure: `history` is empty")
     steps, maps = [], []
     for i, item in enumerate(history):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2): raise ValueError(f"history[{i}]: expected (step, phi_map)")
-        steps.append(item[0]); maps.append(_np(phi_map_of(item[1])))
-    if len({m.shape for m in maps}) != 1: raise ValueError(f"phi_evolution_figure: maps differ in shape: {sorted({m.shape for m in maps})}")
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"history[{i}]: expected (step, phi_map)")
+        steps.append(item[0])
+        maps.append(_np(phi_map_of(item[1])))
+    if len({m.shape for m in maps}) != 1:
+        raise ValueError(f"phi_evolution_figure: maps differ in shape: {sorted({m.shape for m in maps})}")
     lo, hi = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
-    if hi <= lo: hi = lo + 1e-6
-    def trace(m): return go.Heatmap(z=m, zmin=lo, zmax=hi, colorscale="Viridis", colorbar=dict(title="φ"),
-                                    hovertemplate="patch (%{y}, %{x}): φ=%{z:.4f}<extra></extra>")
-    frames = [go.Frame(data=[trace(m)], name=str(s), layout=dict(title=f"{title} — step {s}")) for s, m in zip(steps, maps)]
-    slider = dict(active=0, currentvalue=dict(prefix="step "), x=0.12, len=0.88, y=0, yanchor="top", pad=dict(t=30),
-                  steps=[dict(label=str(s), method="animate", args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))]) for s in steps])
-    play = dict(type="buttons", showactive=False, direction="left", x=0.12, y=0, xanchor="right", yanchor="top", pad=dict(t=60, r=10),
-                buttons=[dict(label="▶ play", method="animate", args=[None, dict(frame=dict(duration=500, redraw=True), fromcurrent=True)]),
-                         dict(label="❚❚", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])
+    if hi <= lo:
+        hi = lo + 1e-6
+
+    def trace(m):
+        return go.Heatmap(
+            z=m,
+            zmin=lo,
+            zmax=hi,
+            colorscale="Viridis",
+            colorbar=dict(title="φ"),
+            hovertemplate="patch (%{y}, %{x}): φ=%{z:.4f}<extra></extra>",
+        )
+
+    frames = [
+        go.Frame(data=[trace(m)], name=str(s), layout=dict(title=f"{title} — step {s}"))
+        for s, m in zip(steps, maps)
+    ]
+    slider = dict(
+        active=0,
+        currentvalue=dict(prefix="step "),
+        x=0.12,
+        len=0.88,
+        y=0,
+        yanchor="top",
+        pad=dict(t=30),
+        steps=[
+            dict(
+                label=str(s),
+                method="animate",
+                args=[
+                    [str(s)],
+                    dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0)),
+                ],
+            )
+            for s in steps
+        ],
+    )
+    play = dict(
+        type="buttons",
+        showactive=False,
+        direction="left",
+        x=0.12,
+        y=0,
+        xanchor="right",
+        yanchor="top",
+        pad=dict(t=60, r=10),
+        buttons=[
+            dict(
+                label="▶ play",
+                method="animate",
+                args=[None, dict(frame=dict(duration=500, redraw=True), fromcurrent=True)],
+            ),
+            dict(
+                label="❚❚",
+                method="animate",
+                args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))],
+            ),
+        ],
+    )
     fig = go.Figure(data=[trace(maps[0])], frames=frames)
-    fig.update_layout(title=f"{title} — step {steps[0]}", sliders=[slider], updatemenus=[play], width=600, height=640,
-                      margin=dict(l=10, r=10, t=60, b=110))
-    fig.update_xaxes(visible=False, constrain="domain"); fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_layout(
+        title=f"{title} — step {steps[0]}",
+        sliders=[slider],
+        updatemenus=[play],
+        width=600,
+        height=640,
+        margin=dict(l=10, r=10, t=60, b=110),
+    )
+    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
     return fig
 
 # %% ../nbs/11_viz.ipynb #0000001a
 def _patch_head(model: nn.Module, projection: str) -> nn.Module:
-    if projection not in ("image", "patch", "auto"): raise ValueError(f"projection: {projection!r} is not 'image', 'patch' or 'auto'")
+    if projection not in ("image", "patch", "auto"):
+        raise ValueError(f"projection: {projection!r} is not 'image', 'patch' or 'auto'")
     if getattr(model, "image_proj", None) is None:
-        raise ValueError(f"prompt heatmaps: method {model.config.method!r} has no image–text head (use_clip=False)")
+        raise ValueError(
+            f"prompt heatmaps: method {model.config.method!r} has no image–text head (use_clip=False)"
+        )
     patch = getattr(model, "patch_proj", None)
-    if projection == "patch" and patch is None: raise ValueError("projection='patch': this model has no patch_proj (mlip.use_ot=False)")
-    return patch if projection == "patch" or (projection == "auto" and patch is not None) else model.image_proj
+    if projection == "patch" and patch is None:
+        raise ValueError("projection='patch': this model has no patch_proj (mlip.use_ot=False)")
+    return (
+        patch if projection == "patch" or (projection == "auto" and patch is not None) else model.image_proj
+    )
+
 
 @torch.no_grad()
 def patch_embeddings(model: nn.Module, images, projection: str = "image") -> torch.Tensor:
@@ -358,46 +643,73 @@ def patch_embeddings(model: nn.Module, images, projection: str = "image") -> tor
         z = model.bridge(tokens) if getattr(model, "bridge", None) is not None else tokens
         return F.normalize(head(z[:, 1:]).float(), dim=-1)
 
+
 @torch.no_grad()
 def prompt_heatmaps(model: nn.Module, image, texts: Sequence[str], projection: str = "image") -> torch.Tensor:
     "Cosine of each text (`model.encode_text`) with each patch of `image` `(C, H, W)`: `(len(texts), gh, gw)`."
-    if isinstance(texts, str): texts = [texts]
-    if not texts: raise ValueError("prompt heatmaps: no text given")
-    p = patch_embeddings(model, _as_batch(image)[:1], projection)[0]     # (L, d)
-    with _eval_mode(model): u = model.encode_text(list(texts)).float()  # (n, d)
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise ValueError("prompt heatmaps: no text given")
+    p = patch_embeddings(model, _as_batch(image)[:1], projection)[0]  # (L, d)
+    with _eval_mode(model):
+        u = model.encode_text(list(texts)).float()  # (n, d)
     return (u @ p.t()).reshape(len(texts), *_grid(model)).cpu()
+
 
 def prompt_heatmap(model: nn.Module, image, text: str, projection: str = "image") -> torch.Tensor:
     "Cosine between the embedding of `text` and each patch embedding of `image` `(C, H, W)` -> `(gh, gw)`."
     return prompt_heatmaps(model, image, [text], projection)[0]
 
+
 def load_mask(mask, size: tuple[int, int] | None = None) -> np.ndarray:
     "A binary mask `(H, W)` bool from a PNG path, PIL image, array or tensor (> 0 = inside); resized (nearest) to `size`."
     if isinstance(mask, (str, Path)):
         from PIL import Image
+
         p = Path(mask)
-        if not p.is_file(): raise FileNotFoundError(f"mask file not found: {p}")
-        with Image.open(p) as im: m = np.array(im.convert("L"))
-    elif hasattr(mask, "convert") and hasattr(mask, "size"): m = np.array(mask.convert("L"))
-    else: m = _np(mask)
+        if not p.is_file():
+            raise FileNotFoundError(f"mask file not found: {p}")
+        with Image.open(p) as im:
+            m = np.array(im.convert("L"))
+    elif hasattr(mask, "convert") and hasattr(mask, "size"):
+        m = np.array(mask.convert("L"))
+    else:
+        m = _np(mask)
     m = np.squeeze(m)
-    if m.ndim != 2: raise ValueError(f"mask: expected (H, W), got shape {m.shape}")
+    if m.ndim != 2:
+        raise ValueError(f"mask: expected (H, W), got shape {m.shape}")
     m = m > 0
     if size is not None and tuple(m.shape) != tuple(size):
-        m = F.interpolate(torch.from_numpy(m).float()[None, None], size=tuple(size), mode="nearest")[0, 0].numpy() > 0.5
+        m = (
+            F.interpolate(torch.from_numpy(m).float()[None, None], size=tuple(size), mode="nearest")[
+                0, 0
+            ].numpy()
+            > 0.5
+        )
     return m
+
 
 def pointing_game(heatmap, mask, mode: str = "bilinear") -> bool:
     "True when the argmax of `heatmap` `(gh, gw)`, upsampled to the mask's size, falls inside `mask` `(H, W)`."
     m = load_mask(mask)
-    if not m.any(): raise ValueError("pointing_game: the mask is empty (no lesion pixel); leave this case out")
+    if not m.any():
+        raise ValueError("pointing_game: the mask is empty (no lesion pixel); leave this case out")
     up = _upsample(heatmap, m.shape, mode)
     r, c = divmod(int(up.argmax()), m.shape[1])
     return bool(m[r, c])
 
 # %% ../nbs/11_viz.ipynb #7f75224b
-def prompt_heatmap_figure(model: nn.Module, image, texts: str | Sequence[str], lesion_mask=None, normalized: bool = True,
-                          opacity: float = 0.5, upsample: str = "bilinear", projection: str = "image") -> go.Figure:
+def prompt_heatmap_figure(
+    model: nn.Module,
+    image,
+    texts: str | Sequence[str],
+    lesion_mask=None,
+    normalized: bool = True,
+    opacity: float = 0.5,
+    upsample: str = "bilinear",
+    projection: str = "image",
+) -> go.Figure:
     """One panel per text: cosine text–patch heatmap over `image`; with `lesion_mask` (one mask, or one per
     text, None allowed) its contour and the pointing-game result in the title."""
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -406,44 +718,80 @@ def prompt_heatmap_figure(model: nn.Module, image, texts: str | Sequence[str], l
     img = to_display(x, normalized)[0]
     H, W = img.shape[:2]
     masks = lesion_mask if isinstance(lesion_mask, (list, tuple)) else [lesion_mask] * len(texts)
-    if len(masks) != len(texts): raise ValueError(f"lesion_mask: got {len(masks)} masks for {len(texts)} texts")
+    if len(masks) != len(texts):
+        raise ValueError(f"lesion_mask: got {len(masks)} masks for {len(texts)} texts")
     masks = [None if mk is None else load_mask(mk, (H, W)) for mk in masks]
     titles = []
     for t, mp, mk in zip(texts, maps, masks):
         s = t if len(t) <= 40 else t[:37] + "..."
-        if mk is not None and mk.any(): s += " — hit" if pointing_game(mp, mk, upsample) else " — miss"
+        if mk is not None and mk.any():
+            s += " — hit" if pointing_game(mp, mk, upsample) else " — miss"
         titles.append(s)
     fig = make_subplots(rows=1, cols=len(texts), subplot_titles=titles, horizontal_spacing=0.02)
     for j, (mp, mk) in enumerate(zip(maps, masks)):
         for tr in _overlay_traces(img, mp, opacity, coloraxis="coloraxis", name=texts[j], upsample=upsample):
             fig.add_trace(tr, row=1, col=j + 1)
         if mk is not None:
-            fig.add_trace(go.Contour(z=mk.astype(np.float32), x0=0, dx=1, y0=0, dy=1, showscale=False, hoverinfo="skip",
-                                     contours=dict(start=0.5, end=0.5, size=1, coloring="none"), line=dict(color="white", width=2),
-                                     name="lesion mask", showlegend=False), row=1, col=j + 1)
-    fig.update_layout(title="text → patch cosine similarity", coloraxis=dict(colorscale="Turbo", cmin=float(maps.min()),
-                      cmax=float(maps.max()), colorbar=dict(title="cos")),
-                      width=max(360 * len(texts), 420) + 80, height=430, margin=dict(l=10, r=10, t=80, b=10))
+            fig.add_trace(
+                go.Contour(
+                    z=mk.astype(np.float32),
+                    x0=0,
+                    dx=1,
+                    y0=0,
+                    dy=1,
+                    showscale=False,
+                    hoverinfo="skip",
+                    contours=dict(start=0.5, end=0.5, size=1, coloring="none"),
+                    line=dict(color="white", width=2),
+                    name="lesion mask",
+                    showlegend=False,
+                ),
+                row=1,
+                col=j + 1,
+            )
+    fig.update_layout(
+        title="text → patch cosine similarity",
+        coloraxis=dict(
+            colorscale="Turbo", cmin=float(maps.min()), cmax=float(maps.max()), colorbar=dict(title="cos")
+        ),
+        width=max(360 * len(texts), 420) + 80,
+        height=430,
+        margin=dict(l=10, r=10, t=80, b=10),
+    )
     return _image_axes(fig)
 
 # %% ../nbs/11_viz.ipynb #6fb6bdb1
-DIAG_PANELS = (("within-image patch-token cosine", "_patch_cos"), ("effective rank of patch tokens", "_erank"),
-               ("joint space (alignment, uniformity) and MFD target variance", ("diag/align", "diag/uniform_image", "diag/uniform_text",
-                                                                                 "diag/mfd_target_var")))
+DIAG_PANELS = (
+    ("within-image patch-token cosine", "_patch_cos"),
+    ("effective rank of patch tokens", "_erank"),
+    (
+        "joint space (alignment, uniformity) and MFD target variance",
+        ("diag/align", "diag/uniform_image", "diag/uniform_text", "diag/mfd_target_var"),
+    ),
+)
+
 
 def diagnostics_figure(metrics, title: str = "representation diagnostics (diag/*)") -> go.Figure:
     """The `diag/*` rows of `metrics.jsonl` (or rows) against the step, three panels: within-image patch-token cosine and
     effective rank of the encoder, bridge, teacher and distillation-target features (collapse: cosine -> 1, rank -> 1),
     and the joint space's alignment / uniformity with the MFD target's within-image variance."""
     rows = [r for r in read_metrics(metrics) if any(k.startswith("diag/") for k in r)]
-    if not rows: raise ValueError("diagnostics_figure: no diag/* values (train.diag_every was 0, or the run is shorter than one interval)")
+    if not rows:
+        raise ValueError(
+            "diagnostics_figure: no diag/* values (train.diag_every was 0, or the run is shorter than one interval)"
+        )
     keys = [k for k in _metric_keys(rows) if k.startswith("diag/")]
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for t, _ in DIAG_PANELS], horizontal_spacing=0.07)
     for j, (_, sel) in enumerate(DIAG_PANELS):
-        for k in (keys if isinstance(sel, str) else sel):
-            if k not in keys or (isinstance(sel, str) and not k.endswith(sel)): continue
+        for k in keys if isinstance(sel, str) else sel:
+            if k not in keys or (isinstance(sel, str) and not k.endswith(sel)):
+                continue
             pts = [(r["step"], float(r[k])) for r in rows if _is_num(r.get(k))]
-            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=k[5:]), row=1, col=j + 1)
+            fig.add_trace(
+                go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=k[5:]),
+                row=1,
+                col=j + 1,
+            )
         fig.update_xaxes(title_text="step", row=1, col=j + 1)
     fig.update_layout(title=title, width=1200, height=400, margin=dict(l=10, r=10, t=60, b=10))
     return fig
@@ -451,222 +799,404 @@ def diagnostics_figure(metrics, title: str = "representation diagnostics (diag/*
 # %% ../nbs/11_viz.ipynb #0000001d
 LOSS_KEYS = ("loss", "mim", "lg_clip", "mfd", "mcl", "ot", "sup")
 
-NON_LOSS_KEYS = frozenset({"step", "epoch", "lr", "tau", "logit_scale", "images_per_s", "samples_per_s", "step_s",
-                           "time", "elapsed", "memory_mb", "grad_norm", "throughput", "micro", "global_step"})
+NON_LOSS_KEYS = frozenset(
+    {
+        "step",
+        "epoch",
+        "lr",
+        "tau",
+        "logit_scale",
+        "images_per_s",
+        "samples_per_s",
+        "step_s",
+        "time",
+        "elapsed",
+        "memory_mb",
+        "grad_norm",
+        "throughput",
+        "micro",
+        "global_step",
+    }
+)
+
 
 def _is_num(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
 
 def _metric_keys(rows: list[dict]) -> list[str]:
     "Numeric keys in first-seen order."
     keys: dict[str, None] = {}
     for r in rows:
         for k, v in r.items():
-            if _is_num(v): keys.setdefault(k, None)
+            if _is_num(v):
+                keys.setdefault(k, None)
     return list(keys)
+
 
 def loss_keys(rows: list[dict]) -> list[str]:
     "The loss keys of metric rows: `LOSS_KEYS` first, then every other numeric key not in `NON_LOSS_KEYS` / `lr*` / `diag/*`."
     num = _metric_keys(rows)
-    rest = [k for k in num if k not in LOSS_KEYS and k not in NON_LOSS_KEYS and not k.startswith(("lr_", "lr/", "diag/"))]
+    rest = [
+        k
+        for k in num
+        if k not in LOSS_KEYS and k not in NON_LOSS_KEYS and not k.startswith(("lr_", "lr/", "diag/"))
+    ]
     return [k for k in LOSS_KEYS if k in num] + rest
 
-def training_curves_figure(metrics, keys: Sequence[str] | None = None, title: str = "training curves") -> go.Figure:
+
+def training_curves_figure(
+    metrics, keys: Sequence[str] | None = None, title: str = "training curves"
+) -> go.Figure:
     "Loss parts vs step (one line per key) and `lr` on a secondary axis, from `metrics.jsonl` or rows."
     rows = read_metrics(metrics)
-    if not rows: raise ValueError("training_curves_figure: no metric rows")
+    if not rows:
+        raise ValueError("training_curves_figure: no metric rows")
     keys = list(keys) if keys is not None else loss_keys(rows)
     xs = [r.get("step", i) for i, r in enumerate(rows)]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     for k in keys:
         pts = [(x, float(r[k])) for x, r in zip(xs, rows) if _is_num(r.get(k))]
-        if not pts: raise ValueError(f"training_curves_figure: no numeric values for key {k!r}")
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=k), secondary_y=False)
+        if not pts:
+            raise ValueError(f"training_curves_figure: no numeric values for key {k!r}")
+        fig.add_trace(
+            go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=k), secondary_y=False
+        )
     lr = [(x, float(r["lr"])) for x, r in zip(xs, rows) if _is_num(r.get("lr"))]
     if lr:
-        fig.add_trace(go.Scatter(x=[p[0] for p in lr], y=[p[1] for p in lr], mode="lines", name="lr",
-                                 line=dict(dash="dot", color="grey")), secondary_y=True)
-        fig.update_yaxes(title_text="learning rate", secondary_y=True, tickformat=".1e", showgrid=False, rangemode="tozero")
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in lr],
+                y=[p[1] for p in lr],
+                mode="lines",
+                name="lr",
+                line=dict(dash="dot", color="grey"),
+            ),
+            secondary_y=True,
+        )
+        fig.update_yaxes(
+            title_text="learning rate", secondary_y=True, tickformat=".1e", showgrid=False, rangemode="tozero"
+        )
     fig.update_yaxes(title_text="loss", secondary_y=False)
     fig.update_xaxes(title_text="step")
-    fig.update_layout(title=title, width=820, height=440, hovermode="x unified", margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_layout(
+        title=title, width=820, height=440, hovermode="x unified", margin=dict(l=10, r=10, t=50, b=10)
+    )
     return fig
+
 
 def pca_2d(x) -> tuple[np.ndarray, np.ndarray]:
     "First two principal-component scores `(N, 2)` of `x` `(N, d)` (float64 SVD; sign: largest loading > 0) and explained-variance ratios `(2,)`."
     a = _np(x).astype(np.float64)
-    if a.ndim != 2 or a.shape[0] < 2: raise ValueError(f"pca_2d: expected (N >= 2, d) embeddings, got shape {a.shape}")
+    if a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"pca_2d: expected (N >= 2, d) embeddings, got shape {a.shape}")
     a = a - a.mean(0, keepdims=True)
     u, s, vt = np.linalg.svd(a, full_matrices=False)
     k = min(2, vt.shape[0])
     vt = vt[:k] * np.sign(vt[:k][np.arange(k), np.abs(vt[:k]).argmax(1)])[:, None]
     scores = a @ vt.T
-    if k < 2: scores = np.concatenate([scores, np.zeros((a.shape[0], 2 - k))], 1)
-    var = s ** 2
+    if k < 2:
+        scores = np.concatenate([scores, np.zeros((a.shape[0], 2 - k))], 1)
+    var = s**2
     ratio = var[:2] / var.sum() if var.sum() > 0 else np.zeros(2)
     return scores, np.pad(ratio, (0, 2 - len(ratio)))
 
 # %% ../nbs/11_viz.ipynb #a77134a3
-def embedding_projection_figure(image_emb, text_emb=None, labels: Sequence | None = None,
-                                title: str = "image and text embeddings (PCA)") -> go.Figure:
+def embedding_projection_figure(
+    image_emb, text_emb=None, labels: Sequence | None = None, title: str = "image and text embeddings (PCA)"
+) -> go.Figure:
     """Joint 2-D PCA of image `(N, d)` and text `(M, d)` embeddings; colour = label, marker = modality.
     `labels`: N labels (shared by the texts when M == N) or N + M labels; None = one group."""
     img = _np(image_emb)
     txt = _np(text_emb) if text_emb is not None else np.zeros((0, img.shape[1]))
-    if txt.shape[1] != img.shape[1]: raise ValueError(f"embeddings: image dim {img.shape[1]} != text dim {txt.shape[1]}")
+    if txt.shape[1] != img.shape[1]:
+        raise ValueError(f"embeddings: image dim {img.shape[1]} != text dim {txt.shape[1]}")
     n, m = len(img), len(txt)
     labels = ["all"] * (n + m) if labels is None else [str(l) for l in labels]
-    if len(labels) == n and m == n: labels = labels + labels
-    if len(labels) != n + m: raise ValueError(f"labels: got {len(labels)} for {n} images and {m} texts (give {n} or {n + m})")
+    if len(labels) == n and m == n:
+        labels = labels + labels
+    if len(labels) != n + m:
+        raise ValueError(f"labels: got {len(labels)} for {n} images and {m} texts (give {n} or {n + m})")
     xy, ratio = pca_2d(np.concatenate([img, txt]))
-    palette = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52"]
+    palette = [
+        "#636EFA",
+        "#EF553B",
+        "#00CC96",
+        "#AB63FA",
+        "#FFA15A",
+        "#19D3F3",
+        "#FF6692",
+        "#B6E880",
+        "#FF97FF",
+        "#FECB52",
+    ]
     fig = go.Figure()
     for li, lab in enumerate(dict.fromkeys(labels)):
         for mod, lo, hi, sym in (("image", 0, n, "circle"), ("text", n, n + m, "diamond")):
             idx = [i for i in range(lo, hi) if labels[i] == lab]
-            if not idx: continue
-            fig.add_trace(go.Scatter(x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=f"{lab} ({mod})", legendgroup=lab,
-                                     marker=dict(symbol=sym, size=9 if mod == "image" else 11, color=palette[li % len(palette)],
-                                                 line=dict(width=1, color="black") if mod == "text" else None)))
-    fig.update_layout(title=f"{title}: PC1 {ratio[0]:.0%}, PC2 {ratio[1]:.0%} of variance", xaxis_title="PC1", yaxis_title="PC2",
-                      width=680, height=520, margin=dict(l=10, r=10, t=50, b=10))
+            if not idx:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=xy[idx, 0],
+                    y=xy[idx, 1],
+                    mode="markers",
+                    name=f"{lab} ({mod})",
+                    legendgroup=lab,
+                    marker=dict(
+                        symbol=sym,
+                        size=9 if mod == "image" else 11,
+                        color=palette[li % len(palette)],
+                        line=dict(width=1, color="black") if mod == "text" else None,
+                    ),
+                )
+            )
+    fig.update_layout(
+        title=f"{title}: PC1 {ratio[0]:.0%}, PC2 {ratio[1]:.0%} of variance",
+        xaxis_title="PC1",
+        yaxis_title="PC2",
+        width=680,
+        height=520,
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
     return fig
 
 # %% ../nbs/11_viz.ipynb #00000021
 def _figure_widget(fig: go.Figure):
-    try: return go.FigureWidget(fig)
+    try:
+        return go.FigureWidget(fig)
     except ImportError as e:
-        raise ImportError("explorers need plotly's FigureWidget, which needs `anywidget` (pip install anywidget)") from e
+        raise ImportError(
+            "explorers need plotly's FigureWidget, which needs `anywidget` (pip install anywidget)"
+        ) from e
+
 
 def _explorer(controls: dict, render):
     """`controls` (name -> ipywidget) above a `FigureWidget` that is **rebuilt** by `render(**values) -> go.Figure` from the
     whole state on every change, so a page reload (which re-renders widgets from their synced state) shows the figure
     of the current controls. Returns a `VBox` with `.figure`, `.controls`, `.update()` and `.hold` (True: ignore changes)."""
     import ipywidgets as widgets
+
     state = lambda: {k: c.value for k, c in controls.items()}
     first = render(**state())
-    if first is None: raise ValueError("explorer: nothing to draw for the initial values of the controls")
+    if first is None:
+        raise ValueError("explorer: nothing to draw for the initial values of the controls")
     box = widgets.VBox([widgets.HBox(list(controls.values())), _figure_widget(first)])
     box.controls, box.figure, box.hold = controls, box.children[1], False
+
     def update(_=None):
-        if box.hold: return
+        if box.hold:
+            return
         new = render(**state())
-        if new is None: return                                               # nothing to draw (e.g. a blank text box)
+        if new is None:
+            return  # nothing to draw (e.g. a blank text box)
         fig, old = _figure_widget(new), box.children[1]
         box.children = (box.children[0], fig)
         box.figure = fig
-        old.close()                                    # the kernel and the page forget the replaced figure
-    for c in controls.values(): c.observe(update, names="value")
+        old.close()  # the kernel and the page forget the replaced figure
+
+    for c in controls.values():
+        c.observe(update, names="value")
     box.update = update
     return box
+
 
 def reconstruction_explorer(model: nn.Module, images, normalized: bool = True, seed: int = 0):
     "Widget: sample slider + mask-ratio slider that re-masks live; returns a `VBox` with a `FigureWidget`."
     import ipywidgets as widgets
+
     x = _as_batch(images)
     L = model.config.vision.num_patches
     r_max = min(0.95, round(1 - 1 / L - 1e-9, 2))
     sample = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="sample", continuous_update=False)
-    ratio = widgets.FloatSlider(value=model.config.mask_ratio, min=0.0, max=r_max, step=0.05, description="mask ratio", continuous_update=False)
+    ratio = widgets.FloatSlider(
+        value=model.config.mask_ratio,
+        min=0.0,
+        max=r_max,
+        step=0.05,
+        description="mask ratio",
+        continuous_update=False,
+    )
+
     def render(sample, mask_ratio):
-        fig = reconstruction_figure(model, x[sample:sample + 1], mask_ratio, seed, n=1, normalized=normalized)
-        fig.layout.annotations = [a for a in fig.layout.annotations if a.text in RECON_COLUMNS]   # drop the "sample 0" row title
+        fig = reconstruction_figure(
+            model, x[sample : sample + 1], mask_ratio, seed, n=1, normalized=normalized
+        )
+        fig.layout.annotations = [
+            a for a in fig.layout.annotations if a.text in RECON_COLUMNS
+        ]  # drop the "sample 0" row title
         fig.layout.title.text = f"sample {sample}: " + fig.layout.title.text
         return fig
+
     return _explorer(dict(sample=sample, mask_ratio=ratio), render)
 
 # %% ../nbs/11_viz.ipynb #b39abcc8
-def attention_explorer(model: nn.Module, images, which: str = "encoder", normalized: bool = True, opacity: float = 0.5):
+def attention_explorer(
+    model: nn.Module, images, which: str = "encoder", normalized: bool = True, opacity: float = 0.5
+):
     "Widget: sample, stack, layer and head pickers for the CLS-to-patch attention overlay."
     import ipywidgets as widgets
+
     x = _as_batch(images)
     stacks = [s for s in ATTENTION_STACKS if s == "encoder" or getattr(model, "bridge", None) is not None]
     n_layers = len(_stack_blocks(model, which))
     sample = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="sample", continuous_update=False)
     stack = widgets.Dropdown(options=stacks, value=which, description="stack")
-    layer = widgets.IntSlider(value=n_layers - 1, min=0, max=n_layers - 1, description="layer", continuous_update=False)
-    head = widgets.Dropdown(options=["mean"] + list(range(_stack_blocks(model, which)[0].attn.num_heads)), value="mean", description="head")
+    layer = widgets.IntSlider(
+        value=n_layers - 1, min=0, max=n_layers - 1, description="layer", continuous_update=False
+    )
+    head = widgets.Dropdown(
+        options=["mean"] + list(range(_stack_blocks(model, which)[0].attn.num_heads)),
+        value="mean",
+        description="head",
+    )
     cache: dict = {}
+
     def render(sample, stack, layer, head):
         key = (sample, stack)
-        if key not in cache: cache.clear(); cache[key] = attention_maps(model, x[sample:sample + 1], stack)
+        if key not in cache:
+            cache.clear()
+            cache[key] = attention_maps(model, x[sample : sample + 1], stack)
         A = cache[key]
-        layer = min(layer, A.shape[0] - 1)                                   # mid-way through a stack switch
+        layer = min(layer, A.shape[0] - 1)  # mid-way through a stack switch
         head = head if head == "mean" or head < A.shape[2] else "mean"
-        img, heat = _overlay_traces(to_display(x[sample], normalized)[0], cls_attention(A[layer], _grid(model), head)[0],
-                                    opacity, upsample="nearest", name="CLS attention", colorbar_title="weight")
+        img, heat = _overlay_traces(
+            to_display(x[sample], normalized)[0],
+            cls_attention(A[layer], _grid(model), head)[0],
+            opacity,
+            upsample="nearest",
+            name="CLS attention",
+            colorbar_title="weight",
+        )
         hname = "mean of heads" if head == "mean" else f"head {head}"
         fig = go.Figure([img, heat])
-        fig.update_layout(title=f"{stack} layer {layer}, {hname}: CLS → patch attention (sample {sample})", width=560,
-                          height=540, margin=dict(l=10, r=10, t=80, b=10))
+        fig.update_layout(
+            title=f"{stack} layer {layer}, {hname}: CLS → patch attention (sample {sample})",
+            width=560,
+            height=540,
+            margin=dict(l=10, r=10, t=80, b=10),
+        )
         return _image_axes(fig)
+
     ref: dict = {}
-    def on_stack(_):                    # observes before the explorer does: adjust layer/head quietly, then one redraw
+
+    def on_stack(_):  # observes before the explorer does: adjust layer/head quietly, then one redraw
         blocks = _stack_blocks(model, stack.value)
         ref["box"].hold = True
         try:
-            layer.max = len(blocks) - 1; layer.value = min(layer.value, layer.max)
-            head.options = ["mean"] + list(range(blocks[0].attn.num_heads)); head.value = "mean"
-        finally: ref["box"].hold = False
+            layer.max = len(blocks) - 1
+            layer.value = min(layer.value, layer.max)
+            head.options = ["mean"] + list(range(blocks[0].attn.num_heads))
+            head.value = "mean"
+        finally:
+            ref["box"].hold = False
+
     stack.observe(on_stack, names="value")
     ref["box"] = _explorer(dict(sample=sample, stack=stack, layer=layer, head=head), render)
     return ref["box"]
 
-def prompt_explorer(model: nn.Module, images, masks: Sequence | None = None, text: str = "hard exudates",
-                    normalized: bool = True, opacity: float = 0.5, projection: str = "image"):
+
+def prompt_explorer(
+    model: nn.Module,
+    images,
+    masks: Sequence | None = None,
+    text: str = "hard exudates",
+    normalized: bool = True,
+    opacity: float = 0.5,
+    projection: str = "image",
+):
     "Widget: sample slider + text box; the text → patch heatmap (and pointing game on `masks[i]`) update live."
     import ipywidgets as widgets
+
     x = _as_batch(images)
-    if masks is not None and len(masks) != len(x): raise ValueError(f"masks: got {len(masks)} for {len(x)} images")
+    if masks is not None and len(masks) != len(x):
+        raise ValueError(f"masks: got {len(masks)} for {len(x)} images")
     sample = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="sample", continuous_update=False)
-    box = widgets.Text(value=text, description="text", continuous_update=False, layout=widgets.Layout(width="420px"))
+    box = widgets.Text(
+        value=text, description="text", continuous_update=False, layout=widgets.Layout(width="420px")
+    )
+
     def render(sample, text):
-        if not text.strip(): return None
-        fig = prompt_heatmap_figure(model, x[sample], [text], None if masks is None else masks[sample], normalized, opacity,
-                                    projection=projection)
+        if not text.strip():
+            return None
+        fig = prompt_heatmap_figure(
+            model,
+            x[sample],
+            [text],
+            None if masks is None else masks[sample],
+            normalized,
+            opacity,
+            projection=projection,
+        )
         fig.layout.title.text = f"text → patch cosine similarity (sample {sample})"
         return fig
+
     return _explorer(dict(sample=sample, text=box), render)
 
 # %% ../nbs/11_viz.ipynb #c8c6de2a
-def phi_explorer(history: Sequence[tuple[int, Any]], image=None, normalized: bool = True, opacity: float = 0.5):
+def phi_explorer(
+    history: Sequence[tuple[int, Any]], image=None, normalized: bool = True, opacity: float = 0.5
+):
     """Widget: a step slider over a φ history `[(step, (gh, gw) map), ...]` (e.g. `segmentation.phi_history(run_dir)`):
     φ per patch (value on hover and, for small grids, in the cell) and, with `image`, φ over the image — one colour
     scale for every step, so a change of colour is a change of φ. Plus an opacity slider for the overlay."""
     import ipywidgets as widgets
-    if not history: raise ValueError("phi_explorer: `history` is empty")
+
+    if not history:
+        raise ValueError("phi_explorer: `history` is empty")
     steps = [int(s) for s, _ in history]
     maps = [phi_map_of(m) for _, m in history]
-    if len({tuple(m.shape) for m in maps}) != 1: raise ValueError("phi_explorer: the φ maps differ in shape")
+    if len({tuple(m.shape) for m in maps}) != 1:
+        raise ValueError("phi_explorer: the φ maps differ in shape")
     lo, hi = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
-    if hi <= lo: hi = lo + 1e-6
-    step = widgets.SelectionSlider(options=[(str(s), i) for i, s in enumerate(steps)], value=len(steps) - 1,
-                                   description="step", continuous_update=False)
+    if hi <= lo:
+        hi = lo + 1e-6
+    step = widgets.SelectionSlider(
+        options=[(str(s), i) for i, s in enumerate(steps)],
+        value=len(steps) - 1,
+        description="step",
+        continuous_update=False,
+    )
     controls = dict(step=step)
     if image is not None:
-        controls["opacity"] = widgets.FloatSlider(value=opacity, min=0.0, max=1.0, step=0.05, description="opacity", continuous_update=False)
+        controls["opacity"] = widgets.FloatSlider(
+            value=opacity, min=0.0, max=1.0, step=0.05, description="opacity", continuous_update=False
+        )
+
     def render(step, opacity=opacity):
-        fig = phi_figure(maps[step], image, normalized, opacity=opacity,
-                         title=f"semantic-integrity weights φ at step {steps[step]} ({step + 1} of {len(steps)} checkpoints)")
+        fig = phi_figure(
+            maps[step],
+            image,
+            normalized,
+            opacity=opacity,
+            title=f"semantic-integrity weights φ at step {steps[step]} ({step + 1} of {len(steps)} checkpoints)",
+        )
         fig.update_layout(coloraxis=dict(cmin=lo, cmax=hi))
         return fig
+
     return _explorer(controls, render)
 
 # %% ../nbs/11_viz.ipynb #00000024
 def _config_dict(config) -> dict | None:
-    if config is None or isinstance(config, dict): return config
-    if hasattr(config, "to_dict"): return config.to_dict()
-    if dataclasses.is_dataclass(config): return dataclasses.asdict(config)
+    if config is None or isinstance(config, dict):
+        return config
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
     raise ValueError(f"config: expected a dict or a dataclass, got {type(config).__name__}")
+
 
 def metrics_summary(rows: list[dict]) -> list[dict]:
     "Per numeric key (step excluded): n, first, last, min, max."
     out = []
     for k in _metric_keys(rows):
-        if k == "step": continue
+        if k == "step":
+            continue
         v = [float(r[k]) for r in rows if _is_num(r.get(k))]
         out.append(dict(key=k, n=len(v), first=v[0], last=v[-1], min=min(v), max=max(v)))
     return out
+
 
 _REPORT_CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1280px;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
@@ -674,73 +1204,122 @@ pre{background:#f6f8fa;padding:12px;overflow:auto;font-size:12px;max-height:480p
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th:first-child,td:first-child{text-align:left}.fig{margin:8px 0 24px}nav a{margin-right:14px}"""
 
-_REPORT_WIDTH = 1240       # px: figures wider than the page's column are fitted to it
+_REPORT_WIDTH = 1240  # px: figures wider than the page's column are fitted to it
 
-def _fmt(v: float) -> str: return f"{v:.4g}"
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
 
 # %% ../nbs/11_viz.ipynb #ac8bc126
-def write_report(path: str | Path, figures: dict[str, go.Figure], config=None, metrics=None,
-                 title: str = "maskedclip report", tables: dict | None = None, notes: str | None = None) -> Path:
+def write_report(
+    path: str | Path,
+    figures: dict[str, go.Figure],
+    config=None,
+    metrics=None,
+    title: str = "maskedclip report",
+    tables: dict | None = None,
+    notes: str | None = None,
+) -> Path:
     """One self-contained HTML file: plotly.js inlined once, every figure, the config as JSON, a metrics summary.
 
     `tables`: name -> list of row dicts (or a pandas DataFrame), shown after the figures; `notes`: a paragraph."""
     from plotly.offline import get_plotlyjs
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>"]
     rows = read_metrics(metrics) if metrics is not None else None
     links = [f'<a href="#fig-{i}">{esc(n)}</a>' for i, n in enumerate(figures)]
-    if rows: links.append('<a href="#metrics">metrics</a>')
-    if config is not None: links.append('<a href="#config">config</a>')
+    if rows:
+        links.append('<a href="#metrics">metrics</a>')
+    if config is not None:
+        links.append('<a href="#config">config</a>')
     body.append("<nav>" + "".join(links) + "</nav>")
     for i, (name, fig) in enumerate(figures.items()):
-        if not isinstance(fig, BaseFigure): raise ValueError(f"figures[{name!r}]: expected a plotly Figure, got {type(fig).__name__}")
+        if not isinstance(fig, BaseFigure):
+            raise ValueError(f"figures[{name!r}]: expected a plotly Figure, got {type(fig).__name__}")
         f = go.Figure(fig)
-        if (f.layout.width or 0) > _REPORT_WIDTH: f.update_layout(width=None, autosize=True)   # fit the column, no sideways scroll
-        div = f.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
-                                     config=dict(displaylogo=False, responsive=True), default_height="520px")
+        if (f.layout.width or 0) > _REPORT_WIDTH:
+            f.update_layout(width=None, autosize=True)  # fit the column, no sideways scroll
+        div = f.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            include_mathjax=False,
+            config=dict(displaylogo=False, responsive=True),
+            default_height="520px",
+        )
         body.append(f'<h2 id="fig-{i}">{esc(name)}</h2><div class="fig">{div}</div>')
-    if notes: body.insert(2, f"<p>{esc(notes)}</p>")
+    if notes:
+        body.insert(2, f"<p>{esc(notes)}</p>")
     for i, (name, tab) in enumerate((tables or {}).items()):
         recs = tab.to_dict("records") if hasattr(tab, "to_dict") else list(tab)
         cols = list(dict.fromkeys(k for r in recs for k in r))
         head = "".join(f"<th>{esc(str(c))}</th>" for c in cols)
-        trs = "".join("<tr>" + "".join(f"<td>{esc(_fmt(r.get(c)) if _is_num(r.get(c)) else str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in recs)
+        trs = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{esc(_fmt(r.get(c)) if _is_num(r.get(c)) else str(r.get(c, '')))}</td>" for c in cols
+            )
+            + "</tr>"
+            for r in recs
+        )
         body.append(f'<h2 id="table-{i}">{esc(name)}</h2><table><tr>{head}</tr>{trs}</table>')
     if rows:
         summ = metrics_summary(rows)
         steps = [r["step"] for r in rows if _is_num(r.get("step"))]
         head = f"{len(rows)} rows" + (f", steps {min(steps)}–{max(steps)}" if steps else "")
-        trs = "".join(f"<tr><td>{esc(s['key'])}</td><td>{s['n']}</td><td>{_fmt(s['first'])}</td><td>{_fmt(s['last'])}</td>"
-                      f"<td>{_fmt(s['min'])}</td><td>{_fmt(s['max'])}</td></tr>" for s in summ)
-        body.append(f'<h2 id="metrics">metrics</h2><p>{esc(head)}</p><table><tr><th>key</th><th>n</th><th>first</th>'
-                    f"<th>last</th><th>min</th><th>max</th></tr>{trs}</table>")
+        trs = "".join(
+            f"<tr><td>{esc(s['key'])}</td><td>{s['n']}</td><td>{_fmt(s['first'])}</td><td>{_fmt(s['last'])}</td>"
+            f"<td>{_fmt(s['min'])}</td><td>{_fmt(s['max'])}</td></tr>"
+            for s in summ
+        )
+        body.append(
+            f'<h2 id="metrics">metrics</h2><p>{esc(head)}</p><table><tr><th>key</th><th>n</th><th>first</th>'
+            f"<th>last</th><th>min</th><th>max</th></tr>{trs}</table>"
+        )
     if config is not None:
         cfg = json.dumps(_config_dict(config), indent=2, default=str)
         body.append(f'<h2 id="config">config</h2><pre>{esc(cfg, quote=False)}</pre>')
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{_REPORT_CSS}</style>\n<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f'<style>{_REPORT_CSS}</style>\n<script type="text/javascript">{get_plotlyjs()}</script>\n</head><body>\n'
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
     path.write_text(page, encoding="utf-8")
     return path
 
 # %% ../nbs/11_viz.ipynb #00000027
-def run_figures(run_dir: str | Path, data_root: str | Path | None = None, manifest: str | Path | None = None, n: int = 4,
-                prompts: Sequence[str] = ("a fundus photograph of hard exudates", "a fundus photograph of haemorrhages",
-                                          "a fundus photograph of an enlarged optic cup")) -> dict[str, go.Figure]:
+def run_figures(
+    run_dir: str | Path,
+    data_root: str | Path | None = None,
+    manifest: str | Path | None = None,
+    n: int = 4,
+    prompts: Sequence[str] = (
+        "a fundus photograph of hard exudates",
+        "a fundus photograph of haemorrhages",
+        "a fundus photograph of an enlarged optic cup",
+    ),
+) -> dict[str, go.Figure]:
     """Figures for a finished run directory (`final/`, `metrics.jsonl`) on `n` images of `manifest` (records with
     optional lesion `masks`); default manifest: the synthetic corpus's `tasks/multi_disease/test.jsonl` under `data_root`."""
     import json as _json
+
+    from maskedclip.data import eval_transform, load_image, load_manifest
     from maskedclip.model import MaskedCLIP
-    from maskedclip.data import load_manifest, eval_transform, load_image
+
     run_dir = Path(run_dir)
     figs = {"training curves": training_curves_figure(run_dir / "metrics.jsonl")}
-    try: figs["representation diagnostics"] = diagnostics_figure(run_dir / "metrics.jsonl")
-    except ValueError: pass   # a run without diag/* rows
+    try:
+        figs["representation diagnostics"] = diagnostics_figure(run_dir / "metrics.jsonl")
+    except ValueError:
+        pass  # a run without diag/* rows
     model = MaskedCLIP.from_pretrained(run_dir / "final").eval()
-    if manifest is None and data_root is not None: manifest = Path(data_root) / "tasks" / "multi_disease" / "test.jsonl"
-    if manifest is None: return figs
+    if manifest is None and data_root is not None:
+        manifest = Path(data_root) / "tasks" / "multi_disease" / "test.jsonl"
+    if manifest is None:
+        return figs
     root = Path(data_root) if data_root is not None else Path(manifest).parent
     ds = load_manifest(manifest, root=root, verbose=False).dataset
     recs = ds.select(range(min(n, len(ds))))
@@ -752,16 +1331,24 @@ def run_figures(run_dir: str | Path, data_root: str | Path | None = None, manife
         m = r.get("masks")
         m = _json.loads(m) if isinstance(m, str) else (m or {})
         masks.append({k: root / v for k, v in m.items()})
-    if model.decoder is not None: figs["reconstructions"] = reconstruction_figure(model, images, n=len(images))
+    if model.decoder is not None:
+        figs["reconstructions"] = reconstruction_figure(model, images, n=len(images))
     figs["encoder attention (last layer, CLS)"] = attention_figure(model, images[0], which="encoder")
     figs["encoder attention rollout"] = attention_rollout_figure(model, images[0], which="encoder")
-    if getattr(model, "bridge", None) is not None: figs["bridge attention (last layer, CLS)"] = attention_figure(model, images[0], which="bridge")
+    if getattr(model, "bridge", None) is not None:
+        figs["bridge attention (last layer, CLS)"] = attention_figure(model, images[0], which="bridge")
     if model.text is not None:
         i = next((j for j, m in enumerate(masks) if m), 0)
         lm = next(iter(masks[i].values()), None) if masks[i] else None
         figs["prompt heatmaps"] = prompt_heatmap_figure(model, images[i], list(prompts), lesion_mask=lm)
         with torch.no_grad():
-            figs["embedding projection"] = embedding_projection_figure(model.encode_image(images), model.encode_text([f"a fundus photograph of {l}" for l in labels]), labels)
+            figs["embedding projection"] = embedding_projection_figure(
+                model.encode_image(images),
+                model.encode_text([f"a fundus photograph of {l}" for l in labels]),
+                labels,
+            )
     if getattr(model, "integrity", None) is not None:
-        figs["semantic-integrity weights φ"] = phi_figure(model, images[0] if model.integrity.mode == "content" else None)
+        figs["semantic-integrity weights φ"] = phi_figure(
+            model, images[0] if model.integrity.mode == "content" else None
+        )
     return figs

@@ -8,7 +8,10 @@ and optionally:
   rng_rank0.pt) after writing half the bytes, or `"atomic"` (the COMPLETE marker / `latest` pointer, before the rename);
 - `fsize`: an RLIMIT_FSIZE in bytes (a file-size limit that fails like a full disk, even for root), SIGXFSZ ignored.
 """
-import os, signal, sys
+
+import os
+import signal
+import sys
 from pathlib import Path
 
 
@@ -19,59 +22,88 @@ def _kill_now():
 def _install(plan):
     hook, n = plan
     calls = {"n": 0}
+
     def due():
         calls["n"] += 1
         return calls["n"] == n
+
     if hook == "save_file":
         import safetensors.torch as st
+
         real = st.save_file
+
         def save_file(tensors, filename, metadata=None):
             if due():
                 real(tensors, filename, metadata=metadata)
-                with open(filename, "r+b") as f: f.truncate(os.path.getsize(filename) // 2)   # a torn write
+                with open(filename, "r+b") as f:
+                    f.truncate(os.path.getsize(filename) // 2)  # a torn write
                 _kill_now()
             return real(tensors, filename, metadata=metadata)
+
         st.save_file = save_file
     elif hook == "torch.save":
-        import torch, maskedclip.train as T
+        import torch
+
+        import maskedclip.train as T
+
         real = torch.save
+
         def save(obj, f, *a, **k):
             if due():
                 real(obj, f, *a, **k)
-                with open(f, "r+b") as fh: fh.truncate(os.path.getsize(f) // 2)
+                with open(f, "r+b") as fh:
+                    fh.truncate(os.path.getsize(f) // 2)
                 _kill_now()
             return real(obj, f, *a, **k)
+
         T.torch.save = save
     elif hook == "atomic":
         import maskedclip.train as T
+
         real = T._atomic_write_text
+
         def atomic(path, text):
-            if due(): _kill_now()
+            if due():
+                _kill_now()
             return real(path, text)
+
         T._atomic_write_text = atomic
-    elif hook == "rmtree":   # deleting an old checkpoint: half of its files gone, then killed
-        import shutil, maskedclip.train as T
+    elif hook == "rmtree":  # deleting an old checkpoint: half of its files gone, then killed
+        import shutil
+
+        import maskedclip.train as T
+
         real = shutil.rmtree
+
         def rmtree(path, *a, **k):
             if due():
-                for f in sorted(p for p in Path(path).glob("*") if p.is_file() and p.name != "COMPLETE")[:2]: f.unlink()
+                for f in sorted(p for p in Path(path).glob("*") if p.is_file() and p.name != "COMPLETE")[:2]:
+                    f.unlink()
                 _kill_now()
             return real(path, *a, **k)
+
         T.shutil.rmtree = rmtree
-    else: raise ValueError(hook)
+    else:
+        raise ValueError(hook)
 
 
 def run_cli(argv, log, plan=None, fsize=None):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1); os.dup2(fd, 2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
     import torch
+
     torch.set_num_threads(1)
     if fsize is not None:
         import resource
+
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    if plan: _install(plan)
+    if plan:
+        _install(plan)
     from maskedclip.train import main
+
     code = main(list(argv))
-    sys.stdout.flush(); sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)

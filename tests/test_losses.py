@@ -1,10 +1,12 @@
 "Each loss against an independent float64 re-computation, identities and gradcheck."
+
 import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
-from maskedclip.losses import mim_loss, label_guided_clip_loss, masked_feature_distillation_loss
-from maskedclip.vision import patchify
+
+from maskedclip.losses import label_guided_clip_loss, masked_feature_distillation_loss, mim_loss
 
 
 def ref_mim(imgs, pred, mask, p, norm_pix):
@@ -15,13 +17,16 @@ def ref_mim(imgs, pred, mask, p, norm_pix):
     num = den = 0.0
     for b in range(n):
         for l in range(g * g):
-            if mask[b, l] == 0: continue
+            if mask[b, l] == 0:
+                continue
             i, j = divmod(l, g)
-            t = imgs[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(1, 2, 0).reshape(-1)
+            t = imgs[b, :, i * p : (i + 1) * p, j * p : (j + 1) * p].permute(1, 2, 0).reshape(-1)
             if norm_pix:
-                mu = t.mean(); var = ((t - mu) ** 2).sum() / (t.numel() - 1)
+                mu = t.mean()
+                var = ((t - mu) ** 2).sum() / (t.numel() - 1)
                 t = (t - mu) / torch.sqrt(var + 1e-6)
-            num += ((pred[b, l] - t) ** 2).mean().item(); den += 1
+            num += ((pred[b, l] - t) ** 2).mean().item()
+            den += 1
     return num / den
 
 
@@ -31,14 +36,18 @@ def test_mim_loss_matches_reference(norm_pix):
     imgs = torch.randn(3, 3, 16, 16, generator=g)
     pred = torch.randn(3, 16, 48, generator=g)
     mask = (torch.rand(3, 16, generator=g) > 0.4).float()
-    assert mim_loss(imgs, pred, mask, 4, norm_pix).item() == pytest.approx(ref_mim(imgs, pred, mask, 4, norm_pix), rel=1e-5)
+    assert mim_loss(imgs, pred, mask, 4, norm_pix).item() == pytest.approx(
+        ref_mim(imgs, pred, mask, 4, norm_pix), rel=1e-5
+    )
 
 
 def test_mim_loss_ignores_kept_patches():
     imgs = torch.randn(2, 3, 16, 16)
     pred = torch.randn(2, 16, 48)
-    mask = torch.zeros(2, 16); mask[:, ::3] = 1
-    pred2 = pred.clone(); pred2[mask == 0] = 1e3   # garbage where patches were kept
+    mask = torch.zeros(2, 16)
+    mask[:, ::3] = 1
+    pred2 = pred.clone()
+    pred2[mask == 0] = 1e3  # garbage where patches were kept
     assert torch.equal(mim_loss(imgs, pred, mask, 4), mim_loss(imgs, pred2, mask, 4))
     pred.requires_grad_(True)
     mim_loss(imgs, pred, mask, 4).backward()
@@ -47,9 +56,11 @@ def test_mim_loss_ignores_kept_patches():
 
 def ref_lg_clip(v, u, labels, scale):
     "UniCL written with explicit loops in float64."
-    v = F.normalize(v.double(), dim=-1); u = F.normalize(u.double(), dim=-1)
+    v = F.normalize(v.double(), dim=-1)
+    u = F.normalize(u.double(), dim=-1)
     B = len(v)
     S = scale * v @ u.t()
+
     def direction(S):
         total = 0.0
         for i in range(B):
@@ -57,6 +68,7 @@ def ref_lg_clip(v, u, labels, scale):
             lse = torch.logsumexp(S[i], 0)
             total += -sum((S[i, k] - lse).item() for k in pos) / len(pos)
         return total / B
+
     return 0.5 * direction(S) + 0.5 * direction(S.t())
 
 
@@ -76,7 +88,9 @@ def test_label_guided_equals_clip_when_labels_distinct():
     s = 1 / 0.07
     logits = s * F.normalize(v, dim=-1) @ F.normalize(u, dim=-1).t()
     clip = 0.5 * (F.cross_entropy(logits, torch.arange(9)) + F.cross_entropy(logits.t(), torch.arange(9)))
-    assert torch.allclose(label_guided_clip_loss(v, u, torch.randperm(9, generator=g) * 3, s), clip, atol=1e-5)
+    assert torch.allclose(
+        label_guided_clip_loss(v, u, torch.randperm(9, generator=g) * 3, s), clip, atol=1e-5
+    )
     assert torch.allclose(label_guided_clip_loss(v, u, None, s), clip, atol=1e-5)
 
 
@@ -92,20 +106,34 @@ def test_label_guided_clip_is_permutation_invariant():
 
 def test_label_guided_clip_shared_label_changes_targets():
     # two pairs with the same label: the loss must differ from plain CLIP (targets are spread over both)
-    v = torch.eye(3); u = torch.eye(3)
-    assert not torch.allclose(label_guided_clip_loss(v, u, torch.tensor([0, 0, 1]), 5.0), label_guided_clip_loss(v, u, torch.tensor([0, 1, 2]), 5.0))
+    v = torch.eye(3)
+    u = torch.eye(3)
+    assert not torch.allclose(
+        label_guided_clip_loss(v, u, torch.tensor([0, 0, 1]), 5.0),
+        label_guided_clip_loss(v, u, torch.tensor([0, 1, 2]), 5.0),
+    )
 
 
 def test_mfd_matches_reference_and_range():
     g = torch.Generator().manual_seed(0)
     p, t = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 4, generator=g)
-    ref = -sum((p[n, l].double() @ t[n, l].double() / (p[n, l].double().norm() * t[n, l].double().norm())).item() for n, l in itertools.product(range(2), range(6))) / 12
+    ref = (
+        -sum(
+            (p[n, l].double() @ t[n, l].double() / (p[n, l].double().norm() * t[n, l].double().norm())).item()
+            for n, l in itertools.product(range(2), range(6))
+        )
+        / 12
+    )
     assert masked_feature_distillation_loss(p, t).item() == pytest.approx(ref, rel=1e-5)
     assert -1 <= masked_feature_distillation_loss(p, t).item() <= 1
-    mask = torch.zeros(2, 6); mask[0, 1] = 1
-    assert masked_feature_distillation_loss(p, t, mask).item() == pytest.approx(-F.cosine_similarity(p[0, 1], t[0, 1], dim=0).item(), rel=1e-5)
+    mask = torch.zeros(2, 6)
+    mask[0, 1] = 1
+    assert masked_feature_distillation_loss(p, t, mask).item() == pytest.approx(
+        -F.cosine_similarity(p[0, 1], t[0, 1], dim=0).item(), rel=1e-5
+    )
     # the target receives no gradient
-    t.requires_grad_(True); p.requires_grad_(True)
+    t.requires_grad_(True)
+    p.requires_grad_(True)
     masked_feature_distillation_loss(p, t).backward()
     assert t.grad is None and p.grad is not None
 
@@ -114,7 +142,7 @@ def test_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
     pred = torch.randn(2, 4, 48, generator=g, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[1., 0, 1, 0], [0, 1, 1, 1]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1]], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda p: _mim64(imgs, p, mask), (pred,))
     v = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     u = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)

@@ -1,15 +1,23 @@
 """Tests for maskedclip.mlip against independent references (POT, float64 loops, hand-written losses)."""
+
 import math
 
-import numpy as np
 import ot
 import pytest
 import torch
 import torch.nn.functional as F
 
-from maskedclip.mlip import (SemanticIntegrityEstimator, integrity_weighted_contrastive_loss, ot_local_loss,
-                             ot_local_plan, ot_local_similarity, pyramid_weights, sample_mask_from_phi,
-                             sentence_pool, sinkhorn)
+from maskedclip.mlip import (
+    SemanticIntegrityEstimator,
+    integrity_weighted_contrastive_loss,
+    ot_local_loss,
+    ot_local_plan,
+    ot_local_similarity,
+    pyramid_weights,
+    sample_mask_from_phi,
+    sentence_pool,
+    sinkhorn,
+)
 
 torch.set_num_threads(2)
 
@@ -27,11 +35,15 @@ def _pot_plan(cost, a, b, eps):
     "float64 reference plan from POT's log-domain Sinkhorn, run to tight convergence."
     a, b = a.double(), b.double()
     a, b = (a / a.sum()).numpy(), (b / b.sum()).numpy()  # exactly equal masses in float64
-    return torch.from_numpy(ot.sinkhorn(a, b, cost.double().numpy(), reg=eps, method="sinkhorn_log",
-                                        numItermax=20000, stopThr=1e-13))
+    return torch.from_numpy(
+        ot.sinkhorn(
+            a, b, cost.double().numpy(), reg=eps, method="sinkhorn_log", numItermax=20000, stopThr=1e-13
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------- sinkhorn
+
 
 @pytest.mark.parametrize("eps", [0.1, 0.05, 0.5])
 @pytest.mark.parametrize("shape", [(7, 5), (12, 3)])
@@ -65,13 +77,16 @@ def test_sinkhorn_zero_mass_padding_matches_unpadded_pot():
     K, M = 8, 6
     cost = 2 * torch.rand(K, M, generator=g, dtype=torch.float64)
     rows, cols = torch.tensor([0, 2, 3, 6, 7]), torch.tensor([1, 2, 4])
-    a = torch.zeros(K, dtype=torch.float64); a[rows] = _rand_marginal(len(rows), g)
-    b = torch.zeros(M, dtype=torch.float64); b[cols] = _rand_marginal(len(cols), g)
+    a = torch.zeros(K, dtype=torch.float64)
+    a[rows] = _rand_marginal(len(rows), g)
+    b = torch.zeros(M, dtype=torch.float64)
+    b[cols] = _rand_marginal(len(cols), g)
     T = sinkhorn(cost, a, b, eps=0.1, n_iters=20000, tol=1e-12)
     ref = _pot_plan(cost[rows][:, cols], a[rows], b[cols], 0.1)
     assert torch.isfinite(T).all()
     assert torch.allclose(T[rows][:, cols], ref, atol=1e-9, rtol=1e-6)
-    pad = torch.ones(K, M, dtype=torch.bool); pad[rows.view(-1, 1), cols.view(1, -1)] = False
+    pad = torch.ones(K, M, dtype=torch.bool)
+    pad[rows.view(-1, 1), cols.view(1, -1)] = False
     assert T[pad].abs().max().item() == 0.0
     assert torch.allclose(T.sum(-1), a, atol=1e-10) and torch.allclose(T.sum(-2), b, atol=1e-10)
 
@@ -82,7 +97,8 @@ def test_sinkhorn_batched_equals_per_item_with_padding():
     cost = 2 * torch.rand(B1, B2, K, M, generator=g, dtype=torch.float64)
     a = torch.rand(B1, B2, K, generator=g, dtype=torch.float64) * (torch.rand(B1, B2, K, generator=g) > 0.3)
     b = torch.rand(B1, B2, M, generator=g, dtype=torch.float64) * (torch.rand(B1, B2, M, generator=g) > 0.3)
-    a[..., 0] += 0.1; b[..., 0] += 0.1  # at least one non-empty row/col per item
+    a[..., 0] += 0.1
+    b[..., 0] += 0.1  # at least one non-empty row/col per item
     a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
     # fixed number of iterations (tol=0): batched is exactly the per-item computation
     Tb = sinkhorn(cost, a, b, eps=0.1, n_iters=50, tol=0)
@@ -90,11 +106,19 @@ def test_sinkhorn_batched_equals_per_item_with_padding():
     Tc = sinkhorn(cost, a, b, eps=0.1, n_iters=20000, tol=1e-12)
     for i in range(B1):
         for j in range(B2):
-            assert torch.allclose(Tb[i, j], sinkhorn(cost[i, j], a[i, j], b[i, j], eps=0.1, n_iters=50, tol=0), atol=1e-14)
-            assert torch.allclose(Tc[i, j], sinkhorn(cost[i, j], a[i, j], b[i, j], eps=0.1, n_iters=20000, tol=1e-12), atol=1e-10)
+            assert torch.allclose(
+                Tb[i, j], sinkhorn(cost[i, j], a[i, j], b[i, j], eps=0.1, n_iters=50, tol=0), atol=1e-14
+            )
+            assert torch.allclose(
+                Tc[i, j],
+                sinkhorn(cost[i, j], a[i, j], b[i, j], eps=0.1, n_iters=20000, tol=1e-12),
+                atol=1e-10,
+            )
     # broadcasting marginals across a leading dim gives the same result as expanding them
     Tbr = sinkhorn(cost, a[:, :1], b[:1], eps=0.1, n_iters=50, tol=0)
-    assert torch.allclose(Tbr, sinkhorn(cost, a[:, :1].expand_as(a), b[:1].expand_as(b), eps=0.1, n_iters=50, tol=0))
+    assert torch.allclose(
+        Tbr, sinkhorn(cost, a[:, :1].expand_as(a), b[:1].expand_as(b), eps=0.1, n_iters=50, tol=0)
+    )
 
 
 def test_sinkhorn_early_stop_and_edge_cases():
@@ -129,17 +153,21 @@ def test_sinkhorn_differentiable_unrolled():
     a = torch.tensor([0.3, 0.0, 0.2, 0.5], dtype=torch.float64)  # includes a padded row
     b = _rand_marginal(3, g)
     w = torch.randn(4, 3, generator=g, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda c: (sinkhorn(c, a, b, eps=0.2, n_iters=20, tol=0) * w).sum(), (cost,))
+    assert torch.autograd.gradcheck(
+        lambda c: (sinkhorn(c, a, b, eps=0.2, n_iters=20, tol=0) * w).sum(), (cost,)
+    )
 
 
 # ------------------------------------------------------------------------------------------ sentence pool
+
 
 def test_sentence_pool_matches_loop_reference():
     g = _gen(6)
     B, T, D, S = 4, 20, 6, 3
     emb = torch.randn(B, T, D, generator=g)
     att = torch.ones(B, T, dtype=torch.long)
-    att[1, 15:] = 0; att[3, 8:] = 0
+    att[1, 15:] = 0
+    att[3, 8:] = 0
     sid = torch.randint(-1, 5, (B, T), generator=g)  # ids 3, 4 exceed S=3 and must be dropped
     sid[2] = -1  # report 2 has no sentence token -> fallback
     sid[1, 16] = 0  # a padded token inside a sentence id must not count
@@ -161,12 +189,17 @@ def test_sentence_pool_matches_loop_reference():
 
 # -------------------------------------------------------------------------------------- OT similarity/loss
 
+
 def _random_ot_batch(seed, dtype=torch.float64, B=3, K=7, M=4, D=5):
     g = _gen(seed)
     p = torch.randn(B, K, D, generator=g, dtype=dtype)
     q = torch.randn(B, M, D, generator=g, dtype=dtype)
-    pm = torch.ones(B, K, dtype=torch.bool); pm[1, 5:] = False; pm[2, 0] = False
-    sm = torch.ones(B, M, dtype=torch.bool); sm[0, 2:] = False; sm[2, 3] = False
+    pm = torch.ones(B, K, dtype=torch.bool)
+    pm[1, 5:] = False
+    pm[2, 0] = False
+    sm = torch.ones(B, M, dtype=torch.bool)
+    sm[0, 2:] = False
+    sm[2, 3] = False
     return p, pm, q, sm
 
 
@@ -181,7 +214,11 @@ def test_ot_local_similarity_matches_per_pair_pot_reference():
                 P = F.normalize(p[i][pm[i]], dim=-1)
                 Q = F.normalize(q[j][sm[j]], dim=-1)
                 cos = P @ Q.T
-                mu = torch.full((len(P),), 1 / len(P), dtype=torch.float64) if weights is None else weights[i][pm[i]] / weights[i][pm[i]].sum()
+                mu = (
+                    torch.full((len(P),), 1 / len(P), dtype=torch.float64)
+                    if weights is None
+                    else weights[i][pm[i]] / weights[i][pm[i]].sum()
+                )
                 nu = torch.full((len(Q),), 1 / len(Q), dtype=torch.float64)
                 T = _pot_plan(1 - cos, mu, nu, 0.1)
                 assert abs(s[i, j].item() - (T * cos).sum().item()) < 1e-9
@@ -195,8 +232,10 @@ def test_ot_padding_content_is_ignored():
     outs = []
     for fill in (0.0, 1e3, float("nan")):
         pp, qq = p.clone(), q.clone()
-        pp[~pm] = fill; qq[~sm] = fill
-        pp.requires_grad_(True); qq.requires_grad_(True)
+        pp[~pm] = fill
+        qq[~sm] = fill
+        pp.requires_grad_(True)
+        qq.requires_grad_(True)
         loss = ot_local_loss(pp, pm, qq, sm, logit_scale=5.0)
         loss.backward()
         outs.append((loss.detach(), pp.grad[pm], qq.grad[sm]))
@@ -209,7 +248,8 @@ def test_ot_plan_marginals_follow_patch_weights():
     p, pm, q, sm = _random_ot_batch(9, dtype=torch.float32)
     w = torch.rand(3, 7, generator=_gen(10)) + 0.1
     T = ot_local_plan(p, pm, q, sm, patch_weights=w)  # (3, 3, K, M)
-    mu = w * pm; mu = mu / mu.sum(-1, keepdim=True)
+    mu = w * pm
+    mu = mu / mu.sum(-1, keepdim=True)
     nu = sm.float() / sm.sum(-1, keepdim=True)
     assert (T.sum(-1) - mu[:, None]).abs().max() < 1e-4
     assert (T.sum(-2) - nu[None]).abs().max() < 1e-4
@@ -218,13 +258,14 @@ def test_ot_plan_marginals_follow_patch_weights():
 
 def test_ot_local_loss_gradcheck_fixed_plan():
     p, pm, q, sm = _random_ot_batch(11)
-    p.requires_grad_(True); q.requires_grad_(True)
+    p.requires_grad_(True)
+    q.requires_grad_(True)
     plan = ot_local_plan(p, pm, q, sm, eps=0.1, n_iters=200)
     fn = lambda pe, qe: ot_local_loss(pe, pm, qe, sm, logit_scale=5.0, plan=plan)
     assert torch.autograd.gradcheck(fn, (p, q))
     # the loss with its own (no-grad) plan has exactly the fixed-plan gradient
-    gp, = torch.autograd.grad(ot_local_loss(p, pm, q, sm, 5.0, n_iters=200), p)
-    gp_fixed, = torch.autograd.grad(fn(p, q), p)
+    (gp,) = torch.autograd.grad(ot_local_loss(p, pm, q, sm, 5.0, n_iters=200), p)
+    (gp_fixed,) = torch.autograd.grad(fn(p, q), p)
     assert torch.allclose(gp, gp_fixed, atol=1e-12)
     # padded patches get no gradient
     assert gp[~pm].abs().max() == 0
@@ -255,8 +296,12 @@ def test_ot_similarity_own_sentences_beat_shuffled():
     shuffled = ot_local_loss(patches, None, sents[perm], None, logit_scale=1 / 0.07)
     assert own < 0.5 < math.log(B) < shuffled
     # OT is invariant to the order of patches within an image and of sentences within a report
-    s_perm = ot_local_similarity(patches[:, torch.randperm(16, generator=_gen(13))], None,
-                                 sents[:, torch.randperm(4, generator=_gen(14))], None)
+    s_perm = ot_local_similarity(
+        patches[:, torch.randperm(16, generator=_gen(13))],
+        None,
+        sents[:, torch.randperm(4, generator=_gen(14))],
+        None,
+    )
     assert torch.allclose(s, s_perm, atol=1e-5)
 
 
@@ -264,7 +309,8 @@ def test_ot_inputs_validated():
     p, pm, q, sm = _random_ot_batch(15)
     with pytest.raises(ValueError, match="bool"):
         ot_local_similarity(p, pm.double(), q, sm)
-    bad = sm.clone(); bad[1] = False
+    bad = sm.clone()
+    bad[1] = False
     with pytest.raises(ValueError, match="report"):
         ot_local_similarity(p, pm, q, bad)
     with pytest.raises(ValueError, match="as many"):
@@ -273,10 +319,17 @@ def test_ot_inputs_validated():
 
 # ------------------------------------------------------------------------------------ integrity estimator
 
+
 def test_estimator_starts_at_ln2_for_any_visibility():
     est = SemanticIntegrityEstimator(196, 14)
-    vis = torch.stack([torch.zeros(196), torch.ones(196), (torch.rand(196, generator=_gen(16)) > 0.5).float(),
-                       (torch.rand(196, generator=_gen(17)) > 0.9).float()])
+    vis = torch.stack(
+        [
+            torch.zeros(196),
+            torch.ones(196),
+            (torch.rand(196, generator=_gen(16)) > 0.5).float(),
+            (torch.rand(196, generator=_gen(17)) > 0.9).float(),
+        ]
+    )
     rho = est(vis)
     assert rho.shape == (4,) and torch.allclose(rho, torch.full((4,), math.log(2)))
     assert est.phi.shape == (196,) and est.phi_map().shape == (14, 14)
@@ -317,12 +370,17 @@ def test_integrity_gradient_reaches_phi_through_loss():
         rho = F.softplus(vis @ wt[0] + est.proj.bias.detach())
         S = 7.0 * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
         nll = lambda x: -(x.diagonal() - x.logsumexp(1))
-        return (nll(rho[:, None] * S).mean() + nll(rho[:, None] * S.T).mean()
-                + (rho_bar * nll(S)).sum() / rho_bar.sum() + (rho_bar * nll(S.T)).sum() / rho_bar.sum()) / 4
+        return (
+            nll(rho[:, None] * S).mean()
+            + nll(rho[:, None] * S.T).mean()
+            + (rho_bar * nll(S)).sum() / rho_bar.sum()
+            + (rho_bar * nll(S.T)).sum() / rho_bar.sum()
+        ) / 4
 
     h = 1e-6
     for l in (0, 5, 11):
-        e = torch.zeros_like(w0); e[0, l] = h
+        e = torch.zeros_like(w0)
+        e[0, l] = h
         fd = (loss_at(w0 + e) - loss_at(w0 - e)) / (2 * h)
         assert abs(fd.item() - grad[l].item()) < 1e-7
 
@@ -334,7 +392,8 @@ def test_content_mode_estimator():
     vis = (torch.rand(2, 9, generator=g) > 0.4).float()
     assert torch.allclose(est(vis, tok), vis.mean(-1))  # φ ≡ 1/2 at init
     with torch.no_grad():
-        est.mlp[-1].weight.normal_(); est.mlp[-1].bias.fill_(0.3)
+        est.mlp[-1].weight.normal_()
+        est.mlp[-1].bias.fill_(0.3)
     phi = est.phi_tokens(tok)
     assert torch.allclose(est(vis, tok), (phi * vis).sum(-1) / phi.sum(-1))
     assert est.phi_map(tok).shape == (2, 3, 3)
@@ -349,6 +408,7 @@ def test_content_mode_estimator():
 
 
 # --------------------------------------------------------------------------------------- phi mask sampler
+
 
 @pytest.mark.parametrize("L,r", [(196, 0.75), (196, 0.5), (10, 0.33), (49, 0.0)])
 def test_sample_mask_from_phi_exact_count_and_mae_contract(L, r):
@@ -366,7 +426,9 @@ def test_sample_mask_from_phi_exact_count_and_mae_contract(L, r):
 
 def test_sample_mask_from_phi_follows_phi():
     L = 16
-    phi = torch.zeros(L); peaked = [2, 7, 11]; phi[peaked] = 5.0
+    phi = torch.zeros(L)
+    peaked = [2, 7, 11]
+    phi[peaked] = 5.0
     mask, _, _ = sample_mask_from_phi(phi, 4000, 0.75, _gen(23))  # keep 4 of 16
     freq = (1 - mask).mean(0)
     others = [l for l in range(L) if l not in peaked]
@@ -385,6 +447,7 @@ def test_sample_mask_from_phi_follows_phi():
 
 
 # ---------------------------------------------------------------------------- integrity-weighted loss
+
 
 def _unit_rows(x):
     return [[e / math.sqrt(sum(f * f for f in v)) for e in v] for v in x.tolist()]

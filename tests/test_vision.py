@@ -1,10 +1,21 @@
 "Patchify, masking and timm compatibility of the image encoder."
+
 import math
+
 import pytest
-import torch
 import timm
-from maskedclip.config import get_preset, VisionConfig
-from maskedclip.vision import patchify, unpatchify, random_masking, sincos_pos_embed, ViTEncoder, timm_vit, load_timm_weights
+import torch
+
+from maskedclip.config import VisionConfig, get_preset
+from maskedclip.vision import (
+    ViTEncoder,
+    load_timm_weights,
+    patchify,
+    random_masking,
+    sincos_pos_embed,
+    timm_vit,
+    unpatchify,
+)
 
 
 @pytest.mark.parametrize("c,size,p", [(3, 32, 8), (1, 48, 16), (3, 64, 4)])
@@ -17,7 +28,7 @@ def test_patchify_roundtrip_and_order(c, size, p):
     g = size // p
     for idx in (0, 1, g, g * g - 1):
         i, j = divmod(idx, g)
-        ref = imgs[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(0, 2, 3, 1).reshape(2, -1)
+        ref = imgs[:, :, i * p : (i + 1) * p, j * p : (j + 1) * p].permute(0, 2, 3, 1).reshape(2, -1)
         assert torch.equal(x[:, idx], ref)
 
 
@@ -58,7 +69,7 @@ def test_sincos_matches_float64_formula():
     for idx in range(g * g):
         row, col = divmod(idx, g)
         ref = []
-        for pos in (col, row):   # first half encodes the column (w), second half the row (h)
+        for pos in (col, row):  # first half encodes the column (w), second half the row (h)
             omega = [1.0 / 10000 ** (i / (dim / 4)) for i in range(dim // 4)]
             ref += [math.sin(pos * w) for w in omega] + [math.cos(pos * w) for w in omega]
         assert torch.allclose(pe[1 + idx], torch.tensor(ref, dtype=torch.float64), atol=1e-6)
@@ -86,9 +97,13 @@ def test_load_timm_checkpoint_file_with_resampling(tmp_path):
     enc = ViTEncoder(VisionConfig(image_size=64, patch_size=8, width=64, depth=2, heads=2))
     rep = load_timm_weights(enc, tmp_path / "ckpt.pth")
     assert rep.resampled and "4x4 -> 8x8" in rep.resampled[0]
-    assert set(rep.unexpected) == {"head"} and "head.weight" in rep.unexpected["head"] and "fc_norm.weight" in rep.unexpected["head"]
+    assert (
+        set(rep.unexpected) == {"head"}
+        and "head.weight" in rep.unexpected["head"]
+        and "fc_norm.weight" in rep.unexpected["head"]
+    )
     # a fine-tuned (global-pool) checkpoint has fc_norm instead of the encoder's final norm: reported, not hidden
-    assert rep.missing == ['norm.bias', 'norm.weight']
+    assert rep.missing == ["norm.bias", "norm.weight"]
     assert torch.equal(enc.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_timm_weights(enc, tmp_path / "nope.pth")
@@ -96,6 +111,7 @@ def test_load_timm_checkpoint_file_with_resampling(tmp_path):
 
 def test_paper_encoder_has_vit_large_parameter_count():
     from maskedclip.model import MaskedCLIP
+
     with torch.device("meta"):
         model = MaskedCLIP(get_preset("paper"), pretrained_text=False)
         ref = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0)

@@ -6,9 +6,8 @@
 __all__ = []
 
 # %% ../../nbs/01_data.ipynb #629a8520
-from .records import *
-from .manifest import *
-from .transforms import *
-from .loader import *
 from .adapters import *
-from .loader import _Collate
+from .loader import *
+from .manifest import *
+from .records import *
+from .transforms import *

@@ -4,26 +4,16 @@
 
 # %% ../../nbs/01e_data_adapters.ipynb #c2e34c42
 from __future__ import annotations
-from dataclasses import dataclass, fields
-import torch
-import csv, json, math, os, random, re, tempfile, warnings, weakref
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import field
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
 
-import numpy as np
-import datasets
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.data import Dataset as TorchDataset
-from torchvision.transforms import v2
-from tqdm.auto import tqdm
-from .records import IMAGE_EXTENSIONS
+import csv
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
 from .manifest import _SPLIT_DIRS, _class_folder_records, _image_files, _relpath, _visible
+from .records import IMAGE_EXTENSIONS
 
 # %% auto #0
 __all__ = ['DR_GRADES', 'AIROGS_CLASSES', 'ORIGA_CLASSES', 'GF_FOLDERS', 'RETINA_FOLDERS', 'JSIEC_FOLDERS', 'JSIEC_CLASSES',
@@ -32,43 +22,99 @@ __all__ = ['DR_GRADES', 'AIROGS_CLASSES', 'ORIGA_CLASSES', 'GF_FOLDERS', 'RETINA
            'read_jsiec', 'read_retina_cataract', 'assign_splits']
 
 # %% ../../nbs/01e_data_adapters.ipynb #0000002b
-DR_GRADES = ('no DR', 'mild DR', 'moderate DR', 'severe DR', 'proliferative DR')
-AIROGS_CLASSES = {'NRG': 'no referable glaucoma', 'RG': 'referable glaucoma'}
-ORIGA_CLASSES = {'0': 'no glaucoma', '1': 'glaucoma'}
-GF_FOLDERS = {'normal_control': 'no glaucoma', 'early_glaucoma': 'early glaucoma', 'advanced_glaucoma': 'advanced glaucoma'}
-RETINA_FOLDERS = {'1_normal': 'normal', '2_cataract': 'cataract', '2_glaucoma': 'glaucoma', '3_retina_disease': 'retina disease'}
+DR_GRADES = ("no DR", "mild DR", "moderate DR", "severe DR", "proliferative DR")
+AIROGS_CLASSES = {"NRG": "no referable glaucoma", "RG": "referable glaucoma"}
+ORIGA_CLASSES = {"0": "no glaucoma", "1": "glaucoma"}
+GF_FOLDERS = {
+    "normal_control": "no glaucoma",
+    "early_glaucoma": "early glaucoma",
+    "advanced_glaucoma": "advanced glaucoma",
+}
+RETINA_FOLDERS = {
+    "1_normal": "normal",
+    "2_cataract": "cataract",
+    "2_glaucoma": "glaucoma",
+    "3_retina_disease": "retina disease",
+}
 JSIEC_FOLDERS = (
-    '0.0.Normal', '0.1.Tessellated fundus', '0.2.Large optic cup', '0.3.DR1', '1.0.DR2', '1.1.DR3', '2.0.BRVO', '2.1.CRVO',
-    '3.RAO', '4.Rhegmatogenous RD', '5.0.CSCR', '5.1.VKH disease', '6.Maculopathy', '7.ERM', '8.MH', '9.Pathological myopia',
-    '10.0.Possible glaucoma', '10.1.Optic atrophy', '11.Severe hypertensive retinopathy', '12.Disc swelling and elevation',
-    '13.Dragged Disc', '14.Congenital disc abnormality', '15.0.Retinitis pigmentosa', '15.1.Bietti crystalline dystrophy',
-    '16.Peripheral retinal degeneration and break', '17.Myelinated nerve fiber', '18.Vitreous particles', '19.Fundus neoplasm',
-    '20.Massive hard exudates', '21.Yellow-white spots-flecks', '22.Cotton-wool spots', '23.Vessel tortuosity',
-    '24.Chorioretinal atrophy-coloboma', '25.Preretinal hemorrhage', '26.Fibrosis', '27.Laser Spots', '28.Silicon oil in eye',
-    '29.0.Blur fundus without PDR', '29.1.Blur fundus with suspected PDR')
-_JSIEC_PREFIX = re.compile(r'^\d+(?:\.\d+)?\.(?=\D)')
-JSIEC_CLASSES = tuple(_JSIEC_PREFIX.sub('', f) for f in JSIEC_FOLDERS)
+    "0.0.Normal",
+    "0.1.Tessellated fundus",
+    "0.2.Large optic cup",
+    "0.3.DR1",
+    "1.0.DR2",
+    "1.1.DR3",
+    "2.0.BRVO",
+    "2.1.CRVO",
+    "3.RAO",
+    "4.Rhegmatogenous RD",
+    "5.0.CSCR",
+    "5.1.VKH disease",
+    "6.Maculopathy",
+    "7.ERM",
+    "8.MH",
+    "9.Pathological myopia",
+    "10.0.Possible glaucoma",
+    "10.1.Optic atrophy",
+    "11.Severe hypertensive retinopathy",
+    "12.Disc swelling and elevation",
+    "13.Dragged Disc",
+    "14.Congenital disc abnormality",
+    "15.0.Retinitis pigmentosa",
+    "15.1.Bietti crystalline dystrophy",
+    "16.Peripheral retinal degeneration and break",
+    "17.Myelinated nerve fiber",
+    "18.Vitreous particles",
+    "19.Fundus neoplasm",
+    "20.Massive hard exudates",
+    "21.Yellow-white spots-flecks",
+    "22.Cotton-wool spots",
+    "23.Vessel tortuosity",
+    "24.Chorioretinal atrophy-coloboma",
+    "25.Preretinal hemorrhage",
+    "26.Fibrosis",
+    "27.Laser Spots",
+    "28.Silicon oil in eye",
+    "29.0.Blur fundus without PDR",
+    "29.1.Blur fundus with suspected PDR",
+)
+_JSIEC_PREFIX = re.compile(r"^\d+(?:\.\d+)?\.(?=\D)")
+JSIEC_CLASSES = tuple(_JSIEC_PREFIX.sub("", f) for f in JSIEC_FOLDERS)
 
-LABEL_SPACES = {'eyepacs': DR_GRADES, 'aptos2019': DR_GRADES, 'idrid_grading': DR_GRADES, 'messidor2': DR_GRADES,
-                'odir5k': None, 'airogs': tuple(AIROGS_CLASSES.values()), 'origa': tuple(ORIGA_CLASSES.values()),
-                'glaucoma_fundus': tuple(GF_FOLDERS.values()), 'jsiec': JSIEC_CLASSES,
-                'retina_cataract': tuple(RETINA_FOLDERS.values())}
+LABEL_SPACES = {
+    "eyepacs": DR_GRADES,
+    "aptos2019": DR_GRADES,
+    "idrid_grading": DR_GRADES,
+    "messidor2": DR_GRADES,
+    "odir5k": None,
+    "airogs": tuple(AIROGS_CLASSES.values()),
+    "origa": tuple(ORIGA_CLASSES.values()),
+    "glaucoma_fundus": tuple(GF_FOLDERS.values()),
+    "jsiec": JSIEC_CLASSES,
+    "retina_cataract": tuple(RETINA_FOLDERS.values()),
+}
 
 # %% ../../nbs/01e_data_adapters.ipynb #0000002c
 def _read_table(path: Path, required: Sequence[str]) -> list[dict]:
     """CSV rows with header names stripped of spaces (IDRiD's 'Risk of macular edema ' has a trailing one), empty
     columns and all-empty rows dropped; each row gets `_line`. Missing `required` columns -> ValueError."""
-    if not path.is_file(): raise FileNotFoundError(f'expected label file not found: {path}')
-    with open(path, newline='', encoding='utf-8-sig') as f:
+    if not path.is_file():
+        raise FileNotFoundError(f"expected label file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        header = [(h or '').strip() for h in (reader.fieldnames or [])]
+        header = [(h or "").strip() for h in (reader.fieldnames or [])]
         missing = [c for c in required if c not in header]
-        if missing: raise ValueError(f'{path}: missing column(s) {missing}; found {[h for h in header if h]}')
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; found {[h for h in header if h]}")
         rows = []
         for row in reader:
-            clean = {k.strip(): (v.strip() if isinstance(v, str) else '') for k, v in row.items() if k is not None and k.strip()}
-            if not any(clean.values()): continue
-            clean['_line'] = reader.line_num
+            clean = {
+                k.strip(): (v.strip() if isinstance(v, str) else "")
+                for k, v in row.items()
+                if k is not None and k.strip()
+            }
+            if not any(clean.values()):
+                continue
+            clean["_line"] = reader.line_num
             rows.append(clean)
     return rows
 
@@ -76,11 +122,13 @@ def _read_table(path: Path, required: Sequence[str]) -> list[dict]:
 def _find(root: Path, *names: str) -> Path:
     "The first of `names` found at `root`, else anywhere below it (shallowest first); FileNotFoundError otherwise."
     for n in names:
-        if (root / n).is_file(): return root / n
+        if (root / n).is_file():
+            return root / n
     for n in names:
         hits = sorted(root.rglob(n), key=lambda p: (len(p.parts), str(p)))
-        if hits: return hits[0]
-    raise FileNotFoundError(f'none of {list(names)} found under {root}')
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"none of {list(names)} found under {root}")
 
 
 def _index_images(root: Path) -> dict[str, list[Path]]:
@@ -88,32 +136,46 @@ def _index_images(root: Path) -> dict[str, list[Path]]:
     idx: dict[str, list[Path]] = {}
     for f in _image_files(root):
         idx.setdefault(f.name.lower(), []).append(f)
-        idx.setdefault('stem:' + f.stem.lower(), []).append(f)
+        idx.setdefault("stem:" + f.stem.lower(), []).append(f)
     return idx
 
 
 def _lookup(idx: dict, name: str, prefer: Callable[[Path], bool] = lambda p: False) -> Path | None:
-    hits = idx.get(name.lower()) or idx.get('stem:' + Path(name).stem.lower()) or idx.get('stem:' + name.lower())
-    if not hits: return None
+    hits = (
+        idx.get(name.lower()) or idx.get("stem:" + Path(name).stem.lower()) or idx.get("stem:" + name.lower())
+    )
+    if not hits:
+        return None
     return sorted(hits, key=lambda p: (not prefer(p), len(p.parts), str(p)))[0]
 
 
-def _grade(value: str, path: Path, line: int, field: str = 'grade') -> str:
-    try: g = float(value); assert g == int(g) and 0 <= g <= 4
+def _grade(value: str, path: Path, line: int, field: str = "grade") -> str:
+    try:
+        g = float(value)
+        assert g == int(g) and 0 <= g <= 4
     except (ValueError, AssertionError):
-        raise ValueError(f'{path}:{line}: {field} {value!r} is not a DR grade 0..4') from None
+        raise ValueError(f"{path}:{line}: {field} {value!r} is not a DR grade 0..4") from None
     return DR_GRADES[int(g)]
 
 
 def _rec(source: str, key: str, image: Path, rel_to: Path, **kw) -> dict:
-    r = dict(id=f'{source}/{key}', image=_relpath(image, rel_to), text=None, label=None, labels=None, source=source, split=None)
+    r = dict(
+        id=f"{source}/{key}",
+        image=_relpath(image, rel_to),
+        text=None,
+        label=None,
+        labels=None,
+        source=source,
+        split=None,
+    )
     r.update(kw)
     return r
 
 
 def _roots(root, relative_to) -> tuple[Path, Path]:
     root = Path(root)
-    if not root.is_dir(): raise FileNotFoundError(f'dataset root not found: {root}')
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
     return root, (Path(relative_to) if relative_to is not None else root)
 
 # %% ../../nbs/01e_data_adapters.ipynb #0000002d
@@ -122,24 +184,44 @@ def read_eyepacs(root, *, relative_to=None, include_test: bool = False) -> list[
     `train/<image>.jpeg`; with `include_test`, `retinopathy_solution.csv` (`image,level,Usage`) and `test/<image>.jpeg`.
     Labels: level 0..4 -> `DR_GRADES`."""
     root, rel_to = _roots(root, relative_to)
-    parts = [('trainLabels.csv', 'train', 'train')] + ([('retinopathy_solution.csv', 'test', 'test')] if include_test else [])
+    parts = [("trainLabels.csv", "train", "train")] + (
+        [("retinopathy_solution.csv", "test", "test")] if include_test else []
+    )
     out = []
     for csv_name, folder, split in parts:
         path = root / csv_name
-        for r in _read_table(path, ['image', 'level']):
-            out.append(_rec('eyepacs', r['image'], root / folder / f"{r['image']}.jpeg", rel_to,
-                            label=_grade(r['level'], path, r['_line'], 'level'), split=split,
-                            **({'usage': r['Usage']} if r.get('Usage') else {})))
+        for r in _read_table(path, ["image", "level"]):
+            out.append(
+                _rec(
+                    "eyepacs",
+                    r["image"],
+                    root / folder / f"{r['image']}.jpeg",
+                    rel_to,
+                    label=_grade(r["level"], path, r["_line"], "level"),
+                    split=split,
+                    **({"usage": r["Usage"]} if r.get("Usage") else {}),
+                )
+            )
     return out
+
 
 def read_aptos2019(root, *, relative_to=None) -> list[dict]:
     """Kaggle APTOS 2019 Blindness Detection: `train.csv` (`id_code,diagnosis`), images `train_images/<id_code>.png`
     (the competition's `test.csv` has no labels and is not read). Labels: diagnosis 0..4 -> `DR_GRADES`."""
     root, rel_to = _roots(root, relative_to)
-    path = root / 'train.csv'
-    return [_rec('aptos2019', r['id_code'], root / 'train_images' / f"{r['id_code']}.png", rel_to,
-                 label=_grade(r['diagnosis'], path, r['_line'], 'diagnosis'), split='train')
-            for r in _read_table(path, ['id_code', 'diagnosis'])]
+    path = root / "train.csv"
+    return [
+        _rec(
+            "aptos2019",
+            r["id_code"],
+            root / "train_images" / f"{r['id_code']}.png",
+            rel_to,
+            label=_grade(r["diagnosis"], path, r["_line"], "diagnosis"),
+            split="train",
+        )
+        for r in _read_table(path, ["id_code", "diagnosis"])
+    ]
+
 
 def read_idrid_grading(root, *, relative_to=None) -> list[dict]:
     """IDRiD part B (Disease Grading). `root` is the IDRiD folder or `B. Disease Grading` itself:
@@ -148,20 +230,34 @@ def read_idrid_grading(root, *, relative_to=None) -> list[dict]:
     images `1. Original Images/a. Training Set/IDRiD_001.jpg` and `b. Testing Set/` (the test images reuse the names
     IDRiD_001.., so ids are `idrid/<split>/<name>`). Labels: grade -> `DR_GRADES`; `dme_risk` (0..2) as an extra column."""
     root, rel_to = _roots(root, relative_to)
-    base = root / 'B. Disease Grading' if (root / 'B. Disease Grading').is_dir() else root
-    parts = [('a. IDRiD_Training Set.csv', 'a. Training Set', 'train'), ('b. IDRiD_Testing Set.csv', 'b. Testing Set', 'test')]
-    found = [p for p in parts if (base / '2. Groundtruths' / p[0]).is_file()]
-    if not found: raise FileNotFoundError(f"no IDRiD grading csv under {base / '2. Groundtruths'} (expected {parts[0][0]!r})")
+    base = root / "B. Disease Grading" if (root / "B. Disease Grading").is_dir() else root
+    parts = [
+        ("a. IDRiD_Training Set.csv", "a. Training Set", "train"),
+        ("b. IDRiD_Testing Set.csv", "b. Testing Set", "test"),
+    ]
+    found = [p for p in parts if (base / "2. Groundtruths" / p[0]).is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"no IDRiD grading csv under {base / '2. Groundtruths'} (expected {parts[0][0]!r})"
+        )
     out = []
     for csv_name, folder, split in found:
-        path = base / '2. Groundtruths' / csv_name
-        for r in _read_table(path, ['Image name', 'Retinopathy grade', 'Risk of macular edema']):
-            name = r['Image name']
-            fname = name if Path(name).suffix.lower() in IMAGE_EXTENSIONS else f'{name}.jpg'
-            dme = r['Risk of macular edema']
-            out.append(_rec('idrid', f'{split}/{Path(name).stem}', base / '1. Original Images' / folder / fname, rel_to,
-                            label=_grade(r['Retinopathy grade'], path, r['_line'], 'Retinopathy grade'), split=split,
-                            dme_risk=int(float(dme)) if dme else None))
+        path = base / "2. Groundtruths" / csv_name
+        for r in _read_table(path, ["Image name", "Retinopathy grade", "Risk of macular edema"]):
+            name = r["Image name"]
+            fname = name if Path(name).suffix.lower() in IMAGE_EXTENSIONS else f"{name}.jpg"
+            dme = r["Risk of macular edema"]
+            out.append(
+                _rec(
+                    "idrid",
+                    f"{split}/{Path(name).stem}",
+                    base / "1. Original Images" / folder / fname,
+                    rel_to,
+                    label=_grade(r["Retinopathy grade"], path, r["_line"], "Retinopathy grade"),
+                    split=split,
+                    dme_risk=int(float(dme)) if dme else None,
+                )
+            )
     return out
 
 # %% ../../nbs/01e_data_adapters.ipynb #828be24e
@@ -172,35 +268,57 @@ def read_messidor2(root, *, relative_to=None, include_ungradable: bool = False) 
     copies). Ungradable images (gradable 0 or no grade) are left out **with a warning** unless
     `include_ungradable` (then `label=None`). Extras: `dme` (0/1), `gradable`."""
     root, rel_to = _roots(root, relative_to)
-    path = _find(root, 'messidor_data.csv')
+    path = _find(root, "messidor_data.csv")
     idx = _index_images(root)
     out, ungradable = [], []
-    for r in _read_table(path, ['image_id', 'adjudicated_dr_grade', 'adjudicated_dme', 'adjudicated_gradable']):
-        name = r['image_id']
-        gradable = r['adjudicated_gradable'] not in ('0', '0.0', 'False', 'false') and r['adjudicated_dr_grade'] != ''
+    for r in _read_table(
+        path, ["image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable"]
+    ):
+        name = r["image_id"]
+        gradable = (
+            r["adjudicated_gradable"] not in ("0", "0.0", "False", "false")
+            and r["adjudicated_dr_grade"] != ""
+        )
         if not gradable:
             ungradable.append(name)
-            if not include_ungradable: continue
-        label = _grade(r['adjudicated_dr_grade'], path, r['_line'], 'adjudicated_dr_grade') if gradable else None
-        img = _lookup(idx, name) or root / 'IMAGES' / name
-        dme = r['adjudicated_dme']
-        out.append(_rec('messidor2', Path(name).stem, img, rel_to, label=label, gradable=gradable,
-                        dme=int(float(dme)) if dme else None))
+            if not include_ungradable:
+                continue
+        label = (
+            _grade(r["adjudicated_dr_grade"], path, r["_line"], "adjudicated_dr_grade") if gradable else None
+        )
+        img = _lookup(idx, name) or root / "IMAGES" / name
+        dme = r["adjudicated_dme"]
+        out.append(
+            _rec(
+                "messidor2",
+                Path(name).stem,
+                img,
+                rel_to,
+                label=label,
+                gradable=gradable,
+                dme=int(float(dme)) if dme else None,
+            )
+        )
     if ungradable and not include_ungradable:
-        warnings.warn(f'messidor2: left out {len(ungradable)} ungradable image(s) (adjudicated_gradable=0 or no grade), '
-                      f'e.g. {ungradable[:3]}; pass include_ungradable=True to keep them with label=None')
+        warnings.warn(
+            f"messidor2: left out {len(ungradable)} ungradable image(s) (adjudicated_gradable=0 or no grade), "
+            f"e.g. {ungradable[:3]}; pass include_ungradable=True to keep them with label=None"
+        )
     return out
 
 # %% ../../nbs/01e_data_adapters.ipynb #0000002e
-_ODIR_SPLIT = re.compile(r'[，,;；]')
+_ODIR_SPLIT = re.compile(r"[，,;；]")
+
 
 def odir_keywords(text: str | None) -> list[str]:
     "ODIR diagnostic keywords: split on full-width and ASCII commas/semicolons, strip, drop empties and repeats."
     out = []
-    for k in _ODIR_SPLIT.split(text or ''):
-        k = ' '.join(k.split())
-        if k and k not in out: out.append(k)
+    for k in _ODIR_SPLIT.split(text or ""):
+        k = " ".join(k.split())
+        if k and k not in out:
+            out.append(k)
     return out
+
 
 def read_odir5k(root, *, relative_to=None, csv_name: str | None = None) -> list[dict]:
     """ODIR-5K: `full_df.csv` (Kaggle, one row per eye with repeated patient columns) or the csv exported from
@@ -210,39 +328,62 @@ def read_odir5k(root, *, relative_to=None, csv_name: str | None = None) -> list[
     keyword list, `label=None` (free text: its own CLIP class, D8). Images found below `root`, preferring
     `Training Images/` over `preprocessed_images/`. Extras: `eye`, `patient_id`, `patient_labels` (the N..O flags)."""
     root, rel_to = _roots(root, relative_to)
-    path = root / csv_name if csv_name else _find(root, 'full_df.csv', 'ODIR-5K_Training_Annotations(Updated)_V2.csv', 'data.csv')
-    cols = ['ID', 'Left-Fundus', 'Right-Fundus', 'Left-Diagnostic Keywords', 'Right-Diagnostic Keywords']
+    path = (
+        root / csv_name
+        if csv_name
+        else _find(root, "full_df.csv", "ODIR-5K_Training_Annotations(Updated)_V2.csv", "data.csv")
+    )
+    cols = ["ID", "Left-Fundus", "Right-Fundus", "Left-Diagnostic Keywords", "Right-Diagnostic Keywords"]
     idx = _index_images(root)
     out, seen = [], {}
     for r in _read_table(path, cols):
-        flags = [c for c in 'NDGCAHMO' if r.get(c) in ('1', '1.0')]
-        for eye in ('Left', 'Right'):
-            fname = r[f'{eye}-Fundus']
-            if not fname: continue
-            kws = odir_keywords(r[f'{eye}-Diagnostic Keywords'])
+        flags = [c for c in "NDGCAHMO" if r.get(c) in ("1", "1.0")]
+        for eye in ("Left", "Right"):
+            fname = r[f"{eye}-Fundus"]
+            if not fname:
+                continue
+            kws = odir_keywords(r[f"{eye}-Diagnostic Keywords"])
             if fname in seen:
                 if seen[fname] != kws:
-                    raise ValueError(f'{path}:{r["_line"]}: {fname} has keywords {kws} here but {seen[fname]} in an earlier row')
+                    raise ValueError(
+                        f"{path}:{r['_line']}: {fname} has keywords {kws} here but {seen[fname]} in an earlier row"
+                    )
                 continue
             seen[fname] = kws
-            img = _lookup(idx, fname, prefer=lambda p: 'Training Images' in p.parts) or root / 'Training Images' / fname
-            out.append(_rec('odir5k', Path(fname).stem, img, rel_to, text=', '.join(kws) or None, labels=kws or None,
-                            eye=eye.lower(), patient_id=r['ID'], patient_labels=flags))
+            img = (
+                _lookup(idx, fname, prefer=lambda p: "Training Images" in p.parts)
+                or root / "Training Images" / fname
+            )
+            out.append(
+                _rec(
+                    "odir5k",
+                    Path(fname).stem,
+                    img,
+                    rel_to,
+                    text=", ".join(kws) or None,
+                    labels=kws or None,
+                    eye=eye.lower(),
+                    patient_id=r["ID"],
+                    patient_labels=flags,
+                )
+            )
     return out
+
 
 def read_airogs(root, *, relative_to=None) -> list[dict]:
     """Rotterdam EyePACS AIROGS (train set): `train_labels.csv` (`challenge_id,class`, class RG/NRG); images
     `<challenge_id>.jpg` anywhere below `root` (the release splits them over folders `0/`..`5/`).
     Labels: RG -> 'referable glaucoma', NRG -> 'no referable glaucoma'."""
     root, rel_to = _roots(root, relative_to)
-    path = _find(root, 'train_labels.csv')
+    path = _find(root, "train_labels.csv")
     idx = _index_images(root)
     out = []
-    for r in _read_table(path, ['challenge_id', 'class']):
-        cid, cls = r['challenge_id'], r['class'].upper()
-        if cls not in AIROGS_CLASSES: raise ValueError(f'{path}:{r["_line"]}: class {r["class"]!r} is not RG or NRG')
-        img = _lookup(idx, f'{cid}.jpg') or root / f'{cid}.jpg'
-        out.append(_rec('airogs', cid, img, rel_to, label=AIROGS_CLASSES[cls], split='train'))
+    for r in _read_table(path, ["challenge_id", "class"]):
+        cid, cls = r["challenge_id"], r["class"].upper()
+        if cls not in AIROGS_CLASSES:
+            raise ValueError(f"{path}:{r['_line']}: class {r['class']!r} is not RG or NRG")
+        img = _lookup(idx, f"{cid}.jpg") or root / f"{cid}.jpg"
+        out.append(_rec("airogs", cid, img, rel_to, label=AIROGS_CLASSES[cls], split="train"))
     return out
 
 # %% ../../nbs/01e_data_adapters.ipynb #cded2453
@@ -251,32 +392,51 @@ def read_origa(root, *, relative_to=None) -> list[dict]:
     copies), images `Images/<Filename>` (else found by name below `root`). Labels: Glaucoma 0/1 -> 'no glaucoma' /
     'glaucoma'. Extras: `cdr` (ExpCDR), `eye`, `origa_set` (ORIGA's own A/B subsets, not a train/test split)."""
     root, rel_to = _roots(root, relative_to)
-    path = _find(root, 'OrigaList.csv', 'origa_list.csv', 'glaucoma.csv')
+    path = _find(root, "OrigaList.csv", "origa_list.csv", "glaucoma.csv")
     idx = _index_images(root)
     out = []
-    for r in _read_table(path, ['Filename', 'Glaucoma']):
-        g = r['Glaucoma'].split('.')[0]
-        if g not in ORIGA_CLASSES: raise ValueError(f'{path}:{r["_line"]}: Glaucoma {r["Glaucoma"]!r} is not 0 or 1')
-        fn = r['Filename']
-        img = root / 'Images' / fn if (root / 'Images' / fn).is_file() else (_lookup(idx, fn) or root / 'Images' / fn)
-        extra = {k: v for k, v in (('cdr', float(r['ExpCDR']) if r.get('ExpCDR') else None), ('eye', r.get('Eye') or None),
-                                   ('origa_set', r.get('Set') or None))}
-        out.append(_rec('origa', Path(fn).stem, img, rel_to, label=ORIGA_CLASSES[g], **extra))
+    for r in _read_table(path, ["Filename", "Glaucoma"]):
+        g = r["Glaucoma"].split(".")[0]
+        if g not in ORIGA_CLASSES:
+            raise ValueError(f"{path}:{r['_line']}: Glaucoma {r['Glaucoma']!r} is not 0 or 1")
+        fn = r["Filename"]
+        img = (
+            root / "Images" / fn
+            if (root / "Images" / fn).is_file()
+            else (_lookup(idx, fn) or root / "Images" / fn)
+        )
+        extra = {
+            k: v
+            for k, v in (
+                ("cdr", float(r["ExpCDR"]) if r.get("ExpCDR") else None),
+                ("eye", r.get("Eye") or None),
+                ("origa_set", r.get("Set") or None),
+            )
+        }
+        out.append(_rec("origa", Path(fn).stem, img, rel_to, label=ORIGA_CLASSES[g], **extra))
     return out
 
 # %% ../../nbs/01e_data_adapters.ipynb #0000002f
 def _locate_class_root(root: Path, folder_label: Callable[[str], str | None], depth: int = 3) -> Path:
     "The shallowest folder at or below `root` whose sub-folders (or split folders' sub-folders) are class folders."
+
     def is_class_root(d: Path) -> bool:
         subs = [s for s in d.iterdir() if s.is_dir()]
-        if any(folder_label(s.name) is not None for s in subs): return True
-        return any(s.name.lower() in _SPLIT_DIRS and any(folder_label(c.name) is not None for c in s.iterdir() if c.is_dir()) for s in subs)
+        if any(folder_label(s.name) is not None for s in subs):
+            return True
+        return any(
+            s.name.lower() in _SPLIT_DIRS
+            and any(folder_label(c.name) is not None for c in s.iterdir() if c.is_dir())
+            for s in subs
+        )
+
     level = [root]
     for _ in range(depth + 1):
         for d in level:
-            if is_class_root(d): return d
+            if is_class_root(d):
+                return d
         level = [s for d in level for s in sorted(d.iterdir()) if s.is_dir() and _visible(s)]
-    raise FileNotFoundError(f'no class folders of this dataset found under {root}')
+    raise FileNotFoundError(f"no class folders of this dataset found under {root}")
 
 
 def _folder_dataset(root, relative_to, source: str, folder_label: Callable[[str], str | None]) -> list[dict]:
@@ -289,47 +449,65 @@ def read_glaucoma_fundus(root, *, relative_to=None) -> list[dict]:
     """Glaucoma Fundus (Ahn et al. 2018, "GF"): class folders `normal_control/`, `early_glaucoma/`,
     `advanced_glaucoma/`, directly or inside `train/ val/ test/` (the RETFound copy). Labels:
     'no glaucoma', 'early glaucoma', 'advanced glaucoma'."""
-    return _folder_dataset(root, relative_to, 'glaucoma_fundus', lambda n: GF_FOLDERS.get(n.lower()))
+    return _folder_dataset(root, relative_to, "glaucoma_fundus", lambda n: GF_FOLDERS.get(n.lower()))
 
 
 def jsiec_label(folder: str) -> str | None:
     "'0.1.Tessellated fundus' -> 'Tessellated fundus'; None for a folder without the numeric prefix."
-    return _JSIEC_PREFIX.sub('', folder) if _JSIEC_PREFIX.match(folder) else None
+    return _JSIEC_PREFIX.sub("", folder) if _JSIEC_PREFIX.match(folder) else None
 
 
 def read_jsiec(root, *, relative_to=None) -> list[dict]:
     """JSIEC 1000 fundus images (39 classes): class folders `0.0.Normal`, `0.1.Tessellated fundus`, ...,
     `29.1.Blur fundus with suspected PDR` (see `JSIEC_FOLDERS`), found at or up to three levels below `root`
     (e.g. Kaggle's `1000images/`), optionally inside `train/ val/ test/`. Label = folder name without the number."""
-    return _folder_dataset(root, relative_to, 'jsiec', jsiec_label)
+    return _folder_dataset(root, relative_to, "jsiec", jsiec_label)
 
 
 def read_retina_cataract(root, *, relative_to=None) -> list[dict]:
     """Kaggle cataract dataset ("Retina", jr2ngb/cataractdataset): folders `1_normal/`, `2_cataract/`,
     `2_glaucoma/`, `3_retina_disease/` (under `dataset/` in the download, or inside `train/ val/ test/`).
     Labels: 'normal', 'cataract', 'glaucoma', 'retina disease'."""
-    return _folder_dataset(root, relative_to, 'retina_cataract', lambda n: RETINA_FOLDERS.get(n.lower()))
+    return _folder_dataset(root, relative_to, "retina_cataract", lambda n: RETINA_FOLDERS.get(n.lower()))
 
 
 ADAPTERS: dict[str, Callable[..., list[dict]]] = {
-    'eyepacs': read_eyepacs, 'aptos2019': read_aptos2019, 'idrid_grading': read_idrid_grading, 'messidor2': read_messidor2,
-    'odir5k': read_odir5k, 'airogs': read_airogs, 'origa': read_origa, 'glaucoma_fundus': read_glaucoma_fundus,
-    'jsiec': read_jsiec, 'retina_cataract': read_retina_cataract}
+    "eyepacs": read_eyepacs,
+    "aptos2019": read_aptos2019,
+    "idrid_grading": read_idrid_grading,
+    "messidor2": read_messidor2,
+    "odir5k": read_odir5k,
+    "airogs": read_airogs,
+    "origa": read_origa,
+    "glaucoma_fundus": read_glaucoma_fundus,
+    "jsiec": read_jsiec,
+    "retina_cataract": read_retina_cataract,
+}
 
 # %% ../../nbs/01e_data_adapters.ipynb #00000030
-def assign_splits(records: Iterable[Mapping], val: float = 0.1, test: float = 0.2, seed: int = 0,
-                  stratify: bool = True, overwrite: bool = False) -> list[dict]:
+def assign_splits(
+    records: Iterable[Mapping],
+    val: float = 0.1,
+    test: float = 0.2,
+    seed: int = 0,
+    stratify: bool = True,
+    overwrite: bool = False,
+) -> list[dict]:
     """Copies of `records` with a seeded split for those without one (all with `overwrite`), stratified by `label`:
     per label, `round(n*test)` test, `round(n*val)` val, the rest train (ids sorted first, so the result does not
     depend on the input order)."""
-    if not (0 <= val and 0 <= test and val + test < 1): raise ValueError(f'need 0 <= val, test and val + test < 1, got {val}, {test}')
+    if not (0 <= val and 0 <= test and val + test < 1):
+        raise ValueError(f"need 0 <= val, test and val + test < 1, got {val}, {test}")
     recs = [dict(r) for r in records]
-    todo = [r for r in recs if overwrite or not r.get('split')]
+    todo = [r for r in recs if overwrite or not r.get("split")]
     groups: dict = {}
-    for r in sorted(todo, key=lambda r: str(r['id'])): groups.setdefault(r.get('label') if stratify else None, []).append(r)
+    for r in sorted(todo, key=lambda r: str(r["id"])):
+        groups.setdefault(r.get("label") if stratify else None, []).append(r)
     rng = random.Random(seed)
     for key in sorted(groups, key=lambda k: (k is None, str(k))):
-        g = groups[key]; rng.shuffle(g)
+        g = groups[key]
+        rng.shuffle(g)
         n_test, n_val = round(len(g) * test), round(len(g) * val)
-        for i, r in enumerate(g): r['split'] = 'test' if i < n_test else 'val' if i < n_test + n_val else 'train'
+        for i, r in enumerate(g):
+            r["split"] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return recs

@@ -4,26 +4,25 @@
 
 # %% ../../nbs/01d_data_loader.ipynb #a8b9649d
 from __future__ import annotations
-from dataclasses import dataclass, fields
-import torch
-import csv, json, math, os, random, re, tempfile, warnings, weakref
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import field
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
 
-import numpy as np
+import math
+import random
+import warnings
+import weakref
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
 import datasets
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+import torch
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data import Dataset as TorchDataset
-from torchvision.transforms import v2
-from tqdm.auto import tqdm
-from .records import BadRecordError, Batch, MAX_PIXELS, _preview, load_image
+
 from .manifest import ManifestData, load_imagefolder, load_manifest
+from .records import MAX_PIXELS, BadRecordError, Batch, _preview, load_image
 from .transforms import eval_transform, mirror_laterality, train_transform
 
 # %% auto #0
@@ -32,23 +31,34 @@ __all__ = ['build_label_map', 'label_to_id', 'ImageDataset', 'ImageTextDataset',
 # %% ../../nbs/01d_data_loader.ipynb #00000023
 def build_label_map(labels: Iterable[str | None]) -> dict[str, int]:
     "Label -> id: the order of a label space as given, or sorted distinct labels of a set (None ignored)."
-    if isinstance(labels, (set, frozenset)): labels = sorted(l for l in labels if l is not None)
+    if isinstance(labels, (set, frozenset)):
+        labels = sorted(l for l in labels if l is not None)
     out = {}
     for l in labels:
-        if l is not None and l not in out: out[l] = len(out)
+        if l is not None and l not in out:
+            out[l] = len(out)
     return out
+
 
 def label_to_id(label: str | None, label_map: Mapping[str, int]) -> int:
     "Id of `label` in `label_map`; `None` -> -1 (no categorical label)."
-    if label is None: return -1
-    try: return label_map[label]
-    except KeyError: raise ValueError(f'label {label!r} is not in the label map ({_preview(label_map)})') from None
+    if label is None:
+        return -1
+    try:
+        return label_map[label]
+    except KeyError:
+        raise ValueError(f"label {label!r} is not in the label map ({_preview(label_map)})") from None
+
 
 def _as_records(records, root) -> tuple[datasets.Dataset, Path]:
-    if isinstance(records, ManifestData): return records.dataset, Path(root) if root is not None else records.root
-    if root is None: raise ValueError('root is required when records are not a ManifestData')
-    if isinstance(records, datasets.Dataset): return records, Path(root)
+    if isinstance(records, ManifestData):
+        return records.dataset, Path(root) if root is not None else records.root
+    if root is None:
+        raise ValueError("root is required when records are not a ManifestData")
+    if isinstance(records, datasets.Dataset):
+        return records, Path(root)
     return datasets.Dataset.from_list([dict(r) for r in records]), Path(root)
+
 
 @contextmanager
 def _private_rng(seed: int | None):
@@ -62,47 +72,77 @@ def _private_rng(seed: int | None):
 
 # %% ../../nbs/01d_data_loader.ipynb #b0345bbe
 class _ImageRecords(TorchDataset):
-    def __init__(self, records, root=None, transform=None, *, max_pixels: int = MAX_PIXELS, decode_size: int | None = None,
-                 on_error: str = 'raise', max_retries: int = 10, hflip: float = 0.0):
+    def __init__(
+        self,
+        records,
+        root=None,
+        transform=None,
+        *,
+        max_pixels: int = MAX_PIXELS,
+        decode_size: int | None = None,
+        on_error: str = "raise",
+        max_retries: int = 10,
+        hflip: float = 0.0,
+    ):
         self.records, self.root = _as_records(records, root)
-        if not 0 <= hflip <= 1: raise ValueError(f'hflip must be a probability in [0, 1], got {hflip!r}')
+        if not 0 <= hflip <= 1:
+            raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
         self.hflip = float(hflip)
         self.transform = transform if transform is not None else eval_transform(224)
-        if on_error not in ('raise', 'replace'): raise ValueError(f"on_error must be 'raise' or 'replace', got {on_error!r}")
-        self.max_pixels, self.decode_size, self.on_error, self.max_retries = max_pixels, decode_size, on_error, max_retries
+        if on_error not in ("raise", "replace"):
+            raise ValueError(f"on_error must be 'raise' or 'replace', got {on_error!r}")
+        self.max_pixels, self.decode_size, self.on_error, self.max_retries = (
+            max_pixels,
+            decode_size,
+            on_error,
+            max_retries,
+        )
         self.locations = records.locations if isinstance(records, ManifestData) else None
 
-    def __len__(self) -> int: return len(self.records)
+    def __len__(self) -> int:
+        return len(self.records)
 
     def _load(self, idx: int) -> tuple[Image.Image, dict, list]:
         errors, n = [], len(self)
         for k in range(self.max_retries + 1):
             row = self.records[(idx + k) % n]
-            path = self.root / row['image']
-            try: return load_image(path, self.max_pixels, self.decode_size), row, errors
+            path = self.root / row["image"]
+            try:
+                return load_image(path, self.max_pixels, self.decode_size), row, errors
             except BadRecordError as e:
                 man, line = self.locations[(idx + k) % n] if self.locations is not None else (None, None)
-                err = e.located(manifest=man, line=line, record_id=row['id'], field='image', file=path)
-                if self.on_error == 'raise': raise err from None
+                err = e.located(manifest=man, line=line, record_id=row["id"], field="image", file=path)
+                if self.on_error == "raise":
+                    raise err from None
                 errors.append((str(path), str(err)))
-        raise BadRecordError(f'{self.max_retries + 1} consecutive images failed to decode from index {idx}; last: {errors[-1][1]}',
-                             reason='corrupt_image')
+        raise BadRecordError(
+            f"{self.max_retries + 1} consecutive images failed to decode from index {idx}; last: {errors[-1][1]}",
+            reason="corrupt_image",
+        )
 
-    def _extra(self, row: dict, rng) -> dict: return {}
-    def _mirror(self, extra: dict) -> dict: return extra
+    def _extra(self, row: dict, rng) -> dict:
+        return {}
+
+    def _mirror(self, extra: dict) -> dict:
+        return extra
 
     def __getitem__(self, key) -> dict:
         idx, seed = key if isinstance(key, tuple) else (key, None)
         idx = int(idx)
-        if not -len(self) <= idx < len(self): raise IndexError(f'index {idx} out of range for {len(self)} records')
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for {len(self)} records")
         img, row, errors = self._load(idx % len(self))
         with _private_rng(seed) as rng:
             extra = self._extra(row, rng)
-            if self.hflip > 0 and rng.random() < self.hflip:   # a flip mirrors the eye's laterality in the text too
+            if (
+                self.hflip > 0 and rng.random() < self.hflip
+            ):  # a flip mirrors the eye's laterality in the text too
                 img, extra = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self._mirror(extra)
-            out = dict(image=self.transform(img), id=row['id'], **extra)
-        if errors: out['errors'] = errors
+            out = dict(image=self.transform(img), id=row["id"], **extra)
+        if errors:
+            out["errors"] = errors
         return out
+
 
 class ImageDataset(_ImageRecords):
     """Unpaired images: item = `dict(image=(3,H,W) float, id=str)`.
@@ -119,29 +159,45 @@ class ImageTextDataset(_ImageRecords):
     `text_fn(record, rng) -> str | (str, label)`: builds the text (default: the record's `text`).
     `require_text`: a record without text (after `text_fn`) is an error; if False its text is ''.
     `hflip`: probability of a horizontal flip; a flipped item's text is `mirror_laterality(text)` (left <-> right eye)."""
-    def __init__(self, records, root=None, transform=None, *, label_map: Mapping[str, int] | Sequence[str] | None = None,
-                 text_fn: Callable | None = None, require_text: bool = True, **kw):
+
+    def __init__(
+        self,
+        records,
+        root=None,
+        transform=None,
+        *,
+        label_map: Mapping[str, int] | Sequence[str] | None = None,
+        text_fn: Callable | None = None,
+        require_text: bool = True,
+        **kw,
+    ):
         super().__init__(records, root, transform, **kw)
         if label_map is None:
-            vals = {l for l in self.records['label'] if l is not None}
-            for ls in self.records['labels']: vals.update(ls or ())
+            vals = {l for l in self.records["label"] if l is not None}
+            for ls in self.records["labels"]:
+                vals.update(ls or ())
             label_map = sorted(vals)
         self.label_map = dict(label_map) if isinstance(label_map, Mapping) else build_label_map(label_map)
         self.text_fn, self.require_text = text_fn, require_text
 
     def _extra(self, row: dict, rng) -> dict:
-        text, label = row.get('text'), row.get('label')
+        text, label = row.get("text"), row.get("label")
         if self.text_fn is not None:
             out = self.text_fn(row, rng)
             text, label = out if isinstance(out, tuple) else (out, label)
         if not text:
             if self.require_text:
-                raise BadRecordError('paired record has no text and no text_fn made one', reason='missing_text',
-                                     record_id=row['id'], field='text')
-            text = ''
+                raise BadRecordError(
+                    "paired record has no text and no text_fn made one",
+                    reason="missing_text",
+                    record_id=row["id"],
+                    field="text",
+                )
+            text = ""
         return dict(text=text, label_id=label_to_id(label, self.label_map))
 
-    def _mirror(self, extra: dict) -> dict: return dict(extra, text=mirror_laterality(extra['text']))
+    def _mirror(self, extra: dict) -> dict:
+        return dict(extra, text=mirror_laterality(extra["text"]))
 
 # %% ../../nbs/01d_data_loader.ipynb #00000025
 _PAIRED_SEED_OFFSET = 1_000_003
@@ -153,38 +209,52 @@ def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
-        else: rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f'need 0 <= rank < world_size, got rank={rank}, world_size={world_size}')
+        else:
+            rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
+    if not (
+        isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size
+    ):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size
 
 
 class _TwoStreams(TorchDataset):
-    def __init__(self, paired, unpaired): self.paired, self.unpaired = paired, unpaired
-    def __len__(self) -> int: return (len(self.paired) if self.paired else 0) + (len(self.unpaired) if self.unpaired else 0)
+    def __init__(self, paired, unpaired):
+        self.paired, self.unpaired = paired, unpaired
+
+    def __len__(self) -> int:
+        return (len(self.paired) if self.paired else 0) + (len(self.unpaired) if self.unpaired else 0)
+
     def __getitem__(self, key):
         stream, idx, seed = key
-        return stream, (self.paired if stream == 'p' else self.unpaired)[(idx, seed)]
+        return stream, (self.paired if stream == "p" else self.unpaired)[(idx, seed)]
 
 
 class _Collate:
-    def __init__(self, tokenize: Callable | None): self.tokenize = tokenize
+    def __init__(self, tokenize: Callable | None):
+        self.tokenize = tokenize
 
     def __call__(self, items) -> tuple[Batch, dict]:
-        p = [s for tag, s in items if tag == 'p']; u = [s for tag, s in items if tag == 'u']
+        p = [s for tag, s in items if tag == "p"]
+        u = [s for tag, s in items if tag == "u"]
         b = Batch()
         if p:
-            b.paired_images = torch.stack([s['image'] for s in p])
-            b.texts = [s['text'] for s in p]
-            b.labels = torch.tensor([s['label_id'] for s in p], dtype=torch.long)
+            b.paired_images = torch.stack([s["image"] for s in p])
+            b.texts = [s["text"] for s in p]
+            b.labels = torch.tensor([s["label_id"] for s in p], dtype=torch.long)
             if self.tokenize is not None:
                 tok = self.tokenize(b.texts)
-                b.input_ids = torch.as_tensor(tok['input_ids'], dtype=torch.long)
-                b.attention_mask = torch.as_tensor(tok['attention_mask'], dtype=torch.long)
-                if tok.get('sentence_ids') is not None: b.sentence_ids = torch.as_tensor(tok['sentence_ids'], dtype=torch.long)
-        if u: b.unpaired_images = torch.stack([s['image'] for s in u])
-        meta = dict(paired_ids=[s['id'] for s in p], unpaired_ids=[s['id'] for s in u],
-                    errors=[e for _, s in items for e in s.get('errors', ())])
+                b.input_ids = torch.as_tensor(tok["input_ids"], dtype=torch.long)
+                b.attention_mask = torch.as_tensor(tok["attention_mask"], dtype=torch.long)
+                if tok.get("sentence_ids") is not None:
+                    b.sentence_ids = torch.as_tensor(tok["sentence_ids"], dtype=torch.long)
+        if u:
+            b.unpaired_images = torch.stack([s["image"] for s in u])
+        meta = dict(
+            paired_ids=[s["id"] for s in p],
+            unpaired_ids=[s["id"] for s in u],
+            errors=[e for _, s in items for e in s.get("errors", ())],
+        )
         return b, meta
 
 
@@ -192,18 +262,34 @@ class _StepSampler:
     """Batch sampler: the index keys of the remaining steps of the loader's current epoch. It holds the loader
     weakly: a reference cycle would leave the worker processes to the garbage collector, which shuts them down
     after their queues are gone (5 s timeout per worker)."""
-    def __init__(self, loader): self._loader = weakref.ref(loader)
+
+    def __init__(self, loader):
+        self._loader = weakref.ref(loader)
+
     @property
-    def loader(self): return self._loader()
+    def loader(self):
+        return self._loader()
+
     def __iter__(self):
         L = self.loader
-        for s in range(L.step, len(L)): yield L.batch_keys(L.epoch, s)
-    def __len__(self) -> int: return max(0, len(self.loader) - self.loader.step)
+        for s in range(L.step, len(L)):
+            yield L.batch_keys(L.epoch, s)
+
+    def __len__(self) -> int:
+        return max(0, len(self.loader) - self.loader.step)
 
 
 def _pin(b: Batch) -> Batch:
-    return Batch(**{f.name: (getattr(b, f.name).pin_memory() if isinstance(getattr(b, f.name), torch.Tensor)
-                             else getattr(b, f.name)) for f in fields(b)})
+    return Batch(
+        **{
+            f.name: (
+                getattr(b, f.name).pin_memory()
+                if isinstance(getattr(b, f.name), torch.Tensor)
+                else getattr(b, f.name)
+            )
+            for f in fields(b)
+        }
+    )
 
 # %% ../../nbs/01d_data_loader.ipynb #00000026
 class PairedUnpairedLoader:
@@ -213,50 +299,94 @@ class PairedUnpairedLoader:
     dict(input_ids, attention_mask[, sentence_ids])` runs in the collate (workers). `rank`/`world_size`:
     explicit or from an initialised `torch.distributed` (else 0/1). `shuffle`/`drop_last`: True for training.
     `len()` = steps per epoch; `state_dict()`/`load_state_dict()` resume exactly."""
-    def __init__(self, paired: ImageTextDataset | None = None, unpaired: ImageDataset | None = None, *,
-                 batch_size_paired: int = 8, batch_size_unpaired: int = 8, tokenize: Callable | None = None,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None, shuffle: bool = True,
-                 drop_last: bool = True, num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = True,
-                 prefetch_factor: int | None = 2, multiprocessing_context=None, timeout: float = 0):
-        for name, v in (('batch_size_paired', batch_size_paired), ('batch_size_unpaired', batch_size_unpaired)):
-            if not isinstance(v, int) or v < 0: raise ValueError(f'{name} must be an int >= 0, got {v!r}')
+
+    def __init__(
+        self,
+        paired: ImageTextDataset | None = None,
+        unpaired: ImageDataset | None = None,
+        *,
+        batch_size_paired: int = 8,
+        batch_size_unpaired: int = 8,
+        tokenize: Callable | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = 2,
+        multiprocessing_context=None,
+        timeout: float = 0,
+    ):
+        for name, v in (
+            ("batch_size_paired", batch_size_paired),
+            ("batch_size_unpaired", batch_size_unpaired),
+        ):
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         bp = batch_size_paired if paired is not None else 0
         bu = batch_size_unpaired if unpaired is not None else 0
-        if bp == 0 and bu == 0: raise ValueError('nothing to load: both batch sizes are 0 (or both datasets are None)')
-        for name, ds, b in (('paired', paired, bp), ('unpaired', unpaired, bu)):
-            if b > 0 and len(ds) == 0: raise ValueError(f'the {name} dataset is empty but batch_size_{name}={b}')
+        if bp == 0 and bu == 0:
+            raise ValueError("nothing to load: both batch sizes are 0 (or both datasets are None)")
+        for name, ds, b in (("paired", paired, bp), ("unpaired", unpaired, bu)):
+            if b > 0 and len(ds) == 0:
+                raise ValueError(f"the {name} dataset is empty but batch_size_{name}={b}")
         self.paired, self.unpaired = (paired if bp else None), (unpaired if bu else None)
         self.bp, self.bu, self.tokenize, self.seed = bp, bu, tokenize, int(seed)
         self.rank, self.world_size = _dist_info(rank, world_size)
         self.shuffle, self.drop_last, self.pin_memory = shuffle, drop_last, pin_memory
-        mk = lambda ds, s: DistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=s, drop_last=False)
+        mk = lambda ds, s: DistributedSampler(
+            ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=s, drop_last=False
+        )
         self._ps = mk(self.paired, self.seed + _PAIRED_SEED_OFFSET) if self.paired is not None else None
         self._us = mk(self.unpaired, self.seed) if self.unpaired is not None else None
         shard, b = (self._us.num_samples, bu) if self._us is not None else (self._ps.num_samples, bp)
         self._steps = shard // b if drop_last else math.ceil(shard / b)
         if self._steps == 0:
-            raise ValueError(f'0 steps per epoch: this rank\'s shard has {shard} samples, fewer than the batch size {b} '
-                             f'(drop_last=True, world_size={self.world_size})')
+            raise ValueError(
+                f"0 steps per epoch: this rank's shard has {shard} samples, fewer than the batch size {b} "
+                f"(drop_last=True, world_size={self.world_size})"
+            )
         self.epoch, self.step = 0, 0
         self.decode_errors: list[tuple[str, str]] = []
         self._perms: dict = {}
-        workers = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
-                       multiprocessing_context=multiprocessing_context) if num_workers > 0 else {}
+        workers = (
+            dict(
+                persistent_workers=persistent_workers,
+                prefetch_factor=prefetch_factor,
+                multiprocessing_context=multiprocessing_context,
+            )
+            if num_workers > 0
+            else {}
+        )
         # a private generator: creating a DataLoader iterator draws a base seed, which must not consume the global RNG
-        self._dl = DataLoader(_TwoStreams(self.paired, self.unpaired), batch_sampler=_StepSampler(self),
-                              collate_fn=_Collate(tokenize), num_workers=num_workers, timeout=timeout,
-                              generator=torch.Generator().manual_seed(self.seed), **workers)
+        self._dl = DataLoader(
+            _TwoStreams(self.paired, self.unpaired),
+            batch_sampler=_StepSampler(self),
+            collate_fn=_Collate(tokenize),
+            num_workers=num_workers,
+            timeout=timeout,
+            generator=torch.Generator().manual_seed(self.seed),
+            **workers,
+        )
 
-    def __len__(self) -> int: return self._steps
+    def __len__(self) -> int:
+        return self._steps
 
     def close(self) -> None:
         "Stop the worker processes now (otherwise they stop when the loader is deleted)."
-        it = getattr(self._dl, '_iterator', None)
-        if it is not None and hasattr(it, '_shutdown_workers'): it._shutdown_workers()
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
         self._dl._iterator = None
 
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def set_epoch(self, epoch: int) -> None:
         "Start epoch `epoch` from its first step (what `DistributedSampler.set_epoch` does for a plain loader)."
@@ -265,9 +395,11 @@ class PairedUnpairedLoader:
     def _perm(self, stream: str, epoch: int) -> list[int]:
         key = (stream, epoch)
         if key not in self._perms:
-            s = self._ps if stream == 'p' else self._us
-            s.set_epoch(epoch); self._perms[key] = list(iter(s))
-            while len(self._perms) > 6: self._perms.pop(next(iter(self._perms)))
+            s = self._ps if stream == "p" else self._us
+            s.set_epoch(epoch)
+            self._perms[key] = list(iter(s))
+            while len(self._perms) > 6:
+                self._perms.pop(next(iter(self._perms)))
         return self._perms[key]
 
     def _sample_seed(self, stream: int, a: int, b: int) -> int:
@@ -276,8 +408,10 @@ class PairedUnpairedLoader:
 
     def paired_position(self, epoch: int, step: int) -> tuple[int, int] | None:
         "`(paired epoch, offset in its permutation)` of the first paired sample of step `step` of `epoch`."
-        if self.paired is None: return None
-        if self.unpaired is None: return (epoch, step * self.bp)
+        if self.paired is None:
+            return None
+        if self.unpaired is None:
+            return (epoch, step * self.bp)
         return divmod((epoch * self._steps + step) * self.bp, self._ps.num_samples)
 
     def batch_keys(self, epoch: int, step: int) -> list[tuple[str, int, int]]:
@@ -288,99 +422,191 @@ class PairedUnpairedLoader:
                 L, start = self._ps.num_samples, (epoch * self._steps + step) * self.bp
                 for pos in range(start, start + self.bp):
                     k, off = divmod(pos, L)
-                    keys.append(('p', self._perm('p', k)[off], self._sample_seed(0, 0, pos)))
+                    keys.append(("p", self._perm("p", k)[off], self._sample_seed(0, 0, pos)))
             else:
-                perm = self._perm('p', epoch)
-                keys += [('p', perm[j], self._sample_seed(0, epoch + 1, j)) for j in range(step * self.bp, min((step + 1) * self.bp, len(perm)))]
+                perm = self._perm("p", epoch)
+                keys += [
+                    ("p", perm[j], self._sample_seed(0, epoch + 1, j))
+                    for j in range(step * self.bp, min((step + 1) * self.bp, len(perm)))
+                ]
         if self.unpaired is not None:
-            perm = self._perm('u', epoch)
-            keys += [('u', perm[j], self._sample_seed(1, epoch, j)) for j in range(step * self.bu, min((step + 1) * self.bu, len(perm)))]
+            perm = self._perm("u", epoch)
+            keys += [
+                ("u", perm[j], self._sample_seed(1, epoch, j))
+                for j in range(step * self.bu, min((step + 1) * self.bu, len(perm)))
+            ]
         return keys
 
     def iter_with_meta(self) -> Iterator[tuple[Batch, dict]]:
         "Like iterating the loader, but yields `(batch, meta)` with the ids, epoch, step and decode errors."
-        if self.step >= self._steps: self.epoch, self.step = self.epoch + 1, 0
+        if self.step >= self._steps:
+            self.epoch, self.step = self.epoch + 1, 0
         epoch, it = self.epoch, iter(self._dl)
         while True:
-            try: batch, meta = next(it)
-            except StopIteration: break
-            except Exception:          # e.g. a BadRecordError raised in a worker: stop the workers, then re-raise
-                self.close(); raise
+            try:
+                batch, meta = next(it)
+            except StopIteration:
+                break
+            except Exception:  # e.g. a BadRecordError raised in a worker: stop the workers, then re-raise
+                self.close()
+                raise
             meta.update(epoch=epoch, step=self.step)
             self.step += 1
-            if meta['errors']:
-                self.decode_errors.extend(meta['errors'])
-                warnings.warn(f'{len(meta["errors"])} image(s) failed to decode and were replaced: ' +
-                              '; '.join(m for _, m in meta['errors']))
+            if meta["errors"]:
+                self.decode_errors.extend(meta["errors"])
+                warnings.warn(
+                    f"{len(meta['errors'])} image(s) failed to decode and were replaced: "
+                    + "; ".join(m for _, m in meta["errors"])
+                )
             yield (_pin(batch) if self.pin_memory and torch.cuda.is_available() else batch), meta
-        if self.step >= self._steps: self.epoch, self.step = self.epoch + 1, 0
+        if self.step >= self._steps:
+            self.epoch, self.step = self.epoch + 1, 0
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch, _ in self.iter_with_meta(): yield batch
+        for batch, _ in self.iter_with_meta():
+            yield batch
 
-    _CONFIG_KEYS = ('seed', 'rank', 'world_size', 'n_paired', 'n_unpaired', 'batch_size_paired', 'batch_size_unpaired',
-                    'shuffle', 'drop_last')
+    _CONFIG_KEYS = (
+        "seed",
+        "rank",
+        "world_size",
+        "n_paired",
+        "n_unpaired",
+        "batch_size_paired",
+        "batch_size_unpaired",
+        "shuffle",
+        "drop_last",
+    )
 
     def _config(self) -> dict:
-        return dict(seed=self.seed, rank=self.rank, world_size=self.world_size,
-                    n_paired=len(self.paired) if self.paired is not None else 0,
-                    n_unpaired=len(self.unpaired) if self.unpaired is not None else 0,
-                    batch_size_paired=self.bp, batch_size_unpaired=self.bu, shuffle=self.shuffle, drop_last=self.drop_last)
+        return dict(
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            n_paired=len(self.paired) if self.paired is not None else 0,
+            n_unpaired=len(self.unpaired) if self.unpaired is not None else 0,
+            batch_size_paired=self.bp,
+            batch_size_unpaired=self.bu,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+        )
 
     def state_dict(self) -> dict:
         "Position (epoch, next step, paired stream position) and the configuration it is valid for."
         e, s = (self.epoch + 1, 0) if self.step >= self._steps else (self.epoch, self.step)
         pos = self.paired_position(e, s)
-        return dict(version=1, epoch=e, step=s, paired_position=None if pos is None else list(pos), **self._config())
+        return dict(
+            version=1, epoch=e, step=s, paired_position=None if pos is None else list(pos), **self._config()
+        )
 
     def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
         "Resume at `state`'s position; with `strict`, refuse a state saved for another configuration."
         cfg = self._config()
         diff = {k: (state.get(k), cfg[k]) for k in self._CONFIG_KEYS if state.get(k) != cfg[k]}
         if diff:
-            msg = 'loader state was saved for another configuration: ' + ', '.join(f'{k} saved {a!r} != now {b!r}' for k, (a, b) in diff.items())
-            if strict: raise ValueError(msg + ' (the data order would differ; pass strict=False to accept)')
+            msg = "loader state was saved for another configuration: " + ", ".join(
+                f"{k} saved {a!r} != now {b!r}" for k, (a, b) in diff.items()
+            )
+            if strict:
+                raise ValueError(msg + " (the data order would differ; pass strict=False to accept)")
             warnings.warn(msg)
-        epoch, step = int(state['epoch']), int(state['step'])
-        if not (epoch >= 0 and 0 <= step <= self._steps): raise ValueError(f'bad loader position epoch={epoch}, step={step} ({self._steps} steps per epoch)')
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if not (epoch >= 0 and 0 <= step <= self._steps):
+            raise ValueError(
+                f"bad loader position epoch={epoch}, step={step} ({self._steps} steps per epoch)"
+            )
         self.epoch, self.step = epoch, step
-        saved = state.get('paired_position')
-        if strict and not diff and saved is not None and tuple(saved) != self.paired_position(*self._norm(epoch, step)):
-            raise ValueError(f'inconsistent loader state: paired_position {saved} does not follow from epoch {epoch}, step {step}')
+        saved = state.get("paired_position")
+        if (
+            strict
+            and not diff
+            and saved is not None
+            and tuple(saved) != self.paired_position(*self._norm(epoch, step))
+        ):
+            raise ValueError(
+                f"inconsistent loader state: paired_position {saved} does not follow from epoch {epoch}, step {step}"
+            )
 
-    def _norm(self, e, s): return (e + 1, 0) if s >= self._steps else (e, s)
+    def _norm(self, e, s):
+        return (e + 1, 0) if s >= self._steps else (e, s)
 
 # %% ../../nbs/01d_data_loader.ipynb #00000027
 def _as_manifest(m, root, **kw) -> ManifestData | None:
     "A manifest file -> `load_manifest`; a folder -> `load_imagefolder`; `ManifestData`/None as they are."
-    if m is None or isinstance(m, ManifestData): return m
+    if m is None or isinstance(m, ManifestData):
+        return m
     if Path(m).is_dir():
         if root is not None and Path(root).resolve() != Path(m).resolve():
-            raise ValueError(f'an imagefolder ({m}) is its own data root; got root={root}')
+            raise ValueError(f"an imagefolder ({m}) is its own data root; got root={root}")
         return load_imagefolder(m, **kw)
     return load_manifest(m, root, **kw)
 
 
-def make_loader(paired=None, unpaired=None, *, tokenize: Callable | None = None, root=None, image_size: int = 224,
-                batch_size_paired: int = 8, batch_size_unpaired: int = 8, train: bool = True,
-                scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, border_crop: bool = True,
-                label_space: Sequence[str] | None = None, text_fn: Callable | None = None, seed: int = 0,
-                rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-                on_bad_record: str = 'raise', check_images=True, max_pixels: int = MAX_PIXELS,
-                decode_size: int | None = None, on_decode_error: str = 'raise', verbose: bool = True,
-                **loader_kw) -> PairedUnpairedLoader:
+def make_loader(
+    paired=None,
+    unpaired=None,
+    *,
+    tokenize: Callable | None = None,
+    root=None,
+    image_size: int = 224,
+    batch_size_paired: int = 8,
+    batch_size_unpaired: int = 8,
+    train: bool = True,
+    scale: tuple[float, float] = (0.2, 1.0),
+    hflip: float = 0.5,
+    border_crop: bool = True,
+    label_space: Sequence[str] | None = None,
+    text_fn: Callable | None = None,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    on_bad_record: str = "raise",
+    check_images=True,
+    max_pixels: int = MAX_PIXELS,
+    decode_size: int | None = None,
+    on_decode_error: str = "raise",
+    verbose: bool = True,
+    **loader_kw,
+) -> PairedUnpairedLoader:
     """Two manifests (JSONL/CSV paths, `imagefolder` folders or `ManifestData`) -> a `PairedUnpairedLoader` with the
     MAE train transform (`train=True`: shuffled, drop_last) or the eval transform. Paired rows need text unless
     `text_fn` is given (e.g. `maskedclip.prompts.FlairTextFn()`). `scale`: RandomResizedCrop area range; `hflip`: flip
     probability, applied by the datasets so that a flipped pair's text names the other eye (`mirror_laterality`)."""
-    tf = train_transform(image_size, scale, 0.0, border_crop) if train else eval_transform(image_size, border_crop)
-    common = dict(label_space=label_space, on_bad_record=on_bad_record, check_images=check_images,
-                  max_pixels=max_pixels, verbose=verbose)
+    tf = (
+        train_transform(image_size, scale, 0.0, border_crop)
+        if train
+        else eval_transform(image_size, border_crop)
+    )
+    common = dict(
+        label_space=label_space,
+        on_bad_record=on_bad_record,
+        check_images=check_images,
+        max_pixels=max_pixels,
+        verbose=verbose,
+    )
     pm = _as_manifest(paired, root, require_text=text_fn is None, **common)
     um = _as_manifest(unpaired, root, **common)
-    ds_kw = dict(transform=tf, max_pixels=max_pixels, decode_size=decode_size, on_error=on_decode_error, hflip=hflip if train else 0.0)
+    ds_kw = dict(
+        transform=tf,
+        max_pixels=max_pixels,
+        decode_size=decode_size,
+        on_error=on_decode_error,
+        hflip=hflip if train else 0.0,
+    )
     pds = ImageTextDataset(pm, label_map=label_space, text_fn=text_fn, **ds_kw) if pm is not None else None
     uds = ImageDataset(um, **ds_kw) if um is not None else None
-    return PairedUnpairedLoader(pds, uds, batch_size_paired=batch_size_paired, batch_size_unpaired=batch_size_unpaired,
-                                tokenize=tokenize, seed=seed, rank=rank, world_size=world_size, shuffle=train,
-                                drop_last=train, num_workers=num_workers, **loader_kw)
+    return PairedUnpairedLoader(
+        pds,
+        uds,
+        batch_size_paired=batch_size_paired,
+        batch_size_unpaired=batch_size_unpaired,
+        tokenize=tokenize,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        **loader_kw,
+    )

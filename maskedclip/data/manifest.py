@@ -4,25 +4,32 @@
 
 # %% ../../nbs/01b_data_manifest.ipynb #c6a92cdb
 from __future__ import annotations
-from dataclasses import dataclass, fields
-import torch
-import csv, json, math, os, random, re, tempfile, warnings, weakref
+
+import csv
+import json
+import os
+import tempfile
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import field
-from functools import partial
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
 import datasets
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.data import Dataset as TorchDataset
-from torchvision.transforms import v2
+import numpy as np
 from tqdm.auto import tqdm
-from .records import BadRecordError, IMAGE_EXTENSIONS, MAX_PIXELS, RECORD_FIELDS, _image_check_mode, check_image, validate_record
+
+from maskedclip.data.records import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    RECORD_FIELDS,
+    BadRecordError,
+    _image_check_mode,
+    check_image,
+    validate_record,
+)
 
 # %% auto #0
 __all__ = ['CONTRACT_FEATURES', 'MIN_IMAGE_SIDE', 'SkippedRecord', 'LoadReport', 'ManifestData', 'default_cache_dir',
@@ -32,15 +39,18 @@ __all__ = ['CONTRACT_FEATURES', 'MIN_IMAGE_SIDE', 'SkippedRecord', 'LoadReport',
 @dataclass
 class SkippedRecord:
     "One record left out of a manifest under `on_bad_record='skip'`."
+
     reason: str
     where: str
     record_id: str | None
     file: str | None
     message: str
 
+
 @dataclass
 class LoadReport:
     "Counts of a manifest load: `total` rows, `kept`, and every skipped row with its reason and file."
+
     manifest: str
     root: str
     total: int = 0
@@ -48,11 +58,12 @@ class LoadReport:
     skipped: list[SkippedRecord] = field(default_factory=list)
 
     def add(self, err: BadRecordError) -> None:
-        where = (err.manifest or '') + (f':{err.line}' if err.line is not None else '')
+        where = (err.manifest or "") + (f":{err.line}" if err.line is not None else "")
         self.skipped.append(SkippedRecord(err.reason, where, err.record_id, err.file, str(err)))
 
     @property
-    def n_skipped(self) -> int: return len(self.skipped)
+    def n_skipped(self) -> int:
+        return len(self.skipped)
 
     def by_reason(self) -> dict[str, int]:
         "Number of skipped rows per reason code."
@@ -63,16 +74,27 @@ class LoadReport:
         return [s.file for s in self.skipped if s.file is not None and (reason is None or s.reason == reason)]
 
     def summary(self, max_lines: int = 20) -> str:
-        lines = [f'{self.manifest} (root {self.root}): {self.total} records, {self.kept} kept, {self.n_skipped} skipped']
+        lines = [
+            f"{self.manifest} (root {self.root}): {self.total} records, {self.kept} kept, {self.n_skipped} skipped"
+        ]
         if self.skipped:
-            lines.append('  skipped by reason: ' + ', '.join(f'{k} {v}' for k, v in sorted(self.by_reason().items())))
-            lines += [f'  - {s.message}' for s in self.skipped[:max_lines]]
-            if self.n_skipped > max_lines: lines.append(f'  ... and {self.n_skipped - max_lines} more (see LoadReport.skipped)')
-        return '\n'.join(lines)
+            lines.append(
+                "  skipped by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason().items()))
+            )
+            lines += [f"  - {s.message}" for s in self.skipped[:max_lines]]
+            if self.n_skipped > max_lines:
+                lines.append(f"  ... and {self.n_skipped - max_lines} more (see LoadReport.skipped)")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return dict(manifest=self.manifest, root=self.root, total=self.total, kept=self.kept,
-                    skipped_by_reason=self.by_reason(), skipped=[vars(s) for s in self.skipped])
+        return dict(
+            manifest=self.manifest,
+            root=self.root,
+            total=self.total,
+            kept=self.kept,
+            skipped_by_reason=self.by_reason(),
+            skipped=[vars(s) for s in self.skipped],
+        )
 
     __str__ = summary
 
@@ -80,173 +102,283 @@ class LoadReport:
 @dataclass
 class ManifestData:
     "A validated manifest: the `datasets.Dataset` of records, the `LoadReport`, the data root and the file."
+
     dataset: datasets.Dataset
     report: LoadReport
     root: Path
     path: Path | None = None
-    locations: list | None = None   # (manifest, line) of each kept record, for errors raised when an image is decoded later
+    locations: list | None = (
+        None  # (manifest, line) of each kept record, for errors raised when an image is decoded later
+    )
 
-    def __len__(self) -> int: return len(self.dataset)
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     @property
     def label_values(self) -> list[str]:
         "Sorted distinct values of `label` and `labels` (the label space the data actually uses)."
-        vals = {x for x in self.dataset['label'] if x is not None}
-        for ls in self.dataset['labels']: vals.update(ls or ())
+        vals = {x for x in self.dataset["label"] if x is not None}
+        for ls in self.dataset["labels"]:
+            vals.update(ls or ())
         return sorted(vals)
 
 # %% ../../nbs/01b_data_manifest.ipynb #00000018
-_V = datasets.Value('string')
-CONTRACT_FEATURES = datasets.Features({'id': _V, 'image': _V, 'text': _V, 'label': _V,
-                                       'labels': datasets.List(_V), 'source': _V, 'split': _V})
+_V = datasets.Value("string")
+CONTRACT_FEATURES = datasets.Features(
+    {"id": _V, "image": _V, "text": _V, "label": _V, "labels": datasets.List(_V), "source": _V, "split": _V}
+)
 
 
 def default_cache_dir() -> Path:
     "Where `datasets` may write its cache: `$MASKEDCLIP_CACHE/hf_datasets` or `<tmp>/maskedclip-cache/hf_datasets`."
-    base = os.environ.get('MASKEDCLIP_CACHE') or os.path.join(tempfile.gettempdir(), 'maskedclip-cache')
-    return Path(base) / 'hf_datasets'
+    base = os.environ.get("MASKEDCLIP_CACHE") or os.path.join(tempfile.gettempdir(), "maskedclip-cache")
+    return Path(base) / "hf_datasets"
 
 
 @contextmanager
 def _quiet_datasets():
     bars, verb = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
-    datasets.disable_progress_bars(); datasets.logging.set_verbosity_error()
-    try: yield
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
     finally:
-        if bars: datasets.enable_progress_bars()
+        if bars:
+            datasets.enable_progress_bars()
         datasets.logging.set_verbosity(verb)
 
 
 def _hf_read(fmt: str, file, cache_dir, header: Sequence[str] | None = None) -> datasets.Dataset:
-    kw = dict(data_files=str(file), split='train', cache_dir=str(cache_dir), keep_in_memory=True)
-    if fmt == 'csv': kw.update(converters={c: str for c in header}, na_filter=False)
-    with _quiet_datasets(): return datasets.load_dataset(fmt, **kw)
+    kw = dict(data_files=str(file), split="train", cache_dir=str(cache_dir), keep_in_memory=True)
+    if fmt == "csv":
+        kw.update(converters={c: str for c in header}, na_filter=False)
+    with _quiet_datasets():
+        return datasets.load_dataset(fmt, **kw)
 
 
 def _extras_from_rows(rows: list[dict]) -> datasets.Dataset | None:
     extras = [{k: v for k, v in r.items() if k not in RECORD_FIELDS} for r in rows]
-    if not any(extras): return None
+    if not any(extras):
+        return None
     keys = sorted({k for e in extras for k in e})
     extras = [{k: e.get(k) for k in keys} for e in extras]
-    try: return datasets.Dataset.from_list(extras)
+    try:
+        return datasets.Dataset.from_list(extras)
     except Exception:  # mixed types in an extra column: keep them as JSON text
-        enc = lambda v: v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+        enc = lambda v: (
+            v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+        )
         return datasets.Dataset.from_list([{k: enc(v) for k, v in e.items()} for e in extras])
 
 
-def _assemble(normalized: list[dict], extras: datasets.Dataset | None, report: LoadReport) -> datasets.Dataset:
-    contract = datasets.Dataset.from_dict({f: [r.get(f) for r in normalized] for f in RECORD_FIELDS}, features=CONTRACT_FEATURES)
-    ds = contract if extras is None or not extras.column_names else datasets.concatenate_datasets([contract, extras], axis=1)
+def _assemble(
+    normalized: list[dict], extras: datasets.Dataset | None, report: LoadReport
+) -> datasets.Dataset:
+    contract = datasets.Dataset.from_dict(
+        {f: [r.get(f) for r in normalized] for f in RECORD_FIELDS}, features=CONTRACT_FEATURES
+    )
+    ds = (
+        contract
+        if extras is None or not extras.column_names
+        else datasets.concatenate_datasets([contract, extras], axis=1)
+    )
     ds.info.description = report.summary()
     return ds
 
 # %% ../../nbs/01b_data_manifest.ipynb #00000019
 def _scan_json(path: Path):
     "Rows of a JSON-lines file (or a JSON array) with their line numbers; malformed lines become errors."
-    try: text = path.read_bytes().decode('utf-8-sig')
-    except UnicodeDecodeError as e: raise ValueError(f'{path}: manifest is not UTF-8 text ({e})') from None
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: manifest is not UTF-8 text ({e})") from None
     rows, lines, bad = [], [], []
-    if text.lstrip().startswith('['):
-        try: data = json.loads(text)
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BadRecordError(f'malformed JSON array: {e.msg}', reason='malformed_row', manifest=path, line=e.lineno) from None
-        items = [(f'item {i}', obj) for i, obj in enumerate(data)]
+            raise BadRecordError(
+                f"malformed JSON array: {e.msg}", reason="malformed_row", manifest=path, line=e.lineno
+            ) from None
+        items = [(f"item {i}", obj) for i, obj in enumerate(data)]
     else:
         items = []
-        for lineno, line in enumerate(text.split('\n'), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):
             s = line.strip()
-            if not s: continue
-            try: items.append((lineno, json.loads(s)))
+            if not s:
+                continue
+            try:
+                items.append((lineno, json.loads(s)))
             except json.JSONDecodeError as e:
-                bad.append(BadRecordError(f'malformed JSON: {e.msg} (column {e.colno})', reason='malformed_row', manifest=path, line=lineno))
+                bad.append(
+                    BadRecordError(
+                        f"malformed JSON: {e.msg} (column {e.colno})",
+                        reason="malformed_row",
+                        manifest=path,
+                        line=lineno,
+                    )
+                )
     for where, obj in items:
-        if isinstance(obj, dict): rows.append(obj); lines.append(where)
-        else: bad.append(BadRecordError(f'expected a JSON object, got {type(obj).__name__}', reason='malformed_row', manifest=path, line=where))
+        if isinstance(obj, dict):
+            rows.append(obj)
+            lines.append(where)
+        else:
+            bad.append(
+                BadRecordError(
+                    f"expected a JSON object, got {type(obj).__name__}",
+                    reason="malformed_row",
+                    manifest=path,
+                    line=where,
+                )
+            )
     return rows, lines, bad, None
+
 
 def _scan_csv(path: Path):
     "Rows of a CSV file as exact strings with their line numbers; rows with the wrong field count become errors."
     rows, lines, bad = [], [], []
-    with open(path, newline='', encoding='utf-8-sig') as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header is None: return rows, lines, bad, []
+        if header is None:
+            return rows, lines, bad, []
         dup = [c for c, n in Counter(header).items() if n > 1]
-        if dup: raise ValueError(f'{path}: duplicate column names {dup}')
+        if dup:
+            raise ValueError(f"{path}: duplicate column names {dup}")
         for row in reader:
-            if not row: continue
-            if len(row) != len(header):
-                bad.append(BadRecordError(f'expected {len(header)} comma-separated fields, found {len(row)}',
-                                          reason='malformed_row', manifest=path, line=reader.line_num))
+            if not row:
                 continue
-            rows.append(dict(zip(header, row))); lines.append(reader.line_num)
+            if len(row) != len(header):
+                bad.append(
+                    BadRecordError(
+                        f"expected {len(header)} comma-separated fields, found {len(row)}",
+                        reason="malformed_row",
+                        manifest=path,
+                        line=reader.line_num,
+                    )
+                )
+                continue
+            rows.append(dict(zip(header, row)))
+            lines.append(reader.line_num)
     return rows, lines, bad, header
+
 
 def _manifest_format(path: Path) -> str:
     suf = path.suffix.lower()
-    if suf in ('.jsonl', '.json', '.ndjson'): return 'json'
-    if suf == '.csv': return 'csv'
-    raise ValueError(f'{path}: unknown manifest format {suf!r} (use .jsonl, .json or .csv)')
+    if suf in (".jsonl", ".json", ".ndjson"):
+        return "json"
+    if suf == ".csv":
+        return "csv"
+    raise ValueError(f"{path}: unknown manifest format {suf!r} (use .jsonl, .json or .csv)")
 
-def _check_many(paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool) -> Iterator[BadRecordError | tuple[int, int]]:
+
+def _check_many(
+    paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool
+) -> Iterator[BadRecordError | tuple[int, int]]:
     "Image checks on a thread pool (PIL releases the GIL while decoding), yielded in input order: the error or the `(w, h)`."
+
     def one(p):
-        try: return check_image(p, mode, max_pixels)
-        except BadRecordError as e: return e
+        try:
+            return check_image(p, mode, max_pixels)
+        except BadRecordError as e:
+            return e
+
     n = num_threads or min(8, os.cpu_count() or 1)
     ex = ThreadPoolExecutor(max_workers=max(1, n))
     try:
         it = ex.map(one, paths)
-        yield from tqdm(it, total=len(paths), desc='checking images', disable=not progress, leave=False)
-    finally: ex.shutdown(wait=True, cancel_futures=True)
+        yield from tqdm(it, total=len(paths), desc="checking images", disable=not progress, leave=False)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 # %% ../../nbs/01b_data_manifest.ipynb #8ea369f9
-def _validate_rows(rows, locs, root, *, label_space, require_text, check_images, max_pixels, num_threads,
-                   on_bad_record, report, verbose) -> tuple[list[dict], list[int]]:
+def _validate_rows(
+    rows,
+    locs,
+    root,
+    *,
+    label_space,
+    require_text,
+    check_images,
+    max_pixels,
+    num_threads,
+    on_bad_record,
+    report,
+    verbose,
+) -> tuple[list[dict], list[int]]:
     "Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices."
     seen, cheap, errors = {}, [], {}
+
     def fail(i, err):
-        if on_bad_record == 'raise': raise err
+        if on_bad_record == "raise":
+            raise err
         errors[i] = err
+
     for i, (row, (man, line)) in enumerate(zip(rows, locs)):
-        rid = row.get('id') if isinstance(row, Mapping) else None
+        rid = row.get("id") if isinstance(row, Mapping) else None
         try:
-            rec = validate_record(row, root, label_space=label_space, require_text=require_text, check_images=False)
-            if rec['id'] in seen:
-                raise BadRecordError(f'duplicate id {rec["id"]!r} (first used at {seen[rec["id"]]})', reason='duplicate_id',
-                                     record_id=rec['id'], field='id')
-            seen[rec['id']] = f'{man}:{line}'
+            rec = validate_record(
+                row, root, label_space=label_space, require_text=require_text, check_images=False
+            )
+            if rec["id"] in seen:
+                raise BadRecordError(
+                    f"duplicate id {rec['id']!r} (first used at {seen[rec['id']]})",
+                    reason="duplicate_id",
+                    record_id=rec["id"],
+                    field="id",
+                )
+            seen[rec["id"]] = f"{man}:{line}"
             cheap.append((i, rec))
         except BadRecordError as e:
             fail(i, e.located(manifest=man, line=line, record_id=None if rid is None else str(rid)))
     mode = _image_check_mode(check_images)
     tiny = []
     if mode is not None and cheap:
-        paths = [Path(root) / rec['image'] for _, rec in cheap]
-        for (i, rec), err in zip(cheap, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)):
+        paths = [Path(root) / rec["image"] for _, rec in cheap]
+        for (i, rec), err in zip(
+            cheap, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)
+        ):
             if isinstance(err, BadRecordError):
                 man, line = locs[i]
-                fail(i, err.located(manifest=man, line=line, record_id=rec['id'], field='image'))
-            elif min(err) < MIN_IMAGE_SIDE: tiny.append((i, rec, err))
+                fail(i, err.located(manifest=man, line=line, record_id=rec["id"], field="image"))
+            elif min(err) < MIN_IMAGE_SIDE:
+                tiny.append((i, rec, err))
     if tiny:
         (i, rec, (w, h)), (man, line) = tiny[0], locs[tiny[0][0]]
-        warnings.warn(f'{len(tiny)} image(s) smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, e.g. {man}:{line} id={rec["id"]!r} '
-                      f'file {Path(root) / rec["image"]} is {w}x{h}: they would be upscaled to the model input and carry no detail; '
-                      'check they are real images, or remove them')
-    for i in sorted(errors): report.add(errors[i])
+        warnings.warn(
+            f"{len(tiny)} image(s) smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, e.g. {man}:{line} id={rec['id']!r} "
+            f"file {Path(root) / rec['image']} is {w}x{h}: they would be upscaled to the model input and carry no detail; "
+            "check they are real images, or remove them"
+        )
+    for i in sorted(errors):
+        report.add(errors[i])
     kept = [(i, rec) for i, rec in cheap if i not in errors]
     return [rec for _, rec in kept], [i for i, _ in kept]
 
-MIN_IMAGE_SIDE = 16   # smaller images are accepted with a warning (a 1x1 placeholder is almost certainly not a photograph)
+
+MIN_IMAGE_SIDE = (
+    16  # smaller images are accepted with a warning (a 1x1 placeholder is almost certainly not a photograph)
+)
+
 
 def _check_policy(on_bad_record):
-    if on_bad_record not in ('raise', 'skip'):
+    if on_bad_record not in ("raise", "skip"):
         raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
 
 # %% ../../nbs/01b_data_manifest.ipynb #0000001a
-def load_manifest(path, root=None, label_space: Iterable[str] | None = None, on_bad_record: str = 'raise',
-                  check_images=True, *, require_text: bool = False, max_pixels: int = MAX_PIXELS,
-                  num_threads: int | None = None, cache_dir=None, verbose: bool = True) -> ManifestData:
+def load_manifest(
+    path,
+    root=None,
+    label_space: Iterable[str] | None = None,
+    on_bad_record: str = "raise",
+    check_images=True,
+    *,
+    require_text: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    num_threads: int | None = None,
+    cache_dir=None,
+    verbose: bool = True,
+) -> ManifestData:
     """Read and validate a JSON-lines / JSON / CSV manifest through Hugging Face `datasets`.
 
     `root`: data root for the image paths (default: the manifest's folder). `label_space`: allowed labels
@@ -255,105 +387,201 @@ def load_manifest(path, root=None, label_space: Iterable[str] | None = None, on_
     `require_text`: rows are paired (text needed). Returns `ManifestData(dataset, report, root, path)`."""
     _check_policy(on_bad_record)
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'manifest not found: {path}')
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
     fmt = _manifest_format(path)
     root = Path(root) if root is not None else path.parent
-    if not root.is_dir(): raise FileNotFoundError(f'data root not found: {root} (for manifest {path})')
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root not found: {root} (for manifest {path})")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     report = LoadReport(manifest=str(path), root=str(root))
-    rows, lines, bad, header = (_scan_json if fmt == 'json' else _scan_csv)(path)
+    rows, lines, bad, header = (_scan_json if fmt == "json" else _scan_csv)(path)
     report.total = len(rows) + len(bad)
-    if bad and on_bad_record == 'raise':   # raise the earliest bad row: check the rows above the first malformed one
+    if (
+        bad and on_bad_record == "raise"
+    ):  # raise the earliest bad row: check the rows above the first malformed one
         first = bad[0].line if isinstance(bad[0].line, int) else 0
         before = [(r, l) for r, l in zip(rows, lines) if isinstance(l, int) and l < first]
-        _validate_rows([r for r, _ in before], [(str(path), l) for _, l in before], root, label_space=label_space,
-                       require_text=require_text, check_images=False, max_pixels=max_pixels, num_threads=num_threads,
-                       on_bad_record='raise', report=report, verbose=False)
+        _validate_rows(
+            [r for r, _ in before],
+            [(str(path), l) for _, l in before],
+            root,
+            label_space=label_space,
+            require_text=require_text,
+            check_images=False,
+            max_pixels=max_pixels,
+            num_threads=num_threads,
+            on_bad_record="raise",
+            report=report,
+            verbose=False,
+        )
         raise bad[0]
-    normalized, kept = _validate_rows(rows, [(str(path), l) for l in lines], root, label_space=label_space,
-                                      require_text=require_text, check_images=check_images, max_pixels=max_pixels,
-                                      num_threads=num_threads, on_bad_record=on_bad_record, report=report, verbose=verbose)
-    for e in bad: report.add(e)
+    normalized, kept = _validate_rows(
+        rows,
+        [(str(path), l) for l in lines],
+        root,
+        label_space=label_space,
+        require_text=require_text,
+        check_images=check_images,
+        max_pixels=max_pixels,
+        num_threads=num_threads,
+        on_bad_record=on_bad_record,
+        report=report,
+        verbose=verbose,
+    )
+    for e in bad:
+        report.add(e)
     report.skipped.sort(key=lambda s: (len(s.where), s.where))
     extras, table = None, None
     if not bad and rows:
         try:
             table = _hf_read(fmt, path, cache_dir, header)
-            if len(table) != len(rows): table = None
-        except Exception: table = None
+            if len(table) != len(rows):
+                table = None
+        except Exception:
+            table = None
     if table is not None:
         extras = table.select(kept).remove_columns([c for c in table.column_names if c in RECORD_FIELDS])
-    else: extras = _extras_from_rows(normalized)
+    else:
+        extras = _extras_from_rows(normalized)
     report.kept = len(normalized)
     ds = _assemble(normalized, extras, report)
-    if verbose: print(report.summary())
+    if verbose:
+        print(report.summary())
     return ManifestData(ds, report, root, path, [(str(path), lines[i]) for i in kept])
 
 # %% ../../nbs/01b_data_manifest.ipynb #66571f27
-def load_records(records: Iterable[Mapping], root, label_space: Iterable[str] | None = None, on_bad_record: str = 'raise',
-                 check_images=True, *, require_text: bool = False, max_pixels: int = MAX_PIXELS,
-                 num_threads: int | None = None, name: str = '<records>', verbose: bool = True) -> ManifestData:
+def load_records(
+    records: Iterable[Mapping],
+    root,
+    label_space: Iterable[str] | None = None,
+    on_bad_record: str = "raise",
+    check_images=True,
+    *,
+    require_text: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    num_threads: int | None = None,
+    name: str = "<records>",
+    verbose: bool = True,
+) -> ManifestData:
     "Validate in-memory records (e.g. an adapter's output) exactly like `load_manifest` does for a file."
     _check_policy(on_bad_record)
     root = Path(root)
-    if not root.is_dir(): raise FileNotFoundError(f'data root not found: {root}')
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root not found: {root}")
     rows = list(records)
     report = LoadReport(manifest=name, root=str(root), total=len(rows))
-    locs = [(name, f'record {i}') for i in range(len(rows))]
-    normalized, kept = _validate_rows(rows, locs, root, label_space=label_space,
-                                   require_text=require_text, check_images=check_images, max_pixels=max_pixels,
-                                   num_threads=num_threads, on_bad_record=on_bad_record, report=report, verbose=verbose)
+    locs = [(name, f"record {i}") for i in range(len(rows))]
+    normalized, kept = _validate_rows(
+        rows,
+        locs,
+        root,
+        label_space=label_space,
+        require_text=require_text,
+        check_images=check_images,
+        max_pixels=max_pixels,
+        num_threads=num_threads,
+        on_bad_record=on_bad_record,
+        report=report,
+        verbose=verbose,
+    )
     report.kept = len(normalized)
     ds = _assemble(normalized, _extras_from_rows(normalized), report)
-    if verbose: print(report.summary())
+    if verbose:
+        print(report.summary())
     return ManifestData(ds, report, root, None, [locs[i] for i in kept])
 
 # %% ../../nbs/01b_data_manifest.ipynb #0000001b
-_SPLIT_DIRS = {'train': 'train', 'training': 'train', 'val': 'val', 'valid': 'val', 'validation': 'val',
-               'test': 'test', 'testing': 'test'}
+_SPLIT_DIRS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
-def _visible(p: Path) -> bool: return not (p.name.startswith('.') or p.name == '__MACOSX')
+
+def _visible(p: Path) -> bool:
+    return not (p.name.startswith(".") or p.name == "__MACOSX")
+
 
 def _image_files(folder: Path) -> list[Path]:
     "Image files under `folder` (recursive, sorted), skipping hidden files and `__MACOSX`."
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if _visible(Path(d)))
-        out += [Path(dirpath) / f for f in sorted(filenames)
-                if _visible(Path(f)) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        out += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if _visible(Path(f)) and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        ]
     return out
 
-def _class_folder_records(root: Path, folder_label: Callable[[str], str | None], *, source: str,
-                          relative_to: Path | None = None) -> list[dict]:
+
+def _class_folder_records(
+    root: Path, folder_label: Callable[[str], str | None], *, source: str, relative_to: Path | None = None
+) -> list[dict]:
     """Records of a `root/[split/]class_folder/**/image` tree; `folder_label(name)` gives the label of a folder
     (None: not a class folder, reported with a warning if it holds images)."""
     rel_to = Path(relative_to) if relative_to is not None else root
-    splits = [(d, _SPLIT_DIRS[d.name.lower()]) for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in _SPLIT_DIRS]
+    splits = [
+        (d, _SPLIT_DIRS[d.name.lower()])
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name.lower() in _SPLIT_DIRS
+    ]
     records, ignored = [], []
     for base, split in splits or [(root, None)]:
         for d in sorted(p for p in base.iterdir() if p.is_dir() and _visible(p)):
             label = folder_label(d.name)
             if label is None:
-                if _image_files(d): ignored.append(str(d))
+                if _image_files(d):
+                    ignored.append(str(d))
                 continue
             for f in _image_files(d):
-                records.append(dict(id=f'{source}/{f.relative_to(root).with_suffix("").as_posix()}',
-                                    image=_relpath(f, rel_to), text=None, label=label, labels=None, source=source, split=split))
-    if ignored: warnings.warn(f'{source}: ignored folders that are not classes of this dataset: {ignored}')
+                records.append(
+                    dict(
+                        id=f"{source}/{f.relative_to(root).with_suffix('').as_posix()}",
+                        image=_relpath(f, rel_to),
+                        text=None,
+                        label=label,
+                        labels=None,
+                        source=source,
+                        split=split,
+                    )
+                )
+    if ignored:
+        warnings.warn(f"{source}: ignored folders that are not classes of this dataset: {ignored}")
     return records
 
+
 def _relpath(f: Path, rel_to: Path) -> str:
-    try: return Path(os.path.abspath(f)).relative_to(os.path.abspath(rel_to)).as_posix()
-    except ValueError: raise ValueError(f'{f} is not inside relative_to={rel_to}') from None
+    try:
+        return Path(os.path.abspath(f)).relative_to(os.path.abspath(rel_to)).as_posix()
+    except ValueError:
+        raise ValueError(f"{f} is not inside relative_to={rel_to}") from None
+
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline='', encoding='utf-8-sig') as f: return next(csv.reader(f), [])
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f), [])
 
 # %% ../../nbs/01b_data_manifest.ipynb #d0e1836d
-def load_imagefolder(root, *, text_column: str = 'text', label_column: str = 'label', label_space: Iterable[str] | None = None,
-                     on_bad_record: str = 'raise', check_images=True, require_text: bool = False,
-                     max_pixels: int = MAX_PIXELS, num_threads: int | None = None, cache_dir=None,
-                     verbose: bool = True) -> ManifestData:
+def load_imagefolder(
+    root,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_space: Iterable[str] | None = None,
+    on_bad_record: str = "raise",
+    check_images=True,
+    require_text: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    num_threads: int | None = None,
+    cache_dir=None,
+    verbose: bool = True,
+) -> ManifestData:
     """Records of a Hugging Face `imagefolder` tree.
 
     With `root/metadata.csv` (or `root/<split>/metadata.csv`): one record per row, `file_name` relative to
@@ -362,62 +590,96 @@ def load_imagefolder(root, *, text_column: str = 'text', label_column: str = 'la
     (not the `imagefolder` builder, which would decode every image). Without metadata: class sub-folders
     (`root/[split/]<label>/<image>`) give the labels."""
     root = Path(root)
-    if not root.is_dir(): raise FileNotFoundError(f'imagefolder root not found: {root}')
-    metas = [root / 'metadata.csv'] if (root / 'metadata.csv').is_file() else sorted(root.glob('*/metadata.csv'))
-    common = dict(label_space=label_space, on_bad_record=on_bad_record, check_images=check_images, require_text=require_text,
-                  max_pixels=max_pixels, num_threads=num_threads, verbose=verbose)
+    if not root.is_dir():
+        raise FileNotFoundError(f"imagefolder root not found: {root}")
+    metas = (
+        [root / "metadata.csv"] if (root / "metadata.csv").is_file() else sorted(root.glob("*/metadata.csv"))
+    )
+    common = dict(
+        label_space=label_space,
+        on_bad_record=on_bad_record,
+        check_images=check_images,
+        require_text=require_text,
+        max_pixels=max_pixels,
+        num_threads=num_threads,
+        verbose=verbose,
+    )
     if not metas:
         recs = _class_folder_records(root, lambda name: name, source=root.name)
-        if not recs: raise FileNotFoundError(f'{root}: no metadata.csv and no class folders with images')
+        if not recs:
+            raise FileNotFoundError(f"{root}: no metadata.csv and no class folders with images")
         return load_records(recs, root, name=str(root), **common)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     rows, locs = [], []
     for meta in metas:
         header = _csv_header(meta)
-        if 'file_name' not in header: raise ValueError(f'{meta}: imagefolder metadata needs a file_name column, found {header}')
-        table = _hf_read('csv', meta, cache_dir, header)
+        if "file_name" not in header:
+            raise ValueError(f"{meta}: imagefolder metadata needs a file_name column, found {header}")
+        table = _hf_read("csv", meta, cache_dir, header)
         sub = meta.parent.relative_to(root)
         split = _SPLIT_DIRS.get(sub.parts[0].lower()) if sub.parts else None
         for i, r in enumerate(table):
-            fn = r['file_name'] or ''
-            image = (sub / fn).as_posix() if fn else ''
-            rec = {k: v for k, v in r.items() if k not in ('file_name', text_column, label_column)}
-            rec.update(id=r.get('id') or (str(Path(image).with_suffix('').as_posix()) if image else ''), image=image,
-                       text=r.get(text_column), label=r.get(label_column),
-                       source=r.get('source') or root.name, split=r.get('split') or split)
-            rows.append(rec); locs.append((str(meta), i + 2))
+            fn = r["file_name"] or ""
+            image = (sub / fn).as_posix() if fn else ""
+            rec = {k: v for k, v in r.items() if k not in ("file_name", text_column, label_column)}
+            rec.update(
+                id=r.get("id") or (str(Path(image).with_suffix("").as_posix()) if image else ""),
+                image=image,
+                text=r.get(text_column),
+                label=r.get(label_column),
+                source=r.get("source") or root.name,
+                split=r.get("split") or split,
+            )
+            rows.append(rec)
+            locs.append((str(meta), i + 2))
     report = LoadReport(manifest=str(root), root=str(root), total=len(rows))
     _check_policy(on_bad_record)
     normalized, kept = _validate_rows(rows, locs, root, report=report, **common)
     report.kept = len(normalized)
     ds = _assemble(normalized, _extras_from_rows(normalized), report)
-    if verbose: print(report.summary())
-    return ManifestData(ds, report, root, root / 'metadata.csv', [locs[i] for i in kept])
+    if verbose:
+        print(report.summary())
+    return ManifestData(ds, report, root, root / "metadata.csv", [locs[i] for i in kept])
+
 
 def _json_default(o):
-    if isinstance(o, Path): return o.as_posix()
-    if isinstance(o, (np.integer, np.floating, np.bool_)): return o.item()
-    raise TypeError(f'cannot write {type(o).__name__} to a manifest')
+    if isinstance(o, Path):
+        return o.as_posix()
+    if isinstance(o, (np.integer, np.floating, np.bool_)):
+        return o.item()
+    raise TypeError(f"cannot write {type(o).__name__} to a manifest")
 
 # %% ../../nbs/01b_data_manifest.ipynb #ede13182
 def write_manifest(records: Iterable[Mapping], path) -> Path:
     """Write records as JSON lines (`.jsonl`) or CSV (`.csv`; `labels` and nested extras as JSON text).
     Written atomically (temporary file + rename); every record needs an `id` and an `image`."""
-    path = Path(path); fmt = _manifest_format(path)
+    path = Path(path)
+    fmt = _manifest_format(path)
     recs = [dict(r) for r in records]
     for i, r in enumerate(recs):
-        for k in ('id', 'image'):
-            if not r.get(k): raise ValueError(f'write_manifest({path}): record {i} has no {k!r}: {r}')
-        for k in RECORD_FIELDS: r.setdefault(k, None)
+        for k in ("id", "image"):
+            if not r.get(k):
+                raise ValueError(f"write_manifest({path}): record {i} has no {k!r}: {r}")
+        for k in RECORD_FIELDS:
+            r.setdefault(k, None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', encoding='utf-8', newline='') as f:
-        if fmt == 'json':
-            for r in recs: f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + '\n')
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        if fmt == "json":
+            for r in recs:
+                f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
         else:
             extras = sorted({k for r in recs for k in r if k not in RECORD_FIELDS})
-            w = csv.writer(f); w.writerow(list(RECORD_FIELDS) + extras)
-            enc = lambda v: '' if v is None else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=_json_default)
-            for r in recs: w.writerow([enc(r.get(k)) for k in list(RECORD_FIELDS) + extras])
+            w = csv.writer(f)
+            w.writerow(list(RECORD_FIELDS) + extras)
+            enc = lambda v: (
+                ""
+                if v is None
+                else v
+                if isinstance(v, str)
+                else json.dumps(v, ensure_ascii=False, default=_json_default)
+            )
+            for r in recs:
+                w.writerow([enc(r.get(k)) for k in list(RECORD_FIELDS) + extras])
     os.replace(tmp, path)
     return path

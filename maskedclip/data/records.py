@@ -4,24 +4,19 @@
 
 # %% ../../nbs/01a_data_records.ipynb #dbd9e883
 from __future__ import annotations
+
+import json
+import os
 from dataclasses import dataclass, fields
-import torch
-import csv, json, math, os, random, re, tempfile, warnings, weakref
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
+from typing import Iterable, Mapping, TypedDict
 
 import numpy as np
-import datasets
+import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.data import Dataset as TorchDataset
-from torchvision.transforms import v2
-from tqdm.auto import tqdm
+
+from ..config import DataError
 
 # %% auto #0
 __all__ = ['RECORD_FIELDS', 'SPLITS', 'MAX_PIXELS', 'IMAGE_EXTENSIONS', 'BAD_RECORD_REASONS', 'Batch', 'Record', 'BadRecordError',
@@ -31,20 +26,24 @@ __all__ = ['RECORD_FIELDS', 'SPLITS', 'MAX_PIXELS', 'IMAGE_EXTENSIONS', 'BAD_REC
 @dataclass
 class Batch:
     "One training step's input: a paired part `(Bp, ...)` and an unpaired part `(Bu, ...)`."
-    paired_images: torch.Tensor | None = None     # (Bp, 3, H, W) float
-    input_ids: torch.Tensor | None = None         # (Bp, T) long
-    attention_mask: torch.Tensor | None = None    # (Bp, T) long, 1 = real token
-    labels: torch.Tensor | None = None            # (Bp,) long label ids; -1 = no label (unique)
-    unpaired_images: torch.Tensor | None = None   # (Bu, 3, H, W) float
-    texts: list[str] | None = None                # the Bp raw texts (for pictures and MLIP)
-    sentence_ids: torch.Tensor | None = None      # (Bp, T) long sentence index per token, -1 = none
-    paired_masks: torch.Tensor | None = None      # (Bp, H, W) optional lesion masks (evaluation only)
-    unpaired_masks: torch.Tensor | None = None    # (Bu, H, W)
+
+    paired_images: torch.Tensor | None = None  # (Bp, 3, H, W) float
+    input_ids: torch.Tensor | None = None  # (Bp, T) long
+    attention_mask: torch.Tensor | None = None  # (Bp, T) long, 1 = real token
+    labels: torch.Tensor | None = None  # (Bp,) long label ids; -1 = no label (unique)
+    unpaired_images: torch.Tensor | None = None  # (Bu, 3, H, W) float
+    texts: list[str] | None = None  # the Bp raw texts (for pictures and MLIP)
+    sentence_ids: torch.Tensor | None = None  # (Bp, T) long sentence index per token, -1 = none
+    paired_masks: torch.Tensor | None = None  # (Bp, H, W) optional lesion masks (evaluation only)
+    unpaired_masks: torch.Tensor | None = None  # (Bu, H, W)
 
     @property
-    def n_paired(self) -> int: return 0 if self.paired_images is None else len(self.paired_images)
+    def n_paired(self) -> int:
+        return 0 if self.paired_images is None else len(self.paired_images)
+
     @property
-    def n_unpaired(self) -> int: return 0 if self.unpaired_images is None else len(self.unpaired_images)
+    def n_unpaired(self) -> int:
+        return 0 if self.unpaired_images is None else len(self.unpaired_images)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         "Move every tensor field to `device`."
@@ -54,65 +53,57 @@ class Batch:
             kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
         return Batch(**kw)
 
-# %% ../../nbs/01a_data_records.ipynb #00000007
-import csv, json, math, os, random, re, tempfile, warnings, weakref
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import field
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
-
-import numpy as np
-import datasets
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.data import Dataset as TorchDataset
-from torchvision.transforms import v2
-from tqdm.auto import tqdm
-
 # %% ../../nbs/01a_data_records.ipynb #00000008
 class Record(TypedDict, total=False):
     "One manifest row (the team's data contract). Extra keys are allowed and preserved."
-    id: str                   # unique within a manifest
-    image: str                # path relative to the data root
-    text: str | None          # paired text (report or label-derived prompt)
-    label: str | None         # category name in the task's label space
-    labels: list[str] | None  # optional multi-label categories
-    source: str | None        # dataset name
-    split: str | None         # 'train' | 'val' | 'test'
 
-RECORD_FIELDS = ('id', 'image', 'text', 'label', 'labels', 'source', 'split')
-SPLITS = ('train', 'val', 'test')
-MAX_PIXELS = 100_000_000   # default header-size limit (width*height) before anything is decoded
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp', '.webp', '.ppm')
+    id: str  # unique within a manifest
+    image: str  # path relative to the data root
+    text: str | None  # paired text (report or label-derived prompt)
+    label: str | None  # category name in the task's label space
+    labels: list[str] | None  # optional multi-label categories
+    source: str | None  # dataset name
+    split: str | None  # 'train' | 'val' | 'test'
+
+
+RECORD_FIELDS = ("id", "image", "text", "label", "labels", "source", "split")
+SPLITS = ("train", "val", "test")
+MAX_PIXELS = 100_000_000  # default header-size limit (width*height) before anything is decoded
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm")
 
 BAD_RECORD_REASONS = {
-    'malformed_row': 'the line is not a JSON object / the CSV row has the wrong number of fields',
-    'missing_field': 'a required field (id, image) is missing or empty',
-    'bad_value': 'a field has the wrong type or an invalid value',
-    'duplicate_id': 'the id was already used by an earlier row of the manifest',
-    'missing_text': 'a paired record has no text (or only blanks)',
-    'label_outside_space': 'the label is not in the given label space',
-    'path_escapes_root': 'the image path points outside the data root (.., absolute path or symlink)',
-    'missing_file': 'the image file does not exist',
-    'empty_file': 'the image file has zero bytes',
-    'corrupt_image': 'the file is not a readable image',
-    'truncated_image': 'the image data ends early (truncated file)',
-    'too_large': 'width*height above max_pixels (checked from the header) or a PIL decompression bomb',
+    "malformed_row": "the line is not a JSON object / the CSV row has the wrong number of fields",
+    "missing_field": "a required field (id, image) is missing or empty",
+    "bad_value": "a field has the wrong type or an invalid value",
+    "duplicate_id": "the id was already used by an earlier row of the manifest",
+    "missing_text": "a paired record has no text (or only blanks)",
+    "label_outside_space": "the label is not in the given label space",
+    "path_escapes_root": "the image path points outside the data root (.., absolute path or symlink)",
+    "missing_file": "the image file does not exist",
+    "empty_file": "the image file has zero bytes",
+    "corrupt_image": "the file is not a readable image",
+    "truncated_image": "the image data ends early (truncated file)",
+    "too_large": "width*height above max_pixels (checked from the header) or a PIL decompression bomb",
 }
 
 # %% ../../nbs/01a_data_records.ipynb #00000009
-from ..config import DataError
-
 class BadRecordError(DataError):
     """A manifest row or an image file that cannot be used (a `DataError`, so a `ValueError`; exit code 4 in the CLIs).
 
     The message names the manifest and line, the record id, the field, the file and the problem;
     `reason` is a short code from `BAD_RECORD_REASONS` used for counting in a `LoadReport`."""
-    def __init__(self, problem: str, *, reason: str = 'bad_record', manifest=None, line=None,
-                 record_id=None, field=None, file=None):
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        reason: str = "bad_record",
+        manifest=None,
+        line=None,
+        record_id=None,
+        field=None,
+        file=None,
+    ):
         self.problem, self.reason = problem, reason
         self.manifest = None if manifest is None else str(manifest)
         self.line, self.record_id, self.field = line, record_id, field
@@ -120,19 +111,30 @@ class BadRecordError(DataError):
         super().__init__(self._message())
 
     def _context(self) -> dict:
-        return dict(reason=self.reason, manifest=self.manifest, line=self.line,
-                    record_id=self.record_id, field=self.field, file=self.file)
+        return dict(
+            reason=self.reason,
+            manifest=self.manifest,
+            line=self.line,
+            record_id=self.record_id,
+            field=self.field,
+            file=self.file,
+        )
 
     def _message(self) -> str:
         where = []
-        if self.manifest is not None: where.append(self.manifest + (f':{self.line}' if self.line is not None else ''))
-        elif self.line is not None: where.append(f'line {self.line}')
-        if self.record_id is not None: where.append(f'id={self.record_id!r}')
-        if self.field is not None: where.append(f'field {self.field!r}')
-        if self.file is not None: where.append(f'file {self.file}')
-        return (' | '.join(where) + ': ' if where else '') + self.problem
+        if self.manifest is not None:
+            where.append(self.manifest + (f":{self.line}" if self.line is not None else ""))
+        elif self.line is not None:
+            where.append(f"line {self.line}")
+        if self.record_id is not None:
+            where.append(f"id={self.record_id!r}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
+        if self.file is not None:
+            where.append(f"file {self.file}")
+        return (" | ".join(where) + ": " if where else "") + self.problem
 
-    def located(self, **context) -> 'BadRecordError':
+    def located(self, **context) -> "BadRecordError":
         "A copy with the missing context (`manifest`, `line`, `record_id`, `field`, `file`) filled in."
         kw = self._context()
         kw.update({k: v for k, v in context.items() if kw.get(k) is None and v is not None})
@@ -146,58 +148,78 @@ class MissingImageError(BadRecordError, FileNotFoundError):
     "The image file of a record does not exist (both a `BadRecordError` and a `FileNotFoundError`)."
 
 # %% ../../nbs/01a_data_records.ipynb #0000000e
-_TRUNCATION_HINTS = ('truncat', 'incomplete', 'premature', 'not enough data', 'end of file', 'eof')
+_TRUNCATION_HINTS = ("truncat", "incomplete", "premature", "not enough data", "end of file", "eof")
+
 
 def _decode_error(e: BaseException, path, what: str) -> BadRecordError:
     msg = str(e) or type(e).__name__
-    reason = 'truncated_image' if any(h in msg.lower() for h in _TRUNCATION_HINTS) else 'corrupt_image'
-    return BadRecordError(f'{what}: {msg}', reason=reason, file=path)
+    reason = "truncated_image" if any(h in msg.lower() for h in _TRUNCATION_HINTS) else "corrupt_image"
+    return BadRecordError(f"{what}: {msg}", reason=reason, file=path)
 
 
 def _open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     "Open the header of `path` (no pixel decoding) with clear errors; refuse images above `max_pixels`."
     p = Path(path)
-    if not p.exists(): raise MissingImageError('image file not found', reason='missing_file', file=p)
-    if p.is_dir(): raise MissingImageError('expected an image file, found a directory', reason='missing_file', file=p)
-    if p.stat().st_size == 0: raise BadRecordError('zero-byte image file', reason='empty_file', file=p)
-    try: im = Image.open(p)
+    if not p.exists():
+        raise MissingImageError("image file not found", reason="missing_file", file=p)
+    if p.is_dir():
+        raise MissingImageError("expected an image file, found a directory", reason="missing_file", file=p)
+    if p.stat().st_size == 0:
+        raise BadRecordError("zero-byte image file", reason="empty_file", file=p)
+    try:
+        im = Image.open(p)
     except Image.DecompressionBombError as e:
-        raise BadRecordError(f'image too large to open safely (PIL decompression-bomb guard: {e})',
-                             reason='too_large', file=p) from None
+        raise BadRecordError(
+            f"image too large to open safely (PIL decompression-bomb guard: {e})", reason="too_large", file=p
+        ) from None
     except UnidentifiedImageError:
-        raise BadRecordError('not a readable image (unknown format or corrupt header)', reason='corrupt_image', file=p) from None
+        raise BadRecordError(
+            "not a readable image (unknown format or corrupt header)", reason="corrupt_image", file=p
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise _decode_error(e, p, 'cannot read the image header') from None
+        raise _decode_error(e, p, "cannot read the image header") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise BadRecordError(f'image is {w}x{h} = {w*h:,} pixels, above max_pixels={max_pixels:,} '
-                             '(read from the header, nothing decoded)', reason='too_large', file=p)
+        raise BadRecordError(
+            f"image is {w}x{h} = {w * h:,} pixels, above max_pixels={max_pixels:,} "
+            "(read from the header, nothing decoded)",
+            reason="too_large",
+            file=p,
+        )
     if w == 0 or h == 0:
-        im.close(); raise BadRecordError(f'image has size {w}x{h}', reason='corrupt_image', file=p)
+        im.close()
+        raise BadRecordError(f"image has size {w}x{h}", reason="corrupt_image", file=p)
     return im
 
 
-def check_image(path, mode: str = 'verify', max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def check_image(path, mode: str = "verify", max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """Validate an image file without keeping it; return its `(width, height)`.
 
     `mode`: `'header'` (open the header, check size), `'verify'` (also detect truncation/corruption:
     PNG chunk CRCs, JPEG decoded at 1/8 scale, other formats decoded), `'decode'` (full decode).
     Raises `BadRecordError` with `reason` in missing_file, empty_file, corrupt_image, truncated_image, too_large."""
-    if mode not in ('header', 'verify', 'decode'):
+    if mode not in ("header", "verify", "decode"):
         raise ValueError(f"check_image mode must be 'header', 'verify' or 'decode', got {mode!r}")
     im = _open_image(path, max_pixels)
     size = im.size
     try:
-        if mode == 'verify':
-            if im.format == 'JPEG':
-                im.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8))); im.load()
-            elif im.format == 'PNG': im.verify()
-            else: im.load()
-        elif mode == 'decode': im.load()
-    except MemoryError: raise
-    except Exception as e: raise _decode_error(e, path, 'image data cannot be decoded') from None
-    finally: im.close()
+        if mode == "verify":
+            if im.format == "JPEG":
+                im.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
+                im.load()
+            elif im.format == "PNG":
+                im.verify()
+            else:
+                im.load()
+        elif mode == "decode":
+            im.load()
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _decode_error(e, path, "image data cannot be decoded") from None
+    finally:
+        im.close()
     return size
 
 # %% ../../nbs/01a_data_records.ipynb #0000000f
@@ -205,23 +227,25 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. 16-bit is scaled (`round(v*255/65535)`), alpha is composited over black,
     CMYK/YCbCr/LAB/palette/grayscale go through PIL's conversions."""
     mode = im.mode
-    if mode == 'RGB': return im
-    if mode.startswith('I'):          # 'I;16', 'I;16B', 'I;16L', 'I' (32-bit int, assumed 16-bit range)
+    if mode == "RGB":
+        return im
+    if mode.startswith("I"):  # 'I;16', 'I;16B', 'I;16L', 'I' (32-bit int, assumed 16-bit range)
         a = np.asarray(im).astype(np.float64)
         top = max(65535.0, float(a.max(initial=0)))
         g = np.rint(np.clip(a, 0, None) * (255.0 / top)).astype(np.uint8)
-        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), 'RGB')
-    if mode == 'F':
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), "RGB")
+    if mode == "F":
         a = np.nan_to_num(np.asarray(im, dtype=np.float64))
         top = max(1.0, float(a.max(initial=0)))
         g = np.rint(np.clip(a, 0, None) * (255.0 / top)).astype(np.uint8)
-        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), 'RGB')
-    if mode in ('RGBA', 'RGBa', 'LA', 'La', 'PA') or (mode == 'P' and 'transparency' in im.info):
-        a = np.asarray(im.convert('RGBA')).astype(np.uint32)
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), "RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in im.info):
+        a = np.asarray(im.convert("RGBA")).astype(np.uint32)
         rgb = (a[..., :3] * a[..., 3:4] + 127) // 255
-        return Image.fromarray(rgb.astype(np.uint8), 'RGB')
-    if mode == '1': return im.convert('L').convert('RGB')
-    return im.convert('RGB')
+        return Image.fromarray(rgb.astype(np.uint8), "RGB")
+    if mode == "1":
+        return im.convert("L").convert("RGB")
+    return im.convert("RGB")
 
 
 def load_image(path, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
@@ -231,20 +255,26 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> 
     pixels (much faster for 3000-pixel fundus photographs when the model sees 224 pixels)."""
     im = _open_image(path, max_pixels)
     try:
-        if draft and im.format == 'JPEG': im.draft(None, (int(draft), int(draft)))
+        if draft and im.format == "JPEG":
+            im.draft(None, (int(draft), int(draft)))
         im.load()
         return to_rgb(im)
-    except MemoryError: raise
+    except MemoryError:
+        raise
     except Exception as e:
         im.close()
-        raise _decode_error(e, path, 'image data cannot be decoded') from None
+        raise _decode_error(e, path, "image data cannot be decoded") from None
 
 # %% ../../nbs/01a_data_records.ipynb #00000013
 def _image_check_mode(check_images) -> str | None:
-    if check_images is True: return 'verify'
-    if check_images in (False, None): return None
-    if check_images in ('header', 'verify', 'decode'): return check_images
+    if check_images is True:
+        return "verify"
+    if check_images in (False, None):
+        return None
+    if check_images in ("header", "verify", "decode"):
+        return check_images
     raise ValueError(f"check_images must be True/False or 'header'|'verify'|'decode', got {check_images!r}")
+
 
 def resolve_image_path(image: str, root) -> tuple[Path, str]:
     """`(absolute path, clean relative POSIX path)` of `image` under `root`; `BadRecordError`
@@ -253,85 +283,150 @@ def resolve_image_path(image: str, root) -> tuple[Path, str]:
     p = Path(image)
     lex = Path(os.path.normpath(p if p.is_absolute() else root_abs / p))
     if not lex.is_relative_to(root_abs) or lex == root_abs:
-        raise BadRecordError(f'image path {image!r} escapes the data root {root_abs}', reason='path_escapes_root',
-                             field='image', file=lex)
+        raise BadRecordError(
+            f"image path {image!r} escapes the data root {root_abs}",
+            reason="path_escapes_root",
+            field="image",
+            file=lex,
+        )
     real, real_root = Path(os.path.realpath(lex)), Path(os.path.realpath(root_abs))
     if not real.is_relative_to(real_root):
-        raise BadRecordError(f'image path {image!r} resolves (through a symlink) to {real}, outside the data '
-                             f'root {real_root}', reason='path_escapes_root', field='image', file=lex)
+        raise BadRecordError(
+            f"image path {image!r} resolves (through a symlink) to {real}, outside the data root {real_root}",
+            reason="path_escapes_root",
+            field="image",
+            file=lex,
+        )
     return lex, lex.relative_to(root_abs).as_posix()
 
+
 def _opt_str(v, name: str, rid, numbers_ok: bool = False) -> str | None:
-    if v is None: return None
-    if numbers_ok and isinstance(v, int) and not isinstance(v, bool): return str(v)
+    if v is None:
+        return None
+    if numbers_ok and isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
     if not isinstance(v, str):
-        raise BadRecordError(f'{name} must be a string or null, got {type(v).__name__} {v!r}', reason='bad_value',
-                             record_id=rid, field=name)
+        raise BadRecordError(
+            f"{name} must be a string or null, got {type(v).__name__} {v!r}",
+            reason="bad_value",
+            record_id=rid,
+            field=name,
+        )
     return v if v.strip() else None
 
+
 def _parse_labels(v, rid) -> list[str] | None:
-    if v is None: return None
+    if v is None:
+        return None
     if isinstance(v, str):
         s = v.strip()
-        if not s: return None
-        if s.startswith('['):
-            try: v = json.loads(s)
+        if not s:
+            return None
+        if s.startswith("["):
+            try:
+                v = json.loads(s)
             except json.JSONDecodeError as e:
-                raise BadRecordError(f'labels is not a JSON list: {e.msg}', reason='bad_value', record_id=rid, field='labels') from None
-        else: v = [x.strip() for x in s.split('|')]
+                raise BadRecordError(
+                    f"labels is not a JSON list: {e.msg}", reason="bad_value", record_id=rid, field="labels"
+                ) from None
+        else:
+            v = [x.strip() for x in s.split("|")]
     if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
-        raise BadRecordError(f'labels must be a list of strings, got {v!r}', reason='bad_value', record_id=rid, field='labels')
+        raise BadRecordError(
+            f"labels must be a list of strings, got {v!r}", reason="bad_value", record_id=rid, field="labels"
+        )
     out = [x for x in v if x.strip()]
     return out or None
 
+
 def _preview(xs, n: int = 8) -> str:
-    xs = list(xs); s = ', '.join(repr(x) for x in xs[:n])
-    return s + (f', ... ({len(xs)} in all)' if len(xs) > n else '')
+    xs = list(xs)
+    s = ", ".join(repr(x) for x in xs[:n])
+    return s + (f", ... ({len(xs)} in all)" if len(xs) > n else "")
 
 # %% ../../nbs/01a_data_records.ipynb #effe6ad3
-def validate_record(record: Mapping, root=None, *, label_space: Iterable[str] | None = None,
-                    require_text: bool = False, check_images=True, max_pixels: int = MAX_PIXELS) -> Record:
+def validate_record(
+    record: Mapping,
+    root=None,
+    *,
+    label_space: Iterable[str] | None = None,
+    require_text: bool = False,
+    check_images=True,
+    max_pixels: int = MAX_PIXELS,
+) -> Record:
     """Check one record against the contract and return it normalised (extra keys kept).
 
     `root`: data root the image path is relative to (`None`: no containment check, path used as given).
     `require_text`: the record is paired, so empty/missing text is an error. `check_images`: True/'verify',
     'header', 'decode' or False (see `check_image`). Raises `BadRecordError` naming the field."""
     if not isinstance(record, Mapping):
-        raise BadRecordError(f'a record must be a JSON object, got {type(record).__name__}', reason='malformed_row')
-    rid = record.get('id')
-    if isinstance(rid, int) and not isinstance(rid, bool): rid = str(rid)
+        raise BadRecordError(
+            f"a record must be a JSON object, got {type(record).__name__}", reason="malformed_row"
+        )
+    rid = record.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
     if rid is None or (isinstance(rid, str) and not rid.strip()):
-        raise BadRecordError('missing or empty id', reason='missing_field', field='id')
+        raise BadRecordError("missing or empty id", reason="missing_field", field="id")
     if not isinstance(rid, str):
-        raise BadRecordError(f'id must be a string, got {type(rid).__name__} {rid!r}', reason='bad_value', field='id')
-    out = dict(record); out['id'] = rid
-    image = record.get('image')
+        raise BadRecordError(
+            f"id must be a string, got {type(rid).__name__} {rid!r}", reason="bad_value", field="id"
+        )
+    out = dict(record)
+    out["id"] = rid
+    image = record.get("image")
     if image is None or (isinstance(image, str) and not image.strip()):
-        raise BadRecordError('missing or empty image path', reason='missing_field', record_id=rid, field='image')
+        raise BadRecordError(
+            "missing or empty image path", reason="missing_field", record_id=rid, field="image"
+        )
     if not isinstance(image, str):
-        raise BadRecordError(f'image must be a path string, got {type(image).__name__}', reason='bad_value', record_id=rid, field='image')
-    out['text'] = _opt_str(record.get('text'), 'text', rid)
-    if require_text and out['text'] is None:
-        raise BadRecordError('paired record has empty or missing text', reason='missing_text', record_id=rid, field='text')
-    out['label'] = _opt_str(record.get('label'), 'label', rid, numbers_ok=True)
-    out['labels'] = _parse_labels(record.get('labels'), rid)
+        raise BadRecordError(
+            f"image must be a path string, got {type(image).__name__}",
+            reason="bad_value",
+            record_id=rid,
+            field="image",
+        )
+    out["text"] = _opt_str(record.get("text"), "text", rid)
+    if require_text and out["text"] is None:
+        raise BadRecordError(
+            "paired record has empty or missing text", reason="missing_text", record_id=rid, field="text"
+        )
+    out["label"] = _opt_str(record.get("label"), "label", rid, numbers_ok=True)
+    out["labels"] = _parse_labels(record.get("labels"), rid)
     if label_space is not None:
         space = label_space if isinstance(label_space, (set, frozenset, dict)) else list(label_space)
-        for name, vals in (('label', [out['label']] if out['label'] is not None else []), ('labels', out['labels'] or [])):
+        for name, vals in (
+            ("label", [out["label"]] if out["label"] is not None else []),
+            ("labels", out["labels"] or []),
+        ):
             for lab in vals:
                 if lab not in space:
-                    raise BadRecordError(f'label {lab!r} is not in the label space ({_preview(space)})',
-                                         reason='label_outside_space', record_id=rid, field=name)
-    out['source'] = _opt_str(record.get('source'), 'source', rid)
-    out['split'] = _opt_str(record.get('split'), 'split', rid)
-    if out['split'] is not None and out['split'] not in SPLITS:
-        raise BadRecordError(f'split must be one of {SPLITS}, got {out["split"]!r}', reason='bad_value', record_id=rid, field='split')
-    if root is None: path, out['image'] = Path(image), image
+                    raise BadRecordError(
+                        f"label {lab!r} is not in the label space ({_preview(space)})",
+                        reason="label_outside_space",
+                        record_id=rid,
+                        field=name,
+                    )
+    out["source"] = _opt_str(record.get("source"), "source", rid)
+    out["split"] = _opt_str(record.get("split"), "split", rid)
+    if out["split"] is not None and out["split"] not in SPLITS:
+        raise BadRecordError(
+            f"split must be one of {SPLITS}, got {out['split']!r}",
+            reason="bad_value",
+            record_id=rid,
+            field="split",
+        )
+    if root is None:
+        path, out["image"] = Path(image), image
     else:
-        try: path, out['image'] = resolve_image_path(image, root)
-        except BadRecordError as e: raise e.located(record_id=rid) from None
+        try:
+            path, out["image"] = resolve_image_path(image, root)
+        except BadRecordError as e:
+            raise e.located(record_id=rid) from None
     mode = _image_check_mode(check_images)
     if mode is not None:
-        try: check_image(path, mode, max_pixels)
-        except BadRecordError as e: raise e.located(record_id=rid, field='image') from None
+        try:
+            check_image(path, mode, max_pixels)
+        except BadRecordError as e:
+            raise e.located(record_id=rid, field="image") from None
     return out

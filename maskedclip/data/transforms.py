@@ -4,24 +4,13 @@
 
 # %% ../../nbs/01c_data_transforms.ipynb #c78dd06f
 from __future__ import annotations
-from dataclasses import dataclass, fields
-import torch
-import csv, json, math, os, random, re, tempfile, warnings, weakref
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import field
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
+
+import re
 
 import numpy as np
-import datasets
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.data import Dataset as TorchDataset
+import torch
+from PIL import Image
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'fundus_border_crop', 'FundusBorderCrop', 'mirror_laterality', 'train_transform',
@@ -32,71 +21,122 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def fundus_border_crop(img: Image.Image, threshold: float = 0.1, min_threshold: int = 10, min_fraction: float = 0.01,
-                       square: bool = True) -> Image.Image:
+
+def fundus_border_crop(
+    img: Image.Image,
+    threshold: float = 0.1,
+    min_threshold: int = 10,
+    min_fraction: float = 0.01,
+    square: bool = True,
+) -> Image.Image:
     """Crop the dark border around the circular field of view of an RGB fundus image; pad to a black square.
 
     Foreground = `max(R,G,B) > max(min_threshold, threshold * p99)` (p99: 99th percentile of `max(R,G,B)`, from the
     histogram); the crop is the bounding box of rows and
     columns with at least `min_fraction` foreground pixels. An image without foreground is only squared."""
-    if not isinstance(img, Image.Image): raise TypeError(f'fundus_border_crop expects a PIL image, got {type(img).__name__}')
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"fundus_border_crop expects a PIL image, got {type(img).__name__}")
     w, h = img.size
     f = max(1, max(w, h) // 512)
     small = img.reduce(f) if f > 1 else img
-    a = np.asarray(small.convert('RGB'))
-    m = np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])             # (h, w) brightest channel
+    a = np.asarray(small.convert("RGB"))
+    m = np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])  # (h, w) brightest channel
     p99 = int(np.searchsorted(np.cumsum(np.bincount(m.ravel(), minlength=256)), 0.99 * m.size))
     fg = m > max(float(min_threshold), threshold * p99)
     rows, cols = np.flatnonzero(fg.mean(1) >= min_fraction), np.flatnonzero(fg.mean(0) >= min_fraction)
     if len(rows) and len(cols):
         box = (cols[0] * f, rows[0] * f, min(w, (cols[-1] + 1) * f), min(h, (rows[-1] + 1) * f))
         img = img.crop(box)
-    if not square or img.width == img.height: return img
+    if not square or img.width == img.height:
+        return img
     side = max(img.size)
     canvas = Image.new(img.mode, (side, side))
     canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
     return canvas
 
+
 class FundusBorderCrop:
     "`fundus_border_crop` as a picklable transform (for `v2.Compose` and DataLoader workers)."
-    def __init__(self, threshold: float = 0.1, min_threshold: int = 10, min_fraction: float = 0.01, square: bool = True):
-        self.kw = dict(threshold=threshold, min_threshold=min_threshold, min_fraction=min_fraction, square=square)
-    def __call__(self, img: Image.Image) -> Image.Image: return fundus_border_crop(img, **self.kw)
-    def __repr__(self) -> str: return f'FundusBorderCrop({", ".join(f"{k}={v}" for k, v in self.kw.items())})'
 
-_LATERALITY = {'left': 'right', 'right': 'left', 'Left': 'Right', 'Right': 'Left', 'LEFT': 'RIGHT', 'RIGHT': 'LEFT',
-               'OD': 'OS', 'OS': 'OD'}
+    def __init__(
+        self, threshold: float = 0.1, min_threshold: int = 10, min_fraction: float = 0.01, square: bool = True
+    ):
+        self.kw = dict(
+            threshold=threshold, min_threshold=min_threshold, min_fraction=min_fraction, square=square
+        )
 
-_LATERALITY_RE = re.compile(r'\b(' + '|'.join(_LATERALITY) + r')\b')
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return fundus_border_crop(img, **self.kw)
+
+    def __repr__(self) -> str:
+        return f"FundusBorderCrop({', '.join(f'{k}={v}' for k, v in self.kw.items())})"
+
+
+_LATERALITY = {
+    "left": "right",
+    "right": "left",
+    "Left": "Right",
+    "Right": "Left",
+    "LEFT": "RIGHT",
+    "RIGHT": "LEFT",
+    "OD": "OS",
+    "OS": "OD",
+}
+
+_LATERALITY_RE = re.compile(r"\b(" + "|".join(_LATERALITY) + r")\b")
+
 
 def mirror_laterality(text: str | None) -> str | None:
     """The report of a horizontally flipped fundus photo: a mirrored right eye looks like a left eye, so
     'left' <-> 'right' (any case) and 'OD' <-> 'OS' swap as whole words. Anatomical directions (temporal, nasal,
     superior, inferior, the quadrants) stay as they are: they move with the anatomy."""
-    if not text: return text
+    if not text:
+        return text
     return _LATERALITY_RE.sub(lambda m: _LATERALITY[m.group(1)], text)
 
+
 def _check_size(size):
-    if not isinstance(size, int) or size <= 0: raise ValueError(f'size must be a positive int, got {size!r}')
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+
 
 def _to_tensor_normalized() -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
 
 # %% ../../nbs/01c_data_transforms.ipynb #ef3940e4
-def train_transform(size: int = 224, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
-                    border_crop: bool = True, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> v2.Compose:
+def train_transform(
+    size: int = 224,
+    scale: tuple[float, float] = (0.2, 1.0),
+    hflip: float = 0.5,
+    border_crop: bool = True,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> v2.Compose:
     """PIL RGB -> `(3, size, size)` float: [border crop] + RandomResizedCrop(bicubic) + HFlip(`hflip`) + ImageNet norm.
     `scale` is the area fraction of the crop (MAE: 0.2-1). For image-text pairs give `hflip=0` here and the
     probability to the dataset (`ImageTextDataset(hflip=...)`), which mirrors the eye in the text with the image."""
     _check_size(size)
     if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-        raise ValueError(f'scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}')
-    if not 0 <= hflip <= 1: raise ValueError(f'hflip must be a probability in [0, 1], got {hflip!r}')
+        raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}")
+    if not 0 <= hflip <= 1:
+        raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
     ts = [FundusBorderCrop()] if border_crop else []
-    ts.append(v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
-                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
-    if hflip > 0: ts.append(v2.RandomHorizontalFlip(hflip))
+    ts.append(
+        v2.RandomResizedCrop(
+            size,
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            interpolation=v2.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+    )
+    if hflip > 0:
+        ts.append(v2.RandomHorizontalFlip(hflip))
     return v2.Compose(ts + _to_tensor_normalized())
+
 
 def eval_transform(size: int = 224, border_crop: bool = True) -> v2.Compose:
     "Deterministic PIL RGB -> `(3, size, size)` float: [border crop] + resize + centre crop + ImageNet norm."
@@ -104,6 +144,7 @@ def eval_transform(size: int = 224, border_crop: bool = True) -> v2.Compose:
     ts = [FundusBorderCrop()] if border_crop else []
     ts += [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
     return v2.Compose(ts + _to_tensor_normalized())
+
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     "Undo the ImageNet normalisation of `(..., 3, H, W)` images (for pictures)."

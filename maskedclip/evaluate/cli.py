@@ -4,24 +4,13 @@
 
 # %% ../../nbs/10f_evaluate_cli.ipynb #b8b33840
 from __future__ import annotations
-import argparse, contextlib, copy, json, math, sys, time, warnings
-from dataclasses import dataclass, field
+
+import argparse
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
-import numpy as np
-import pandas as pd
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from scipy.stats import rankdata
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
-from ..config import MaskedCLIPConfig, VisionConfig, get_preset, PRESETS
-from ..vision import ViTEncoder, LoadReport, load_timm_weights, read_state_dict
+from typing import Mapping, Sequence
+
+from ..config import PRESETS
 from .metrics import DEFAULT_TASKS, PROTOCOLS
 from .protocols import RETFOUND_AUG
 from .runner import evaluate_all
@@ -31,79 +20,210 @@ from .tables import save_results, table1
 __all__ = ['build_parser', 'main']
 
 # %% ../../nbs/10f_evaluate_cli.ipynb #0000002d
-from ..config import ExitCode, ConfigError, DataError, report_error
+from ..config import ConfigError, DataError, ExitCode, report_error
+
 
 def _parse_sources(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for it in items:
-        name, src = it.split("=", 1) if "=" in it else (it.split(":", 1)[0] if it.startswith("random") else Path(it).name, it)
+        name, src = (
+            it.split("=", 1)
+            if "=" in it
+            else (it.split(":", 1)[0] if it.startswith("random") else Path(it).name, it)
+        )
         name, src = name.strip(), src.strip()
-        if not name or not src: raise ConfigError(f"--checkpoint {it!r}: expected NAME=PATH (or 'random')")
-        if name in out: raise ConfigError(f"--checkpoint: name {name!r} given twice")
+        if not name or not src:
+            raise ConfigError(f"--checkpoint {it!r}: expected NAME=PATH (or 'random')")
+        if name in out:
+            raise ConfigError(f"--checkpoint: name {name!r} given twice")
         out[name] = src
     return out
+
 
 def _split_list(values: Sequence[str]) -> list[str]:
     return [v for item in values for v in str(item).replace(",", " ").split()]
 
+
 def _fraction(v: str) -> float:
-    try: f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
-    except ValueError: raise ConfigError(f"--fractions: {v!r} is not a number (give e.g. 0.1 or 10%)") from None
-    if not 0 < f <= 1: raise ConfigError(f"--fractions: {v!r} is not in (0, 1] (or 0–100%)")
+    try:
+        f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
+    except ValueError:
+        raise ConfigError(f"--fractions: {v!r} is not a number (give e.g. 0.1 or 10%)") from None
+    if not 0 < f <= 1:
+        raise ConfigError(f"--fractions: {v!r} is not in (0, 1] (or 0–100%)")
     return f
 
+
 def _seed(v: str) -> int:
-    try: return int(v)
-    except ValueError: raise ConfigError(f"--seeds: {v!r} is not an integer") from None
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"--seeds: {v!r} is not an integer") from None
+
 
 def _check_sources(sources: Mapping[str, str]):
     "Each `--checkpoint` path exists, and a `.safetensors` file really is one (not a pickle renamed), before any work."
     for name, src in sources.items():
-        if src == "random" or src.startswith("random:"): continue
+        if src == "random" or src.startswith("random:"):
+            continue
         p = Path(src)
-        if not p.exists(): raise ConfigError(f"--checkpoint {name}={src}: not found; give a run/checkpoint directory, an encoder.safetensors, a .pth file or 'random'")
+        if not p.exists():
+            raise ConfigError(
+                f"--checkpoint {name}={src}: not found; give a run/checkpoint directory, an encoder.safetensors, a .pth file or 'random'"
+            )
         if p.is_file() and p.suffix == ".safetensors":
             from safetensors import safe_open
+
             try:
-                with safe_open(str(p), framework="pt") as f: f.keys()
+                with safe_open(str(p), framework="pt") as f:
+                    f.keys()
             except Exception as e:
-                raise DataError(f"--checkpoint {name}={src}: not a valid safetensors file ({str(e).splitlines()[0][:100]}); if it is a "
-                                "pickled state dict renamed .safetensors, give it its real suffix (.pth): it is then loaded weights-only") from None
+                raise DataError(
+                    f"--checkpoint {name}={src}: not a valid safetensors file ({str(e).splitlines()[0][:100]}); if it is a "
+                    "pickled state dict renamed .safetensors, give it its real suffix (.pth): it is then loaded weights-only"
+                ) from None
 
 # %% ../../nbs/10f_evaluate_cli.ipynb #8b9b8cb1
 def build_parser() -> argparse.ArgumentParser:
     from maskedclip import __version__
-    ap = argparse.ArgumentParser(prog="maskedclip-eval", description="Evaluate image encoders (linear probe, fine-tune, zero-shot) on a corpus's downstream tasks. "
-                                 "Exit status: 0 ok, 1 internal error, 2 bad arguments, 4 bad data or weights file, 5 environment.")
-    ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH", required=True,
-                    help="an encoder source: run/checkpoint dir, encoder.safetensors, timm/MAE/RETFound .pth, or 'random[:preset]' (repeatable)")
-    ap.add_argument("--corpus", required=True, metavar="DIR", help="corpus root with tasks/<task>/{train,val,test}.jsonl")
-    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="task names under <corpus>/tasks (default: %(default)s)")
-    ap.add_argument("--fractions", nargs="+", default=["0.1", "1.0"], help="label fractions in (0, 1] or percentages, e.g. 1%% 10%% 100%%")
-    ap.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="seeds of the label subsets and probes (default: 0 1 2)")
-    ap.add_argument("--protocol", default="linear_probe", choices=PROTOCOLS, help="evaluation protocol (default: %(default)s)")
-    ap.add_argument("--out", required=True, metavar="DIR", help="output directory (results, summary, tables, figure)")
-    ap.add_argument("--vision-config", default=None, choices=PRESETS, help="preset for 'random' sources (default: the first checkpoint's architecture)")
-    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the confidence intervals (default: %(default)s)")
+
+    ap = argparse.ArgumentParser(
+        prog="maskedclip-eval",
+        description="Evaluate image encoders (linear probe, fine-tune, zero-shot) on a corpus's downstream tasks. "
+        "Exit status: 0 ok, 1 internal error, 2 bad arguments, 4 bad data or weights file, 5 environment.",
+    )
+    ap.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        required=True,
+        help="an encoder source: run/checkpoint dir, encoder.safetensors, timm/MAE/RETFound .pth, or 'random[:preset]' (repeatable)",
+    )
+    ap.add_argument(
+        "--corpus", required=True, metavar="DIR", help="corpus root with tasks/<task>/{train,val,test}.jsonl"
+    )
+    ap.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(DEFAULT_TASKS),
+        help="task names under <corpus>/tasks (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--fractions",
+        nargs="+",
+        default=["0.1", "1.0"],
+        help="label fractions in (0, 1] or percentages, e.g. 1%% 10%% 100%%",
+    )
+    ap.add_argument(
+        "--seeds",
+        nargs="+",
+        default=["0", "1", "2"],
+        help="seeds of the label subsets and probes (default: 0 1 2)",
+    )
+    ap.add_argument(
+        "--protocol",
+        default="linear_probe",
+        choices=PROTOCOLS,
+        help="evaluation protocol (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory (results, summary, tables, figure)"
+    )
+    ap.add_argument(
+        "--vision-config",
+        default=None,
+        choices=PRESETS,
+        help="preset for 'random' sources (default: the first checkpoint's architecture)",
+    )
+    ap.add_argument(
+        "--n-boot",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for the confidence intervals (default: %(default)s)",
+    )
     ap.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size (default: %(default)s)")
-    ap.add_argument("--blr", type=float, default=5e-3, help="fine-tuning base lr, lr = blr * batch / 256 (default: %(default)s)")
-    ap.add_argument("--layer-decay", type=float, default=0.65, help="fine-tuning layer-wise lr decay (default: %(default)s)")
-    ap.add_argument("--no-stream", dest="stream", action="store_false", help="hold each split's images in memory as uint8 (faster with many encoders on small splits); by default images are decoded per batch and only features stay in memory (same numbers)")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="fine-tuning autocast precision; bf16 falls back to fp32 where the processor lacks it (default: %(default)s)")
-    ap.add_argument("--randaugment", default=None, metavar="POLICY", help="fine-tuning RandAugment policy in timm's notation, e.g. rand-m9-mstd0.5-inc1 (default: off)")
-    ap.add_argument("--reprob", type=float, default=0.0, help="fine-tuning random-erasing probability (default: %(default)s)")
-    ap.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha, 0 = off (default: %(default)s)")
-    ap.add_argument("--cutmix", type=float, default=0.0, help="fine-tuning cutmix alpha, 0 = off (default: %(default)s)")
-    ap.add_argument("--retfound-aug", action="store_true", help="RETFound's fine-tuning augmentations (RandAugment m9, random erasing 0.25, mixup 0.8, cutmix 1.0); overrides the four above")
-    ap.add_argument("--max-steps", type=int, default=None, help="fine-tuning: at most this many optimizer steps (fewer epochs; default: no cap)")
-    ap.add_argument("--n-evals", type=int, default=None, help="fine-tuning: read the validation AUROC on at most this many epochs (default: every epoch)")
-    ap.add_argument("--test-splits", nargs="+", default=["test"], help="test sets to score every model on, the first 'test' (e.g. test test_shifted)")
-    ap.add_argument("--workers", type=int, default=1, help="evaluation processes with one thread each (same numbers; default: %(default)s)")
+    ap.add_argument(
+        "--batch-size", type=int, default=32, help="fine-tuning batch size (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--blr",
+        type=float,
+        default=5e-3,
+        help="fine-tuning base lr, lr = blr * batch / 256 (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--layer-decay",
+        type=float,
+        default=0.65,
+        help="fine-tuning layer-wise lr decay (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        help="hold each split's images in memory as uint8 (faster with many encoders on small splits); by default images are decoded per batch and only features stay in memory (same numbers)",
+    )
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16", "auto"),
+        help="fine-tuning autocast precision; bf16 falls back to fp32 where the processor lacks it (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--randaugment",
+        default=None,
+        metavar="POLICY",
+        help="fine-tuning RandAugment policy in timm's notation, e.g. rand-m9-mstd0.5-inc1 (default: off)",
+    )
+    ap.add_argument(
+        "--reprob",
+        type=float,
+        default=0.0,
+        help="fine-tuning random-erasing probability (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--mixup", type=float, default=0.0, help="fine-tuning mixup alpha, 0 = off (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--cutmix", type=float, default=0.0, help="fine-tuning cutmix alpha, 0 = off (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--retfound-aug",
+        action="store_true",
+        help="RETFound's fine-tuning augmentations (RandAugment m9, random erasing 0.25, mixup 0.8, cutmix 1.0); overrides the four above",
+    )
+    ap.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="fine-tuning: at most this many optimizer steps (fewer epochs; default: no cap)",
+    )
+    ap.add_argument(
+        "--n-evals",
+        type=int,
+        default=None,
+        help="fine-tuning: read the validation AUROC on at most this many epochs (default: every epoch)",
+    )
+    ap.add_argument(
+        "--test-splits",
+        nargs="+",
+        default=["test"],
+        help="test sets to score every model on, the first 'test' (e.g. test test_shifted)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="evaluation processes with one thread each (same numbers; default: %(default)s)",
+    )
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
     return ap
+
 
 def main(argv=None) -> int:
     "Console script `maskedclip-eval` (see `build_parser`); returns the exit status (`maskedclip.config.ExitCode`), never exits."
@@ -114,20 +234,48 @@ def main(argv=None) -> int:
         fractions = [_fraction(v) for v in _split_list(a.fractions)]
         seeds = [_seed(v) for v in _split_list(a.seeds)]
         _check_sources(sources)
-        aug = RETFOUND_AUG if a.retfound_aug else dict(randaugment=a.randaugment, reprob=a.reprob, mixup=a.mixup, cutmix=a.cutmix)
-        ft = dict(epochs=a.epochs, batch_size=a.batch_size, blr=a.blr, layer_decay=a.layer_decay, precision=a.precision,
-                  max_steps=a.max_steps, n_evals=a.n_evals, **aug)
-        df = evaluate_all(sources, _split_list(a.tasks), fractions, seeds, a.protocol, a.corpus, vision_config=a.vision_config,
-                          n_boot=a.n_boot, device=a.device, progress=not a.no_progress, finetune_kw=ft, stream=a.stream,
-                          test_splits=_split_list(a.test_splits), workers=a.workers)
+        aug = (
+            RETFOUND_AUG
+            if a.retfound_aug
+            else dict(randaugment=a.randaugment, reprob=a.reprob, mixup=a.mixup, cutmix=a.cutmix)
+        )
+        ft = dict(
+            epochs=a.epochs,
+            batch_size=a.batch_size,
+            blr=a.blr,
+            layer_decay=a.layer_decay,
+            precision=a.precision,
+            max_steps=a.max_steps,
+            n_evals=a.n_evals,
+            **aug,
+        )
+        df = evaluate_all(
+            sources,
+            _split_list(a.tasks),
+            fractions,
+            seeds,
+            a.protocol,
+            a.corpus,
+            vision_config=a.vision_config,
+            n_boot=a.n_boot,
+            device=a.device,
+            progress=not a.no_progress,
+            finetune_kw=ft,
+            stream=a.stream,
+            test_splits=_split_list(a.test_splits),
+            workers=a.workers,
+        )
         paths = save_results(df, a.out)
-    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
-    except FileNotFoundError as e:   # a path given on the command line
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
+    except FileNotFoundError as e:  # a path given on the command line
         print(f"maskedclip-eval: error: {e}", file=sys.stderr)
         return int(ExitCode.CONFIG)
-    except BaseException as e: return report_error(e, "maskedclip-eval")
+    except BaseException as e:
+        return report_error(e, "maskedclip-eval")
     if not df.empty:
         t = table1(df)
-        print(t.caption); print(t.markdown)
+        print(t.caption)
+        print(t.markdown)
     print(f"[eval] wrote {', '.join(str(p) for p in paths.values() if Path(p).exists())}")
     return int(ExitCode.OK)

@@ -4,24 +4,17 @@
 
 # %% ../../nbs/10b_evaluate_encoders.ipynb #f9047d0b
 from __future__ import annotations
-import argparse, contextlib, copy, json, math, sys, time, warnings
+
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
-import numpy as np
-import pandas as pd
+from typing import Mapping
+
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from scipy.stats import rankdata
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
-from ..config import MaskedCLIPConfig, VisionConfig, get_preset, PRESETS
-from ..vision import ViTEncoder, LoadReport, load_timm_weights, read_state_dict
+
+from ..config import PRESETS, MaskedCLIPConfig, VisionConfig, get_preset
+from ..vision import LoadReport, ViTEncoder, load_timm_weights, read_state_dict
 
 # %% auto #0
 __all__ = ['LoadedEncoder', 'infer_vision_config', 'load_encoder']
@@ -29,76 +22,116 @@ __all__ = ['LoadedEncoder', 'infer_vision_config', 'load_encoder']
 # %% ../../nbs/10b_evaluate_encoders.ipynb #00000012
 _STD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 
+
 def _missing_category(k: str) -> str:
-    if k in ("cls_token", "pos_embed") or k.startswith("patch_embed"): return "embeddings"
-    if k.startswith("blocks."): return "blocks"
-    if k.startswith("norm."): return "final_norm"
+    if k in ("cls_token", "pos_embed") or k.startswith("patch_embed"):
+        return "embeddings"
+    if k.startswith("blocks."):
+        return "blocks"
+    if k.startswith("norm."):
+        return "final_norm"
     return "other"
 
-_MODULE_CATEGORY = {"decoder": "pixel_decoder", "bridge": "bridge", "feature_decoder": "feature_decoder", "teacher": "teacher",
-                    "text": "text_tower", "image_proj": "clip_head", "text_proj": "clip_head", "logit_scale": "clip_head",
-                    "integrity": "mlip", "patch_proj": "mlip"}
+
+_MODULE_CATEGORY = {
+    "decoder": "pixel_decoder",
+    "bridge": "bridge",
+    "feature_decoder": "feature_decoder",
+    "teacher": "teacher",
+    "text": "text_tower",
+    "image_proj": "clip_head",
+    "text_proj": "clip_head",
+    "logit_scale": "clip_head",
+    "integrity": "mlip",
+    "patch_proj": "mlip",
+}
+
 
 @dataclass
 class LoadedEncoder:
     "An image encoder E_I and where it came from: `kind` in {'random', 'maskedclip_checkpoint', 'encoder_safetensors', 'timm_state_dict', 'module'}."
+
     encoder: ViTEncoder
     vision: VisionConfig
     source: str
     kind: str
     report: LoadReport | None = None
-    method: str | None = None            # the pre-training method named in a checkpoint's config
-    model_dir: Path | None = None        # a MaskedCLIP checkpoint directory (for zero-shot)
-    has_text: bool = False               # that checkpoint has a text tower
+    method: str | None = None  # the pre-training method named in a checkpoint's config
+    model_dir: Path | None = None  # a MaskedCLIP checkpoint directory (for zero-shot)
+    has_text: bool = False  # that checkpoint has a text tower
     notes: list[str] = field(default_factory=list)
 
     @property
     def missing_by_category(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for k in (self.report.missing if self.report else []): out.setdefault(_missing_category(k), []).append(k)
+        for k in self.report.missing if self.report else []:
+            out.setdefault(_missing_category(k), []).append(k)
         return out
+
     @property
     def unexpected_by_category(self) -> dict[str, list[str]]:
         return {k: v for k, v in (self.report.unexpected if self.report else {}).items() if v}
+
     def summary(self) -> str:
         v = self.vision
         s = f"{self.kind} <- {self.source}: ViT {v.width}w/{v.depth}d/{v.heads}h, patch {v.patch_size}, {v.image_size}px"
-        if self.method: s += f", method={self.method}"
+        if self.method:
+            s += f", method={self.method}"
         if self.report is not None:
             miss = {k: len(x) for k, x in self.missing_by_category.items()}
             unexp = {k: len(x) for k, x in self.unexpected_by_category.items()}
             s += f"; loaded {len(self.report.loaded)} tensors, missing {miss or 'none'}, unexpected {unexp or 'none'}"
-            if self.report.resampled: s += f", resampled {self.report.resampled}"
-        for n in self.notes: s += f"; {n}"
+            if self.report.resampled:
+                s += f", resampled {self.report.resampled}"
+        for n in self.notes:
+            s += f"; {n}"
         return s
+
     __str__ = summary
 
 # %% ../../nbs/10b_evaluate_encoders.ipynb #87c8f81e
-def infer_vision_config(sd: Mapping[str, torch.Tensor], heads: int | None = None, image_size: int | None = None) -> VisionConfig:
+def infer_vision_config(
+    sd: Mapping[str, torch.Tensor], heads: int | None = None, image_size: int | None = None
+) -> VisionConfig:
     "The `VisionConfig` of a timm-style ViT state dict from its tensor shapes (heads: standard count for the width)."
     if "patch_embed.proj.weight" not in sd:
         raise ValueError(f"not a ViT state dict: no 'patch_embed.proj.weight' (keys: {sorted(sd)[:6]} ...)")
     width, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
     ids = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    if not ids: raise ValueError("not a ViT state dict: no 'blocks.<i>.*' tensors")
+    if not ids:
+        raise ValueError("not a ViT state dict: no 'blocks.<i>.*' tensors")
     mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width if "blocks.0.mlp.fc1.weight" in sd else 4.0
     if image_size is None:
-        if "pos_embed" not in sd: raise ValueError("cannot infer the image size: no 'pos_embed' (pass vision_config)")
+        if "pos_embed" not in sd:
+            raise ValueError("cannot infer the image size: no 'pos_embed' (pass vision_config)")
         grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
         image_size = grid * patch
     heads = heads or _STD_HEADS.get(width) or max(1, width // 64)
-    return VisionConfig(image_size=int(image_size), patch_size=int(patch), in_chans=int(in_chans), width=int(width),
-                        depth=max(ids) + 1, heads=int(heads), mlp_ratio=float(mlp_ratio))
+    return VisionConfig(
+        image_size=int(image_size),
+        patch_size=int(patch),
+        in_chans=int(in_chans),
+        width=int(width),
+        depth=max(ids) + 1,
+        heads=int(heads),
+        mlp_ratio=float(mlp_ratio),
+    )
+
 
 def _vision_config(vc) -> VisionConfig | None:
     "A VisionConfig from a VisionConfig, dict, preset name or MaskedCLIPConfig (None stays None)."
-    if vc is None or isinstance(vc, VisionConfig): return vc
-    if isinstance(vc, MaskedCLIPConfig): return vc.vision
-    if isinstance(vc, Mapping): return VisionConfig.from_dict(dict(vc))
+    if vc is None or isinstance(vc, VisionConfig):
+        return vc
+    if isinstance(vc, MaskedCLIPConfig):
+        return vc.vision
+    if isinstance(vc, Mapping):
+        return VisionConfig.from_dict(dict(vc))
     if isinstance(vc, str):
-        if vc not in PRESETS: raise ValueError(f"vision_config: {vc!r} is not a preset ({list(PRESETS)})")
+        if vc not in PRESETS:
+            raise ValueError(f"vision_config: {vc!r} is not a preset ({list(PRESETS)})")
         return get_preset(vc).vision
     raise ValueError(f"vision_config: expected a VisionConfig, dict or preset name, got {type(vc).__name__}")
+
 
 def _new_encoder(vc: VisionConfig, seed: int = 0) -> ViTEncoder:
     "A ViTEncoder built under a private RNG (initial weights depend on `seed` only; the global RNG is untouched)."
@@ -106,78 +139,138 @@ def _new_encoder(vc: VisionConfig, seed: int = 0) -> ViTEncoder:
         torch.manual_seed(seed)
         return ViTEncoder(vc.replace(init_weights=None))
 
+
 def _resolve_dir(d: Path) -> Path:
     "A checkpoint directory, or a file, for a directory `d` (checkpoint, or run directory)."
-    if (d / "model.safetensors").is_file() and (d / "config.json").is_file(): return d
-    if (d / "final" / "model.safetensors").is_file(): return d / "final"
-    if (d / "encoder.safetensors").is_file(): return d / "encoder.safetensors"
+    if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
+        return d
+    if (d / "final" / "model.safetensors").is_file():
+        return d / "final"
+    if (d / "encoder.safetensors").is_file():
+        return d / "encoder.safetensors"
     if (d / "checkpoints").is_dir():
         from maskedclip.train import find_latest
+
         latest = find_latest(d)
-        if latest is not None: return latest
-    raise FileNotFoundError(f"{d}: not an encoder source (no model.safetensors + config.json, final/, encoder.safetensors "
-                            f"or complete checkpoints/step_*)")
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(
+        f"{d}: not an encoder source (no model.safetensors + config.json, final/, encoder.safetensors "
+        f"or complete checkpoints/step_*)"
+    )
+
 
 def _split_maskedclip(sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, list[str]]]:
     "A MaskedCLIP state dict -> (encoder tensors without the prefix, the other keys by module category)."
     enc, other = {}, {}
     for k, v in sd.items():
-        if k.startswith("encoder."): enc[k[len("encoder."):]] = v
-        else: other.setdefault(_MODULE_CATEGORY.get(k.split(".")[0], k.split(".")[0]), []).append(k)
+        if k.startswith("encoder."):
+            enc[k[len("encoder.") :]] = v
+        else:
+            other.setdefault(_MODULE_CATEGORY.get(k.split(".")[0], k.split(".")[0]), []).append(k)
     return enc, other
 
+
 def _finish(enc_sd, vc, source, kind, strict, seed, drop_path, other=None, **kw) -> LoadedEncoder:
-    if drop_path is not None: vc = vc.replace(drop_path=float(drop_path))
+    if drop_path is not None:
+        vc = vc.replace(drop_path=float(drop_path))
     vc = vc.replace(init_weights=None)
     enc = _new_encoder(vc, seed)
     report = load_timm_weights(enc, enc_sd, strict=strict)
-    for cat, keys in (other or {}).items(): report.unexpected.setdefault(cat, []).extend(sorted(keys))
+    for cat, keys in (other or {}).items():
+        report.unexpected.setdefault(cat, []).extend(sorted(keys))
     return LoadedEncoder(enc, vc, str(source), kind, report, **kw)
 
 # %% ../../nbs/10b_evaluate_encoders.ipynb #7658804f
-def load_encoder(source, vision_config=None, *, seed: int = 0, drop_path: float | None = None, heads: int | None = None,
-                 strict: bool = False) -> LoadedEncoder:
+def load_encoder(
+    source,
+    vision_config=None,
+    *,
+    seed: int = 0,
+    drop_path: float | None = None,
+    heads: int | None = None,
+    strict: bool = False,
+) -> LoadedEncoder:
     """The image encoder E_I from `source` ('random[:preset]', checkpoint/run dir, encoder.safetensors, timm/MAE/RETFound file).
 
     `vision_config` (VisionConfig, dict or preset name) overrides the architecture found in the source (a different
     `image_size` resamples the position embedding); `drop_path` sets stochastic depth (fine-tuning); `seed` fixes the
     initial weights of anything not loaded."""
     if isinstance(source, LoadedEncoder):
-        if drop_path is None or drop_path == source.vision.drop_path: return source
-        out = _finish(source.encoder.state_dict(), source.vision, source.source, source.kind, True, seed, drop_path,
-                      method=source.method, model_dir=source.model_dir, has_text=source.has_text, notes=list(source.notes))
+        if drop_path is None or drop_path == source.vision.drop_path:
+            return source
+        out = _finish(
+            source.encoder.state_dict(),
+            source.vision,
+            source.source,
+            source.kind,
+            True,
+            seed,
+            drop_path,
+            method=source.method,
+            model_dir=source.model_dir,
+            has_text=source.has_text,
+            notes=list(source.notes),
+        )
         out.report = source.report
         return out
     if isinstance(source, ViTEncoder):
         return _finish(source.state_dict(), source.cfg, "<ViTEncoder>", "module", True, seed, drop_path)
     if isinstance(source, str) and (source == "random" or source.startswith("random:")):
         vc = _vision_config(source.split(":", 1)[1] if ":" in source else vision_config)
-        if vc is None: raise ValueError(f"source 'random' needs vision_config (a VisionConfig or a preset name from {list(PRESETS)}), or write 'random:tiny'")
-        if drop_path is not None: vc = vc.replace(drop_path=float(drop_path))
-        return LoadedEncoder(_new_encoder(vc, seed), vc.replace(init_weights=None), "random", "random", None,
-                             notes=[f"random MAE-style initialisation (seed {seed})"])
-    if not isinstance(source, (str, Path)): raise ValueError(f"encoder source: unsupported type {type(source).__name__}")
+        if vc is None:
+            raise ValueError(
+                f"source 'random' needs vision_config (a VisionConfig or a preset name from {list(PRESETS)}), or write 'random:tiny'"
+            )
+        if drop_path is not None:
+            vc = vc.replace(drop_path=float(drop_path))
+        return LoadedEncoder(
+            _new_encoder(vc, seed),
+            vc.replace(init_weights=None),
+            "random",
+            "random",
+            None,
+            notes=[f"random MAE-style initialisation (seed {seed})"],
+        )
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"encoder source: unsupported type {type(source).__name__}")
     path = Path(source).expanduser()
-    if not path.exists(): raise FileNotFoundError(f"encoder source not found: {path}")
-    if path.is_dir(): path = _resolve_dir(path)
+    if not path.exists():
+        raise FileNotFoundError(f"encoder source not found: {path}")
+    if path.is_dir():
+        path = _resolve_dir(path)
     vc_user = _vision_config(vision_config)
-    if path.is_dir():                                              # a MaskedCLIP checkpoint directory
+    if path.is_dir():  # a MaskedCLIP checkpoint directory
         raw = json.loads((path / "config.json").read_text())
         mc = MaskedCLIPConfig.from_dict(raw.get("model", raw))
         from safetensors import safe_open
+
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             keys = list(f.keys())
             sd = {k: f.get_tensor(k) for k in keys if k.startswith("encoder.")}
         enc_sd, other = _split_maskedclip({**sd, **{k: None for k in keys if not k.startswith("encoder.")}})
-        return _finish(enc_sd, vc_user or mc.vision, path, "maskedclip_checkpoint", strict, seed, drop_path, other,
-                       method=mc.method, model_dir=path, has_text=bool(mc.use_clip))
+        return _finish(
+            enc_sd,
+            vc_user or mc.vision,
+            path,
+            "maskedclip_checkpoint",
+            strict,
+            seed,
+            drop_path,
+            other,
+            method=mc.method,
+            model_dir=path,
+            has_text=bool(mc.use_clip),
+        )
     meta: dict = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f: meta = f.metadata() or {}
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
     sd = read_state_dict(path)
     sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if any(k.startswith("encoder.") for k in sd):                # a whole MaskedCLIP state dict in one file
+    if any(k.startswith("encoder.") for k in sd):  # a whole MaskedCLIP state dict in one file
         enc_sd, other = _split_maskedclip(sd)
         cfg_file = path.parent / "config.json"
         vc = vc_user
@@ -187,12 +280,34 @@ def load_encoder(source, vision_config=None, *, seed: int = 0, drop_path: float 
             mc = MaskedCLIPConfig.from_dict(raw.get("model", raw))
             vc, method, has_text = vc or mc.vision, mc.method, bool(mc.use_clip)
         vc = vc or infer_vision_config(enc_sd, heads)
-        model_dir = path.parent if cfg_file.is_file() and path.suffix == ".safetensors" and path.name == "model.safetensors" else None
-        return _finish(enc_sd, vc, path, "maskedclip_checkpoint", strict, seed, drop_path, other,
-                       method=method, model_dir=model_dir, has_text=bool(has_text and model_dir))
-    if vc_user is not None: vc = vc_user
-    elif "arch" in meta: vc = VisionConfig.from_dict(json.loads(meta["arch"]))
-    else: vc = infer_vision_config(sd, heads)
-    notes = [] if (vc_user is not None or "arch" in meta) else [f"architecture inferred from shapes (heads={vc.heads})"]
+        model_dir = (
+            path.parent
+            if cfg_file.is_file() and path.suffix == ".safetensors" and path.name == "model.safetensors"
+            else None
+        )
+        return _finish(
+            enc_sd,
+            vc,
+            path,
+            "maskedclip_checkpoint",
+            strict,
+            seed,
+            drop_path,
+            other,
+            method=method,
+            model_dir=model_dir,
+            has_text=bool(has_text and model_dir),
+        )
+    if vc_user is not None:
+        vc = vc_user
+    elif "arch" in meta:
+        vc = VisionConfig.from_dict(json.loads(meta["arch"]))
+    else:
+        vc = infer_vision_config(sd, heads)
+    notes = (
+        []
+        if (vc_user is not None or "arch" in meta)
+        else [f"architecture inferred from shapes (heads={vc.heads})"]
+    )
     kind = "encoder_safetensors" if path.suffix == ".safetensors" else "timm_state_dict"
     return _finish(sd, vc, path, kind, strict, seed, drop_path, notes=notes)

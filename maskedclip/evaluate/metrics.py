@@ -4,24 +4,15 @@
 
 # %% ../../nbs/10a_evaluate_metrics.ipynb #deb488db
 from __future__ import annotations
-import argparse, contextlib, copy, json, math, sys, time, warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from scipy.stats import rankdata
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
-from ..config import MaskedCLIPConfig, VisionConfig, get_preset, PRESETS
-from ..vision import ViTEncoder, LoadReport, load_timm_weights, read_state_dict
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'DEFAULT_TASKS', 'METHOD_ORDER', 'METHOD_LABELS', 'METRICS', 'as_score_matrix', 'encode_labels', 'auroc',
@@ -30,64 +21,106 @@ __all__ = ['PROTOCOLS', 'DEFAULT_TASKS', 'METHOD_ORDER', 'METHOD_LABELS', 'METRI
 # %% ../../nbs/10a_evaluate_metrics.ipynb #00000004
 PROTOCOLS = ("linear_probe", "finetune", "zero_shot")
 DEFAULT_TASKS = ("dr_grade", "glaucoma", "multi_disease")
-METHOD_ORDER = ("random", "supervised", "mae", "clip", "mae_clip", "mae_clip_bridge", "maskedclip", "maskedclip_teacher_ln",
-                "maskedclip_teacher_in", "maskedclip_encoder", "mlip")
-METHOD_LABELS = {"random": "Random init", "supervised": "Supervised (corpus labels)", "mae": "MAE", "clip": "CLIP", "mae_clip": "MAE + CLIP",
-                 "mae_clip_bridge": "MAE + CLIP + bridge", "maskedclip": "MaskedCLIP",
-                 "maskedclip_teacher_ln": "MaskedCLIP, MFD target LN per patch", "maskedclip_teacher_in": "MaskedCLIP, MFD target IN per image",
-                 "maskedclip_encoder": "MaskedCLIP, MFD target EMA(E_I)", "mlip": "MLIP"}
+METHOD_ORDER = (
+    "random",
+    "supervised",
+    "mae",
+    "clip",
+    "mae_clip",
+    "mae_clip_bridge",
+    "maskedclip",
+    "maskedclip_teacher_ln",
+    "maskedclip_teacher_in",
+    "maskedclip_encoder",
+    "mlip",
+)
+METHOD_LABELS = {
+    "random": "Random init",
+    "supervised": "Supervised (corpus labels)",
+    "mae": "MAE",
+    "clip": "CLIP",
+    "mae_clip": "MAE + CLIP",
+    "mae_clip_bridge": "MAE + CLIP + bridge",
+    "maskedclip": "MaskedCLIP",
+    "maskedclip_teacher_ln": "MaskedCLIP, MFD target LN per patch",
+    "maskedclip_teacher_in": "MaskedCLIP, MFD target IN per image",
+    "maskedclip_encoder": "MaskedCLIP, MFD target EMA(E_I)",
+    "mlip": "MLIP",
+}
 
 # %% ../../nbs/10a_evaluate_metrics.ipynb #00000006
 def _labels_array(y, n_classes: int | None = None) -> np.ndarray:
     "Integer class ids `(N,)` from a list/array/tensor; clear errors for names or out-of-range ids."
     a = np.asarray(y.detach().cpu() if torch.is_tensor(y) else y)
-    if a.ndim != 1: raise ValueError(f"labels: expected shape (N,), got {a.shape}")
-    if a.dtype.kind == "f" and np.all(np.mod(a, 1) == 0): a = a.astype(np.int64)
-    if a.dtype.kind not in "iu": raise ValueError(f"labels: expected integer class ids 0..K-1, got dtype {a.dtype} (map names with `encode_labels`)")
+    if a.ndim != 1:
+        raise ValueError(f"labels: expected shape (N,), got {a.shape}")
+    if a.dtype.kind == "f" and np.all(np.mod(a, 1) == 0):
+        a = a.astype(np.int64)
+    if a.dtype.kind not in "iu":
+        raise ValueError(
+            f"labels: expected integer class ids 0..K-1, got dtype {a.dtype} (map names with `encode_labels`)"
+        )
     if len(a) and (a.min() < 0 or (n_classes is not None and a.max() >= n_classes)):
         raise ValueError(f"labels: ids must lie in [0, {n_classes}), got min {a.min()} max {a.max()}")
     return a.astype(np.int64)
 
+
 def as_score_matrix(scores) -> np.ndarray:
     "`(N, K)` float64 scores; a binary `(N,)` score of class 1 becomes `[1 - s, s]`."
     s = np.asarray(scores.detach().cpu() if torch.is_tensor(scores) else scores, dtype=np.float64)
-    if s.ndim == 1: s = np.stack([1.0 - s, s], axis=1)
-    if s.ndim != 2 or s.shape[1] < 2: raise ValueError(f"scores: expected (N,) or (N, K>=2), got {s.shape}")
-    if not np.isfinite(s).all(): raise ValueError("scores: contain NaN or inf")
+    if s.ndim == 1:
+        s = np.stack([1.0 - s, s], axis=1)
+    if s.ndim != 2 or s.shape[1] < 2:
+        raise ValueError(f"scores: expected (N,) or (N, K>=2), got {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores: contain NaN or inf")
     return s
+
 
 def _check_ys(y, scores) -> tuple[np.ndarray, np.ndarray]:
     s = as_score_matrix(scores)
     y = _labels_array(y, s.shape[1])
-    if len(y) != len(s): raise ValueError(f"labels ({len(y)}) and scores ({len(s)}) differ in length")
+    if len(y) != len(s):
+        raise ValueError(f"labels ({len(y)}) and scores ({len(s)}) differ in length")
     return y, s
+
 
 def _present(y: np.ndarray, k: int) -> list[int]:
     "Classes with at least one positive and one negative in `y`."
     return [c for c in range(k) if 0 < int((y == c).sum()) < len(y)]
+
 
 def encode_labels(labels: Iterable, classes: Sequence[str]) -> np.ndarray:
     "Class names (or ids) -> ids `(N,)` in the order of `classes`."
     idx = {c: i for i, c in enumerate(classes)}
     out = []
     for i, l in enumerate(labels):
-        if l in idx: out.append(idx[l])
-        elif isinstance(l, (int, np.integer)) and 0 <= l < len(classes): out.append(int(l))
-        else: raise ValueError(f"label {l!r} (item {i}) is not one of {list(classes)}")
+        if l in idx:
+            out.append(idx[l])
+        elif isinstance(l, (int, np.integer)) and 0 <= l < len(classes):
+            out.append(int(l))
+        else:
+            raise ValueError(f"label {l!r} (item {i}) is not one of {list(classes)}")
     return np.asarray(out, dtype=np.int64)
+
 
 def auroc(y, scores) -> float:
     "Macro one-vs-rest ROC-AUC (scikit-learn on one-hot labels, RETFound's call); classes absent from `y` are left out."
     y, s = _check_ys(y, scores)
     cols = _present(y, s.shape[1])
-    if len(cols) < 2: raise ValueError("auroc: y holds a single class; ROC-AUC is undefined")
-    return float(roc_auc_score(np.eye(s.shape[1])[y][:, cols], s[:, cols], average="macro", multi_class="ovr"))
+    if len(cols) < 2:
+        raise ValueError("auroc: y holds a single class; ROC-AUC is undefined")
+    return float(
+        roc_auc_score(np.eye(s.shape[1])[y][:, cols], s[:, cols], average="macro", multi_class="ovr")
+    )
+
 
 def auprc(y, scores) -> float:
     "Macro average precision (scikit-learn on one-hot labels, RETFound's call); classes absent from `y` are left out."
     y, s = _check_ys(y, scores)
     cols = _present(y, s.shape[1])
-    if len(cols) < 2: raise ValueError("auprc: y holds a single class; PR-AUC is undefined")
+    if len(cols) < 2:
+        raise ValueError("auprc: y holds a single class; PR-AUC is undefined")
     return float(average_precision_score(np.eye(s.shape[1])[y][:, cols], s[:, cols], average="macro"))
 
 # %% ../../nbs/10a_evaluate_metrics.ipynb #00000009
@@ -99,6 +132,7 @@ def _rank_auc(pos: np.ndarray, s: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return ((r * pos).sum(1) - npos * (npos + 1) / 2) / (npos * nneg)
 
+
 def _rank_ap(pos: np.ndarray, s: np.ndarray) -> np.ndarray:
     "Rows of average precisions `(B,)` with scikit-learn's tie handling (one threshold per distinct score)."
     order = np.argsort(-s, axis=1, kind="stable")
@@ -106,36 +140,43 @@ def _rank_ap(pos: np.ndarray, s: np.ndarray) -> np.ndarray:
     tp = np.cumsum(yy, axis=1, dtype=np.float64)
     precision = tp / np.arange(1, s.shape[1] + 1)
     last = np.ones(ss.shape, dtype=bool)
-    last[:, :-1] = ss[:, :-1] != ss[:, 1:]               # the last item of each group of tied scores
+    last[:, :-1] = ss[:, :-1] != ss[:, 1:]  # the last item of each group of tied scores
     prev = np.zeros_like(tp)
     prev[:, 1:] = np.maximum.accumulate(np.where(last, tp, 0.0), axis=1)[:, :-1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(last, (tp - prev) * precision, 0.0).sum(1) / tp[:, -1]
 
+
 _FAST_METRICS = {"auroc": _rank_auc, "auprc": _rank_ap}
 METRICS: dict[str, Callable] = {"auroc": auroc, "auprc": auprc}
+
 
 def _macro_rows(y_rows: np.ndarray, s_rows: np.ndarray, fn, cols: Sequence[int]) -> np.ndarray:
     "`y_rows` `(B, N)`, `s_rows` `(B, N, K)` -> macro metric per row `(B,)` over the classes `cols`."
     return np.mean([fn(y_rows == k, s_rows[..., k]) for k in cols], axis=0)
 
+
 def _fast_auroc(y, scores) -> float:
     "`auroc` through the rank formula (no scikit-learn input validation): for model selection inside loops."
     y, s = _check_ys(y, scores)
     cols = _present(y, s.shape[1])
-    if len(cols) < 2: raise ValueError("auroc: y holds a single class; ROC-AUC is undefined")
+    if len(cols) < 2:
+        raise ValueError("auroc: y holds a single class; ROC-AUC is undefined")
     return float(_macro_rows(y[None], s[None], _rank_auc, cols)[0])
+
 
 def _selection_score(y, scores) -> tuple[float, str]:
     "Model-selection score on the validation split: macro AUROC, or the mean log-likelihood if it holds one class."
     y, s = _check_ys(y, scores)
-    if len(_present(y, s.shape[1])) >= 2: return _fast_auroc(y, s), "val_auroc"
+    if len(_present(y, s.shape[1])) >= 2:
+        return _fast_auroc(y, s), "val_auroc"
     return float(np.mean(np.log(np.clip(s[np.arange(len(y)), y], 1e-12, None)))), "val_log_likelihood"
 
 # %% ../../nbs/10a_evaluate_metrics.ipynb #0000000c
 @dataclass
 class ConfidenceInterval:
     "A percentile-bootstrap interval: `estimate` on the full set, `[low, high]`, and the resampling bookkeeping."
+
     metric: str
     estimate: float
     low: float
@@ -144,48 +185,76 @@ class ConfidenceInterval:
     n_boot: int = 0
     n_skipped: int = 0
     stratified: bool = True
+
     def __str__(self):
-        return (f"{self.metric} {self.estimate:.4f} [{self.low:.4f}, {self.high:.4f}] ({100 * (1 - self.alpha):g}% bootstrap, "
-                f"{self.n_boot} resamples{', stratified' if self.stratified else ''}, {self.n_skipped} skipped)")
+        return (
+            f"{self.metric} {self.estimate:.4f} [{self.low:.4f}, {self.high:.4f}] ({100 * (1 - self.alpha):g}% bootstrap, "
+            f"{self.n_boot} resamples{', stratified' if self.stratified else ''}, {self.n_skipped} skipped)"
+        )
+
 
 def bootstrap_indices(y, n_boot: int, seed: int = 0, stratified: bool = True) -> np.ndarray:
     "`(n_boot, N)` resample indices; stratified: each class resampled within itself (class counts kept)."
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
-    if not stratified: return rng.integers(0, len(y), size=(n_boot, len(y)))
+    if not stratified:
+        return rng.integers(0, len(y), size=(n_boot, len(y)))
     parts = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         parts.append(idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))])
     return np.concatenate(parts, axis=1)
 
-def bootstrap_ci(y, scores, metric: str | Callable = "auroc", n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
-                 stratified: bool = True, chunk: int = 250) -> ConfidenceInterval:
+
+def bootstrap_ci(
+    y,
+    scores,
+    metric: str | Callable = "auroc",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    stratified: bool = True,
+    chunk: int = 250,
+) -> ConfidenceInterval:
     """Percentile bootstrap CI of a macro metric ('auroc', 'auprc' — vectorised — or any `f(y, scores) -> float`).
 
     Resamples missing a class present in `y` are skipped and counted (only possible with `stratified=False`)."""
     y, s = _check_ys(y, scores)
-    if not (isinstance(n_boot, int) and n_boot >= 1): raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
-    if not 0 < alpha < 1: raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if not (isinstance(n_boot, int) and n_boot >= 1):
+        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     if isinstance(metric, str):
-        if metric not in METRICS: raise ValueError(f"metric {metric!r} is not one of {list(METRICS)} (or pass a callable)")
+        if metric not in METRICS:
+            raise ValueError(f"metric {metric!r} is not one of {list(METRICS)} (or pass a callable)")
         name, point_fn = metric, METRICS[metric]
-    else: name, point_fn = getattr(metric, "__name__", "metric"), metric
+    else:
+        name, point_fn = getattr(metric, "__name__", "metric"), metric
     estimate = float(point_fn(y, s))
     classes = np.unique(y)
     idx = bootstrap_indices(y, n_boot, seed, stratified)
     yb = y[idx]
     ok = np.ones(n_boot, dtype=bool)
-    for c in classes: ok &= (yb == c).any(axis=1)
+    for c in classes:
+        ok &= (yb == c).any(axis=1)
     idx = idx[ok]
-    if not len(idx): raise ValueError(f"bootstrap_ci: all {n_boot} resamples lost a class")
+    if not len(idx):
+        raise ValueError(f"bootstrap_ci: all {n_boot} resamples lost a class")
     if isinstance(metric, str):
         cols = [int(c) for c in classes]
-        vals = np.concatenate([_macro_rows(y[idx[i:i + chunk]], s[idx[i:i + chunk]], _FAST_METRICS[metric], cols)
-                               for i in range(0, len(idx), chunk)])
-    else: vals = np.array([metric(y[r], s[r]) for r in idx], dtype=np.float64)
+        vals = np.concatenate(
+            [
+                _macro_rows(y[idx[i : i + chunk]], s[idx[i : i + chunk]], _FAST_METRICS[metric], cols)
+                for i in range(0, len(idx), chunk)
+            ]
+        )
+    else:
+        vals = np.array([metric(y[r], s[r]) for r in idx], dtype=np.float64)
     low, high = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
-    return ConfidenceInterval(name, estimate, float(low), float(high), alpha, n_boot, int((~ok).sum()), stratified)
+    return ConfidenceInterval(
+        name, estimate, float(low), float(high), alpha, n_boot, int((~ok).sum()), stratified
+    )
+
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
     "Mean and sample standard deviation (ddof=1) over seeds; the std of a single value is NaN."
@@ -196,24 +265,33 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 def _labels_of(records_or_labels) -> list:
     "Labels from a list of labels, records (dicts with 'label'), a `datasets.Dataset`, `ManifestData` or a tensor."
     x = records_or_labels
-    if hasattr(x, "dataset") and hasattr(x, "report"): x = x.dataset          # maskedclip.data.ManifestData
-    if hasattr(x, "column_names"): x = x["label"]                              # datasets.Dataset
-    if torch.is_tensor(x): x = x.tolist()
-    if isinstance(x, np.ndarray): x = x.tolist()
+    if hasattr(x, "dataset") and hasattr(x, "report"):
+        x = x.dataset  # maskedclip.data.ManifestData
+    if hasattr(x, "column_names"):
+        x = x["label"]  # datasets.Dataset
+    if torch.is_tensor(x):
+        x = x.tolist()
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
     out = []
     for i, r in enumerate(x):
         lab = r.get("label") if isinstance(r, Mapping) else r
-        if lab is None: raise ValueError(f"label_fraction: record {i} has no label")
+        if lab is None:
+            raise ValueError(f"label_fraction: record {i} has no label")
         out.append(lab)
     return out
 
+
 def label_fraction(records_or_labels, fraction: float, seed: int = 0, min_per_class: int = 1) -> np.ndarray:
     """Sorted indices of a stratified, seeded `fraction` of the records (>= `min_per_class` per class; nested over fractions)."""
-    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1): raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     labels = _labels_of(records_or_labels)
-    if not labels: raise ValueError("label_fraction: no records")
+    if not labels:
+        raise ValueError("label_fraction: no records")
     rng = np.random.default_rng(seed)
-    arr = np.empty(len(labels), dtype=object); arr[:] = labels
+    arr = np.empty(len(labels), dtype=object)
+    arr[:] = labels
     keep = []
     for c in sorted(set(labels), key=lambda v: (type(v).__name__, v)):
         idx = np.flatnonzero(arr == c)

@@ -4,26 +4,35 @@
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #e799a66f
 from __future__ import annotations
-import argparse, contextlib, copy, json, math, sys, time, warnings
+
+import contextlib
+import copy
+import json
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
-from ..config import MaskedCLIPConfig, VisionConfig, get_preset, PRESETS
-from ..vision import ViTEncoder, LoadReport, load_timm_weights, read_state_dict
-from .metrics import ConfidenceInterval, _check_ys, _labels_array, _selection_score, auprc, auroc, bootstrap_ci
+
 from .encoders import LoadedEncoder, _resolve_dir, load_encoder
+from maskedclip.evaluate.metrics import (
+    ConfidenceInterval,
+    _check_ys,
+    _labels_array,
+    _selection_score,
+    bootstrap_ci,
+)
+from ..vision import ViTEncoder
 
 # %% auto #0
 __all__ = ['DEFAULT_CS', 'NO_WEIGHT_DECAY', 'RETFOUND_AUG', 'extract_features', 'uint8_eval_transform', 'TaskImages',
@@ -33,44 +42,72 @@ __all__ = ['DEFAULT_CS', 'NO_WEIGHT_DECAY', 'RETFOUND_AUG', 'extract_features', 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #00000016
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0)
 
+
 def _encoder_module(encoder) -> nn.Module:
-    if isinstance(encoder, LoadedEncoder): return encoder.encoder
-    if isinstance(encoder, ViTEncoder): return encoder
-    if isinstance(getattr(encoder, "encoder", None), ViTEncoder): return encoder.encoder    # MaskedCLIP
-    if isinstance(encoder, nn.Module): return encoder
+    if isinstance(encoder, LoadedEncoder):
+        return encoder.encoder
+    if isinstance(encoder, ViTEncoder):
+        return encoder
+    if isinstance(getattr(encoder, "encoder", None), ViTEncoder):
+        return encoder.encoder  # MaskedCLIP
+    if isinstance(encoder, nn.Module):
+        return encoder
     return load_encoder(encoder).encoder
 
+
 def _item_image(item) -> torch.Tensor:
-    if isinstance(item, Mapping): return item["image"]
-    if isinstance(item, (tuple, list)): return item[0]
+    if isinstance(item, Mapping):
+        return item["image"]
+    if isinstance(item, (tuple, list)):
+        return item[0]
     return item
+
 
 def _image_batches(data, batch_size: int):
     "Image tensors `(b, C, H, W)` from a tensor `(N, C, H, W)` or a dataset of images / dicts with 'image'."
-    if isinstance(data, np.ndarray): data = torch.from_numpy(data)
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
     if torch.is_tensor(data):
-        if data.ndim != 4: raise ValueError(f"images: expected (N, C, H, W), got {tuple(data.shape)}")
-        for i in range(0, len(data), batch_size): yield data[i:i + batch_size]
+        if data.ndim != 4:
+            raise ValueError(f"images: expected (N, C, H, W), got {tuple(data.shape)}")
+        for i in range(0, len(data), batch_size):
+            yield data[i : i + batch_size]
         return
     for i in range(0, len(data), batch_size):
         yield torch.stack([_item_image(data[j]) for j in range(i, min(len(data), i + batch_size))])
 
+
 def _model_input(x: torch.Tensor, device) -> torch.Tensor:
     "A batch as the model's float32 input on `device`: uint8 images (as `load_task` keeps them) are scaled and normalised here."
-    if x.dtype != torch.uint8: return x.to(device, torch.float32)
+    if x.dtype != torch.uint8:
+        return x.to(device, torch.float32)
     from torchvision.transforms.v2 import functional as TF
+
     from maskedclip.data import IMAGENET_MEAN, IMAGENET_STD
-    return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD).to(device)   # = eval_transform's last steps
+
+    return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD).to(
+        device
+    )  # = eval_transform's last steps
+
 
 def _device_of(m: nn.Module) -> torch.device:
     p = next(m.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
+
 @torch.no_grad()
-def extract_features(encoder, data, batch_size: int = 64, device=None, pool: str = "mean", progress: bool = False,
-                     desc: str = "features") -> np.ndarray:
+def extract_features(
+    encoder,
+    data,
+    batch_size: int = 64,
+    device=None,
+    pool: str = "mean",
+    progress: bool = False,
+    desc: str = "features",
+) -> np.ndarray:
     "Frozen E_I features `(N, D)` float32 of full images: mean of patch tokens (`pool='mean'`) or the CLS token."
-    if pool not in ("mean", "cls"): raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
+    if pool not in ("mean", "cls"):
+        raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
     enc = _encoder_module(encoder)
     dev = torch.device(device) if device is not None else _device_of(enc)
     enc = enc.to(dev)
@@ -79,42 +116,70 @@ def extract_features(encoder, data, batch_size: int = 64, device=None, pool: str
     out = []
     n = len(data)
     try:
-        for x in tqdm(_image_batches(data, batch_size), total=math.ceil(n / batch_size), desc=desc, disable=not progress, leave=False):
+        for x in tqdm(
+            _image_batches(data, batch_size),
+            total=math.ceil(n / batch_size),
+            desc=desc,
+            disable=not progress,
+            leave=False,
+        ):
             tok = enc(_model_input(x, dev)).tokens
             out.append((tok[:, 1:].mean(1) if pool == "mean" else tok[:, 0]).float().cpu())
-    finally: enc.train(was)
+    finally:
+        enc.train(was)
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(enc, "embed_dim", 0)), np.float32)
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #aeae837f
 def uint8_eval_transform(size: int = 224, border_crop: bool = True):
     "`maskedclip.data.eval_transform` without its last two steps (to float, normalise): PIL -> uint8 `(3, size, size)`."
     from torchvision.transforms import v2
+
     from maskedclip.data import eval_transform
+
     ts = eval_transform(size, border_crop=border_crop).transforms
-    if not (isinstance(ts[-2], v2.ToDtype) and isinstance(ts[-1], v2.Normalize) and isinstance(ts[-3], v2.PILToTensor)):
-        raise RuntimeError(f"uint8_eval_transform: eval_transform no longer ends with PILToTensor, ToDtype, Normalize: {ts}")
+    if not (
+        isinstance(ts[-2], v2.ToDtype)
+        and isinstance(ts[-1], v2.Normalize)
+        and isinstance(ts[-3], v2.PILToTensor)
+    ):
+        raise RuntimeError(
+            f"uint8_eval_transform: eval_transform no longer ends with PILToTensor, ToDtype, Normalize: {ts}"
+        )
     return v2.Compose(ts[:-2])
+
 
 class TaskImages:
     "The images of one split, decoded on demand: `x[i]` -> uint8 `(3, S, S)`; `x[index array]` -> a lazy subset."
+
     def __init__(self, dataset, image_size: int, index=None):
         self.dataset, self.image_size = dataset, image_size
         self.index = np.arange(len(dataset)) if index is None else np.asarray(index, dtype=np.int64)
-    def __len__(self) -> int: return len(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
     def __getitem__(self, i):
-        if isinstance(i, (int, np.integer)): return self.dataset[int(self.index[i])]["image"]
-        return TaskImages(self.dataset, self.image_size, self.index[np.asarray(i.numpy() if torch.is_tensor(i) else i)])
+        if isinstance(i, (int, np.integer)):
+            return self.dataset[int(self.index[i])]["image"]
+        return TaskImages(
+            self.dataset, self.image_size, self.index[np.asarray(i.numpy() if torch.is_tensor(i) else i)]
+        )
+
     def materialize(self, progress: bool = False, desc: str = "images") -> torch.Tensor:
         "All images as one uint8 tensor `(N, 3, S, S)`, filled in place (no list of copies)."
         out = torch.empty((len(self), 3, self.image_size, self.image_size), dtype=torch.uint8)
-        for j in tqdm(range(len(self)), desc=desc, disable=not progress, leave=False): out[j] = self[j]
+        for j in tqdm(range(len(self)), desc=desc, disable=not progress, leave=False):
+            out[j] = self[j]
         return out
-    def __repr__(self) -> str: return f"TaskImages({len(self)} images, {self.image_size} px, decoded per batch)"
+
+    def __repr__(self) -> str:
+        return f"TaskImages({len(self)} images, {self.image_size} px, decoded per batch)"
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #00000017
 @dataclass
 class EvalResult:
     "One evaluation: test macro AUROC/AUPRC with bootstrap CIs, and what the protocol selected (`details`)."
+
     protocol: str
     auroc: float
     auprc: float
@@ -124,36 +189,72 @@ class EvalResult:
     n_test: int
     classes: list[str]
     details: dict = field(default_factory=dict)
-    scores: np.ndarray | None = field(default=None, repr=False)   # (N_test, K) test probabilities
-    labels: np.ndarray | None = field(default=None, repr=False)   # (N_test,) test labels
+    scores: np.ndarray | None = field(default=None, repr=False)  # (N_test, K) test probabilities
+    labels: np.ndarray | None = field(default=None, repr=False)  # (N_test,) test labels
+
     def row(self, **keys) -> dict:
         "A flat dict for the results table (`keys`: method, task, fraction, seed, ...)."
         sel = {k: self.details[k] for k in ("C", "best_epoch", "prompt_set") if k in self.details}
-        return dict(**keys, protocol=self.protocol, auroc=self.auroc, auprc=self.auprc, ci_low=self.auroc_ci.low, ci_high=self.auroc_ci.high,
-                    auprc_ci_low=self.auprc_ci.low, auprc_ci_high=self.auprc_ci.high, n_train=self.n_train, n_test=self.n_test,
-                    selected=json.dumps(sel) if sel else "")
+        return dict(
+            **keys,
+            protocol=self.protocol,
+            auroc=self.auroc,
+            auprc=self.auprc,
+            ci_low=self.auroc_ci.low,
+            ci_high=self.auroc_ci.high,
+            auprc_ci_low=self.auprc_ci.low,
+            auprc_ci_high=self.auprc_ci.high,
+            n_train=self.n_train,
+            n_test=self.n_test,
+            selected=json.dumps(sel) if sel else "",
+        )
+
     def __str__(self):
-        return (f"{self.protocol}: AUROC {self.auroc:.4f} [{self.auroc_ci.low:.4f}, {self.auroc_ci.high:.4f}], "
-                f"AUPRC {self.auprc:.4f} [{self.auprc_ci.low:.4f}, {self.auprc_ci.high:.4f}] (n_train={self.n_train}, n_test={self.n_test})")
+        return (
+            f"{self.protocol}: AUROC {self.auroc:.4f} [{self.auroc_ci.low:.4f}, {self.auroc_ci.high:.4f}], "
+            f"AUPRC {self.auprc:.4f} [{self.auprc_ci.low:.4f}, {self.auprc_ci.high:.4f}] (n_train={self.n_train}, n_test={self.n_test})"
+        )
+
 
 def _make_result(protocol, y, scores, n_train, classes, n_boot, alpha, seed, details) -> EvalResult:
     y, s = _check_ys(y, scores)
     ci_roc = bootstrap_ci(y, s, "auroc", n_boot=n_boot, alpha=alpha, seed=seed)
     ci_pr = bootstrap_ci(y, s, "auprc", n_boot=n_boot, alpha=alpha, seed=seed)
-    return EvalResult(protocol, ci_roc.estimate, ci_pr.estimate, ci_roc, ci_pr, int(n_train), len(y),
-                      list(classes) if classes is not None else [str(k) for k in range(s.shape[1])], details, s, y)
+    return EvalResult(
+        protocol,
+        ci_roc.estimate,
+        ci_pr.estimate,
+        ci_roc,
+        ci_pr,
+        int(n_train),
+        len(y),
+        list(classes) if classes is not None else [str(k) for k in range(s.shape[1])],
+        details,
+        s,
+        y,
+    )
+
 
 def _unpack(split, name: str):
     if isinstance(split, Mapping):
-        try: return split["x"] if "x" in split else split["images"], split["y"] if "y" in split else split["labels"]
-        except KeyError: raise ValueError(f"{name} split: a mapping needs 'images'/'x' and 'labels'/'y'") from None
-    if not (isinstance(split, (tuple, list)) and len(split) == 2): raise ValueError(f"{name} split: expected (x, labels)")
+        try:
+            return split["x"] if "x" in split else split["images"], split["y"] if "y" in split else split[
+                "labels"
+            ]
+        except KeyError:
+            raise ValueError(f"{name} split: a mapping needs 'images'/'x' and 'labels'/'y'") from None
+    if not (isinstance(split, (tuple, list)) and len(split) == 2):
+        raise ValueError(f"{name} split: expected (x, labels)")
     return split
 
+
 def _n_classes(n_classes, classes, *ys) -> int:
-    if n_classes is not None: return int(n_classes)
-    if classes is not None: return len(classes)
+    if n_classes is not None:
+        return int(n_classes)
+    if classes is not None:
+        return len(classes)
     return int(max(int(np.max(y)) for y in ys if len(y))) + 1
+
 
 def _proba(clf, x: np.ndarray, k: int) -> np.ndarray:
     p = np.zeros((len(x), k))
@@ -161,76 +262,134 @@ def _proba(clf, x: np.ndarray, k: int) -> np.ndarray:
     return p
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #8fa25616
-def fit_linear_probe(train, val, test, Cs: Sequence[float] = DEFAULT_CS, *, n_classes: int | None = None, classes=None,
-                     max_iter: int = 1000, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, blas_threads: int | None = 1,
-                     more_tests: Mapping[str, Any] | None = None) -> EvalResult:
+def fit_linear_probe(
+    train,
+    val,
+    test,
+    Cs: Sequence[float] = DEFAULT_CS,
+    *,
+    n_classes: int | None = None,
+    classes=None,
+    max_iter: int = 1000,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    blas_threads: int | None = 1,
+    more_tests: Mapping[str, Any] | None = None,
+) -> EvalResult:
     """Standardise, fit logistic regression for each C on train, keep the best validation AUROC, score test. Splits: `(features (N, D), labels)`.
 
     `blas_threads`: BLAS threads during the fits (1: these small L-BFGS problems run ~10x faster than with a
     thread pool on a busy machine; None: leave the pool as it is). `more_tests`: name -> `(features, labels)` of other test
     sets, scored by the same selected probe (`details['more_tests'][name]` is their `EvalResult`)."""
-    (xtr, ytr), (xva, yva), (xte, yte) = (_unpack(s, n) for s, n in ((train, "train"), (val, "val"), (test, "test")))
+    (xtr, ytr), (xva, yva), (xte, yte) = (
+        _unpack(s, n) for s, n in ((train, "train"), (val, "val"), (test, "test"))
+    )
     xtr, xva, xte = (np.asarray(x, dtype=np.float64) for x in (xtr, xva, xte))
     k = _n_classes(n_classes, classes, np.asarray(ytr), np.asarray(yva), np.asarray(yte))
     ytr, yva, yte = (_labels_array(y, k) for y in (ytr, yva, yte))
-    if len(np.unique(ytr)) < 2: raise ValueError(f"linear probe: the training subset holds a single class ({np.unique(ytr).tolist()})")
+    if len(np.unique(ytr)) < 2:
+        raise ValueError(
+            f"linear probe: the training subset holds a single class ({np.unique(ytr).tolist()})"
+        )
     scaler = StandardScaler().fit(xtr)
     xtr, xva, xte = scaler.transform(xtr), scaler.transform(xva), scaler.transform(xte)
     best, val_auroc = None, {}
     for C in Cs:
         clf = LogisticRegression(C=float(C), max_iter=max_iter)
-        with warnings.catch_warnings(), (threadpool_limits(blas_threads) if blas_threads else contextlib.nullcontext()):
+        with (
+            warnings.catch_warnings(),
+            threadpool_limits(blas_threads) if blas_threads else contextlib.nullcontext(),
+        ):
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(xtr, ytr)
         a, sel = _selection_score(yva, _proba(clf, xva, k))
         val_auroc[float(C)] = a
-        if best is None or a > best[0]: best = (a, float(C), clf)
+        if best is None or a > best[0]:
+            best = (a, float(C), clf)
     details = dict(C=best[1], val_auroc=val_auroc, selection=sel)
     more = {}
     for name, split in (more_tests or {}).items():
         x, y = _unpack(split, name)
-        more[name] = _make_result("linear_probe", _labels_array(y, k), _proba(best[2], scaler.transform(np.asarray(x, dtype=np.float64)), k),
-                                  len(ytr), classes, n_boot, alpha, seed, dict(details))
-    if more: details["more_tests"] = more
-    return _make_result("linear_probe", yte, _proba(best[2], xte, k), len(ytr), classes, n_boot, alpha, seed, details)
+        more[name] = _make_result(
+            "linear_probe",
+            _labels_array(y, k),
+            _proba(best[2], scaler.transform(np.asarray(x, dtype=np.float64)), k),
+            len(ytr),
+            classes,
+            n_boot,
+            alpha,
+            seed,
+            dict(details),
+        )
+    if more:
+        details["more_tests"] = more
+    return _make_result(
+        "linear_probe", yte, _proba(best[2], xte, k), len(ytr), classes, n_boot, alpha, seed, details
+    )
 
-def linear_probe(encoder, train, val, test, Cs: Sequence[float] = DEFAULT_CS, *, batch_size: int = 64, device=None,
-                 pool: str = "mean", progress: bool = False, **fit_kw) -> EvalResult:
+
+def linear_probe(
+    encoder,
+    train,
+    val,
+    test,
+    Cs: Sequence[float] = DEFAULT_CS,
+    *,
+    batch_size: int = 64,
+    device=None,
+    pool: str = "mean",
+    progress: bool = False,
+    **fit_kw,
+) -> EvalResult:
     "Linear probe of a frozen encoder (any `load_encoder` source): splits are `(images tensor | dataset, labels)`."
     enc = _encoder_module(encoder)
     feats = []
     for split, name in ((train, "train"), (val, "val"), (test, "test")):
         x, y = _unpack(split, name)
-        feats.append((extract_features(enc, x, batch_size, device, pool, progress, desc=f"features ({name})"), y))
+        feats.append(
+            (extract_features(enc, x, batch_size, device, pool, progress, desc=f"features ({name})"), y)
+        )
     return fit_linear_probe(*feats, Cs, **fit_kw)
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #0000001b
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "dist_token")
 
+
 class ViTClassifier(nn.Module):
     "E_I with MAE/RETFound's global-pool head: mean of patch tokens -> fc_norm -> linear head `(B, K)`."
+
     def __init__(self, encoder: ViTEncoder, n_classes: int, head_init_std: float = 2e-5):
         super().__init__()
         self.encoder = encoder
-        self.encoder.norm = nn.Identity()                      # global_pool: fc_norm replaces the final norm
-        self.encoder.pos_embed.requires_grad_(True)            # trainable during fine-tuning (timm ViT)
+        self.encoder.norm = nn.Identity()  # global_pool: fc_norm replaces the final norm
+        self.encoder.pos_embed.requires_grad_(True)  # trainable during fine-tuning (timm ViT)
         self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
         self.head = nn.Linear(encoder.embed_dim, n_classes)
         nn.init.trunc_normal_(self.head.weight, std=head_init_std)
         nn.init.zeros_(self.head.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tok = self.encoder(x).tokens
         return self.head(self.fc_norm(tok[:, 1:].mean(1)))
 
+
 def layer_id(name: str, num_layers: int) -> int:
     "MAE's `get_layer_id_for_vit`: cls/pos/patch_embed -> 0, blocks.k -> k+1, the rest -> num_layers."
-    name = name[len("encoder."):] if name.startswith("encoder.") else name
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"): return 0
-    if name.startswith("blocks."): return int(name.split(".")[1]) + 1
+    name = name[len("encoder.") :] if name.startswith("encoder.") else name
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
     return num_layers
 
-def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75,
-                     no_weight_decay_list: Sequence[str] = NO_WEIGHT_DECAY) -> list[dict]:
+
+def param_groups_lrd(
+    model: nn.Module,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.75,
+    no_weight_decay_list: Sequence[str] = NO_WEIGHT_DECAY,
+) -> list[dict]:
     "AdamW groups with layer-wise lr decay: each has `params`, `names`, `weight_decay`, `lr_scale` = decay^(L - layer_id)."
     enc = model.encoder if hasattr(model, "encoder") else model
     num_layers = len(enc.blocks) + 1
@@ -238,24 +397,43 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: 
     nwd = {f"encoder.{n}" for n in no_weight_decay_list} | set(no_weight_decay_list)
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad: continue
+        if not p.requires_grad:
+            continue
         no_decay = p.ndim == 1 or name in nwd
         lid = layer_id(name, num_layers)
         key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
-        g = groups.setdefault(key, dict(params=[], names=[], weight_decay=0.0 if no_decay else weight_decay,
-                                        lr_scale=scales[lid], layer_id=lid))
-        g["params"].append(p); g["names"].append(name)
+        g = groups.setdefault(
+            key,
+            dict(
+                params=[],
+                names=[],
+                weight_decay=0.0 if no_decay else weight_decay,
+                lr_scale=scales[lid],
+                layer_id=lid,
+            ),
+        )
+        g["params"].append(p)
+        g["names"].append(name)
     return list(groups.values())
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #0d9d0cc5
-def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, crop_scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
-                  hflip: float = 0.5, erase: float = 0.25) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    crop_scale=(0.5, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    erase: float = 0.25,
+) -> torch.Tensor:
     "Per-sample random-resized crop + horizontal flip + random erasing (normal noise) of `(B, C, H, W)` normalised images."
     b, c, h, w = x.shape
     g = generator
     u = lambda lo, hi: torch.rand(b, generator=g) * (hi - lo) + lo
     area, r = u(*crop_scale), torch.exp(u(math.log(ratio[0]), math.log(ratio[1])))
-    fw, fh = torch.sqrt(area * r).clamp(max=1.0), torch.sqrt(area / r).clamp(max=1.0)   # crop size as fractions
+    fw, fh = (
+        torch.sqrt(area * r).clamp(max=1.0),
+        torch.sqrt(area / r).clamp(max=1.0),
+    )  # crop size as fractions
     cx, cy = u(0, 1) * (1 - fw) + fw / 2, u(0, 1) * (1 - fh) + fh / 2
     flip = torch.where(torch.rand(b, generator=g) < hflip, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
@@ -267,71 +445,129 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, cro
         eh, ew = (torch.sqrt(ea * er) * h).clamp(1, h), (torch.sqrt(ea / er) * w).clamp(1, w)
         y0, x0 = u(0, 1) * (h - eh), u(0, 1) * (w - ew)
         ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-        m = ((ys >= y0.view(-1, 1, 1)) & (ys < (y0 + eh).view(-1, 1, 1)) & (xs >= x0.view(-1, 1, 1)) & (xs < (x0 + ew).view(-1, 1, 1))
-             & (torch.rand(b, generator=g) < erase).view(-1, 1, 1))
+        m = (
+            (ys >= y0.view(-1, 1, 1))
+            & (ys < (y0 + eh).view(-1, 1, 1))
+            & (xs >= x0.view(-1, 1, 1))
+            & (xs < (x0 + ew).view(-1, 1, 1))
+            & (torch.rand(b, generator=g) < erase).view(-1, 1, 1)
+        )
         noise = torch.randn(out.shape, generator=g).to(out)
         out = torch.where(m.unsqueeze(1).to(out.device), noise, out)
     return out
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #15bb6d07
-RETFOUND_AUG = dict(randaugment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0)   # RETFound / MAE fine-tuning
+RETFOUND_AUG = dict(
+    randaugment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0
+)  # RETFound / MAE fine-tuning
+
 
 def _cpu_bf16() -> bool:
-    return any(bool(getattr(torch.cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        bool(getattr(torch.cpu, f, lambda: False)())
+        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
 
 def _amp_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
     "Autocast dtype of `precision` on `dev` (None = fp32); 'auto' and an unsupported bf16 fall back to fp32."
-    if precision not in ("auto", "fp32", "bf16", "fp16"): raise ValueError(f"precision: {precision!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
-    if precision == "fp16" and dev.type != "cuda": raise ValueError(f"precision 'fp16' needs a CUDA device (got {dev}); use 'bf16'")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision: {precision!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
+    if precision == "fp16" and dev.type != "cuda":
+        raise ValueError(f"precision 'fp16' needs a CUDA device (got {dev}); use 'bf16'")
     bf16_ok = torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_bf16()
-    if precision == "auto": return torch.bfloat16 if bf16_ok else (torch.float16 if dev.type == "cuda" else None)
+    if precision == "auto":
+        return torch.bfloat16 if bf16_ok else (torch.float16 if dev.type == "cuda" else None)
     if precision == "bf16" and not bf16_ok:
-        warnings.warn(f"precision 'bf16': {dev} has no native bf16; fine-tuning in fp32"); return None
+        warnings.warn(f"precision 'bf16': {dev} has no native bf16; fine-tuning in fp32")
+        return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #fcb0ce0b
 def _posterize_safe(img, bits_to_keep, **_):
     "timm's posterize op, with 0 bits kept = a black image (what older Pillow did; Pillow >= 11 raises)."
     from PIL import Image, ImageOps
-    if bits_to_keep >= 8: return img
+
+    if bits_to_keep >= 8:
+        return img
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep >= 1 else Image.new(img.mode, img.size)
+
 
 class _FinetuneAug:
     "timm's fine-tuning augmentation (`create_transform` with RandAugment / random erasing, `Mixup`), seeded per run."
+
     def __init__(self, augment, size, randaugment, reprob, mixup, cutmix, smoothing, k, seed):
         from timm.data import Mixup, create_transform
         from timm.loss import SoftTargetCrossEntropy
+
         from maskedclip.data import IMAGENET_MEAN, IMAGENET_STD
-        if not 0 <= reprob <= 1 or mixup < 0 or cutmix < 0: raise ValueError(f"finetune: reprob {reprob} must be in [0, 1], mixup {mixup} / cutmix {cutmix} >= 0")
+
+        if not 0 <= reprob <= 1 or mixup < 0 or cutmix < 0:
+            raise ValueError(
+                f"finetune: reprob {reprob} must be in [0, 1], mixup {mixup} / cutmix {cutmix} >= 0"
+            )
         self.seed, self.opts = seed, dict(randaugment=randaugment, reprob=reprob, mixup=mixup, cutmix=cutmix)
-        self.timm_tf = create_transform(size, is_training=True, auto_augment=randaugment, color_jitter=None, interpolation="bicubic",
-                                        re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD) \
-            if augment and (randaugment or reprob > 0) else None
+        self.timm_tf = (
+            create_transform(
+                size,
+                is_training=True,
+                auto_augment=randaugment,
+                color_jitter=None,
+                interpolation="bicubic",
+                re_prob=reprob,
+                re_mode="pixel",
+                re_count=1,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+            )
+            if augment and (randaugment or reprob > 0)
+            else None
+        )
         for t in getattr(self.timm_tf, "transforms", []):
-            for op in getattr(t, "ops", []):                     # RandAugment: Pillow >= 11 rejects posterize(bits=0)
-                if op.name.startswith("Posterize"): op.aug_fn = _posterize_safe
-        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=k) if mixup > 0 or cutmix > 0 else None
+            for op in getattr(t, "ops", []):  # RandAugment: Pillow >= 11 rejects posterize(bits=0)
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize_safe
+        self.mixup = (
+            Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=k)
+            if mixup > 0 or cutmix > 0
+            else None
+        )
         self.soft = SoftTargetCrossEntropy()
+
     @contextlib.contextmanager
     def rng(self):
         "Seed Python's and NumPy's RNG (timm's transforms draw from them) for the run, and restore them after."
-        if self.timm_tf is None and self.mixup is None: yield; return
+        if self.timm_tf is None and self.mixup is None:
+            yield
+            return
         import random
+
         py, npst = random.getstate(), np.random.get_state()
-        random.seed(self.seed); np.random.seed(self.seed)
-        try: yield
-        finally: random.setstate(py); np.random.set_state(npst)
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npst)
+
     def images(self, xb: torch.Tensor) -> torch.Tensor:
         "timm's training transform per image (uint8 -> PIL; float images are de-normalised first)."
         from PIL import Image
+
         from maskedclip.data import denormalize
-        if xb.dtype != torch.uint8: xb = (denormalize(xb.float()) * 255).round().clamp(0, 255).to(torch.uint8)
+
+        if xb.dtype != torch.uint8:
+            xb = (denormalize(xb.float()) * 255).round().clamp(0, 255).to(torch.uint8)
         return torch.stack([self.timm_tf(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in xb])
+
     def mix(self, xb, yb, crit):
         "(images, targets, loss) after Mixup/CutMix (even batches only, as timm requires), else unchanged with `crit`."
-        if self.mixup is None or len(xb) % 2: return xb, yb, crit
+        if self.mixup is None or len(xb) % 2:
+            return xb, yb, crit
         xb, soft = self.mixup(xb, yb)
         return xb, soft, self.soft
+
     def describe(self) -> str:
         on = {k: v for k, v in self.opts.items() if v}
         return "timm " + ", ".join(f"{k}={v}" for k, v in on.items()) if on else "augment_batch"
@@ -340,32 +576,64 @@ class _FinetuneAug:
 def _splits3(splits) -> tuple:
     if isinstance(splits, Mapping):
         missing = [k for k in ("train", "val", "test") if k not in splits]
-        if missing: raise ValueError(f"splits: missing {missing} (need 'train', 'val', 'test')")
+        if missing:
+            raise ValueError(f"splits: missing {missing} (need 'train', 'val', 'test')")
         return splits["train"], splits["val"], splits["test"]
-    if isinstance(splits, (tuple, list)) and len(splits) == 3: return tuple(splits)
+    if isinstance(splits, (tuple, list)) and len(splits) == 3:
+        return tuple(splits)
     raise ValueError("splits: expected {'train': (x, y), 'val': (x, y), 'test': (x, y)} or a 3-tuple")
+
 
 @torch.no_grad()
 def _predict(model: nn.Module, x, batch_size: int, device, amp: torch.dtype | None = None) -> np.ndarray:
     model.eval()
     out = []
     for b in _image_batches(x, batch_size):
-        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None): logits = model(_model_input(b, device))
+        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
+            logits = model(_model_input(b, device))
         out.append(torch.softmax(logits.float(), -1).cpu())
     return torch.cat(out).numpy()
 
+
 def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #2c593799
-def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr: float = 5e-3, layer_decay: float = 0.65, *,
-             weight_decay: float = 0.05, drop_path: float = 0.1, warmup_epochs: float = 1.0, min_lr: float = 1e-6,
-             label_smoothing: float = 0.1, n_classes: int | None = None, classes=None, vision_config=None, seed: int = 0,
-             device=None, augment: bool = True, eval_batch_size: int = 128, n_boot: int = 1000, alpha: float = 0.05,
-             head_init_std: float = 2e-5, progress: bool = True, precision: str = "fp32", randaugment: str | None = None,
-             reprob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, max_steps: int | None = None, n_evals: int | None = None,
-             more_tests: Mapping[str, Any] | None = None) -> EvalResult:
+def finetune(
+    encoder_source,
+    splits,
+    epochs: int = 10,
+    batch_size: int = 32,
+    blr: float = 5e-3,
+    layer_decay: float = 0.65,
+    *,
+    weight_decay: float = 0.05,
+    drop_path: float = 0.1,
+    warmup_epochs: float = 1.0,
+    min_lr: float = 1e-6,
+    label_smoothing: float = 0.1,
+    n_classes: int | None = None,
+    classes=None,
+    vision_config=None,
+    seed: int = 0,
+    device=None,
+    augment: bool = True,
+    eval_batch_size: int = 128,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    head_init_std: float = 2e-5,
+    progress: bool = True,
+    precision: str = "fp32",
+    randaugment: str | None = None,
+    reprob: float = 0.0,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    max_steps: int | None = None,
+    n_evals: int | None = None,
+    more_tests: Mapping[str, Any] | None = None,
+) -> EvalResult:
     """Fine-tune E_I end to end with RETFound's recipe (layer decay, drop path, AdamW, warm-up + cosine, label
     smoothing); select the epoch with the best validation AUROC; return its test metrics (`details['best_epoch']`, 1-based).
 
@@ -379,11 +647,16 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
     epoch. `more_tests`: name -> `(images, labels)` of other test sets, scored by the selected epoch's weights
     (`details['more_tests'][name]`)."""
     from maskedclip.train import lr_at
-    (xtr, ytr), (xva, yva), (xte, yte) = (_unpack(s, n) for s, n in zip(_splits3(splits), ("train", "val", "test")))
-    if isinstance(xtr, TaskImages): xtr = xtr.materialize()            # read every epoch: decoded once, kept as uint8
+
+    (xtr, ytr), (xva, yva), (xte, yte) = (
+        _unpack(s, n) for s, n in zip(_splits3(splits), ("train", "val", "test"))
+    )
+    if isinstance(xtr, TaskImages):
+        xtr = xtr.materialize()  # read every epoch: decoded once, kept as uint8
     k = _n_classes(n_classes, classes, np.asarray(ytr), np.asarray(yva), np.asarray(yte))
     ytr, yva, yte = (_labels_array(y, k) for y in (ytr, yva, yte))
-    if epochs < 1 or batch_size < 1: raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
     dev = _resolve_device(device)
     amp = _amp_dtype(precision, dev)
     loaded = load_encoder(encoder_source, vision_config, seed=seed, drop_path=drop_path)
@@ -392,17 +665,27 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
         model = ViTClassifier(copy.deepcopy(loaded.encoder), k, head_init_std).to(dev)
     groups = param_groups_lrd(model, weight_decay, layer_decay)
     lr = blr * batch_size / 256
-    opt = torch.optim.AdamW([{k_: v for k_, v in g.items() if k_ not in ("names", "layer_id")} for g in groups], lr=lr)
+    opt = torch.optim.AdamW(
+        [{k_: v for k_, v in g.items() if k_ not in ("names", "layer_id")} for g in groups], lr=lr
+    )
     crit = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    aug = _FinetuneAug(augment, loaded.vision.image_size, randaugment, reprob, mixup, cutmix, label_smoothing, k, seed)
+    aug = _FinetuneAug(
+        augment, loaded.vision.image_size, randaugment, reprob, mixup, cutmix, label_smoothing, k, seed
+    )
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     n = len(ytr)
     steps_per_epoch = math.ceil(n / batch_size)
-    if max_steps is not None and epochs * steps_per_epoch > max_steps:   # fewer epochs; the warm-up keeps its share
+    if (
+        max_steps is not None and epochs * steps_per_epoch > max_steps
+    ):  # fewer epochs; the warm-up keeps its share
         capped = max(1, max_steps // steps_per_epoch)
         warmup_epochs, epochs = warmup_epochs * capped / epochs, capped
     total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
-    eval_at = set(range(epochs)) if not n_evals else {int(round(e)) for e in np.linspace(0, epochs - 1, min(n_evals, epochs))}
+    eval_at = (
+        set(range(epochs))
+        if not n_evals
+        else {int(round(e)) for e in np.linspace(0, epochs - 1, min(n_evals, epochs))}
+    )
     gen = torch.Generator().manual_seed(seed)
     tensor_data = torch.is_tensor(xtr)
     y_t = torch.from_numpy(ytr)
@@ -411,99 +694,191 @@ def finetune(encoder_source, splits, epochs: int = 10, batch_size: int = 32, blr
     step = 0
     bar = tqdm(total=total, desc=f"finetune {loaded.kind}", disable=not progress, leave=False)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), aug.rng():
-        torch.manual_seed(seed)                                   # drop path draws from the global RNG
+        torch.manual_seed(seed)  # drop path draws from the global RNG
         for epoch in range(epochs):
             model.train()
             perm = torch.randperm(n, generator=gen)
             losses = []
             for i in range(0, n, batch_size):
-                idx = perm[i:i + batch_size]
+                idx = perm[i : i + batch_size]
                 xb = xtr[idx] if tensor_data else torch.stack([_item_image(xtr[int(j)]) for j in idx])
-                if aug.timm_tf is not None and tensor_data: xb = aug.images(xb)
-                elif augment and tensor_data: xb = augment_batch(_model_input(xb, "cpu"), gen)
+                if aug.timm_tf is not None and tensor_data:
+                    xb = aug.images(xb)
+                elif augment and tensor_data:
+                    xb = augment_batch(_model_input(xb, "cpu"), gen)
                 cur = lr_at(step, total, warmup, lr, min_lr)
-                for g in opt.param_groups: g["lr"] = cur * g["lr_scale"]
+                for g in opt.param_groups:
+                    g["lr"] = cur * g["lr_scale"]
                 xb, yb = _model_input(xb, dev), y_t[idx].to(dev)
                 xb, target, lossf = aug.mix(xb, yb, crit)
-                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None): loss = lossf(model(xb).float(), target)
+                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                    loss = lossf(model(xb).float(), target)
                 opt.zero_grad(set_to_none=True)
-                if scaler is None: loss.backward(); opt.step()
-                else: scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-                losses.append(float(loss.detach())); step += 1
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                losses.append(float(loss.detach()))
+                step += 1
                 bar.update(1)
-            if epoch not in eval_at: continue
+            if epoch not in eval_at:
+                continue
             val_auc, sel = _selection_score(yva, _predict(model, xva, eval_batch_size, dev, amp))
-            history.append(dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_auroc=val_auc, lr=cur))
+            history.append(
+                dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_auroc=val_auc, lr=cur)
+            )
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_auroc=f"{val_auc:.3f}")
             if val_auc > best[0]:
-                best = (val_auc, epoch + 1, {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()})
+                best = (
+                    val_auc,
+                    epoch + 1,
+                    {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()},
+                )
     bar.close()
     model.load_state_dict(best[2])
     scores = _predict(model, xte, eval_batch_size, dev, amp)
     more = {}
     for name, split in (more_tests or {}).items():
         x, y = _unpack(split, name)
-        more[name] = _make_result("finetune", _labels_array(y, k), _predict(model, x, eval_batch_size, dev, amp), n, classes, n_boot, alpha, seed, {})
-    details = dict(best_epoch=best[1], best_val_auroc=best[0], selection=sel, history=history, lr=lr, blr=blr, batch_size=batch_size,
-                   layer_decay=layer_decay, drop_path=drop_path, epochs=epochs, source=loaded.summary(),
-                   precision=str(amp).replace("torch.", "") if amp is not None else "fp32", augmentation=aug.describe(),
-                   steps=total, warmup_steps=warmup, n_evals=len(history))
-    for r in more.values(): r.details.update({k: v for k, v in details.items() if k != "history"})
-    if more: details["more_tests"] = more
+        more[name] = _make_result(
+            "finetune",
+            _labels_array(y, k),
+            _predict(model, x, eval_batch_size, dev, amp),
+            n,
+            classes,
+            n_boot,
+            alpha,
+            seed,
+            {},
+        )
+    details = dict(
+        best_epoch=best[1],
+        best_val_auroc=best[0],
+        selection=sel,
+        history=history,
+        lr=lr,
+        blr=blr,
+        batch_size=batch_size,
+        layer_decay=layer_decay,
+        drop_path=drop_path,
+        epochs=epochs,
+        source=loaded.summary(),
+        precision=str(amp).replace("torch.", "") if amp is not None else "fp32",
+        augmentation=aug.describe(),
+        steps=total,
+        warmup_steps=warmup,
+        n_evals=len(history),
+    )
+    for r in more.values():
+        r.details.update({k: v for k, v in details.items() if k != "history"})
+    if more:
+        details["more_tests"] = more
     return _make_result("finetune", yte, scores, n, classes, n_boot, alpha, seed, details)
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #00000022
 def load_model(source) -> nn.Module:
     "A whole MaskedCLIP (with its text tower) from a checkpoint/run directory, a `LoadedEncoder` of one, or a model."
-    if isinstance(source, nn.Module) or (hasattr(source, "encode_image") and hasattr(source, "encode_text")): return source
+    if isinstance(source, nn.Module) or (hasattr(source, "encode_image") and hasattr(source, "encode_text")):
+        return source
     if isinstance(source, LoadedEncoder):
-        if source.model_dir is None: raise ValueError(f"{source.source}: not a MaskedCLIP checkpoint; zero-shot needs the text tower")
+        if source.model_dir is None:
+            raise ValueError(f"{source.source}: not a MaskedCLIP checkpoint; zero-shot needs the text tower")
         source = source.model_dir
     p = Path(source)
-    if not p.exists(): raise FileNotFoundError(f"model source not found: {p}")
+    if not p.exists():
+        raise FileNotFoundError(f"model source not found: {p}")
     d = _resolve_dir(p) if p.is_dir() else p.parent
-    if not (d.is_dir() and (d / "config.json").is_file()): raise ValueError(f"{p}: zero-shot needs a MaskedCLIP checkpoint directory, got {d}")
+    if not (d.is_dir() and (d / "config.json").is_file()):
+        raise ValueError(f"{p}: zero-shot needs a MaskedCLIP checkpoint directory, got {d}")
     from maskedclip.model import MaskedCLIP
+
     return MaskedCLIP.from_pretrained(d)
+
 
 def _logit_scale(model) -> float:
     ls = getattr(model, "logit_scale", None)
-    if ls is None: raise ValueError("model has no logit_scale (no image–text head)")
+    if ls is None:
+        raise ValueError("model has no logit_scale (no image–text head)")
     v = float(ls.detach()) if torch.is_tensor(ls) else float(ls)
     mx = getattr(getattr(model, "config", None), "logit_scale_max", math.log(100.0))
     return math.exp(min(v, mx))
 
+
 @torch.no_grad()
-def class_embeddings(model, classes: Sequence[str], domain_knowledge: bool = True, template: str | None = None,
-                     renormalize: bool = False) -> tuple[torch.Tensor, dict[str, list[str]]]:
+def class_embeddings(
+    model,
+    classes: Sequence[str],
+    domain_knowledge: bool = True,
+    template: str | None = None,
+    renormalize: bool = False,
+) -> tuple[torch.Tensor, dict[str, list[str]]]:
     "`(K, d)` class embeddings: the mean of the normalised text embeddings of each class's prompts; and the prompts."
     from maskedclip.prompts import class_prompts
-    prompts = class_prompts(classes, domain_knowledge=domain_knowledge, **({} if template is None else dict(template=template)))
+
+    prompts = class_prompts(
+        classes, domain_knowledge=domain_knowledge, **({} if template is None else dict(template=template))
+    )
     embs = []
     for c in classes:
         e = F.normalize(model.encode_text(list(prompts[c])).float(), dim=-1).mean(0)
         embs.append(F.normalize(e, dim=-1) if renormalize else e)
     return torch.stack(embs), prompts
 
+
 @torch.no_grad()
-def zero_shot(model, images, labels, classes: Sequence[str], domain_knowledge: bool = True, template: str | None = None, *,
-              renormalize: bool = False, batch_size: int = 64, device=None, n_boot: int = 1000, alpha: float = 0.05,
-              seed: int = 0, progress: bool = False) -> EvalResult:
+def zero_shot(
+    model,
+    images,
+    labels,
+    classes: Sequence[str],
+    domain_knowledge: bool = True,
+    template: str | None = None,
+    *,
+    renormalize: bool = False,
+    batch_size: int = 64,
+    device=None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
     "Zero-shot classification: softmax over `exp(logit_scale) · <image embedding, class prompt-ensemble embedding>`."
     model = load_model(model)
-    if getattr(model, "text", 1) is None: raise ValueError("zero-shot: this model has no text tower (method without CLIP)")
+    if getattr(model, "text", 1) is None:
+        raise ValueError("zero-shot: this model has no text tower (method without CLIP)")
     if isinstance(model, nn.Module):
         model.eval()
-        if device is not None: model.to(device)
+        if device is not None:
+            model.to(device)
         dev = _device_of(model)
-    else: dev = torch.device(device or "cpu")
+    else:
+        dev = torch.device(device or "cpu")
     y = _labels_array(labels, len(classes))
     t, prompts = class_embeddings(model, classes, domain_knowledge, template, renormalize)
     scale = _logit_scale(model)
     n = len(images)
-    v = torch.cat([model.encode_image(_model_input(b, dev)).float().cpu()
-                   for b in tqdm(_image_batches(images, batch_size), total=math.ceil(n / batch_size), desc="zero-shot", disable=not progress, leave=False)])
+    v = torch.cat(
+        [
+            model.encode_image(_model_input(b, dev)).float().cpu()
+            for b in tqdm(
+                _image_batches(images, batch_size),
+                total=math.ceil(n / batch_size),
+                desc="zero-shot",
+                disable=not progress,
+                leave=False,
+            )
+        ]
+    )
     scores = torch.softmax(scale * v @ t.cpu().T, dim=-1).numpy()
-    details = dict(prompt_set="flair_domain_knowledge" if domain_knowledge else "class_names", prompts=prompts,
-                   domain_knowledge=domain_knowledge, template=template, logit_scale=scale, renormalize=renormalize)
+    details = dict(
+        prompt_set="flair_domain_knowledge" if domain_knowledge else "class_names",
+        prompts=prompts,
+        domain_knowledge=domain_knowledge,
+        template=template,
+        logit_scale=scale,
+        renormalize=renormalize,
+    )
     return _make_result("zero_shot", y, scores, 0, classes, n_boot, alpha, seed, details)

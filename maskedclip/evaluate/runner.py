@@ -4,27 +4,29 @@
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #ee755663
 from __future__ import annotations
-import argparse, contextlib, copy, json, math, sys, time, warnings
+
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from scipy.stats import rankdata
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
-from ..config import MaskedCLIPConfig, VisionConfig, get_preset, PRESETS
-from ..vision import ViTEncoder, LoadReport, load_timm_weights, read_state_dict
-from .metrics import DEFAULT_TASKS, PROTOCOLS, encode_labels, label_fraction
+
 from .encoders import LoadedEncoder, _vision_config, load_encoder
-from .protocols import TaskImages, _resolve_device, extract_features, finetune, fit_linear_probe, uint8_eval_transform, zero_shot
+from .metrics import DEFAULT_TASKS, PROTOCOLS, encode_labels, label_fraction
+from maskedclip.evaluate.protocols import (
+    TaskImages,
+    _resolve_device,
+    extract_features,
+    finetune,
+    fit_linear_probe,
+    uint8_eval_transform,
+    zero_shot,
+)
 
 # %% auto #0
 __all__ = ['TaskData', 'task_classes', 'load_task', 'evaluate_all']
@@ -33,54 +35,97 @@ __all__ = ['TaskData', 'task_classes', 'load_task', 'evaluate_all']
 @dataclass
 class TaskData:
     "One downstream task in memory: its classes and, per split, `(images (N, 3, H, W), labels (N,))`."
+
     name: str
     classes: list[str]
     splits: dict[str, tuple[torch.Tensor, np.ndarray]]
     ids: dict[str, list[str]] = field(default_factory=dict)
+
 
 def task_classes(corpus_root, task: str) -> list[str] | None:
     "The ordered label space of `task`: `corpus.json['label_spaces']`, else `maskedclip.synthetic.TASKS`, else None."
     meta = Path(corpus_root) / "corpus.json"
     if meta.is_file():
         spaces = json.loads(meta.read_text()).get("label_spaces") or {}
-        if task in spaces: return list(spaces[task])
+        if task in spaces:
+            return list(spaces[task])
     try:
         from maskedclip.synthetic import TASKS
-        if task in TASKS: return list(TASKS[task])
-    except ImportError: pass
+
+        if task in TASKS:
+            return list(TASKS[task])
+    except ImportError:
+        pass
     return None
 
-def load_task(corpus_root, task: str, image_size: int = 224, classes: Sequence[str] | None = None, border_crop: bool = True,
-              splits: Sequence[str] = ("train", "val", "test"), progress: bool = False, lazy: bool = False) -> TaskData:
+
+def load_task(
+    corpus_root,
+    task: str,
+    image_size: int = 224,
+    classes: Sequence[str] | None = None,
+    border_crop: bool = True,
+    splits: Sequence[str] = ("train", "val", "test"),
+    progress: bool = False,
+    lazy: bool = False,
+) -> TaskData:
     """Read `root/tasks/<task>/<split>.jsonl`: per split, uint8 images after `eval_transform(image_size)`'s geometry
     (normalised per batch by the consumers) and class ids. `lazy=True`: `TaskImages` that decode per batch instead."""
-    from maskedclip.data import load_manifest, ImageDataset
+    from maskedclip.data import ImageDataset, load_manifest
+
     root = Path(corpus_root)
     tdir = root / "tasks" / task
-    if not tdir.is_dir(): raise FileNotFoundError(f"task {task!r}: no folder {tdir}")
+    if not tdir.is_dir():
+        raise FileNotFoundError(f"task {task!r}: no folder {tdir}")
     classes = list(classes) if classes is not None else task_classes(root, task)
-    mds = {s: load_manifest(tdir / f"{s}.jsonl", root=root, label_space=classes, check_images=False, verbose=False) for s in splits}
-    if classes is None: classes = sorted({l for l in mds["train"].dataset["label"] if l is not None})
+    mds = {
+        s: load_manifest(
+            tdir / f"{s}.jsonl", root=root, label_space=classes, check_images=False, verbose=False
+        )
+        for s in splits
+    }
+    if classes is None:
+        classes = sorted({l for l in mds["train"].dataset["label"] if l is not None})
     tf = uint8_eval_transform(image_size, border_crop=border_crop)
     out, ids = {}, {}
     for s, md in mds.items():
         imgs = TaskImages(ImageDataset(md, transform=tf), image_size)
-        if not len(imgs): raise ValueError(f"task {task!r}: split {s!r} is empty ({tdir / (s + '.jsonl')})")
-        out[s] = (imgs if lazy else imgs.materialize(progress, f"{task}/{s}"), encode_labels(md.dataset["label"], classes))
+        if not len(imgs):
+            raise ValueError(f"task {task!r}: split {s!r} is empty ({tdir / (s + '.jsonl')})")
+        out[s] = (
+            imgs if lazy else imgs.materialize(progress, f"{task}/{s}"),
+            encode_labels(md.dataset["label"], classes),
+        )
         ids[s] = list(md.dataset["id"])
     return TaskData(task, list(classes), out, ids)
+
 
 def _subset(split, idx):
     x, y = split
     return x[torch.as_tensor(idx)] if torch.is_tensor(x) else x[idx], y[idx]
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #e46a967c
-def evaluate_all(sources: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASKS, fractions: Sequence[float] = (0.1, 1.0),
-                 seeds: Sequence[int] = (0, 1, 2), protocol: str = "linear_probe", corpus_root=None, *, vision_config=None,
-                 n_boot: int = 1000, probe_kw: dict | None = None, finetune_kw: dict | None = None, zero_shot_kw: dict | None = None,
-                 device=None, progress: bool = True, log: Callable[[str], None] | None = print, stream: bool = False,
-                 test_splits: Sequence[str] = ("test",), fraction_seeds: Mapping[float, Sequence[int]] | None = None,
-                 workers: int = 1) -> pd.DataFrame:
+def evaluate_all(
+    sources: Mapping[str, Any],
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    fractions: Sequence[float] = (0.1, 1.0),
+    seeds: Sequence[int] = (0, 1, 2),
+    protocol: str = "linear_probe",
+    corpus_root=None,
+    *,
+    vision_config=None,
+    n_boot: int = 1000,
+    probe_kw: dict | None = None,
+    finetune_kw: dict | None = None,
+    zero_shot_kw: dict | None = None,
+    device=None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    stream: bool = False,
+    test_splits: Sequence[str] = ("test",),
+    fraction_seeds: Mapping[float, Sequence[int]] | None = None,
+    workers: int = 1,
+) -> pd.DataFrame:
     """Evaluate every source with `protocol` on every task, label fraction and seed; a tidy DataFrame (one row per run and
     test set).
 
@@ -92,41 +137,103 @@ def evaluate_all(sources: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
 
     `sources`: name -> anything `load_encoder` takes ('random' takes `vision_config`, default: the first other
     source's architecture). `df.attrs` holds the load summaries and the skipped (source, task) pairs."""
-    if protocol not in PROTOCOLS: raise ValueError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
-    if corpus_root is None or not (Path(corpus_root) / "tasks").is_dir(): raise FileNotFoundError(f"corpus_root {corpus_root}: no tasks/ folder")
-    if not sources: raise ValueError("sources: give at least one name -> source")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
+    if corpus_root is None or not (Path(corpus_root) / "tasks").is_dir():
+        raise FileNotFoundError(f"corpus_root {corpus_root}: no tasks/ folder")
+    if not sources:
+        raise ValueError("sources: give at least one name -> source")
     for f in fractions:
-        if not 0 < f <= 1: raise ValueError(f"fractions: {f!r} is not in (0, 1]")
-    if not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers: {workers!r} must be an int >= 1")
+        if not 0 < f <= 1:
+            raise ValueError(f"fractions: {f!r} is not in (0, 1]")
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers: {workers!r} must be an int >= 1")
     test_splits = tuple(test_splits)
-    if not test_splits or "test" != test_splits[0]: raise ValueError(f"test_splits: {test_splits!r} must start with 'test'")
+    if not test_splits or "test" != test_splits[0]:
+        raise ValueError(f"test_splits: {test_splits!r} must start with 'test'")
     log = log or (lambda s: None)
-    ctx = _EvalContext(dict(sources), str(corpus_root), _vision_config(vision_config), protocol, n_boot, dict(probe_kw or {}),
-                       dict(finetune_kw or {}), dict(zero_shot_kw or {}), str(_resolve_device(device)), stream, test_splits)
+    ctx = _EvalContext(
+        dict(sources),
+        str(corpus_root),
+        _vision_config(vision_config),
+        protocol,
+        n_boot,
+        dict(probe_kw or {}),
+        dict(finetune_kw or {}),
+        dict(zero_shot_kw or {}),
+        str(_resolve_device(device)),
+        stream,
+        test_splits,
+    )
     summaries = {n: ctx.encoder(n, seeds[0]).summary() for n in sources}
-    for n, s in summaries.items(): log(f"[eval] {n}: {s}")
+    for n, s in summaries.items():
+        log(f"[eval] {n}: {s}")
     units = _eval_units(ctx, tasks, fractions, seeds, fraction_seeds)
     rows, skipped = [], []
     bar = tqdm(total=sum(len(u[2]) for u in units), desc=f"evaluate ({protocol})", disable=not progress)
+
     def collect(res):
-        rows.extend(res[0]); skipped.extend(res[1]); bar.update(res[2])
+        rows.extend(res[0])
+        skipped.extend(res[1])
+        bar.update(res[2])
+
     if workers == 1:
-        for u in units: collect(ctx.run(u))
+        for u in units:
+            collect(ctx.run(u))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_eval_worker, initargs=(ctx,)) as ex:
-            for res in ex.map(_run_eval_unit, units): collect(res)
+
+        with ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("spawn"), initializer=_init_eval_worker, initargs=(ctx,)
+        ) as ex:
+            for res in ex.map(_run_eval_unit, units):
+                collect(res)
     bar.close()
-    cols = ["method", "task", "fraction", "seed", "protocol", "test_set", "auroc", "auprc", "ci_low", "ci_high", "auprc_ci_low",
-            "auprc_ci_high", "n_train", "n_test", "selected", "seconds"]
-    order = {u: i for i, u in enumerate(sorted({(r["method"], r["task"], r["fraction"], r["seed"]) for r in rows},
-                                               key=lambda k: (list(sources).index(k[0]), list(tasks).index(k[1]), k[2], k[3])))}
-    rows.sort(key=lambda r: (order[(r["method"], r["task"], r["fraction"], r["seed"])], test_splits.index(r["test_set"])))
+    cols = [
+        "method",
+        "task",
+        "fraction",
+        "seed",
+        "protocol",
+        "test_set",
+        "auroc",
+        "auprc",
+        "ci_low",
+        "ci_high",
+        "auprc_ci_low",
+        "auprc_ci_high",
+        "n_train",
+        "n_test",
+        "selected",
+        "seconds",
+    ]
+    order = {
+        u: i
+        for i, u in enumerate(
+            sorted(
+                {(r["method"], r["task"], r["fraction"], r["seed"]) for r in rows},
+                key=lambda k: (list(sources).index(k[0]), list(tasks).index(k[1]), k[2], k[3]),
+            )
+        )
+    }
+    rows.sort(
+        key=lambda r: (
+            order[(r["method"], r["task"], r["fraction"], r["seed"])],
+            test_splits.index(r["test_set"]),
+        )
+    )
     df = pd.DataFrame(rows, columns=cols)
-    df.attrs.update(load_reports=summaries, skipped=skipped, protocol=protocol, corpus_root=str(corpus_root), n_boot=n_boot,
-                    test_splits=list(test_splits))
-    for s in skipped: log(f"[eval] skipped {s['method']} on {s['task']}: {s['reason']}")
+    df.attrs.update(
+        load_reports=summaries,
+        skipped=skipped,
+        protocol=protocol,
+        corpus_root=str(corpus_root),
+        n_boot=n_boot,
+        test_splits=list(test_splits),
+    )
+    for s in skipped:
+        log(f"[eval] skipped {s['method']} on {s['task']}: {s['reason']}")
     return df
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #b1743b69
@@ -134,50 +241,100 @@ def _eval_units(ctx, tasks, fractions, seeds, fraction_seeds) -> list[tuple]:
     "Independent jobs `(source, task, ((fraction, seed), ...))`, the most expensive first (a linear probe of a trained encoder is one job)."
     fs = {float(f): list(seeds) for f in fractions}
     for f, s in (fraction_seeds or {}).items():
-        if float(f) not in fs: raise ValueError(f"fraction_seeds: {f!r} is not one of the fractions {list(fractions)}")
+        if float(f) not in fs:
+            raise ValueError(f"fraction_seeds: {f!r} is not one of the fractions {list(fractions)}")
         fs[float(f)] = list(s)
     pairs = [(f, s) for f in fs for s in fs[f]]
     units = []
     for name in ctx.sources:
         for task in tasks:
-            if ctx.protocol == "zero_shot": units.append((name, task, ((0.0, seeds[0]),)))
-            elif ctx.protocol == "linear_probe" and not ctx.is_random(name): units.append((name, task, tuple(pairs)))
+            if ctx.protocol == "zero_shot":
+                units.append((name, task, ((0.0, seeds[0]),)))
+            elif ctx.protocol == "linear_probe" and not ctx.is_random(name):
+                units.append((name, task, tuple(pairs)))
             elif ctx.protocol == "linear_probe":
-                units += [(name, task, tuple(p for p in pairs if p[1] == s)) for s in dict.fromkeys(s for _, s in pairs)]
-            else: units += [(name, task, (p,)) for p in pairs]
+                units += [
+                    (name, task, tuple(p for p in pairs if p[1] == s))
+                    for s in dict.fromkeys(s for _, s in pairs)
+                ]
+            else:
+                units += [(name, task, (p,)) for p in pairs]
     return sorted(units, key=lambda u: -sum(f for f, _ in u[2])) if ctx.protocol == "finetune" else units
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #1a5f0e23
 class _EvalContext:
     "What every evaluation job needs, picklable for worker processes; loaded encoders and task data are cached per process."
-    def __init__(self, sources, corpus_root, vision, protocol, n_boot, probe_kw, finetune_kw, zero_shot_kw, device, stream, test_splits):
-        self.sources, self.corpus_root, self.vision, self.protocol, self.n_boot = sources, corpus_root, vision, protocol, n_boot
-        self.probe_kw, self.finetune_kw, self.zero_shot_kw, self.device, self.stream = probe_kw, finetune_kw, zero_shot_kw, device, stream
+
+    def __init__(
+        self,
+        sources,
+        corpus_root,
+        vision,
+        protocol,
+        n_boot,
+        probe_kw,
+        finetune_kw,
+        zero_shot_kw,
+        device,
+        stream,
+        test_splits,
+    ):
+        self.sources, self.corpus_root, self.vision, self.protocol, self.n_boot = (
+            sources,
+            corpus_root,
+            vision,
+            protocol,
+            n_boot,
+        )
+        self.probe_kw, self.finetune_kw, self.zero_shot_kw, self.device, self.stream = (
+            probe_kw,
+            finetune_kw,
+            zero_shot_kw,
+            device,
+            stream,
+        )
         self.test_splits, self._loaded, self._tasks = test_splits, {}, {}
-    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k not in ("_loaded", "_tasks")} | {"_loaded": {}, "_tasks": {}}
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_loaded", "_tasks")} | {
+            "_loaded": {},
+            "_tasks": {},
+        }
+
     def is_random(self, name) -> bool:
         s = self.sources[name]
         return isinstance(s, str) and (s == "random" or s.startswith("random:"))
+
     def encoder(self, name, seed) -> LoadedEncoder:
         if not self.is_random(name):
-            if name not in self._loaded: self._loaded[name] = load_encoder(self.sources[name])
+            if name not in self._loaded:
+                self._loaded[name] = load_encoder(self.sources[name])
             return self._loaded[name]
         src = self.sources[name]
-        if self.vision is None and ":" not in src:   # 'random:<preset>' names its own architecture
+        if self.vision is None and ":" not in src:  # 'random:<preset>' names its own architecture
             other = next((n for n in self.sources if not self.is_random(n)), None)
-            if other is None: raise ValueError("a 'random' source needs vision_config= (or another source to copy the architecture from)")
+            if other is None:
+                raise ValueError(
+                    "a 'random' source needs vision_config= (or another source to copy the architecture from)"
+                )
             self.vision = self.encoder(other, seed).vision
         return load_encoder(src, None if ":" in src else self.vision, seed=seed)
+
     def task(self, task, size) -> TaskData:
         if (task, size) not in self._tasks:
-            td = load_task(self.corpus_root, task, size, lazy=self.stream, splits=("train", "val") + self.test_splits)
+            td = load_task(
+                self.corpus_root, task, size, lazy=self.stream, splits=("train", "val") + self.test_splits
+            )
             for split in ("train", "test"):
                 y = td.splits[split][1]
                 if len(np.unique(y)) < 2:
                     counts = {td.classes[c]: int((y == c).sum()) for c in np.unique(y)}
-                    raise ValueError(f"task {td.name!r}: the {split} split holds a single class {counts}; build a larger corpus")
+                    raise ValueError(
+                        f"task {td.name!r}: the {split} split holds a single class {counts}; build a larger corpus"
+                    )
             self._tasks[(task, size)] = td
         return self._tasks[(task, size)]
+
     def run(self, unit) -> tuple[list[dict], list[dict], int]:
         "One job -> (rows, skipped, runs done)."
         name, task, pairs = unit
@@ -185,42 +342,91 @@ class _EvalContext:
         td = self.task(task, enc0.vision.image_size)
         tests = {s: td.splits[s] for s in self.test_splits}
         if self.protocol == "zero_shot":
-            if self.is_random(name) or not enc0.has_text: return [], [dict(method=name, task=task, reason="no text tower")], 1
+            if self.is_random(name) or not enc0.has_text:
+                return [], [dict(method=name, task=task, reason="no text tower")], 1
             rows = []
             for s, (x, y) in tests.items():
                 t0 = time.perf_counter()
-                r = zero_shot(enc0, x, y, td.classes, n_boot=self.n_boot, seed=pairs[0][1], device=self.device, **self.zero_shot_kw)
-                rows.append(r.row(method=name, task=task, fraction=0.0, seed=pairs[0][1], test_set=s, seconds=time.perf_counter() - t0))
+                r = zero_shot(
+                    enc0,
+                    x,
+                    y,
+                    td.classes,
+                    n_boot=self.n_boot,
+                    seed=pairs[0][1],
+                    device=self.device,
+                    **self.zero_shot_kw,
+                )
+                rows.append(
+                    r.row(
+                        method=name,
+                        task=task,
+                        fraction=0.0,
+                        seed=pairs[0][1],
+                        test_set=s,
+                        seconds=time.perf_counter() - t0,
+                    )
+                )
             return rows, [], 1
         tr, va = td.splits["train"], td.splits["val"]
         rows, feats, feats_seed, feat_s = [], None, None, 0.0
         for frac, seed in pairs:
-            enc = enc0 if seed == pairs[0][1] else self.encoder(name, seed)   # a random source is re-drawn per seed
+            enc = (
+                enc0 if seed == pairs[0][1] else self.encoder(name, seed)
+            )  # a random source is re-drawn per seed
             idx = label_fraction(tr[1], frac, seed)
             t0 = time.perf_counter()
             if self.protocol == "linear_probe":
-                if feats is None or (self.is_random(name) and seed != feats_seed):   # features once per encoder
-                    feats = {s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()}
+                if feats is None or (
+                    self.is_random(name) and seed != feats_seed
+                ):  # features once per encoder
+                    feats = {
+                        s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()
+                    }
                     feats_seed, feat_s, t0 = seed, time.perf_counter() - t0, time.perf_counter()
-                r = fit_linear_probe((feats["train"][idx], tr[1][idx]), (feats["val"], va[1]), (feats["test"], tests["test"][1]),
-                                     classes=td.classes, n_boot=self.n_boot, seed=seed, **self.probe_kw,
-                                     more_tests={s: (feats[s], tests[s][1]) for s in self.test_splits[1:]})
+                r = fit_linear_probe(
+                    (feats["train"][idx], tr[1][idx]),
+                    (feats["val"], va[1]),
+                    (feats["test"], tests["test"][1]),
+                    classes=td.classes,
+                    n_boot=self.n_boot,
+                    seed=seed,
+                    **self.probe_kw,
+                    more_tests={s: (feats[s], tests[s][1]) for s in self.test_splits[1:]},
+                )
             else:
-                r = finetune(enc, {"train": _subset(tr, idx), "val": va, "test": tests["test"]}, classes=td.classes, n_boot=self.n_boot,
-                             seed=seed, device=self.device, progress=False, **self.finetune_kw,
-                             more_tests={s: tests[s] for s in self.test_splits[1:]})
-            sec = time.perf_counter() - t0 + feat_s   # a probe's time includes its encoder's feature extraction
+                r = finetune(
+                    enc,
+                    {"train": _subset(tr, idx), "val": va, "test": tests["test"]},
+                    classes=td.classes,
+                    n_boot=self.n_boot,
+                    seed=seed,
+                    device=self.device,
+                    progress=False,
+                    **self.finetune_kw,
+                    more_tests={s: tests[s] for s in self.test_splits[1:]},
+                )
+            sec = (
+                time.perf_counter() - t0 + feat_s
+            )  # a probe's time includes its encoder's feature extraction
             for s in self.test_splits:
                 rs = r if s == "test" else r.details["more_tests"][s]
-                rows.append(rs.row(method=name, task=task, fraction=float(frac), seed=int(seed), test_set=s, seconds=sec))
+                rows.append(
+                    rs.row(
+                        method=name, task=task, fraction=float(frac), seed=int(seed), test_set=s, seconds=sec
+                    )
+                )
         return rows, [], len(pairs)
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #eebff30d
 _WORKER_CTX: _EvalContext | None = None
+
 
 def _init_eval_worker(ctx: _EvalContext):
     global _WORKER_CTX
     torch.set_num_threads(1)
     _WORKER_CTX = ctx
 
-def _run_eval_unit(unit): return _WORKER_CTX.run(unit)
+
+def _run_eval_unit(unit):
+    return _WORKER_CTX.run(unit)

@@ -4,24 +4,15 @@
 
 # %% ../../nbs/10d_evaluate_tables.ipynb #312002ac
 from __future__ import annotations
-import argparse, contextlib, copy, json, math, sys, time, warnings
-from dataclasses import dataclass, field
+
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
+
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from scipy.stats import rankdata
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
-from ..config import MaskedCLIPConfig, VisionConfig, get_preset, PRESETS
-from ..vision import ViTEncoder, LoadReport, load_timm_weights, read_state_dict
+
 from .metrics import METHOD_LABELS, METHOD_ORDER
 
 # %% auto #0
@@ -31,7 +22,8 @@ __all__ = ['ABLATION_ROWS', 'TEST_SET_LABELS', 'summarize', 'Table', 'table1', '
 # %% ../../nbs/10d_evaluate_tables.ipynb #00000028
 def summarize(df: pd.DataFrame, metrics: Sequence[str] = ("auroc", "auprc")) -> pd.DataFrame:
     "Mean and sample std over seeds per (method, task, fraction, protocol), with the number of seeds."
-    if df.empty: raise ValueError("summarize: empty results")
+    if df.empty:
+        raise ValueError("summarize: empty results")
     keys = ["method", "task", "fraction", "protocol"] + (["test_set"] if "test_set" in df.columns else [])
     g = df.groupby(keys, sort=False)
     out = g[list(metrics)].agg(["mean", "std"])
@@ -39,51 +31,73 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str] = ("auroc", "auprc")) -> 
     out["n_seeds"] = g.size()
     return out.reset_index()
 
+
 def _method_sort_key(m: str):
     return (METHOD_ORDER.index(m), m) if m in METHOD_ORDER else (len(METHOD_ORDER), m)
+
 
 @dataclass
 class Table:
     "A results table: `frame` (formatted strings, best in bold), `values` (means), `markdown` and `html`."
+
     frame: pd.DataFrame
     values: pd.DataFrame
     markdown: str
     html: str
     caption: str = ""
-    stds: pd.DataFrame | None = None   # std over seeds, same shape as `values`
-    def _repr_markdown_(self): return (f"**{self.caption}**\n\n" if self.caption else "") + self.markdown
-    def _repr_html_(self): return self.html
-    def __str__(self): return self.markdown
+    stds: pd.DataFrame | None = None  # std over seeds, same shape as `values`
+
+    def _repr_markdown_(self):
+        return (f"**{self.caption}**\n\n" if self.caption else "") + self.markdown
+
+    def _repr_html_(self):
+        return self.html
+
+    def __str__(self):
+        return self.markdown
+
     def save(self, stem) -> list[Path]:
         "Write `<stem>.md` and `<stem>.html`."
-        stem = Path(stem); stem.parent.mkdir(parents=True, exist_ok=True)
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
         md, html = stem.with_suffix(".md"), stem.with_suffix(".html")
         md.write_text((f"{self.caption}\n\n" if self.caption else "") + self.markdown + "\n")
         html.write_text(self.html)
         return [md, html]
 
-def _pick(df: pd.DataFrame, protocol: str | None, fraction: float | None, test_set: str = "test") -> tuple[pd.DataFrame, str, float]:
-    if df.empty: raise ValueError("no results")
+
+def _pick(
+    df: pd.DataFrame, protocol: str | None, fraction: float | None, test_set: str = "test"
+) -> tuple[pd.DataFrame, str, float]:
+    if df.empty:
+        raise ValueError("no results")
     if "test_set" in df.columns:
         have = list(dict.fromkeys(df["test_set"]))
         df = df[df["test_set"] == test_set]
-        if df.empty: raise ValueError(f"no results on test set {test_set!r} (have {have})")
+        if df.empty:
+            raise ValueError(f"no results on test set {test_set!r} (have {have})")
     protos = list(dict.fromkeys(df["protocol"]))
     if protocol is None:
-        if len(protos) > 1: raise ValueError(f"results hold several protocols {protos}: pass protocol=")
+        if len(protos) > 1:
+            raise ValueError(f"results hold several protocols {protos}: pass protocol=")
         protocol = protos[0]
     d = df[df["protocol"] == protocol]
-    if d.empty: raise ValueError(f"no results for protocol {protocol!r} (have {protos})")
+    if d.empty:
+        raise ValueError(f"no results for protocol {protocol!r} (have {protos})")
     fraction = float(d["fraction"].max()) if fraction is None else float(fraction)
     d = d[np.isclose(d["fraction"], fraction)]
-    if d.empty: raise ValueError(f"no results at fraction {fraction} for protocol {protocol!r}")
+    if d.empty:
+        raise ValueError(f"no results at fraction {fraction} for protocol {protocol!r}")
     return d, protocol, fraction
+
 
 def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if np.isfinite(std) else "")
 
 # %% ../../nbs/10d_evaluate_tables.ipynb #c9964d9f
-def _render(values: pd.DataFrame, stds: pd.DataFrame, digits: int, index_name: str) -> tuple[pd.DataFrame, str, str]:
+def _render(
+    values: pd.DataFrame, stds: pd.DataFrame, digits: int, index_name: str
+) -> tuple[pd.DataFrame, str, str]:
     "Formatted frame + Markdown + HTML with the best (highest mean) of each column in bold."
     best = {c: values[c].max() for c in values.columns}
     cells = pd.DataFrame(index=values.index, columns=values.columns, dtype=object)
@@ -92,26 +106,41 @@ def _render(values: pd.DataFrame, stds: pd.DataFrame, digits: int, index_name: s
         for i in values.index:
             m, s = values.at[i, c], stds.at[i, c]
             cells.at[i, c] = "–" if not np.isfinite(m) else _fmt(m, s, digits)
-            bold.at[i, c] = bool(np.isfinite(m) and np.isclose(m, best[c], rtol=0, atol=0.5 * 10 ** -digits))
+            bold.at[i, c] = bool(np.isfinite(m) and np.isclose(m, best[c], rtol=0, atol=0.5 * 10**-digits))
     heads = [" ".join(str(x) for x in (c if isinstance(c, tuple) else (c,))) for c in values.columns]
     md = ["| " + index_name + " | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for i in values.index:
-        md.append(f"| {i} | " + " | ".join(f"**{cells.at[i, c]}**" if bold.at[i, c] else cells.at[i, c] for c in values.columns) + " |")
+        md.append(
+            f"| {i} | "
+            + " | ".join(f"**{cells.at[i, c]}**" if bold.at[i, c] else cells.at[i, c] for c in values.columns)
+            + " |"
+        )
     shown = cells.copy()
     for c in values.columns:
         for i in values.index:
-            if bold.at[i, c]: shown.at[i, c] = f"<b>{cells.at[i, c]}</b>"
+            if bold.at[i, c]:
+                shown.at[i, c] = f"<b>{cells.at[i, c]}</b>"
     shown.index.name = index_name
     html = shown.to_html(escape=False)
     for c in values.columns:
         for i in values.index:
-            if bold.at[i, c]: cells.at[i, c] = f"**{cells.at[i, c]}**"
+            if bold.at[i, c]:
+                cells.at[i, c] = f"**{cells.at[i, c]}**"
     return cells, "\n".join(md), html
+
 
 _METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC"}
 
-def table1(df: pd.DataFrame, fraction: float | None = None, protocol: str | None = None, metrics: Sequence[str] = ("auroc", "auprc"),
-           digits: int = 3, labels: Mapping[str, str] | None = None, test_set: str = "test") -> Table:
+
+def table1(
+    df: pd.DataFrame,
+    fraction: float | None = None,
+    protocol: str | None = None,
+    metrics: Sequence[str] = ("auroc", "auprc"),
+    digits: int = 3,
+    labels: Mapping[str, str] | None = None,
+    test_set: str = "test",
+) -> Table:
     "Table 1: methods × (task, metric) at one label fraction (default the largest); mean ± std over seeds, best in bold."
     d, protocol, fraction = _pick(df, protocol, fraction, test_set)
     s = summarize(d, metrics)
@@ -126,24 +155,51 @@ def table1(df: pd.DataFrame, fraction: float | None = None, protocol: str | None
             vals.at[names[r["method"]], (r["task"], _METRIC_NAMES.get(m, m))] = r[f"{m}_mean"]
             stds.at[names[r["method"]], (r["task"], _METRIC_NAMES.get(m, m))] = r[f"{m}_std"]
     frame, md, html = _render(vals, stds, digits, "method")
-    cap = f"Table 1 — {protocol.replace('_', ' ')}, {fraction:.0%} labels" if protocol != "zero_shot" else "Table 1 — zero-shot"
-    if test_set != "test": cap += f", test set {test_set}"
-    return Table(frame, vals, md, html, cap + f", mean ± std over seeds (n = {int(s['n_seeds'].max())}); best in bold", stds)
+    cap = (
+        f"Table 1 — {protocol.replace('_', ' ')}, {fraction:.0%} labels"
+        if protocol != "zero_shot"
+        else "Table 1 — zero-shot"
+    )
+    if test_set != "test":
+        cap += f", test set {test_set}"
+    return Table(
+        frame,
+        vals,
+        md,
+        html,
+        cap + f", mean ± std over seeds (n = {int(s['n_seeds'].max())}); best in bold",
+        stds,
+    )
 
-ABLATION_ROWS = {"mae_clip": "MAE + CLIP (shared encoder)", "mae_clip_bridge": "+ bridge transformer",
-                 "maskedclip": "+ masked feature distillation (MaskedCLIP)"}
+
+ABLATION_ROWS = {
+    "mae_clip": "MAE + CLIP (shared encoder)",
+    "mae_clip_bridge": "+ bridge transformer",
+    "maskedclip": "+ masked feature distillation (MaskedCLIP)",
+}
+
 
 def has_ablation(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS) -> bool:
     "Whether `df` holds at least two steps of the ablation, so that a Table 2 compares something."
     return len(set(rows) & set(df["method"])) >= 2
 
 # %% ../../nbs/10d_evaluate_tables.ipynb #f6a2c2ce
-def table2(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS, fraction: float | None = None, protocol: str | None = None,
-           metrics: Sequence[str] = ("auroc", "auprc"), digits: int = 3, test_set: str = "test") -> Table:
+def table2(
+    df: pd.DataFrame,
+    rows: Mapping[str, str] = ABLATION_ROWS,
+    fraction: float | None = None,
+    protocol: str | None = None,
+    metrics: Sequence[str] = ("auroc", "auprc"),
+    digits: int = 3,
+    test_set: str = "test",
+) -> Table:
     "Table 2, the ablation MAE+CLIP -> +bridge -> +L_mfd: rows in the given order, tasks × metrics and the mean over tasks."
     d, protocol, fraction = _pick(df, protocol, fraction, test_set)
     present = [m for m in rows if m in set(d["method"])]
-    if not present: raise ValueError(f"table2: none of the ablation methods {list(rows)} is in the results ({sorted(set(d['method']))})")
+    if not present:
+        raise ValueError(
+            f"table2: none of the ablation methods {list(rows)} is in the results ({sorted(set(d['method']))})"
+        )
     d = d[d["method"].isin(present)]
     tasks = list(dict.fromkeys(d["task"]))
     cols = pd.MultiIndex.from_tuples([(t, _METRIC_NAMES.get(m, m)) for t in tasks for m in metrics])
@@ -153,45 +209,73 @@ def table2(df: pd.DataFrame, rows: Mapping[str, str] = ABLATION_ROWS, fraction: 
         for m in metrics:
             vals.at[rows[r["method"]], (r["task"], _METRIC_NAMES.get(m, m))] = r[f"{m}_mean"]
             stds.at[rows[r["method"]], (r["task"], _METRIC_NAMES.get(m, m))] = r[f"{m}_std"]
-    per_seed = d.groupby(["method", "seed"])[list(metrics)].mean().groupby("method")   # mean over tasks per seed
+    per_seed = (
+        d.groupby(["method", "seed"])[list(metrics)].mean().groupby("method")
+    )  # mean over tasks per seed
     for m in metrics:
         vals[("mean", _METRIC_NAMES.get(m, m))] = [per_seed[m].mean()[k] for k in present]
         stds[("mean", _METRIC_NAMES.get(m, m))] = [per_seed[m].std()[k] for k in present]
     frame, md, html = _render(vals, stds, digits, "ablation")
     what = "zero-shot" if protocol == "zero_shot" else f"{protocol.replace('_', ' ')}, {fraction:.0%} labels"
-    if test_set != "test": what += f", test set {test_set}"
-    return Table(frame, vals, md, html, f"Table 2 — ablation, {what}; mean ± std over seeds; best in bold", stds)
+    if test_set != "test":
+        what += f", test set {test_set}"
+    return Table(
+        frame, vals, md, html, f"Table 2 — ablation, {what}; mean ± std over seeds; best in bold", stds
+    )
+
 
 TEST_SET_LABELS = {"test": "in-distribution", "test_shifted": "shifted"}
 
-def side_by_side(table_fn, df: pd.DataFrame, *args, test_sets: Sequence[str] | None = None, digits: int = 3, **kw) -> Table:
+
+def side_by_side(
+    table_fn, df: pd.DataFrame, *args, test_sets: Sequence[str] | None = None, digits: int = 3, **kw
+) -> Table:
     """`table_fn` (`table1` or `table2`) once per test set, joined column-wise: every (task, metric) column appears
     for the in-distribution test set and beside it for each other one (e.g. the shifted acquisition)."""
     test_sets = list(test_sets or (dict.fromkeys(df["test_set"]) if "test_set" in df.columns else ["test"]))
     tabs = [(ts, table_fn(df, *args, test_set=ts, digits=digits, **kw)) for ts in test_sets]
+
     def join(attr):
-        return pd.concat({TEST_SET_LABELS.get(ts, ts): getattr(t, attr) for ts, t in tabs}, axis=1).reorder_levels([1, 0, 2], axis=1)
+        return pd.concat(
+            {TEST_SET_LABELS.get(ts, ts): getattr(t, attr) for ts, t in tabs}, axis=1
+        ).reorder_levels([1, 0, 2], axis=1)
+
     vals, stds = join("values"), join("stds")
     first = tabs[0][1]
     cols = [c for t in dict.fromkeys(c[0] for c in first.values.columns) for c in vals.columns if c[0] == t]
     vals, stds = vals[cols], stds[cols]
-    frame, md, html = _render(vals, stds, digits, first.frame.columns.name or ("method" if table_fn is table1 else "ablation"))
-    cap = first.caption.split(";")[0] + f"; test sets: {', '.join(TEST_SET_LABELS.get(ts, ts) for ts in test_sets)}; best in bold"
+    frame, md, html = _render(
+        vals, stds, digits, first.frame.columns.name or ("method" if table_fn is table1 else "ablation")
+    )
+    cap = (
+        first.caption.split(";")[0]
+        + f"; test sets: {', '.join(TEST_SET_LABELS.get(ts, ts) for ts in test_sets)}; best in bold"
+    )
     return Table(frame, vals, md, html, cap, stds)
 
 # %% ../../nbs/10d_evaluate_tables.ipynb #eff86dfe
-def label_efficiency_figure(df: pd.DataFrame, metric: str = "auroc", protocol: str | None = None, tasks: Sequence[str] | None = None,
-                            labels: Mapping[str, str] | None = None, title: str | None = None):
+def label_efficiency_figure(
+    df: pd.DataFrame,
+    metric: str = "auroc",
+    protocol: str | None = None,
+    tasks: Sequence[str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    title: str | None = None,
+):
     "Fig. 2: `metric` against the label fraction (log axis) per method, error bars = std over seeds, one panel per task."
-    import plotly.graph_objects as go
     import plotly.colors as pc
+    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    if df.empty: raise ValueError("label_efficiency_figure: empty results")
+
+    if df.empty:
+        raise ValueError("label_efficiency_figure: empty results")
     protos = list(dict.fromkeys(df["protocol"]))
     protocol = protocol or ("linear_probe" if "linear_probe" in protos else protos[0])
     d = df[(df["protocol"] == protocol) & (df["fraction"] > 0)]
-    if "test_set" in d.columns: d = d[d["test_set"] == "test"]
-    if d.empty: raise ValueError(f"no label-fraction results for protocol {protocol!r}")
+    if "test_set" in d.columns:
+        d = d[d["test_set"] == "test"]
+    if d.empty:
+        raise ValueError(f"no label-fraction results for protocol {protocol!r}")
     tasks = list(tasks or dict.fromkeys(d["task"]))
     s = summarize(d, (metric,))
     methods = sorted(dict.fromkeys(d["method"]), key=_method_sort_key)
@@ -200,37 +284,65 @@ def label_efficiency_figure(df: pd.DataFrame, metric: str = "auroc", protocol: s
     for j, t in enumerate(tasks):
         for i, m in enumerate(methods):
             r = s[(s["task"] == t) & (s["method"] == m)].sort_values("fraction")
-            if r.empty: continue
-            fig.add_trace(go.Scatter(x=100 * r["fraction"], y=r[f"{metric}_mean"], mode="lines+markers",
-                                     error_y=dict(type="data", array=r[f"{metric}_std"].fillna(0.0).tolist(), visible=True),
-                                     name=(labels or METHOD_LABELS).get(m, m), legendgroup=m, showlegend=j == 0,
-                                     line=dict(color=palette[i % len(palette)])), row=1, col=j + 1)
+            if r.empty:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=100 * r["fraction"],
+                    y=r[f"{metric}_mean"],
+                    mode="lines+markers",
+                    error_y=dict(type="data", array=r[f"{metric}_std"].fillna(0.0).tolist(), visible=True),
+                    name=(labels or METHOD_LABELS).get(m, m),
+                    legendgroup=m,
+                    showlegend=j == 0,
+                    line=dict(color=palette[i % len(palette)]),
+                ),
+                row=1,
+                col=j + 1,
+            )
         fig.update_xaxes(type="log", title_text="labelled training data (%)", row=1, col=j + 1)
     fig.update_yaxes(title_text=_METRIC_NAMES.get(metric, metric), row=1, col=1)
-    fig.update_layout(title=title or f"Label efficiency ({protocol.replace('_', ' ')}): {_METRIC_NAMES.get(metric, metric)} vs label fraction",
-                      height=380, width=max(420, 360 * len(tasks)), template="plotly_white")
+    fig.update_layout(
+        title=title
+        or f"Label efficiency ({protocol.replace('_', ' ')}): {_METRIC_NAMES.get(metric, metric)} vs label fraction",
+        height=380,
+        width=max(420, 360 * len(tasks)),
+        template="plotly_white",
+    )
     return fig
+
 
 def save_results(df: pd.DataFrame, out_dir, stem: str = "results", figure: bool = True) -> dict[str, Path]:
     """Write `<stem>.csv`, `<stem>.json` (rows + metadata), `summary.csv`, Table 1/2 (`.md`, `.html`) and the
     figure (`label_efficiency.json` / `.html`, plotly.js embedded) into `out_dir`."""
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json", "summary": out / "summary.csv"}
     df.to_csv(paths["csv"], index=False)
     meta = {k: v for k, v in df.attrs.items()}
-    paths["json"].write_text(json.dumps(dict(rows=json.loads(df.to_json(orient="records")), meta=meta), indent=1, default=str) + "\n")
-    if df.empty: return paths
+    paths["json"].write_text(
+        json.dumps(dict(rows=json.loads(df.to_json(orient="records")), meta=meta), indent=1, default=str)
+        + "\n"
+    )
+    if df.empty:
+        return paths
     summarize(df).to_csv(paths["summary"], index=False)
     for proto in dict.fromkeys(df["protocol"]):
         d = df[df["protocol"] == proto]
         sfx = "" if df["protocol"].nunique() == 1 else f"_{proto}"
         for frac in sorted(set(d["fraction"])):
-            for ts in (dict.fromkeys(d["test_set"]) if "test_set" in d.columns else ["test"]):
-                tag = ("zero_shot" if frac == 0 else f"{round(100 * frac):g}pct") + ("" if ts == "test" else f"_{ts}")
+            for ts in dict.fromkeys(d["test_set"]) if "test_set" in d.columns else ["test"]:
+                tag = ("zero_shot" if frac == 0 else f"{round(100 * frac):g}pct") + (
+                    "" if ts == "test" else f"_{ts}"
+                )
                 md, _ = table1(d, frac, proto, test_set=ts).save(out / f"table1{sfx}_{tag}")
                 paths[f"table1{sfx}_{tag}"] = md
-                if has_ablation(d[np.isclose(d["fraction"], frac)]):   # a Table 2 needs two ablation steps at this fraction
-                    paths[f"table2{sfx}_{tag}"] = table2(d, fraction=frac, protocol=proto, test_set=ts).save(out / f"table2{sfx}_{tag}")[0]
+                if has_ablation(
+                    d[np.isclose(d["fraction"], frac)]
+                ):  # a Table 2 needs two ablation steps at this fraction
+                    paths[f"table2{sfx}_{tag}"] = table2(d, fraction=frac, protocol=proto, test_set=ts).save(
+                        out / f"table2{sfx}_{tag}"
+                    )[0]
         if figure and (d["fraction"] > 0).any():
             fig = label_efficiency_figure(d, protocol=proto)
             paths[f"figure{sfx}"] = out / f"label_efficiency{sfx}.html"

@@ -6,8 +6,7 @@
 __all__ = []
 
 # %% ../../nbs/02_synthetic.ipynb #42667de9
-from .findings import *
-from .reports import *
-from .render import *
 from .corpus import *
-from .render import _Geometry
+from .findings import *
+from .render import *
+from .reports import *

@@ -4,17 +4,40 @@
 
 # %% ../../nbs/02d_synthetic_corpus.ipynb #a6544f40
 from __future__ import annotations
-import argparse, dataclasses, io, json, math, os, shutil, time
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 from tqdm.auto import tqdm
-from .findings import AMD_MIN_INTERMEDIATE_DRUSEN, CATARACT_HAZE_THRESHOLD, DISEASE_PRIORITY, DRUSEN_INTERMEDIATE_UM, DRUSEN_LARGE_UM, DR_GRADES, FindingPrior, Findings, GLAUCOMA_CDR_THRESHOLD, LESION_TYPES, SEVERE_BEADING_QUADRANTS, SEVERE_HAEMORRHAGES_PER_QUADRANT, SPLITS, TASKS, sample_findings
+
+from maskedclip.synthetic.findings import (
+    AMD_MIN_INTERMEDIATE_DRUSEN,
+    CATARACT_HAZE_THRESHOLD,
+    DISEASE_PRIORITY,
+    DR_GRADES,
+    DRUSEN_INTERMEDIATE_UM,
+    DRUSEN_LARGE_UM,
+    GLAUCOMA_CDR_THRESHOLD,
+    LESION_TYPES,
+    SEVERE_BEADING_QUADRANTS,
+    SEVERE_HAEMORRHAGES_PER_QUADRANT,
+    SPLITS,
+    TASKS,
+    FindingPrior,
+    Findings,
+    sample_findings,
+)
 from .render import DEFAULT_NUISANCE, Nuisance, render_fundus
 from .reports import write_report
 
@@ -26,15 +49,19 @@ __all__ = ['CORPUS_FORMAT_VERSION', 'SHIFTED_SPLIT', 'png_bytes', 'SyntheticSamp
 def png_bytes(array: np.ndarray) -> bytes:
     "Encode an `(H, W, 3)` uint8 image or an `(H, W)` bool mask (as 0/255 'L') to PNG bytes, deterministically."
     a = np.asarray(array)
-    if a.dtype == bool: a = a.astype(np.uint8) * 255
-    if a.dtype != np.uint8 or a.ndim not in (2, 3): raise ValueError(f"png_bytes needs uint8 (H, W[, 3]) or bool (H, W), got {a.dtype} {a.shape}")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8 or a.ndim not in (2, 3):
+        raise ValueError(f"png_bytes needs uint8 (H, W[, 3]) or bool (H, W), got {a.dtype} {a.shape}")
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format='PNG', compress_level=6)
+    Image.fromarray(a).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
 
 @dataclass
 class SyntheticSample:
     "One rendered eye: the findings, the image `(H, W, 3)` uint8, its lesion/anatomy masks and its report."
+
     seed: int
     index: int
     size: int
@@ -48,17 +75,27 @@ class SyntheticSample:
         "The non-empty lesion masks (anatomy excluded)."
         return {k: m for k, m in self.masks.items() if k in LESION_TYPES and m.any()}
 
-def make_sample(seed: int, index: int, size: int = 64, prior: FindingPrior | None = None,
-                nuisance: Nuisance | None = DEFAULT_NUISANCE, shift: 'ShiftedAcquisition | None' = None) -> SyntheticSample:
+
+def make_sample(
+    seed: int,
+    index: int,
+    size: int = 64,
+    prior: FindingPrior | None = None,
+    nuisance: Nuisance | None = DEFAULT_NUISANCE,
+    shift: "ShiftedAcquisition | None" = None,
+) -> SyntheticSample:
     """The `index`-th eye of the corpus with `seed`: findings, image and report come from three independent
     streams of `SeedSequence([seed, index])`, so the same eye renders identically at every size. `shift` images
     the same eye through a `ShiftedAcquisition` instead of `nuisance` (see `make_shifted_sample`)."""
-    for name, v in (('seed', seed), ('index', index)):
-        if not isinstance(v, (int, np.integer)) or v < 0: raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    for name, v in (("seed", seed), ("index", index)):
+        if not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     f_ss, r_ss, t_ss = np.random.SeedSequence([int(seed), int(index)]).spawn(3)
     findings = sample_findings(np.random.default_rng(f_ss), prior)
-    if shift is None: image, masks = render_fundus(findings, size, np.random.default_rng(r_ss), nuisance)
-    else: findings, image, masks = shift.render(findings, size, np.random.default_rng(r_ss))
+    if shift is None:
+        image, masks = render_fundus(findings, size, np.random.default_rng(r_ss), nuisance)
+    else:
+        findings, image, masks = shift.render(findings, size, np.random.default_rng(r_ss))
     report = write_report(findings, np.random.default_rng(t_ss))
     return SyntheticSample(int(seed), int(index), int(size), findings, image, masks, report)
 
@@ -71,92 +108,166 @@ class ShiftedAcquisition:
     narrower field of view, a lower-resolution sensor (rendered at `resolution` x the corpus size, then upsampled) and
     `lesion_scale` x larger lesions (haemorrhages, exudates, spots, microaneurysms; drusen keep their size because it
     defines AMD). Labels follow the same findings by the same rules, so only the appearance shifts."""
-    nuisance: Nuisance = field(default_factory=lambda: Nuisance(
-        colour_temp=(0.12, 0.2), tint=(0.07, 0.1), gamma=(1.2, 1.3), blur=(0.006, 0.009), vignetting=(0.5, 0.65),
-        fov_scale=(0.72, 0.8), jpeg_quality=(40.0, 55.0)))
+
+    nuisance: Nuisance = field(
+        default_factory=lambda: Nuisance(
+            colour_temp=(0.12, 0.2),
+            tint=(0.07, 0.1),
+            gamma=(1.2, 1.3),
+            blur=(0.006, 0.009),
+            vignetting=(0.5, 0.65),
+            fov_scale=(0.72, 0.8),
+            jpeg_quality=(40.0, 55.0),
+        )
+    )
     resolution: float = 0.75
     lesion_scale: float = 1.4
+
     def __post_init__(self):
-        if not 0 < self.resolution <= 1: raise ValueError(f"ShiftedAcquisition.resolution must be in (0, 1], got {self.resolution}")
-        if not self.lesion_scale > 0: raise ValueError(f"ShiftedAcquisition.lesion_scale must be > 0, got {self.lesion_scale}")
+        if not 0 < self.resolution <= 1:
+            raise ValueError(f"ShiftedAcquisition.resolution must be in (0, 1], got {self.resolution}")
+        if not self.lesion_scale > 0:
+            raise ValueError(f"ShiftedAcquisition.lesion_scale must be > 0, got {self.lesion_scale}")
 
     def render(self, findings: Findings, size: int, rng: np.random.Generator):
         "(findings with grown lesions, image `(size, size, 3)` uint8, masks) of one eye imaged through this acquisition."
-        grow = lambda l: l if l.kind == 'drusen' else dataclasses.replace(l, rx=l.rx * self.lesion_scale, ry=l.ry * self.lesion_scale)
+        grow = lambda l: (
+            l
+            if l.kind == "drusen"
+            else dataclasses.replace(l, rx=l.rx * self.lesion_scale, ry=l.ry * self.lesion_scale)
+        )
         findings = dataclasses.replace(findings, lesions=[grow(l) for l in findings.lesions])
         small = max(16, int(round(size * self.resolution)))
         image, masks = render_fundus(findings, small, rng, self.nuisance)
         if small != size:
             image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-            masks = {k: np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) for k, m in masks.items()}
+            masks = {
+                k: np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST))
+                for k, m in masks.items()
+            }
         return findings, image, masks
 
-def make_shifted_sample(seed: int, index: int, size: int = 64, prior: FindingPrior | None = None,
-                        shift: ShiftedAcquisition | None = None) -> SyntheticSample:
+
+def make_shifted_sample(
+    seed: int,
+    index: int,
+    size: int = 64,
+    prior: FindingPrior | None = None,
+    shift: ShiftedAcquisition | None = None,
+) -> SyntheticSample:
     "The `index`-th eye of `make_sample` (same findings and report), imaged through `shift`'s acquisition."
     return make_sample(seed, index, size, prior, shift=shift or ShiftedAcquisition())
 
 # %% ../../nbs/02d_synthetic_corpus.ipynb #0000003e
 CORPUS_FORMAT_VERSION = 2
 
-_POOL_OFFSET = dict(paired=0, unpaired=10 ** 8, tasks=2 * 10 ** 8)   # sample index ranges: pools never share an eye
+_POOL_OFFSET = dict(
+    paired=0, unpaired=10**8, tasks=2 * 10**8
+)  # sample index ranges: pools never share an eye
 
-SHIFTED_SPLIT = 'test_shifted'   # every task's test set under `ShiftedAcquisition` (eyes of their own)
+SHIFTED_SPLIT = "test_shifted"  # every task's test set under `ShiftedAcquisition` (eyes of their own)
+
 
 def _task_index(task: str, split: str, k: int) -> int:
-    return _POOL_OFFSET['tasks'] + list(TASKS).index(task) * 10 ** 7 + (SPLITS + (SHIFTED_SPLIT,)).index(split) * 10 ** 6 + k
+    return (
+        _POOL_OFFSET["tasks"]
+        + list(TASKS).index(task) * 10**7
+        + (SPLITS + (SHIFTED_SPLIT,)).index(split) * 10**6
+        + k
+    )
+
 
 def _write_sample(job: tuple) -> tuple[dict, dict]:
     "Worker: render one record's eye, write its PNG and lesion masks under `root`; return (record, labels)."
     root, seed, index, size, prior, nuisance, rid, pool, split, task = job
-    s = (make_shifted_sample(seed, index, size, prior, nuisance) if isinstance(nuisance, ShiftedAcquisition)
-         else make_sample(seed, index, size, prior, nuisance))
+    s = (
+        make_shifted_sample(seed, index, size, prior, nuisance)
+        if isinstance(nuisance, ShiftedAcquisition)
+        else make_sample(seed, index, size, prior, nuisance)
+    )
     root = Path(root)
-    (root / 'images' / f'{rid}.png').write_bytes(png_bytes(s.image))
+    (root / "images" / f"{rid}.png").write_bytes(png_bytes(s.image))
     masks = {}
     for kind, m in s.lesion_masks.items():
-        rel = f'masks/{rid}/{kind}.png'
+        rel = f"masks/{rid}/{kind}.png"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(png_bytes(m))
         masks[kind] = rel
     f = s.findings
-    rec = dict(id=rid, image=f'images/{rid}.png', text=None, label=None, labels=None, source='synthetic', split=split,
-               masks=masks, index=int(index), eye=f.eye, cdr=round(f.cdr, 3), dr_grade=f.dr_grade)
-    if pool == 'paired': rec.update(text=s.report, label=f.primary, labels=f.categories)
-    elif pool == 'unpaired': del rec['cdr'], rec['dr_grade']           # no label information in the unpaired pool
-    elif pool == 'task':
-        rec.update(label=f.task_label(task), labels=f.categories if task == 'multi_disease' else None)
+    rec = dict(
+        id=rid,
+        image=f"images/{rid}.png",
+        text=None,
+        label=None,
+        labels=None,
+        source="synthetic",
+        split=split,
+        masks=masks,
+        index=int(index),
+        eye=f.eye,
+        cdr=round(f.cdr, 3),
+        dr_grade=f.dr_grade,
+    )
+    if pool == "paired":
+        rec.update(text=s.report, label=f.primary, labels=f.categories)
+    elif pool == "unpaired":
+        del rec["cdr"], rec["dr_grade"]  # no label information in the unpaired pool
+    elif pool == "task":
+        rec.update(label=f.task_label(task), labels=f.categories if task == "multi_disease" else None)
     return rec, f.labels
 
+
 def _split_counts(n_task_per_split) -> dict[str, int]:
-    if isinstance(n_task_per_split, (int, np.integer)): d = dict.fromkeys(SPLITS, int(n_task_per_split))
+    if isinstance(n_task_per_split, (int, np.integer)):
+        d = dict.fromkeys(SPLITS, int(n_task_per_split))
     elif isinstance(n_task_per_split, dict):
         bad = set(n_task_per_split) - set(SPLITS)
-        if bad: raise ValueError(f"n_task_per_split has unknown splits {sorted(bad)}; allowed {SPLITS}")
+        if bad:
+            raise ValueError(f"n_task_per_split has unknown splits {sorted(bad)}; allowed {SPLITS}")
         d = {s: int(n_task_per_split.get(s, 0)) for s in SPLITS}
-    else: raise ValueError(f"n_task_per_split must be an int or a dict split -> int, got {n_task_per_split!r}")
-    if any(v < 0 or v >= 10 ** 6 for v in d.values()): raise ValueError(f"n_task_per_split values must be in [0, 1e6), got {d}")
+    else:
+        raise ValueError(f"n_task_per_split must be an int or a dict split -> int, got {n_task_per_split!r}")
+    if any(v < 0 or v >= 10**6 for v in d.values()):
+        raise ValueError(f"n_task_per_split values must be in [0, 1e6), got {d}")
     return d
+
 
 def _prevalence(labels: list[dict]) -> dict[str, Any]:
     n = len(labels)
-    if n == 0: return dict(n=0)
-    out = dict(n=n, dr_grade={g: sum(l['dr_grade'] == i for l in labels) / n for i, g in enumerate(DR_GRADES)})
-    for k in ('dr_referral', 'glaucoma', 'amd', 'cataract', 'normal'): out[k] = sum(bool(l[k]) for l in labels) / n
+    if n == 0:
+        return dict(n=0)
+    out = dict(
+        n=n, dr_grade={g: sum(l["dr_grade"] == i for l in labels) / n for i, g in enumerate(DR_GRADES)}
+    )
+    for k in ("dr_referral", "glaucoma", "amd", "cataract", "normal"):
+        out[k] = sum(bool(l[k]) for l in labels) / n
     return out
+
 
 def _write_jsonl(path: Path, records: list[dict]):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', encoding='utf-8') as fh:
-        for r in records: fh.write(json.dumps(r, ensure_ascii=False) + '\n')
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 # %% ../../nbs/02d_synthetic_corpus.ipynb #a7c1d0b9
-def build_corpus(root: str | os.PathLike, n_paired: int, n_unpaired: int, n_task_per_split: int | dict[str, int],
-                 size: int = 64, seed: int = 0, prior: FindingPrior | None = None, num_workers: int = 1,
-                 progress: bool = True, nuisance: Nuisance | None = DEFAULT_NUISANCE, overwrite: bool = False,
-                 n_shifted_test: int = 0, shift: ShiftedAcquisition | None = None) -> Path:
+def build_corpus(
+    root: str | os.PathLike,
+    n_paired: int,
+    n_unpaired: int,
+    n_task_per_split: int | dict[str, int],
+    size: int = 64,
+    seed: int = 0,
+    prior: FindingPrior | None = None,
+    num_workers: int = 1,
+    progress: bool = True,
+    nuisance: Nuisance | None = DEFAULT_NUISANCE,
+    overwrite: bool = False,
+    n_shifted_test: int = 0,
+    shift: ShiftedAcquisition | None = None,
+) -> Path:
     """Render a synthetic corpus under `root` in the layout of the data contract: `corpus.json`, `images/<id>.png`,
     `masks/<id>/<lesion>.png`, `pretrain/{paired,unpaired}.jsonl`, `tasks/<task>/{train,val,test}.jsonl`.
     Image and mask paths in every manifest are relative to `root`. Pools (paired, unpaired, each task split)
@@ -166,121 +277,220 @@ def build_corpus(root: str | os.PathLike, n_paired: int, n_unpaired: int, n_task
     (default `ShiftedAcquisition()`), an acquisition no other split uses; the other splits are unchanged by it."""
     root = Path(root)
     prior = prior or FindingPrior()
-    for name, v in (('n_paired', n_paired), ('n_unpaired', n_unpaired)):
-        if not isinstance(v, (int, np.integer)) or not 0 <= v < 10 ** 8: raise ValueError(f"{name} must be an int in [0, 1e8), got {v!r}")
-    if not isinstance(num_workers, int) or num_workers < 1: raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
-    if not isinstance(size, (int, np.integer)) or not 16 <= size <= 2048: raise ValueError(f"size must be an int in [16, 2048], got {size!r}")
+    for name, v in (("n_paired", n_paired), ("n_unpaired", n_unpaired)):
+        if not isinstance(v, (int, np.integer)) or not 0 <= v < 10**8:
+            raise ValueError(f"{name} must be an int in [0, 1e8), got {v!r}")
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
+    if not isinstance(size, (int, np.integer)) or not 16 <= size <= 2048:
+        raise ValueError(f"size must be an int in [16, 2048], got {size!r}")
     splits = _split_counts(n_task_per_split)
-    if (root / 'corpus.json').exists():
-        if not overwrite: raise FileExistsError(f"{root / 'corpus.json'} exists; pass overwrite=True (--overwrite) to rebuild")
-        for sub in ('images', 'masks', 'pretrain', 'tasks'): shutil.rmtree(root / sub, ignore_errors=True)
-        (root / 'corpus.json').unlink()
-    (root / 'images').mkdir(parents=True, exist_ok=True)
+    if (root / "corpus.json").exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{root / 'corpus.json'} exists; pass overwrite=True (--overwrite) to rebuild"
+            )
+        for sub in ("images", "masks", "pretrain", "tasks"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        (root / "corpus.json").unlink()
+    (root / "images").mkdir(parents=True, exist_ok=True)
     base = (str(root), int(seed))
     tail = (int(size), prior, nuisance)
-    jobs = [base + (_POOL_OFFSET['paired'] + k,) + tail + (f'paired-{k:06d}', 'paired', 'train', None) for k in range(n_paired)]
-    jobs += [base + (_POOL_OFFSET['unpaired'] + k,) + tail + (f'unpaired-{k:06d}', 'unpaired', 'train', None) for k in range(n_unpaired)]
+    jobs = [
+        base + (_POOL_OFFSET["paired"] + k,) + tail + (f"paired-{k:06d}", "paired", "train", None)
+        for k in range(n_paired)
+    ]
+    jobs += [
+        base + (_POOL_OFFSET["unpaired"] + k,) + tail + (f"unpaired-{k:06d}", "unpaired", "train", None)
+        for k in range(n_unpaired)
+    ]
     for task in TASKS:
         for split in SPLITS:
-            jobs += [base + (_task_index(task, split, k),) + tail + (f'{task}-{split}-{k:06d}', 'task', split, task)
-                     for k in range(splits[split])]
-    if not isinstance(n_shifted_test, (int, np.integer)) or not 0 <= n_shifted_test < 10 ** 6:
+            jobs += [
+                base
+                + (_task_index(task, split, k),)
+                + tail
+                + (f"{task}-{split}-{k:06d}", "task", split, task)
+                for k in range(splits[split])
+            ]
+    if not isinstance(n_shifted_test, (int, np.integer)) or not 0 <= n_shifted_test < 10**6:
         raise ValueError(f"n_shifted_test must be an int in [0, 1e6), got {n_shifted_test!r}")
     shift = shift or ShiftedAcquisition()
     for task in TASKS:
-        jobs += [base + (_task_index(task, SHIFTED_SPLIT, k), int(size), prior, shift, f'{task}-{SHIFTED_SPLIT}-{k:06d}', 'task',
-                         'test', task) for k in range(n_shifted_test)]   # records of a test set ('split' keeps the contract's values)
-    bar = tqdm(total=len(jobs), desc=f'synthetic corpus ({size}px)', disable=not progress, unit='img')
+        jobs += [
+            base
+            + (
+                _task_index(task, SHIFTED_SPLIT, k),
+                int(size),
+                prior,
+                shift,
+                f"{task}-{SHIFTED_SPLIT}-{k:06d}",
+                "task",
+                "test",
+                task,
+            )
+            for k in range(n_shifted_test)
+        ]  # records of a test set ('split' keeps the contract's values)
+    bar = tqdm(total=len(jobs), desc=f"synthetic corpus ({size}px)", disable=not progress, unit="img")
     results = []
     if num_workers == 1 or len(jobs) < 2:
-        for j in jobs: results.append(_write_sample(j)); bar.update()
+        for j in jobs:
+            results.append(_write_sample(j))
+            bar.update()
     else:
         with ProcessPoolExecutor(max_workers=num_workers) as ex:
             for r in ex.map(_write_sample, jobs, chunksize=max(1, min(64, len(jobs) // (4 * num_workers)))):
-                results.append(r); bar.update()
+                results.append(r)
+                bar.update()
     bar.close()
     recs = [r for r, _ in results]
     labs = [l for _, l in results]
     i = 0
+
     def take(n):
         nonlocal i
-        out = (recs[i:i + n], labs[i:i + n]); i += n
+        out = (recs[i : i + n], labs[i : i + n])
+        i += n
         return out
+
     manifests, prevalence, counts = {}, {}, dict(paired=n_paired, unpaired=n_unpaired, tasks={})
-    for pool, n in (('paired', n_paired), ('unpaired', n_unpaired)):
+    for pool, n in (("paired", n_paired), ("unpaired", n_unpaired)):
         r, l = take(n)
-        _write_jsonl(root / 'pretrain' / f'{pool}.jsonl', r)
-        manifests[pool], prevalence[pool] = f'pretrain/{pool}.jsonl', _prevalence(l)
+        _write_jsonl(root / "pretrain" / f"{pool}.jsonl", r)
+        manifests[pool], prevalence[pool] = f"pretrain/{pool}.jsonl", _prevalence(l)
     for task in TASKS:
-        counts['tasks'][task] = dict(splits)
+        counts["tasks"][task] = dict(splits)
         for split in SPLITS:
             r, l = take(splits[split])
-            _write_jsonl(root / 'tasks' / task / f'{split}.jsonl', r)
-            manifests[f'{task}/{split}'] = f'tasks/{task}/{split}.jsonl'
-            prevalence[f'{task}/{split}'] = _prevalence(l)
+            _write_jsonl(root / "tasks" / task / f"{split}.jsonl", r)
+            manifests[f"{task}/{split}"] = f"tasks/{task}/{split}.jsonl"
+            prevalence[f"{task}/{split}"] = _prevalence(l)
     for task in TASKS:
-        if not n_shifted_test: break
+        if not n_shifted_test:
+            break
         r, l = take(n_shifted_test)
-        _write_jsonl(root / 'tasks' / task / f'{SHIFTED_SPLIT}.jsonl', r)
-        counts['tasks'][task][SHIFTED_SPLIT] = int(n_shifted_test)
-        manifests[f'{task}/{SHIFTED_SPLIT}'] = f'tasks/{task}/{SHIFTED_SPLIT}.jsonl'
-        prevalence[f'{task}/{SHIFTED_SPLIT}'] = _prevalence(l)
-    meta = dict(format='maskedclip-synthetic-fundus', version=CORPUS_FORMAT_VERSION, generator='maskedclip.synthetic',
-                seed=int(seed), image_size=int(size), counts=counts, manifests=manifests,
-                prior=asdict(prior), nuisance=asdict(nuisance) if nuisance is not None else None,
-                shifted_acquisition=asdict(shift) if n_shifted_test else None,
-                label_spaces=TASKS, disease_priority=list(DISEASE_PRIORITY), lesion_types=list(LESION_TYPES),
-                rules=dict(glaucoma_cdr_threshold=GLAUCOMA_CDR_THRESHOLD, severe_haemorrhages_per_quadrant_gt=SEVERE_HAEMORRHAGES_PER_QUADRANT,
-                           severe_beading_quadrants=SEVERE_BEADING_QUADRANTS, drusen_intermediate_um=DRUSEN_INTERMEDIATE_UM,
-                           drusen_large_um=DRUSEN_LARGE_UM, amd_min_intermediate_drusen=AMD_MIN_INTERMEDIATE_DRUSEN,
-                           cataract_haze_threshold=CATARACT_HAZE_THRESHOLD, dr_referral='dr_grade >= 2'),
-                index_offsets=dict(paired=_POOL_OFFSET['paired'], unpaired=_POOL_OFFSET['unpaired'],
-                                   tasks='2e8 + task_i * 1e7 + split_i * 1e6 + k'),
-                prevalence=prevalence)
-    tmp = root / 'corpus.json.tmp'
-    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
-    os.replace(tmp, root / 'corpus.json')
+        _write_jsonl(root / "tasks" / task / f"{SHIFTED_SPLIT}.jsonl", r)
+        counts["tasks"][task][SHIFTED_SPLIT] = int(n_shifted_test)
+        manifests[f"{task}/{SHIFTED_SPLIT}"] = f"tasks/{task}/{SHIFTED_SPLIT}.jsonl"
+        prevalence[f"{task}/{SHIFTED_SPLIT}"] = _prevalence(l)
+    meta = dict(
+        format="maskedclip-synthetic-fundus",
+        version=CORPUS_FORMAT_VERSION,
+        generator="maskedclip.synthetic",
+        seed=int(seed),
+        image_size=int(size),
+        counts=counts,
+        manifests=manifests,
+        prior=asdict(prior),
+        nuisance=asdict(nuisance) if nuisance is not None else None,
+        shifted_acquisition=asdict(shift) if n_shifted_test else None,
+        label_spaces=TASKS,
+        disease_priority=list(DISEASE_PRIORITY),
+        lesion_types=list(LESION_TYPES),
+        rules=dict(
+            glaucoma_cdr_threshold=GLAUCOMA_CDR_THRESHOLD,
+            severe_haemorrhages_per_quadrant_gt=SEVERE_HAEMORRHAGES_PER_QUADRANT,
+            severe_beading_quadrants=SEVERE_BEADING_QUADRANTS,
+            drusen_intermediate_um=DRUSEN_INTERMEDIATE_UM,
+            drusen_large_um=DRUSEN_LARGE_UM,
+            amd_min_intermediate_drusen=AMD_MIN_INTERMEDIATE_DRUSEN,
+            cataract_haze_threshold=CATARACT_HAZE_THRESHOLD,
+            dr_referral="dr_grade >= 2",
+        ),
+        index_offsets=dict(
+            paired=_POOL_OFFSET["paired"],
+            unpaired=_POOL_OFFSET["unpaired"],
+            tasks="2e8 + task_i * 1e7 + split_i * 1e6 + k",
+        ),
+        prevalence=prevalence,
+    )
+    tmp = root / "corpus.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, root / "corpus.json")
     return root
 
 # %% ../../nbs/02d_synthetic_corpus.ipynb #00000041
 def _parse_n_task(s: str) -> int | dict[str, int]:
-    parts = [p for p in s.replace(':', ',').split(',') if p.strip()]
-    try: vals = [int(p) for p in parts]
-    except ValueError: raise argparse.ArgumentTypeError(f"--n-task must be N or TRAIN,VAL,TEST integers, got {s!r}")
-    if len(vals) == 1: return vals[0]
-    if len(vals) == 3: return dict(zip(SPLITS, vals))
+    parts = [p for p in s.replace(":", ",").split(",") if p.strip()]
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--n-task must be N or TRAIN,VAL,TEST integers, got {s!r}")
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) == 3:
+        return dict(zip(SPLITS, vals))
     raise argparse.ArgumentTypeError(f"--n-task must be N or TRAIN,VAL,TEST integers, got {s!r}")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     "CLI `maskedclip-synth`: build a synthetic fundus corpus and print a summary (counts and prevalences)."
-    p = argparse.ArgumentParser(prog='maskedclip-synth', description='Build a synthetic fundus image-report corpus.')
-    p.add_argument('--out', required=True, help='corpus root folder')
-    p.add_argument('--n-paired', type=int, default=1000, help='image-report pairs (pretrain/paired.jsonl)')
-    p.add_argument('--n-unpaired', type=int, default=1000, help='images without text (pretrain/unpaired.jsonl)')
-    p.add_argument('--n-task', type=_parse_n_task, default=100, help='images per split of every task: N or TRAIN,VAL,TEST')
-    p.add_argument('--size', type=int, default=64, help='image size in pixels (64-512 tested)')
-    p.add_argument('--seed', type=int, default=0, help='corpus seed: the same seed renders the same corpus, byte for byte')
-    p.add_argument('--workers', type=int, default=1, help='worker processes')
-    p.add_argument('--n-shifted-test', type=int, default=0, help='images per task in tasks/<task>/test_shifted.jsonl (ShiftedAcquisition)')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing corpus at --out')
-    p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    p = argparse.ArgumentParser(
+        prog="maskedclip-synth", description="Build a synthetic fundus image-report corpus."
+    )
+    p.add_argument("--out", required=True, help="corpus root folder")
+    p.add_argument("--n-paired", type=int, default=1000, help="image-report pairs (pretrain/paired.jsonl)")
+    p.add_argument(
+        "--n-unpaired", type=int, default=1000, help="images without text (pretrain/unpaired.jsonl)"
+    )
+    p.add_argument(
+        "--n-task",
+        type=_parse_n_task,
+        default=100,
+        help="images per split of every task: N or TRAIN,VAL,TEST",
+    )
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (64-512 tested)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="corpus seed: the same seed renders the same corpus, byte for byte",
+    )
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument(
+        "--n-shifted-test",
+        type=int,
+        default=0,
+        help="images per task in tasks/<task>/test_shifted.jsonl (ShiftedAcquisition)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        root = build_corpus(a.out, a.n_paired, a.n_unpaired, a.n_task, size=a.size, seed=a.seed, num_workers=a.workers,
-                            progress=not a.no_progress, overwrite=a.overwrite, n_shifted_test=a.n_shifted_test)
+        root = build_corpus(
+            a.out,
+            a.n_paired,
+            a.n_unpaired,
+            a.n_task,
+            size=a.size,
+            seed=a.seed,
+            num_workers=a.workers,
+            progress=not a.no_progress,
+            overwrite=a.overwrite,
+            n_shifted_test=a.n_shifted_test,
+        )
     except (ValueError, FileExistsError) as e:
         p.error(str(e))
-    meta = json.loads((root / 'corpus.json').read_text())
-    print(f"synthetic corpus written to {root} in {time.perf_counter() - t0:.1f} s "
-          f"(size {meta['image_size']} px, seed {meta['seed']})")
-    c = meta['counts']
-    print(f"  paired {c['paired']}  unpaired {c['unpaired']}  tasks: " +
-          ', '.join(f"{t} {'/'.join(str(v[s]) for s in SPLITS)}" for t, v in c['tasks'].items()) + ' (train/val/test)')
-    print(f"  {'pool':<22}{'n':>6} " + ' '.join(f'{k:>9}' for k in ('DR>=1', 'referable', 'glaucoma', 'AMD', 'cataract', 'normal')))
-    for pool, pv in meta['prevalence'].items():
-        if not pv['n']: continue
-        dr = 1 - pv['dr_grade']['no DR']
-        vals = (dr, pv['dr_referral'], pv['glaucoma'], pv['amd'], pv['cataract'], pv['normal'])
-        print(f"  {pool:<22}{pv['n']:>6} " + ' '.join(f'{v:>9.3f}' for v in vals))
+    meta = json.loads((root / "corpus.json").read_text())
+    print(
+        f"synthetic corpus written to {root} in {time.perf_counter() - t0:.1f} s "
+        f"(size {meta['image_size']} px, seed {meta['seed']})"
+    )
+    c = meta["counts"]
+    print(
+        f"  paired {c['paired']}  unpaired {c['unpaired']}  tasks: "
+        + ", ".join(f"{t} {'/'.join(str(v[s]) for s in SPLITS)}" for t, v in c["tasks"].items())
+        + " (train/val/test)"
+    )
+    print(
+        f"  {'pool':<22}{'n':>6} "
+        + " ".join(f"{k:>9}" for k in ("DR>=1", "referable", "glaucoma", "AMD", "cataract", "normal"))
+    )
+    for pool, pv in meta["prevalence"].items():
+        if not pv["n"]:
+            continue
+        dr = 1 - pv["dr_grade"]["no DR"]
+        vals = (dr, pv["dr_referral"], pv["glaucoma"], pv["amd"], pv["cataract"], pv["normal"])
+        print(f"  {pool:<22}{pv['n']:>6} " + " ".join(f"{v:>9.3f}" for v in vals))
     return 0

@@ -4,16 +4,12 @@
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #12145507
 from __future__ import annotations
-import argparse, dataclasses, io, json, math, os, shutil, time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage as ndi
-from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['DR_GRADES', 'TASKS', 'DISEASE_PRIORITY', 'SPLITS', 'LESION_TYPES', 'ANATOMY', 'QUADRANTS', 'GLAUCOMA_CDR_THRESHOLD',
@@ -23,34 +19,50 @@ __all__ = ['DR_GRADES', 'TASKS', 'DISEASE_PRIORITY', 'SPLITS', 'LESION_TYPES', '
            'drusen_diameter_um', 'amd_from_drusen', 'Findings', 'FindingPrior', 'sample_findings']
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #00000005
-DR_GRADES = ['no DR', 'mild DR', 'moderate DR', 'severe DR', 'proliferative DR']
+DR_GRADES = ["no DR", "mild DR", "moderate DR", "severe DR", "proliferative DR"]
 TASKS = {
-    'dr_grade': list(DR_GRADES),
-    'dr_referral': ['non-referable DR', 'referable DR'],
-    'glaucoma': ['no glaucoma', 'glaucoma'],
-    'multi_disease': ['normal', 'diabetic retinopathy', 'glaucoma', 'age-related macular degeneration', 'cataract'],
+    "dr_grade": list(DR_GRADES),
+    "dr_referral": ["non-referable DR", "referable DR"],
+    "glaucoma": ["no glaucoma", "glaucoma"],
+    "multi_disease": [
+        "normal",
+        "diabetic retinopathy",
+        "glaucoma",
+        "age-related macular degeneration",
+        "cataract",
+    ],
 }
-DISEASE_PRIORITY = ('diabetic retinopathy', 'glaucoma', 'age-related macular degeneration', 'cataract')
-SPLITS = ('train', 'val', 'test')
-LESION_TYPES = ('microaneurysm', 'haemorrhage', 'hard_exudate', 'cotton_wool_spot', 'drusen',
-                'neovascularisation', 'preretinal_haemorrhage')
-ANATOMY = ('optic_disc', 'optic_cup')
-QUADRANTS = ('superotemporal', 'superonasal', 'inferotemporal', 'inferonasal')
+DISEASE_PRIORITY = ("diabetic retinopathy", "glaucoma", "age-related macular degeneration", "cataract")
+SPLITS = ("train", "val", "test")
+LESION_TYPES = (
+    "microaneurysm",
+    "haemorrhage",
+    "hard_exudate",
+    "cotton_wool_spot",
+    "drusen",
+    "neovascularisation",
+    "preretinal_haemorrhage",
+)
+ANATOMY = ("optic_disc", "optic_cup")
+QUADRANTS = ("superotemporal", "superonasal", "inferotemporal", "inferonasal")
 
-GLAUCOMA_CDR_THRESHOLD = 0.65          # vertical cup-to-disc ratio >= this -> referable glaucoma
-SEVERE_HAEMORRHAGES_PER_QUADRANT = 20  # ICDR "4-2-1" rule: MORE than 20 intraretinal haemorrhages in each of 4 quadrants
-SEVERE_BEADING_QUADRANTS = 2           # ICDR: definite venous beading in >= 2 quadrants -> severe NPDR
-DRUSEN_INTERMEDIATE_UM, DRUSEN_LARGE_UM = 63.0, 125.0   # AREDS drusen size classes (diameter, micrometres)
-AMD_MIN_INTERMEDIATE_DRUSEN = 10       # >= this many drusen of >= 63 um (or any >= 125 um) -> AMD
-CATARACT_HAZE_THRESHOLD = 0.3          # lens haze in [0, 1]; >= this -> cataract
-DISC_DIAMETER_UM = 1800.0              # mean optic disc diameter: the ruler that converts FOV units to um
-MIN_LESION_RADIUS_PX = 0.75            # lesions never render smaller than this (visible at 64 px)
-FOV_RADIUS = 0.48                      # nominal field-of-view radius as a fraction of the image size
+GLAUCOMA_CDR_THRESHOLD = 0.65  # vertical cup-to-disc ratio >= this -> referable glaucoma
+SEVERE_HAEMORRHAGES_PER_QUADRANT = (
+    20  # ICDR "4-2-1" rule: MORE than 20 intraretinal haemorrhages in each of 4 quadrants
+)
+SEVERE_BEADING_QUADRANTS = 2  # ICDR: definite venous beading in >= 2 quadrants -> severe NPDR
+DRUSEN_INTERMEDIATE_UM, DRUSEN_LARGE_UM = 63.0, 125.0  # AREDS drusen size classes (diameter, micrometres)
+AMD_MIN_INTERMEDIATE_DRUSEN = 10  # >= this many drusen of >= 63 um (or any >= 125 um) -> AMD
+CATARACT_HAZE_THRESHOLD = 0.3  # lens haze in [0, 1]; >= this -> cataract
+DISC_DIAMETER_UM = 1800.0  # mean optic disc diameter: the ruler that converts FOV units to um
+MIN_LESION_RADIUS_PX = 0.75  # lesions never render smaller than this (visible at 64 px)
+FOV_RADIUS = 0.48  # nominal field-of-view radius as a fraction of the image size
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #00000008
 def quadrant_of(x: float, y: float) -> str:
     "Retinal quadrant of a point in the canonical frame (centre = FOV centre; x < 0 temporal, y < 0 superior)."
-    return ('supero' if y < 0 else 'infero') + ('temporal' if x < 0 else 'nasal')
+    return ("supero" if y < 0 else "infero") + ("temporal" if x < 0 else "nasal")
+
 
 @dataclass(frozen=True)
 class Lesion:
@@ -60,28 +72,34 @@ class Lesion:
     right eye), `y` grows inferiorly (down the image). `rx, ry` are the semi-axes, `angle` (radians) turns the
     `rx` axis away from +x. `subtype`: 'dot'|'blot'|'flame' (haemorrhage), 'NVD'|'NVE' (new vessels),
     'small'|'intermediate'|'large' (drusen), '' otherwise."""
+
     kind: str
     x: float
     y: float
     rx: float
     ry: float
     angle: float = 0.0
-    subtype: str = ''
+    subtype: str = ""
 
     def __post_init__(self):
-        if self.kind not in LESION_TYPES: raise ValueError(f"Lesion.kind={self.kind!r} not in {LESION_TYPES}")
-        if not (self.rx > 0 and self.ry > 0): raise ValueError(f"Lesion.rx/ry must be > 0, got {self.rx}, {self.ry}")
+        if self.kind not in LESION_TYPES:
+            raise ValueError(f"Lesion.kind={self.kind!r} not in {LESION_TYPES}")
+        if not (self.rx > 0 and self.ry > 0):
+            raise ValueError(f"Lesion.rx/ry must be > 0, got {self.rx}, {self.ry}")
 
     @property
-    def quadrant(self) -> str: return quadrant_of(self.x, self.y)
+    def quadrant(self) -> str:
+        return quadrant_of(self.x, self.y)
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #0000000a
 def haemorrhages_per_quadrant(lesions: Sequence[Lesion]) -> dict[str, int]:
     "Count intraretinal haemorrhages (dot, blot, flame) per quadrant."
     out = dict.fromkeys(QUADRANTS, 0)
     for l in lesions:
-        if l.kind == 'haemorrhage': out[l.quadrant] += 1
+        if l.kind == "haemorrhage":
+            out[l.quadrant] += 1
     return out
+
 
 def dr_grade_from_lesions(lesions: Sequence[Lesion], venous_beading: Sequence[str] = ()) -> int:
     """International Clinical DR severity (0-4) from the lesions, simplified as documented:
@@ -92,22 +110,34 @@ def dr_grade_from_lesions(lesions: Sequence[Lesion], venous_beading: Sequence[st
       microaneurysms only);
     1 mild NPDR: microaneurysms only; 0: none of these."""
     kinds = {l.kind for l in lesions}
-    if kinds & {'neovascularisation', 'preretinal_haemorrhage'}: return 4
+    if kinds & {"neovascularisation", "preretinal_haemorrhage"}:
+        return 4
     hq = haemorrhages_per_quadrant(lesions)
-    if min(hq.values()) > SEVERE_HAEMORRHAGES_PER_QUADRANT or len(set(venous_beading)) >= SEVERE_BEADING_QUADRANTS: return 3
-    if kinds & {'haemorrhage', 'hard_exudate', 'cotton_wool_spot'} or venous_beading: return 2
-    if 'microaneurysm' in kinds: return 1
+    if (
+        min(hq.values()) > SEVERE_HAEMORRHAGES_PER_QUADRANT
+        or len(set(venous_beading)) >= SEVERE_BEADING_QUADRANTS
+    ):
+        return 3
+    if kinds & {"haemorrhage", "hard_exudate", "cotton_wool_spot"} or venous_beading:
+        return 2
+    if "microaneurysm" in kinds:
+        return 1
     return 0
+
 
 def drusen_diameter_um(lesion: Lesion, disc_diameter: float) -> float:
     "Drusen diameter in micrometres, using the disc diameter (FOV units) as a 1800 um ruler."
     return 2.0 * math.sqrt(lesion.rx * lesion.ry) * DISC_DIAMETER_UM / disc_diameter
 
+
 def amd_from_drusen(lesions: Sequence[Lesion], disc_diameter: float) -> bool:
     """AMD (intermediate or worse, simplified AREDS): any large drusen (>= 125 um) or
     >= 10 drusen of at least intermediate size (>= 63 um)."""
-    d = [drusen_diameter_um(l, disc_diameter) for l in lesions if l.kind == 'drusen']
-    return any(x >= DRUSEN_LARGE_UM for x in d) or sum(x >= DRUSEN_INTERMEDIATE_UM for x in d) >= AMD_MIN_INTERMEDIATE_DRUSEN
+    d = [drusen_diameter_um(l, disc_diameter) for l in lesions if l.kind == "drusen"]
+    return (
+        any(x >= DRUSEN_LARGE_UM for x in d)
+        or sum(x >= DRUSEN_INTERMEDIATE_UM for x in d) >= AMD_MIN_INTERMEDIATE_DRUSEN
+    )
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #0000000e
 @dataclass
@@ -117,7 +147,8 @@ class Findings:
     Geometry is in the canonical right-eye frame (FOV radii, see `Lesion`); a left eye ('OS') is rendered
     mirrored. `cdr` is the vertical cup-to-disc ratio, `cataract_haze` in [0, 1] the lens opacity,
     `venous_beading` the quadrants with beaded veins."""
-    eye: str = 'OD'
+
+    eye: str = "OD"
     fovea: tuple[float, float] = (0.0, 0.02)
     disc: tuple[float, float] = (0.66, -0.04)
     disc_diameter: float = 0.27
@@ -132,12 +163,19 @@ class Findings:
     labels: dict[str, Any] = field(init=False)
 
     def __post_init__(self):
-        if self.eye not in ('OD', 'OS'): raise ValueError(f"Findings.eye must be 'OD' or 'OS', got {self.eye!r}")
-        if not 0.0 < self.cdr < 1.0: raise ValueError(f"Findings.cdr must be in (0, 1), got {self.cdr}")
-        if not 0.0 <= self.cataract_haze <= 1.0: raise ValueError(f"Findings.cataract_haze must be in [0, 1], got {self.cataract_haze}")
-        if not 0.05 <= self.disc_diameter <= 0.6: raise ValueError(f"Findings.disc_diameter must be in [0.05, 0.6], got {self.disc_diameter}")
+        if self.eye not in ("OD", "OS"):
+            raise ValueError(f"Findings.eye must be 'OD' or 'OS', got {self.eye!r}")
+        if not 0.0 < self.cdr < 1.0:
+            raise ValueError(f"Findings.cdr must be in (0, 1), got {self.cdr}")
+        if not 0.0 <= self.cataract_haze <= 1.0:
+            raise ValueError(f"Findings.cataract_haze must be in [0, 1], got {self.cataract_haze}")
+        if not 0.05 <= self.disc_diameter <= 0.6:
+            raise ValueError(f"Findings.disc_diameter must be in [0.05, 0.6], got {self.disc_diameter}")
         bad = set(self.venous_beading) - set(QUADRANTS)
-        if bad: raise ValueError(f"Findings.venous_beading has unknown quadrants {sorted(bad)}; allowed {QUADRANTS}")
+        if bad:
+            raise ValueError(
+                f"Findings.venous_beading has unknown quadrants {sorted(bad)}; allowed {QUADRANTS}"
+            )
         self.lesions = list(self.lesions)
         self.venous_beading = tuple(self.venous_beading)
         self.dr_grade = dr_grade_from_lesions(self.lesions, self.venous_beading)
@@ -145,9 +183,15 @@ class Findings:
         self.amd = amd_from_drusen(self.lesions, self.disc_diameter)
         self.cataract = bool(self.cataract_haze >= CATARACT_HAZE_THRESHOLD)
         dr = self.dr_grade >= 1
-        self.labels = dict(dr_grade=self.dr_grade, dr=dr, dr_referral=self.dr_grade >= 2, glaucoma=self.glaucoma,
-                           amd=self.amd, cataract=self.cataract,
-                           normal=not (dr or self.glaucoma or self.amd or self.cataract))
+        self.labels = dict(
+            dr_grade=self.dr_grade,
+            dr=dr,
+            dr_referral=self.dr_grade >= 2,
+            glaucoma=self.glaucoma,
+            amd=self.amd,
+            cataract=self.cataract,
+            normal=not (dr or self.glaucoma or self.amd or self.cataract),
+        )
 
     def count(self, kind: str, subtype: str | None = None) -> int:
         "Number of lesions of `kind` (and `subtype`, if given)."
@@ -156,23 +200,31 @@ class Findings:
     @property
     def categories(self) -> list[str]:
         "All positive multi-disease categories in `TASKS['multi_disease']` order (['normal'] if none)."
-        flags = {'diabetic retinopathy': self.labels['dr'], 'glaucoma': self.glaucoma,
-                 'age-related macular degeneration': self.amd, 'cataract': self.cataract}
-        pos = [c for c in TASKS['multi_disease'][1:] if flags[c]]
-        return pos or ['normal']
+        flags = {
+            "diabetic retinopathy": self.labels["dr"],
+            "glaucoma": self.glaucoma,
+            "age-related macular degeneration": self.amd,
+            "cataract": self.cataract,
+        }
+        pos = [c for c in TASKS["multi_disease"][1:] if flags[c]]
+        return pos or ["normal"]
 
     @property
     def primary(self) -> str:
         "The primary category: the first positive one in `DISEASE_PRIORITY`, else 'normal'."
         cats = self.categories
-        return next((c for c in DISEASE_PRIORITY if c in cats), 'normal')
+        return next((c for c in DISEASE_PRIORITY if c in cats), "normal")
 
     def task_label(self, task: str) -> str:
         "Class name of this eye in `TASKS[task]`."
-        if task == 'dr_grade': return DR_GRADES[self.dr_grade]
-        if task == 'dr_referral': return TASKS[task][int(self.dr_grade >= 2)]
-        if task == 'glaucoma': return TASKS[task][int(self.glaucoma)]
-        if task == 'multi_disease': return self.primary
+        if task == "dr_grade":
+            return DR_GRADES[self.dr_grade]
+        if task == "dr_referral":
+            return TASKS[task][int(self.dr_grade >= 2)]
+        if task == "glaucoma":
+            return TASKS[task][int(self.glaucoma)]
+        if task == "multi_disease":
+            return self.primary
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #00000011
@@ -180,68 +232,104 @@ class Findings:
 class FindingPrior:
     """Prevalences and lesion rates of the synthetic population (one eye per sample, findings independent
     across diseases). Count ranges are inclusive `(low, high)`."""
+
     dr_grade_probs: tuple[float, ...] = (0.50, 0.14, 0.18, 0.09, 0.09)  # P(grade 0..4)
-    p_glaucoma: float = 0.20          # P(CDR >= 0.65)
+    p_glaucoma: float = 0.20  # P(CDR >= 0.65)
     p_amd: float = 0.12
     p_cataract: float = 0.10
     p_right_eye: float = 0.5
-    ma_count_mild: tuple[int, int] = (1, 8)          # microaneurysms in mild DR
-    ma_count_other: tuple[int, int] = (2, 20)        # ... in moderate / severe / proliferative DR
-    haem_count_moderate: tuple[int, int] = (1, 25)   # total haemorrhages in moderate DR (and under PDR / beading)
+    ma_count_mild: tuple[int, int] = (1, 8)  # microaneurysms in mild DR
+    ma_count_other: tuple[int, int] = (2, 20)  # ... in moderate / severe / proliferative DR
+    haem_count_moderate: tuple[int, int] = (
+        1,
+        25,
+    )  # total haemorrhages in moderate DR (and under PDR / beading)
     haem_per_quadrant_severe: tuple[int, int] = (21, 30)
-    p_haem_moderate: float = 0.85     # P(haemorrhages | moderate); at least one non-MA lesion is forced
-    p_exudate: float = 0.45           # P(hard exudates | grade >= 2)
-    p_cws: float = 0.30               # P(cotton-wool spots | grade >= 2)
-    p_beading_severe: float = 0.30    # P(severe by venous beading rather than by haemorrhage counts | severe)
-    p_nvd: float = 0.60               # P(new vessels at the disc | PDR)
-    p_nve: float = 0.50               # P(new vessels elsewhere | PDR)
-    p_preretinal: float = 0.35        # P(preretinal haemorrhage | PDR); PDR always has >= 1 of NVD/NVE/preretinal
-    p_large_drusen_amd: float = 0.5   # P(AMD shown by large drusen rather than many intermediate ones | AMD)
-    p_small_drusen: float = 0.30      # P(a few small, non-AMD drusen | no AMD)
-    p_mild_haze: float = 0.30         # P(sub-threshold lens haze | no cataract)
-    fovea_x: tuple[float, float] = (-0.2, 0.02)   # fovea offset from the FOV centre (uniform; < 0 temporal): macula-
-                                                   # centred to nearly disc-centred views (version 1: N(0, 0.025))
+    p_haem_moderate: float = 0.85  # P(haemorrhages | moderate); at least one non-MA lesion is forced
+    p_exudate: float = 0.45  # P(hard exudates | grade >= 2)
+    p_cws: float = 0.30  # P(cotton-wool spots | grade >= 2)
+    p_beading_severe: float = 0.30  # P(severe by venous beading rather than by haemorrhage counts | severe)
+    p_nvd: float = 0.60  # P(new vessels at the disc | PDR)
+    p_nve: float = 0.50  # P(new vessels elsewhere | PDR)
+    p_preretinal: float = 0.35  # P(preretinal haemorrhage | PDR); PDR always has >= 1 of NVD/NVE/preretinal
+    p_large_drusen_amd: float = 0.5  # P(AMD shown by large drusen rather than many intermediate ones | AMD)
+    p_small_drusen: float = 0.30  # P(a few small, non-AMD drusen | no AMD)
+    p_mild_haze: float = 0.30  # P(sub-threshold lens haze | no cataract)
+    fovea_x: tuple[float, float] = (
+        -0.2,
+        0.02,
+    )  # fovea offset from the FOV centre (uniform; < 0 temporal): macula-
+    # centred to nearly disc-centred views (version 1: N(0, 0.025))
 
     def __post_init__(self):
         p = np.asarray(self.dr_grade_probs, dtype=float)
         if p.shape != (5,) or (p < 0).any() or abs(p.sum() - 1) > 1e-6:
-            raise ValueError(f"FindingPrior.dr_grade_probs must be 5 non-negative numbers summing to 1, got {self.dr_grade_probs}")
+            raise ValueError(
+                f"FindingPrior.dr_grade_probs must be 5 non-negative numbers summing to 1, got {self.dr_grade_probs}"
+            )
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name.startswith('p_') and not 0.0 <= v <= 1.0:
+            if f.name.startswith("p_") and not 0.0 <= v <= 1.0:
                 raise ValueError(f"FindingPrior.{f.name} must be in [0, 1], got {v}")
-            if f.name.endswith(('_count_mild', '_count_other', '_count_moderate', '_severe')) and isinstance(v, tuple):
+            if f.name.endswith(("_count_mild", "_count_other", "_count_moderate", "_severe")) and isinstance(
+                v, tuple
+            ):
                 if len(v) != 2 or not 0 <= v[0] <= v[1]:
-                    raise ValueError(f"FindingPrior.{f.name} must be an inclusive range (low, high) with 0 <= low <= high, got {v}")
+                    raise ValueError(
+                        f"FindingPrior.{f.name} must be an inclusive range (low, high) with 0 <= low <= high, got {v}"
+                    )
         if not (len(self.fovea_x) == 2 and -0.3 <= self.fovea_x[0] <= self.fovea_x[1] <= 0.05):
-            raise ValueError(f"FindingPrior.fovea_x must be a range (low, high) within [-0.3, 0.05], got {self.fovea_x}")
+            raise ValueError(
+                f"FindingPrior.fovea_x must be a range (low, high) within [-0.3, 0.05], got {self.fovea_x}"
+            )
         lo = self.haem_per_quadrant_severe[0]
         if lo <= SEVERE_HAEMORRHAGES_PER_QUADRANT:
-            raise ValueError(f"FindingPrior.haem_per_quadrant_severe must start above {SEVERE_HAEMORRHAGES_PER_QUADRANT}, got {lo}")
+            raise ValueError(
+                f"FindingPrior.haem_per_quadrant_severe must start above {SEVERE_HAEMORRHAGES_PER_QUADRANT}, got {lo}"
+            )
         if self.haem_count_moderate[1] > 4 * SEVERE_HAEMORRHAGES_PER_QUADRANT:
-            raise ValueError(f"FindingPrior.haem_count_moderate upper bound must be <= {4 * SEVERE_HAEMORRHAGES_PER_QUADRANT}")
+            raise ValueError(
+                f"FindingPrior.haem_count_moderate upper bound must be <= {4 * SEVERE_HAEMORRHAGES_PER_QUADRANT}"
+            )
 
     def expected(self) -> dict[str, float]:
         "Expected label prevalences implied by this prior (labels are independent across diseases)."
         p = self.dr_grade_probs
         pdr = 1 - p[0]
-        return dict(**{f'dr_grade={g}': p[g] for g in range(5)}, dr=pdr, dr_referral=sum(p[2:]),
-                    glaucoma=self.p_glaucoma, amd=self.p_amd, cataract=self.p_cataract,
-                    normal=(1 - pdr) * (1 - self.p_glaucoma) * (1 - self.p_amd) * (1 - self.p_cataract))
+        return dict(
+            **{f"dr_grade={g}": p[g] for g in range(5)},
+            dr=pdr,
+            dr_referral=sum(p[2:]),
+            glaucoma=self.p_glaucoma,
+            amd=self.p_amd,
+            cataract=self.p_cataract,
+            normal=(1 - pdr) * (1 - self.p_glaucoma) * (1 - self.p_amd) * (1 - self.p_cataract),
+        )
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #00000013
 def _count(rng: np.random.Generator, lo_hi: tuple[int, int]) -> int:
     return int(rng.integers(lo_hi[0], lo_hi[1] + 1))
 
-def _positions(rng: np.random.Generator, n: int, disc: tuple[float, float], dd: float, *, rmax: float = 0.88,
-               centre: tuple[float, float] | None = None, sigma: float = 0.3, quadrant: str | None = None,
-               ring: float | None = None) -> np.ndarray:
+
+def _positions(
+    rng: np.random.Generator,
+    n: int,
+    disc: tuple[float, float],
+    dd: float,
+    *,
+    rmax: float = 0.88,
+    centre: tuple[float, float] | None = None,
+    sigma: float = 0.3,
+    quadrant: str | None = None,
+    ring: float | None = None,
+) -> np.ndarray:
     """`(n, 2)` lesion centres inside the FOV (radius `rmax`) and off the optic disc: uniform, or Gaussian
     around `centre` (`sigma`), or on a ring of radius `ring` around `centre`; optionally folded into `quadrant`."""
     out, tries = np.zeros((0, 2)), 0
     while len(out) < n:
         m, tries = 2 * (n - len(out)) + 8, tries + 1
-        if tries > 4: centre = None   # a centre too close to the disc / FOV edge: fall back to uniform
+        if tries > 4:
+            centre = None  # a centre too close to the disc / FOV edge: fall back to uniform
         if centre is None:
             r, th = rmax * np.sqrt(rng.random(m)), 2 * np.pi * rng.random(m)
             p = np.stack([r * np.cos(th), r * np.sin(th)], 1)
@@ -252,10 +340,11 @@ def _positions(rng: np.random.Generator, n: int, disc: tuple[float, float], dd: 
         else:
             p = np.asarray(centre) + sigma * rng.standard_normal((m, 2))
         if quadrant is not None:
-            p = np.abs(p) * [(-1 if 'temporal' in quadrant else 1), (-1 if 'supero' in quadrant else 1)]
+            p = np.abs(p) * [(-1 if "temporal" in quadrant else 1), (-1 if "supero" in quadrant else 1)]
         ok = (np.hypot(*p.T) < rmax) & (np.hypot(*(p - disc).T) > 0.75 * dd)
         out = np.concatenate([out, p[ok]])
     return out[:n]
+
 
 def _haemorrhages(rng, pos: np.ndarray, disc) -> list[Lesion]:
     "Dot, blot and flame haemorrhages at `pos`; flames lie along the nerve fibres (radial from the disc)."
@@ -264,71 +353,134 @@ def _haemorrhages(rng, pos: np.ndarray, disc) -> list[Lesion]:
     r = rng.uniform(0.006, 0.013, n) * np.array([1.0, 2.0, 2.6])[sub]
     aspect = np.where(sub == 2, rng.uniform(0.28, 0.42, n), rng.uniform(0.75, 1.0, n))
     ang = np.where(sub == 2, np.arctan2(pos[:, 1] - disc[1], pos[:, 0] - disc[0]), rng.uniform(0, np.pi, n))
-    names = ('dot', 'blot', 'flame')
-    return [Lesion('haemorrhage', float(x), float(y), float(a), float(a * q), float(t), names[s])
-            for (x, y), a, q, t, s in zip(pos, r, aspect, ang, sub)]
+    names = ("dot", "blot", "flame")
+    return [
+        Lesion("haemorrhage", float(x), float(y), float(a), float(a * q), float(t), names[s])
+        for (x, y), a, q, t, s in zip(pos, r, aspect, ang, sub)
+    ]
 
-def _round_lesions(kind: str, pos: np.ndarray, r: np.ndarray, subtype: str = '', aspect=None, angle=None) -> list[Lesion]:
+
+def _round_lesions(
+    kind: str, pos: np.ndarray, r: np.ndarray, subtype: str = "", aspect=None, angle=None
+) -> list[Lesion]:
     aspect = np.ones(len(pos)) if aspect is None else aspect
     angle = np.zeros(len(pos)) if angle is None else angle
-    return [Lesion(kind, float(x), float(y), float(a), float(a * q), float(t), subtype)
-            for (x, y), a, q, t in zip(pos, r, aspect, angle)]
+    return [
+        Lesion(kind, float(x), float(y), float(a), float(a * q), float(t), subtype)
+        for (x, y), a, q, t in zip(pos, r, aspect, angle)
+    ]
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #00000014
-def _dr_lesions(rng: np.random.Generator, grade: int, prior: FindingPrior, fovea, disc, dd) -> tuple[list[Lesion], tuple[str, ...]]:
+def _dr_lesions(
+    rng: np.random.Generator, grade: int, prior: FindingPrior, fovea, disc, dd
+) -> tuple[list[Lesion], tuple[str, ...]]:
     "Lesions (and beaded quadrants) that make `dr_grade_from_lesions` return exactly `grade`."
     les, beading = [], ()
-    if grade == 0: return les, beading
+    if grade == 0:
+        return les, beading
     n_ma = _count(rng, prior.ma_count_mild if grade == 1 else prior.ma_count_other)
-    les += _round_lesions('microaneurysm', _positions(rng, n_ma, disc, dd, centre=fovea, sigma=0.35),
-                          rng.uniform(0.003, 0.006, n_ma))
-    if grade == 1: return les, beading
-    has_h, has_e, has_c = (rng.random() < prior.p_haem_moderate, rng.random() < prior.p_exudate,
-                           rng.random() < prior.p_cws)
-    if grade == 2 and not (has_h or has_e or has_c): has_h = True
+    les += _round_lesions(
+        "microaneurysm",
+        _positions(rng, n_ma, disc, dd, centre=fovea, sigma=0.35),
+        rng.uniform(0.003, 0.006, n_ma),
+    )
+    if grade == 1:
+        return les, beading
+    has_h, has_e, has_c = (
+        rng.random() < prior.p_haem_moderate,
+        rng.random() < prior.p_exudate,
+        rng.random() < prior.p_cws,
+    )
+    if grade == 2 and not (has_h or has_e or has_c):
+        has_h = True
     if grade == 3:
-        if rng.random() < prior.p_beading_severe:     # severe by venous beading in >= 2 quadrants
+        if rng.random() < prior.p_beading_severe:  # severe by venous beading in >= 2 quadrants
             nq = int(rng.integers(SEVERE_BEADING_QUADRANTS, 5))
             chosen = set(rng.choice(QUADRANTS, nq, replace=False).tolist())
             beading = tuple(q for q in QUADRANTS if q in chosen)
-        else:                                         # severe by > 20 haemorrhages in each quadrant
+        else:  # severe by > 20 haemorrhages in each quadrant
             for q in QUADRANTS:
-                les += _haemorrhages(rng, _positions(rng, _count(rng, prior.haem_per_quadrant_severe), disc, dd, quadrant=q), disc)
+                les += _haemorrhages(
+                    rng,
+                    _positions(rng, _count(rng, prior.haem_per_quadrant_severe), disc, dd, quadrant=q),
+                    disc,
+                )
     if has_h or grade == 4:
         lo_hi = prior.haem_count_moderate if grade < 4 else (5, max(5, 2 * prior.haem_count_moderate[1]))
         les += _haemorrhages(rng, _positions(rng, _count(rng, lo_hi), disc, dd), disc)
-    if has_e:   # hard exudates: 1-2 clusters or circinate rings in the posterior pole
+    if has_e:  # hard exudates: 1-2 clusters or circinate rings in the posterior pole
         for _ in range(int(rng.integers(1, 3))):
             d, th = dd * rng.uniform(0.6, 2.2), rng.uniform(0, 2 * np.pi)
             c = (fovea[0] + d * np.cos(th), fovea[1] + d * np.sin(th))
             n = int(rng.integers(4, 21))
             ring = rng.uniform(0.03, 0.08) if rng.random() < 0.5 else None
             pos = _positions(rng, n, disc, dd, centre=c, sigma=0.04, ring=ring)
-            les += _round_lesions('hard_exudate', pos, rng.uniform(0.004, 0.011, n), aspect=rng.uniform(0.6, 1.0, n),
-                                  angle=rng.uniform(0, np.pi, n))
-    if has_c:   # cotton-wool spots: fluffy, near the disc and the arcades
+            les += _round_lesions(
+                "hard_exudate",
+                pos,
+                rng.uniform(0.004, 0.011, n),
+                aspect=rng.uniform(0.6, 1.0, n),
+                angle=rng.uniform(0, np.pi, n),
+            )
+    if has_c:  # cotton-wool spots: fluffy, near the disc and the arcades
         n = int(rng.integers(1, 5))
-        d, th = dd * rng.uniform(0.9, 2.2, n), rng.choice([-1.0, 1.0], n) * np.radians(rng.uniform(100, 160, n))
+        d, th = (
+            dd * rng.uniform(0.9, 2.2, n),
+            rng.choice([-1.0, 1.0], n) * np.radians(rng.uniform(100, 160, n)),
+        )
         centre_pts = np.stack([disc[0] + d * np.cos(th), disc[1] + d * np.sin(th)], 1)
         pos = np.array([_positions(rng, 1, disc, dd, centre=tuple(p), sigma=0.03)[0] for p in centre_pts])
-        les += _round_lesions('cotton_wool_spot', pos, rng.uniform(0.022, 0.04, n), aspect=rng.uniform(0.55, 0.9, n),
-                              angle=rng.uniform(0, np.pi, n))
+        les += _round_lesions(
+            "cotton_wool_spot",
+            pos,
+            rng.uniform(0.022, 0.04, n),
+            aspect=rng.uniform(0.55, 0.9, n),
+            angle=rng.uniform(0, np.pi, n),
+        )
     if grade == 4:
-        nvd, nve, pre = rng.random() < prior.p_nvd, rng.random() < prior.p_nve, rng.random() < prior.p_preretinal
-        if not (nvd or nve or pre): nvd = True
+        nvd, nve, pre = (
+            rng.random() < prior.p_nvd,
+            rng.random() < prior.p_nve,
+            rng.random() < prior.p_preretinal,
+        )
+        if not (nvd or nve or pre):
+            nvd = True
         if nvd:
             e = dd * rng.uniform(0.35, 0.6)
-            les.append(Lesion('neovascularisation', disc[0] + rng.normal(0, 0.01), disc[1] + rng.normal(0, 0.01), e, e, 0.0, 'NVD'))
+            les.append(
+                Lesion(
+                    "neovascularisation",
+                    disc[0] + rng.normal(0, 0.01),
+                    disc[1] + rng.normal(0, 0.01),
+                    e,
+                    e,
+                    0.0,
+                    "NVD",
+                )
+            )
         if nve:
             for _ in range(int(rng.integers(1, 3))):
                 sy = rng.choice([-1.0, 1.0])
                 e = rng.uniform(0.04, 0.08)
-                les.append(Lesion('neovascularisation', disc[0] - rng.uniform(0.3, 0.8), disc[1] + sy * rng.uniform(0.25, 0.45),
-                                  e, e, 0.0, 'NVE'))
+                les.append(
+                    Lesion(
+                        "neovascularisation",
+                        disc[0] - rng.uniform(0.3, 0.8),
+                        disc[1] + sy * rng.uniform(0.25, 0.45),
+                        e,
+                        e,
+                        0.0,
+                        "NVE",
+                    )
+                )
         if pre:
             p = _positions(rng, 1, disc, dd, rmax=0.7)[0]
             r = rng.uniform(0.06, 0.12)
-            les.append(Lesion('preretinal_haemorrhage', float(p[0]), float(p[1]), r, r * rng.uniform(0.75, 0.95), 0.0))
+            les.append(
+                Lesion(
+                    "preretinal_haemorrhage", float(p[0]), float(p[1]), r, r * rng.uniform(0.75, 0.95), 0.0
+                )
+            )
     return les, beading
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #8ffacf79
@@ -337,36 +489,50 @@ def _drusen(rng: np.random.Generator, amd: bool, prior: FindingPrior, fovea, dis
     sizes = []
     if amd:
         if rng.random() < prior.p_large_drusen_amd:
-            sizes += [rng.uniform(130, 250, int(rng.integers(1, 7))), rng.uniform(65, 120, int(rng.integers(3, 16)))]
+            sizes += [
+                rng.uniform(130, 250, int(rng.integers(1, 7))),
+                rng.uniform(65, 120, int(rng.integers(3, 16))),
+            ]
         else:
             sizes += [rng.uniform(65, 120, int(rng.integers(AMD_MIN_INTERMEDIATE_DRUSEN, 31)))]
         sizes += [rng.uniform(25, 60, int(rng.integers(0, 11)))]
     elif rng.random() < prior.p_small_drusen:
         sizes += [rng.uniform(25, 60, int(rng.integers(1, 9))), rng.uniform(65, 120, int(rng.integers(0, 4)))]
-    if not sizes: return []
+    if not sizes:
+        return []
     d_um = np.concatenate(sizes)
-    sub = np.where(d_um >= DRUSEN_LARGE_UM, 'large', np.where(d_um >= DRUSEN_INTERMEDIATE_UM, 'intermediate', 'small'))
+    sub = np.where(
+        d_um >= DRUSEN_LARGE_UM, "large", np.where(d_um >= DRUSEN_INTERMEDIATE_UM, "intermediate", "small")
+    )
     pos = _positions(rng, len(d_um), disc, dd, centre=fovea, sigma=0.8 * dd)
     r = d_um / 2 * dd / DISC_DIAMETER_UM
-    return [Lesion('drusen', float(x), float(y), float(a), float(a), 0.0, str(s)) for (x, y), a, s in zip(pos, r, sub)]
+    return [
+        Lesion("drusen", float(x), float(y), float(a), float(a), 0.0, str(s))
+        for (x, y), a, s in zip(pos, r, sub)
+    ]
+
 
 def sample_findings(rng: np.random.Generator, prior: FindingPrior | None = None) -> Findings:
     """Draw one eye from `prior`: anatomy (eye side, disc, fovea, CDR), a DR grade and lesions that realise it,
     drusen, and lens haze. The labels are then re-derived from the lesions by the rules (never copied)."""
     prior = prior or FindingPrior()
-    eye = 'OD' if rng.random() < prior.p_right_eye else 'OS'
+    eye = "OD" if rng.random() < prior.p_right_eye else "OS"
     dd = float(np.clip(0.27 * np.exp(rng.normal(0, 0.07)), 0.21, 0.34))
     fovea = (float(rng.uniform(*prior.fovea_x)), float(rng.normal(0.02, 0.03)))
     a, dist = math.radians(rng.normal(-6, 3)), dd * rng.normal(2.45, 0.08)
     disc = (fovea[0] + dist * math.cos(a), fovea[1] + dist * math.sin(a))
     glaucoma = rng.random() < prior.p_glaucoma
-    cdr = float(rng.uniform(GLAUCOMA_CDR_THRESHOLD, 0.9) if glaucoma else np.clip(rng.normal(0.35, 0.1), 0.1, 0.6))
+    cdr = float(
+        rng.uniform(GLAUCOMA_CDR_THRESHOLD, 0.9) if glaucoma else np.clip(rng.normal(0.35, 0.1), 0.1, 0.6)
+    )
     grade = int(rng.choice(5, p=np.asarray(prior.dr_grade_probs, float)))
     les, beading = _dr_lesions(rng, grade, prior, fovea, disc, dd)
     amd = rng.random() < prior.p_amd
     les += _drusen(rng, amd, prior, fovea, disc, dd)
-    if rng.random() < prior.p_cataract: haze = rng.uniform(0.35, 1.0)
-    else: haze = rng.uniform(0.0, 0.2) if rng.random() < prior.p_mild_haze else 0.0
+    if rng.random() < prior.p_cataract:
+        haze = rng.uniform(0.35, 1.0)
+    else:
+        haze = rng.uniform(0.0, 0.2) if rng.random() < prior.p_mild_haze else 0.0
     f = Findings(eye, fovea, disc, dd, cdr, les, beading, float(haze))
     assert (f.dr_grade, f.glaucoma, f.amd) == (grade, glaucoma, amd), "sampler and rules disagree"
     return f

@@ -4,24 +4,25 @@
 
 # %% ../../nbs/02c_synthetic_render.ipynb #09f6b10c
 from __future__ import annotations
-import argparse, dataclasses, io, json, math, os, shutil, time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+
+import io
+import math
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
-from tqdm.auto import tqdm
-from .findings import FOV_RADIUS, Findings, LESION_TYPES, Lesion, MIN_LESION_RADIUS_PX
+
+from .findings import FOV_RADIUS, LESION_TYPES, MIN_LESION_RADIUS_PX, Findings, Lesion
 
 # %% auto #0
 __all__ = ['RETINA_REFERENCE', 'DEFAULT_NUISANCE', 'VESSEL_STEP', 'image_statistics', 'retina_reference', 'Nuisance',
            'render_fundus']
 
 # %% ../../nbs/02c_synthetic_render.ipynb #0000001d
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)       # Rec. 601 luminance weights
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # Rec. 601 luminance weights
+
 
 def image_statistics(image: np.ndarray) -> dict[str, Any]:
     """Colour and texture statistics of a fundus photo `(H, W, 3)` uint8 inside its (eroded) field of view:
@@ -29,26 +30,36 @@ def image_statistics(image: np.ndarray) -> dict[str, Any]:
     high-pass residual (minus a Gaussian blur of sigma = size/128) divided by the green mean. Compare images
     at the same size (the reference is taken at 256 px)."""
     x = np.asarray(image, np.float64) / 255.0
-    if x.ndim != 3 or x.shape[2] != 3: raise ValueError(f"image must be (H, W, 3), got {x.shape}")
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got {x.shape}")
     S = x.shape[0]
     full = ndi.binary_fill_holes(x.mean(2) > 20 / 255)
     fov = ndi.binary_erosion(full, iterations=max(1, round(0.03 * S)))
     g, w = x[..., 1], full.astype(np.float64)
-    hp = g - ndi.gaussian_filter(g * w, S / 128) / np.maximum(ndi.gaussian_filter(w, S / 128), 1e-6)   # normalised blur: no edge bias
-    return dict(mean=tuple(float(c) for c in x[fov].mean(0)), std=tuple(float(c) for c in x[fov].std(0)),
-                luminance=float((x[fov] @ _LUMA).mean()), texture=float(hp[fov].std() / g[fov].mean()))
+    hp = g - ndi.gaussian_filter(g * w, S / 128) / np.maximum(
+        ndi.gaussian_filter(w, S / 128), 1e-6
+    )  # normalised blur: no edge bias
+    return dict(
+        mean=tuple(float(c) for c in x[fov].mean(0)),
+        std=tuple(float(c) for c in x[fov].std(0)),
+        luminance=float((x[fov] @ _LUMA).mean()),
+        texture=float(hp[fov].std() / g[fov].mean()),
+    )
 
 # %% ../../nbs/02c_synthetic_render.ipynb #0000001e
 def retina_reference(size: int = 256) -> dict[str, Any]:
     "`image_statistics` of the real CC0 fundus photo `skimage.data.retina()`, anti-alias resized to `size` px."
     from skimage import data
     from skimage.transform import resize
+
     img = (resize(data.retina(), (size, size), anti_aliasing=True) * 255).round().astype(np.uint8)
     return dict(size=size, **image_statistics(img))
 
 # %% ../../nbs/02c_synthetic_render.ipynb #0000001f
 # derived from retina_reference(256) below; the renderer's default statistics are tested against these
-RETINA_REFERENCE = dict(size=256, mean=(0.8256, 0.3309, 0.2380), std=(0.0707, 0.0747, 0.0565), luminance=0.4682, texture=0.0652)
+RETINA_REFERENCE = dict(
+    size=256, mean=(0.8256, 0.3309, 0.2380), std=(0.0707, 0.0747, 0.0565), luminance=0.4682, texture=0.0652
+)
 
 # %% ../../nbs/02c_synthetic_render.ipynb #00000022
 @dataclass
@@ -64,6 +75,7 @@ class Nuisance:
     and the per-eye texture strengths `tessellation` (choroidal pattern), `nerve_fibre` (striation around the
     disc), `tortuosity` (multiplies the vessel walks' turning noise) and `calibre` (relative calibre variation
     along each vessel). `Nuisance.v1()` is the version-1 corpus (no new factor, the old narrower ranges)."""
+
     exposure: tuple[float, float] = (0.8, 1.2)
     colour_temp: tuple[float, float] = (-0.1, 0.1)
     gamma: tuple[float, float] = (0.85, 1.15)
@@ -84,40 +96,81 @@ class Nuisance:
     def __post_init__(self):
         for f in fields(self):
             v = tuple(getattr(self, f.name))
-            if len(v) != 2 or v[0] > v[1]: raise ValueError(f"Nuisance.{f.name} must be a range (low, high) with low <= high, got {v}")
+            if len(v) != 2 or v[0] > v[1]:
+                raise ValueError(f"Nuisance.{f.name} must be a range (low, high) with low <= high, got {v}")
             setattr(self, f.name, (float(v[0]), float(v[1])))
-        if self.exposure[0] <= 0 or self.gamma[0] <= 0: raise ValueError("Nuisance.exposure and Nuisance.gamma must be > 0")
+        if self.exposure[0] <= 0 or self.gamma[0] <= 0:
+            raise ValueError("Nuisance.exposure and Nuisance.gamma must be > 0")
         # lesions sit within 0.9 FOV radii: that disc must stay in the frame (the FOV rim may be cut by it)
-        if self.fov_scale[0] <= 0 or 0.9 * FOV_RADIUS * self.fov_scale[1] + max(map(abs, self.fov_offset)) > 0.5 + 1e-9:
-            raise ValueError(f"Nuisance.fov_scale/fov_offset put the field of view outside the image: {self.fov_scale}, {self.fov_offset}")
-        if self.blur[0] < 0 or self.noise[0] < 0: raise ValueError("Nuisance.blur and Nuisance.noise must be >= 0")
-        if not 1 <= self.jpeg_quality[0]: raise ValueError(f"Nuisance.jpeg_quality must be >= 1, got {self.jpeg_quality}")
-        for k in ('tessellation', 'nerve_fibre', 'calibre', 'tortuosity'):
-            if getattr(self, k)[0] < 0: raise ValueError(f"Nuisance.{k} must be >= 0, got {getattr(self, k)}")
+        if (
+            self.fov_scale[0] <= 0
+            or 0.9 * FOV_RADIUS * self.fov_scale[1] + max(map(abs, self.fov_offset)) > 0.5 + 1e-9
+        ):
+            raise ValueError(
+                f"Nuisance.fov_scale/fov_offset put the field of view outside the image: {self.fov_scale}, {self.fov_offset}"
+            )
+        if self.blur[0] < 0 or self.noise[0] < 0:
+            raise ValueError("Nuisance.blur and Nuisance.noise must be >= 0")
+        if not 1 <= self.jpeg_quality[0]:
+            raise ValueError(f"Nuisance.jpeg_quality must be >= 1, got {self.jpeg_quality}")
+        for k in ("tessellation", "nerve_fibre", "calibre", "tortuosity"):
+            if getattr(self, k)[0] < 0:
+                raise ValueError(f"Nuisance.{k} must be >= 0, got {getattr(self, k)}")
 
     @classmethod
-    def none(cls) -> 'Nuisance':
+    def none(cls) -> "Nuisance":
         "A canonical camera: no rotation, offset or colour cast; fixed mild optical blur, mid vignetting, tiny noise."
-        return cls(exposure=(1, 1), colour_temp=(0, 0), gamma=(1, 1), blur=(0.0025, 0.0025), noise=(0.004, 0.004), rotation=(0, 0),
-                   fov_offset=(0, 0), fov_scale=(0.96, 0.96), vignetting=(0.3, 0.3), gradient=(0, 0), tint=(0, 0),
-                   jpeg_quality=(100, 100), tessellation=(0.3, 0.3), nerve_fibre=(0.5, 0.5), tortuosity=(1, 1), calibre=(0.1, 0.1))
+        return cls(
+            exposure=(1, 1),
+            colour_temp=(0, 0),
+            gamma=(1, 1),
+            blur=(0.0025, 0.0025),
+            noise=(0.004, 0.004),
+            rotation=(0, 0),
+            fov_offset=(0, 0),
+            fov_scale=(0.96, 0.96),
+            vignetting=(0.3, 0.3),
+            gradient=(0, 0),
+            tint=(0, 0),
+            jpeg_quality=(100, 100),
+            tessellation=(0.3, 0.3),
+            nerve_fibre=(0.5, 0.5),
+            tortuosity=(1, 1),
+            calibre=(0.1, 0.1),
+        )
 
     @classmethod
-    def v1(cls) -> 'Nuisance':
+    def v1(cls) -> "Nuisance":
         "The version-1 corpus's ranges (before issue 23): narrow framing and camera variation, no JPEG, no new texture."
-        return cls(colour_temp=(-0.08, 0.08), gamma=(0.9, 1.1), blur=(0.002, 0.005), noise=(0.003, 0.012), rotation=(-12, 12),
-                   fov_offset=(-0.02, 0.02), fov_scale=(0.92, 1.0), vignetting=(0.15, 0.45), gradient=(0, 0.12), tint=(0, 0),
-                   jpeg_quality=(100, 100), tessellation=(0, 0), nerve_fibre=(0, 0), tortuosity=(1, 1), calibre=(0, 0))
+        return cls(
+            colour_temp=(-0.08, 0.08),
+            gamma=(0.9, 1.1),
+            blur=(0.002, 0.005),
+            noise=(0.003, 0.012),
+            rotation=(-12, 12),
+            fov_offset=(-0.02, 0.02),
+            fov_scale=(0.92, 1.0),
+            vignetting=(0.15, 0.45),
+            gradient=(0, 0.12),
+            tint=(0, 0),
+            jpeg_quality=(100, 100),
+            tessellation=(0, 0),
+            nerve_fibre=(0, 0),
+            tortuosity=(1, 1),
+            calibre=(0, 0),
+        )
 
     def draw(self, rng: np.random.Generator) -> dict[str, float]:
         "One draw of every factor (always the same number of random numbers)."
         u = rng.random(len(fields(self)) + 3)
-        d = {f.name: getattr(self, f.name)[0] + u[i] * (getattr(self, f.name)[1] - getattr(self, f.name)[0])
-             for i, f in enumerate(fields(self))}
+        d = {
+            f.name: getattr(self, f.name)[0] + u[i] * (getattr(self, f.name)[1] - getattr(self, f.name)[0])
+            for i, f in enumerate(fields(self))
+        }
         k = len(fields(self))
-        d['offset_x'] = self.fov_offset[0] + u[k] * (self.fov_offset[1] - self.fov_offset[0])
-        d['offset_y'], d['gradient_dir'] = d.pop('fov_offset'), 2 * np.pi * u[k + 1]
-        return {k: float(v) for k, v in d.items()}      # Python floats keep float32 images float32
+        d["offset_x"] = self.fov_offset[0] + u[k] * (self.fov_offset[1] - self.fov_offset[0])
+        d["offset_y"], d["gradient_dir"] = d.pop("fov_offset"), 2 * np.pi * u[k + 1]
+        return {k: float(v) for k, v in d.items()}  # Python floats keep float32 images float32
 
 # %% ../../nbs/02c_synthetic_render.ipynb #e4dbb8a8
 DEFAULT_NUISANCE = Nuisance()
@@ -126,12 +179,13 @@ DEFAULT_NUISANCE = Nuisance()
 @dataclass
 class _Geometry:
     "Maps the canonical right-eye frame (FOV radii) to pixel coordinates (x = column, y = row; pixel centres at +0.5)."
+
     size: int
     cx: float
     cy: float
-    R: float          # FOV radius in pixels
-    theta: float      # rotation (radians)
-    mirror: float     # -1 for a left eye
+    R: float  # FOV radius in pixels
+    theta: float  # rotation (radians)
+    mirror: float  # -1 for a left eye
 
     def to_px(self, x, y):
         "Canonical `(x, y)` -> pixel `(col, row)`."
@@ -148,19 +202,22 @@ class _Geometry:
 
     def grid(self) -> tuple[np.ndarray, np.ndarray]:
         "Canonical coordinates `(u, v)` of every pixel centre, each `(H, W)` float32."
-        p = (np.arange(self.size, dtype=np.float32) + 0.5)
+        p = np.arange(self.size, dtype=np.float32) + 0.5
         a, b = self.to_local((p[None, :] - self.cx) / self.R, (p[:, None] - self.cy) / self.R, 0.0)
         return a.astype(np.float32), b.astype(np.float32)
 
+
 def _noise_field(rng: np.random.Generator, n: int, sigma: float = 1.0) -> np.ndarray:
     "A smooth `(n, n)` unit-std random field covering the canonical square [-1.1, 1.1]^2."
-    g = ndi.gaussian_filter(rng.standard_normal((n, n)), sigma, mode='wrap')
+    g = ndi.gaussian_filter(rng.standard_normal((n, n)), sigma, mode="wrap")
     return (g / g.std()).astype(np.float32)
+
 
 def _sample_field(g: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     "Bilinear lookup of field `g` at canonical coordinates: resolution independent."
     k = (len(g) - 1) / 2.2
-    return ndi.map_coordinates(g, [(v + 1.1) * k, (u + 1.1) * k], order=1, mode='nearest')
+    return ndi.map_coordinates(g, [(v + 1.1) * k, (u + 1.1) * k], order=1, mode="nearest")
+
 
 def _window(geom: _Geometry, px: np.ndarray, py: np.ndarray, h: int):
     "Pixel windows `(n, K, K)` of half-size `h` around centres; flat indices, in-bounds mask and offsets to the centre."
@@ -169,7 +226,9 @@ def _window(geom: _Geometry, px: np.ndarray, py: np.ndarray, h: int):
     j0, i0 = np.floor(px), np.floor(py)
     j = j0.astype(np.int32)[:, None, None] + off[None, None, :]
     i = i0.astype(np.int32)[:, None, None] + off[None, :, None]
-    dx = (off + np.float32(0.5))[None, None, :] - (px - j0)[:, None, None]     # float32 offsets pixel centre - point
+    dx = (off + np.float32(0.5))[None, None, :] - (px - j0)[
+        :, None, None
+    ]  # float32 offsets pixel centre - point
     dy = (off + np.float32(0.5))[None, :, None] - (py - i0)[:, None, None]
     S = geom.size
     ok = (j >= 0) & (j < S) & (i >= 0) & (i < S)
@@ -186,15 +245,27 @@ def _accumulate(size: int, flat, ok, *values) -> list[np.ndarray]:
         out.append(acc.reshape(size, size).astype(np.float32))
     return out
 
-def _splat_ellipses(geom: _Geometry, les: Sequence[Lesion], *, soft: float = 0.0, opacity=1.0, irregular: float = 0.0,
-                    flat_top: bool = False, rng: np.random.Generator | None = None):
+
+def _splat_ellipses(
+    geom: _Geometry,
+    les: Sequence[Lesion],
+    *,
+    soft: float = 0.0,
+    opacity=1.0,
+    irregular: float = 0.0,
+    flat_top: bool = False,
+    rng: np.random.Generator | None = None,
+):
     """Rasterise lesions as anti-aliased ellipses (>= `MIN_LESION_RADIUS_PX`). Returns `(shape, alpha)`, each
     `(H, W)`: `shape` is the coverage (mask = shape >= 0.5), `alpha` the compositing weight with a soft edge
     (`soft`), per-lesion `opacity` and an optional irregular outline (random lobes drawn from `rng`)."""
     n = len(les)
     a = np.array([[l.x, l.y, l.rx, l.ry, l.angle] for l in les], float).reshape(n, 5)
     px, py = geom.to_px(a[:, 0], a[:, 1])
-    rx, ry = np.maximum(a[:, 2] * geom.R, MIN_LESION_RADIUS_PX), np.maximum(a[:, 3] * geom.R, MIN_LESION_RADIUS_PX)
+    rx, ry = (
+        np.maximum(a[:, 2] * geom.R, MIN_LESION_RADIUS_PX),
+        np.maximum(a[:, 3] * geom.R, MIN_LESION_RADIUS_PX),
+    )
     h = int(math.ceil(max(rx.max(), ry.max()) * (1 + irregular) + 1.5))
     flat, ok, dx, dy = _window(geom, px, py, h)
     lx, ly = geom.to_local(dx, dy, a[:, 4, None, None])
@@ -203,10 +274,12 @@ def _splat_ellipses(geom: _Geometry, les: Sequence[Lesion], *, soft: float = 0.0
     if irregular:
         k, ph = rng.integers(2, 5, n)[:, None, None], rng.uniform(0, 2 * np.pi, (n, 1, 1))
         t = t / (1 + irregular * np.cos(k * np.arctan2(ly / ry3, lx / rx3) + ph))
-    if flat_top: t = np.maximum(t, -ly / (0.35 * ry3))   # fluid level of a boat-shaped haemorrhage
+    if flat_top:
+        t = np.maximum(t, -ly / (0.35 * ry3))  # fluid level of a boat-shaped haemorrhage
     shape = np.clip((1 - t) * np.sqrt(rx3 * ry3) + 0.5, 0, 1)
-    alpha = shape * np.clip(1 - soft * t ** 2, 0, 1) * np.asarray(opacity, float).reshape(-1, 1, 1)
+    alpha = shape * np.clip(1 - soft * t**2, 0, 1) * np.asarray(opacity, float).reshape(-1, 1, 1)
     return _accumulate(geom.size, flat, ok, shape, alpha)
+
 
 def _splat_tubes(geom: _Geometry, px: np.ndarray, py: np.ndarray, r: np.ndarray, min_opacity: float = 0.15):
     """Rasterise a vessel as discs of radius `r` (pixels) centred on densely sampled centre-line points.
@@ -214,25 +287,33 @@ def _splat_tubes(geom: _Geometry, px: np.ndarray, py: np.ndarray, r: np.ndarray,
     S = geom.size
     shape_acc, alpha_acc = np.zeros(S * S), np.zeros(S * S)
     re = np.maximum(r, 0.5)
-    thin = re <= 1.0                     # two buckets so that thin vessels use small windows
+    thin = re <= 1.0  # two buckets so that thin vessels use small windows
     for sel in (thin, ~thin):
-        if not sel.any(): continue
+        if not sel.any():
+            continue
         h = int(math.floor(re[sel].max() + 1.0))
         flat, ok, dx, dy = _window(geom, px[sel], py[sel], h)
         re3 = re[sel].astype(np.float32)[:, None, None]
         d2 = dx * dx + dy * dy
         shape = np.clip(re3 + np.float32(0.5) - np.sqrt(d2), 0, 1)
-        core = np.sqrt(np.clip(1 - d2 / (re3 + np.float32(0.5)) ** 2, 0, 1))   # longer light path at the centre
-        alpha = shape * (0.6 + 0.4 * core) * np.clip(r[sel] / 0.5, min_opacity, 1.0).astype(np.float32)[:, None, None]
+        core = np.sqrt(
+            np.clip(1 - d2 / (re3 + np.float32(0.5)) ** 2, 0, 1)
+        )  # longer light path at the centre
+        alpha = (
+            shape
+            * (0.6 + 0.4 * core)
+            * np.clip(r[sel] / 0.5, min_opacity, 1.0).astype(np.float32)[:, None, None]
+        )
         keep = ok & (shape > 0)
         np.maximum.at(shape_acc, flat[keep], shape[keep])
         np.maximum.at(alpha_acc, flat[keep], alpha[keep])
     return shape_acc.reshape(S, S).astype(np.float32), alpha_acc.reshape(S, S).astype(np.float32)
 
 # %% ../../nbs/02c_synthetic_render.ipynb #00000027
-VESSEL_STEP = 0.015     # centre-line step of the vessel random walks (FOV radii)
+VESSEL_STEP = 0.015  # centre-line step of the vessel random walks (FOV radii)
 
-_FAZ = 0.06             # foveal avascular zone radius (FOV radii)
+_FAZ = 0.06  # foveal avascular zone radius (FOV radii)
+
 
 def _walk(rng, start, heading, length, curv, tort, fovea, bound=None, bend=None):
     """Vectorised random walks for `B` branches: heading changes by `curv * ds` plus `tort * sqrt(ds)` noise,
@@ -242,28 +323,46 @@ def _walk(rng, start, heading, length, curv, tort, fovea, bound=None, bend=None)
     B, ds = len(start), VESSEL_STEP
     M = int(math.ceil(length.max() / ds)) + 1
     s = np.arange(M) * ds
-    k = curv[:, None] if bend is None else curv[:, None] + bend[0][:, None] * np.exp(-((s[None] - bend[1][:, None]) / bend[2][:, None]) ** 2)
+    k = (
+        curv[:, None]
+        if bend is None
+        else curv[:, None]
+        + bend[0][:, None] * np.exp(-(((s[None] - bend[1][:, None]) / bend[2][:, None]) ** 2))
+    )
     dphi = k * ds + tort[:, None] * math.sqrt(ds) * rng.standard_normal((B, M))
     dphi[:, 0] = 0
     phi = heading[:, None] + np.cumsum(dphi, 1)
     step = ds * np.stack([np.cos(phi), np.sin(phi)], -1)
     step[:, 0] = 0
     pts = start[:, None, :] + np.cumsum(step, 1)
-    alive = (s[None] <= length[:, None]) & ((pts ** 2).sum(-1) < 1.03 ** 2)
-    alive &= ((pts - np.asarray(fovea)) ** 2).sum(-1) > _FAZ ** 2
+    alive = (s[None] <= length[:, None]) & ((pts**2).sum(-1) < 1.03**2)
+    alive &= ((pts - np.asarray(fovea)) ** 2).sum(-1) > _FAZ**2
     if bound is not None:
         alive &= ((pts - bound[0][:, None, :]) ** 2).sum(-1) < (bound[1] ** 2)[:, None]
     return pts, phi, s, np.logical_and.accumulate(alive, 1)
 
+
 # trunks leaving the disc (canonical right eye): heading (deg, 0 = nasal, -90 = superior), curvature (rad/unit),
 # bend amplitude (rad/unit) centred at arclength s0 with width w, length, relative calibre
-_TRUNKS = [(-92, -0.35, -2.7, 0.45, 0.28, 1.9, 1.0), (92, 0.35, 2.7, 0.45, 0.28, 1.9, 1.0),   # temporal arcades
-           (-60, 0.5, 0, 0, 1, 0.8, 0.8), (60, -0.5, 0, 0, 1, 0.8, 0.8),                     # superior / inferior nasal
-           (-165, -0.6, 0, 0, 1, 0.5, 0.45), (165, 0.6, 0, 0, 1, 0.5, 0.45),                 # small macular branches
-           (5, 0.0, 0, 0, 1, 0.5, 0.55)]                                                    # nasal
+_TRUNKS = [
+    (-92, -0.35, -2.7, 0.45, 0.28, 1.9, 1.0),
+    (92, 0.35, 2.7, 0.45, 0.28, 1.9, 1.0),  # temporal arcades
+    (-60, 0.5, 0, 0, 1, 0.8, 0.8),
+    (60, -0.5, 0, 0, 1, 0.8, 0.8),  # superior / inferior nasal
+    (-165, -0.6, 0, 0, 1, 0.5, 0.45),
+    (165, 0.6, 0, 0, 1, 0.5, 0.45),  # small macular branches
+    (5, 0.0, 0, 0, 1, 0.5, 0.55),
+]  # nasal
 
 # %% ../../nbs/02c_synthetic_render.ipynb #7fd9a887
-def _vessel_tree(rng: np.random.Generator, f: Findings, vein: bool, levels: int = 3, tortuosity: float = 1.0, calibre: float = 0.0):
+def _vessel_tree(
+    rng: np.random.Generator,
+    f: Findings,
+    vein: bool,
+    levels: int = 3,
+    tortuosity: float = 1.0,
+    calibre: float = 0.0,
+):
     """Branching vessel tree emanating from the disc (canonical units): list of `(points (B, M, 2), radius (B, M),
     arclength (M,), alive (B, M))` per branching level. Veins are wider than arteries (AV ratio ~0.72).
     `tortuosity` multiplies the turning noise; `calibre` is the std of a smooth relative calibre change along each vessel."""
@@ -280,11 +379,14 @@ def _vessel_tree(rng: np.random.Generator, f: Findings, vein: bool, levels: int 
     for level in range(levels + 1):
         pts, phi, s, alive = _walk(rng, start, heading, length, curv, tort, f.fovea, bend=bend)
         r = r0[:, None] * (1 - 0.3 * np.minimum(s[None] / length[:, None], 1))
-        if calibre > 0:   # smooth calibre variation (correlation length ~4 steps), independent of the image size
-            w = ndi.gaussian_filter1d(rng.standard_normal(r.shape), 4.0, axis=1, mode='nearest')
+        if (
+            calibre > 0
+        ):  # smooth calibre variation (correlation length ~4 steps), independent of the image size
+            w = ndi.gaussian_filter1d(rng.standard_normal(r.shape), 4.0, axis=1, mode="nearest")
             r = r * np.clip(1 + calibre * w / max(float(w.std()), 1e-6), 0.5, 1.6)
         out.append((pts, r, s, alive))
-        if level == levels: break
+        if level == levels:
+            break
         nc = rng.poisson(length / 0.27)
         par = np.repeat(np.arange(B), nc)
         m = len(par)
@@ -299,8 +401,10 @@ def _vessel_tree(rng: np.random.Generator, f: Findings, vein: bool, levels: int 
         curv = (side * (u[:, 5] - 0.4) * 1.2)[keep]
         tort, bend = np.full(len(start), 0.6 * tortuosity), None
         B = len(start)
-        if B == 0: break
+        if B == 0:
+            break
     return out
+
 
 def _rasterise_tree(geom: _Geometry, tree, beading: Sequence[str] = (), rng=None):
     "Densify centre lines to <= 0.5 px spacing and map to pixels: `(px, py, radius_px)` flat arrays."
@@ -308,18 +412,27 @@ def _rasterise_tree(geom: _Geometry, tree, beading: Sequence[str] = (), rng=None
     t = np.arange(f) / f
     xs, ys, rs = [], [], []
     for pts, r, s, alive in tree:
-        if pts.shape[1] < 2: continue
+        if pts.shape[1] < 2:
+            continue
         seg = alive[:, 1:]
         p0, p1 = pts[:, :-1][seg], pts[:, 1:][seg]
         r0, r1 = r[:, :-1][seg], r[:, 1:][seg]
         q = p0[:, None, :] + t[None, :, None] * (p1 - p0)[:, None, :]
         rr = r0[:, None] + t[None, :] * (r1 - r0)[:, None]
-        if beading:   # venous beading: sausage-like calibre changes in the affected quadrants
+        if beading:  # venous beading: sausage-like calibre changes in the affected quadrants
             s0 = np.broadcast_to(s[None, :-1], seg.shape)[seg][:, None] + t[None, :] * VESSEL_STEP
-            inq = np.isin(np.char.add(np.where(q[..., 1] < 0, 'supero', 'infero'), np.where(q[..., 0] < 0, 'temporal', 'nasal')), list(beading))
+            inq = np.isin(
+                np.char.add(
+                    np.where(q[..., 1] < 0, "supero", "infero"), np.where(q[..., 0] < 0, "temporal", "nasal")
+                ),
+                list(beading),
+            )
             rr = rr * np.where(inq, 1 + 0.9 * np.sin(np.pi * s0 / 0.045) ** 2, 1.0)
-        xs.append(q[..., 0].ravel()); ys.append(q[..., 1].ravel()); rs.append(rr.ravel())
-    if not xs: return np.zeros(0), np.zeros(0), np.zeros(0)
+        xs.append(q[..., 0].ravel())
+        ys.append(q[..., 1].ravel())
+        rs.append(rr.ravel())
+    if not xs:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
     px, py = geom.to_px(np.concatenate(xs), np.concatenate(ys))
     return px, py, np.concatenate(rs) * geom.R
 
@@ -331,16 +444,24 @@ def _nv_tree(rng: np.random.Generator, les: Lesion, fovea):
     th = rng.uniform(0, 2 * np.pi, B)
     start = c + 0.3 * les.rx * rng.standard_normal((B, 2))
     curv = rng.choice([-1.0, 1.0], B) * rng.uniform(8, 16, B) * 0.05 / max(les.rx, 0.02)
-    pts, phi, s, alive = _walk(rng, start, th, np.full(B, 2.5 * les.rx), curv, np.full(B, 4.0), (9.0, 9.0),
-                               bound=(np.tile(c, (B, 1)), np.full(B, 1.1 * les.rx)))
+    pts, phi, s, alive = _walk(
+        rng,
+        start,
+        th,
+        np.full(B, 2.5 * les.rx),
+        curv,
+        np.full(B, 4.0),
+        (9.0, 9.0),
+        bound=(np.tile(c, (B, 1)), np.full(B, 1.1 * les.rx)),
+    )
     return [(pts, np.full(pts.shape[:2], 0.0022), s, alive)]
 
 # %% ../../nbs/02c_synthetic_render.ipynb #00000028
-_BASE_RGB = np.array([0.84, 0.35, 0.25], np.float32)       # choroid/RPE orange-red (before auto-exposure)
+_BASE_RGB = np.array([0.84, 0.35, 0.25], np.float32)  # choroid/RPE orange-red (before auto-exposure)
 
-_TEX_GAIN = np.array([0.4, 1.3, 1.5], np.float32)         # texture is weaker in red (deeper light)
+_TEX_GAIN = np.array([0.4, 1.3, 1.5], np.float32)  # texture is weaker in red (deeper light)
 
-_MACULA = np.array([0.12, 0.32, 0.42], np.float32)         # macular pigment absorbs green/blue
+_MACULA = np.array([0.12, 0.32, 0.42], np.float32)  # macular pigment absorbs green/blue
 
 _DISC_RGB, _CUP_RGB = np.array([0.98, 0.62, 0.42], np.float32), np.array([1.0, 0.8, 0.62], np.float32)
 
@@ -352,24 +473,30 @@ _MA_T, _HAEM_T = np.array([0.7, 0.36, 0.44], np.float32), np.array([0.64, 0.3, 0
 
 _PRE_T = np.array([0.55, 0.22, 0.3], np.float32)
 
-_EXUDATE, _CWS, _DRUSEN = (np.array(c, np.float32) for c in ((1.0, 0.92, 0.5), (0.96, 0.86, 0.76), (0.98, 0.8, 0.45)))
+_EXUDATE, _CWS, _DRUSEN = (
+    np.array(c, np.float32) for c in ((1.0, 0.92, 0.5), (0.96, 0.86, 0.76), (0.98, 0.8, 0.45))
+)
 
-_VEIL = np.array([0.95, 0.75, 0.38], np.float32)           # yellow-brown lens veil of cataract
+_VEIL = np.array([0.95, 0.75, 0.38], np.float32)  # yellow-brown lens veil of cataract
 
-_TESS = np.array([0.25, 0.6, 0.6], np.float32)             # melanin between choroidal vessels absorbs green/blue most
+_TESS = np.array([0.25, 0.6, 0.6], np.float32)  # melanin between choroidal vessels absorbs green/blue most
 
-_NFL = np.array([0.3, 1.0, 1.0], np.float32)               # the nerve-fibre layer reflects green/blue
+_NFL = np.array([0.3, 1.0, 1.0], np.float32)  # the nerve-fibre layer reflects green/blue
+
 
 def _bbox(alpha: np.ndarray) -> tuple[slice, slice]:
     "The rows and columns where `alpha` is non-zero (compositing only touches them)."
     rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
-    if len(rows) == 0: return slice(0, 0), slice(0, 0)
+    if len(rows) == 0:
+        return slice(0, 0), slice(0, 0)
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
 
 def _darken(img, alpha, T):
     "Absorbing layer: multiply by transmittance `T` (3,) where `alpha` (H, W) is on."
     b = _bbox(alpha)
     img[b] *= 1 - alpha[b][..., None] * (1 - T)
+
 
 def _paint(img, alpha, colour, shade):
     "Opaque layer: blend towards `colour` (3,) lit by `shade` (H, W) with weight `alpha`."
@@ -377,8 +504,12 @@ def _paint(img, alpha, colour, shade):
     img[b] += alpha[b][..., None] * (colour * shade[b][..., None] - img[b])
 
 # %% ../../nbs/02c_synthetic_render.ipynb #2f62e4df
-def render_fundus(findings: Findings, size: int = 224, rng: np.random.Generator | None = None,
-                  nuisance: Nuisance | None = DEFAULT_NUISANCE) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def render_fundus(
+    findings: Findings,
+    size: int = 224,
+    rng: np.random.Generator | None = None,
+    nuisance: Nuisance | None = DEFAULT_NUISANCE,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render `findings` as a colour fundus photograph.
 
     Returns `image` `(H, W, 3)` uint8 (H = W = `size`) and `masks`: one bool `(H, W)` mask per entry of
@@ -394,98 +525,149 @@ def render_fundus(findings: Findings, size: int = 224, rng: np.random.Generator 
     pig = _BASE_RGB * np.exp(rng.normal(0, [0.03, 0.08, 0.08])).astype(np.float32)
     fields_ = [_noise_field(rng, n, s) for n, s in ((10, 1.0), (40, 1.0), (120, 0.7))]
     tex_amp = np.array([0.08, 0.035, 0.03], np.float32) * rng.uniform(0.8, 1.2)
-    texture = sum(a * ndi.zoom(g, 120 / len(g), order=1, grid_mode=True, mode='nearest') for a, g in zip(tex_amp, fields_))
-    tess_field = _noise_field(rng, 26, 1.0)                      # choroidal vessels: the zero set of a smooth field
-    nf_field = ndi.gaussian_filter1d(rng.standard_normal(720), 1.2, mode='wrap')   # nerve-fibre bundles, by angle
+    texture = sum(
+        a * ndi.zoom(g, 120 / len(g), order=1, grid_mode=True, mode="nearest")
+        for a, g in zip(tex_amp, fields_)
+    )
+    tess_field = _noise_field(rng, 26, 1.0)  # choroidal vessels: the zero set of a smooth field
+    nf_field = ndi.gaussian_filter1d(
+        rng.standard_normal(720), 1.2, mode="wrap"
+    )  # nerve-fibre bundles, by angle
     nf_field = (nf_field / nf_field.std()).astype(np.float32)
-    vk = dict(tortuosity=nz['tortuosity'], calibre=nz['calibre'])
-    trees = [(_vessel_tree(rng, f, vein=False, **vk), _ARTERY_T, ()), (_vessel_tree(rng, f, vein=True, **vk), _VEIN_T, f.venous_beading)]
+    vk = dict(tortuosity=nz["tortuosity"], calibre=nz["calibre"])
+    trees = [
+        (_vessel_tree(rng, f, vein=False, **vk), _ARTERY_T, ()),
+        (_vessel_tree(rng, f, vein=True, **vk), _VEIN_T, f.venous_beading),
+    ]
     by_kind = {k: [l for l in f.lesions if l.kind == k] for k in LESION_TYPES}
-    nv = [_nv_tree(rng, l, f.fovea) for l in by_kind['neovascularisation']]
-    geom = _Geometry(S, S * (0.5 + nz['offset_x']), S * (0.5 + nz['offset_y']), FOV_RADIUS * S * nz['fov_scale'],
-                     math.radians(nz['rotation']), 1.0 if f.eye == 'OD' else -1.0)
+    nv = [_nv_tree(rng, l, f.fovea) for l in by_kind["neovascularisation"]]
+    geom = _Geometry(
+        S,
+        S * (0.5 + nz["offset_x"]),
+        S * (0.5 + nz["offset_y"]),
+        FOV_RADIUS * S * nz["fov_scale"],
+        math.radians(nz["rotation"]),
+        1.0 if f.eye == "OD" else -1.0,
+    )
     # ---- background: pigment x illumination x texture, darker macula ----
     u, v = geom.grid()
     rho2 = u * u + v * v
-    gx, gy = math.cos(nz['gradient_dir']), math.sin(nz['gradient_dir'])
-    shade = (1 - nz['vignetting'] * rho2 ** 1.5) * (1 + nz['gradient'] * (gx * u + gy * v))
+    gx, gy = math.cos(nz["gradient_dir"]), math.sin(nz["gradient_dir"])
+    shade = (1 - nz["vignetting"] * rho2**1.5) * (1 + nz["gradient"] * (gx * u + gy * v))
     tex = _sample_field(texture, u, v)
     img = pig * shade[..., None] * (1 + tex[..., None] * _TEX_GAIN)
-    if nz['tessellation'] > 0:   # tessellated fundus: pigmented spaces between the large choroidal vessels, peripheral
-        ridge = np.exp(-(_sample_field(tess_field, u, v) / 0.45) ** 2)
-        img *= 1 - (nz['tessellation'] * 0.5 * (1 - ridge) * np.clip(np.sqrt(rho2) * 1.2 - 0.1, 0, 1))[..., None] * _TESS
-    if nz['nerve_fibre'] > 0:    # nerve-fibre striation: bright streaks radiating from the disc, arching above/below the macula
+    if (
+        nz["tessellation"] > 0
+    ):  # tessellated fundus: pigmented spaces between the large choroidal vessels, peripheral
+        ridge = np.exp(-((_sample_field(tess_field, u, v) / 0.45) ** 2))
+        img *= (
+            1
+            - (nz["tessellation"] * 0.5 * (1 - ridge) * np.clip(np.sqrt(rho2) * 1.2 - 0.1, 0, 1))[..., None]
+            * _TESS
+        )
+    if (
+        nz["nerve_fibre"] > 0
+    ):  # nerve-fibre striation: bright streaks radiating from the disc, arching above/below the macula
         du, dv = u - f.disc[0], v - f.disc[1]
         rd = np.sqrt(du * du + dv * dv)
         th = np.arctan2(dv, du) + 0.9 * np.sign(dv) * np.clip(rd - 0.5 * f.disc_diameter, 0, None)
         k = (th / (2 * np.pi) % 1.0) * 720
         streak = nf_field[k.astype(np.int32) % 720]
-        w = np.exp(-np.clip(rd - 0.5 * f.disc_diameter, 0, None) / 0.35) * (0.4 + 0.6 * (dv / np.maximum(rd, 1e-6)) ** 2)
-        img *= 1 + (nz['nerve_fibre'] * 0.12 * streak * w)[..., None] * _NFL
+        w = np.exp(-np.clip(rd - 0.5 * f.disc_diameter, 0, None) / 0.35) * (
+            0.4 + 0.6 * (dv / np.maximum(rd, 1e-6)) ** 2
+        )
+        img *= 1 + (nz["nerve_fibre"] * 0.12 * streak * w)[..., None] * _NFL
     df2 = (u - f.fovea[0]) ** 2 + (v - f.fovea[1]) ** 2
     dd = f.disc_diameter
-    img *= 1 - (0.8 * np.exp(-df2 / (2 * (0.5 * dd) ** 2)) + 0.2 * np.exp(-df2 / (2 * (0.12 * dd) ** 2)))[..., None] * _MACULA
+    img *= (
+        1
+        - (0.8 * np.exp(-df2 / (2 * (0.5 * dd) ** 2)) + 0.2 * np.exp(-df2 / (2 * (0.12 * dd) ** 2)))[
+            ..., None
+        ]
+        * _MACULA
+    )
     masks = {}
-    if by_kind['drusen']:
-        sh, al = _splat_ellipses(geom, by_kind['drusen'], soft=0.5, opacity=0.8)
-        _paint(img, al, _DRUSEN, shade); masks['drusen'] = sh
+    if by_kind["drusen"]:
+        sh, al = _splat_ellipses(geom, by_kind["drusen"], soft=0.5, opacity=0.8)
+        _paint(img, al, _DRUSEN, shade)
+        masks["drusen"] = sh
     # ---- optic disc and cup ----
     rdx, rdy = dd / 2, dd / 2 * 1.08
     td = np.sqrt(((u - f.disc[0]) / rdx) ** 2 + ((v - f.disc[1]) / rdy) ** 2)
     cx_ = f.disc[0] - 0.12 * rdx * (1 - f.cdr)
     tc = np.sqrt(((u - cx_) / (0.95 * f.cdr * rdx)) ** 2 + ((v - f.disc[1]) / (f.cdr * rdy)) ** 2)
-    e = 1.0 / (rdx * geom.R)                                     # one pixel in disc radii
+    e = 1.0 / (rdx * geom.R)  # one pixel in disc radii
     a_disc = np.clip((1 - td) / max(0.12, e), 0, 1)
     a_cup = np.clip((1 - tc) / max(0.3, e / f.cdr), 0, 1) * 0.95
     _paint(img, a_disc, _DISC_RGB, shade)
     _paint(img, a_cup, _CUP_RGB, shade)
-    masks['optic_disc'], masks['optic_cup'] = td <= 1, tc <= 1
+    masks["optic_disc"], masks["optic_cup"] = td <= 1, tc <= 1
     # ---- vessels (arteries lighter and thinner, veins darker), new vessels ----
     for tree, T, beading in trees:
         _darken(img, _splat_tubes(geom, *_rasterise_tree(geom, tree, beading))[1], T)
     if nv:
         sh, al = _splat_tubes(geom, *_rasterise_tree(geom, [t for tr in nv for t in tr]), min_opacity=0.7)
-        _darken(img, al, _NV_T); masks['neovascularisation'] = sh
+        _darken(img, al, _NV_T)
+        masks["neovascularisation"] = sh
     # ---- retinal lesions ----
-    if by_kind['microaneurysm']:
-        sh, al = _splat_ellipses(geom, by_kind['microaneurysm']); _darken(img, al, _MA_T); masks['microaneurysm'] = sh
-    if by_kind['haemorrhage']:
-        hs = by_kind['haemorrhage']
+    if by_kind["microaneurysm"]:
+        sh, al = _splat_ellipses(geom, by_kind["microaneurysm"])
+        _darken(img, al, _MA_T)
+        masks["microaneurysm"] = sh
+    if by_kind["haemorrhage"]:
+        hs = by_kind["haemorrhage"]
         op = 0.8 + 0.2 * rng.random(len(hs))
         sh, al = _splat_ellipses(geom, hs, soft=0.25, opacity=op, irregular=0.2, rng=rng)
-        _darken(img, al, _HAEM_T); masks['haemorrhage'] = sh
-    if by_kind['hard_exudate']:
-        sh, al = _splat_ellipses(geom, by_kind['hard_exudate'], opacity=0.95, irregular=0.15, rng=rng)
-        _paint(img, al, _EXUDATE, shade); masks['hard_exudate'] = sh
-    if by_kind['cotton_wool_spot']:
-        sh, al = _splat_ellipses(geom, by_kind['cotton_wool_spot'], soft=0.7, opacity=0.85, irregular=0.25, rng=rng)
-        _paint(img, al, _CWS, shade); masks['cotton_wool_spot'] = sh
-    if by_kind['preretinal_haemorrhage']:
-        sh, al = _splat_ellipses(geom, by_kind['preretinal_haemorrhage'], soft=0.1, opacity=0.95, flat_top=True)
-        _darken(img, al, _PRE_T); masks['preretinal_haemorrhage'] = sh
+        _darken(img, al, _HAEM_T)
+        masks["haemorrhage"] = sh
+    if by_kind["hard_exudate"]:
+        sh, al = _splat_ellipses(geom, by_kind["hard_exudate"], opacity=0.95, irregular=0.15, rng=rng)
+        _paint(img, al, _EXUDATE, shade)
+        masks["hard_exudate"] = sh
+    if by_kind["cotton_wool_spot"]:
+        sh, al = _splat_ellipses(
+            geom, by_kind["cotton_wool_spot"], soft=0.7, opacity=0.85, irregular=0.25, rng=rng
+        )
+        _paint(img, al, _CWS, shade)
+        masks["cotton_wool_spot"] = sh
+    if by_kind["preretinal_haemorrhage"]:
+        sh, al = _splat_ellipses(
+            geom, by_kind["preretinal_haemorrhage"], soft=0.1, opacity=0.95, flat_top=True
+        )
+        _darken(img, al, _PRE_T)
+        masks["preretinal_haemorrhage"] = sh
     fov = rho2 < 1
     # ---- media opacity (cataract): blur, low contrast, yellow veil ----
     h = f.cataract_haze
     if h > 0:
-        img = ndi.gaussian_filter(img, (S * (0.002 + 0.008 * h),) * 2 + (0,), mode='nearest')
+        img = ndi.gaussian_filter(img, (S * (0.002 + 0.008 * h),) * 2 + (0,), mode="nearest")
         m = img[fov].mean(0)
         img = (m + (img - m) * (1 - 0.45 * h)) * (1 - 0.3 * h) + 0.3 * h * _VEIL * m[0]
     # ---- camera: colour temperature, blur, gamma, auto-exposure, vignette edge, noise ----
-    img *= np.array([1 + nz['colour_temp'], 1.0 + nz['tint'], 1 - nz['colour_temp']], np.float32)
-    if nz['blur'] * S > 0.05: img = ndi.gaussian_filter(img, (nz['blur'] * S,) * 2 + (0,), mode='nearest')
-    img = np.maximum(img, 0) ** nz['gamma']
-    metered = rho2 < 0.94 ** 2                                   # the camera meters the central 94 % of the FOV
-    img *= RETINA_REFERENCE['luminance'] * nz['exposure'] / float((img[metered] @ _LUMA).mean())
-    noise = np.random.default_rng(rng.integers(2 ** 63)).standard_normal((S, S, 3), dtype=np.float32)
-    img += nz['noise'] * np.sqrt(np.clip(img, 0, 1) / 0.45) * noise   # shot noise: std grows with the signal
+    img *= np.array([1 + nz["colour_temp"], 1.0 + nz["tint"], 1 - nz["colour_temp"]], np.float32)
+    if nz["blur"] * S > 0.05:
+        img = ndi.gaussian_filter(img, (nz["blur"] * S,) * 2 + (0,), mode="nearest")
+    img = np.maximum(img, 0) ** nz["gamma"]
+    metered = rho2 < 0.94**2  # the camera meters the central 94 % of the FOV
+    img *= RETINA_REFERENCE["luminance"] * nz["exposure"] / float((img[metered] @ _LUMA).mean())
+    noise = np.random.default_rng(rng.integers(2**63)).standard_normal((S, S, 3), dtype=np.float32)
+    img += nz["noise"] * np.sqrt(np.clip(img, 0, 1) / 0.45) * noise  # shot noise: std grows with the signal
     a_fov = np.clip((1 - np.sqrt(rho2)) * geom.R + 0.5, 0, 1)
     img = np.clip(img, 0, 1) * a_fov[..., None]
     out = {k: (masks[k] >= 0.5) & fov if k in masks else np.zeros((S, S), bool) for k in LESION_TYPES}
-    out.update(optic_disc=masks['optic_disc'] & fov, optic_cup=masks['optic_cup'] & fov)
+    out.update(optic_disc=masks["optic_disc"] & fov, optic_cup=masks["optic_cup"] & fov)
     img = (img * 255 + 0.5).astype(np.uint8)
-    if nz['jpeg_quality'] < 100:   # the camera stores JPEG: blocking and ringing. Chroma is kept at full resolution
-        buf = io.BytesIO()        # (4:4:4): 4:2:0 at 64-128 px would wipe the colour of 1-2 px exudates, which a camera
-        Image.fromarray(img).save(buf, format='JPEG', quality=int(round(nz['jpeg_quality'])), subsampling=0)   # at full size does not
-        img = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert('RGB')) * (a_fov > 0)[..., None]   # surround stays black
+    if (
+        nz["jpeg_quality"] < 100
+    ):  # the camera stores JPEG: blocking and ringing. Chroma is kept at full resolution
+        buf = (
+            io.BytesIO()
+        )  # (4:4:4): 4:2:0 at 64-128 px would wipe the colour of 1-2 px exudates, which a camera
+        Image.fromarray(img).save(
+            buf, format="JPEG", quality=int(round(nz["jpeg_quality"])), subsampling=0
+        )  # at full size does not
+        img = (
+            np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")) * (a_fov > 0)[..., None]
+        )  # surround stays black
         img = img.astype(np.uint8)
     return img, out

@@ -4,142 +4,258 @@
 
 # %% ../../nbs/02b_synthetic_reports.ipynb #9e041bc3
 from __future__ import annotations
-import argparse, dataclasses, io, json, math, os, shutil, time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, Sequence
+
+from typing import Sequence
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage as ndi
-from tqdm.auto import tqdm
-from .findings import Findings, QUADRANTS, SEVERE_HAEMORRHAGES_PER_QUADRANT, haemorrhages_per_quadrant
+
+from maskedclip.synthetic.findings import (
+    QUADRANTS,
+    SEVERE_HAEMORRHAGES_PER_QUADRANT,
+    Findings,
+    haemorrhages_per_quadrant,
+)
 
 # %% auto #0
 __all__ = ['write_report']
 
 # %% ../../nbs/02b_synthetic_reports.ipynb #00000019
-_GRADE_TEXT = ['no diabetic retinopathy', 'mild non-proliferative diabetic retinopathy',
-               'moderate non-proliferative diabetic retinopathy', 'severe non-proliferative diabetic retinopathy',
-               'proliferative diabetic retinopathy']
+_GRADE_TEXT = [
+    "no diabetic retinopathy",
+    "mild non-proliferative diabetic retinopathy",
+    "moderate non-proliferative diabetic retinopathy",
+    "severe non-proliferative diabetic retinopathy",
+    "proliferative diabetic retinopathy",
+]
+
 
 def _how_many(n: int, rng: np.random.Generator) -> str:
-    if n == 1: return str(rng.choice(['a single', 'one', 'an isolated']))
-    if n <= 4: return str(rng.choice(['a few', 'a small number of', 'two to four' if n > 1 else 'a few']))
-    if n <= 12: return str(rng.choice(['several', 'multiple', 'a moderate number of']))
-    return str(rng.choice(['numerous', 'many', 'extensive']))
+    if n == 1:
+        return str(rng.choice(["a single", "one", "an isolated"]))
+    if n <= 4:
+        return str(rng.choice(["a few", "a small number of", "two to four" if n > 1 else "a few"]))
+    if n <= 12:
+        return str(rng.choice(["several", "multiple", "a moderate number of"]))
+    return str(rng.choice(["numerous", "many", "extensive"]))
+
 
 def _where(quadrants: Sequence[str], rng: np.random.Generator) -> str:
     qs = [q for q in QUADRANTS if q in set(quadrants)]
-    if len(qs) == 1: return f"in the {qs[0]} quadrant"
-    if len(qs) == 2: return f"in the {qs[0]} and {qs[1]} quadrants"
-    if len(qs) == 4: return str(rng.choice(['in all four quadrants', 'throughout the fundus', 'in every quadrant']))
-    return str(rng.choice([f"in the {', '.join(qs[:-1])} and {qs[-1]} quadrants", 'in three quadrants']))
+    if len(qs) == 1:
+        return f"in the {qs[0]} quadrant"
+    if len(qs) == 2:
+        return f"in the {qs[0]} and {qs[1]} quadrants"
+    if len(qs) == 4:
+        return str(rng.choice(["in all four quadrants", "throughout the fundus", "in every quadrant"]))
+    return str(rng.choice([f"in the {', '.join(qs[:-1])} and {qs[-1]} quadrants", "in three quadrants"]))
 
-def _cap(s: str) -> str: return s[0].upper() + s[1:]
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
 
 # %% ../../nbs/02b_synthetic_reports.ipynb #9652b702
 def write_report(findings: Findings, rng: np.random.Generator) -> str:
     """A free-text fundus report of several sentences: varied wording and order, random negations of absent
     findings, optional impression; deterministic for the state of `rng`."""
     f, P = findings, lambda opts: str(opts[int(rng.integers(len(opts)))])
-    us = rng.random() < 0.2                                    # some sites write US spelling
-    haem, nv = ('hemorrhage', 'neovascularization') if us else ('haemorrhage', 'neovascularisation')
-    side = 'right' if f.eye == 'OD' else 'left'
-    head = [P([f'Colour fundus photograph of the {side} eye.', f'{_cap(side)} eye, macula-centred view.',
-               f'Fundus image, {side} eye.', f'{_cap(side)} eye ({f.eye}).', ''])]
+    us = rng.random() < 0.2  # some sites write US spelling
+    haem, nv = ("hemorrhage", "neovascularization") if us else ("haemorrhage", "neovascularisation")
+    side = "right" if f.eye == "OD" else "left"
+    head = [
+        P(
+            [
+                f"Colour fundus photograph of the {side} eye.",
+                f"{_cap(side)} eye, macula-centred view.",
+                f"Fundus image, {side} eye.",
+                f"{_cap(side)} eye ({f.eye}).",
+                "",
+            ]
+        )
+    ]
     if f.cataract:
-        head.append(P(['The view is hazy, consistent with media opacity from cataract.',
-                       'Image quality is reduced by a diffuse yellowish haze (lens opacity).',
-                       'There is a generalised blur due to cataract.']))
+        head.append(
+            P(
+                [
+                    "The view is hazy, consistent with media opacity from cataract.",
+                    "Image quality is reduced by a diffuse yellowish haze (lens opacity).",
+                    "There is a generalised blur due to cataract.",
+                ]
+            )
+        )
     elif rng.random() < 0.4:
-        head.append(P(['Image quality is adequate.', 'Good quality image.', 'The media are clear.']))
+        head.append(P(["Image quality is adequate.", "Good quality image.", "The media are clear."]))
     body = []
     # optic disc and cup
-    c = f'{round(f.cdr, 1):.1f}'
+    c = f"{round(f.cdr, 1):.1f}"
     if f.glaucoma:
-        body.append(P([f'The optic cup is enlarged with a cup-to-disc ratio of approximately {c}, suspicious for glaucoma.',
-                       f'The cup-to-disc ratio is approximately {c}. The enlarged cup is suspicious for glaucomatous optic neuropathy.',
-                       f'Increased cupping of the optic disc is noted (vertical CDR about {c}).',
-                       f'The disc shows a large cup, cup-to-disc ratio {c}, with thinning of the neuroretinal rim.']))
+        body.append(
+            P(
+                [
+                    f"The optic cup is enlarged with a cup-to-disc ratio of approximately {c}, suspicious for glaucoma.",
+                    f"The cup-to-disc ratio is approximately {c}. The enlarged cup is suspicious for glaucomatous optic neuropathy.",
+                    f"Increased cupping of the optic disc is noted (vertical CDR about {c}).",
+                    f"The disc shows a large cup, cup-to-disc ratio {c}, with thinning of the neuroretinal rim.",
+                ]
+            )
+        )
     else:
-        body.append(P([f'The cup-to-disc ratio is approximately {c}.', f'The optic disc is pink and well defined, CDR {c}.',
-                       f'Healthy optic disc with a cup-to-disc ratio of about {c}.', f'Vertical cup-to-disc ratio {c}.']))
+        body.append(
+            P(
+                [
+                    f"The cup-to-disc ratio is approximately {c}.",
+                    f"The optic disc is pink and well defined, CDR {c}.",
+                    f"Healthy optic disc with a cup-to-disc ratio of about {c}.",
+                    f"Vertical cup-to-disc ratio {c}.",
+                ]
+            )
+        )
     # microaneurysms
-    n = f.count('microaneurysm')
+    n = f.count("microaneurysm")
     if n:
-        qs = [l.quadrant for l in f.lesions if l.kind == 'microaneurysm']
-        body.append(P([f'There are {_how_many(n, rng)} microaneurysms {_where(qs, rng)}.' if n > 1 else
-                       f'There is a single microaneurysm {_where(qs, rng)}.',
-                       f'{_cap(_how_many(n, rng))} microaneurysm{"s" if n > 1 else ""} {"are" if n > 1 else "is"} seen, mainly at the posterior pole.',
-                       f'Microaneurysms: {n}.']))
+        qs = [l.quadrant for l in f.lesions if l.kind == "microaneurysm"]
+        body.append(
+            P(
+                [
+                    f"There are {_how_many(n, rng)} microaneurysms {_where(qs, rng)}."
+                    if n > 1
+                    else f"There is a single microaneurysm {_where(qs, rng)}.",
+                    f"{_cap(_how_many(n, rng))} microaneurysm{'s' if n > 1 else ''} {'are' if n > 1 else 'is'} seen, mainly at the posterior pole.",
+                    f"Microaneurysms: {n}.",
+                ]
+            )
+        )
     elif rng.random() < 0.5:
-        body.append(P(['No microaneurysms are seen.', 'There are no microaneurysms.']))
+        body.append(P(["No microaneurysms are seen.", "There are no microaneurysms."]))
     # haemorrhages
-    hs = [l for l in f.lesions if l.kind == 'haemorrhage']
+    hs = [l for l in f.lesions if l.kind == "haemorrhage"]
     hq = haemorrhages_per_quadrant(f.lesions)
     if hs and min(hq.values()) > SEVERE_HAEMORRHAGES_PER_QUADRANT:
-        body.append(P([f'More than 20 intraretinal {haem}s are present in each of the four quadrants.',
-                       f'There are extensive dot and blot {haem}s in all four quadrants (over 20 per quadrant).',
-                       f'Numerous intraretinal {haem}s are scattered throughout all four quadrants.']))
+        body.append(
+            P(
+                [
+                    f"More than 20 intraretinal {haem}s are present in each of the four quadrants.",
+                    f"There are extensive dot and blot {haem}s in all four quadrants (over 20 per quadrant).",
+                    f"Numerous intraretinal {haem}s are scattered throughout all four quadrants.",
+                ]
+            )
+        )
     elif hs:
-        kinds = [k for k in ('dot', 'blot', 'flame') if any(l.subtype == k for l in hs)]
-        kind = {1: '{0}', 2: '{0} and {1}', 3: '{0}, {1} and flame-shaped'}[len(kinds)].format(*kinds)
-        kind = kind.replace('flame', 'flame-shaped') if kind.endswith('flame') else kind
+        kinds = [k for k in ("dot", "blot", "flame") if any(l.subtype == k for l in hs)]
+        kind = {1: "{0}", 2: "{0} and {1}", 3: "{0}, {1} and flame-shaped"}[len(kinds)].format(*kinds)
+        kind = kind.replace("flame", "flame-shaped") if kind.endswith("flame") else kind
         where = _where([l.quadrant for l in hs], rng)
-        body.append(P([f'There are {_how_many(len(hs), rng)} {kind} {haem}s {where}.' if len(hs) > 1 else
-                       f'There is a single {kind} {haem} {where}.',
-                       f'{_cap(kind)} {haem}s are noted {where}.' if len(hs) > 1 else f'A {kind} {haem} is noted {where}.',
-                       f'Retinal {haem}s ({kind}) {where}.']))
+        body.append(
+            P(
+                [
+                    f"There are {_how_many(len(hs), rng)} {kind} {haem}s {where}."
+                    if len(hs) > 1
+                    else f"There is a single {kind} {haem} {where}.",
+                    f"{_cap(kind)} {haem}s are noted {where}."
+                    if len(hs) > 1
+                    else f"A {kind} {haem} is noted {where}.",
+                    f"Retinal {haem}s ({kind}) {where}.",
+                ]
+            )
+        )
     elif rng.random() < 0.5:
-        body.append(P([f'No {haem}s are seen.', f'There are no retinal {haem}s.', f'No intraretinal {haem}.']))
+        body.append(
+            P([f"No {haem}s are seen.", f"There are no retinal {haem}s.", f"No intraretinal {haem}."])
+        )
     if f.venous_beading:
-        body.append(P([f'Venous beading is present {_where(f.venous_beading, rng)}.',
-                       f'Beading of the retinal veins is noted {_where(f.venous_beading, rng)}.']))
+        body.append(
+            P(
+                [
+                    f"Venous beading is present {_where(f.venous_beading, rng)}.",
+                    f"Beading of the retinal veins is noted {_where(f.venous_beading, rng)}.",
+                ]
+            )
+        )
     elif rng.random() < 0.25:
-        body.append(P(['The vessels are of normal calibre.', 'No venous beading.', 'Retinal vessels appear normal.']))
+        body.append(
+            P(["The vessels are of normal calibre.", "No venous beading.", "Retinal vessels appear normal."])
+        )
     # exudates / cotton-wool spots
-    n = f.count('hard_exudate')
+    n = f.count("hard_exudate")
     if n:
-        body.append(P([f'Hard exudates are present in the posterior pole.', f'There are {_how_many(n, rng)} hard exudates near the macula.',
-                       'Yellow hard exudates are seen, partly in a circinate pattern.']))
+        body.append(
+            P(
+                [
+                    "Hard exudates are present in the posterior pole.",
+                    f"There are {_how_many(n, rng)} hard exudates near the macula.",
+                    "Yellow hard exudates are seen, partly in a circinate pattern.",
+                ]
+            )
+        )
     elif rng.random() < 0.4:
-        body.append(P(['No hard exudates.', 'There are no hard exudates.']))
-    n = f.count('cotton_wool_spot')
+        body.append(P(["No hard exudates.", "There are no hard exudates."]))
+    n = f.count("cotton_wool_spot")
     if n:
-        body.append(P([f'There {"are" if n > 1 else "is"} {_how_many(n, rng)} cotton-wool spot{"s" if n > 1 else ""} along the vascular arcades.',
-                       f'Cotton wool spots: {n}.', f'{_cap(_how_many(n, rng))} soft exudate{"s" if n > 1 else ""} (cotton-wool spot{"s" if n > 1 else ""}) {"are" if n > 1 else "is"} seen.']))
+        body.append(
+            P(
+                [
+                    f"There {'are' if n > 1 else 'is'} {_how_many(n, rng)} cotton-wool spot{'s' if n > 1 else ''} along the vascular arcades.",
+                    f"Cotton wool spots: {n}.",
+                    f"{_cap(_how_many(n, rng))} soft exudate{'s' if n > 1 else ''} (cotton-wool spot{'s' if n > 1 else ''}) {'are' if n > 1 else 'is'} seen.",
+                ]
+            )
+        )
     elif rng.random() < 0.3:
-        body.append(P(['No cotton-wool spots.', 'There are no cotton wool spots.']))
+        body.append(P(["No cotton-wool spots.", "There are no cotton wool spots."]))
     # proliferative signs
-    nvd, nve = f.count('neovascularisation', 'NVD'), f.count('neovascularisation', 'NVE')
-    if nvd: body.append(P([f'{_cap(nv)} of the disc (NVD) is present.', 'Fine new vessels are seen at the optic disc.']))
-    if nve: body.append(P([f'{_cap(nv)} elsewhere (NVE) is seen along the vascular arcades.',
-                           'There are new vessels elsewhere along the arcades.']))
+    nvd, nve = f.count("neovascularisation", "NVD"), f.count("neovascularisation", "NVE")
+    if nvd:
+        body.append(
+            P([f"{_cap(nv)} of the disc (NVD) is present.", "Fine new vessels are seen at the optic disc."])
+        )
+    if nve:
+        body.append(
+            P(
+                [
+                    f"{_cap(nv)} elsewhere (NVE) is seen along the vascular arcades.",
+                    "There are new vessels elsewhere along the arcades.",
+                ]
+            )
+        )
     if not (nvd or nve) and rng.random() < (0.6 if f.dr_grade >= 2 else 0.3):
-        body.append(P([f'No {nv}.', f'There is no {nv}.', 'No new vessels are seen.']))
-    if f.count('preretinal_haemorrhage'):
-        body.append(P([f'A preretinal {haem} is present.', f'There is a boat-shaped preretinal {haem}.']))
+        body.append(P([f"No {nv}.", f"There is no {nv}.", "No new vessels are seen."]))
+    if f.count("preretinal_haemorrhage"):
+        body.append(P([f"A preretinal {haem} is present.", f"There is a boat-shaped preretinal {haem}."]))
     # macula
-    d = [l for l in f.lesions if l.kind == 'drusen']
+    d = [l for l in f.lesions if l.kind == "drusen"]
     if f.amd:
-        size = 'large soft' if any(l.subtype == 'large' for l in d) else 'intermediate'
-        body.append(P([f'Multiple {size} drusen are present around the fovea.',
-                       f'The macula shows {size} drusen, consistent with age-related macular degeneration.',
-                       f'{_cap(size)} drusen at the macula.']))
+        size = "large soft" if any(l.subtype == "large" for l in d) else "intermediate"
+        body.append(
+            P(
+                [
+                    f"Multiple {size} drusen are present around the fovea.",
+                    f"The macula shows {size} drusen, consistent with age-related macular degeneration.",
+                    f"{_cap(size)} drusen at the macula.",
+                ]
+            )
+        )
     elif d:
-        body.append(P(['A few small hard drusen are seen at the macula.', 'Scattered small drusen, not significant.']))
+        body.append(
+            P(["A few small hard drusen are seen at the macula.", "Scattered small drusen, not significant."])
+        )
     else:
-        body.append(P(['The macula appears normal.', 'The foveal reflex is present.', 'Normal macula.', 'No drusen.']))
+        body.append(
+            P(["The macula appears normal.", "The foveal reflex is present.", "Normal macula.", "No drusen."])
+        )
     order = rng.permutation(len(body))
     tail = []
     if rng.random() < 0.7:
         imp = []
-        if f.dr_grade: imp.append(_GRADE_TEXT[f.dr_grade] + (' (referable)' if f.dr_grade >= 2 and rng.random() < 0.5 else ''))
-        if f.glaucoma: imp.append(P(['glaucoma suspect', 'suspected glaucoma']))
-        if f.amd: imp.append('age-related macular degeneration')
-        if f.cataract: imp.append('cataract')
-        if not imp: imp.append(P(['normal fundus', 'no diabetic retinopathy', 'no abnormality detected']))
-        tail.append(P(['Impression: ', 'Conclusion: ', 'Summary: ']) + '; '.join(imp) + '.')
-    return ' '.join(s for s in head + [body[i] for i in order] + tail if s)
+        if f.dr_grade:
+            imp.append(
+                _GRADE_TEXT[f.dr_grade] + (" (referable)" if f.dr_grade >= 2 and rng.random() < 0.5 else "")
+            )
+        if f.glaucoma:
+            imp.append(P(["glaucoma suspect", "suspected glaucoma"]))
+        if f.amd:
+            imp.append("age-related macular degeneration")
+        if f.cataract:
+            imp.append("cataract")
+        if not imp:
+            imp.append(P(["normal fundus", "no diabetic retinopathy", "no abnormality detected"]))
+        tail.append(P(["Impression: ", "Conclusion: ", "Summary: "]) + "; ".join(imp) + ".")
+    return " ".join(s for s in head + [body[i] for i in order] + tail if s)
