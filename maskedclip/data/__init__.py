@@ -6,8 +6,9 @@
 __all__ = []
 
 # %% ../../nbs/01_data.ipynb #629a8520
-from .adapters import *
-from .loader import *
-from .manifest import *
 from .records import *
+from .manifest import *
 from .transforms import *
+from .loader import *
+from .adapters import *
+from .loader import _Collate

@@ -6,9 +6,13 @@
 __all__ = []
 
 # %% ../../nbs/10_evaluate.ipynb #1e9a4b78
-from .cli import *
-from .encoders import *
 from .metrics import *
+from .encoders import *
 from .protocols import *
-from .runner import *
 from .tables import *
+from .runner import *
+from .cli import *
+from .metrics import _macro_rows, _rank_ap, _rank_auc
+from .encoders import _resolve_dir, _vision_config
+from .protocols import _FinetuneAug, _amp_dtype, _cpu_bf16, _model_input, _posterize_safe
+from .runner import _EvalContext, _init_eval_worker, _run_eval_unit

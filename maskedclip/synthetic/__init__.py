@@ -6,7 +6,8 @@
 __all__ = []
 
 # %% ../../nbs/02_synthetic.ipynb #42667de9
-from .corpus import *
 from .findings import *
-from .render import *
 from .reports import *
+from .render import *
+from .corpus import *
+from .render import _Geometry
