@@ -312,7 +312,7 @@ def _timm_of(model: MaskedCLIP) -> VisionTransformer:
     enc.load_state_dict(model.encoder.state_dict(), strict=True)
     return enc
 
-
+# %% ../nbs/14_hub.ipynb #846cc2f7
 def create_model_and_transforms(
     name_or_dir: str | Path,
     *,

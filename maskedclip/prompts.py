@@ -233,7 +233,7 @@ def _pick_label(record: Mapping, rng) -> str | None:
     labels = [l for l in (record.get("labels") or []) if l]
     return rng.choice(labels) if labels else None
 
-
+# %% ../nbs/03_prompts.ipynb #e84ad6a0
 def labels_to_paired_records(
     records: Iterable[Mapping],
     rng=None,
@@ -336,7 +336,7 @@ def _period_ends_sentence(text: str, i: int) -> bool:
         k -= 1
     return text[k:i].lstrip("([\"'").lower() not in ABBREVIATIONS
 
-
+# %% ../nbs/03_prompts.ipynb #3f3672f5
 def sentence_spans(report: str, min_chars: int = 3) -> list[tuple[int, int]]:
     "Character spans `(start, end)` of the sentences of `report` (see the rules above); `report[s:e]` is a sentence."
     if not isinstance(report, str):

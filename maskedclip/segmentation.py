@@ -132,7 +132,7 @@ def resolve_lesions(lesions: str | Sequence[str], known: Sequence[str] | None = 
         )
     return out
 
-
+# %% ../nbs/12_segmentation.ipynb #04f3359a
 @dataclass
 class SegmentationData:
     "Images and lesion masks in memory (one split)."
@@ -198,7 +198,7 @@ def _record_masks(v, rid) -> dict:
         raise ValueError(f"record {rid!r}: `masks` must be a mapping lesion -> path, got {type(v).__name__}")
     return {k: p for k, p in v.items() if p}
 
-
+# %% ../nbs/12_segmentation.ipynb #249a1128
 def load_segmentation_manifest(
     path,
     root=None,
@@ -481,7 +481,7 @@ def predict_masks(
         ]
     )
 
-
+# %% ../nbs/12_segmentation.ipynb #eb7dd00d
 def _fit_and_score(
     ftr,
     fte,
@@ -543,7 +543,7 @@ def _fit_and_score(
         out.update(head=head, pred=pred)
     return out
 
-
+# %% ../nbs/12_segmentation.ipynb #5115958e
 def fewshot_segmentation(
     encoder_or_model,
     train: SegmentationData,
@@ -638,7 +638,7 @@ DEFAULT_LESION_PROMPTS: dict[
     "preretinal_haemorrhage": "There is a boat-shaped preretinal haemorrhage.",
 }
 
-
+# %% ../nbs/12_segmentation.ipynb #b10489f8
 def pointing_game_score(
     model,
     images,

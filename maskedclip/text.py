@@ -79,7 +79,7 @@ def build_wordpiece_tokenizer(words=CLINICAL_WORDS, max_length: int = 77):
         model_max_length=max_length,
     )
 
-
+# %% ../nbs/05_text.ipynb #8efb1aba
 def train_wordpiece_tokenizer(texts, vocab_size: int = 4000, max_length: int = 77):
     "Train a WordPiece vocabulary on your own reports with `tokenizers` (for a from-scratch text tower)."
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers

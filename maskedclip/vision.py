@@ -114,7 +114,7 @@ def _init_weights(m):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
 
-
+# %% ../nbs/04_vision.ipynb #ede19547
 class ViTEncoder(nn.Module):
     "E_I: ViT on all or only the visible patches; timm-compatible state dict."
 
@@ -235,7 +235,7 @@ class LoadReport:
             f"unexpected {unexp}; resampled {self.resampled}"
         )
 
-
+# %% ../nbs/04_vision.ipynb #acc1c5db
 def _key_category(k: str) -> str:
     if k.startswith(("head", "fc_norm")):
         return "head"

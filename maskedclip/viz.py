@@ -204,7 +204,7 @@ def _recon_panels(rec: dict, i: int, normalized: bool) -> list[np.ndarray]:
         to_display(rec["pasted"][i], normalized)[0],
     ]
 
-
+# %% ../nbs/11_viz.ipynb #d4a16873
 def reconstruction_figure(
     model: nn.Module,
     images,
@@ -318,7 +318,7 @@ def _grid(model: nn.Module) -> tuple[int, int]:
     g = model.config.vision.grid_size
     return (g, g)
 
-
+# %% ../nbs/11_viz.ipynb #91b6c1b1
 def attention_figure(
     model: nn.Module,
     image,
@@ -352,7 +352,7 @@ def attention_figure(
     )
     return _image_axes(fig)
 
-
+# %% ../nbs/11_viz.ipynb #0f2ce26a
 def attention_grid_figure(model: nn.Module, image, which: str = "encoder") -> go.Figure:
     "Every layer (rows) × head (columns) CLS-to-patch map of `image`, each scaled to its own maximum."
     x = _as_batch(image)[:1]
@@ -484,7 +484,7 @@ def phi_map_of(source, image=None) -> torch.Tensor:
         return est.phi_map(tokens)[0].float().cpu()
     return est.phi_map().detach().float().cpu()
 
-
+# %% ../nbs/11_viz.ipynb #ee2ff933
 def phi_figure(
     source, image=None, normalized: bool = True, title: str | None = None, opacity: float = 0.5
 ) -> go.Figure:
@@ -661,7 +661,7 @@ def prompt_heatmap(model: nn.Module, image, text: str, projection: str = "image"
     "Cosine between the embedding of `text` and each patch embedding of `image` `(C, H, W)` -> `(gh, gw)`."
     return prompt_heatmaps(model, image, [text], projection)[0]
 
-
+# %% ../nbs/11_viz.ipynb #db775b3b
 def load_mask(mask, size: tuple[int, int] | None = None) -> np.ndarray:
     "A binary mask `(H, W)` bool from a PNG path, PIL image, array or tensor (> 0 = inside); resized (nearest) to `size`."
     if isinstance(mask, (str, Path)):
@@ -844,7 +844,7 @@ def loss_keys(rows: list[dict]) -> list[str]:
     ]
     return [k for k in LOSS_KEYS if k in num] + rest
 
-
+# %% ../nbs/11_viz.ipynb #1633be7e
 def training_curves_figure(
     metrics, keys: Sequence[str] | None = None, title: str = "training curves"
 ) -> go.Figure:
@@ -1000,7 +1000,7 @@ def _explorer(controls: dict, render):
     box.update = update
     return box
 
-
+# %% ../nbs/11_viz.ipynb #5a743ce8
 def reconstruction_explorer(model: nn.Module, images, normalized: bool = True, seed: int = 0):
     "Widget: sample slider + mask-ratio slider that re-masks live; returns a `VBox` with a `FigureWidget`."
     import ipywidgets as widgets
@@ -1095,7 +1095,7 @@ def attention_explorer(
     ref["box"] = _explorer(dict(sample=sample, stack=stack, layer=layer, head=head), render)
     return ref["box"]
 
-
+# %% ../nbs/11_viz.ipynb #d444bd32
 def prompt_explorer(
     model: nn.Module,
     images,

@@ -60,7 +60,7 @@ def _seed(v: str) -> int:
     except ValueError:
         raise ConfigError(f"--seeds: {v!r} is not an integer") from None
 
-
+# %% ../../nbs/10f_evaluate_cli.ipynb #65596cca
 def _check_sources(sources: Mapping[str, str]):
     "Each `--checkpoint` path exists, and a `.safetensors` file really is one (not a pickle renamed), before any work."
     for name, src in sources.items():
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     return ap
 
-
+# %% ../../nbs/10f_evaluate_cli.ipynb #9455670e
 def main(argv=None) -> int:
     "Console script `maskedclip-eval` (see `build_parser`); returns the exit status (`maskedclip.config.ExitCode`), never exits."
     ap = build_parser()

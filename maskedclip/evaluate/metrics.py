@@ -103,7 +103,7 @@ def encode_labels(labels: Iterable, classes: Sequence[str]) -> np.ndarray:
             raise ValueError(f"label {l!r} (item {i}) is not one of {list(classes)}")
     return np.asarray(out, dtype=np.int64)
 
-
+# %% ../../nbs/10a_evaluate_metrics.ipynb #11636b3f
 def auroc(y, scores) -> float:
     "Macro one-vs-rest ROC-AUC (scikit-learn on one-hot labels, RETFound's call); classes absent from `y` are left out."
     y, s = _check_ys(y, scores)
@@ -205,7 +205,7 @@ def bootstrap_indices(y, n_boot: int, seed: int = 0, stratified: bool = True) ->
         parts.append(idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))])
     return np.concatenate(parts, axis=1)
 
-
+# %% ../../nbs/10a_evaluate_metrics.ipynb #c26ff8f0
 def bootstrap_ci(
     y,
     scores,

@@ -58,7 +58,7 @@ def task_classes(corpus_root, task: str) -> list[str] | None:
         pass
     return None
 
-
+# %% ../../nbs/10e_evaluate_runner.ipynb #e773dfc5
 def load_task(
     corpus_root,
     task: str,

@@ -65,7 +65,7 @@ class Table:
         html.write_text(self.html)
         return [md, html]
 
-
+# %% ../../nbs/10d_evaluate_tables.ipynb #206813de
 def _pick(
     df: pd.DataFrame, protocol: str | None, fraction: float | None, test_set: str = "test"
 ) -> tuple[pd.DataFrame, str, float]:
@@ -131,7 +131,7 @@ def _render(
 
 _METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC"}
 
-
+# %% ../../nbs/10d_evaluate_tables.ipynb #5ac390bf
 def table1(
     df: pd.DataFrame,
     fraction: float | None = None,
@@ -226,7 +226,7 @@ def table2(
 
 TEST_SET_LABELS = {"test": "in-distribution", "test_shifted": "shifted"}
 
-
+# %% ../../nbs/10d_evaluate_tables.ipynb #3ad243e8
 def side_by_side(
     table_fn, df: pd.DataFrame, *args, test_sets: Sequence[str] | None = None, digits: int = 3, **kw
 ) -> Table:
@@ -311,7 +311,7 @@ def label_efficiency_figure(
     )
     return fig
 
-
+# %% ../../nbs/10d_evaluate_tables.ipynb #996a85d6
 def save_results(df: pd.DataFrame, out_dir, stem: str = "results", figure: bool = True) -> dict[str, Path]:
     """Write `<stem>.csv`, `<stem>.json` (rows + metadata), `summary.csv`, Table 1/2 (`.md`, `.html`) and the
     figure (`label_efficiency.json` / `.html`, plotly.js embedded) into `out_dir`."""

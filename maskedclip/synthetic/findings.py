@@ -359,7 +359,7 @@ def _haemorrhages(rng, pos: np.ndarray, disc) -> list[Lesion]:
         for (x, y), a, q, t, s in zip(pos, r, aspect, ang, sub)
     ]
 
-
+# %% ../../nbs/02a_synthetic_findings.ipynb #9dc0df2f
 def _round_lesions(
     kind: str, pos: np.ndarray, r: np.ndarray, subtype: str = "", aspect=None, angle=None
 ) -> list[Lesion]:
