@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 
 from .config import TextConfig
 
@@ -201,85 +202,93 @@ class TextTower(nn.Module):
             self.model.eval()
         return self
 
-    def tokenize(self, texts: list[str], with_sentences: bool = False) -> dict[str, torch.Tensor]:
-        "Texts -> `input_ids`, `attention_mask` `(B, T)` (+ `sentence_ids` `(B, T)` when `with_sentences`)."
-        if self.tokenizer is None:
-            raise ValueError(
-                "text tower has no tokenizer (built with pretrained=False from an architecture only)"
-            )
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise ValueError(f"tokenize: text {bad[0]} is {texts[bad[0]]!r}, not a string")
-        enc = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.cfg.max_length,
-            return_tensors="pt",
-            return_offsets_mapping=with_sentences,
-        )
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if with_sentences:
-            out["sentence_ids"] = sentence_ids_from_offsets(
-                texts, enc["offset_mapping"], enc["attention_mask"]
-            )
-        return out
-
-    @contextmanager
-    def uncached(self):
-        "Inside, `forward` neither reads nor fills the cache (a look at the model that must not change training: D26)."
-        old, self._use_cache = self._use_cache, False
-        try:
-            yield self
-        finally:
-            self._use_cache = old
-
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache.clear()  # new weights: cached hidden states are stale
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _frozen_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        "Frozen E_T: each text's hidden states from the LRU cache; the encoder runs once on the distinct texts it misses."
-        keep = attention_mask.bool()
-        keys = [tuple(input_ids[b][keep[b]].tolist()) for b in range(input_ids.shape[0])]
-        first = {}
-        for b, k in enumerate(keys):
-            if k not in self._cache:
-                first.setdefault(k, b)
-        if first:
-            idx = list(first.values())
-            with torch.no_grad():
-                h = self.model(input_ids=input_ids[idx], attention_mask=attention_mask[idx]).last_hidden_state
-            for j, (k, b) in enumerate(first.items()):
-                self._cache[k] = h[j][keep[b]].float().cpu()
-        hidden = torch.zeros(*input_ids.shape, self.width, device=input_ids.device)
-        for b, k in enumerate(keys):
-            self._cache.move_to_end(k)
-            hidden[b, keep[b]] = self._cache[k].to(input_ids.device)
-        while len(self._cache) > self.cfg.cache_size:
-            self._cache.popitem(last=False)
-        return hidden
+# %% ../nbs/05_text.ipynb #9fd559cb
+@patch
+def tokenize(self: TextTower, texts: list[str], with_sentences: bool = False) -> dict[str, torch.Tensor]:
+    "Texts -> `input_ids`, `attention_mask` `(B, T)` (+ `sentence_ids` `(B, T)` when `with_sentences`)."
+    if self.tokenizer is None:
+        raise ValueError(
+            "text tower has no tokenizer (built with pretrained=False from an architecture only)"
+        )
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"tokenize: text {bad[0]} is {texts[bad[0]]!r}, not a string")
+    enc = self.tokenizer(
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=self.cfg.max_length,
+        return_tensors="pt",
+        return_offsets_mapping=with_sentences,
+    )
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if with_sentences:
+        out["sentence_ids"] = sentence_ids_from_offsets(texts, enc["offset_mapping"], enc["attention_mask"])
+    return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        if self.cfg.freeze and self.cfg.cache_size > 0 and self._use_cache:
-            hidden = self._frozen_hidden(input_ids, attention_mask)
-        else:
-            with torch.set_grad_enabled(
-                torch.is_grad_enabled() and not self.cfg.freeze
-            ):  # frozen: no graph through E_T
-                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.cfg.pooling == "cls":
-            return hidden[:, 0], hidden
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0), hidden
+# %% ../nbs/05_text.ipynb #9665e3d0
+@patch
+@contextmanager
+def uncached(self: TextTower):
+    "Inside, `forward` neither reads nor fills the cache (a look at the model that must not change training: D26)."
+    old, self._use_cache = self._use_cache, False
+    try:
+        yield self
+    finally:
+        self._use_cache = old
 
-    def save_files(self, directory: str | Path):
-        "Write the tower's architecture config and tokenizer (not its weights) so it can be rebuilt offline."
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(directory)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory)
+# %% ../nbs/05_text.ipynb #d35411ae
+@patch
+def _frozen_hidden(self: TextTower, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    "Frozen E_T: each text's hidden states from the LRU cache; the encoder runs once on the distinct texts it misses."
+    keep = attention_mask.bool()
+    keys = [tuple(input_ids[b][keep[b]].tolist()) for b in range(input_ids.shape[0])]
+    first = {}
+    for b, k in enumerate(keys):
+        if k not in self._cache:
+            first.setdefault(k, b)
+    if first:
+        idx = list(first.values())
+        with torch.no_grad():
+            h = self.model(input_ids=input_ids[idx], attention_mask=attention_mask[idx]).last_hidden_state
+        for j, (k, b) in enumerate(first.items()):
+            self._cache[k] = h[j][keep[b]].float().cpu()
+    hidden = torch.zeros(*input_ids.shape, self.width, device=input_ids.device)
+    for b, k in enumerate(keys):
+        self._cache.move_to_end(k)
+        hidden[b, keep[b]] = self._cache[k].to(input_ids.device)
+    while len(self._cache) > self.cfg.cache_size:
+        self._cache.popitem(last=False)
+    return hidden
+
+# %% ../nbs/05_text.ipynb #98807ce4
+@patch
+def forward(self: TextTower, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    if self.cfg.freeze and self.cfg.cache_size > 0 and self._use_cache:
+        hidden = self._frozen_hidden(input_ids, attention_mask)
+    else:
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and not self.cfg.freeze
+        ):  # frozen: no graph through E_T
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if self.cfg.pooling == "cls":
+        return hidden[:, 0], hidden
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0), hidden
+
+# %% ../nbs/05_text.ipynb #99a488bd
+@patch
+def save_files(self: TextTower, directory: str | Path):
+    "Write the tower's architecture config and tokenizer (not its weights) so it can be rebuilt offline."
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    self.model.config.save_pretrained(directory)
+    if self.tokenizer is not None:
+        self.tokenizer.save_pretrained(directory)
 
 # %% ../nbs/05_text.ipynb #df3f7849
 def sentence_ids_from_offsets(texts, offsets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .encoders import LoadedEncoder, _vision_config, load_encoder
@@ -301,122 +302,122 @@ class _EvalContext:
             "_tasks": {},
         }
 
-    def is_random(self, name) -> bool:
-        s = self.sources[name]
-        return isinstance(s, str) and (s == "random" or s.startswith("random:"))
+# %% ../../nbs/10e_evaluate_runner.ipynb #6cdaa511
+@patch
+def is_random(self: _EvalContext, name) -> bool:
+    s = self.sources[name]
+    return isinstance(s, str) and (s == "random" or s.startswith("random:"))
 
-    def encoder(self, name, seed) -> LoadedEncoder:
-        if not self.is_random(name):
-            if name not in self._loaded:
-                self._loaded[name] = load_encoder(self.sources[name])
-            return self._loaded[name]
-        src = self.sources[name]
-        if self.vision is None and ":" not in src:  # 'random:<preset>' names its own architecture
-            other = next((n for n in self.sources if not self.is_random(n)), None)
-            if other is None:
-                raise ValueError(
-                    "a 'random' source needs vision_config= (or another source to copy the architecture from)"
-                )
-            self.vision = self.encoder(other, seed).vision
-        return load_encoder(src, None if ":" in src else self.vision, seed=seed)
-
-    def task(self, task, size) -> TaskData:
-        if (task, size) not in self._tasks:
-            td = load_task(
-                self.corpus_root, task, size, lazy=self.stream, splits=("train", "val") + self.test_splits
+# %% ../../nbs/10e_evaluate_runner.ipynb #73836e87
+@patch
+def encoder(self: _EvalContext, name, seed) -> LoadedEncoder:
+    if not self.is_random(name):
+        if name not in self._loaded:
+            self._loaded[name] = load_encoder(self.sources[name])
+        return self._loaded[name]
+    src = self.sources[name]
+    if self.vision is None and ":" not in src:  # 'random:<preset>' names its own architecture
+        other = next((n for n in self.sources if not self.is_random(n)), None)
+        if other is None:
+            raise ValueError(
+                "a 'random' source needs vision_config= (or another source to copy the architecture from)"
             )
-            for split in ("train", "test"):
-                y = td.splits[split][1]
-                if len(np.unique(y)) < 2:
-                    counts = {td.classes[c]: int((y == c).sum()) for c in np.unique(y)}
-                    raise ValueError(
-                        f"task {td.name!r}: the {split} split holds a single class {counts}; build a larger corpus"
-                    )
-            self._tasks[(task, size)] = td
-        return self._tasks[(task, size)]
+        self.vision = self.encoder(other, seed).vision
+    return load_encoder(src, None if ":" in src else self.vision, seed=seed)
 
-    def run(self, unit) -> tuple[list[dict], list[dict], int]:
-        "One job -> (rows, skipped, runs done)."
-        name, task, pairs = unit
-        enc0 = self.encoder(name, pairs[0][1])
-        td = self.task(task, enc0.vision.image_size)
-        tests = {s: td.splits[s] for s in self.test_splits}
-        if self.protocol == "zero_shot":
-            if self.is_random(name) or not enc0.has_text:
-                return [], [dict(method=name, task=task, reason="no text tower")], 1
-            rows = []
-            for s, (x, y) in tests.items():
-                t0 = time.perf_counter()
-                r = zero_shot(
-                    enc0,
-                    x,
-                    y,
-                    td.classes,
-                    n_boot=self.n_boot,
-                    seed=pairs[0][1],
-                    device=self.device,
-                    **self.zero_shot_kw,
+# %% ../../nbs/10e_evaluate_runner.ipynb #c91172ce
+@patch
+def task(self: _EvalContext, task, size) -> TaskData:
+    if (task, size) not in self._tasks:
+        td = load_task(
+            self.corpus_root, task, size, lazy=self.stream, splits=("train", "val") + self.test_splits
+        )
+        for split in ("train", "test"):
+            y = td.splits[split][1]
+            if len(np.unique(y)) < 2:
+                counts = {td.classes[c]: int((y == c).sum()) for c in np.unique(y)}
+                raise ValueError(
+                    f"task {td.name!r}: the {split} split holds a single class {counts}; build a larger corpus"
                 )
-                rows.append(
-                    r.row(
-                        method=name,
-                        task=task,
-                        fraction=0.0,
-                        seed=pairs[0][1],
-                        test_set=s,
-                        seconds=time.perf_counter() - t0,
-                    )
-                )
-            return rows, [], 1
-        tr, va = td.splits["train"], td.splits["val"]
-        rows, feats, feats_seed, feat_s = [], None, None, 0.0
-        for frac, seed in pairs:
-            enc = (
-                enc0 if seed == pairs[0][1] else self.encoder(name, seed)
-            )  # a random source is re-drawn per seed
-            idx = label_fraction(tr[1], frac, seed)
+        self._tasks[(task, size)] = td
+    return self._tasks[(task, size)]
+
+# %% ../../nbs/10e_evaluate_runner.ipynb #6eb666e2
+@patch
+def run(self: _EvalContext, unit) -> tuple[list[dict], list[dict], int]:
+    "One job -> (rows, skipped, runs done)."
+    name, task, pairs = unit
+    enc0 = self.encoder(name, pairs[0][1])
+    td = self.task(task, enc0.vision.image_size)
+    tests = {s: td.splits[s] for s in self.test_splits}
+    if self.protocol == "zero_shot":
+        if self.is_random(name) or not enc0.has_text:
+            return [], [dict(method=name, task=task, reason="no text tower")], 1
+        rows = []
+        for s, (x, y) in tests.items():
             t0 = time.perf_counter()
-            if self.protocol == "linear_probe":
-                if feats is None or (
-                    self.is_random(name) and seed != feats_seed
-                ):  # features once per encoder
-                    feats = {
-                        s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()
-                    }
-                    feats_seed, feat_s, t0 = seed, time.perf_counter() - t0, time.perf_counter()
-                r = fit_linear_probe(
-                    (feats["train"][idx], tr[1][idx]),
-                    (feats["val"], va[1]),
-                    (feats["test"], tests["test"][1]),
-                    classes=td.classes,
-                    n_boot=self.n_boot,
-                    seed=seed,
-                    **self.probe_kw,
-                    more_tests={s: (feats[s], tests[s][1]) for s in self.test_splits[1:]},
+            r = zero_shot(
+                enc0,
+                x,
+                y,
+                td.classes,
+                n_boot=self.n_boot,
+                seed=pairs[0][1],
+                device=self.device,
+                **self.zero_shot_kw,
+            )
+            rows.append(
+                r.row(
+                    method=name,
+                    task=task,
+                    fraction=0.0,
+                    seed=pairs[0][1],
+                    test_set=s,
+                    seconds=time.perf_counter() - t0,
                 )
-            else:
-                r = finetune(
-                    enc,
-                    {"train": _subset(tr, idx), "val": va, "test": tests["test"]},
-                    classes=td.classes,
-                    n_boot=self.n_boot,
-                    seed=seed,
-                    device=self.device,
-                    progress=False,
-                    **self.finetune_kw,
-                    more_tests={s: tests[s] for s in self.test_splits[1:]},
-                )
-            sec = (
-                time.perf_counter() - t0 + feat_s
-            )  # a probe's time includes its encoder's feature extraction
-            for s in self.test_splits:
-                rs = r if s == "test" else r.details["more_tests"][s]
-                rows.append(
-                    rs.row(
-                        method=name, task=task, fraction=float(frac), seed=int(seed), test_set=s, seconds=sec
-                    )
-                )
-        return rows, [], len(pairs)
+            )
+        return rows, [], 1
+    tr, va = td.splits["train"], td.splits["val"]
+    rows, feats, feats_seed, feat_s = [], None, None, 0.0
+    for frac, seed in pairs:
+        enc = (
+            enc0 if seed == pairs[0][1] else self.encoder(name, seed)
+        )  # a random source is re-drawn per seed
+        idx = label_fraction(tr[1], frac, seed)
+        t0 = time.perf_counter()
+        if self.protocol == "linear_probe":
+            if feats is None or (self.is_random(name) and seed != feats_seed):  # features once per encoder
+                feats = {s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()}
+                feats_seed, feat_s, t0 = seed, time.perf_counter() - t0, time.perf_counter()
+            r = fit_linear_probe(
+                (feats["train"][idx], tr[1][idx]),
+                (feats["val"], va[1]),
+                (feats["test"], tests["test"][1]),
+                classes=td.classes,
+                n_boot=self.n_boot,
+                seed=seed,
+                **self.probe_kw,
+                more_tests={s: (feats[s], tests[s][1]) for s in self.test_splits[1:]},
+            )
+        else:
+            r = finetune(
+                enc,
+                {"train": _subset(tr, idx), "val": va, "test": tests["test"]},
+                classes=td.classes,
+                n_boot=self.n_boot,
+                seed=seed,
+                device=self.device,
+                progress=False,
+                **self.finetune_kw,
+                more_tests={s: tests[s] for s in self.test_splits[1:]},
+            )
+        sec = time.perf_counter() - t0 + feat_s  # a probe's time includes its encoder's feature extraction
+        for s in self.test_splits:
+            rs = r if s == "test" else r.details["more_tests"][s]
+            rows.append(
+                rs.row(method=name, task=task, fraction=float(frac), seed=int(seed), test_set=s, seconds=sec)
+            )
+    return rows, [], len(pairs)
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #eebff30d
 _WORKER_CTX: _EvalContext | None = None
