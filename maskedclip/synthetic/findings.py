@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DR_GRADES', 'TASKS', 'DISEASE_PRIORITY', 'SPLITS', 'LESION_TYPES', 'ANATOMY', 'QUADRANTS', 'GLAUCOMA_CDR_THRESHOLD',
@@ -193,39 +194,45 @@ class Findings:
             normal=not (dr or self.glaucoma or self.amd or self.cataract),
         )
 
-    def count(self, kind: str, subtype: str | None = None) -> int:
-        "Number of lesions of `kind` (and `subtype`, if given)."
-        return sum(l.kind == kind and (subtype is None or l.subtype == subtype) for l in self.lesions)
+# %% ../../nbs/02a_synthetic_findings.ipynb #2b36aede
+@patch
+def count(self: Findings, kind: str, subtype: str | None = None) -> int:
+    "Number of lesions of `kind` (and `subtype`, if given)."
+    return sum(l.kind == kind and (subtype is None or l.subtype == subtype) for l in self.lesions)
 
-    @property
-    def categories(self) -> list[str]:
-        "All positive multi-disease categories in `TASKS['multi_disease']` order (['normal'] if none)."
-        flags = {
-            "diabetic retinopathy": self.labels["dr"],
-            "glaucoma": self.glaucoma,
-            "age-related macular degeneration": self.amd,
-            "cataract": self.cataract,
-        }
-        pos = [c for c in TASKS["multi_disease"][1:] if flags[c]]
-        return pos or ["normal"]
+# %% ../../nbs/02a_synthetic_findings.ipynb #5339bb31
+@patch(as_prop=True)
+def categories(self: Findings) -> list[str]:
+    "All positive multi-disease categories in `TASKS['multi_disease']` order (['normal'] if none)."
+    flags = {
+        "diabetic retinopathy": self.labels["dr"],
+        "glaucoma": self.glaucoma,
+        "age-related macular degeneration": self.amd,
+        "cataract": self.cataract,
+    }
+    pos = [c for c in TASKS["multi_disease"][1:] if flags[c]]
+    return pos or ["normal"]
 
-    @property
-    def primary(self) -> str:
-        "The primary category: the first positive one in `DISEASE_PRIORITY`, else 'normal'."
-        cats = self.categories
-        return next((c for c in DISEASE_PRIORITY if c in cats), "normal")
+# %% ../../nbs/02a_synthetic_findings.ipynb #dd07adeb
+@patch(as_prop=True)
+def primary(self: Findings) -> str:
+    "The primary category: the first positive one in `DISEASE_PRIORITY`, else 'normal'."
+    cats = self.categories
+    return next((c for c in DISEASE_PRIORITY if c in cats), "normal")
 
-    def task_label(self, task: str) -> str:
-        "Class name of this eye in `TASKS[task]`."
-        if task == "dr_grade":
-            return DR_GRADES[self.dr_grade]
-        if task == "dr_referral":
-            return TASKS[task][int(self.dr_grade >= 2)]
-        if task == "glaucoma":
-            return TASKS[task][int(self.glaucoma)]
-        if task == "multi_disease":
-            return self.primary
-        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+# %% ../../nbs/02a_synthetic_findings.ipynb #75ae8393
+@patch
+def task_label(self: Findings, task: str) -> str:
+    "Class name of this eye in `TASKS[task]`."
+    if task == "dr_grade":
+        return DR_GRADES[self.dr_grade]
+    if task == "dr_referral":
+        return TASKS[task][int(self.dr_grade >= 2)]
+    if task == "glaucoma":
+        return TASKS[task][int(self.glaucoma)]
+    if task == "multi_disease":
+        return self.primary
+    raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #00000011
 @dataclass
@@ -240,10 +247,8 @@ class FindingPrior:
     p_right_eye: float = 0.5
     ma_count_mild: tuple[int, int] = (1, 8)  # microaneurysms in mild DR
     ma_count_other: tuple[int, int] = (2, 20)  # ... in moderate / severe / proliferative DR
-    haem_count_moderate: tuple[int, int] = (
-        1,
-        25,
-    )  # total haemorrhages in moderate DR (and under PDR / beading)
+    # total haemorrhages in moderate DR (and under PDR / beading)
+    haem_count_moderate: tuple[int, int] = (1, 25)
     haem_per_quadrant_severe: tuple[int, int] = (21, 30)
     p_haem_moderate: float = 0.85  # P(haemorrhages | moderate); at least one non-MA lesion is forced
     p_exudate: float = 0.45  # P(hard exudates | grade >= 2)
@@ -255,11 +260,9 @@ class FindingPrior:
     p_large_drusen_amd: float = 0.5  # P(AMD shown by large drusen rather than many intermediate ones | AMD)
     p_small_drusen: float = 0.30  # P(a few small, non-AMD drusen | no AMD)
     p_mild_haze: float = 0.30  # P(sub-threshold lens haze | no cataract)
-    fovea_x: tuple[float, float] = (
-        -0.2,
-        0.02,
-    )  # fovea offset from the FOV centre (uniform; < 0 temporal): macula-
-    # centred to nearly disc-centred views (version 1: N(0, 0.025))
+    # fovea offset from the FOV centre (uniform; < 0 temporal): macula-centred to nearly disc-centred views
+    # (version 1: N(0, 0.025))
+    fovea_x: tuple[float, float] = (-0.2, 0.02)
 
     def __post_init__(self):
         p = np.asarray(self.dr_grade_probs, dtype=float)
@@ -292,19 +295,21 @@ class FindingPrior:
                 f"FindingPrior.haem_count_moderate upper bound must be <= {4 * SEVERE_HAEMORRHAGES_PER_QUADRANT}"
             )
 
-    def expected(self) -> dict[str, float]:
-        "Expected label prevalences implied by this prior (labels are independent across diseases)."
-        p = self.dr_grade_probs
-        pdr = 1 - p[0]
-        return dict(
-            **{f"dr_grade={g}": p[g] for g in range(5)},
-            dr=pdr,
-            dr_referral=sum(p[2:]),
-            glaucoma=self.p_glaucoma,
-            amd=self.p_amd,
-            cataract=self.p_cataract,
-            normal=(1 - pdr) * (1 - self.p_glaucoma) * (1 - self.p_amd) * (1 - self.p_cataract),
-        )
+# %% ../../nbs/02a_synthetic_findings.ipynb #966c9aab
+@patch
+def expected(self: FindingPrior) -> dict[str, float]:
+    "Expected label prevalences implied by this prior (labels are independent across diseases)."
+    p = self.dr_grade_probs
+    pdr = 1 - p[0]
+    return dict(
+        **{f"dr_grade={g}": p[g] for g in range(5)},
+        dr=pdr,
+        dr_referral=sum(p[2:]),
+        glaucoma=self.p_glaucoma,
+        amd=self.p_amd,
+        cataract=self.p_cataract,
+        normal=(1 - pdr) * (1 - self.p_glaucoma) * (1 - self.p_amd) * (1 - self.p_cataract),
+    )
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #00000013
 def _count(rng: np.random.Generator, lo_hi: tuple[int, int]) -> int:
@@ -370,7 +375,110 @@ def _round_lesions(
         for (x, y), a, q, t in zip(pos, r, aspect, angle)
     ]
 
-# %% ../../nbs/02a_synthetic_findings.ipynb #00000014
+# %% ../../nbs/02a_synthetic_findings.ipynb #be786048
+def _severe_signs(
+    rng: np.random.Generator, prior: FindingPrior, disc, dd
+) -> tuple[list[Lesion], tuple[str, ...]]:
+    "The lesions or beaded quadrants of severe DR: beading in >= 2 quadrants or > 20 haemorrhages in each."
+    les, beading = [], ()
+    if rng.random() < prior.p_beading_severe:  # severe by venous beading in >= 2 quadrants
+        nq = int(rng.integers(SEVERE_BEADING_QUADRANTS, 5))
+        chosen = set(rng.choice(QUADRANTS, nq, replace=False).tolist())
+        beading = tuple(q for q in QUADRANTS if q in chosen)
+    else:  # severe by > 20 haemorrhages in each quadrant
+        for q in QUADRANTS:
+            les += _haemorrhages(
+                rng,
+                _positions(rng, _count(rng, prior.haem_per_quadrant_severe), disc, dd, quadrant=q),
+                disc,
+            )
+    return les, beading
+
+# %% ../../nbs/02a_synthetic_findings.ipynb #401bb3b6
+def _hard_exudates(rng: np.random.Generator, fovea, disc, dd) -> list[Lesion]:
+    "Hard exudates: 1-2 clusters or circinate rings in the posterior pole."
+    les = []
+    for _ in range(int(rng.integers(1, 3))):
+        d, th = dd * rng.uniform(0.6, 2.2), rng.uniform(0, 2 * np.pi)
+        c = (fovea[0] + d * np.cos(th), fovea[1] + d * np.sin(th))
+        n = int(rng.integers(4, 21))
+        ring = rng.uniform(0.03, 0.08) if rng.random() < 0.5 else None
+        pos = _positions(rng, n, disc, dd, centre=c, sigma=0.04, ring=ring)
+        les += _round_lesions(
+            "hard_exudate",
+            pos,
+            rng.uniform(0.004, 0.011, n),
+            aspect=rng.uniform(0.6, 1.0, n),
+            angle=rng.uniform(0, np.pi, n),
+        )
+    return les
+
+# %% ../../nbs/02a_synthetic_findings.ipynb #fba3a212
+def _cotton_wool_spots(rng: np.random.Generator, disc, dd) -> list[Lesion]:
+    "Cotton-wool spots: fluffy, near the disc and the arcades."
+    n = int(rng.integers(1, 5))
+    d, th = (
+        dd * rng.uniform(0.9, 2.2, n),
+        rng.choice([-1.0, 1.0], n) * np.radians(rng.uniform(100, 160, n)),
+    )
+    centre_pts = np.stack([disc[0] + d * np.cos(th), disc[1] + d * np.sin(th)], 1)
+    pos = np.array([_positions(rng, 1, disc, dd, centre=tuple(p), sigma=0.03)[0] for p in centre_pts])
+    return _round_lesions(
+        "cotton_wool_spot",
+        pos,
+        rng.uniform(0.022, 0.04, n),
+        aspect=rng.uniform(0.55, 0.9, n),
+        angle=rng.uniform(0, np.pi, n),
+    )
+
+# %% ../../nbs/02a_synthetic_findings.ipynb #f9a21639
+def _new_vessels(rng: np.random.Generator, prior: FindingPrior, disc, dd) -> list[Lesion]:
+    "The proliferative signs: NVD, NVE and/or a preretinal haemorrhage (at least one of them)."
+    les = []
+    nvd, nve, pre = (
+        rng.random() < prior.p_nvd,
+        rng.random() < prior.p_nve,
+        rng.random() < prior.p_preretinal,
+    )
+    if not (nvd or nve or pre):
+        nvd = True
+    if nvd:
+        e = dd * rng.uniform(0.35, 0.6)
+        les.append(
+            Lesion(
+                "neovascularisation",
+                disc[0] + rng.normal(0, 0.01),
+                disc[1] + rng.normal(0, 0.01),
+                e,
+                e,
+                0.0,
+                "NVD",
+            )
+        )
+    if nve:
+        for _ in range(int(rng.integers(1, 3))):
+            sy = rng.choice([-1.0, 1.0])
+            e = rng.uniform(0.04, 0.08)
+            les.append(
+                Lesion(
+                    "neovascularisation",
+                    disc[0] - rng.uniform(0.3, 0.8),
+                    disc[1] + sy * rng.uniform(0.25, 0.45),
+                    e,
+                    e,
+                    0.0,
+                    "NVE",
+                )
+            )
+    if pre:
+        p = _positions(rng, 1, disc, dd, rmax=0.7)[0]
+        r = rng.uniform(0.06, 0.12)
+        les.append(
+            Lesion("preretinal_haemorrhage", float(p[0]), float(p[1]), r, r * rng.uniform(0.75, 0.95), 0.0)
+        )
+    return les
+
+# %% ../../nbs/02a_synthetic_findings.ipynb #7575e0ab
 def _dr_lesions(
     rng: np.random.Generator, grade: int, prior: FindingPrior, fovea, disc, dd
 ) -> tuple[list[Lesion], tuple[str, ...]]:
@@ -394,93 +502,17 @@ def _dr_lesions(
     if grade == 2 and not (has_h or has_e or has_c):
         has_h = True
     if grade == 3:
-        if rng.random() < prior.p_beading_severe:  # severe by venous beading in >= 2 quadrants
-            nq = int(rng.integers(SEVERE_BEADING_QUADRANTS, 5))
-            chosen = set(rng.choice(QUADRANTS, nq, replace=False).tolist())
-            beading = tuple(q for q in QUADRANTS if q in chosen)
-        else:  # severe by > 20 haemorrhages in each quadrant
-            for q in QUADRANTS:
-                les += _haemorrhages(
-                    rng,
-                    _positions(rng, _count(rng, prior.haem_per_quadrant_severe), disc, dd, quadrant=q),
-                    disc,
-                )
+        severe, beading = _severe_signs(rng, prior, disc, dd)
+        les += severe
     if has_h or grade == 4:
         lo_hi = prior.haem_count_moderate if grade < 4 else (5, max(5, 2 * prior.haem_count_moderate[1]))
         les += _haemorrhages(rng, _positions(rng, _count(rng, lo_hi), disc, dd), disc)
-    if has_e:  # hard exudates: 1-2 clusters or circinate rings in the posterior pole
-        for _ in range(int(rng.integers(1, 3))):
-            d, th = dd * rng.uniform(0.6, 2.2), rng.uniform(0, 2 * np.pi)
-            c = (fovea[0] + d * np.cos(th), fovea[1] + d * np.sin(th))
-            n = int(rng.integers(4, 21))
-            ring = rng.uniform(0.03, 0.08) if rng.random() < 0.5 else None
-            pos = _positions(rng, n, disc, dd, centre=c, sigma=0.04, ring=ring)
-            les += _round_lesions(
-                "hard_exudate",
-                pos,
-                rng.uniform(0.004, 0.011, n),
-                aspect=rng.uniform(0.6, 1.0, n),
-                angle=rng.uniform(0, np.pi, n),
-            )
-    if has_c:  # cotton-wool spots: fluffy, near the disc and the arcades
-        n = int(rng.integers(1, 5))
-        d, th = (
-            dd * rng.uniform(0.9, 2.2, n),
-            rng.choice([-1.0, 1.0], n) * np.radians(rng.uniform(100, 160, n)),
-        )
-        centre_pts = np.stack([disc[0] + d * np.cos(th), disc[1] + d * np.sin(th)], 1)
-        pos = np.array([_positions(rng, 1, disc, dd, centre=tuple(p), sigma=0.03)[0] for p in centre_pts])
-        les += _round_lesions(
-            "cotton_wool_spot",
-            pos,
-            rng.uniform(0.022, 0.04, n),
-            aspect=rng.uniform(0.55, 0.9, n),
-            angle=rng.uniform(0, np.pi, n),
-        )
+    if has_e:
+        les += _hard_exudates(rng, fovea, disc, dd)
+    if has_c:
+        les += _cotton_wool_spots(rng, disc, dd)
     if grade == 4:
-        nvd, nve, pre = (
-            rng.random() < prior.p_nvd,
-            rng.random() < prior.p_nve,
-            rng.random() < prior.p_preretinal,
-        )
-        if not (nvd or nve or pre):
-            nvd = True
-        if nvd:
-            e = dd * rng.uniform(0.35, 0.6)
-            les.append(
-                Lesion(
-                    "neovascularisation",
-                    disc[0] + rng.normal(0, 0.01),
-                    disc[1] + rng.normal(0, 0.01),
-                    e,
-                    e,
-                    0.0,
-                    "NVD",
-                )
-            )
-        if nve:
-            for _ in range(int(rng.integers(1, 3))):
-                sy = rng.choice([-1.0, 1.0])
-                e = rng.uniform(0.04, 0.08)
-                les.append(
-                    Lesion(
-                        "neovascularisation",
-                        disc[0] - rng.uniform(0.3, 0.8),
-                        disc[1] + sy * rng.uniform(0.25, 0.45),
-                        e,
-                        e,
-                        0.0,
-                        "NVE",
-                    )
-                )
-        if pre:
-            p = _positions(rng, 1, disc, dd, rmax=0.7)[0]
-            r = rng.uniform(0.06, 0.12)
-            les.append(
-                Lesion(
-                    "preretinal_haemorrhage", float(p[0]), float(p[1]), r, r * rng.uniform(0.75, 0.95), 0.0
-                )
-            )
+        les += _new_vessels(rng, prior, disc, dd)
     return les, beading
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #8ffacf79

@@ -53,90 +53,111 @@ def _where(quadrants: Sequence[str], rng: np.random.Generator) -> str:
 def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
-# %% ../../nbs/02b_synthetic_reports.ipynb #9652b702
-def write_report(findings: Findings, rng: np.random.Generator) -> str:
-    """A free-text fundus report of several sentences: varied wording and order, random negations of absent
-    findings, optional impression; deterministic for the state of `rng`."""
-    f, P = findings, lambda opts: str(opts[int(rng.integers(len(opts)))])
-    us = rng.random() < 0.2  # some sites write US spelling
-    haem, nv = ("hemorrhage", "neovascularization") if us else ("haemorrhage", "neovascularisation")
+# %% ../../nbs/02b_synthetic_reports.ipynb #f6e62565
+def _pick(rng: np.random.Generator, opts: Sequence[str]) -> str:
+    "One of `opts`, drawn from `rng`."
+    return str(opts[int(rng.integers(len(opts)))])
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #7f52a8ac
+def _report_head(f: Findings, rng: np.random.Generator) -> list[str]:
+    "The optional header: the eye, then the image quality (always the haze for a cataract)."
     side = "right" if f.eye == "OD" else "left"
     head = [
-        P(
+        _pick(
+            rng,
             [
                 f"Colour fundus photograph of the {side} eye.",
                 f"{_cap(side)} eye, macula-centred view.",
                 f"Fundus image, {side} eye.",
                 f"{_cap(side)} eye ({f.eye}).",
                 "",
-            ]
+            ],
         )
     ]
     if f.cataract:
         head.append(
-            P(
+            _pick(
+                rng,
                 [
                     "The view is hazy, consistent with media opacity from cataract.",
                     "Image quality is reduced by a diffuse yellowish haze (lens opacity).",
                     "There is a generalised blur due to cataract.",
-                ]
+                ],
             )
         )
     elif rng.random() < 0.4:
-        head.append(P(["Image quality is adequate.", "Good quality image.", "The media are clear."]))
+        head.append(_pick(rng, ["Image quality is adequate.", "Good quality image.", "The media are clear."]))
+    return head
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #119249fc
+def _disc_sentences(f: Findings, rng: np.random.Generator) -> list[str]:
+    "The optic disc and cup: always one sentence quoting the CDR to one decimal."
     body = []
-    # optic disc and cup
     c = f"{round(f.cdr, 1):.1f}"
     if f.glaucoma:
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"The optic cup is enlarged with a cup-to-disc ratio of approximately {c}, suspicious for glaucoma.",
                     f"The cup-to-disc ratio is approximately {c}. The enlarged cup is suspicious for glaucomatous optic neuropathy.",
                     f"Increased cupping of the optic disc is noted (vertical CDR about {c}).",
                     f"The disc shows a large cup, cup-to-disc ratio {c}, with thinning of the neuroretinal rim.",
-                ]
+                ],
             )
         )
     else:
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"The cup-to-disc ratio is approximately {c}.",
                     f"The optic disc is pink and well defined, CDR {c}.",
                     f"Healthy optic disc with a cup-to-disc ratio of about {c}.",
                     f"Vertical cup-to-disc ratio {c}.",
-                ]
+                ],
             )
         )
-    # microaneurysms
+    return body
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #627e9a42
+def _microaneurysm_sentences(f: Findings, rng: np.random.Generator) -> list[str]:
+    "Microaneurysms counted and placed, or (sometimes) negated."
+    body = []
     n = f.count("microaneurysm")
     if n:
         qs = [l.quadrant for l in f.lesions if l.kind == "microaneurysm"]
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"There are {_how_many(n, rng)} microaneurysms {_where(qs, rng)}."
                     if n > 1
                     else f"There is a single microaneurysm {_where(qs, rng)}.",
                     f"{_cap(_how_many(n, rng))} microaneurysm{'s' if n > 1 else ''} {'are' if n > 1 else 'is'} seen, mainly at the posterior pole.",
                     f"Microaneurysms: {n}.",
-                ]
+                ],
             )
         )
     elif rng.random() < 0.5:
-        body.append(P(["No microaneurysms are seen.", "There are no microaneurysms."]))
-    # haemorrhages
+        body.append(_pick(rng, ["No microaneurysms are seen.", "There are no microaneurysms."]))
+    return body
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #6471ba4b
+def _haemorrhage_sentences(f: Findings, rng: np.random.Generator, haem: str) -> list[str]:
+    "Haemorrhages by number, kind and quadrant (the severe pattern named as such), or a negation."
+    body = []
     hs = [l for l in f.lesions if l.kind == "haemorrhage"]
     hq = haemorrhages_per_quadrant(f.lesions)
     if hs and min(hq.values()) > SEVERE_HAEMORRHAGES_PER_QUADRANT:
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"More than 20 intraretinal {haem}s are present in each of the four quadrants.",
                     f"There are extensive dot and blot {haem}s in all four quadrants (over 20 per quadrant).",
                     f"Numerous intraretinal {haem}s are scattered throughout all four quadrants.",
-                ]
+                ],
             )
         )
     elif hs:
@@ -145,7 +166,8 @@ def write_report(findings: Findings, rng: np.random.Generator) -> str:
         kind = kind.replace("flame", "flame-shaped") if kind.endswith("flame") else kind
         where = _where([l.quadrant for l in hs], rng)
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"There are {_how_many(len(hs), rng)} {kind} {haem}s {where}."
                     if len(hs) > 1
@@ -154,94 +176,152 @@ def write_report(findings: Findings, rng: np.random.Generator) -> str:
                     if len(hs) > 1
                     else f"A {kind} {haem} is noted {where}.",
                     f"Retinal {haem}s ({kind}) {where}.",
-                ]
+                ],
             )
         )
     elif rng.random() < 0.5:
         body.append(
-            P([f"No {haem}s are seen.", f"There are no retinal {haem}s.", f"No intraretinal {haem}."])
+            _pick(
+                rng, [f"No {haem}s are seen.", f"There are no retinal {haem}s.", f"No intraretinal {haem}."]
+            )
         )
+    return body
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #001edd8c
+def _beading_sentences(f: Findings, rng: np.random.Generator) -> list[str]:
+    "Venous beading with its quadrants, or (sometimes) normal vessels."
+    body = []
     if f.venous_beading:
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"Venous beading is present {_where(f.venous_beading, rng)}.",
                     f"Beading of the retinal veins is noted {_where(f.venous_beading, rng)}.",
-                ]
+                ],
             )
         )
     elif rng.random() < 0.25:
         body.append(
-            P(["The vessels are of normal calibre.", "No venous beading.", "Retinal vessels appear normal."])
+            _pick(
+                rng,
+                [
+                    "The vessels are of normal calibre.",
+                    "No venous beading.",
+                    "Retinal vessels appear normal.",
+                ],
+            )
         )
-    # exudates / cotton-wool spots
+    return body
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #9f5f06bd
+def _exudate_sentences(f: Findings, rng: np.random.Generator) -> list[str]:
+    "Hard exudates and cotton-wool spots, or their negations."
+    body = []
     n = f.count("hard_exudate")
     if n:
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     "Hard exudates are present in the posterior pole.",
                     f"There are {_how_many(n, rng)} hard exudates near the macula.",
                     "Yellow hard exudates are seen, partly in a circinate pattern.",
-                ]
+                ],
             )
         )
     elif rng.random() < 0.4:
-        body.append(P(["No hard exudates.", "There are no hard exudates."]))
+        body.append(_pick(rng, ["No hard exudates.", "There are no hard exudates."]))
     n = f.count("cotton_wool_spot")
     if n:
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"There {'are' if n > 1 else 'is'} {_how_many(n, rng)} cotton-wool spot{'s' if n > 1 else ''} along the vascular arcades.",
                     f"Cotton wool spots: {n}.",
                     f"{_cap(_how_many(n, rng))} soft exudate{'s' if n > 1 else ''} (cotton-wool spot{'s' if n > 1 else ''}) {'are' if n > 1 else 'is'} seen.",
-                ]
+                ],
             )
         )
     elif rng.random() < 0.3:
-        body.append(P(["No cotton-wool spots.", "There are no cotton wool spots."]))
-    # proliferative signs
+        body.append(_pick(rng, ["No cotton-wool spots.", "There are no cotton wool spots."]))
+    return body
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #da807fb0
+def _proliferative_sentences(f: Findings, rng: np.random.Generator, haem: str, nv: str) -> list[str]:
+    "New vessels at the disc (NVD) or elsewhere (NVE), or their negation; a preretinal haemorrhage."
+    body = []
     nvd, nve = f.count("neovascularisation", "NVD"), f.count("neovascularisation", "NVE")
     if nvd:
         body.append(
-            P([f"{_cap(nv)} of the disc (NVD) is present.", "Fine new vessels are seen at the optic disc."])
+            _pick(
+                rng,
+                [f"{_cap(nv)} of the disc (NVD) is present.", "Fine new vessels are seen at the optic disc."],
+            )
         )
     if nve:
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"{_cap(nv)} elsewhere (NVE) is seen along the vascular arcades.",
                     "There are new vessels elsewhere along the arcades.",
-                ]
+                ],
             )
         )
     if not (nvd or nve) and rng.random() < (0.6 if f.dr_grade >= 2 else 0.3):
-        body.append(P([f"No {nv}.", f"There is no {nv}.", "No new vessels are seen."]))
+        body.append(_pick(rng, [f"No {nv}.", f"There is no {nv}.", "No new vessels are seen."]))
     if f.count("preretinal_haemorrhage"):
-        body.append(P([f"A preretinal {haem} is present.", f"There is a boat-shaped preretinal {haem}."]))
-    # macula
+        body.append(
+            _pick(rng, [f"A preretinal {haem} is present.", f"There is a boat-shaped preretinal {haem}."])
+        )
+    return body
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #d655f49c
+def _macula_sentences(f: Findings, rng: np.random.Generator) -> list[str]:
+    "The macula: drusen (AMD or a few small ones) or a normal macula; always one sentence."
+    body = []
     d = [l for l in f.lesions if l.kind == "drusen"]
     if f.amd:
         size = "large soft" if any(l.subtype == "large" for l in d) else "intermediate"
         body.append(
-            P(
+            _pick(
+                rng,
                 [
                     f"Multiple {size} drusen are present around the fovea.",
                     f"The macula shows {size} drusen, consistent with age-related macular degeneration.",
                     f"{_cap(size)} drusen at the macula.",
-                ]
+                ],
             )
         )
     elif d:
         body.append(
-            P(["A few small hard drusen are seen at the macula.", "Scattered small drusen, not significant."])
+            _pick(
+                rng,
+                [
+                    "A few small hard drusen are seen at the macula.",
+                    "Scattered small drusen, not significant.",
+                ],
+            )
         )
     else:
         body.append(
-            P(["The macula appears normal.", "The foveal reflex is present.", "Normal macula.", "No drusen."])
+            _pick(
+                rng,
+                [
+                    "The macula appears normal.",
+                    "The foveal reflex is present.",
+                    "Normal macula.",
+                    "No drusen.",
+                ],
+            )
         )
-    order = rng.permutation(len(body))
+    return body
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #307fa63a
+def _impression(f: Findings, rng: np.random.Generator) -> list[str]:
+    "The optional closing impression naming the diagnoses, or a normal fundus."
     tail = []
     if rng.random() < 0.7:
         imp = []
@@ -250,12 +330,28 @@ def write_report(findings: Findings, rng: np.random.Generator) -> str:
                 _GRADE_TEXT[f.dr_grade] + (" (referable)" if f.dr_grade >= 2 and rng.random() < 0.5 else "")
             )
         if f.glaucoma:
-            imp.append(P(["glaucoma suspect", "suspected glaucoma"]))
+            imp.append(_pick(rng, ["glaucoma suspect", "suspected glaucoma"]))
         if f.amd:
             imp.append("age-related macular degeneration")
         if f.cataract:
             imp.append("cataract")
         if not imp:
-            imp.append(P(["normal fundus", "no diabetic retinopathy", "no abnormality detected"]))
-        tail.append(P(["Impression: ", "Conclusion: ", "Summary: "]) + "; ".join(imp) + ".")
+            imp.append(_pick(rng, ["normal fundus", "no diabetic retinopathy", "no abnormality detected"]))
+        tail.append(_pick(rng, ["Impression: ", "Conclusion: ", "Summary: "]) + "; ".join(imp) + ".")
+    return tail
+
+# %% ../../nbs/02b_synthetic_reports.ipynb #6bd61f82
+def write_report(findings: Findings, rng: np.random.Generator) -> str:
+    """A free-text fundus report of several sentences: varied wording and order, random negations of absent
+    findings, optional impression; deterministic for the state of `rng`."""
+    f = findings
+    us = rng.random() < 0.2  # some sites write US spelling
+    haem, nv = ("hemorrhage", "neovascularization") if us else ("haemorrhage", "neovascularisation")
+    head = _report_head(f, rng)
+    body = _disc_sentences(f, rng) + _microaneurysm_sentences(f, rng)
+    body += _haemorrhage_sentences(f, rng, haem) + _beading_sentences(f, rng)
+    body += _exudate_sentences(f, rng) + _proliferative_sentences(f, rng, haem, nv)
+    body += _macula_sentences(f, rng)
+    order = rng.permutation(len(body))
+    tail = _impression(f, rng)
     return " ".join(s for s in head + [body[i] for i in order] + tail if s)
