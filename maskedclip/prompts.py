@@ -15,9 +15,8 @@ __all__ = ['EXPERT_KNOWLEDGE', 'PRETRAIN_TEMPLATE', 'ZERO_SHOT_TEMPLATE', 'ABBRE
            'label_to_text', 'labels_to_paired_records', 'FlairTextFn', 'class_prompts', 'sentence_spans',
            'split_sentences']
 
-# %% ../nbs/03_prompts.ipynb #ea8a36aa
-EXPERT_KNOWLEDGE: dict[str, list[str]] = {
-    # --- diabetic retinopathy (FLAIR descriptions; keys = corpus / adapter names)
+# %% ../nbs/03_prompts.ipynb #6bc0cfe2
+_DR_KNOWLEDGE: dict[str, list[str]] = {
     "no DR": ["no diabetic retinopathy", "no microaneurysms"],
     "mild DR": ["mild diabetic retinopathy", "only few microaneurysms"],
     "moderate DR": [
@@ -49,7 +48,10 @@ EXPERT_KNOWLEDGE: dict[str, list[str]] = {
         "neovascularization",
     ],
     "diabetic retinopathy": ["microaneurysms and haemorrhages", "hard exudates", "cotton wool spots"],
-    # --- glaucoma
+}
+
+# %% ../nbs/03_prompts.ipynb #599cb979
+_GLAUCOMA_KNOWLEDGE: dict[str, list[str]] = {
     "glaucoma": [
         "optic nerve abnormalities",
         "abnormal size of the optic cup",
@@ -73,7 +75,8 @@ EXPERT_KNOWLEDGE: dict[str, list[str]] = {
         "large optic cup",
         "severe loss of the neuroretinal rim",
     ],
-    # --- other diseases (FLAIR descriptions where FLAIR has the category)
+}
+_OTHER_KNOWLEDGE: dict[str, list[str]] = {
     "normal": ["healthy", "no findings", "no lesion signs", "no glaucoma", "no retinopathy"],
     "age-related macular degeneration": [
         "many small drusen",
@@ -90,7 +93,10 @@ EXPERT_KNOWLEDGE: dict[str, list[str]] = {
         "flame-shaped haemorrhages",
     ],
     "macular edema": ["retinal thickening near the macula", "exudates near the macula"],
-    # --- JSIEC 1000 (39 classes; 'Normal' uses 'normal' above)
+}
+
+# %% ../nbs/03_prompts.ipynb #b17547db
+_JSIEC_KNOWLEDGE_A: dict[str, list[str]] = {
     "Tessellated fundus": ["tessellation", "large choroidal vessels at the posterior fundus"],
     "Large optic cup": ["abnormality in optic cup", "large cup-to-disc ratio"],
     "DR1": ["mild non-proliferative diabetic retinopathy", "only few microaneurysms"],
@@ -119,6 +125,10 @@ EXPERT_KNOWLEDGE: dict[str, list[str]] = {
     "Pathological myopia": ["pathologic myopia", "anomalous disc, macular atrophy and possible tessellation"],
     "Possible glaucoma": ["suspected glaucoma", "abnormal size of the optic cup"],
     "Optic atrophy": ["pale optic disc", "atrophy of the optic nerve head"],
+}
+
+# %% ../nbs/03_prompts.ipynb #349ce0e9
+_JSIEC_KNOWLEDGE_B: dict[str, list[str]] = {
     "Severe hypertensive retinopathy": [
         "flame-shaped haemorrhages and cotton wool spots",
         "optic disc swelling with a macular star",
@@ -159,6 +169,15 @@ EXPERT_KNOWLEDGE: dict[str, list[str]] = {
         "blurred fundus with suspected proliferative diabetic retinopathy",
         "possible neovascularization",
     ],
+}
+
+# %% ../nbs/03_prompts.ipynb #8adf129c
+EXPERT_KNOWLEDGE: dict[str, list[str]] = {
+    **_DR_KNOWLEDGE,
+    **_GLAUCOMA_KNOWLEDGE,
+    **_OTHER_KNOWLEDGE,
+    **_JSIEC_KNOWLEDGE_A,
+    **_JSIEC_KNOWLEDGE_B,
 }
 
 # %% ../nbs/03_prompts.ipynb #f811b31b

@@ -83,15 +83,9 @@ def _check_sources(sources: Mapping[str, str]):
                     "pickled state dict renamed .safetensors, give it its real suffix (.pth): it is then loaded weights-only"
                 ) from None
 
-# %% ../../nbs/10f_evaluate_cli.ipynb #8b9b8cb1
-def build_parser() -> argparse.ArgumentParser:
-    from maskedclip import __version__
-
-    ap = argparse.ArgumentParser(
-        prog="maskedclip-eval",
-        description="Evaluate image encoders (linear probe, fine-tune, zero-shot) on a corpus's downstream tasks. "
-        "Exit status: 0 ok, 1 internal error, 2 bad arguments, 4 bad data or weights file, 5 environment.",
-    )
+# %% ../../nbs/10f_evaluate_cli.ipynb #a453b31d
+def _add_source_args(ap: argparse.ArgumentParser):
+    "Options: the encoder sources, the corpus and its tasks, fractions, seeds, protocol, output and bootstrap."
     ap.add_argument(
         "--checkpoint",
         action="append",
@@ -142,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="bootstrap resamples for the confidence intervals (default: %(default)s)",
     )
+
+# %% ../../nbs/10f_evaluate_cli.ipynb #3874aeed
+def _add_finetune_args(ap: argparse.ArgumentParser):
+    "Options: fine-tuning epochs, batch, lr and layer decay; image streaming; autocast precision."
     ap.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default: %(default)s)")
     ap.add_argument(
         "--batch-size", type=int, default=32, help="fine-tuning batch size (default: %(default)s)"
@@ -170,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "bf16", "fp16", "auto"),
         help="fine-tuning autocast precision; bf16 falls back to fp32 where the processor lacks it (default: %(default)s)",
     )
+
+# %% ../../nbs/10f_evaluate_cli.ipynb #0d77ae61
+def _add_augment_args(ap: argparse.ArgumentParser):
+    "Options: fine-tuning RandAugment, random erasing, mixup, cutmix, or RETFound's set of them."
     ap.add_argument(
         "--randaugment",
         default=None,
@@ -193,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="RETFound's fine-tuning augmentations (RandAugment m9, random erasing 0.25, mixup 0.8, cutmix 1.0); overrides the four above",
     )
+
+# %% ../../nbs/10f_evaluate_cli.ipynb #2eed0129
+def _add_runtime_args(ap: argparse.ArgumentParser):
+    "Options: fine-tuning step and evaluation budget, test splits, workers, device, progress, version."
+    from maskedclip import __version__
+
     ap.add_argument(
         "--max-steps",
         type=int,
@@ -222,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
     )
+
+# %% ../../nbs/10f_evaluate_cli.ipynb #a05b7e33
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="maskedclip-eval",
+        description="Evaluate image encoders (linear probe, fine-tune, zero-shot) on a corpus's downstream tasks. "
+        "Exit status: 0 ok, 1 internal error, 2 bad arguments, 4 bad data or weights file, 5 environment.",
+    )
+    _add_source_args(ap)
+    _add_finetune_args(ap)
+    _add_augment_args(ap)
+    _add_runtime_args(ap)
     return ap
 
 # %% ../../nbs/10f_evaluate_cli.ipynb #9455670e
