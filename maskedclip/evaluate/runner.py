@@ -105,7 +105,102 @@ def _subset(split, idx):
     x, y = split
     return x[torch.as_tensor(idx)] if torch.is_tensor(x) else x[idx], y[idx]
 
-# %% ../../nbs/10e_evaluate_runner.ipynb #e46a967c
+# %% ../../nbs/10e_evaluate_runner.ipynb #5ba942a4
+def _check_eval_args(sources, fractions, protocol, corpus_root, workers, test_splits) -> tuple[str, ...]:
+    "One clear error for a bad protocol, corpus, source list, fraction, worker count or test-split list."
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
+    if corpus_root is None or not (Path(corpus_root) / "tasks").is_dir():
+        raise FileNotFoundError(f"corpus_root {corpus_root}: no tasks/ folder")
+    if not sources:
+        raise ValueError("sources: give at least one name -> source")
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise ValueError(f"fractions: {f!r} is not in (0, 1]")
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers: {workers!r} must be an int >= 1")
+    test_splits = tuple(test_splits)
+    if not test_splits or "test" != test_splits[0]:
+        raise ValueError(f"test_splits: {test_splits!r} must start with 'test'")
+    return test_splits
+
+# %% ../../nbs/10e_evaluate_runner.ipynb #6f89b93a
+def _run_units(ctx, units, workers: int, progress: bool) -> tuple[list[dict], list[dict]]:
+    "Run every job; (rows, skipped) in the order the jobs finish."
+    rows, skipped = [], []
+    bar = tqdm(total=sum(len(u[2]) for u in units), desc=f"evaluate ({ctx.protocol})", disable=not progress)
+
+    def collect(res):
+        rows.extend(res[0])
+        skipped.extend(res[1])
+        bar.update(res[2])
+
+    if workers == 1:
+        for u in units:
+            collect(ctx.run(u))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("spawn"), initializer=_init_eval_worker, initargs=(ctx,)
+        ) as ex:
+            for res in ex.map(_run_eval_unit, units):
+                collect(res)
+    bar.close()
+    return rows, skipped
+
+# %% ../../nbs/10e_evaluate_runner.ipynb #3bd474ee
+_RESULT_COLUMNS = [
+    "method",
+    "task",
+    "fraction",
+    "seed",
+    "protocol",
+    "test_set",
+    "auroc",
+    "auprc",
+    "ci_low",
+    "ci_high",
+    "auprc_ci_low",
+    "auprc_ci_high",
+    "n_train",
+    "n_test",
+    "selected",
+    "seconds",
+]
+
+
+def _results_frame(rows, skipped, summaries, sources, tasks, ctx) -> pd.DataFrame:
+    "The tidy results frame: rows in (source, task, fraction, seed, test set) order, the run's facts in `attrs`."
+    test_splits = ctx.test_splits
+    order = {
+        u: i
+        for i, u in enumerate(
+            sorted(
+                {(r["method"], r["task"], r["fraction"], r["seed"]) for r in rows},
+                key=lambda k: (list(sources).index(k[0]), list(tasks).index(k[1]), k[2], k[3]),
+            )
+        )
+    }
+    rows.sort(
+        key=lambda r: (
+            order[(r["method"], r["task"], r["fraction"], r["seed"])],
+            test_splits.index(r["test_set"]),
+        )
+    )
+    df = pd.DataFrame(rows, columns=_RESULT_COLUMNS)
+    df.attrs.update(
+        load_reports=summaries,
+        skipped=skipped,
+        protocol=ctx.protocol,
+        corpus_root=ctx.corpus_root,
+        n_boot=ctx.n_boot,
+        test_splits=list(test_splits),
+    )
+    return df
+
+# %% ../../nbs/10e_evaluate_runner.ipynb #325067cc
 def evaluate_all(
     sources: Mapping[str, Any],
     tasks: Sequence[str] = DEFAULT_TASKS,
@@ -138,20 +233,7 @@ def evaluate_all(
 
     `sources`: name -> anything `load_encoder` takes ('random' takes `vision_config`, default: the first other
     source's architecture). `df.attrs` holds the load summaries and the skipped (source, task) pairs."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
-    if corpus_root is None or not (Path(corpus_root) / "tasks").is_dir():
-        raise FileNotFoundError(f"corpus_root {corpus_root}: no tasks/ folder")
-    if not sources:
-        raise ValueError("sources: give at least one name -> source")
-    for f in fractions:
-        if not 0 < f <= 1:
-            raise ValueError(f"fractions: {f!r} is not in (0, 1]")
-    if not (isinstance(workers, int) and workers >= 1):
-        raise ValueError(f"workers: {workers!r} must be an int >= 1")
-    test_splits = tuple(test_splits)
-    if not test_splits or "test" != test_splits[0]:
-        raise ValueError(f"test_splits: {test_splits!r} must start with 'test'")
+    test_splits = _check_eval_args(sources, fractions, protocol, corpus_root, workers, test_splits)
     log = log or (lambda s: None)
     ctx = _EvalContext(
         dict(sources),
@@ -170,69 +252,8 @@ def evaluate_all(
     for n, s in summaries.items():
         log(f"[eval] {n}: {s}")
     units = _eval_units(ctx, tasks, fractions, seeds, fraction_seeds)
-    rows, skipped = [], []
-    bar = tqdm(total=sum(len(u[2]) for u in units), desc=f"evaluate ({protocol})", disable=not progress)
-
-    def collect(res):
-        rows.extend(res[0])
-        skipped.extend(res[1])
-        bar.update(res[2])
-
-    if workers == 1:
-        for u in units:
-            collect(ctx.run(u))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(
-            workers, mp_context=mp.get_context("spawn"), initializer=_init_eval_worker, initargs=(ctx,)
-        ) as ex:
-            for res in ex.map(_run_eval_unit, units):
-                collect(res)
-    bar.close()
-    cols = [
-        "method",
-        "task",
-        "fraction",
-        "seed",
-        "protocol",
-        "test_set",
-        "auroc",
-        "auprc",
-        "ci_low",
-        "ci_high",
-        "auprc_ci_low",
-        "auprc_ci_high",
-        "n_train",
-        "n_test",
-        "selected",
-        "seconds",
-    ]
-    order = {
-        u: i
-        for i, u in enumerate(
-            sorted(
-                {(r["method"], r["task"], r["fraction"], r["seed"]) for r in rows},
-                key=lambda k: (list(sources).index(k[0]), list(tasks).index(k[1]), k[2], k[3]),
-            )
-        )
-    }
-    rows.sort(
-        key=lambda r: (
-            order[(r["method"], r["task"], r["fraction"], r["seed"])],
-            test_splits.index(r["test_set"]),
-        )
-    )
-    df = pd.DataFrame(rows, columns=cols)
-    df.attrs.update(
-        load_reports=summaries,
-        skipped=skipped,
-        protocol=protocol,
-        corpus_root=str(corpus_root),
-        n_boot=n_boot,
-        test_splits=list(test_splits),
-    )
+    rows, skipped = _run_units(ctx, units, workers, progress)
+    df = _results_frame(rows, skipped, summaries, sources, tasks, ctx)
     for s in skipped:
         log(f"[eval] skipped {s['method']} on {s['task']}: {s['reason']}")
     return df
@@ -342,7 +363,64 @@ def task(self: _EvalContext, task, size) -> TaskData:
         self._tasks[(task, size)] = td
     return self._tasks[(task, size)]
 
-# %% ../../nbs/10e_evaluate_runner.ipynb #6eb666e2
+# %% ../../nbs/10e_evaluate_runner.ipynb #f3b6c54c
+@patch
+def _zero_shot_rows(self: _EvalContext, name, task, enc0, td, tests, seed) -> list[dict]:
+    "Zero-shot result rows of source `name` on `task`, one per test set."
+    rows = []
+    for s, (x, y) in tests.items():
+        t0 = time.perf_counter()
+        r = zero_shot(
+            enc0,
+            x,
+            y,
+            td.classes,
+            n_boot=self.n_boot,
+            seed=seed,
+            device=self.device,
+            **self.zero_shot_kw,
+        )
+        rows.append(
+            r.row(
+                method=name,
+                task=task,
+                fraction=0.0,
+                seed=seed,
+                test_set=s,
+                seconds=time.perf_counter() - t0,
+            )
+        )
+    return rows
+
+# %% ../../nbs/10e_evaluate_runner.ipynb #7841b4e2
+@patch
+def _fit_one(self: _EvalContext, enc, td, tests, idx, seed, feats):
+    "Train and score one linear probe (on `feats`) or one fine-tuned model on the training subset `idx`."
+    tr, va = td.splits["train"], td.splits["val"]
+    if self.protocol == "linear_probe":
+        return fit_linear_probe(
+            (feats["train"][idx], tr[1][idx]),
+            (feats["val"], va[1]),
+            (feats["test"], tests["test"][1]),
+            classes=td.classes,
+            n_boot=self.n_boot,
+            seed=seed,
+            **self.probe_kw,
+            more_tests={s: (feats[s], tests[s][1]) for s in self.test_splits[1:]},
+        )
+    return finetune(
+        enc,
+        {"train": _subset(tr, idx), "val": va, "test": tests["test"]},
+        classes=td.classes,
+        n_boot=self.n_boot,
+        seed=seed,
+        device=self.device,
+        progress=False,
+        **self.finetune_kw,
+        more_tests={s: tests[s] for s in self.test_splits[1:]},
+    )
+
+# %% ../../nbs/10e_evaluate_runner.ipynb #3848aa6b
 @patch
 def run(self: _EvalContext, unit) -> tuple[list[dict], list[dict], int]:
     "One job -> (rows, skipped, runs done)."
@@ -353,64 +431,20 @@ def run(self: _EvalContext, unit) -> tuple[list[dict], list[dict], int]:
     if self.protocol == "zero_shot":
         if self.is_random(name) or not enc0.has_text:
             return [], [dict(method=name, task=task, reason="no text tower")], 1
-        rows = []
-        for s, (x, y) in tests.items():
-            t0 = time.perf_counter()
-            r = zero_shot(
-                enc0,
-                x,
-                y,
-                td.classes,
-                n_boot=self.n_boot,
-                seed=pairs[0][1],
-                device=self.device,
-                **self.zero_shot_kw,
-            )
-            rows.append(
-                r.row(
-                    method=name,
-                    task=task,
-                    fraction=0.0,
-                    seed=pairs[0][1],
-                    test_set=s,
-                    seconds=time.perf_counter() - t0,
-                )
-            )
-        return rows, [], 1
-    tr, va = td.splits["train"], td.splits["val"]
+        return self._zero_shot_rows(name, task, enc0, td, tests, pairs[0][1]), [], 1
+    tr = td.splits["train"]
     rows, feats, feats_seed, feat_s = [], None, None, 0.0
     for frac, seed in pairs:
-        enc = (
-            enc0 if seed == pairs[0][1] else self.encoder(name, seed)
-        )  # a random source is re-drawn per seed
+        enc = enc0 if seed == pairs[0][1] else self.encoder(name, seed)  # a random source: re-drawn per seed
         idx = label_fraction(tr[1], frac, seed)
         t0 = time.perf_counter()
-        if self.protocol == "linear_probe":
-            if feats is None or (self.is_random(name) and seed != feats_seed):  # features once per encoder
-                feats = {s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()}
-                feats_seed, feat_s, t0 = seed, time.perf_counter() - t0, time.perf_counter()
-            r = fit_linear_probe(
-                (feats["train"][idx], tr[1][idx]),
-                (feats["val"], va[1]),
-                (feats["test"], tests["test"][1]),
-                classes=td.classes,
-                n_boot=self.n_boot,
-                seed=seed,
-                **self.probe_kw,
-                more_tests={s: (feats[s], tests[s][1]) for s in self.test_splits[1:]},
-            )
-        else:
-            r = finetune(
-                enc,
-                {"train": _subset(tr, idx), "val": va, "test": tests["test"]},
-                classes=td.classes,
-                n_boot=self.n_boot,
-                seed=seed,
-                device=self.device,
-                progress=False,
-                **self.finetune_kw,
-                more_tests={s: tests[s] for s in self.test_splits[1:]},
-            )
+        if self.protocol == "linear_probe" and (
+            feats is None or (self.is_random(name) and seed != feats_seed)
+        ):
+            # features once per encoder
+            feats = {s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()}
+            feats_seed, feat_s, t0 = seed, time.perf_counter() - t0, time.perf_counter()
+        r = self._fit_one(enc, td, tests, idx, seed, feats)
         sec = time.perf_counter() - t0 + feat_s  # a probe's time includes its encoder's feature extraction
         for s in self.test_splits:
             rs = r if s == "test" else r.details["more_tests"][s]
