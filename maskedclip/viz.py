@@ -531,8 +531,8 @@ def phi_figure(
     return _image_axes(fig)
 
 # %% ../nbs/11_viz.ipynb #1ddf9c6e
-def phi_evolution_figure(history: Sequence[tuple[int, Any]], title: str = "φ over training") -> go.Figure:
-    "φ maps of several checkpoints, `[(step, (gh, gw) map), ...]`, behind a slider (one shared colour scale)."
+def _phi_history(history) -> tuple[list, list]:
+    "Steps and φ maps of `history`, checked: not empty, (step, map) pairs, maps of one shape."
     if not history:
         raise ValueError("phi_evolution_figure: `history` is empty")
     steps, maps = [], []
@@ -543,24 +543,11 @@ def phi_evolution_figure(history: Sequence[tuple[int, Any]], title: str = "φ ov
         maps.append(_np(phi_map_of(item[1])))
     if len({m.shape for m in maps}) != 1:
         raise ValueError(f"phi_evolution_figure: maps differ in shape: {sorted({m.shape for m in maps})}")
-    lo, hi = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
-    if hi <= lo:
-        hi = lo + 1e-6
+    return steps, maps
 
-    def trace(m):
-        return go.Heatmap(
-            z=m,
-            zmin=lo,
-            zmax=hi,
-            colorscale="Viridis",
-            colorbar=dict(title="φ"),
-            hovertemplate="patch (%{y}, %{x}): φ=%{z:.4f}<extra></extra>",
-        )
-
-    frames = [
-        go.Frame(data=[trace(m)], name=str(s), layout=dict(title=f"{title} — step {s}"))
-        for s, m in zip(steps, maps)
-    ]
+# %% ../nbs/11_viz.ipynb #2c0fa78c
+def _animation_controls(steps) -> tuple[dict, dict]:
+    "A step slider and play / pause buttons for the frames named `str(step)`."
     slider = dict(
         active=0,
         currentvalue=dict(prefix="step "),
@@ -603,6 +590,31 @@ def phi_evolution_figure(history: Sequence[tuple[int, Any]], title: str = "φ ov
             ),
         ],
     )
+    return slider, play
+
+# %% ../nbs/11_viz.ipynb #31641929
+def phi_evolution_figure(history: Sequence[tuple[int, Any]], title: str = "φ over training") -> go.Figure:
+    "φ maps of several checkpoints, `[(step, (gh, gw) map), ...]`, behind a slider (one shared colour scale)."
+    steps, maps = _phi_history(history)
+    lo, hi = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
+    if hi <= lo:
+        hi = lo + 1e-6
+
+    def trace(m):
+        return go.Heatmap(
+            z=m,
+            zmin=lo,
+            zmax=hi,
+            colorscale="Viridis",
+            colorbar=dict(title="φ"),
+            hovertemplate="patch (%{y}, %{x}): φ=%{z:.4f}<extra></extra>",
+        )
+
+    frames = [
+        go.Frame(data=[trace(m)], name=str(s), layout=dict(title=f"{title} — step {s}"))
+        for s, m in zip(steps, maps)
+    ]
+    slider, play = _animation_controls(steps)
     fig = go.Figure(data=[trace(maps[0])], frames=frames)
     fig.update_layout(
         title=f"{title} — step {steps[0]}",
@@ -1031,25 +1043,8 @@ def reconstruction_explorer(model: nn.Module, images, normalized: bool = True, s
     return _explorer(dict(sample=sample, mask_ratio=ratio), render)
 
 # %% ../nbs/11_viz.ipynb #b39abcc8
-def attention_explorer(
-    model: nn.Module, images, which: str = "encoder", normalized: bool = True, opacity: float = 0.5
-):
-    "Widget: sample, stack, layer and head pickers for the CLS-to-patch attention overlay."
-    import ipywidgets as widgets
-
-    x = _as_batch(images)
-    stacks = [s for s in ATTENTION_STACKS if s == "encoder" or getattr(model, "bridge", None) is not None]
-    n_layers = len(_stack_blocks(model, which))
-    sample = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="sample", continuous_update=False)
-    stack = widgets.Dropdown(options=stacks, value=which, description="stack")
-    layer = widgets.IntSlider(
-        value=n_layers - 1, min=0, max=n_layers - 1, description="layer", continuous_update=False
-    )
-    head = widgets.Dropdown(
-        options=["mean"] + list(range(_stack_blocks(model, which)[0].attn.num_heads)),
-        value="mean",
-        description="head",
-    )
+def _attention_render(model: nn.Module, x, normalized: bool, opacity: float):
+    "The explorer's draw function: one sample's CLS → patch overlay for a stack, layer and head (maps cached)."
     cache: dict = {}
 
     def render(sample, stack, layer, head):
@@ -1077,6 +1072,30 @@ def attention_explorer(
             margin=dict(l=10, r=10, t=80, b=10),
         )
         return _image_axes(fig)
+
+    return render
+
+# %% ../nbs/11_viz.ipynb #afeda936
+def attention_explorer(
+    model: nn.Module, images, which: str = "encoder", normalized: bool = True, opacity: float = 0.5
+):
+    "Widget: sample, stack, layer and head pickers for the CLS-to-patch attention overlay."
+    import ipywidgets as widgets
+
+    x = _as_batch(images)
+    stacks = [s for s in ATTENTION_STACKS if s == "encoder" or getattr(model, "bridge", None) is not None]
+    n_layers = len(_stack_blocks(model, which))
+    sample = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="sample", continuous_update=False)
+    stack = widgets.Dropdown(options=stacks, value=which, description="stack")
+    layer = widgets.IntSlider(
+        value=n_layers - 1, min=0, max=n_layers - 1, description="layer", continuous_update=False
+    )
+    head = widgets.Dropdown(
+        options=["mean"] + list(range(_stack_blocks(model, which)[0].attn.num_heads)),
+        value="mean",
+        description="head",
+    )
+    render = _attention_render(model, x, normalized, opacity)
 
     ref: dict = {}
 
@@ -1211,6 +1230,56 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 # %% ../nbs/11_viz.ipynb #ac8bc126
+def _figure_section(i: int, name: str, fig) -> str:
+    "One figure's heading and plotly div (no plotly.js); a figure wider than the page is fitted to it."
+    esc = html.escape
+    if not isinstance(fig, BaseFigure):
+        raise ValueError(f"figures[{name!r}]: expected a plotly Figure, got {type(fig).__name__}")
+    f = go.Figure(fig)
+    if (f.layout.width or 0) > _REPORT_WIDTH:
+        f.update_layout(width=None, autosize=True)  # fit the column, no sideways scroll
+    div = f.to_html(
+        full_html=False,
+        include_plotlyjs=False,
+        include_mathjax=False,
+        config=dict(displaylogo=False, responsive=True),
+        default_height="520px",
+    )
+    return f'<h2 id="fig-{i}">{esc(name)}</h2><div class="fig">{div}</div>'
+
+
+def _table_section(i: int, name: str, tab) -> str:
+    "One table (row dicts or a DataFrame) as HTML, numbers to 4 significant digits."
+    esc = html.escape
+    recs = tab.to_dict("records") if hasattr(tab, "to_dict") else list(tab)
+    cols = list(dict.fromkeys(k for r in recs for k in r))
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in cols)
+    trs = "".join(
+        "<tr>"
+        + "".join(f"<td>{esc(_fmt(r.get(c)) if _is_num(r.get(c)) else str(r.get(c, '')))}</td>" for c in cols)
+        + "</tr>"
+        for r in recs
+    )
+    return f'<h2 id="table-{i}">{esc(name)}</h2><table><tr>{head}</tr>{trs}</table>'
+
+# %% ../nbs/11_viz.ipynb #b46d7ca6
+def _metrics_section(rows: list[dict]) -> str:
+    "The metrics section: the number of rows and steps, and `metrics_summary` as a table."
+    esc = html.escape
+    summ = metrics_summary(rows)
+    steps = [r["step"] for r in rows if _is_num(r.get("step"))]
+    head = f"{len(rows)} rows" + (f", steps {min(steps)}–{max(steps)}" if steps else "")
+    trs = "".join(
+        f"<tr><td>{esc(s['key'])}</td><td>{s['n']}</td><td>{_fmt(s['first'])}</td><td>{_fmt(s['last'])}</td>"
+        f"<td>{_fmt(s['min'])}</td><td>{_fmt(s['max'])}</td></tr>"
+        for s in summ
+    )
+    return (
+        f'<h2 id="metrics">metrics</h2><p>{esc(head)}</p><table><tr><th>key</th><th>n</th><th>first</th>'
+        f"<th>last</th><th>min</th><th>max</th></tr>{trs}</table>"
+    )
+
+# %% ../nbs/11_viz.ipynb #8c99fcd1
 def write_report(
     path: str | Path,
     figures: dict[str, go.Figure],
@@ -1237,47 +1306,13 @@ def write_report(
         links.append('<a href="#config">config</a>')
     body.append("<nav>" + "".join(links) + "</nav>")
     for i, (name, fig) in enumerate(figures.items()):
-        if not isinstance(fig, BaseFigure):
-            raise ValueError(f"figures[{name!r}]: expected a plotly Figure, got {type(fig).__name__}")
-        f = go.Figure(fig)
-        if (f.layout.width or 0) > _REPORT_WIDTH:
-            f.update_layout(width=None, autosize=True)  # fit the column, no sideways scroll
-        div = f.to_html(
-            full_html=False,
-            include_plotlyjs=False,
-            include_mathjax=False,
-            config=dict(displaylogo=False, responsive=True),
-            default_height="520px",
-        )
-        body.append(f'<h2 id="fig-{i}">{esc(name)}</h2><div class="fig">{div}</div>')
+        body.append(_figure_section(i, name, fig))
     if notes:
         body.insert(2, f"<p>{esc(notes)}</p>")
     for i, (name, tab) in enumerate((tables or {}).items()):
-        recs = tab.to_dict("records") if hasattr(tab, "to_dict") else list(tab)
-        cols = list(dict.fromkeys(k for r in recs for k in r))
-        head = "".join(f"<th>{esc(str(c))}</th>" for c in cols)
-        trs = "".join(
-            "<tr>"
-            + "".join(
-                f"<td>{esc(_fmt(r.get(c)) if _is_num(r.get(c)) else str(r.get(c, '')))}</td>" for c in cols
-            )
-            + "</tr>"
-            for r in recs
-        )
-        body.append(f'<h2 id="table-{i}">{esc(name)}</h2><table><tr>{head}</tr>{trs}</table>')
+        body.append(_table_section(i, name, tab))
     if rows:
-        summ = metrics_summary(rows)
-        steps = [r["step"] for r in rows if _is_num(r.get("step"))]
-        head = f"{len(rows)} rows" + (f", steps {min(steps)}–{max(steps)}" if steps else "")
-        trs = "".join(
-            f"<tr><td>{esc(s['key'])}</td><td>{s['n']}</td><td>{_fmt(s['first'])}</td><td>{_fmt(s['last'])}</td>"
-            f"<td>{_fmt(s['min'])}</td><td>{_fmt(s['max'])}</td></tr>"
-            for s in summ
-        )
-        body.append(
-            f'<h2 id="metrics">metrics</h2><p>{esc(head)}</p><table><tr><th>key</th><th>n</th><th>first</th>'
-            f"<th>last</th><th>min</th><th>max</th></tr>{trs}</table>"
-        )
+        body.append(_metrics_section(rows))
     if config is not None:
         cfg = json.dumps(_config_dict(config), indent=2, default=str)
         body.append(f'<h2 id="config">config</h2><pre>{esc(cfg, quote=False)}</pre>')
@@ -1291,6 +1326,26 @@ def write_report(
     return path
 
 # %% ../nbs/11_viz.ipynb #00000027
+def _sample_records(manifest, data_root, n: int, image_size: int) -> tuple[torch.Tensor, list, list[dict]]:
+    "The first `n` records of `manifest`: eval-transformed images, labels, and lesion-mask paths per record."
+    import json as _json
+
+    from maskedclip.data import eval_transform, load_image, load_manifest
+
+    root = Path(data_root) if data_root is not None else Path(manifest).parent
+    ds = load_manifest(manifest, root=root, verbose=False).dataset
+    recs = ds.select(range(min(n, len(ds))))
+    tf = eval_transform(image_size)
+    images = torch.stack([tf(load_image(root / r["image"])) for r in recs])
+    labels = [r.get("label") for r in recs]
+    masks = []
+    for r in recs:
+        m = r.get("masks")
+        m = _json.loads(m) if isinstance(m, str) else (m or {})
+        masks.append({k: root / v for k, v in m.items()})
+    return images, labels, masks
+
+# %% ../nbs/11_viz.ipynb #c811095f
 def run_figures(
     run_dir: str | Path,
     data_root: str | Path | None = None,
@@ -1304,9 +1359,6 @@ def run_figures(
 ) -> dict[str, go.Figure]:
     """Figures for a finished run directory (`final/`, `metrics.jsonl`) on `n` images of `manifest` (records with
     optional lesion `masks`); default manifest: the synthetic corpus's `tasks/multi_disease/test.jsonl` under `data_root`."""
-    import json as _json
-
-    from maskedclip.data import eval_transform, load_image, load_manifest
     from maskedclip.model import MaskedCLIP
 
     run_dir = Path(run_dir)
@@ -1320,17 +1372,7 @@ def run_figures(
         manifest = Path(data_root) / "tasks" / "multi_disease" / "test.jsonl"
     if manifest is None:
         return figs
-    root = Path(data_root) if data_root is not None else Path(manifest).parent
-    ds = load_manifest(manifest, root=root, verbose=False).dataset
-    recs = ds.select(range(min(n, len(ds))))
-    tf = eval_transform(model.config.vision.image_size)
-    images = torch.stack([tf(load_image(root / r["image"])) for r in recs])
-    labels = [r.get("label") for r in recs]
-    masks = []
-    for r in recs:
-        m = r.get("masks")
-        m = _json.loads(m) if isinstance(m, str) else (m or {})
-        masks.append({k: root / v for k, v in m.items()})
+    images, labels, masks = _sample_records(manifest, data_root, n, model.config.vision.image_size)
     if model.decoder is not None:
         figs["reconstructions"] = reconstruction_figure(model, images, n=len(images))
     figs["encoder attention (last layer, CLS)"] = attention_figure(model, images[0], which="encoder")
