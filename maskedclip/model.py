@@ -129,39 +129,43 @@ class MaskedCLIP(nn.Module):
         self._build_clip(clip_width, pretrained_text, text_dir)
         self._build_mlip(clip_width)
 
-    def _build_clip(self, clip_width: int, pretrained_text: bool, text_dir):
-        "Text tower $E_T$, projections $g_v$, $g_t$ and the learnable temperature: none unless `use_clip`."
-        c = self.config
-        self.text = self.image_proj = self.text_proj = self.logit_scale = None
-        if not c.use_clip:
-            return
-        self.text = TextTower(c.text, pretrained=pretrained_text, local_dir=text_dir)
-        self.image_proj = nn.Linear(clip_width, c.proj_dim, bias=False)
-        self.text_proj = nn.Linear(self.text.width, c.proj_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(c.logit_scale_init)))
-        if not self.image_proj.weight.is_meta:
-            nn.init.normal_(self.image_proj.weight, std=clip_width**-0.5)
-            nn.init.normal_(self.text_proj.weight, std=self.text.width**-0.5)
+# %% ../nbs/07_model.ipynb #602a5a64
+@patch
+def _build_clip(self: MaskedCLIP, clip_width: int, pretrained_text: bool, text_dir):
+    "Text tower $E_T$, projections $g_v$, $g_t$ and the learnable temperature: none unless `use_clip`."
+    c = self.config
+    self.text = self.image_proj = self.text_proj = self.logit_scale = None
+    if not c.use_clip:
+        return
+    self.text = TextTower(c.text, pretrained=pretrained_text, local_dir=text_dir)
+    self.image_proj = nn.Linear(clip_width, c.proj_dim, bias=False)
+    self.text_proj = nn.Linear(self.text.width, c.proj_dim, bias=False)
+    self.logit_scale = nn.Parameter(torch.tensor(float(c.logit_scale_init)))
+    if not self.image_proj.weight.is_meta:
+        nn.init.normal_(self.image_proj.weight, std=clip_width**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=self.text.width**-0.5)
 
-    def _build_mlip(self, clip_width: int):
-        "MLIP parts (semantic-integrity estimator, patch–sentence OT; `maskedclip.mlip`): none unless configured."
-        ml, v = self.config.mlip, self.config.vision
-        self.integrity = self.ot_logit_scale = self.patch_proj = None
-        if ml.integrity != "off":
-            self.integrity = SemanticIntegrityEstimator(
-                v.num_patches,
-                v.grid_size,
-                init="zero",
-                mode="mask" if ml.integrity == "maco" else "content",
-                embed_dim=v.width,
-            )
-        if ml.use_ot:
-            self.patch_proj = nn.Linear(clip_width, self.config.proj_dim, bias=False)
-            self.ot_logit_scale = nn.Parameter(
-                torch.tensor(float(self.config.logit_scale_init))
-            )  # τ_loc init 0.07 (M4)
-            if not self.patch_proj.weight.is_meta:
-                nn.init.normal_(self.patch_proj.weight, std=clip_width**-0.5)
+# %% ../nbs/07_model.ipynb #1b8006c6
+@patch
+def _build_mlip(self: MaskedCLIP, clip_width: int):
+    "MLIP parts (semantic-integrity estimator, patch–sentence OT; `maskedclip.mlip`): none unless configured."
+    ml, v = self.config.mlip, self.config.vision
+    self.integrity = self.ot_logit_scale = self.patch_proj = None
+    if ml.integrity != "off":
+        self.integrity = SemanticIntegrityEstimator(
+            v.num_patches,
+            v.grid_size,
+            init="zero",
+            mode="mask" if ml.integrity == "maco" else "content",
+            embed_dim=v.width,
+        )
+    if ml.use_ot:
+        self.patch_proj = nn.Linear(clip_width, self.config.proj_dim, bias=False)
+        self.ot_logit_scale = nn.Parameter(
+            torch.tensor(float(self.config.logit_scale_init))
+        )  # τ_loc init 0.07 (M4)
+        if not self.patch_proj.weight.is_meta:
+            nn.init.normal_(self.patch_proj.weight, std=clip_width**-0.5)
 
 # %% ../nbs/07_model.ipynb #68056736
 @patch(as_prop=True)

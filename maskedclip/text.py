@@ -137,62 +137,65 @@ def resolve_text_source(cfg: TextConfig) -> str | None:
         f"or set text.allow_download=True to fetch it from the hub."
     )
 
-# %% ../nbs/05_text.ipynb #39feb267
+# %% ../nbs/05_text.ipynb #c5ddfc7c
+def _build_text_model(cfg: TextConfig, pretrained: bool, local_dir: str | Path | None):
+    "(transformers model without pooler, tokenizer or None) for `TextTower`."
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = None
+    if cfg.kind == "tiny":
+        tokenizer = build_wordpiece_tokenizer(max_length=cfg.max_length)
+        bc = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.width,
+            num_hidden_layers=cfg.depth,
+            num_attention_heads=cfg.heads,
+            intermediate_size=4 * cfg.width,
+            max_position_embeddings=max(128, cfg.max_length),
+            pad_token_id=0,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )  # no dropout: exact DDP/resume checks
+        model = BertModel(bc, add_pooling_layer=False)
+    elif local_dir is not None:
+        local_dir = Path(local_dir)
+        model = AutoModel.from_config(
+            AutoConfig.from_pretrained(local_dir, local_files_only=True), add_pooling_layer=False
+        )
+        if (local_dir / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
+    elif pretrained:
+        src = resolve_text_source(cfg)
+        offline = Path(src).is_dir()
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=offline)
+        model = AutoModel.from_pretrained(src, local_files_only=offline, add_pooling_layer=False)
+    else:
+        if cfg.arch is not None:
+            conf = AutoConfig.for_model(**cfg.arch)
+        else:
+            conf = AutoConfig.from_pretrained(resolve_text_source(cfg), local_files_only=True)
+        model = AutoModel.from_config(conf, add_pooling_layer=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_text_source(cfg), local_files_only=True)
+        except (ValueError, OSError):
+            tokenizer = None
+    return model, tokenizer
+
+# %% ../nbs/05_text.ipynb #65ba921d
 class TextTower(nn.Module):
     "E_T: a transformers encoder + tokenizer; `forward` -> (pooled `(B, H)`, tokens `(B, T, H)`)."
 
     def __init__(self, cfg: TextConfig, pretrained: bool = True, local_dir: str | Path | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
-
         self.cfg = cfg
-        self.tokenizer = None
-        if cfg.kind == "tiny":
-            self.tokenizer = build_wordpiece_tokenizer(max_length=cfg.max_length)
-            bc = BertConfig(
-                vocab_size=len(self.tokenizer),
-                hidden_size=cfg.width,
-                num_hidden_layers=cfg.depth,
-                num_attention_heads=cfg.heads,
-                intermediate_size=4 * cfg.width,
-                max_position_embeddings=max(128, cfg.max_length),
-                pad_token_id=0,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )  # no dropout: exact DDP/resume checks
-            self.model = BertModel(bc, add_pooling_layer=False)
-        elif local_dir is not None:
-            local_dir = Path(local_dir)
-            self.model = AutoModel.from_config(
-                AutoConfig.from_pretrained(local_dir, local_files_only=True), add_pooling_layer=False
-            )
-            if (local_dir / "tokenizer_config.json").is_file():
-                self.tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
-        elif pretrained:
-            src = resolve_text_source(cfg)
-            offline = Path(src).is_dir()
-            self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=offline)
-            self.model = AutoModel.from_pretrained(src, local_files_only=offline, add_pooling_layer=False)
-        else:
-            if cfg.arch is not None:
-                conf = AutoConfig.for_model(**cfg.arch)
-            else:
-                conf = AutoConfig.from_pretrained(resolve_text_source(cfg), local_files_only=True)
-            self.model = AutoModel.from_config(conf, add_pooling_layer=False)
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(
-                    resolve_text_source(cfg), local_files_only=True
-                )
-            except (ValueError, OSError):
-                self.tokenizer = None
+        self.model, self.tokenizer = _build_text_model(cfg, pretrained, local_dir)
         self.width = self.model.config.hidden_size
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if cfg.freeze:
             self.model.requires_grad_(False)
-        self._cache = (
-            OrderedDict()
-        )  # frozen only: a text's token ids -> its last hidden states (CPU, float32), LRU
+        # frozen only: a text's token ids -> its last hidden states (CPU, float32), LRU
+        self._cache = OrderedDict()
         self._use_cache = True
 
     def train(self, mode: bool = True):

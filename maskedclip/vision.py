@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
@@ -141,28 +142,6 @@ class ViTEncoder(nn.Module):
         self.grad_checkpointing = False
         self.reset_parameters()
 
-    def reset_parameters(self):
-        "MAE initialisation: sin-cos positions, xavier-uniform patch embedding and linears, N(0, 0.02) CLS."
-        if self.pos_embed.is_meta:
-            return
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid_size).unsqueeze(0))
-            w = self.patch_embed.proj.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.normal_(self.cls_token, std=0.02)
-            for b in self.blocks:
-                b.apply(_init_weights)
-            _init_weights(self.norm)
-
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = (
-                checkpoint(blk, x, use_reentrant=False)
-                if self.grad_checkpointing and self.training
-                else blk(x)
-            )
-        return self.norm(x)
-
     def forward(
         self,
         imgs: torch.Tensor,
@@ -177,6 +156,28 @@ class ViTEncoder(nn.Module):
             x, mask, ids_restore = random_masking(x, mask_ratio, generator, noise)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return EncoderOutput(self.run_blocks(torch.cat([cls, x], dim=1)), mask, ids_restore)
+
+# %% ../nbs/04_vision.ipynb #c04b887c
+@patch
+def reset_parameters(self: ViTEncoder):
+    "MAE initialisation: sin-cos positions, xavier-uniform patch embedding and linears, N(0, 0.02) CLS."
+    if self.pos_embed.is_meta:
+        return
+    with torch.no_grad():
+        self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid_size).unsqueeze(0))
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for b in self.blocks:
+            b.apply(_init_weights)
+        _init_weights(self.norm)
+
+# %% ../nbs/04_vision.ipynb #7f5faaa5
+@patch
+def run_blocks(self: ViTEncoder, x: torch.Tensor) -> torch.Tensor:
+    for blk in self.blocks:
+        x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+    return self.norm(x)
 
 # %% ../nbs/04_vision.ipynb #00000010
 def timm_vit(cfg: VisionConfig, **kw) -> nn.Module:
