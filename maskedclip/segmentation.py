@@ -482,6 +482,15 @@ def predict_masks(
     )
 
 # %% ../nbs/12_segmentation.ipynb #eb7dd00d
+def _resolve_steps(steps: int, epochs: float | None, n_train: int, batch_size: int) -> int:
+    "Optimizer steps: `steps`, or enough for `epochs` passes over `n_train` examples; at least 1."
+    if epochs is not None:
+        steps = max(1, int(math.ceil(epochs * n_train / min(batch_size, n_train))))
+    if steps < 1:
+        raise ValueError(f"steps: {steps} must be >= 1")
+    return steps
+
+# %% ../nbs/12_segmentation.ipynb #12f2c612
 def _fit_and_score(
     ftr,
     fte,
@@ -506,10 +515,7 @@ def _fit_and_score(
     return_head=False,
 ) -> dict:
     idx = select_fraction(train, fraction, seed)
-    if epochs is not None:
-        steps = max(1, int(math.ceil(epochs * len(idx) / min(batch_size, len(idx)))))
-    if steps < 1:
-        raise ValueError(f"steps: {steps} must be >= 1")
+    steps = _resolve_steps(steps, epochs, len(idx), batch_size)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     head, losses = _train_head(
         ftr[idx],
@@ -626,9 +632,8 @@ def segmentation_curve(
     return pd.DataFrame(rows)
 
 # %% ../nbs/12_segmentation.ipynb #00000029
-DEFAULT_LESION_PROMPTS: dict[
-    str, str
-] = {  # worded like the synthetic reports (maskedclip.synthetic.write_report)
+# worded like the synthetic reports (maskedclip.synthetic.write_report)
+DEFAULT_LESION_PROMPTS: dict[str, str] = {
     "microaneurysm": "There are several microaneurysms.",
     "haemorrhage": "There are dot and blot haemorrhages.",
     "hard_exudate": "Hard exudates are present in the posterior pole.",
@@ -639,6 +644,23 @@ DEFAULT_LESION_PROMPTS: dict[
 }
 
 # %% ../nbs/12_segmentation.ipynb #b10489f8
+def _pointing_summary(per: dict) -> dict:
+    "Per-lesion counts -> hit rates and chance levels, per lesion and over all scored (image, lesion) pairs."
+    for d in per.values():
+        d["hit_rate"] = d["hits"] / d["n"] if d["n"] else float("nan")
+        d["chance"] = d.pop("area") / d["n"] if d["n"] else float("nan")
+    n, hits = sum(d["n"] for d in per.values()), sum(d["hits"] for d in per.values())
+    chance = sum(d["chance"] * d["n"] for d in per.values() if d["n"]) / n if n else float("nan")
+    return dict(
+        hit_rate=hits / n if n else float("nan"),
+        hits=hits,
+        n=n,
+        n_skipped_empty=sum(d["n_skipped_empty"] for d in per.values()),
+        chance=chance,
+        per_lesion=per,
+    )
+
+# %% ../nbs/12_segmentation.ipynb #42ac28b4
 def pointing_game_score(
     model,
     images,
@@ -687,19 +709,7 @@ def pointing_game_score(
             per[l]["hits"] += int(pointing_game(maps[j], m))
             per[l]["n"] += 1
             per[l]["area"] += float(m.float().mean())
-    for d in per.values():
-        d["hit_rate"] = d["hits"] / d["n"] if d["n"] else float("nan")
-        d["chance"] = d.pop("area") / d["n"] if d["n"] else float("nan")
-    n, hits = sum(d["n"] for d in per.values()), sum(d["hits"] for d in per.values())
-    chance = sum(d["chance"] * d["n"] for d in per.values() if d["n"]) / n if n else float("nan")
-    return dict(
-        hit_rate=hits / n if n else float("nan"),
-        hits=hits,
-        n=n,
-        n_skipped_empty=sum(d["n_skipped_empty"] for d in per.values()),
-        chance=chance,
-        per_lesion=per,
-    )
+    return _pointing_summary(per)
 
 # %% ../nbs/12_segmentation.ipynb #0000002e
 def _run_model_config(ckpt: Path):
@@ -840,24 +850,13 @@ def short_mlip_pretrain(
         train(cfg, progress=progress)
     return Path(output_dir)
 
-# %% ../nbs/12_segmentation.ipynb #00000038
+# %% ../nbs/12_segmentation.ipynb #85c401be
 @torch.no_grad()
-def ot_alignment(
-    model,
-    images: torch.Tensor,
-    texts: Sequence[str],
-    mask_ratio: float = 0.0,
-    n_shuffles: int = 10,
-    seed: int = 0,
-) -> dict:
-    "MLIP's patch–sentence OT similarity `(B, B)` of images × their reports, and the local loss for true vs shuffled pairings."
+def _ot_similarity(model, images: torch.Tensor, texts: Sequence[str], mask_ratio: float, g: torch.Generator):
+    "(OT similarity `(B, B)` on the CPU, local logit scale); a masked view draws its noise from `g`."
     from maskedclip.mlip import ot_local_similarity, sentence_pool
 
-    if getattr(model, "patch_proj", None) is None:
-        raise ValueError("ot_alignment: the model has no patch_proj (mlip.use_ot=False)")
     B = len(texts)
-    if images.shape[0] != B or B < 2:
-        raise ValueError(f"ot_alignment: need B >= 2 images and as many texts, got {images.shape[0]} and {B}")
     c, dev = model.config, _device_of(model)
     was = model.training
     model.eval()
@@ -867,7 +866,6 @@ def ot_alignment(
         _, hidden = model.text(ids, att)
         sent, sent_mask = sentence_pool(hidden, att, sid, c.mlip.max_sentences)
         sent = model.text_proj(sent)
-        g = torch.Generator().manual_seed(seed)
         noise = torch.rand(B, c.vision.num_patches, generator=g).to(dev) if mask_ratio > 0 else None
         tokens = model.encoder(images.to(dev), mask_ratio=mask_ratio, noise=noise).tokens
         z = model.bridge(tokens) if model.bridge is not None else tokens
@@ -880,6 +878,26 @@ def ot_alignment(
         scale = float(model.ot_logit_scale.exp())
     finally:
         model.train(was)
+    return s, scale
+
+# %% ../nbs/12_segmentation.ipynb #3040a905
+@torch.no_grad()
+def ot_alignment(
+    model,
+    images: torch.Tensor,
+    texts: Sequence[str],
+    mask_ratio: float = 0.0,
+    n_shuffles: int = 10,
+    seed: int = 0,
+) -> dict:
+    "MLIP's patch–sentence OT similarity `(B, B)` of images × their reports, and the local loss for true vs shuffled pairings."
+    if getattr(model, "patch_proj", None) is None:
+        raise ValueError("ot_alignment: the model has no patch_proj (mlip.use_ot=False)")
+    B = len(texts)
+    if images.shape[0] != B or B < 2:
+        raise ValueError(f"ot_alignment: need B >= 2 images and as many texts, got {images.shape[0]} and {B}")
+    g = torch.Generator().manual_seed(seed)
+    s, scale = _ot_similarity(model, images, texts, mask_ratio, g)
     lab = torch.arange(B)
 
     def loss(sm):

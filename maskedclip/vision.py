@@ -126,12 +126,10 @@ class ViTEncoder(nn.Module):
         self.embed_dim = cfg.width
         self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, 1 + self.num_patches, cfg.width), requires_grad=False
-        )  # fixed
-        dpr = [
-            cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)
-        ]  # stochastic depth rule (plain floats: works on the meta device)
+        # fixed (sin-cos) positions
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, cfg.width), requires_grad=False)
+        # stochastic depth rule (plain floats: works on the meta device)
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             [
                 Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=_norm, drop_path=dpr[i])
