@@ -85,7 +85,7 @@ def _check_sources(sources: Mapping[str, str]):
 
 # %% ../../nbs/10f_evaluate_cli.ipynb #a453b31d
 def _add_source_args(ap: argparse.ArgumentParser):
-    "Options: the encoder sources, the corpus and its tasks, fractions, seeds, protocol, output and bootstrap."
+    "Options: encoder sources, corpus, tasks, fractions, seeds, protocol, output, bootstrap."
     ap.add_argument(
         "--checkpoint",
         action="append",

@@ -172,7 +172,7 @@ _RESULT_COLUMNS = [
 
 
 def _results_frame(rows, skipped, summaries, sources, tasks, ctx) -> pd.DataFrame:
-    "The tidy results frame: rows in (source, task, fraction, seed, test set) order, the run's facts in `attrs`."
+    "The tidy results: rows in (source, task, fraction, seed, test set) order, the run's facts in `attrs`."
     test_splits = ctx.test_splits
     order = {
         u: i
