@@ -52,10 +52,10 @@ from .model import MaskedCLIP
 __all__ = ['NO_DECAY_NAMES', 'DIAG_IMAGES', 'DIAG_SEED', 'DistInfo', 'resolve_device', 'setup_distributed', 'cleanup_distributed',
            'seed_everything', 'param_groups', 'lr_at', 'mask_noise_for_step', 'checkpoint_dirs', 'find_latest',
            'RunLock', 'clean_stale_tmp', 'rewrite_metrics', 'estimate_checkpoint_bytes', 'check_output_dir',
-           'preflight', 'NonFiniteLossError', 'native_bf16', 'Trainer', 'diagnostic_batch', 'InMemoryBatches',
-           'build_loader', 'synthetic_corpus_dir', 'ensure_synthetic_corpus', 'train', 'pretrain_parser',
-           'config_from_args', 'main', 'console_main', 'experiment_config', 'launch', 'read_metrics', 'run_grid',
-           'grid_main', 'LiveProgress']
+           'preflight', 'NonFiniteLossError', 'native_bf16', 'Trainer', 'sdpa_backend_context', 'diagnostic_batch',
+           'InMemoryBatches', 'build_loader', 'synthetic_corpus_dir', 'ensure_synthetic_corpus', 'train',
+           'pretrain_parser', 'config_from_args', 'main', 'console_main', 'experiment_config', 'launch', 'read_metrics',
+           'run_grid', 'grid_main', 'LiveProgress']
 
 # %% ../nbs/09_train.ipynb #00000004
 @dataclass
@@ -831,12 +831,41 @@ def _barrier(self: Trainer):
         dist.barrier()
 
 
+class _Float32Attention(torch.overrides.TorchFunctionMode):
+    "Inside: `F.scaled_dot_product_attention` on bf16 CPU tensors runs in fp32 (inputs up-cast, output cast back)."
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and args[0].dtype == torch.bfloat16:
+            up = lambda t: t.float() if torch.is_tensor(t) and t.dtype == torch.bfloat16 else t
+            with torch.autocast("cpu", enabled=False):
+                out = func(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+            return out.to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def sdpa_backend_context(device: torch.device, precision: str):
+    """How attention runs in a training forward (D27). Under bf16 on CPU, torch's fused SDPA kernel is 3–14× slower
+    than in fp32 (its backward above all; `benchmarks/profile_step.py`), so there attention runs in fp32 on
+    up-cast inputs (the matmuls around it stay bf16); everywhere else nothing changes."""
+    if torch.device(device).type == "cpu" and precision == "bf16":
+        return _Float32Attention()
+    return contextlib.nullcontext()
+
+
 @patch
 def _autocast(self: Trainer):
+    "Autocast of the training forward at `self.precision`, with `sdpa_backend_context`'s attention backend."
     if self.precision in ("bf16", "fp16"):
-        return torch.autocast(
-            self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16
+        stack = contextlib.ExitStack()
+        stack.enter_context(
+            torch.autocast(
+                self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16
+            )
         )
+        if not self.cfg.train.compile:  # a Python function mode stays out of torch.compile's graphs
+            stack.enter_context(sdpa_backend_context(self.device, self.precision))
+        return stack
     return contextlib.nullcontext()
 
 

@@ -62,17 +62,22 @@ class SyncCounter:
     "Wraps the host-sync entry points of `torch.Tensor`; while `active`, records each call with its caller."
 
     def __init__(self):
-        self.calls, self.active = collections.Counter(), False
+        self.calls, self.active, self.inside = collections.Counter(), False, False
         self._orig = {n: getattr(torch.Tensor, n) for n in SYNC_CALLS}
 
     def _wrap(self, name):
         f = self._orig[name]
 
         def wrapper(t, *a, **k):
-            if self.active:
+            if self.active and not self.inside:
                 fr = traceback.extract_stack(limit=2)[0]
                 self.calls[(name, Path(fr.filename).name, fr.lineno, fr.name)] += 1
-            return f(t, *a, **k)
+            # a torch function mode (the trainer's bf16 attention, D27) dispatches the same call once more
+            self.inside, was = True, self.inside
+            try:
+                return f(t, *a, **k)
+            finally:
+                self.inside = was
 
         return wrapper
 
