@@ -111,25 +111,10 @@ def model_config(size: str, method: str):
     return benchlib.model_config(size, method)
 
 
-def sdpa_context(sdpa: str, precision: str):
-    "'auto': what the trainer does (D27: the math SDPA backend under bf16 on CPU); 'default': torch's choice."
-    from maskedclip.train import sdpa_backend_context
-
-    if sdpa == "auto":
-        return sdpa_backend_context(torch.device("cpu"), precision)
-    return contextlib.nullcontext()
-
-
 def profile_one(size, method, precision, bp, bu, warmup, steps, threads, sdpa="auto") -> dict:
     cfg = model_config(size, method)
     ts = benchlib.TrainStep(cfg, bp, bu, "cpu", precision)
-    fb = ts.forward_backward
-
-    def forward_backward():
-        with sdpa_context(sdpa, precision):
-            fb()
-
-    ts.forward_backward = forward_backward
+    ts.trainer_attention = sdpa == "auto"  # 'default': torch's own SDPA under autocast (before D27)
     for _ in range(warmup):
         ts.step()
     times = []
@@ -188,6 +173,12 @@ def profile_one(size, method, precision, bp, bu, warmup, steps, threads, sdpa="a
     )
 
 
+def label(r: dict) -> str:
+    return r["precision"] + (
+        ", torch's bf16 SDPA" if r.get("sdpa") == "default" and r["precision"] != "fp32" else ""
+    )
+
+
 def render_md(R: dict) -> str:
     pk = R["peak"]
     L = [
@@ -204,7 +195,7 @@ def render_md(R: dict) -> str:
     ]
     for r in R["runs"]:
         L.append(
-            f"| {r['method']} | {r['precision']} | {r['batch']} | {r['step_s']:.2f} | {r['images_per_s']:.2f} | "
+            f"| {r['method']} | {label(r)} | {r['batch']} | {r['step_s']:.2f} | {r['images_per_s']:.2f} | "
             f"{r['flops'] / 1e9:.1f} | {r['gflops_per_s']:.1f} | {100 * r['utilisation']:.0f}% |"
         )
     classes = [c for c, _ in OP_CLASSES]
@@ -213,7 +204,7 @@ def render_md(R: dict) -> str:
         "Share of the profiled step's operator self time per op class (text tower and loss: forward ranges, "
         "seconds):",
         "",
-        "| op class | " + " | ".join(f"{r['method']} {r['precision']}" for r in R["runs"]) + " |",
+        "| op class | " + " | ".join(f"{r['method']} {label(r)}" for r in R["runs"]) + " |",
         "|---|" + "---|" * len(R["runs"]),
     ]
     for c in classes:
@@ -234,7 +225,7 @@ def render_md(R: dict) -> str:
     L += ["", "Top operators by self time:", ""]
     for r in R["runs"]:
         L.append(
-            f"- {r['method']} {r['precision']}: "
+            f"- {r['method']} {label(r)}: "
             + ", ".join(f"`{t['op']}` {t['self_s']:.2f} s" for t in r["top_ops"][:6])
         )
     return "\n".join(L) + "\n"
