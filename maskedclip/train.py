@@ -1130,9 +1130,9 @@ def _update_teacher(self: Trainer):
     if not self._deferred_checks() or self.model.teacher is None:
         return self.model.update_teacher()
     w = torch.where(self._bad, 0.0, 1.0 - self.model.config.ema_momentum)  # θ_t ← θ_t + w·(θ_s − θ_t)
-    torch._foreach_lerp_(
-        list(self.model.teacher.parameters()), [p.detach() for p in self.model._teacher_sources()], w
-    )
+    t = list(self.model.teacher.parameters())
+    # the list-of-weights overload: a lone 0-dim tensor would be read back as a Python scalar (a host sync)
+    torch._foreach_lerp_(t, [p.detach() for p in self.model._teacher_sources()], [w] * len(t))
 
 # %% ../nbs/09_train.ipynb #c0f1a2b4
 @patch
