@@ -41,7 +41,7 @@ from maskedclip.config import METHODS, MaskedCLIPConfig, get_preset
 from maskedclip.data import Batch
 from maskedclip.losses import label_guided_clip_loss, masked_feature_distillation_loss, mim_loss
 from maskedclip.model import MaskedCLIP
-from maskedclip.train import mask_noise_for_step, param_groups
+from maskedclip.train import _resolve_precision, mask_noise_for_step, param_groups, sdpa_backend_context
 from maskedclip.vision import ViTEncoder
 
 ALL_METHODS = tuple(METHODS) + ("mlip",)
@@ -120,17 +120,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device, precision: str, trainer_attention: bool = True):
+    "The trainer's autocast; `trainer_attention`: with its attention precision (fp32 attention under bf16 on CPU, D27)."
+    if precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    )
+    if trainer_attention:
+        stack.enter_context(sdpa_backend_context(device, precision))
+    return stack
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    "'auto' -> what the trainer uses: bf16 on CUDA, fp32 on CPU."
-    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+    "'auto' -> what the trainer uses: bf16 where the device has native bf16, else fp32 (D27)."
+    return _resolve_precision(precision, device)
 
 
 # ------------------------------------------------------------------------------------------------ the training step
@@ -177,6 +182,9 @@ class TrainStep:
             self.noises = [None]
         self.i = 0
         self.last_loss = None
+        self.trainer_attention = (
+            True  # False: torch's own SDPA choice under autocast (benchmarks/profile_step.py)
+        )
 
     @property
     def images(self) -> int:
@@ -188,7 +196,7 @@ class TrainStep:
         return n
 
     def forward_backward(self):
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, self.trainer_attention):
             out = self.net(self.batch, mask_noise=self.noise())
         out.loss.backward()
         self.last_loss = out.loss.detach()
@@ -206,7 +214,7 @@ class TrainStep:
         self.finish()
 
     def forward(self):
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, self.trainer_attention):
             return self.model(self.batch, mask_noise=self.noise())
 
     def flops(self) -> dict:

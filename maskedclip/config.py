@@ -671,7 +671,7 @@ class TrainConfig(ConfigBase):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_accum: int = 1
     grad_clip: float | None = None  # D22
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where native, else fp32 (D27)
     grad_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
@@ -680,6 +680,7 @@ class TrainConfig(ConfigBase):
     resume: str | None = None  # None, "latest" or a checkpoint dir
     log_every: int = 1
     diag_every: int = 50  # steps between representation diagnostics (`diag/*` in metrics.jsonl; 0: off; D26)
+    finite_check_every: int = 0  # finiteness read back at log/save steps (+ every N if N > 0; D28)
     tensorboard: bool = False
     wandb: bool = False  # Weights & Biases (no-op + warning without the wandb package; offline unless WANDB_MODE=online)
     device: str = "auto"
@@ -714,6 +715,7 @@ class TrainConfig(ConfigBase):
         _check_range(self.keep_last, "train.keep_last", 1)
         _check_range(self.log_every, "train.log_every", 1)
         _check_range(self.diag_every, "train.diag_every", 0)
+        _check_range(self.finite_check_every, "train.finite_check_every", 0)
         _check(
             re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device) is not None,
             "train.device",

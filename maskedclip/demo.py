@@ -62,10 +62,12 @@ def run_demo(
     tasks=DEMO_TASKS,
     zero_shot_tasks=ZERO_SHOT_TASKS,
     n_boot: int = 500,
+    precision: str = "auto",
     progress: bool = True,
     log=print,
 ) -> dict:
-    "The whole demo; returns a summary dict (also written to `out/results.json`)."
+    """The whole demo; returns a summary dict (also written to `out/results.json`). `precision`: `train.precision` of the
+    pre-training ('auto': bf16 where the processor has it natively, else fp32; D27)."""
     from maskedclip import evaluate as ev
     from maskedclip import viz
     from maskedclip.synthetic import build_corpus
@@ -109,6 +111,7 @@ def run_demo(
             "model.vision.image_size": image_size,
             "train.resume": "latest",
             "train.keep_last": 2,
+            "train.precision": precision,
             # MAE's augmentation: random-resized crops of 20-100 % of the area, and horizontal
             # flips; a flipped pair's report names the other eye (data.mirror_laterality)
             "data.crop_scale_min": 0.2,
@@ -157,6 +160,7 @@ def run_demo(
         preset=preset,
         method=method,
         steps=steps,
+        precision=precision,
         timings=timings,
         linear_probe=probe_summary.to_dict("records"),
         zero_shot=zs_table.to_dict("records"),
@@ -228,6 +232,12 @@ def main(argv=None) -> int:
         default=1000,
         help="images per downstream training and test split (validation: half)",
     )
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="pre-training precision; auto: bf16 where the processor has it natively, else fp32 (default: %(default)s)",
+    )
     ap.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
     ap.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
@@ -242,6 +252,7 @@ def main(argv=None) -> int:
             batch_size=a.batch_size,
             seeds=tuple(range(a.seeds)),
             n_task=a.n_task,
+            precision=a.precision,
         )
         if a.quick:
             kw.update(steps=4, batch_size=8, n_paired=64, n_unpaired=64, n_task=40, seeds=(0,), n_boot=50)

@@ -52,9 +52,10 @@ from .model import MaskedCLIP
 __all__ = ['NO_DECAY_NAMES', 'DIAG_IMAGES', 'DIAG_SEED', 'DistInfo', 'resolve_device', 'setup_distributed', 'cleanup_distributed',
            'seed_everything', 'param_groups', 'lr_at', 'mask_noise_for_step', 'checkpoint_dirs', 'find_latest',
            'RunLock', 'clean_stale_tmp', 'rewrite_metrics', 'estimate_checkpoint_bytes', 'check_output_dir',
-           'preflight', 'NonFiniteLossError', 'Trainer', 'diagnostic_batch', 'InMemoryBatches', 'build_loader',
-           'synthetic_corpus_dir', 'ensure_synthetic_corpus', 'train', 'pretrain_parser', 'config_from_args', 'main',
-           'console_main', 'experiment_config', 'launch', 'read_metrics', 'run_grid', 'grid_main', 'LiveProgress']
+           'preflight', 'NonFiniteLossError', 'native_bf16', 'Trainer', 'sdpa_backend_context', 'diagnostic_batch',
+           'InMemoryBatches', 'build_loader', 'synthetic_corpus_dir', 'ensure_synthetic_corpus', 'train',
+           'pretrain_parser', 'config_from_args', 'main', 'console_main', 'experiment_config', 'launch', 'read_metrics',
+           'run_grid', 'grid_main', 'LiveProgress']
 
 # %% ../nbs/09_train.ipynb #00000004
 @dataclass
@@ -491,9 +492,27 @@ class NonFiniteLossError(NonFiniteError):
     "A loss part, the weighted total or the gradient became NaN/inf; the message names it and the step (exit code 3)."
 
 
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Does `device` compute in bf16 natively (D27)? CUDA: `torch.cuda.is_bf16_supported(including_emulation=False)`
+    (Ampere and later); CPU: AVX512-BF16 or AMX, by torch's own CPU checks, else by the flags in /proc/cpuinfo."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(c is not None for c in checks):
+        return any(bool(c()) for c in checks if c is not None)
+    try:
+        return re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()) is not None
+    except OSError:
+        return False
+
+
 def _resolve_precision(p: str, device: torch.device) -> str:
+    "`train.precision` on `device`: 'auto' is bf16 where `native_bf16(device)`, else fp32; explicit values win."
     if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
     if p == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
     return p
@@ -519,11 +538,7 @@ def _discard(ckpt: Path):
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     "Total L2 norm of the gradients (read only; NaN/inf if any gradient is)."
     gs = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-    return (
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
-        if gs
-        else torch.zeros(())
-    )
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs))) if gs else torch.zeros(())
 
 
 def _check_weights_file(path: str | Path, field: str):
@@ -816,12 +831,41 @@ def _barrier(self: Trainer):
         dist.barrier()
 
 
+class _Float32Attention(torch.overrides.TorchFunctionMode):
+    "Inside: `F.scaled_dot_product_attention` on bf16 CPU tensors runs in fp32 (inputs up-cast, output cast back)."
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and args[0].dtype == torch.bfloat16:
+            up = lambda t: t.float() if torch.is_tensor(t) and t.dtype == torch.bfloat16 else t
+            with torch.autocast("cpu", enabled=False):
+                out = func(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+            return out.to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def sdpa_backend_context(device: torch.device, precision: str):
+    """How attention runs in a training forward (D27). Under bf16 on CPU, torch's fused SDPA kernel is 3–14× slower
+    than in fp32 (its backward above all; `benchmarks/profile_step.py`), so there attention runs in fp32 on
+    up-cast inputs (the matmuls around it stay bf16); everywhere else nothing changes."""
+    if torch.device(device).type == "cpu" and precision == "bf16":
+        return _Float32Attention()
+    return contextlib.nullcontext()
+
+
 @patch
 def _autocast(self: Trainer):
+    "Autocast of the training forward at `self.precision`, with `sdpa_backend_context`'s attention backend."
     if self.precision in ("bf16", "fp16"):
-        return torch.autocast(
-            self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16
+        stack = contextlib.ExitStack()
+        stack.enter_context(
+            torch.autocast(
+                self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16
+            )
         )
+        if not self.cfg.train.compile:  # a Python function mode stays out of torch.compile's graphs
+            stack.enter_context(sdpa_backend_context(self.device, self.precision))
+        return stack
     return contextlib.nullcontext()
 
 
@@ -896,7 +940,7 @@ def _mask_noise(self: Trainer, batch: Batch) -> torch.Tensor | None:
 
 @patch
 def _micro_step(self: Trainer, stream, k: int, sums: dict) -> int:
-    "Forward + backward on the next batch (gradients accumulate over `grad_accum`); adds its loss parts to `sums`."
+    "Forward + backward on the next batch (gradients accumulate over `grad_accum`); adds its loss parts to `sums` (on the device)."
     t = self.cfg.train
     batch = self._next_batch(stream).to(self.device, non_blocking=True)
     self._note_skipped()
@@ -905,13 +949,14 @@ def _micro_step(self: Trainer, stream, k: int, sums: dict) -> int:
     with sync:
         with self._autocast():
             out = (self.ddp or self.model)(batch, mask_noise=noise)
-        self._check_finite(out.parts, out.loss)
+        self._watch_finite(out.parts, out.loss)
         loss = out.loss / t.grad_accum
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
     self.micro += 1
-    for key, v in out.parts.items():
-        sums[key] = sums.get(key, 0.0) + float(v.detach()) / t.grad_accum
-    sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / t.grad_accum
+    acc = torch.float32 if self.device.type == "mps" else torch.float64  # sums stay on the device: no sync
+    for key, v in [*out.parts.items(), ("loss", out.loss)]:
+        v = v.detach().to(acc) / t.grad_accum
+        sums[key] = sums[key] + v if key in sums else v
     return batch.n_paired + batch.n_unpaired
 
 # %% ../nbs/09_train.ipynb #b7f95776
@@ -961,7 +1006,10 @@ def _optimizer_step(self: Trainer, sums: dict):
     if self.scaler is not None:
         self.scaler.unscale_(self.opt)
     gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip) if t.grad_clip else None
-    if self.scaler is None:
+    if self._deferred_checks():  # D28: a device flag skips the step (fused AdamW's found_inf), no host sync
+        self._watch_grads(gnorm if gnorm is not None else _grad_norm(self.model), sums)
+        self.opt.found_inf = self._bad.float()
+    elif self.scaler is None:
         self._check_finite_grads(gnorm, sums)  # fp16's scaler skips inf/NaN gradients itself
     if self.scaler is not None:
         self.scaler.step(self.opt)
@@ -970,7 +1018,7 @@ def _optimizer_step(self: Trainer, sums: dict):
         self.opt.step()
     self.opt.zero_grad(set_to_none=True)
     self.model.clamp_logit_scale()
-    self.model.update_teacher()
+    self._update_teacher()
     return gnorm
 
 
@@ -982,7 +1030,7 @@ def _check_finite_grads(self: Trainer, gnorm, sums: dict):
     self.opt.zero_grad(set_to_none=True)
     path = self.save(tag=f"step_{self.step:08d}", at_step_start=True)
     raise NonFiniteLossError(
-        f"non-finite gradient at step {self.step + 1} (loss {sums.get('loss', float('nan')):g} was finite); the optimizer "
+        f"non-finite gradient at step {self.step + 1} (loss {float(sums.get('loss', float('nan'))):g} was finite); the optimizer "
         f"did not step and the state before it is saved to {path}. Lower train.lr or the loss weights, or set train.grad_clip"
     )
 
@@ -996,19 +1044,26 @@ def _train_step(self: Trainer, stream) -> dict | None:
         g["lr"] = lr * g["lr_scale"]
     t0, sums, n_img = time.perf_counter(), {}, 0
     self._snap = dict(micro=self.micro, epoch=self.epoch, loader=self.loader.state_dict(), rng=_rng_state())
+    if self._deferred_checks():
+        self._snaps[self.step] = self._snap  # the state to save if a later check finds this step non-finite
     for k in range(t.grad_accum):
         n_img += self._micro_step(stream, k, sums)
     gnorm = self._optimizer_step(sums)
     self.step += 1
-    dt = time.perf_counter() - t0
     diag = t.diag_every > 0 and (self.step % t.diag_every == 0 or self.step in (1, self.total_steps))
-    if not (self.step % t.log_every == 0 or self.step == self.total_steps or diag):
+    logs = self.step % t.log_every == 0 or self.step == self.total_steps or diag
+    n = t.finite_check_every
+    if logs or (t.save_every and self.step % t.save_every == 0) or (n and self.step % n == 0):
+        self._check_pending()  # D28: the only host syncs of a step, and only at logging/saving/check steps
+    dt = time.perf_counter() - t0
+    if not logs:
         return None
+    keys = sorted(sums)
+    vec = torch.stack([sums[k] for k in keys])
     if self.di.distributed:  # log the global-batch means, not rank 0's shard
-        keys = sorted(sums)
-        vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(vec)
-        sums = dict(zip(keys, (vec / self.di.world_size).tolist()))
+        vec = vec / self.di.world_size
+    sums = dict(zip(keys, vec.tolist()))
     if not self.di.is_main:
         return None
     row = dict(
@@ -1028,6 +1083,91 @@ def _train_step(self: Trainer, stream) -> dict | None:
     if diag:
         row.update(self._diagnostics())
     return row
+
+# %% ../nbs/09_train.ipynb #c0f1a2b3
+@patch
+def _deferred_checks(self: Trainer) -> bool:
+    """Are finiteness checks kept on the device and read back only at check steps (D28)? Yes with fused AdamW
+    (it skips a step on a device flag, `found_inf`), no fp16 scaler and `train.finite_check_every != 1`."""
+    if getattr(self, "_defer", None) is None:
+        fused = bool(self.opt.defaults.get("fused"))
+        self._defer = fused and self.scaler is None and self.cfg.train.finite_check_every != 1
+        self._pending, self._snaps = [], {}
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)  # sticky: once set, no step applies
+    return self._defer
+
+
+@patch
+def _flag(self: Trainer, values: torch.Tensor) -> torch.Tensor:
+    "Device flag: is any of `values` non-finite on any rank? (an all-reduce, no host sync); also sets the sticky flag."
+    bad = (~torch.isfinite(values).all()).float()
+    if self.di.distributed:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    self._bad |= bad > 0
+    return bad
+
+
+@patch
+def _watch_finite(self: Trainer, parts: dict[str, torch.Tensor], total: torch.Tensor):
+    "Before backward: check the loss parts and the total now (a host sync), or record them for the next check step."
+    if not self._deferred_checks():
+        return self._check_finite(parts, total)
+    named = {**parts, "total (weighted sum)": total}
+    vals = torch.stack([v.detach().float().sum() for v in named.values()])
+    self._pending.append(("loss", self.step, list(named), vals, self._flag(vals)))
+
+
+@patch
+def _watch_grads(self: Trainer, gnorm: torch.Tensor, sums: dict):
+    "After backward: record whether the gradient norm is finite (with this step's loss, for the message)."
+    g = gnorm.detach().float().reshape(1)
+    self._pending.append(("grad", self.step, sums.get("loss"), g, self._flag(g)))
+
+
+@patch
+def _update_teacher(self: Trainer):
+    "The EMA teacher step; under deferred checks its weight is 0 once the sticky flag is set (a skipped step moves nothing)."
+    if not self._deferred_checks() or self.model.teacher is None:
+        return self.model.update_teacher()
+    w = torch.where(self._bad, 0.0, 1.0 - self.model.config.ema_momentum)  # θ_t ← θ_t + w·(θ_s − θ_t)
+    t = list(self.model.teacher.parameters())
+    # the list-of-weights overload: a lone 0-dim tensor would be read back as a Python scalar (a host sync)
+    torch._foreach_lerp_(t, [p.detach() for p in self.model._teacher_sources()], [w] * len(t))
+
+# %% ../nbs/09_train.ipynb #c0f1a2b4
+@patch
+def _check_pending(self: Trainer):
+    """Read the device flags recorded since the last check (one host sync). The first non-finite loss part or
+    gradient stops the run with its name and step, after saving the state from before that step: from that step
+    on, every optimizer and EMA step was skipped on the device, so the weights and moments are still that state."""
+    if not self._deferred_checks() or not self._pending:
+        return
+    pending, self._pending = self._pending, []
+    if not bool(self._bad):
+        self._snaps.clear()
+        return
+    flags = torch.stack([p[4] for p in pending]).tolist()
+    kind, s, names, vals, _ = pending[flags.index(max(flags))]
+    vals, last = vals.tolist(), self.step
+    self.opt.zero_grad(set_to_none=True)
+    self.step, self._snap = s, self._snaps[s]
+    path = self.save(tag=f"step_{s:08d}", at_step_start=True)
+    skipped = "the optimizer did not step" + (
+        f" (nor in the {last - s - 1} steps after it, up to the check at step {last})" if last - s > 1 else ""
+    )
+    if kind == "loss":
+        which = (
+            ", ".join(f"{k}={v:g}" for k, v in zip(names, vals) if not math.isfinite(v)) or "on another rank"
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss at step {s + 1}: {which}; {skipped} and the state before it is saved to {path}. "
+            "Check the loss weights (model.lambda_*), train.lr and the data, then resume"
+        )
+    loss = float(names) if names is not None else float("nan")
+    raise NonFiniteLossError(
+        f"non-finite gradient at step {s + 1} (loss {loss:g} was finite); {skipped} and the state before it is "
+        f"saved to {path}. Lower train.lr or the loss weights, or set train.grad_clip"
+    )
 
 # %% ../nbs/09_train.ipynb #5ebdb17f
 @patch

@@ -95,7 +95,7 @@ def _device_of(m: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_features(
     encoder,
     data,
@@ -463,10 +463,10 @@ RETFOUND_AUG = dict(
 
 
 def _cpu_bf16() -> bool:
-    return any(
-        bool(getattr(torch.cpu, f, lambda: False)())
-        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
+    "Native bf16 on this CPU (AVX512-BF16 or AMX): `maskedclip.train.native_bf16`, the one place that decides (D27)."
+    from maskedclip.train import native_bf16
+
+    return native_bf16("cpu")
 
 
 def _amp_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
@@ -475,7 +475,9 @@ def _amp_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
         raise ValueError(f"precision: {precision!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
     if precision == "fp16" and dev.type != "cuda":
         raise ValueError(f"precision 'fp16' needs a CUDA device (got {dev}); use 'bf16'")
-    bf16_ok = torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_bf16()
+    from maskedclip.train import native_bf16
+
+    bf16_ok = native_bf16(dev)
     if precision == "auto":
         return torch.bfloat16 if bf16_ok else (torch.float16 if dev.type == "cuda" else None)
     if precision == "bf16" and not bf16_ok:
@@ -584,7 +586,7 @@ def _splits3(splits) -> tuple:
     raise ValueError("splits: expected {'train': (x, y), 'val': (x, y), 'test': (x, y)} or a 3-tuple")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _predict(model: nn.Module, x, batch_size: int, device, amp: torch.dtype | None = None) -> np.ndarray:
     model.eval()
     out = []
