@@ -305,8 +305,14 @@ def _validate_rows(
     on_bad_record,
     report,
     verbose,
+    check_shard=None,
+    all_gather=None,
 ) -> tuple[list[dict], list[int]]:
-    "Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices."
+    """Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices.
+
+    `check_shard=(rank, world_size)`: this process checks the images of every `world_size`-th row only and
+    `all_gather(local_errors) -> [errors of rank 0, rank 1, ...]` shares what each rank found, so every rank keeps
+    the same rows after checking `1/world_size` of the images (D31)."""
     seen, cheap, errors = {}, [], {}
 
     def fail(i, err):
@@ -334,15 +340,25 @@ def _validate_rows(
     mode = _image_check_mode(check_images)
     tiny = []
     if mode is not None and cheap:
-        paths = [Path(root) / rec["image"] for _, rec in cheap]
+        rank, world = check_shard or (0, 1)
+        if world > 1 and all_gather is None:
+            raise ValueError("check_shard with world_size > 1 needs all_gather to share the image errors")
+        mine = cheap[rank::world]
+        paths = [Path(root) / rec["image"] for _, rec in mine]
+        found = []
         for (i, rec), err in zip(
-            cheap, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)
+            mine, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)
         ):
             if isinstance(err, BadRecordError):
-                man, line = locs[i]
-                fail(i, err.located(manifest=man, line=line, record_id=rec["id"], field="image"))
+                found.append((i, err))
             elif min(err) < MIN_IMAGE_SIDE:
                 tiny.append((i, rec, err))
+        if world > 1:
+            found = sorted((x for part in all_gather(found) for x in part), key=lambda t: t[0])
+        ids = dict(cheap)
+        for i, err in found:
+            man, line = locs[i]
+            fail(i, err.located(manifest=man, line=line, record_id=ids[i]["id"], field="image"))
     if tiny:
         (i, rec, (w, h)), (man, line) = tiny[0], locs[tiny[0][0]]
         warnings.warn(
@@ -376,6 +392,8 @@ def load_manifest(
     require_text: bool = False,
     max_pixels: int = MAX_PIXELS,
     num_threads: int | None = None,
+    check_shard: tuple[int, int] | None = None,
+    all_gather: Callable | None = None,
     cache_dir=None,
     verbose: bool = True,
 ) -> ManifestData:
@@ -384,7 +402,8 @@ def load_manifest(
     `root`: data root for the image paths (default: the manifest's folder). `label_space`: allowed labels
     (None: any). `on_bad_record`: 'raise' (first bad row raises `BadRecordError`) or 'skip' (bad rows are
     left out, counted and listed in the report). `check_images`: True/'verify', 'header', 'decode', False.
-    `require_text`: rows are paired (text needed). Returns `ManifestData(dataset, report, root, path)`."""
+    `require_text`: rows are paired (text needed). `check_shard=(rank, world_size)` + `all_gather`: each process
+    checks only its share of the images and the errors are shared (see `_validate_rows`). Returns `ManifestData(dataset, report, root, path)`."""
     _check_policy(on_bad_record)
     path = Path(path)
     if not path.is_file():
@@ -428,6 +447,8 @@ def load_manifest(
         on_bad_record=on_bad_record,
         report=report,
         verbose=verbose,
+        check_shard=check_shard,
+        all_gather=all_gather,
     )
     for e in bad:
         report.add(e)
@@ -461,6 +482,8 @@ def load_records(
     require_text: bool = False,
     max_pixels: int = MAX_PIXELS,
     num_threads: int | None = None,
+    check_shard: tuple[int, int] | None = None,
+    all_gather: Callable | None = None,
     name: str = "<records>",
     verbose: bool = True,
 ) -> ManifestData:
@@ -484,6 +507,8 @@ def load_records(
         on_bad_record=on_bad_record,
         report=report,
         verbose=verbose,
+        check_shard=check_shard,
+        all_gather=all_gather,
     )
     report.kept = len(normalized)
     ds = _assemble(normalized, _extras_from_rows(normalized), report)
@@ -579,6 +604,8 @@ def load_imagefolder(
     require_text: bool = False,
     max_pixels: int = MAX_PIXELS,
     num_threads: int | None = None,
+    check_shard: tuple[int, int] | None = None,
+    all_gather: Callable | None = None,
     cache_dir=None,
     verbose: bool = True,
 ) -> ManifestData:
@@ -603,6 +630,8 @@ def load_imagefolder(
         max_pixels=max_pixels,
         num_threads=num_threads,
         verbose=verbose,
+        check_shard=check_shard,
+        all_gather=all_gather,
     )
     if not metas:
         recs = _class_folder_records(root, lambda name: name, source=root.name)

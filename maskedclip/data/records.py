@@ -5,6 +5,7 @@
 # %% ../../nbs/01a_data_records.ipynb #dbd9e883
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, fields
@@ -20,7 +21,8 @@ from ..config import DataError
 
 # %% auto #0
 __all__ = ['RECORD_FIELDS', 'SPLITS', 'MAX_PIXELS', 'IMAGE_EXTENSIONS', 'BAD_RECORD_REASONS', 'Batch', 'Record', 'BadRecordError',
-           'MissingImageError', 'check_image', 'to_rgb', 'load_image', 'resolve_image_path', 'validate_record']
+           'MissingImageError', 'check_image', 'to_rgb', 'load_image', 'load_image_bytes', 'resolve_image_path',
+           'validate_record']
 
 # %% ../../nbs/01a_data_records.ipynb #00000004
 @dataclass
@@ -166,8 +168,13 @@ def _open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise MissingImageError("expected an image file, found a directory", reason="missing_file", file=p)
     if p.stat().st_size == 0:
         raise BadRecordError("zero-byte image file", reason="empty_file", file=p)
+    return _open_pil(p, p, max_pixels)
+
+
+def _open_pil(src, p, max_pixels: int) -> Image.Image:
+    "PIL-open `src` (a path or a file object; `p` names it in errors), refuse images above `max_pixels`."
     try:
-        im = Image.open(p)
+        im = Image.open(src)
     except Image.DecompressionBombError as e:
         raise BadRecordError(
             f"image too large to open safely (PIL decompression-bomb guard: {e})", reason="too_large", file=p
@@ -264,6 +271,26 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> 
     except Exception as e:
         im.close()
         raise _decode_error(e, path, "image data cannot be decoded") from None
+
+
+def load_image_bytes(
+    data: bytes, name="<bytes>", max_pixels: int = MAX_PIXELS, draft: int | None = None
+) -> Image.Image:
+    """Decode encoded image bytes (e.g. the `Image()` column of a prepared dataset) like `load_image` decodes a file;
+    `name` (the source path) is named in the `BadRecordError`s."""
+    if not data:
+        raise BadRecordError("zero-byte image", reason="empty_file", file=name)
+    im = _open_pil(io.BytesIO(data), name, max_pixels)
+    try:
+        if draft and im.format == "JPEG":
+            im.draft(None, (int(draft), int(draft)))
+        im.load()
+        return to_rgb(im)
+    except MemoryError:
+        raise
+    except Exception as e:
+        im.close()
+        raise _decode_error(e, name, "image data cannot be decoded") from None
 
 # %% ../../nbs/01a_data_records.ipynb #00000013
 def _image_check_mode(check_images) -> str | None:
