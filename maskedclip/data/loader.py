@@ -5,6 +5,7 @@
 # %% ../../nbs/01d_data_loader.ipynb #a8b9649d
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import warnings
@@ -78,6 +79,11 @@ def _private_rng(seed: int | None):
         yield random.Random(seed)
 
 # %% ../../nbs/01d_data_loader.ipynb #b0345bbe
+def _row_name(row: Mapping) -> str:
+    "How a prepared row's image is named in errors: its path under the data root, else its file name or id."
+    return row.get("image_path") or row["image"].get("path") or row["id"]
+
+
 class _ImageRecords(TorchDataset):
     def __init__(
         self,
@@ -114,11 +120,7 @@ class _ImageRecords(TorchDataset):
         errors, n = [], len(self)
         for k in range(self.max_retries + 1):
             row = self.records[(idx + k) % n]
-            path = (
-                row["image"]["path"] or row["id"]
-                if isinstance(row["image"], Mapping)
-                else self.root / row["image"]
-            )
+            path = _row_name(row) if isinstance(row["image"], Mapping) else self.root / row["image"]
             try:
                 return self._decode(row), row, errors
             except BadRecordError as e:
@@ -136,9 +138,7 @@ class _ImageRecords(TorchDataset):
         "The RGB image of a row: a path under `root` (manifests) or `{bytes, path}` (prepared datasets)."
         im = row["image"]
         if isinstance(im, Mapping):
-            return load_image_bytes(
-                im["bytes"], im.get("path") or row["id"], self.max_pixels, self.decode_size
-            )
+            return load_image_bytes(im["bytes"], _row_name(row), self.max_pixels, self.decode_size)
         return load_image(self.root / im, self.max_pixels, self.decode_size)
 
     def _extra(self, row: dict, rng) -> dict:
@@ -575,7 +575,10 @@ class PairedUnpairedLoader:
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c01
 class _RowSource:
     """One stream of rows for this rank: epochs of exactly `per_epoch` rows (the same count on every rank, so that DDP
-    ranks take the same number of steps) from a shuffled, node-split `datasets.IterableDataset`; resumable."""
+    ranks take the same number of steps). Shuffled in two levels, both resumable exactly: the shard order is permuted
+    per epoch (then split across ranks by `split_dataset_by_node`), and the rows are permuted within consecutive windows
+    of `buffer_size` rows. The state is the `datasets` stream state at the current window's start and the position in
+    the window: a resumed stream re-reads at most one window."""
 
     def __init__(
         self,
@@ -587,44 +590,80 @@ class _RowSource:
         rank: int,
         world_size: int,
     ):
-        self.hf = stream.iterable(
-            shuffle=shuffle, seed=seed, buffer_size=buffer_size, rank=rank, world_size=world_size
-        )
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be an int >= 1, got {buffer_size!r}")
+        self.stream, self.shuffle, self.seed, self.buffer_size = stream, shuffle, seed, buffer_size
+        self.rank, self.world_size = rank, world_size
         self.per_epoch = stream.rows_per_rank(world_size)
-        self.epoch, self.taken, self._it = 0, 0, None
+        self.epoch, self.taken, self._hf = 0, 0, None
+
+    def _open(self, epoch: int, hf_state=None, window: int = 0) -> None:
+        "Start epoch `epoch`'s stream, at `hf_state` (the start of window number `window`) if given."
+        n = self.stream.num_shards
+        order = np.random.default_rng([self.seed, epoch]).permutation(n).tolist() if self.shuffle else None
+        self._hf = self.stream.iterable(order=order, rank=self.rank, world_size=self.world_size)
+        if hf_state is not None:
+            self._hf.load_state_dict(hf_state)
+        self._it = iter(self._hf)
+        self.epoch, self._start, self._widx, self._rows, self._wpos, self._new = (
+            epoch,
+            hf_state,
+            window,
+            [],
+            0,
+            True,
+        )
+
+    def _fill(self) -> None:
+        "Read the next window and permute it; remember the stream state at its start."
+        if not self._new:  # the previous window is used up: the next one starts where the stream is now
+            self._start, self._widx = self._hf.state_dict(), self._widx + 1
+        self._new = False
+        rows = list(itertools.islice(self._it, self.buffer_size))
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, self.epoch, self.rank, self._widx]).permutation(
+                len(rows)
+            )
+            rows = [rows[i] for i in perm]
+        self._rows, self._wpos = rows, 0
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.taken, self._it = int(epoch), 0, None
+        self._open(int(epoch))
+        self.taken = 0
 
     def next(self) -> tuple[dict, int, int]:
         "`(row, epoch, position in the epoch)` of the next row (rolls over to the next epoch after `per_epoch` rows)."
-        if self.taken >= self.per_epoch:
-            self.start_epoch(self.epoch + 1)
-        if self._it is None:
-            self.hf.set_epoch(self.epoch)
-            self._it = iter(self.hf)
-        try:
-            row = next(self._it)
-        except StopIteration:
-            raise RuntimeError(
-                f"stream ended after {self.taken} rows of epoch {self.epoch}, expected {self.per_epoch}"
-            ) from None
-        self.taken += 1
+        if self._hf is None or self.taken >= self.per_epoch:
+            self.start_epoch(self.epoch + (self._hf is not None))
+        if self._wpos >= len(self._rows):
+            self._fill()
+            if not self._rows:
+                raise RuntimeError(
+                    f"stream ended after {self.taken} rows of epoch {self.epoch}, expected {self.per_epoch}"
+                )
+        row = dict(self._rows[self._wpos])
+        self._wpos, self.taken = self._wpos + 1, self.taken + 1
         row.pop("masks", None)  # pre-training does not use them; keep them out of the worker queues
         return row, self.epoch, self.taken - 1
 
     def state_dict(self) -> dict:
+        opened = self._hf is not None
         return dict(
-            epoch=self.epoch, taken=self.taken, hf=self.hf.state_dict() if self._it is not None else None
+            epoch=self.epoch,
+            taken=self.taken,
+            opened=opened,
+            window=self._widx if opened else 0,
+            wpos=self._wpos if opened else 0,
+            hf=self._start if opened else None,
         )
 
     def load_state_dict(self, st: Mapping) -> None:
-        self.start_epoch(st["epoch"])
-        self.taken = int(st["taken"])
-        if st.get("hf") is not None:
-            self.hf.set_epoch(self.epoch)
-            self.hf.load_state_dict(st["hf"])
-            self._it = iter(self.hf)
+        self._hf, self.epoch, self.taken = None, int(st["epoch"]), int(st["taken"])
+        if st["opened"]:
+            self._open(self.epoch, st["hf"], int(st["window"]))
+            if st["wpos"]:
+                self._fill()  # the saved window again, then the position in it
+                self._wpos = int(st["wpos"])
 
 
 class _StreamStepSampler(_StepSampler):
@@ -637,8 +676,8 @@ class _StreamStepSampler(_StepSampler):
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c02
 class StreamingLoader(PairedUnpairedLoader):
     """`PairedUnpairedLoader` over prepared datasets read as streams (`PreparedStream`, D32): each rank reads its own
-    shards (`split_dataset_by_node`), shards are shuffled per epoch with a shuffle buffer of `buffer_size` rows, and
-    `state_dict()` holds the `datasets` stream states, so a run resumes where it stopped without re-reading.
+    shards (`split_dataset_by_node`), the shard order is permuted per epoch and rows within windows of `buffer_size`,
+    and `state_dict()` holds the `datasets` stream states, so a run resumes where it stopped (same world size).
 
     Steps per epoch: the driver stream's (unpaired if any) rows per rank // batch size. Per-sample seeds follow the
     map-style loader's positions, so with `shuffle=False` and one process the batches equal `PairedUnpairedLoader`'s."""

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
-from ..config import report_error
+from ..config import ExitCode, report_error
 from maskedclip.data.manifest import (
     LoadReport,
     ManifestData,
@@ -46,21 +47,25 @@ __all__ = ['PREPARED_INFO', 'PREPARED_FEATURES', 'prepare_dataset', 'prepare_sum
            'PreparedData', 'load_prepared', 'PreparedStream', 'main']
 
 # %% ../../nbs/01f_data_prepare.ipynb #b8518c27
-PREPARED_INFO = "prepare_report.json"  # written next to the shards: the marker of a prepared dataset, its shards and report
+PREPARED_INFO = (
+    "prepare_report.json"  # next to the shards: the marker of a prepared dataset, its shards and report
+)
 _S = datasets.Value("string")
+_IMG = datasets.Image(
+    decode=False
+)  # {bytes, path}: the encoded file as it was (decoded by the loader), its file name
 PREPARED_FEATURES = datasets.Features(
     {
         "id": _S,
-        "image": datasets.Image(
-            decode=False
-        ),  # {bytes, path}: the encoded file as it was, decoded by the loader
+        "image": _IMG,
+        "image_path": _S,  # the image's path relative to the data root (`image.path` keeps only the file name)
         "text": _S,
         "label": _S,
         "labels": datasets.List(_S),
         "source": _S,
         "split": _S,
-        "masks": datasets.List({"lesion": _S, "mask": datasets.Image(decode=False)}),  # [] when none
-        "extra": _S,  # the record's other keys as a JSON object
+        "masks": datasets.List({"lesion": _S, "path": _S, "mask": _IMG}),  # [] when the record has none
+        "extra": _S,  # the record's other keys as one JSON object
     }
 )
 
@@ -96,7 +101,7 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 
 def _record_masks(masks, root: Path, mode: str | None, max_pixels: int) -> list[dict]:
-    "`[{lesion, mask: {bytes, path}}]` of a record's `masks` (lesion -> path under `root`), each mask file checked."
+    "`[{lesion, path, mask: {bytes, path}}]` of a record's `masks` (lesion -> path under `root`), each mask file checked."
     if masks is None:
         return []
     if isinstance(masks, str):
@@ -113,7 +118,8 @@ def _record_masks(masks, root: Path, mode: str | None, max_pixels: int) -> list[
             path, clean = resolve_image_path(rel, root)
             if mode is not None:
                 check_image(path, mode, max_pixels)
-            out.append({"lesion": lesion, "mask": {"bytes": _read_bytes(path, "mask"), "path": clean}})
+            mask = {"bytes": _read_bytes(path, "mask"), "path": Path(clean).name}
+            out.append({"lesion": lesion, "path": clean, "mask": mask})
         except BadRecordError as e:
             raise e.located(field=f"masks.{lesion}") from None
     return out
@@ -125,7 +131,7 @@ def _prepared_rows(md: ManifestData, report: LoadReport, mode: str | None, max_p
     extras = [c for c in ds.column_names if c not in RECORD_FIELDS and c != "masks"]
     for i, rec in enumerate(tqdm(ds, desc="preparing", disable=not progress, leave=False)):
         try:
-            image = {"bytes": _read_bytes(root / rec["image"], "image"), "path": rec["image"]}
+            image = {"bytes": _read_bytes(root / rec["image"], "image"), "path": Path(rec["image"]).name}
             masks = _record_masks(rec.get("masks"), root, mode, max_pixels)
         except BadRecordError as e:
             man, line = md.locations[i] if md.locations else (None, None)
@@ -135,6 +141,7 @@ def _prepared_rows(md: ManifestData, report: LoadReport, mode: str | None, max_p
         yield dict(
             id=rec["id"],
             image=image,
+            image_path=rec["image"],
             text=rec["text"],
             label=rec["label"],
             labels=rec["labels"],
@@ -357,12 +364,20 @@ class PreparedStream:
         buffer_size: int = 1000,
         rank: int = 0,
         world_size: int = 1,
+        order: Sequence[int] | None = None,
     ) -> datasets.IterableDataset:
-        "This rank's rows as a `datasets.IterableDataset` (call `set_epoch` before each epoch; resumable by `state_dict`)."
+        """This rank's rows as a `datasets.IterableDataset`, resumable by its `state_dict()`. `order`: the shards in this
+        order (default: as written); `shuffle`: `datasets`' shard shuffle and shuffle buffer (`set_epoch` before each
+        epoch; its buffer is not part of the state, so a resumed stream loses the rows it held)."""
+        files = self.files()
+        if order is not None:
+            if sorted(order) != list(range(len(files))):
+                raise ValueError(f"order must be a permutation of the {len(files)} shards, got {list(order)}")
+            files = [files[k] for k in order]
         with _quiet_datasets():
             ds = datasets.load_dataset(
                 "arrow",
-                data_files=self.files(),
+                data_files=files,
                 split="train",
                 streaming=True,
                 features=PREPARED_FEATURES,
@@ -373,6 +388,9 @@ class PreparedStream:
         if world_size > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         return ds
+
+    def __getstate__(self):  # worker processes: without the cached shard
+        return dict(self.__dict__, _shard=(None, None))
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
@@ -443,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=a.overwrite,
             verbose=False,
         )
+    except (FileExistsError, FileNotFoundError) as e:  # a wrong command line: exit 2 with one line
+        print(f"maskedclip-prepare: error: {e}", file=sys.stderr)
+        return int(ExitCode.CONFIG)
     except Exception as e:
         return report_error(e, "maskedclip-prepare")
     print(prepare_summary(info, a.output))

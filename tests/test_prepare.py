@@ -1,0 +1,271 @@
+"""Prepared datasets (issue 19): maskedclip-prepare's shards and report against independent counts and the source files;
+the memory-mapped and streaming loaders against the manifest loader; split_dataset_by_node coverage; streaming resume."""
+
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskedclip.data import (
+    PREPARED_INFO,
+    PreparedStream,
+    StreamingLoader,
+    load_prepared,
+    make_loader,
+    prepare_dataset,
+    write_manifest,
+)
+from maskedclip.data.prepare import main as prepare_main
+from maskedclip.synthetic import build_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    "A synthetic corpus (paired records with lesion masks) and a manifest with three deliberately broken records."
+    root = build_corpus(tmp_path_factory.mktemp("prep") / "corpus", 20, 18, 0, size=32, progress=False)
+    paired = [json.loads(l) for l in (root / "pretrain" / "paired.jsonl").read_text().splitlines()]
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    broken = [
+        dict(paired[0], id="gone", image="images/does-not-exist.png"),
+        dict(paired[1], id="corrupt", image="images/corrupt.png"),
+        dict(paired[2], text="a second record with the id of paired[2]"),
+    ]
+    mixed = paired[:10] + broken + paired[10:]
+    write_manifest(mixed, root / "mixed.jsonl")
+    return root, paired, mixed
+
+
+def _expected_report(rows, root):
+    "An independent count of what must be kept and skipped: PIL opens each file, ids are counted in order."
+    seen, kept, why = set(), [], Counter()
+    for r in rows:
+        if r["id"] in seen:
+            why["duplicate_id"] += 1
+            continue
+        seen.add(r["id"])
+        p = root / r["image"]
+        if not p.exists():
+            why["missing_file"] += 1
+            continue
+        try:
+            with Image.open(p) as im:
+                im.load()
+        except Exception:
+            why["corrupt_image"] += 1
+            continue
+        kept.append(r)
+    return kept, dict(why)
+
+
+def test_prepare_report_and_round_trip(corpus, tmp_path, capsys):
+    root, paired, mixed = corpus
+    out = tmp_path / "prepared"
+    info = prepare_dataset(root / "mixed.jsonl", out, shard_size=4)
+    line = capsys.readouterr().out.strip()
+    kept, why = _expected_report(mixed, root)
+    assert why == {"missing_file": 1, "corrupt_image": 1, "duplicate_id": 1}
+    assert (info["total"], info["kept"], info["skipped_by_reason"]) == (len(mixed), len(kept), why)
+    assert line.count("\n") == 0 and f"{len(mixed)} records, {len(kept)} kept, 3 skipped" in line
+    on_disk = json.loads((out / PREPARED_INFO).read_text())
+    assert on_disk["skipped_by_reason"] == why and {s["reason"] for s in on_disk["skipped"]} == set(why)
+    # shards: ceil(20 / 4) = 5 Arrow files whose row counts are those of the report
+    shards = sorted(p.name for p in out.glob("data-*.arrow"))
+    assert shards == [s["file"] for s in info["shards"]] and len(shards) == 5
+    from datasets import Dataset
+
+    assert [len(Dataset.from_file(str(out / s))) for s in shards] == [s["num_rows"] for s in info["shards"]]
+    # round trip: every column equals the source record and file
+    ds = load_prepared(out).dataset
+    assert ds["id"] == [r["id"] for r in kept]
+    n_masks = 0
+    for row, rec in zip(ds, kept):
+        assert (row["text"], row["label"], row["labels"], row["source"], row["split"]) == (
+            rec["text"],
+            rec["label"],
+            rec["labels"],
+            rec["source"],
+            rec["split"],
+        )
+        assert (
+            row["image"]["bytes"] == (root / rec["image"]).read_bytes() and row["image_path"] == rec["image"]
+        )
+        got = {m["lesion"]: m for m in row["masks"]}
+        assert set(got) == set(rec["masks"])
+        for lesion, rel in rec["masks"].items():
+            assert got[lesion]["mask"]["bytes"] == (root / rel).read_bytes()
+            a = np.asarray(Image.open(io.BytesIO(got[lesion]["mask"]["bytes"])))
+            assert np.array_equal(a, np.asarray(Image.open(root / rel))) and got[lesion]["path"] == rel
+            n_masks += 1
+        extra = json.loads(row["extra"])
+        assert (extra["eye"], extra["index"]) == (rec["eye"], rec["index"])
+    assert n_masks > 0  # the corpus has lesions, so masks were carried
+
+
+def test_prepare_bad_mask_and_cli(corpus, tmp_path, capsys):
+    root, paired, _ = corpus
+    with_mask = next(r for r in paired if r["masks"])
+    lesion = next(iter(with_mask["masks"]))
+    recs = [dict(with_mask, masks={lesion: "masks/none.png"}), paired[3]]
+    write_manifest(recs, root / "badmask.jsonl")
+    assert prepare_main([str(root / "badmask.jsonl"), str(tmp_path / "bm"), "--quiet"]) == 0
+    info = json.loads((tmp_path / "bm" / PREPARED_INFO).read_text())
+    assert info["kept"] == 1 and info["skipped_by_reason"] == {"missing_file": 1}
+    assert f"field 'masks.{lesion}'" in info["skipped"][0]["message"]
+    assert capsys.readouterr().out.count("[maskedclip-prepare]") == 1
+    # an existing output is refused (exit code 2: a command-line error) with one line naming it
+    assert prepare_main([str(root / "badmask.jsonl"), str(tmp_path / "bm")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path / "bm") in err and "overwrite" in err
+
+
+def _run(paired, unpaired, root, epochs=2, bu=3, **kw):
+    L = make_loader(
+        paired,
+        unpaired,
+        root=root,
+        image_size=16,
+        batch_size_paired=4,
+        batch_size_unpaired=bu,
+        verbose=False,
+        **kw,
+    )
+    return [
+        (m["paired_ids"], m["unpaired_ids"], b.paired_images, b.unpaired_images, b.labels)
+        for _ in range(epochs)
+        for b, m in L.iter_with_meta()
+    ]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        x[:2] == y[:2] and all(torch.equal(u, v) for u, v in zip(x[2:], y[2:])) for x, y in zip(a, b)
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    root, _, _ = corpus
+    d = tmp_path_factory.mktemp("prepared")
+    for name, k in (("paired", 5), ("unpaired", 4)):
+        prepare_dataset(root / "pretrain" / f"{name}.jsonl", d / name, root=root, shard_size=k, verbose=False)
+    return d
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_loaders_from_shards_equal_manifest(corpus, prepared, train):
+    root = corpus[0]
+    ref = _run(root / "pretrain" / "paired.jsonl", root / "pretrain" / "unpaired.jsonl", root, train=train)
+    mmap = _run(prepared / "paired", prepared / "unpaired", None, train=train)
+    assert _same(ref, mmap)  # memory-mapped shards: the manifest loader's batches, bit for bit
+    url = (prepared / "unpaired").as_uri()  # file:// URL: the fsspec path
+    stream = _run(prepared / "paired", url, None, train=train, streaming=True)
+    if not train:
+        assert _same(ref, stream)  # no shuffle, one process: the same batches, bit for bit
+    else:  # shuffled: another order (shards + buffer), the same records in every epoch
+        half = len(ref) // 2
+        for ep in (slice(0, half), slice(half, None)):
+            assert sorted(sum((x[1] for x in ref[ep]), [])) == sorted(sum((x[1] for x in stream[ep]), []))
+        assert [x[1] for x in ref] != [x[1] for x in stream]
+
+
+@pytest.mark.parametrize(
+    "shard_size", [3, 4]
+)  # 6 shards (divisible by 2: whole shards) and 5 (row-level split)
+def test_split_by_node_covers_every_record_once(corpus, tmp_path, shard_size):
+    root = corpus[0]
+    prepare_dataset(
+        root / "pretrain" / "unpaired.jsonl", tmp_path / "u", root=root, shard_size=shard_size, verbose=False
+    )
+    st = PreparedStream((tmp_path / "u").as_uri())
+    all_ids = sorted(load_prepared(tmp_path / "u").dataset["id"])
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in (0, 1):
+            it = st.iterable(shuffle=True, seed=5, buffer_size=4, rank=rank, world_size=2)
+            it.set_epoch(epoch)
+            per_rank.append([r["id"] for r in it])
+        assert sorted(per_rank[0] + per_rank[1]) == all_ids  # every record exactly once per epoch
+        assert min(map(len, per_rank)) >= st.rows_per_rank(2)
+    # the loader: both ranks take the same number of steps, disjoint records
+    loaders = [
+        make_loader(
+            None,
+            tmp_path / "u",
+            image_size=8,
+            batch_size_unpaired=2,
+            rank=r,
+            world_size=2,
+            streaming=True,
+            buffer_size=4,
+            verbose=False,
+        )
+        for r in (0, 1)
+    ]
+    ids = [sum((m["unpaired_ids"] for _, m in L.iter_with_meta()), []) for L in loaders]
+    assert len(loaders[0]) == len(loaders[1]) and not set(ids[0]) & set(ids[1])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_streaming_resume(prepared, num_workers):
+    kw = dict(
+        root=None,
+        image_size=16,
+        batch_size_paired=3,
+        batch_size_unpaired=4,
+        verbose=False,
+        streaming=True,
+        buffer_size=5,
+        num_workers=num_workers,
+    )
+    full = make_loader(prepared / "paired", prepared / "unpaired", **kw)
+    ref = [
+        (m["paired_ids"], m["unpaired_ids"], b.unpaired_images)
+        for _ in range(2)
+        for b, m in full.iter_with_meta()
+    ]
+    L = make_loader(prepared / "paired", prepared / "unpaired", **kw)
+    it = L.iter_with_meta()
+    head = [next(it) for _ in range(3)]  # stop mid-epoch 0 (workers have read ahead)
+    state = json.loads(json.dumps(L.state_dict()))  # a checkpoint stores it as JSON-able data
+    del it
+    L.close()
+    assert isinstance(L, StreamingLoader) and (state["epoch"], state["step"]) == (0, 3)
+    R = make_loader(prepared / "paired", prepared / "unpaired", **kw)
+    R.load_state_dict(state)
+    rest = [
+        (m["paired_ids"], m["unpaired_ids"], b.unpaired_images)
+        for _ in range(2)
+        for b, m in R.iter_with_meta()
+    ]
+    got = [(m["paired_ids"], m["unpaired_ids"], b.unpaired_images) for b, m in head] + rest[: len(ref) - 3]
+    assert [g[:2] for g in got] == [r[:2] for r in ref]
+    assert all(torch.equal(g[2], r[2]) for g, r in zip(got, ref))
+    # the same loader object continues where the caller stopped, too (the workers' read-ahead is rewound)
+    again = [(m["paired_ids"], m["unpaired_ids"]) for b, m in L.iter_with_meta()]
+    assert again == [r[:2] for r in ref[3 : len(L)]]
+    with pytest.raises(ValueError, match="world_size"):
+        make_loader(prepared / "paired", prepared / "unpaired", rank=0, world_size=2, **kw).load_state_dict(
+            state, strict=False
+        )
+
+
+def test_prepared_errors(corpus, prepared, tmp_path):
+    root = corpus[0]
+    with pytest.raises(ValueError, match="streaming reads prepared datasets"):
+        make_loader(None, root / "pretrain" / "unpaired.jsonl", root=root, streaming=True, verbose=False)
+    with pytest.raises(ValueError, match="not in the label space"):
+        make_loader(prepared / "paired", None, label_space=["normal"], verbose=False)
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        PreparedStream(tmp_path)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        prepare_dataset(root / "pretrain" / "paired.jsonl", prepared / "paired", root=root, verbose=False)
+    assert Path(prepared / "paired" / PREPARED_INFO).is_file()  # the refused call left it alone
