@@ -617,12 +617,13 @@ class DataConfig(ConfigBase):
     # manifests: image check before step 1; "header" opens each header (size, format), "all" also decodes (truncation),
     # "none" checks nothing; each rank checks its share of the images (D31). Prepared datasets were checked once.
     check_images: Literal["all", "header", "none"] = "header"
-    streaming: bool = (
-        False  # prepared datasets: stream the shards, split across ranks (else memory-mapped; D32)
-    )
-    shuffle_buffer: int = (
-        1000  # streaming: rows permuted together (one window; also the rows re-read on resume)
-    )
+    # prepared datasets: stream the shards across ranks (else memory-mapped; D32)
+    streaming: bool = False
+    # streaming: rows permuted together (one window, also the most rows re-read on resume)
+    shuffle_buffer: int = 1000
+    # streaming: "shards" (each rank reads its own shards) or "rows" (every rank reads all shards and keeps every
+    # world_size-th row: the same global order on any number of ranks, and elastic resume; D32)
+    stream_split: Literal["shards", "rows"] = "shards"
     synthetic_n_paired: int = (
         512  # corpus size when `synthetic` is on (built once under the run's corpus dir)
     )
@@ -651,6 +652,7 @@ class DataConfig(ConfigBase):
         _check_choice(self.on_bad_record, "data.on_bad_record", ("raise", "skip"))
         _check_choice(self.check_images, "data.check_images", ("all", "header", "none"))
         _check_range(self.shuffle_buffer, "data.shuffle_buffer", 1)
+        _check_choice(self.stream_split, "data.stream_split", ("shards", "rows"))
         for f in ("synthetic_n_paired", "synthetic_n_unpaired", "synthetic_n_task"):
             _check_range(getattr(self, f), f"data.{f}", 0)
         _check(

@@ -1307,6 +1307,8 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
     space = _label_space(d)
     check = {"all": True, "header": "header", "none": False}[d.check_images]
     shared = dict(check_shard=(di.rank, di.world_size), all_gather=_gather_objects) if di.distributed else {}
+    if d.streaming:
+        shared["split"] = d.stream_split
     loader = make_loader(
         paired=paired if d.paired_batch_size else None,
         unpaired=unpaired if d.unpaired_batch_size else None,

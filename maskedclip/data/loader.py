@@ -573,97 +573,120 @@ class PairedUnpairedLoader:
         return (e + 1, 0) if s >= self._steps else (e, s)
 
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c01
-class _RowSource:
+class _RowStream:
     """One stream of rows for this rank: epochs of exactly `per_epoch` rows (the same count on every rank, so that DDP
-    ranks take the same number of steps). Shuffled in two levels, both resumable exactly: the shard order is permuted
-    per epoch (then split across ranks by `split_dataset_by_node`), and the rows are permuted within consecutive windows
-    of `buffer_size` rows. The state is the `datasets` stream state at the current window's start and the position in
-    the window: a resumed stream re-reads at most one window."""
+    ranks take the same number of steps), shuffled in two levels that both resume exactly: the shard order is permuted
+    per epoch, and rows are permuted within consecutive windows of `buffer_size` rows.
+
+    `split="shards"`: `split_dataset_by_node` gives each rank its own shards (the order depends on the world size).
+    `split="rows"`: every rank reads the whole epoch order and keeps rows `r, r + W, r + 2W, ...` of it, so the group's
+    order does not depend on the world size `W` (each rank reads all shards but decodes only its own rows).
+    `next()` returns the row, the epoch and the group's position of the row in the epoch."""
 
     def __init__(
-        self,
-        stream: PreparedStream,
-        *,
-        shuffle: bool,
-        seed: int,
-        buffer_size: int,
-        rank: int,
-        world_size: int,
+        self, stream, *, shuffle: bool, seed: int, buffer_size: int, rank: int, world_size: int, split: str
     ):
-        if not isinstance(buffer_size, int) or buffer_size < 1:
-            raise ValueError(f"buffer_size must be an int >= 1, got {buffer_size!r}")
+        if split not in ("shards", "rows"):
+            raise ValueError(f"split must be 'shards' or 'rows', got {split!r}")
+        if not isinstance(buffer_size, int) or buffer_size < max(1, world_size if split == "rows" else 1):
+            raise ValueError(
+                f"buffer_size must be an int >= 1 (>= world_size with split='rows'), got {buffer_size!r}"
+            )
         self.stream, self.shuffle, self.seed, self.buffer_size = stream, shuffle, seed, buffer_size
-        self.rank, self.world_size = rank, world_size
-        self.per_epoch = stream.rows_per_rank(world_size)
+        self.rank, self.world_size, self.split = rank, world_size, split
+        rows = split == "rows"
+        self._stride, self._offset = (
+            (world_size, rank) if rows else (1, 0)
+        )  # stream rows per own row, first own row
+        self.per_epoch = len(stream) // world_size if rows else stream.rows_per_rank(world_size)
         self.epoch, self.taken, self._hf = 0, 0, None
 
-    def _open(self, epoch: int, hf_state=None, window: int = 0) -> None:
-        "Start epoch `epoch`'s stream, at `hf_state` (the start of window number `window`) if given."
-        n = self.stream.num_shards
-        order = np.random.default_rng([self.seed, epoch]).permutation(n).tolist() if self.shuffle else None
-        self._hf = self.stream.iterable(order=order, rank=self.rank, world_size=self.world_size)
+    def _open(self, epoch: int, hf_state=None, window: int = 0, skip: int = 0) -> None:
+        "Start epoch `epoch`'s stream at `hf_state` (the start of window number `window`), `skip` rows before the next own row."
+        order = (
+            np.random.default_rng([self.seed, epoch]).permutation(self.stream.num_shards).tolist()
+            if self.shuffle
+            else None
+        )
+        by_shard = self.split == "shards"
+        self._hf = self.stream.iterable(
+            order=order, rank=self.rank if by_shard else 0, world_size=self.world_size if by_shard else 1
+        )
         if hf_state is not None:
             self._hf.load_state_dict(hf_state)
-        self._it = iter(self._hf)
-        self.epoch, self._start, self._widx, self._rows, self._wpos, self._new = (
-            epoch,
-            hf_state,
-            window,
-            [],
-            0,
-            True,
-        )
+        self._it, self.epoch, self._rows, self._wpos = iter(self._hf), epoch, [], 0
+        self._widx, self._start, self._new, self._skip = window, hf_state, True, skip
 
     def _fill(self) -> None:
         "Read the next window and permute it; remember the stream state at its start."
         if not self._new:  # the previous window is used up: the next one starts where the stream is now
-            self._start, self._widx = self._hf.state_dict(), self._widx + 1
+            self._widx, self._start = self._widx + 1, self._hf.state_dict()
         self._new = False
         rows = list(itertools.islice(self._it, self.buffer_size))
         if self.shuffle:
-            perm = np.random.default_rng([self.seed, self.epoch, self.rank, self._widx]).permutation(
-                len(rows)
-            )
+            rank = self.rank if self.split == "shards" else 0
+            perm = np.random.default_rng([self.seed, self.epoch, rank, self._widx]).permutation(len(rows))
             rows = [rows[i] for i in perm]
         self._rows, self._wpos = rows, 0
 
-    def start_epoch(self, epoch: int) -> None:
-        self._open(int(epoch))
-        self.taken = 0
-
-    def next(self) -> tuple[dict, int, int]:
-        "`(row, epoch, position in the epoch)` of the next row (rolls over to the next epoch after `per_epoch` rows)."
-        if self._hf is None or self.taken >= self.per_epoch:
-            self.start_epoch(self.epoch + (self._hf is not None))
+    def _pull(self) -> dict:
         if self._wpos >= len(self._rows):
             self._fill()
             if not self._rows:
                 raise RuntimeError(
                     f"stream ended after {self.taken} rows of epoch {self.epoch}, expected {self.per_epoch}"
                 )
-        row = dict(self._rows[self._wpos])
-        self._wpos, self.taken = self._wpos + 1, self.taken + 1
+        self._wpos += 1
+        return self._rows[self._wpos - 1]
+
+# %% ../../nbs/01d_data_loader.ipynb #5e7a1c04
+class _RowSource(_RowStream):
+    "`_RowStream` with epochs of `per_epoch` rows of this rank, and its resumable state."
+
+    def start_epoch(self, epoch: int) -> None:
+        self._open(int(epoch), skip=self._offset)
+        self.taken = 0
+
+    def next(self) -> tuple[dict, int, int]:
+        "`(row, epoch, group position in the epoch)` of the next row (a new epoch after `per_epoch` rows)."
+        if self._hf is None or self.taken >= self.per_epoch:
+            self.start_epoch(self.epoch + (self._hf is not None))
+        for _ in range(self._skip):  # the other ranks' rows
+            self._pull()
+        row = dict(self._pull())
+        self.taken, self._skip = self.taken + 1, self._stride - 1
         row.pop("masks", None)  # pre-training does not use them; keep them out of the worker queues
-        return row, self.epoch, self.taken - 1
+        return row, self.epoch, (self.taken - 1) * self._stride + self._offset
 
     def state_dict(self) -> dict:
-        opened = self._hf is not None
-        return dict(
-            epoch=self.epoch,
-            taken=self.taken,
-            opened=opened,
-            window=self._widx if opened else 0,
-            wpos=self._wpos if opened else 0,
-            hf=self._start if opened else None,
-        )
+        """The position of the group (`pos`: rows of the epoch's order the group has taken, the same on every rank at a step
+        boundary), the window holding it and the `datasets` stream state at that window's start."""
+        if self._hf is None:
+            return dict(epoch=self.epoch, pos=0, window=None, hf=None)
+        pos = self.taken * self._stride
+        w = pos // self.buffer_size
+        if w == self._widx:
+            hf = self._start
+        elif w == self._widx + 1:  # windows are read whole: the stream is at the next window's start
+            hf = self._hf.state_dict()
+        else:
+            raise RuntimeError(f"stream state for position {pos} is not at hand (window {self._widx})")
+        return dict(epoch=self.epoch, pos=pos, window=w, hf=hf)
 
     def load_state_dict(self, st: Mapping) -> None:
-        self._hf, self.epoch, self.taken = None, int(st["epoch"]), int(st["taken"])
-        if st["opened"]:
-            self._open(self.epoch, st["hf"], int(st["window"]))
-            if st["wpos"]:
-                self._fill()  # the saved window again, then the position in it
-                self._wpos = int(st["wpos"])
+        "Resume at `st` (saved with any world size for `split='rows'`, the same one for `split='shards'`)."
+        self._hf, self.epoch, self.taken = None, int(st["epoch"]), 0
+        if st["window"] is None:
+            return
+        pos = int(st["pos"])
+        if pos % self._stride:
+            raise ValueError(f"stream position {pos} is not a multiple of the world size {self._stride}")
+        self.taken = pos // self._stride
+        if self.taken >= self.per_epoch:  # the epoch is done: the next row starts the next one
+            self._hf, self.epoch, self.taken = None, self.epoch + 1, 0
+            return
+        w = int(st["window"])
+        self._open(self.epoch, st["hf"], w, skip=pos - w * self.buffer_size + self._offset)
 
 
 class _StreamStepSampler(_StepSampler):
@@ -676,8 +699,10 @@ class _StreamStepSampler(_StepSampler):
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c02
 class StreamingLoader(PairedUnpairedLoader):
     """`PairedUnpairedLoader` over prepared datasets read as streams (`PreparedStream`, D32): each rank reads its own
-    shards (`split_dataset_by_node`), the shard order is permuted per epoch and rows within windows of `buffer_size`,
-    and `state_dict()` holds the `datasets` stream states, so a run resumes where it stopped (same world size).
+    shards (`split_dataset_by_node`; `split="rows"`: every rank reads every shard and keeps every `world_size`-th row,
+    an order that does not depend on the world size), the shard order is permuted per epoch and rows within windows of
+    `buffer_size`, and `state_dict()` holds the `datasets` stream states, so a run resumes where it stopped (with
+    `split="rows"`, also on another number of ranks with the same global batch).
 
     Steps per epoch: the driver stream's (unpaired if any) rows per rank // batch size. Per-sample seeds follow the
     map-style loader's positions, so with `shuffle=False` and one process the batches equal `PairedUnpairedLoader`'s."""
@@ -696,6 +721,7 @@ class StreamingLoader(PairedUnpairedLoader):
         shuffle: bool = True,
         drop_last: bool = True,
         buffer_size: int = 1000,
+        split: str = "shards",
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
@@ -728,8 +754,9 @@ class StreamingLoader(PairedUnpairedLoader):
             buffer_size=buffer_size,
             rank=self.rank,
             world_size=self.world_size,
+            split=split,
         )
-        self._sources = {}
+        self.split, self._sources = split, {}
         if self.paired is not None:
             self._sources["p"] = src(self.paired, self.seed + _PAIRED_SEED_OFFSET)
         if self.unpaired is not None:
@@ -791,29 +818,40 @@ def batch_keys(self: StreamingLoader, epoch: int, step: int) -> list[tuple[str, 
     "The `(stream, row, sample seed)` keys of the next step: rows are read from the streams, so call it in step order."
     if step == 0:
         self._sources[self._driver].start_epoch(epoch)
-    keys = []
+    keys, seed = [], self._stream_seed
     if "p" in self._sources:
         src = self._sources["p"]
         n = self.bp if self._driver == "u" else min(self.bp, src.per_epoch - step * self.bp)
         for _ in range(n):
             row, e, j = src.next()
-            pos = (
-                (0, e * src.per_epoch + j) if self._driver == "u" else (epoch + 1, j)
-            )  # as PairedUnpairedLoader
-            keys.append(("p", row, self._sample_seed(0, *pos)))
+            group_epoch = (
+                src.per_epoch * src._stride
+            )  # as PairedUnpairedLoader (with split="rows": the group's)
+            pos = (0, e * group_epoch + j) if self._driver == "u" else (epoch + 1, j)
+            keys.append(("p", row, seed(0, *pos)))
     if "u" in self._sources:
         src = self._sources["u"]
         for _ in range(min(self.bu, src.per_epoch - step * self.bu)):
             row, e, j = src.next()
-            keys.append(("u", row, self._sample_seed(1, epoch, j)))
+            keys.append(("u", row, seed(1, epoch, j)))
     self._src_g = epoch * self._steps + step + 1
     self._states[self._src_g] = self._source_states()
     return keys
 
 
 @patch
+def _stream_seed(self: StreamingLoader, stream: int, a: int, b: int) -> int:
+    "Per-sample seed at a position: as `PairedUnpairedLoader`'s, without the rank for `split='rows'` (group positions)."
+    r = 0 if self.split == "rows" else self.rank
+    s = np.random.SeedSequence([self.seed, stream, r, a, b]).generate_state(2, dtype=np.uint32)
+    return int(s[0]) << 32 | int(s[1])
+
+
+@patch
 def _config(self: StreamingLoader) -> dict:
-    return dict(PairedUnpairedLoader._config(self), buffer_size=self.buffer_size, streaming=True)
+    return dict(
+        PairedUnpairedLoader._config(self), buffer_size=self.buffer_size, streaming=True, split=self.split
+    )
 
 
 @patch
@@ -828,14 +866,19 @@ def state_dict(self: StreamingLoader) -> dict:
 
 @patch
 def load_state_dict(self: StreamingLoader, state: Mapping, strict: bool = True) -> None:
-    "Resume at `state`'s position: each stream continues from its saved `datasets` state."
+    """Resume at `state`'s position: each stream continues from its saved `datasets` state. With `split="rows"` the state
+    of any rank resumes every rank, on any number of ranks that keeps the global batch sizes (elastic resume)."""
     cfg = self._config()
     diff = {k: (state.get(k), v) for k, v in cfg.items() if state.get(k) != v}
+    glob = lambda d, k: d.get(f"batch_size_{k}", 0) * d.get("world_size", 1)
+    if self.split == "rows" and all(glob(state, k) == glob(cfg, k) for k in ("paired", "unpaired")):
+        for k in ("rank", "world_size", "batch_size_paired", "batch_size_unpaired"):
+            diff.pop(k, None)
     if diff:
         msg = "loader state was saved for another configuration: " + ", ".join(
             f"{k} saved {a!r} != now {b!r}" for k, (a, b) in diff.items()
         )
-        if strict or "streaming" in diff or "world_size" in diff:
+        if strict or {"streaming", "split", "world_size", "rank"} & set(diff):
             raise ValueError(
                 msg + (" (the data order would differ; pass strict=False to accept)" if strict else "")
             )

@@ -24,7 +24,7 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 
-from ..config import ExitCode, report_error
+from ..config import DataError, ExitCode, report_error
 from maskedclip.data.manifest import (
     LoadReport,
     ManifestData,
@@ -208,7 +208,10 @@ def prepare_dataset(
         writer.finalize()
         report.kept = n
         if n == 0:
-            raise ValueError(f"{source}: no record passed validation\n{report.summary()}")
+            raise DataError(
+                f"{source}: no record passed validation ({report.total} records, skipped by reason: "
+                f"{report.by_reason()}); first: {report.skipped[0].message if report.skipped else '-'}"
+            )
         k = math.ceil(n / shard_size)
         with _quiet_datasets():
             ds = datasets.Dataset.from_file(str(work / "rows.arrow"))
