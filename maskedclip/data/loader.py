@@ -111,7 +111,7 @@ class _ImageRecords(TorchDataset):
             max_retries,
         )
         self.locations = records.locations if isinstance(records, ManifestData) else None
-        self.label_values = getattr(records, "label_values", None)
+        self._source = records  # ManifestData / PreparedData / PreparedStream know their label values
 
     def __len__(self) -> int:
         return len(self.records)
@@ -204,8 +204,8 @@ class ImageTextDataset(_ImageRecords):
         **kw,
     ):
         super().__init__(records, root, transform, **kw)
-        if label_map is None and self.label_values is not None:
-            label_map = self.label_values
+        if label_map is None and hasattr(self._source, "label_values"):
+            label_map = self._source.label_values
         if label_map is None:
             vals = {l for l in self.records["label"] if l is not None}
             for ls in self.records["labels"]:

@@ -313,7 +313,7 @@ def _validate_rows(
     `check_shard=(rank, world_size)`: this process checks the images of every `world_size`-th row only and
     `all_gather(local_errors) -> [errors of rank 0, rank 1, ...]` shares what each rank found, so every rank keeps
     the same rows after checking `1/world_size` of the images (D31)."""
-    seen, cheap, errors = {}, [], {}
+    seen, cheap, errors, paths = {}, [], {}, {}
 
     def fail(i, err):
         if on_bad_record == "raise":
@@ -324,7 +324,12 @@ def _validate_rows(
         rid = row.get("id") if isinstance(row, Mapping) else None
         try:
             rec = validate_record(
-                row, root, label_space=label_space, require_text=require_text, check_images=False
+                row,
+                root,
+                label_space=label_space,
+                require_text=require_text,
+                check_images=False,
+                _paths=paths,
             )
             if rec["id"] in seen:
                 raise BadRecordError(

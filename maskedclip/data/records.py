@@ -303,28 +303,39 @@ def _image_check_mode(check_images) -> str | None:
     raise ValueError(f"check_images must be True/False or 'header'|'verify'|'decode', got {check_images!r}")
 
 
-def resolve_image_path(image: str, root) -> tuple[Path, str]:
+def resolve_image_path(image: str, root, _cache: dict | None = None) -> tuple[Path, str]:
     """`(absolute path, clean relative POSIX path)` of `image` under `root`; `BadRecordError`
-    (`path_escapes_root`) if it leaves the root lexically or through a symlink."""
-    root_abs = Path(os.path.abspath(root))
-    p = Path(image)
-    lex = Path(os.path.normpath(p if p.is_absolute() else root_abs / p))
-    if not lex.is_relative_to(root_abs) or lex == root_abs:
+    (`path_escapes_root`) if it leaves the root lexically or through a symlink. `_cache`: a dict shared by the calls
+    of one manifest load (the root and each directory are resolved once; each file costs one `lstat`)."""
+    cache = {} if _cache is None else _cache
+    key = ("root", str(root))
+    if key not in cache:
+        a = os.path.abspath(root)
+        cache[key] = (a, os.path.realpath(a), a.rstrip(os.sep) + os.sep)
+    root_abs, real_root, prefix = cache[key]
+    lex = os.path.normpath(image if os.path.isabs(image) else os.path.join(root_abs, image))
+    if not lex.startswith(prefix):
         raise BadRecordError(
             f"image path {image!r} escapes the data root {root_abs}",
             reason="path_escapes_root",
             field="image",
-            file=lex,
+            file=Path(lex),
         )
-    real, real_root = Path(os.path.realpath(lex)), Path(os.path.realpath(root_abs))
-    if not real.is_relative_to(real_root):
+    d, name = os.path.split(lex)
+    real_dir = cache.get(d)
+    if real_dir is None:
+        real_dir = cache[d] = os.path.realpath(d)
+    real = os.path.join(real_dir, name)
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
         raise BadRecordError(
             f"image path {image!r} resolves (through a symlink) to {real}, outside the data root {real_root}",
             reason="path_escapes_root",
             field="image",
-            file=lex,
+            file=Path(lex),
         )
-    return lex, lex.relative_to(root_abs).as_posix()
+    return Path(lex), lex[len(prefix) :].replace(os.sep, "/")
 
 
 def _opt_str(v, name: str, rid, numbers_ok: bool = False) -> str | None:
@@ -380,12 +391,14 @@ def validate_record(
     require_text: bool = False,
     check_images=True,
     max_pixels: int = MAX_PIXELS,
+    _paths: dict | None = None,
 ) -> Record:
     """Check one record against the contract and return it normalised (extra keys kept).
 
     `root`: data root the image path is relative to (`None`: no containment check, path used as given).
     `require_text`: the record is paired, so empty/missing text is an error. `check_images`: True/'verify',
-    'header', 'decode' or False (see `check_image`). Raises `BadRecordError` naming the field."""
+    'header', 'decode' or False (see `check_image`). Raises `BadRecordError` naming the field. `_paths`: a cache
+    shared by the records of one manifest (see `resolve_image_path`)."""
     if not isinstance(record, Mapping):
         raise BadRecordError(
             f"a record must be a JSON object, got {type(record).__name__}", reason="malformed_row"
@@ -447,7 +460,7 @@ def validate_record(
         path, out["image"] = Path(image), image
     else:
         try:
-            path, out["image"] = resolve_image_path(image, root)
+            path, out["image"] = resolve_image_path(image, root, _paths)
         except BadRecordError as e:
             raise e.located(record_id=rid) from None
     mode = _image_check_mode(check_images)
