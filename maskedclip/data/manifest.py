@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
 from maskedclip.data.records import (
@@ -174,9 +176,11 @@ def _extras_from_rows(rows: list[dict]) -> datasets.Dataset | None:
 def _assemble(
     normalized: list[dict], extras: datasets.Dataset | None, report: LoadReport
 ) -> datasets.Dataset:
-    contract = datasets.Dataset.from_dict(
-        {f: [r.get(f) for r in normalized] for f in RECORD_FIELDS}, features=CONTRACT_FEATURES
+    # validated values are plain strings / lists of strings: built by pyarrow (not encoded value by value)
+    table = pa.Table.from_pydict(
+        {f: [r.get(f) for r in normalized] for f in RECORD_FIELDS}, schema=CONTRACT_FEATURES.arrow_schema
     )
+    contract = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=CONTRACT_FEATURES))
     ds = (
         contract
         if extras is None or not extras.column_names
@@ -275,7 +279,9 @@ def _manifest_format(path: Path) -> str:
 def _check_many(
     paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool
 ) -> Iterator[BadRecordError | tuple[int, int]]:
-    "Image checks on a thread pool (PIL releases the GIL while decoding), yielded in input order: the error or the `(w, h)`."
+    """Image checks, yielded in input order: the error or the `(w, h)`. 'header' runs in this thread (pure Python: a
+    thread pool only adds overhead); 'verify'/'decode' run on a thread pool (PIL releases the GIL while decoding), in
+    chunks of 256 images so that the pool's per-task cost stays small next to the checks."""
 
     def one(p):
         try:
@@ -283,12 +289,22 @@ def _check_many(
         except BadRecordError as e:
             return e
 
+    bar = tqdm(total=len(paths), desc="checking images", disable=not progress, leave=False)
     n = num_threads or min(8, os.cpu_count() or 1)
-    ex = ThreadPoolExecutor(max_workers=max(1, n))
+    if mode == "header" or n <= 1:
+        for p in paths:
+            yield one(p)
+            bar.update()
+        bar.close()
+        return
+    chunks = [paths[k : k + 256] for k in range(0, len(paths), 256)]
+    ex = ThreadPoolExecutor(max_workers=n)
     try:
-        it = ex.map(one, paths)
-        yield from tqdm(it, total=len(paths), desc="checking images", disable=not progress, leave=False)
+        for res in ex.map(lambda ps: [one(p) for p in ps], chunks):
+            yield from res
+            bar.update(len(res))
     finally:
+        bar.close()
         ex.shutdown(wait=True, cancel_futures=True)
 
 # %% ../../nbs/01b_data_manifest.ipynb #8ea369f9
@@ -459,7 +475,9 @@ def load_manifest(
         report.add(e)
     report.skipped.sort(key=lambda s: (len(s.where), s.where))
     extras, table = None, None
-    if not bad and rows:
+    if (
+        not bad and rows and any(k not in RECORD_FIELDS for r in rows for k in r)
+    ):  # extra columns: typed by datasets
         try:
             table = _hf_read(fmt, path, cache_dir, header)
             if len(table) != len(rows):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -162,11 +163,13 @@ def _decode_error(e: BaseException, path, what: str) -> BadRecordError:
 def _open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     "Open the header of `path` (no pixel decoding) with clear errors; refuse images above `max_pixels`."
     p = Path(path)
-    if not p.exists():
-        raise MissingImageError("image file not found", reason="missing_file", file=p)
-    if p.is_dir():
+    try:
+        st = os.stat(p)  # one system call for existence, kind and size
+    except (FileNotFoundError, NotADirectoryError):
+        raise MissingImageError("image file not found", reason="missing_file", file=p) from None
+    if stat.S_ISDIR(st.st_mode):
         raise MissingImageError("expected an image file, found a directory", reason="missing_file", file=p)
-    if p.stat().st_size == 0:
+    if st.st_size == 0:
         raise BadRecordError("zero-byte image file", reason="empty_file", file=p)
     return _open_pil(p, p, max_pixels)
 
