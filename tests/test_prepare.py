@@ -377,3 +377,23 @@ def test_pretrain_from_shards_equals_manifest(corpus64, tmp_path):
         tmp_path / "t", (root / "paired-prepared").as_uri(), root / "unpaired-prepared", streaming=True
     )
     assert len(st) == 3 and all(np.isfinite(r["loss"]) for r in st)
+
+
+def test_prepare_adapter_output(tmp_path, capsys):
+    "An adapter's records (retina_cataract's class folders) through the CLI: labels from the folders, one broken image."
+    r = tmp_path / "cataractdataset" / "dataset"
+    want = {}
+    for folder, label in (("1_normal", "normal"), ("2_cataract", "cataract"), ("2_glaucoma", "glaucoma")):
+        (r / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (20, 20), (40 * i, 90, 30)).save(r / folder / f"{folder}_{i}.png")
+            want[f"{folder}_{i}"] = label
+    (r / "1_normal" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "prepared"
+    code = prepare_main(
+        [str(tmp_path / "cataractdataset"), str(out), "--adapter", "retina_cataract", "--quiet"]
+    )
+    assert code == 0 and "7 records, 6 kept, 1 skipped (corrupt_image 1)" in capsys.readouterr().out
+    ds = load_prepared(out).dataset
+    assert {Path(p).stem: l for p, l in zip(ds["image_path"], ds["label"])} == want
+    assert set(ds["source"]) == {"retina_cataract"}
