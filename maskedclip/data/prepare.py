@@ -129,7 +129,8 @@ def _prepared_rows(md: ManifestData, report: LoadReport, mode: str | None, max_p
     "The kept records of `md` as `PREPARED_FEATURES` rows (image and mask bytes read once); bad masks are reported."
     ds, root = md.dataset, Path(md.root)
     extras = [c for c in ds.column_names if c not in RECORD_FIELDS and c != "masks"]
-    for i, rec in enumerate(tqdm(ds, desc="preparing", disable=not progress, leave=False)):
+    bar = tqdm(total=len(ds), desc="preparing", disable=not progress, leave=False)
+    for i, rec in enumerate(_iter_rows(ds, bar)):
         try:
             image = {"bytes": _read_bytes(root / rec["image"], "image"), "path": Path(rec["image"]).name}
             masks = _record_masks(rec.get("masks"), root, mode, max_pixels)
@@ -149,6 +150,25 @@ def _prepared_rows(md: ManifestData, report: LoadReport, mode: str | None, max_p
             split=rec["split"],
             masks=masks,
             extra=json.dumps(extra, ensure_ascii=False, default=str) if extra else None,
+        )
+
+
+def _iter_rows(ds: datasets.Dataset, bar, batch: int = 1000):
+    "The rows of `ds` read a batch of columns at a time (much faster than row by row)."
+    for cols in ds.iter(batch_size=batch):
+        n = len(cols["id"])
+        yield from ({k: v[j] for k, v in cols.items()} for j in range(n))
+        bar.update(n)
+    bar.close()
+
+
+def _write_rows(writer: ArrowWriter, rows, batch: int = 256) -> None:
+    "Write `PREPARED_FEATURES` rows as Arrow tables of `batch` rows (the values are already in storage form)."
+    schema = PREPARED_FEATURES.arrow_schema
+    for k in range(0, len(rows), batch):
+        part = rows[k : k + batch]
+        writer.write_table(
+            pa.Table.from_pydict({c: [r[c] for r in part] for c in PREPARED_FEATURES}, schema=schema)
         )
 
 
@@ -200,11 +220,15 @@ def prepare_dataset(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         writer = ArrowWriter(features=PREPARED_FEATURES, path=str(work / "rows.arrow"), writer_batch_size=100)
-        n, labels = 0, set()
+        n, labels, pending = 0, set(), []
         for row in _prepared_rows(md, report, mode, max_pixels, verbose and len(md) >= 2000):
-            writer.write(PREPARED_FEATURES.encode_example(row))
+            pending.append(row)
             labels.update([row["label"], *(row["labels"] or ())])
             n += 1
+            if len(pending) == 1024:
+                _write_rows(writer, pending)
+                pending = []
+        _write_rows(writer, pending)
         writer.finalize()
         report.kept = n
         if n == 0:
