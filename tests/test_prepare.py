@@ -165,7 +165,7 @@ def prepared(corpus, tmp_path_factory):
 def test_loaders_from_shards_equal_manifest(corpus, prepared, train):
     root = corpus[0]
     ref = _run(root / "pretrain" / "paired.jsonl", root / "pretrain" / "unpaired.jsonl", root, train=train)
-    mmap = _run(prepared / "paired", prepared / "unpaired", None, train=train)
+    mmap = _run(prepared / "paired", (prepared / "unpaired").as_uri(), None, train=train)
     assert _same(ref, mmap)  # memory-mapped shards: the manifest loader's batches, bit for bit
     url = (prepared / "unpaired").as_uri()  # file:// URL: the fsspec path
     stream = _run(prepared / "paired", url, None, train=train, streaming=True)
