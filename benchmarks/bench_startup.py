@@ -85,6 +85,27 @@ def child(cfg: dict) -> dict:
         )
         out.update(seconds=round(time.perf_counter() - t0, 3), kept=info["kept"], shards=len(info["shards"]))
         return out
+    if cfg["kind"] == "trainer":  # the real thing: Trainer construction (model, loader) to the end of step 1
+        from maskedclip.config import DataConfig, ExperimentConfig, TrainConfig, get_preset
+        from maskedclip.train import Trainer
+
+        src = cfg["prepared"] if cfg["source"] == "prepared" else cfg["manifest"]
+        data = dict(
+            unpaired=src,
+            paired_batch_size=0,
+            unpaired_batch_size=BATCH,
+            check_images=cfg.get("check", "header"),
+        )
+        ec = ExperimentConfig(
+            model=get_preset("tiny", "mae"),
+            data=DataConfig(**data),
+            train=TrainConfig(output_dir=cfg["out"], steps=2, save_every=0, diag_every=0),
+        )
+        tr = Trainer(ec, progress=False)
+        t1 = time.perf_counter()
+        tr.fit(until=1)
+        out.update(build_s=round(t1 - t0, 3), first_step_s=round(time.perf_counter() - t0, 3))
+        return out
     kw = dict(image_size=16, batch_size_unpaired=BATCH, verbose=False)
     if cfg["kind"] == "manifest":
         kw["check_images"] = {"all": True, "header": "header", "none": False}[cfg["check"]]
@@ -141,6 +162,8 @@ def plan(
         dict(kind="prepare", n=n, manifest=m, prepared=p, shard_size=shard_size),
         dict(kind="shards", n=n, prepared=p),
         dict(kind="stream", n=n, prepared=p, world=2, split="shards"),
+        dict(kind="trainer", source="manifest", check="header", n=n, manifest=m, out=f"{p}-run-m"),
+        dict(kind="trainer", source="prepared", n=n, prepared=p, out=f"{p}-run-p"),
     ]
     if batches:  # throughput after the first batch: files (no check) vs memory-mapped shards vs stream
         rows += [
@@ -153,6 +176,8 @@ def plan(
 
 def label(r: dict) -> str:
     k = r["kind"]
+    if k == "trainer":
+        return f"Trainer to the end of step 1 ({r['source']}{', check_images=' + r['check'] if r.get('check') else ''})"
     if k == "manifest":
         return f"manifest, check_images={r['check']}" + (
             f", rank 0 of {r['world']}" if r.get("world") else ""
@@ -166,13 +191,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     sizes = sorted({r["n"] for r in rows if "n" in r})
     start = [r for r in rows if "batches" not in r and r.get("kind") not in (None, "prepare")]
     names = list(dict.fromkeys(label(r) for r in start))
-    cell = lambda r: "error" if "error" in r else f"{r['first_batch_s']:.2f}"
+    first = lambda r: r["first_step_s"] if r["kind"] == "trainer" else r["first_batch_s"]
+    cell = lambda r: "error" if "error" in r else f"{first(r):.2f}"
     out = [
         "# Start-up: time to the first batch, one rank (issue 19)",
         "",
         f"Machine: {meta['cpus']} CPUs ({meta['machine']}), torch {meta['torch']}, datasets {meta['datasets']}; "
         f"tiny 16x16 PNG records (hard links to {POOL} images), batch {BATCH}, image size 16, warm page cache. "
-        "Seconds from `make_loader` to the first batch in a fresh process (the data side of the first training step).",
+        "Seconds from `make_loader` to the first batch in a fresh process (the data side of the first training step); "
+        "Trainer rows: from `Trainer(...)` (tiny MAE model, unpaired data, batch 64 at 64 px) to the end of step 1.",
         "",
         "| configuration | " + " | ".join(f"{n:,} records" for n in sizes) + " | growth 10x -> 10x |",
         "|---|" + "---:|" * len(sizes) + "---|",
@@ -180,7 +207,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for name in names:
         by = {r["n"]: r for r in start if label(r) == name}
         vals = [cell(by[n]) if n in by else "-" for n in sizes]
-        ok = [by[n]["first_batch_s"] for n in sizes if n in by and "error" not in by[n]]
+        ok = [first(by[n]) for n in sizes if n in by and "error" not in by[n]]
         growth = " / ".join(f"{b / a:.1f}x" for a, b in zip(ok, ok[1:]) if a > 0) or "-"
         out.append(f"| {name} | " + " | ".join(vals) + f" | {growth} |")
     prep = {r["n"]: r for r in rows if r.get("kind") == "prepare"}
@@ -262,7 +289,7 @@ def main(argv=None):
             a.batches if n == min(a.sizes) else 0,
         ):
             r = run_child(cfg)
-            r = {k: v for k, v in r.items() if k not in ("manifest", "prepared")}
+            r = {k: v for k, v in r.items() if k not in ("manifest", "prepared", "out")}
             print(json.dumps(r), flush=True)
             rows.append(r)
         if not a.keep:

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data import Dataset as TorchDataset
 
+from ..config import DataError
 from .manifest import ManifestData, load_imagefolder, load_manifest
 from .prepare import PreparedData, PreparedStream, is_prepared, load_prepared
 from .records import MAX_PIXELS, BadRecordError, Batch, _preview, load_image, load_image_bytes
@@ -902,7 +903,7 @@ def _as_manifest(m, root, streaming: bool = False, storage_options=None, **kw):
         space = kw.get("label_space")
         extra = sorted(set(out.label_values) - set(space)) if space is not None else []
         if extra:
-            raise ValueError(
+            raise DataError(
                 f"{m}: labels {extra} are not in the label space; prepare it with --label-space to skip those records"
             )
         return out
