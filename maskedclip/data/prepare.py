@@ -104,8 +104,13 @@ def _record_masks(masks, root: Path, mode: str | None, max_pixels: int) -> list[
     "`[{lesion, path, mask: {bytes, path}}]` of a record's `masks` (lesion -> path under `root`), each mask file checked."
     if masks is None:
         return []
-    if isinstance(masks, str):
-        masks = json.loads(masks) if masks.strip() else {}
+    if isinstance(masks, str):  # an extra column kept as JSON text
+        try:
+            masks = json.loads(masks) if masks.strip() else {}
+        except ValueError:
+            raise BadRecordError(
+                f"masks is not JSON: {masks[:80]!r}", reason="bad_value", field="masks"
+            ) from None
     if not isinstance(masks, Mapping):
         raise BadRecordError(
             f"masks must map lesion -> mask path, got {masks!r}", reason="bad_value", field="masks"
