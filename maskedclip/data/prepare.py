@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -19,9 +20,11 @@ from typing import Iterable, Mapping, Sequence
 
 import datasets
 import fsspec
+import numpy as np
 import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 from datasets.distributed import split_dataset_by_node
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import DataError, ExitCode, report_error
@@ -44,7 +47,7 @@ from maskedclip.data.records import (
 
 # %% auto #0
 __all__ = ['PREPARED_INFO', 'PREPARED_FEATURES', 'prepare_dataset', 'prepare_summary', 'is_prepared', 'read_prepared_info',
-           'PreparedData', 'load_prepared', 'PreparedStream', 'main']
+           'PreparedData', 'load_prepared', 'prepared_masks', 'PreparedStream', 'main']
 
 # %% ../../nbs/01f_data_prepare.ipynb #b8518c27
 PREPARED_INFO = (
@@ -348,6 +351,15 @@ def load_prepared(path, storage_options=None) -> PreparedData:
     if len(ds) != info["num_rows"]:
         raise ValueError(f"{path}: {len(ds)} rows on disk but {PREPARED_INFO} says {info['num_rows']}")
     return PreparedData(ds, info, str(path))
+
+
+def prepared_masks(row: Mapping) -> dict[str, np.ndarray]:
+    "A prepared row's lesion masks as boolean `(H, W)` arrays, read as `maskedclip.segmentation` reads mask files."
+    out = {}
+    for m in row.get("masks") or ():
+        with Image.open(io.BytesIO(m["mask"]["bytes"])) as im:
+            out[m["lesion"]] = np.array(im.convert("L")) > 0
+    return out
 
 # %% ../../nbs/01f_data_prepare.ipynb #36a7da8e
 class PreparedStream:
