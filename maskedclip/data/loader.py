@@ -580,26 +580,35 @@ class _RowStream:
     per epoch, and rows are permuted within consecutive windows of `buffer_size` rows.
 
     `split="shards"`: `split_dataset_by_node` gives each rank its own shards (the order depends on the world size).
-    `split="rows"`: every rank reads the whole epoch order and keeps rows `r, r + W, r + 2W, ...` of it, so the group's
-    order does not depend on the world size `W` (each rank reads all shards but decodes only its own rows).
+    `split="rows"`: every rank reads the whole epoch order, cut into groups of `block * W` rows (one global batch), and
+    keeps its contiguous `block` of each group (rank `r`: rows `r * block` to `(r + 1) * block - 1`), so the ranks'
+    batches, concatenated in rank order, are the one-process batch on any number of ranks `W` (each rank reads all
+    shards but decodes only its own rows).
     `next()` returns the row, the epoch and the group's position of the row in the epoch."""
 
     def __init__(
-        self, stream, *, shuffle: bool, seed: int, buffer_size: int, rank: int, world_size: int, split: str
+        self,
+        stream,
+        *,
+        shuffle: bool,
+        seed: int,
+        buffer_size: int,
+        rank: int,
+        world_size: int,
+        split: str,
+        block: int = 1,
     ):
         if split not in ("shards", "rows"):
             raise ValueError(f"split must be 'shards' or 'rows', got {split!r}")
-        if not isinstance(buffer_size, int) or buffer_size < max(1, world_size if split == "rows" else 1):
-            raise ValueError(
-                f"buffer_size must be an int >= 1 (>= world_size with split='rows'), got {buffer_size!r}"
-            )
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be an int >= 1, got {buffer_size!r}")
         self.stream, self.shuffle, self.seed, self.buffer_size = stream, shuffle, seed, buffer_size
         self.rank, self.world_size, self.split = rank, world_size, split
         rows = split == "rows"
-        self._stride, self._offset = (
-            (world_size, rank) if rows else (1, 0)
-        )  # stream rows per own row, first own row
-        self.per_epoch = len(stream) // world_size if rows else stream.rows_per_rank(world_size)
+        # stream rows per own row, own rows per group, rows before this rank's block in a group
+        self._stride, self._block, self._offset = (world_size, block, rank * block) if rows else (1, 1, 0)
+        group = self._block * self._stride
+        self.per_epoch = (len(stream) // group) * self._block if rows else stream.rows_per_rank(world_size)
         self.epoch, self.taken, self._hf = 0, 0, None
 
     def _open(self, epoch: int, hf_state=None, window: int = 0, skip: int = 0) -> None:
@@ -652,18 +661,32 @@ class _RowSource(_RowStream):
         "`(row, epoch, group position in the epoch)` of the next row (a new epoch after `per_epoch` rows)."
         if self._hf is None or self.taken >= self.per_epoch:
             self.start_epoch(self.epoch + (self._hf is not None))
-        for _ in range(self._skip):  # the other ranks' rows
+        for _ in range(self._skip):  # the other ranks' rows before this rank's block
             self._pull()
-        row = dict(self._pull())
-        self.taken, self._skip = self.taken + 1, self._stride - 1
+        row, k = dict(self._pull()), self.taken
+        self.taken, self._skip = k + 1, 0
+        if (
+            self._stride > 1 and self.taken % self._block == 0
+        ):  # block done: to the next group's start, then ours
+            for _ in range((self._stride - 1) * self._block - self._offset):
+                self._pull()
+            self._skip = self._offset
         row.pop("masks", None)  # pre-training does not use them; keep them out of the worker queues
-        return row, self.epoch, (self.taken - 1) * self._stride + self._offset
+        return (
+            row,
+            self.epoch,
+            (k // self._block) * self._block * self._stride + self._offset + k % self._block,
+        )
 
     def state_dict(self) -> dict:
         """The position of the group (`pos`: rows of the epoch's order the group has taken, the same on every rank at a step
         boundary), the window holding it and the `datasets` stream state at that window's start."""
         if self._hf is None:
             return dict(epoch=self.epoch, pos=0, window=None, hf=None)
+        if self.taken % self._block:
+            raise RuntimeError(
+                f"stream state asked in the middle of a block ({self.taken} rows of {self._block})"
+            )
         pos = self.taken * self._stride
         w = pos // self.buffer_size
         if w == self._widx:
@@ -680,8 +703,10 @@ class _RowSource(_RowStream):
         if st["window"] is None:
             return
         pos = int(st["pos"])
-        if pos % self._stride:
-            raise ValueError(f"stream position {pos} is not a multiple of the world size {self._stride}")
+        if pos % (self._stride * self._block):
+            raise ValueError(
+                f"stream position {pos} is not a multiple of the global batch {self._stride * self._block}"
+            )
         self.taken = pos // self._stride
         if self.taken >= self.per_epoch:  # the epoch is done: the next row starts the next one
             self._hf, self.epoch, self.taken = None, self.epoch + 1, 0
@@ -700,8 +725,8 @@ class _StreamStepSampler(_StepSampler):
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c02
 class StreamingLoader(PairedUnpairedLoader):
     """`PairedUnpairedLoader` over prepared datasets read as streams (`PreparedStream`, D32): each rank reads its own
-    shards (`split_dataset_by_node`; `split="rows"`: every rank reads every shard and keeps every `world_size`-th row,
-    an order that does not depend on the world size), the shard order is permuted per epoch and rows within windows of
+    shards (`split_dataset_by_node`; `split="rows"`: every rank reads every shard and keeps its block of each global
+    batch, an order that does not depend on the world size), the shard order is permuted per epoch and rows within windows of
     `buffer_size`, and `state_dict()` holds the `datasets` stream states, so a run resumes where it stopped (with
     `split="rows"`, also on another number of ranks with the same global batch).
 
@@ -748,7 +773,7 @@ class StreamingLoader(PairedUnpairedLoader):
             pin_memory,
             buffer_size,
         )
-        src = lambda ds, s: _RowSource(
+        src = lambda ds, s, b: _RowSource(
             ds.records,
             shuffle=shuffle,
             seed=s,
@@ -756,12 +781,13 @@ class StreamingLoader(PairedUnpairedLoader):
             rank=self.rank,
             world_size=self.world_size,
             split=split,
+            block=b,
         )
         self.split, self._sources = split, {}
         if self.paired is not None:
-            self._sources["p"] = src(self.paired, self.seed + _PAIRED_SEED_OFFSET)
+            self._sources["p"] = src(self.paired, self.seed + _PAIRED_SEED_OFFSET, bp)
         if self.unpaired is not None:
-            self._sources["u"] = src(self.unpaired, self.seed)
+            self._sources["u"] = src(self.unpaired, self.seed, bu)
         self._driver = "u" if self.unpaired is not None else "p"
         shard, b = self._sources[self._driver].per_epoch, (bu if self._driver == "u" else bp)
         self._steps = shard // b if drop_last else math.ceil(shard / b)
