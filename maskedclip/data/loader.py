@@ -543,9 +543,12 @@ class PairedUnpairedLoader:
         )
 
     def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
-        "Resume at `state`'s position; with `strict`, refuse a state saved for another configuration."
+        """Resume at `state`'s position; with `strict`, refuse a state saved for another configuration. The position is
+        the same on every rank (each derives its shard from its rank), so rank 0's state resumes every rank."""
         cfg = self._config()
-        diff = {k: (state.get(k), cfg[k]) for k in self._CONFIG_KEYS if state.get(k) != cfg[k]}
+        diff = {
+            k: (state.get(k), cfg[k]) for k in self._CONFIG_KEYS if k != "rank" and state.get(k) != cfg[k]
+        }
         if diff:
             msg = "loader state was saved for another configuration: " + ", ".join(
                 f"{k} saved {a!r} != now {b!r}" for k, (a, b) in diff.items()
