@@ -2,9 +2,12 @@
 
 A script, not a test. It writes a small synthetic corpus (fundus-like discs on a black frame, JPEG) to a temporary
 folder, then times full passes of the two-stream loader for each `--workers` value, with and without JPEG draft
-decoding (`decode_size`). One JSON line per configuration on stdout (and appended to `--out` if given).
+decoding (`decode_size`), for each `--sources` entry: `files` (the manifests), `shards` (`maskedclip-prepare`
+outputs, memory-mapped) and `stream` (the same read as streams). One JSON line per configuration on stdout (and
+appended to `--out` if given).
 
     python benchmarks/bench_loader.py --images 96 --width 2048 --height 1536 --size 224 --workers 0 1 2
+    python benchmarks/bench_loader.py --sources files shards stream --workers 0 --decode-size 0
 """
 
 import argparse
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskedclip.data import make_loader, write_manifest
+from maskedclip.data import make_loader, prepare_dataset, write_manifest
 
 
 def fundus_like(w: int, h: int, seed: int) -> Image.Image:
@@ -60,7 +63,9 @@ def tokenize(texts):
     )
 
 
-def bench(paired, unpaired, workers: int, size: int, batch: int, epochs: int, decode_size) -> dict:
+def bench(
+    paired, unpaired, workers: int, size: int, batch: int, epochs: int, decode_size, source: str = "files"
+) -> dict:
     L = make_loader(
         paired,
         unpaired,
@@ -72,6 +77,7 @@ def bench(paired, unpaired, workers: int, size: int, batch: int, epochs: int, de
         decode_size=decode_size,
         check_images=False,
         verbose=False,
+        streaming=source == "stream",
     )
     with L:
         it = iter(L)
@@ -84,6 +90,7 @@ def bench(paired, unpaired, workers: int, size: int, batch: int, epochs: int, de
         dt = time.perf_counter() - t0
     return dict(
         bench="loader",
+        source=source,
         workers=workers,
         size=size,
         batch_paired=batch,
@@ -108,6 +115,13 @@ def main(argv=None):
     ap.add_argument(
         "--decode-size", type=int, nargs="+", default=[0, 448], help="JPEG draft size (0 = full decode)"
     )
+    ap.add_argument(
+        "--sources",
+        nargs="+",
+        default=["files"],
+        choices=["files", "shards", "stream"],
+        help="read the manifests' files, the prepared shards memory-mapped, or the shards as streams",
+    )
     ap.add_argument("--root", type=Path, default=None, help="corpus folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
     a = ap.parse_args(argv)
@@ -128,11 +142,22 @@ def main(argv=None):
         )
         print(json.dumps(meta), flush=True)
         rows = [meta]
-        for ds in a.decode_size:
-            for w in a.workers:
-                r = bench(paired, unpaired, w, a.size, a.batch, a.epochs, ds or None)
-                print(json.dumps(r), flush=True)
-                rows.append(r)
+        inputs = {"files": (paired, unpaired)}
+        if {"shards", "stream"} & set(a.sources):
+            t = time.perf_counter()
+            prepared = []
+            for m in (paired, unpaired):
+                prepare_dataset(m, root / f"prepared-{m.stem}", shard_size=16, verbose=False)
+                prepared.append(root / f"prepared-{m.stem}")
+            inputs["shards"] = inputs["stream"] = tuple(prepared)
+            meta["prepare_s"] = round(time.perf_counter() - t, 2)
+            print(json.dumps(dict(bench="loader-prepare", seconds=meta["prepare_s"])), flush=True)
+        for src in a.sources:
+            for ds in a.decode_size:
+                for w in a.workers:
+                    r = bench(*inputs[src], w, a.size, a.batch, a.epochs, ds or None, source=src)
+                    print(json.dumps(r), flush=True)
+                    rows.append(r)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         with open(a.out, "a") as f:

@@ -602,8 +602,10 @@ PRESETS = ("paper", "mlip", "tiny", "demo")
 class DataConfig(ConfigBase):
     "Where the two streams come from and how they are batched and augmented."
 
-    paired: str | None = None  # manifest (JSONL/CSV) or imagefolder of image–text/label pairs
-    unpaired: str | None = None  # manifest of image-only records
+    paired: str | None = (
+        None  # manifest (JSONL/CSV), imagefolder or prepared dataset (folder or fsspec URL) of pairs
+    )
+    unpaired: str | None = None  # manifest, imagefolder or prepared dataset of image-only records
     root: str | None = None  # data root that manifest image paths are relative to (default: manifest folder)
     synthetic: bool = False  # build/use the embedded synthetic corpus (paths then point into it)
     paired_batch_size: int = 8  # per process
@@ -612,6 +614,16 @@ class DataConfig(ConfigBase):
     hflip: float = 0.5
     num_workers: int = 0
     on_bad_record: Literal["raise", "skip"] = "raise"
+    # manifests: image check before step 1; "header" opens each header (size, format), "all" also decodes (truncation),
+    # "none" checks nothing; each rank checks its share of the images (D31). Prepared datasets were checked once.
+    check_images: Literal["all", "header", "none"] = "header"
+    # prepared datasets: stream the shards across ranks (else memory-mapped; D32)
+    streaming: bool = False
+    # streaming: rows permuted together (one window, also the most rows re-read on resume)
+    shuffle_buffer: int = 1000
+    # streaming: "shards" (each rank reads its own shards) or "rows" (every rank reads all shards and keeps every
+    # world_size-th row: the same global order on any number of ranks, and elastic resume; D32)
+    stream_split: Literal["shards", "rows"] = "shards"
     synthetic_n_paired: int = (
         512  # corpus size when `synthetic` is on (built once under the run's corpus dir)
     )
@@ -638,6 +650,9 @@ class DataConfig(ConfigBase):
         _check_range(self.hflip, "data.hflip", 0, 1)
         _check_range(self.num_workers, "data.num_workers", 0, 256)
         _check_choice(self.on_bad_record, "data.on_bad_record", ("raise", "skip"))
+        _check_choice(self.check_images, "data.check_images", ("all", "header", "none"))
+        _check_range(self.shuffle_buffer, "data.shuffle_buffer", 1)
+        _check_choice(self.stream_split, "data.stream_split", ("shards", "rows"))
         for f in ("synthetic_n_paired", "synthetic_n_unpaired", "synthetic_n_task"):
             _check_range(getattr(self, f), f"data.{f}", 0)
         _check(

@@ -1434,9 +1434,9 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
         ("data.unpaired", unpaired, d.unpaired_batch_size),
         ("data.root", root, 1),
     ):
-        if p and b and not Path(p).exists():
+        if p and b and "://" not in str(p) and not Path(p).exists():
             raise DataError(
-                f"{name}: {p} does not exist; give an existing manifest (JSONL/CSV) or image folder"
+                f"{name}: {p} does not exist; give an existing manifest (JSONL/CSV), image folder or prepared dataset"
             )
     with_sentences = bool(m.mlip.use_ot)
     tokenize = (
@@ -1445,6 +1445,10 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
         else None
     )
     space = _label_space(d)
+    check = {"all": True, "header": "header", "none": False}[d.check_images]
+    shared = dict(check_shard=(di.rank, di.world_size), all_gather=_gather_objects) if di.distributed else {}
+    if d.streaming:
+        shared["split"] = d.stream_split
     loader = make_loader(
         paired=paired if d.paired_batch_size else None,
         unpaired=unpaired if d.unpaired_batch_size else None,
@@ -1463,6 +1467,10 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
         rank=di.rank,
         world_size=di.world_size,
         verbose=di.is_main,
+        check_images=check,
+        streaming=d.streaming,
+        buffer_size=d.shuffle_buffer,
+        **shared,
     )
     if di.is_main and loader.paired is not None:
         labels = list(loader.paired.label_map)
@@ -1471,6 +1479,13 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
             f"{len(labels)} label(s): {labels[:12]}{' ...' if len(labels) > 12 else ''}"
         )
     return loader
+
+
+def _gather_objects(obj) -> list:
+    "Every rank's `obj`, in rank order (`torch.distributed.all_gather_object`): the image errors each rank found (D31)."
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def synthetic_corpus_dir(config: ExperimentConfig) -> Path:

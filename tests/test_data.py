@@ -745,3 +745,23 @@ def test_load_records_and_validate_record(tmp_path):
     assert (r["id"], r["labels"], r["label"]) == ("5", ["p", "q"], "3")
     with pytest.raises(BadRecordError, match="text must be a string"):
         validate_record({"id": "a", "image": "a.png", "text": 5}, tmp_path)
+
+
+def test_rank0_loader_state_resumes_every_rank(tmp_path):
+    "The trainer saves rank 0's loader state only: loaded into rank 1, it continues rank 1's own batches."
+    from maskedclip.data import make_loader, write_manifest
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(12):
+        Image.new("RGB", (8, 8), (20 * i, 50, 90)).save(tmp_path / "imgs" / f"{i}.png")
+    write_manifest([dict(id=f"u{i}", image=f"imgs/{i}.png") for i in range(12)], tmp_path / "u.jsonl")
+    mk = lambda r: make_loader(
+        None, tmp_path / "u.jsonl", image_size=8, batch_size_unpaired=2, rank=r, world_size=2, verbose=False
+    )
+    full = [m["unpaired_ids"] for _, m in mk(1).iter_with_meta()]
+    r0 = mk(0)
+    it = r0.iter_with_meta()
+    next(it), next(it)
+    r1 = mk(1)
+    r1.load_state_dict(r0.state_dict())
+    assert [m["unpaired_ids"] for _, m in r1.iter_with_meta()] == full[2:]

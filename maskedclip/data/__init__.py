@@ -8,6 +8,7 @@ __all__ = []
 # %% ../../nbs/01_data.ipynb #629a8520
 from .records import *
 from .manifest import *
+from .prepare import *
 from .transforms import *
 from .loader import *
 from .adapters import *

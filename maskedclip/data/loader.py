@@ -5,6 +5,7 @@
 # %% ../../nbs/01d_data_loader.ipynb #a8b9649d
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import warnings
@@ -17,16 +18,20 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import datasets
 import numpy as np
 import torch
+from fastcore.basics import patch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data import Dataset as TorchDataset
 
+from ..config import DataError
 from .manifest import ManifestData, load_imagefolder, load_manifest
-from .records import MAX_PIXELS, BadRecordError, Batch, _preview, load_image
+from .prepare import PreparedData, PreparedStream, is_prepared, load_prepared
+from .records import MAX_PIXELS, BadRecordError, Batch, _preview, load_image, load_image_bytes
 from .transforms import eval_transform, mirror_laterality, train_transform
 
 # %% auto #0
-__all__ = ['build_label_map', 'label_to_id', 'ImageDataset', 'ImageTextDataset', 'PairedUnpairedLoader', 'make_loader']
+__all__ = ['build_label_map', 'label_to_id', 'ImageDataset', 'ImageTextDataset', 'PairedUnpairedLoader', 'StreamingLoader',
+           'make_loader']
 
 # %% ../../nbs/01d_data_loader.ipynb #00000023
 def build_label_map(labels: Iterable[str | None]) -> dict[str, int]:
@@ -53,6 +58,10 @@ def label_to_id(label: str | None, label_map: Mapping[str, int]) -> int:
 def _as_records(records, root) -> tuple[datasets.Dataset, Path]:
     if isinstance(records, ManifestData):
         return records.dataset, Path(root) if root is not None else records.root
+    if isinstance(records, PreparedData):  # rows carry the image bytes: no data root
+        return records.dataset, None
+    if isinstance(records, PreparedStream):
+        return records, None
     if root is None:
         raise ValueError("root is required when records are not a ManifestData")
     if isinstance(records, datasets.Dataset):
@@ -71,6 +80,11 @@ def _private_rng(seed: int | None):
         yield random.Random(seed)
 
 # %% ../../nbs/01d_data_loader.ipynb #b0345bbe
+def _row_name(row: Mapping) -> str:
+    "How a prepared row's image is named in errors: its path under the data root, else its file name or id."
+    return row.get("image_path") or row["image"].get("path") or row["id"]
+
+
 class _ImageRecords(TorchDataset):
     def __init__(
         self,
@@ -98,6 +112,7 @@ class _ImageRecords(TorchDataset):
             max_retries,
         )
         self.locations = records.locations if isinstance(records, ManifestData) else None
+        self._source = records  # ManifestData / PreparedData / PreparedStream know their label values
 
     def __len__(self) -> int:
         return len(self.records)
@@ -106,9 +121,9 @@ class _ImageRecords(TorchDataset):
         errors, n = [], len(self)
         for k in range(self.max_retries + 1):
             row = self.records[(idx + k) % n]
-            path = self.root / row["image"]
+            path = _row_name(row) if isinstance(row["image"], Mapping) else self.root / row["image"]
             try:
-                return load_image(path, self.max_pixels, self.decode_size), row, errors
+                return self._decode(row), row, errors
             except BadRecordError as e:
                 man, line = self.locations[(idx + k) % n] if self.locations is not None else (None, None)
                 err = e.located(manifest=man, line=line, record_id=row["id"], field="image", file=path)
@@ -119,6 +134,13 @@ class _ImageRecords(TorchDataset):
             f"{self.max_retries + 1} consecutive images failed to decode from index {idx}; last: {errors[-1][1]}",
             reason="corrupt_image",
         )
+
+    def _decode(self, row: Mapping) -> Image.Image:
+        "The RGB image of a row: a path under `root` (manifests) or `{bytes, path}` (prepared datasets)."
+        im = row["image"]
+        if isinstance(im, Mapping):
+            return load_image_bytes(im["bytes"], _row_name(row), self.max_pixels, self.decode_size)
+        return load_image(self.root / im, self.max_pixels, self.decode_size)
 
     def _extra(self, row: dict, rng) -> dict:
         return {}
@@ -132,6 +154,17 @@ class _ImageRecords(TorchDataset):
         if not -len(self) <= idx < len(self):
             raise IndexError(f"index {idx} out of range for {len(self)} records")
         img, row, errors = self._load(idx % len(self))
+        return self._finish(img, row, seed, errors)
+
+    def item_from_row(self, row: Mapping, seed: int | None = None) -> dict:
+        "The item of a row read from a stream (no retry with the next record: a decode error raises)."
+        try:
+            img = self._decode(row)
+        except BadRecordError as e:
+            raise e.located(record_id=row["id"], field="image") from None
+        return self._finish(img, row, seed, [])
+
+    def _finish(self, img: Image.Image, row: Mapping, seed: int | None, errors: list) -> dict:
         with _private_rng(seed) as rng:
             extra = self._extra(row, rng)
             if (
@@ -172,6 +205,8 @@ class ImageTextDataset(_ImageRecords):
         **kw,
     ):
         super().__init__(records, root, transform, **kw)
+        if label_map is None and hasattr(self._source, "label_values"):
+            label_map = self._source.label_values
         if label_map is None:
             vals = {l for l in self.records["label"] if l is not None}
             for ls in self.records["labels"]:
@@ -227,7 +262,15 @@ class _TwoStreams(TorchDataset):
 
     def __getitem__(self, key):
         stream, idx, seed = key
-        return stream, (self.paired if stream == "p" else self.unpaired)[(idx, seed)]
+        ds = self.paired if stream == "p" else self.unpaired
+        if isinstance(idx, Mapping):  # a row read from a stream (StreamingLoader)
+            try:
+                return stream, ds.item_from_row(idx, seed)
+            except BadRecordError as e:
+                if ds.on_error == "raise":
+                    raise
+                return "x", dict(errors=[(str(e.file), str(e))])  # left out of the batch, counted and named
+        return stream, ds[(idx, seed)]
 
 
 class _Collate:
@@ -500,9 +543,12 @@ class PairedUnpairedLoader:
         )
 
     def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
-        "Resume at `state`'s position; with `strict`, refuse a state saved for another configuration."
+        """Resume at `state`'s position; with `strict`, refuse a state saved for another configuration. The position is
+        the same on every rank (each derives its shard from its rank), so rank 0's state resumes every rank."""
         cfg = self._config()
-        diff = {k: (state.get(k), cfg[k]) for k in self._CONFIG_KEYS if state.get(k) != cfg[k]}
+        diff = {
+            k: (state.get(k), cfg[k]) for k in self._CONFIG_KEYS if k != "rank" and state.get(k) != cfg[k]
+        }
         if diff:
             msg = "loader state was saved for another configuration: " + ", ".join(
                 f"{k} saved {a!r} != now {b!r}" for k, (a, b) in diff.items()
@@ -530,11 +576,374 @@ class PairedUnpairedLoader:
     def _norm(self, e, s):
         return (e + 1, 0) if s >= self._steps else (e, s)
 
+# %% ../../nbs/01d_data_loader.ipynb #5e7a1c01
+class _RowStream:
+    """One stream of rows for this rank: epochs of exactly `per_epoch` rows (the same count on every rank, so that DDP
+    ranks take the same number of steps), shuffled in two levels that both resume exactly: the shard order is permuted
+    per epoch, and rows are permuted within consecutive windows of `buffer_size` rows.
+
+    `split="shards"`: `split_dataset_by_node` gives each rank its own shards (the order depends on the world size).
+    `split="rows"`: every rank reads the whole epoch order, cut into groups of `block * W` rows (one global batch), and
+    keeps its contiguous `block` of each group (rank `r`: rows `r * block` to `(r + 1) * block - 1`), so the ranks'
+    batches, concatenated in rank order, are the one-process batch on any number of ranks `W` (each rank reads all
+    shards but decodes only its own rows).
+    `next()` returns the row, the epoch and the group's position of the row in the epoch."""
+
+    def __init__(
+        self,
+        stream,
+        *,
+        shuffle: bool,
+        seed: int,
+        buffer_size: int,
+        rank: int,
+        world_size: int,
+        split: str,
+        block: int = 1,
+    ):
+        if split not in ("shards", "rows"):
+            raise ValueError(f"split must be 'shards' or 'rows', got {split!r}")
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be an int >= 1, got {buffer_size!r}")
+        self.stream, self.shuffle, self.seed, self.buffer_size = stream, shuffle, seed, buffer_size
+        self.rank, self.world_size, self.split = rank, world_size, split
+        rows = split == "rows"
+        # stream rows per own row, own rows per group, rows before this rank's block in a group
+        self._stride, self._block, self._offset = (world_size, block, rank * block) if rows else (1, 1, 0)
+        group = self._block * self._stride
+        self.per_epoch = (len(stream) // group) * self._block if rows else stream.rows_per_rank(world_size)
+        self.epoch, self.taken, self._hf = 0, 0, None
+
+    def _open(self, epoch: int, hf_state=None, window: int = 0, skip: int = 0) -> None:
+        "Start epoch `epoch`'s stream at `hf_state` (the start of window number `window`), `skip` rows before the next own row."
+        order = (
+            np.random.default_rng([self.seed, epoch]).permutation(self.stream.num_shards).tolist()
+            if self.shuffle
+            else None
+        )
+        by_shard = self.split == "shards"
+        self._hf = self.stream.iterable(
+            order=order, rank=self.rank if by_shard else 0, world_size=self.world_size if by_shard else 1
+        )
+        if hf_state is not None:
+            self._hf.load_state_dict(hf_state)
+        self._it, self.epoch, self._rows, self._wpos = iter(self._hf), epoch, [], 0
+        self._widx, self._start, self._new, self._skip = window, hf_state, True, skip
+
+    def _fill(self) -> None:
+        "Read the next window and permute it; remember the stream state at its start."
+        if not self._new:  # the previous window is used up: the next one starts where the stream is now
+            self._widx, self._start = self._widx + 1, self._hf.state_dict()
+        self._new = False
+        rows = list(itertools.islice(self._it, self.buffer_size))
+        if self.shuffle:
+            rank = self.rank if self.split == "shards" else 0
+            perm = np.random.default_rng([self.seed, self.epoch, rank, self._widx]).permutation(len(rows))
+            rows = [rows[i] for i in perm]
+        self._rows, self._wpos = rows, 0
+
+    def _pull(self) -> dict:
+        if self._wpos >= len(self._rows):
+            self._fill()
+            if not self._rows:
+                raise RuntimeError(
+                    f"stream ended after {self.taken} rows of epoch {self.epoch}, expected {self.per_epoch}"
+                )
+        self._wpos += 1
+        return self._rows[self._wpos - 1]
+
+# %% ../../nbs/01d_data_loader.ipynb #5e7a1c04
+class _RowSource(_RowStream):
+    "`_RowStream` with epochs of `per_epoch` rows of this rank, and its resumable state."
+
+    def start_epoch(self, epoch: int) -> None:
+        self._open(int(epoch), skip=self._offset)
+        self.taken = 0
+
+    def next(self) -> tuple[dict, int, int]:
+        "`(row, epoch, group position in the epoch)` of the next row (a new epoch after `per_epoch` rows)."
+        if self._hf is None or self.taken >= self.per_epoch:
+            self.start_epoch(self.epoch + (self._hf is not None))
+        for _ in range(self._skip):  # the other ranks' rows before this rank's block
+            self._pull()
+        row, k = dict(self._pull()), self.taken
+        self.taken, self._skip = k + 1, 0
+        if (
+            self._stride > 1 and self.taken % self._block == 0
+        ):  # block done: to the next group's start, then ours
+            for _ in range((self._stride - 1) * self._block - self._offset):
+                self._pull()
+            self._skip = self._offset
+        row.pop("masks", None)  # pre-training does not use them; keep them out of the worker queues
+        return (
+            row,
+            self.epoch,
+            (k // self._block) * self._block * self._stride + self._offset + k % self._block,
+        )
+
+    def state_dict(self) -> dict:
+        """The position of the group (`pos`: rows of the epoch's order the group has taken, the same on every rank at a step
+        boundary), the window holding it and the `datasets` stream state at that window's start."""
+        if self._hf is None:
+            return dict(epoch=self.epoch, pos=0, window=None, hf=None)
+        if self.taken % self._block:
+            raise RuntimeError(
+                f"stream state asked in the middle of a block ({self.taken} rows of {self._block})"
+            )
+        pos = self.taken * self._stride
+        w = pos // self.buffer_size
+        if w == self._widx:
+            hf = self._start
+        elif w == self._widx + 1:  # windows are read whole: the stream is at the next window's start
+            hf = self._hf.state_dict()
+        else:
+            raise RuntimeError(f"stream state for position {pos} is not at hand (window {self._widx})")
+        return dict(epoch=self.epoch, pos=pos, window=w, hf=hf)
+
+    def load_state_dict(self, st: Mapping) -> None:
+        "Resume at `st` (saved with any world size for `split='rows'`, the same one for `split='shards'`)."
+        self._hf, self.epoch, self.taken = None, int(st["epoch"]), 0
+        if st["window"] is None:
+            return
+        pos = int(st["pos"])
+        if pos % (self._stride * self._block):
+            raise ValueError(
+                f"stream position {pos} is not a multiple of the global batch {self._stride * self._block}"
+            )
+        self.taken = pos // self._stride
+        if self.taken >= self.per_epoch:  # the epoch is done: the next row starts the next one
+            self._hf, self.epoch, self.taken = None, self.epoch + 1, 0
+            return
+        w = int(st["window"])
+        self._open(self.epoch, st["hf"], w, skip=pos - w * self.buffer_size + self._offset)
+
+
+class _StreamStepSampler(_StepSampler):
+    def __iter__(self):
+        L = self.loader
+        L._rewind()  # the sources back to the last step handed out to the caller (workers may have read ahead)
+        for s in range(L.step, len(L)):
+            yield L.batch_keys(L.epoch, s)
+
+# %% ../../nbs/01d_data_loader.ipynb #5e7a1c02
+class StreamingLoader(PairedUnpairedLoader):
+    """`PairedUnpairedLoader` over prepared datasets read as streams (`PreparedStream`, D32): each rank reads its own
+    shards (`split_dataset_by_node`; `split="rows"`: every rank reads every shard and keeps its block of each global
+    batch, an order that does not depend on the world size), the shard order is permuted per epoch and rows within windows of
+    `buffer_size`, and `state_dict()` holds the `datasets` stream states, so a run resumes where it stopped (with
+    `split="rows"`, also on another number of ranks with the same global batch).
+
+    Steps per epoch: the driver stream's (unpaired if any) rows per rank // batch size. Per-sample seeds follow the
+    map-style loader's positions, so with `shuffle=False` and one process the batches equal `PairedUnpairedLoader`'s."""
+
+    def __init__(
+        self,
+        paired: ImageTextDataset | None = None,
+        unpaired: ImageDataset | None = None,
+        *,
+        batch_size_paired: int = 8,
+        batch_size_unpaired: int = 8,
+        tokenize: Callable | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        buffer_size: int = 1000,
+        split: str = "shards",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = 2,
+        multiprocessing_context=None,
+        timeout: float = 0,
+    ):
+        bp = batch_size_paired if paired is not None else 0
+        bu = batch_size_unpaired if unpaired is not None else 0
+        if bp == 0 and bu == 0:
+            raise ValueError("nothing to load: both batch sizes are 0 (or both datasets are None)")
+        for ds, b in ((paired, bp), (unpaired, bu)):
+            if b and not isinstance(ds.records, PreparedStream):
+                raise ValueError(
+                    "StreamingLoader reads prepared datasets opened as PreparedStream (make_loader(streaming=True))"
+                )
+        self.paired, self.unpaired = (paired if bp else None), (unpaired if bu else None)
+        self.bp, self.bu, self.tokenize, self.seed = bp, bu, tokenize, int(seed)
+        self.rank, self.world_size = _dist_info(rank, world_size)
+        self.shuffle, self.drop_last, self.pin_memory, self.buffer_size = (
+            shuffle,
+            drop_last,
+            pin_memory,
+            buffer_size,
+        )
+        src = lambda ds, s, b: _RowSource(
+            ds.records,
+            shuffle=shuffle,
+            seed=s,
+            buffer_size=buffer_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            split=split,
+            block=b,
+        )
+        self.split, self._sources = split, {}
+        if self.paired is not None:
+            self._sources["p"] = src(self.paired, self.seed + _PAIRED_SEED_OFFSET, bp)
+        if self.unpaired is not None:
+            self._sources["u"] = src(self.unpaired, self.seed, bu)
+        self._driver = "u" if self.unpaired is not None else "p"
+        shard, b = self._sources[self._driver].per_epoch, (bu if self._driver == "u" else bp)
+        self._steps = shard // b if drop_last else math.ceil(shard / b)
+        if self._steps == 0:
+            raise ValueError(
+                f"0 steps per epoch: this rank's share has {shard} rows, fewer than the batch size {b} "
+                f"(drop_last={drop_last}, world_size={self.world_size})"
+            )
+        self.epoch, self.step = 0, 0
+        self.decode_errors: list[tuple[str, str]] = []
+        self._states = {0: self._source_states()}  # global step -> source states after it
+        workers = (
+            dict(
+                persistent_workers=persistent_workers,
+                prefetch_factor=prefetch_factor,
+                multiprocessing_context=multiprocessing_context,
+            )
+            if num_workers > 0
+            else {}
+        )
+        self._dl = DataLoader(
+            _TwoStreams(self.paired, self.unpaired),
+            batch_sampler=_StreamStepSampler(self),
+            collate_fn=_Collate(tokenize),
+            num_workers=num_workers,
+            timeout=timeout,
+            generator=torch.Generator().manual_seed(self.seed),
+            **workers,
+        )
+
+# %% ../../nbs/01d_data_loader.ipynb #5e7a1c03
+@patch
+def _source_states(self: StreamingLoader) -> dict:
+    return {k: s.state_dict() for k, s in self._sources.items()}
+
+
+@patch
+def _rewind(self: StreamingLoader) -> None:
+    "Put the sources where the caller stopped: the state saved after the last step handed out (workers read ahead)."
+    g = self.epoch * self._steps + min(self.step, self._steps)
+    if getattr(self, "_src_g", 0) != g:
+        if g in self._states:
+            for k, st in self._states[g].items():
+                self._sources[k].load_state_dict(st)
+        elif self.step != 0:
+            raise RuntimeError(
+                f"no stream state for epoch {self.epoch}, step {self.step}; use load_state_dict"
+            )
+        self._src_g = g
+    self._states = {k: v for k, v in self._states.items() if k >= g}
+
+
+@patch
+def batch_keys(self: StreamingLoader, epoch: int, step: int) -> list[tuple[str, dict, int]]:
+    "The `(stream, row, sample seed)` keys of the next step: rows are read from the streams, so call it in step order."
+    if step == 0:
+        self._sources[self._driver].start_epoch(epoch)
+    keys, seed = [], self._stream_seed
+    if "p" in self._sources:
+        src = self._sources["p"]
+        n = self.bp if self._driver == "u" else min(self.bp, src.per_epoch - step * self.bp)
+        for _ in range(n):
+            row, e, j = src.next()
+            group_epoch = (
+                src.per_epoch * src._stride
+            )  # as PairedUnpairedLoader (with split="rows": the group's)
+            pos = (0, e * group_epoch + j) if self._driver == "u" else (epoch + 1, j)
+            keys.append(("p", row, seed(0, *pos)))
+    if "u" in self._sources:
+        src = self._sources["u"]
+        for _ in range(min(self.bu, src.per_epoch - step * self.bu)):
+            row, e, j = src.next()
+            keys.append(("u", row, seed(1, epoch, j)))
+    self._src_g = epoch * self._steps + step + 1
+    self._states[self._src_g] = self._source_states()
+    return keys
+
+
+@patch
+def _stream_seed(self: StreamingLoader, stream: int, a: int, b: int) -> int:
+    "Per-sample seed at a position: as `PairedUnpairedLoader`'s, without the rank for `split='rows'` (group positions)."
+    r = 0 if self.split == "rows" else self.rank
+    s = np.random.SeedSequence([self.seed, stream, r, a, b]).generate_state(2, dtype=np.uint32)
+    return int(s[0]) << 32 | int(s[1])
+
+
+@patch
+def _config(self: StreamingLoader) -> dict:
+    return dict(
+        PairedUnpairedLoader._config(self), buffer_size=self.buffer_size, streaming=True, split=self.split
+    )
+
+
+@patch
+def state_dict(self: StreamingLoader) -> dict:
+    "Position (epoch, next step), the `datasets` stream state of each source there, and the configuration."
+    e, s = self._norm(self.epoch, self.step)
+    g = e * self._steps + s
+    if g not in self._states:
+        raise RuntimeError(f"no stream state for epoch {e}, step {s}")
+    return dict(version=1, epoch=e, step=s, sources=self._states[g], **self._config())
+
+
+@patch
+def load_state_dict(self: StreamingLoader, state: Mapping, strict: bool = True) -> None:
+    """Resume at `state`'s position: each stream continues from its saved `datasets` state. With `split="rows"` the state
+    of any rank resumes every rank, on any number of ranks that keeps the global batch sizes (elastic resume)."""
+    cfg = self._config()
+    diff = {k: (state.get(k), v) for k, v in cfg.items() if state.get(k) != v}
+    glob = lambda d, k: d.get(f"batch_size_{k}", 0) * d.get("world_size", 1)
+    if self.split == "rows" and all(glob(state, k) == glob(cfg, k) for k in ("paired", "unpaired")):
+        for k in ("rank", "world_size", "batch_size_paired", "batch_size_unpaired"):
+            diff.pop(k, None)
+    if diff:
+        msg = "loader state was saved for another configuration: " + ", ".join(
+            f"{k} saved {a!r} != now {b!r}" for k, (a, b) in diff.items()
+        )
+        if strict or {"streaming", "split", "world_size", "rank"} & set(diff):
+            raise ValueError(
+                msg + (" (the data order would differ; pass strict=False to accept)" if strict else "")
+            )
+        warnings.warn(msg)
+    epoch, step = int(state["epoch"]), int(state["step"])
+    if not (epoch >= 0 and 0 <= step <= self._steps):
+        raise ValueError(f"bad loader position epoch={epoch}, step={step} ({self._steps} steps per epoch)")
+    self.epoch, self.step = epoch, step
+    g = epoch * self._steps + step
+    self._states, self._src_g = {g: state["sources"]}, None
+    self._rewind()
+
 # %% ../../nbs/01d_data_loader.ipynb #00000027
-def _as_manifest(m, root, **kw) -> ManifestData | None:
-    "A manifest file -> `load_manifest`; a folder -> `load_imagefolder`; `ManifestData`/None as they are."
-    if m is None or isinstance(m, ManifestData):
+def _as_manifest(m, root, streaming: bool = False, storage_options=None, **kw):
+    """A prepared dataset (folder or fsspec URL) -> `load_prepared` (memory-mapped) or `PreparedStream` (`streaming`);
+    a manifest file -> `load_manifest`; a folder -> `load_imagefolder`; `ManifestData` and the others as they are."""
+    if m is None or isinstance(m, (ManifestData, PreparedData, PreparedStream)):
         return m
+    if is_prepared(m, storage_options):
+        out = PreparedStream(m, storage_options) if streaming else load_prepared(m, storage_options)
+        space = kw.get("label_space")
+        extra = sorted(set(out.label_values) - set(space)) if space is not None else []
+        if extra:
+            raise DataError(
+                f"{m}: labels {extra} are not in the label space; prepare it with --label-space to skip those records"
+            )
+        return out
+    if "://" in str(m):
+        raise ValueError(
+            f"{m}: URLs are read as prepared datasets only (no {m}/prepare_report.json); see maskedclip-prepare"
+        )
+    if streaming:
+        raise ValueError(
+            f"{m}: streaming reads prepared datasets; make one with `maskedclip-prepare {m} OUT` first"
+        )
     if Path(m).is_dir():
         if root is not None and Path(root).resolve() != Path(m).resolve():
             raise ValueError(f"an imagefolder ({m}) is its own data root; got root={root}")
@@ -567,12 +976,21 @@ def make_loader(
     decode_size: int | None = None,
     on_decode_error: str = "raise",
     verbose: bool = True,
+    streaming: bool = False,
+    buffer_size: int = 1000,
+    storage_options: dict | None = None,
+    check_shard: tuple[int, int] | None = None,
+    all_gather: Callable | None = None,
     **loader_kw,
 ) -> PairedUnpairedLoader:
     """Two manifests (JSONL/CSV paths, `imagefolder` folders or `ManifestData`) -> a `PairedUnpairedLoader` with the
     MAE train transform (`train=True`: shuffled, drop_last) or the eval transform. Paired rows need text unless
     `text_fn` is given (e.g. `maskedclip.prompts.FlairTextFn()`). `scale`: RandomResizedCrop area range; `hflip`: flip
-    probability, applied by the datasets so that a flipped pair's text names the other eye (`mirror_laterality`)."""
+    probability, applied by the datasets so that a flipped pair's text names the other eye (`mirror_laterality`).
+
+    Prepared datasets (`maskedclip-prepare` outputs, local or fsspec URLs) are memory-mapped, or with `streaming=True`
+    read as streams by a `StreamingLoader` (`buffer_size`: shuffle buffer rows). `check_shard`/`all_gather`: each rank
+    checks a share of a manifest's images (see `load_manifest`)."""
     tf = (
         train_transform(image_size, scale, 0.0, border_crop)
         if train
@@ -584,6 +1002,10 @@ def make_loader(
         check_images=check_images,
         max_pixels=max_pixels,
         verbose=verbose,
+        streaming=streaming,
+        storage_options=storage_options,
+        check_shard=check_shard,
+        all_gather=all_gather,
     )
     pm = _as_manifest(paired, root, require_text=text_fn is None, **common)
     um = _as_manifest(unpaired, root, **common)
@@ -596,7 +1018,9 @@ def make_loader(
     )
     pds = ImageTextDataset(pm, label_map=label_space, text_fn=text_fn, **ds_kw) if pm is not None else None
     uds = ImageDataset(um, **ds_kw) if um is not None else None
-    return PairedUnpairedLoader(
+    if streaming:
+        loader_kw["buffer_size"] = buffer_size
+    return (StreamingLoader if streaming else PairedUnpairedLoader)(
         pds,
         uds,
         batch_size_paired=batch_size_paired,

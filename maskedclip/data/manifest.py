@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
 from maskedclip.data.records import (
@@ -174,9 +176,11 @@ def _extras_from_rows(rows: list[dict]) -> datasets.Dataset | None:
 def _assemble(
     normalized: list[dict], extras: datasets.Dataset | None, report: LoadReport
 ) -> datasets.Dataset:
-    contract = datasets.Dataset.from_dict(
-        {f: [r.get(f) for r in normalized] for f in RECORD_FIELDS}, features=CONTRACT_FEATURES
+    # validated values are plain strings / lists of strings: built by pyarrow (not encoded value by value)
+    table = pa.Table.from_pydict(
+        {f: [r.get(f) for r in normalized] for f in RECORD_FIELDS}, schema=CONTRACT_FEATURES.arrow_schema
     )
+    contract = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=CONTRACT_FEATURES))
     ds = (
         contract
         if extras is None or not extras.column_names
@@ -275,7 +279,9 @@ def _manifest_format(path: Path) -> str:
 def _check_many(
     paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool
 ) -> Iterator[BadRecordError | tuple[int, int]]:
-    "Image checks on a thread pool (PIL releases the GIL while decoding), yielded in input order: the error or the `(w, h)`."
+    """Image checks, yielded in input order: the error or the `(w, h)`. 'header' runs in this thread (pure Python: a
+    thread pool only adds overhead); 'verify'/'decode' run on a thread pool (PIL releases the GIL while decoding), in
+    chunks of 256 images so that the pool's per-task cost stays small next to the checks."""
 
     def one(p):
         try:
@@ -283,12 +289,22 @@ def _check_many(
         except BadRecordError as e:
             return e
 
+    bar = tqdm(total=len(paths), desc="checking images", disable=not progress, leave=False)
     n = num_threads or min(8, os.cpu_count() or 1)
-    ex = ThreadPoolExecutor(max_workers=max(1, n))
+    if mode == "header" or n <= 1:
+        for p in paths:
+            yield one(p)
+            bar.update()
+        bar.close()
+        return
+    chunks = [paths[k : k + 256] for k in range(0, len(paths), 256)]
+    ex = ThreadPoolExecutor(max_workers=n)
     try:
-        it = ex.map(one, paths)
-        yield from tqdm(it, total=len(paths), desc="checking images", disable=not progress, leave=False)
+        for res in ex.map(lambda ps: [one(p) for p in ps], chunks):
+            yield from res
+            bar.update(len(res))
     finally:
+        bar.close()
         ex.shutdown(wait=True, cancel_futures=True)
 
 # %% ../../nbs/01b_data_manifest.ipynb #8ea369f9
@@ -305,9 +321,15 @@ def _validate_rows(
     on_bad_record,
     report,
     verbose,
+    check_shard=None,
+    all_gather=None,
 ) -> tuple[list[dict], list[int]]:
-    "Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices."
-    seen, cheap, errors = {}, [], {}
+    """Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices.
+
+    `check_shard=(rank, world_size)`: this process checks the images of every `world_size`-th row only and
+    `all_gather(local_errors) -> [errors of rank 0, rank 1, ...]` shares what each rank found, so every rank keeps
+    the same rows after checking `1/world_size` of the images (D31)."""
+    seen, cheap, errors, paths = {}, [], {}, {}
 
     def fail(i, err):
         if on_bad_record == "raise":
@@ -318,7 +340,12 @@ def _validate_rows(
         rid = row.get("id") if isinstance(row, Mapping) else None
         try:
             rec = validate_record(
-                row, root, label_space=label_space, require_text=require_text, check_images=False
+                row,
+                root,
+                label_space=label_space,
+                require_text=require_text,
+                check_images=False,
+                _paths=paths,
             )
             if rec["id"] in seen:
                 raise BadRecordError(
@@ -334,15 +361,25 @@ def _validate_rows(
     mode = _image_check_mode(check_images)
     tiny = []
     if mode is not None and cheap:
-        paths = [Path(root) / rec["image"] for _, rec in cheap]
+        rank, world = check_shard or (0, 1)
+        if world > 1 and all_gather is None:
+            raise ValueError("check_shard with world_size > 1 needs all_gather to share the image errors")
+        mine = cheap[rank::world]
+        paths = [Path(root) / rec["image"] for _, rec in mine]
+        found = []
         for (i, rec), err in zip(
-            cheap, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)
+            mine, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)
         ):
             if isinstance(err, BadRecordError):
-                man, line = locs[i]
-                fail(i, err.located(manifest=man, line=line, record_id=rec["id"], field="image"))
+                found.append((i, err))
             elif min(err) < MIN_IMAGE_SIDE:
                 tiny.append((i, rec, err))
+        if world > 1:
+            found = sorted((x for part in all_gather(found) for x in part), key=lambda t: t[0])
+        ids = dict(cheap)
+        for i, err in found:
+            man, line = locs[i]
+            fail(i, err.located(manifest=man, line=line, record_id=ids[i]["id"], field="image"))
     if tiny:
         (i, rec, (w, h)), (man, line) = tiny[0], locs[tiny[0][0]]
         warnings.warn(
@@ -376,6 +413,8 @@ def load_manifest(
     require_text: bool = False,
     max_pixels: int = MAX_PIXELS,
     num_threads: int | None = None,
+    check_shard: tuple[int, int] | None = None,
+    all_gather: Callable | None = None,
     cache_dir=None,
     verbose: bool = True,
 ) -> ManifestData:
@@ -384,7 +423,8 @@ def load_manifest(
     `root`: data root for the image paths (default: the manifest's folder). `label_space`: allowed labels
     (None: any). `on_bad_record`: 'raise' (first bad row raises `BadRecordError`) or 'skip' (bad rows are
     left out, counted and listed in the report). `check_images`: True/'verify', 'header', 'decode', False.
-    `require_text`: rows are paired (text needed). Returns `ManifestData(dataset, report, root, path)`."""
+    `require_text`: rows are paired (text needed). `check_shard=(rank, world_size)` + `all_gather`: each process
+    checks only its share of the images and the errors are shared (see `_validate_rows`). Returns `ManifestData(dataset, report, root, path)`."""
     _check_policy(on_bad_record)
     path = Path(path)
     if not path.is_file():
@@ -428,12 +468,16 @@ def load_manifest(
         on_bad_record=on_bad_record,
         report=report,
         verbose=verbose,
+        check_shard=check_shard,
+        all_gather=all_gather,
     )
     for e in bad:
         report.add(e)
     report.skipped.sort(key=lambda s: (len(s.where), s.where))
     extras, table = None, None
-    if not bad and rows:
+    if (
+        not bad and rows and any(k not in RECORD_FIELDS for r in rows for k in r)
+    ):  # extra columns: typed by datasets
         try:
             table = _hf_read(fmt, path, cache_dir, header)
             if len(table) != len(rows):
@@ -461,6 +505,8 @@ def load_records(
     require_text: bool = False,
     max_pixels: int = MAX_PIXELS,
     num_threads: int | None = None,
+    check_shard: tuple[int, int] | None = None,
+    all_gather: Callable | None = None,
     name: str = "<records>",
     verbose: bool = True,
 ) -> ManifestData:
@@ -484,6 +530,8 @@ def load_records(
         on_bad_record=on_bad_record,
         report=report,
         verbose=verbose,
+        check_shard=check_shard,
+        all_gather=all_gather,
     )
     report.kept = len(normalized)
     ds = _assemble(normalized, _extras_from_rows(normalized), report)
@@ -579,6 +627,8 @@ def load_imagefolder(
     require_text: bool = False,
     max_pixels: int = MAX_PIXELS,
     num_threads: int | None = None,
+    check_shard: tuple[int, int] | None = None,
+    all_gather: Callable | None = None,
     cache_dir=None,
     verbose: bool = True,
 ) -> ManifestData:
@@ -603,6 +653,8 @@ def load_imagefolder(
         max_pixels=max_pixels,
         num_threads=num_threads,
         verbose=verbose,
+        check_shard=check_shard,
+        all_gather=all_gather,
     )
     if not metas:
         recs = _class_folder_records(root, lambda name: name, source=root.name)

@@ -5,8 +5,10 @@
 # %% ../../nbs/01a_data_records.ipynb #dbd9e883
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -20,7 +22,8 @@ from ..config import DataError
 
 # %% auto #0
 __all__ = ['RECORD_FIELDS', 'SPLITS', 'MAX_PIXELS', 'IMAGE_EXTENSIONS', 'BAD_RECORD_REASONS', 'Batch', 'Record', 'BadRecordError',
-           'MissingImageError', 'check_image', 'to_rgb', 'load_image', 'resolve_image_path', 'validate_record']
+           'MissingImageError', 'check_image', 'to_rgb', 'load_image', 'load_image_bytes', 'resolve_image_path',
+           'validate_record']
 
 # %% ../../nbs/01a_data_records.ipynb #00000004
 @dataclass
@@ -160,14 +163,21 @@ def _decode_error(e: BaseException, path, what: str) -> BadRecordError:
 def _open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     "Open the header of `path` (no pixel decoding) with clear errors; refuse images above `max_pixels`."
     p = Path(path)
-    if not p.exists():
-        raise MissingImageError("image file not found", reason="missing_file", file=p)
-    if p.is_dir():
-        raise MissingImageError("expected an image file, found a directory", reason="missing_file", file=p)
-    if p.stat().st_size == 0:
-        raise BadRecordError("zero-byte image file", reason="empty_file", file=p)
     try:
-        im = Image.open(p)
+        st = os.stat(p)  # one system call for existence, kind and size
+    except (FileNotFoundError, NotADirectoryError):
+        raise MissingImageError("image file not found", reason="missing_file", file=p) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MissingImageError("expected an image file, found a directory", reason="missing_file", file=p)
+    if st.st_size == 0:
+        raise BadRecordError("zero-byte image file", reason="empty_file", file=p)
+    return _open_pil(p, p, max_pixels)
+
+
+def _open_pil(src, p, max_pixels: int) -> Image.Image:
+    "PIL-open `src` (a path or a file object; `p` names it in errors), refuse images above `max_pixels`."
+    try:
+        im = Image.open(src)
     except Image.DecompressionBombError as e:
         raise BadRecordError(
             f"image too large to open safely (PIL decompression-bomb guard: {e})", reason="too_large", file=p
@@ -265,6 +275,26 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> 
         im.close()
         raise _decode_error(e, path, "image data cannot be decoded") from None
 
+
+def load_image_bytes(
+    data: bytes, name="<bytes>", max_pixels: int = MAX_PIXELS, draft: int | None = None
+) -> Image.Image:
+    """Decode encoded image bytes (e.g. the `Image()` column of a prepared dataset) like `load_image` decodes a file;
+    `name` (the source path) is named in the `BadRecordError`s."""
+    if not data:
+        raise BadRecordError("zero-byte image", reason="empty_file", file=name)
+    im = _open_pil(io.BytesIO(data), name, max_pixels)
+    try:
+        if draft and im.format == "JPEG":
+            im.draft(None, (int(draft), int(draft)))
+        im.load()
+        return to_rgb(im)
+    except MemoryError:
+        raise
+    except Exception as e:
+        im.close()
+        raise _decode_error(e, name, "image data cannot be decoded") from None
+
 # %% ../../nbs/01a_data_records.ipynb #00000013
 def _image_check_mode(check_images) -> str | None:
     if check_images is True:
@@ -276,28 +306,39 @@ def _image_check_mode(check_images) -> str | None:
     raise ValueError(f"check_images must be True/False or 'header'|'verify'|'decode', got {check_images!r}")
 
 
-def resolve_image_path(image: str, root) -> tuple[Path, str]:
+def resolve_image_path(image: str, root, _cache: dict | None = None) -> tuple[Path, str]:
     """`(absolute path, clean relative POSIX path)` of `image` under `root`; `BadRecordError`
-    (`path_escapes_root`) if it leaves the root lexically or through a symlink."""
-    root_abs = Path(os.path.abspath(root))
-    p = Path(image)
-    lex = Path(os.path.normpath(p if p.is_absolute() else root_abs / p))
-    if not lex.is_relative_to(root_abs) or lex == root_abs:
+    (`path_escapes_root`) if it leaves the root lexically or through a symlink. `_cache`: a dict shared by the calls
+    of one manifest load (the root and each directory are resolved once; each file costs one `lstat`)."""
+    cache = {} if _cache is None else _cache
+    key = ("root", str(root))
+    if key not in cache:
+        a = os.path.abspath(root)
+        cache[key] = (a, os.path.realpath(a), a.rstrip(os.sep) + os.sep)
+    root_abs, real_root, prefix = cache[key]
+    lex = os.path.normpath(image if os.path.isabs(image) else os.path.join(root_abs, image))
+    if not lex.startswith(prefix):
         raise BadRecordError(
             f"image path {image!r} escapes the data root {root_abs}",
             reason="path_escapes_root",
             field="image",
-            file=lex,
+            file=Path(lex),
         )
-    real, real_root = Path(os.path.realpath(lex)), Path(os.path.realpath(root_abs))
-    if not real.is_relative_to(real_root):
+    d, name = os.path.split(lex)
+    real_dir = cache.get(d)
+    if real_dir is None:
+        real_dir = cache[d] = os.path.realpath(d)
+    real = os.path.join(real_dir, name)
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
         raise BadRecordError(
             f"image path {image!r} resolves (through a symlink) to {real}, outside the data root {real_root}",
             reason="path_escapes_root",
             field="image",
-            file=lex,
+            file=Path(lex),
         )
-    return lex, lex.relative_to(root_abs).as_posix()
+    return Path(lex), lex[len(prefix) :].replace(os.sep, "/")
 
 
 def _opt_str(v, name: str, rid, numbers_ok: bool = False) -> str | None:
@@ -353,12 +394,14 @@ def validate_record(
     require_text: bool = False,
     check_images=True,
     max_pixels: int = MAX_PIXELS,
+    _paths: dict | None = None,
 ) -> Record:
     """Check one record against the contract and return it normalised (extra keys kept).
 
     `root`: data root the image path is relative to (`None`: no containment check, path used as given).
     `require_text`: the record is paired, so empty/missing text is an error. `check_images`: True/'verify',
-    'header', 'decode' or False (see `check_image`). Raises `BadRecordError` naming the field."""
+    'header', 'decode' or False (see `check_image`). Raises `BadRecordError` naming the field. `_paths`: a cache
+    shared by the records of one manifest (see `resolve_image_path`)."""
     if not isinstance(record, Mapping):
         raise BadRecordError(
             f"a record must be a JSON object, got {type(record).__name__}", reason="malformed_row"
@@ -420,7 +463,7 @@ def validate_record(
         path, out["image"] = Path(image), image
     else:
         try:
-            path, out["image"] = resolve_image_path(image, root)
+            path, out["image"] = resolve_image_path(image, root, _paths)
         except BadRecordError as e:
             raise e.located(record_id=rid) from None
     mode = _image_check_mode(check_images)
