@@ -299,12 +299,26 @@ def shard_model(model: nn.Module, precision: str = "fp32", mesh=None) -> nn.Modu
     "Apply `fully_shard` per block, per part, then to the whole model (in place; build the optimizer afterwards)."
     from torch.distributed.fsdp import fully_shard
 
-    kw = dict(mesh=mesh) if mesh is not None else {}
+    scalars = {
+        p for p in model.parameters() if p.ndim == 0
+    }  # FSDP2 cannot shard 0-d tensors (log τ): replicated
+    kw = dict(mesh=mesh, ignored_params=scalars) if mesh is not None else dict(ignored_params=scalars)
     blocks = {id(b) for b in _fsdp_blocks(model)}
     for m in fsdp_units(model):
         fully_shard(m, mp_policy=mp_policy(precision, cast_inputs=id(m) in blocks), **kw)
     fully_shard(model, mp_policy=mp_policy(precision, cast_inputs=False), **kw)
+    for p in scalars:  # ... so their gradients are averaged over the ranks here, as DDP would
+        if p.requires_grad:
+            p.register_hook(_average_gradient)
     return model
+
+
+def _average_gradient(g: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return g
+    g = g.clone()
+    dist.all_reduce(g)
+    return g / dist.get_world_size()
 
 
 def is_sharded(model: nn.Module) -> bool:
