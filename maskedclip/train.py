@@ -937,7 +937,7 @@ def _check_world(self: Trainer, path: Path, st: dict):
         raise ConfigError(
             f"train.resume: {path} was written by {n} processes with a global batch of {gb['paired']} paired + "
             f"{gb['unpaired']} unpaired images × {gb['grad_accum']} accumulation; this run has {now['paired']} + "
-            f"{now['unpaired']} × {acc}. Elastic resume keeps the global batch: with {w} processes {fix}"
+            f"{now['unpaired']} × {acc}. Elastic resume keeps the global batch: with {w} process{'es' if w > 1 else ''} {fix}"
         )
 
 
@@ -1817,11 +1817,10 @@ def launch(
                 raise ValueError(
                     "master_addr: give the address of node 0 (the rendezvous host) for nnodes > 1"
                 )
-            cmd += [
+            cmd += [  # static rendezvous: node_rank 0 hosts rank 0, so the run directory with the checkpoints is on it
                 f"--node_rank={node_rank}",
-                "--rdzv_backend=c10d",
-                f"--rdzv_endpoint={master_addr}:{master_port or 29500}",
-                f"--rdzv_id={out.name}",
+                f"--master_addr={master_addr}",
+                f"--master_port={master_port or 29500}",
             ]
         cmd += ["-m", "maskedclip.train"]
     cmd += ["--config", str(cfg_path), "--no-progress"]
