@@ -113,7 +113,9 @@ def write_manifests(data: Path, n_paired=24, n_unpaired=24, size=32):
                 u.write(json.dumps(dict(id=f"u{i}", image=f"img/{i}.png")) + "\n")
 
 
-def manifest_config(out, data, steps, per_rank_bs, resume=None, save_every=0, strategy="ddp"):
+def manifest_config(
+    out, data, steps, per_rank_bs, resume=None, save_every=0, strategy="ddp", precision="fp32"
+):
     "The tiny preset at 32 px on `write_manifests` data (paths as given: relative ones resolve in the working directory)."
     model = get_preset("tiny")
     model = model.replace(vision=model.vision.replace(image_size=32))
@@ -136,6 +138,7 @@ def manifest_config(out, data, steps, per_rank_bs, resume=None, save_every=0, st
             resume=resume,
             save_every=save_every,
             strategy=strategy,
+            precision=precision,
             grad_clip=10.0,  # large: logs grad_norm (the sharded norm is compared too) without clipping
             diag_every=0,
             device="cpu",
@@ -144,12 +147,21 @@ def manifest_config(out, data, steps, per_rank_bs, resume=None, save_every=0, st
 
 
 def run_manifest(
-    out, data, steps, per_rank_bs, resume=None, until=None, save_every=0, strategy="ddp", dcp=None
+    out,
+    data,
+    steps,
+    per_rank_bs,
+    resume=None,
+    until=None,
+    save_every=0,
+    strategy="ddp",
+    dcp=None,
+    precision="fp32",
 ):
     """Train on manifests through the engine's own loader; every rank records the sample keys `(stream, index, seed)`
     each micro-step reads (in `seen_rank<r>.json` next to `out`), rank 0 writes its rows and final weights."""
     di = setup_distributed("cpu")
-    cfg = manifest_config(out, data, steps, per_rank_bs, resume, save_every, strategy)
+    cfg = manifest_config(out, data, steps, per_rank_bs, resume, save_every, strategy, precision)
     tr = Trainer(cfg, dist_info=di, progress=False)
     seen, keys_of = [], tr.loader.batch_keys
 
@@ -185,10 +197,13 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "manifest":
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--dcp", default=None)
+    ap.add_argument("--precision", default="fp32")
     a = ap.parse_args()
     code = 0
     try:
-        run_manifest(a.out, a.data, a.steps, a.bs, a.resume, a.until, a.save_every, a.strategy, a.dcp)
+        run_manifest(
+            a.out, a.data, a.steps, a.bs, a.resume, a.until, a.save_every, a.strategy, a.dcp, a.precision
+        )
     except BaseException:
         import traceback
 
