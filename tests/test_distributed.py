@@ -53,7 +53,8 @@ def _seen(root, tag, nproc):
     return out
 
 
-def _close(rows, ref, tol=LOSS_TOL):
+def _close(rows, ref, tol=LOSS_TOL, what=""):
+    "Worst absolute difference of the logged loss parts, τ and grad norm against `ref`'s rows of the same steps."
     assert rows, "no rows"
     worst = 0.0
     for r in rows:
@@ -61,13 +62,60 @@ def _close(rows, ref, tol=LOSS_TOL):
         assert want["step"] == r["step"]
         worst = max(worst, *(abs(r[k] - want[k]) for k in LOSSES if k in want))
     assert worst <= tol, worst
+    if what:
+        print(f"[measured] {what}: worst |Δ| of the logged losses = {worst:.2e} (tolerance {tol:g})")
     return worst
 
 
-def _weights_diff(a: Path, b: Path) -> float:
+def _weights_diff(a: Path, b: Path, what="") -> float:
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert x.keys() == y.keys()
-    return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+    worst = max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+    if what:
+        print(f"[measured] {what}: worst |Δ| of the weights = {worst:.2e}")
+    return worst
+
+
+def _broadcast_child(rank, world, init, out):
+    import torch.distributed as dist
+
+    from maskedclip.distributed import broadcast_state, gather_to_main
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(5)
+    obj = {
+        "w": torch.randn(3, 4, generator=g),
+        "nested": [torch.arange(5), ("x", torch.tensor([True, False, True])), None],
+        "rng": torch.Generator().manual_seed(3).get_state(),  # a uint8 RNG state, as resume sends
+        "n": 7,
+    }
+    got = broadcast_state(obj if rank == 0 else None)
+    gathered = gather_to_main({"rank": rank, "t": torch.full((2,), float(rank))})
+    if rank == 1:
+        ok = (
+            torch.equal(got["w"], obj["w"])
+            and torch.equal(got["nested"][0], torch.arange(5))
+            and got["nested"][1][0] == "x"
+            and isinstance(got["nested"][1], tuple)
+            and got["nested"][1][1].dtype == torch.bool
+            and torch.equal(got["nested"][1][1], obj["nested"][1][1])
+            and got["nested"][2] is None
+            and torch.equal(got["rng"], obj["rng"])
+            and got["n"] == 7
+        )
+        Path(out, "rank1.json").write_text(json.dumps(ok))
+    if rank == 0:
+        Path(out, "rank0.json").write_text(json.dumps([[g["rank"], g["t"].tolist()] for g in gathered]))
+    dist.destroy_process_group()
+
+
+def test_broadcast_and_gather_state_two_processes(tmp_path):
+    "What resume sends from rank 0 (tensors of any dtype inside dicts, lists, tuples) and what save gathers to it."
+    import torch.multiprocessing as tmp_mp
+
+    tmp_mp.spawn(_broadcast_child, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    assert json.loads((tmp_path / "rank1.json").read_text()) is True
+    assert json.loads((tmp_path / "rank0.json").read_text()) == [[0, [0.0, 0.0]], [1, [1.0, 1.0]]]
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +133,14 @@ def test_elastic_resume_two_to_one(ref):
     r = _worker(ref, "two", 1, "--steps", 4, "--bs", 4, "--resume", "latest")  # 1 process continues
     assert "written by 2 processes, resumed on 1" in r.stdout
     R = _rows(ref, "ref_run")
-    _close(_rows(ref, "two_run"), R)  # steps 1-2 on two processes
-    _close(_rows(ref, "two_resumed"), R)  # steps 3-4 on one
+    _close(_rows(ref, "two_run"), R, what="2 processes, steps 1-2 vs 1 process")  # steps 1-2 on two processes
+    _close(_rows(ref, "two_resumed"), R, what="elastic 2 -> 1, steps 3-4")  # steps 3-4 on one
     assert [r["step"] for r in _rows(ref, "two_resumed")] == [3, 4]
     want, before, after = _seen(ref, "ref_run", 1), _seen(ref, "two_run", 2), _seen(ref, "two_resumed", 1)
     assert sorted(before) == [0, 1] and sorted(after) == [2, 3]
     assert {**before, **after} == want  # the same samples, augmentations and order, micro-step by micro-step
     assert len({k for m in want.values() for k in m[0] + m[1]}) == 32
-    assert _weights_diff(ref / "ref" / "final", ref / "two" / "final") < WEIGHT_TOL
+    assert _weights_diff(ref / "ref" / "final", ref / "two" / "final", "elastic 2 -> 1, final") < WEIGHT_TOL
     # no shared directory: rank 0 alone wrote every rank's RNG state
     assert {"rng_rank0.pt", "rng_rank1.pt", "COMPLETE"} <= {
         p.name for p in (ref / "two" / "checkpoints" / "step_00000002").iterdir()
@@ -107,10 +155,10 @@ def test_elastic_resume_one_to_two(ref):
     R = _rows(ref, "ref_run")
     pick = lambda rows: [{k: r[k] for k in LOSSES} for r in rows]
     assert pick(_rows(ref, "one_run")) == pick(R[:2])  # one process, same loader: bit-identical
-    _close(_rows(ref, "one_resumed"), R)
+    _close(_rows(ref, "one_resumed"), R, what="elastic 1 -> 2, steps 3-4")
     want, after = _seen(ref, "ref_run", 1), _seen(ref, "one_resumed", 2)
     assert after == {m: want[m] for m in (2, 3)}
-    assert _weights_diff(ref / "ref" / "final", ref / "one" / "final") < WEIGHT_TOL
+    assert _weights_diff(ref / "ref" / "final", ref / "one" / "final", "elastic 1 -> 2, final") < WEIGHT_TOL
 
 
 def test_elastic_resume_refuses_another_global_batch(ref, tmp_path):
@@ -139,11 +187,14 @@ def test_fsdp_equals_ddp_and_exports_unsharded(ref):
     _worker(ref, "fsdp", 2, "--steps", 4, "--bs", 2, "--save-every", 2, "--strategy", "fsdp", "--dcp", dcp)
     _worker(ref, "ddp2", 2, "--steps", 4, "--bs", 2, "--until", 2)  # DDP on the same 2 processes
     R, F, D = _rows(ref, "ref_run"), _rows(ref, "fsdp_run"), _rows(ref, "ddp2_run")
-    _close(F, R)
-    _close(F[:2], D)
+    _close(F, R, what="FSDP 2 processes vs 1 process")
+    _close(F[:2], D, what="FSDP vs DDP, 2 processes")
     assert all("grad_norm" in r for r in F)
     step2 = ref / "fsdp" / "checkpoints" / "step_00000002"
-    assert _weights_diff(step2, ref / "ddp2" / "checkpoints" / "step_00000002") < WEIGHT_TOL
+    assert (
+        _weights_diff(step2, ref / "ddp2" / "checkpoints" / "step_00000002", "FSDP vs DDP, step 2")
+        < WEIGHT_TOL
+    )
     # sharded optimizer state, saved whole by parameter name: the same AdamW moments as DDP's
     sf = torch.load(step2 / "state.pt", weights_only=True)
     sd = torch.load(ref / "ddp2" / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)
@@ -166,9 +217,12 @@ def test_fsdp_equals_ddp_and_exports_unsharded(ref):
         for i, name in enumerate(order)
     )
     assert worst < 1e-6, worst
+    print(f"[measured] FSDP vs DDP AdamW exp_avg at step 2: worst |Δ| = {worst:.2e}")
     # the final export loads into an unsharded model and equals the single-process run
     final = MaskedCLIP.from_pretrained(ref / "fsdp" / "final")
-    assert _weights_diff(ref / "fsdp" / "final", ref / "ref" / "final") < WEIGHT_TOL
+    assert (
+        _weights_diff(ref / "fsdp" / "final", ref / "ref" / "final", "FSDP final vs 1 process") < WEIGHT_TOL
+    )
     assert any(k.startswith("teacher.") for k in final.state_dict())
     from maskedclip.vision import timm_vit
 
@@ -182,7 +236,7 @@ def test_fsdp_equals_ddp_and_exports_unsharded(ref):
     # an FSDP checkpoint resumes unsharded on one process (name-keyed optimizer state -> positions)
     tr = ddp_worker.run_manifest(ref / "fsdp", ref / "data", 4, 4, resume=str(step2))
     assert tr.step == 4
-    _close(_rows(ref, "fsdp_resumed"), R)
+    _close(_rows(ref, "fsdp_resumed"), R, what="FSDP checkpoint resumed unsharded, steps 3-4")
 
 
 @pytest.mark.slow
@@ -192,7 +246,7 @@ def test_fsdp_bf16_mixed_precision_close_to_ddp(ref):
         _worker(ref, f"bf16_{s}", 2, "--steps", 2, "--bs", 2, "--strategy", s, "--precision", "bf16")
     D, F = _rows(ref, "bf16_ddp_run"), _rows(ref, "bf16_fsdp_run")
     # FSDP also rounds the LayerNorm weights to bf16 (autocast keeps them fp32): measured ≤ 2.5e-3 on the loss parts
-    _close(F, D, tol=1e-2)
+    _close(F, D, tol=1e-2, what="FSDP bf16 vs DDP bf16")
     assert _close(F, _rows(ref, "ref_run"), tol=1e-2) > 1e-5  # and bf16 really ran (not the fp32 numbers)
 
 
@@ -249,5 +303,5 @@ def test_two_torchrun_agents_separate_directories(ref, tmp_path):
     }
     assert (main / "final" / "model.safetensors").is_file() and (main / "encoder.safetensors").is_file()
     rows = [json.loads(l) for l in (main / "metrics.jsonl").read_text().splitlines()]
-    _close(rows, _rows(ref, "ref_run"))
-    assert _weights_diff(main / "final", ref / "ref" / "final") < WEIGHT_TOL
+    _close(rows, _rows(ref, "ref_run"), what="two torchrun agents vs 1 process")
+    assert _weights_diff(main / "final", ref / "ref" / "final", "two agents final") < WEIGHT_TOL
