@@ -233,7 +233,14 @@ def test_fsdp_equals_ddp_and_exports_unsharded(ref):
     assert sorted(p.name for p in dcp.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     full, exported = consolidate_sharded(dcp), load_file(str(ref / "fsdp" / "final" / "model.safetensors"))
     assert all(torch.equal(full[k], exported[k]) for k in exported)
-    # an FSDP checkpoint resumes unsharded on one process (name-keyed optimizer state -> positions)
+    # a DDP checkpoint resumes sharded (positions -> names, each rank keeps its shards of rank 0's broadcast) ...
+    r = _worker(ref, "ddp2", 2, "--steps", 4, "--bs", 2, "--strategy", "fsdp", "--resume", "latest")
+    assert "strategy=fsdp" in r.stdout and "resumed from" in r.stdout
+    _close(_rows(ref, "ddp2_resumed"), R, what="DDP checkpoint resumed under FSDP, steps 3-4")
+    assert (
+        _weights_diff(ref / "ddp2" / "final", ref / "ref" / "final", "DDP -> FSDP resume, final") < WEIGHT_TOL
+    )
+    # ... and an FSDP checkpoint resumes unsharded on one process (name-keyed optimizer state -> positions)
     tr = ddp_worker.run_manifest(ref / "fsdp", ref / "data", 4, 4, resume=str(step2))
     assert tr.step == 4
     _close(_rows(ref, "fsdp_resumed"), R, what="FSDP checkpoint resumed unsharded, steps 3-4")
