@@ -594,9 +594,8 @@ class Trainer:
                 if m is not None:
                     m.compile()
         self.sharded = t.strategy == "fsdp" and self.di.distributed
-        if (
-            self.sharded
-        ):  # D35: per-block FSDP2 units; parameters become DTensor shards before the optimizer sees them
+        # D35: per-block FSDP2 units; parameters become DTensor shards before the optimizer sees them
+        if self.sharded:
             from maskedclip.distributed import shard_model
 
             shard_model(self.model, self.precision)
@@ -607,9 +606,8 @@ class Trainer:
                     print("[maskedclip] train.strategy=fsdp: representation diagnostics (diag/*) are off")
         elif t.strategy == "fsdp" and self.di.is_main:
             print("[maskedclip] train.strategy=fsdp with one process: nothing to shard; training unsharded")
-        if (
-            loader is None
-        ):  # D34: ranks read blocks of one global sample order, so a checkpoint resumes on any world size
+        # D34: ranks read blocks of one global sample order, so a checkpoint resumes on any world size
+        if loader is None:
             from maskedclip.distributed import elastic_loader
 
             loader = elastic_loader(build_loader(config, self.model, self.di))
@@ -630,9 +628,7 @@ class Trainer:
         )
         self.lr = t.lr if t.lr is not None else t.base_lr * self.images_per_step / 256
         groups = param_groups(self.model, t.weight_decay, t.text_lr_mult)
-        self._group_names = [
-            g["names"] for g in groups
-        ]  # the optimizer's parameter order, for name-keyed state
+        self._group_names = [g["names"] for g in groups]  # the optimizer's order, for name-keyed state
         fused = dict(fused=True) if _fused_ok(self.device) and not self.sharded else {}
         self.opt = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "names"} for g in groups],
