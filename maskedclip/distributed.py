@@ -110,7 +110,7 @@ def _go_paired_position(self: GlobalOrderLoader, epoch: int, step: int) -> tuple
         return (epoch, step * g)
     return divmod((epoch * self._steps + step) * g, len(self.paired))
 
-
+# %% ../nbs/09a_distributed.ipynb #d9a00005b
 def _go_batch_keys(self: GlobalOrderLoader, epoch: int, step: int) -> list[tuple[str, int, int]]:
     "This rank's `(stream, index, sample seed)` keys: its block of the global batch of step `step` of `epoch`."
     w, r, keys = self.world_size, self.rank, []
@@ -226,7 +226,7 @@ def _fill(o, tensors: list):
         return type(o)(_fill(v, tensors) for v in o)
     return o
 
-
+# %% ../nbs/09a_distributed.ipynb #d9a00011b
 def broadcast_state(obj, src: int = 0):
     """`obj` (nested dicts/lists/tuples of tensors and plain values) of rank `src`, on every rank. The other ranks pass
     anything (None). Tensors travel by `dist.broadcast` and arrive on the device type they had on `src`."""
@@ -364,7 +364,7 @@ def load_full_state(
     if opt is not None:
         set_optimizer_state_dict(model, opt, optim_sd or {}, options=opts)
 
-
+# %% ../nbs/09a_distributed.ipynb #d9a00015b
 def save_pretrained_state(model: nn.Module, sd: dict, directory) -> None:
     "`MaskedCLIP.save_pretrained` from a gathered state dict (rank 0 of a sharded model)."
     from pathlib import Path

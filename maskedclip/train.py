@@ -907,7 +907,7 @@ def _read_checkpoint(self: Trainer, path: Path) -> dict:
         rngs.append(torch.load(f, weights_only=True) if f.is_file() else None)
     return dict(path=str(path), model=sd, state=st, rngs=rngs)
 
-
+# %% ../nbs/09_train.ipynb #d9b00004
 @patch
 def _check_world(self: Trainer, path: Path, st: dict):
     "Rank 0: a checkpoint of another world size resumes only with an elastic loader and the same global batch (D34)."
