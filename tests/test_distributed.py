@@ -252,9 +252,10 @@ def test_fsdp_bf16_mixed_precision_close_to_ddp(ref):
     for s in ("ddp", "fsdp"):
         _worker(ref, f"bf16_{s}", 2, "--steps", 2, "--bs", 2, "--strategy", s, "--precision", "bf16")
     D, F = _rows(ref, "bf16_ddp_run"), _rows(ref, "bf16_fsdp_run")
-    # FSDP also rounds the LayerNorm weights to bf16 (autocast keeps them fp32): measured ≤ 2.5e-3 on the loss parts
-    _close(F, D, tol=1e-2, what="FSDP bf16 vs DDP bf16")
-    assert _close(F, _rows(ref, "ref_run"), tol=1e-2) > 1e-5  # and bf16 really ran (not the fp32 numbers)
+    # FSDP also rounds the LayerNorm weights to bf16 (autocast keeps them fp32): measured ≤ 2.5e-3 on the loss
+    # parts and 5.8e-3 on the gradient norm
+    _close(F, D, tol=2e-2, what="FSDP bf16 vs DDP bf16")
+    assert _close(F, _rows(ref, "ref_run"), tol=2e-2) > 1e-5  # and bf16 really ran (not the fp32 numbers)
 
 
 def _free_port() -> int:
