@@ -114,7 +114,7 @@ def write_manifests(data: Path, n_paired=24, n_unpaired=24, size=32):
 
 
 def manifest_config(
-    out, data, steps, per_rank_bs, resume=None, save_every=0, strategy="ddp", precision="fp32"
+    out, data, steps, per_rank_bs, resume=None, save_every=0, strategy="ddp", precision="fp32", grad_accum=1
 ):
     "The tiny preset at 32 px on `write_manifests` data (paths as given: relative ones resolve in the working directory)."
     model = get_preset("tiny")
@@ -139,6 +139,7 @@ def manifest_config(
             save_every=save_every,
             strategy=strategy,
             precision=precision,
+            grad_accum=grad_accum,
             grad_clip=10.0,  # large: logs grad_norm (the sharded norm is compared too) without clipping
             diag_every=0,
             device="cpu",
@@ -157,11 +158,12 @@ def run_manifest(
     strategy="ddp",
     dcp=None,
     precision="fp32",
+    grad_accum=1,
 ):
     """Train on manifests through the engine's own loader; every rank records the sample keys `(stream, index, seed)`
     each micro-step reads (in `seen_rank<r>.json` next to `out`), rank 0 writes its rows and final weights."""
     di = setup_distributed("cpu")
-    cfg = manifest_config(out, data, steps, per_rank_bs, resume, save_every, strategy, precision)
+    cfg = manifest_config(out, data, steps, per_rank_bs, resume, save_every, strategy, precision, grad_accum)
     tr = Trainer(cfg, dist_info=di, progress=False)
     seen, keys_of = [], tr.loader.batch_keys
 
@@ -198,11 +200,22 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "manifest":
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--dcp", default=None)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--grad-accum", type=int, default=1)
     a = ap.parse_args()
     code = 0
     try:
         run_manifest(
-            a.out, a.data, a.steps, a.bs, a.resume, a.until, a.save_every, a.strategy, a.dcp, a.precision
+            a.out,
+            a.data,
+            a.steps,
+            a.bs,
+            a.resume,
+            a.until,
+            a.save_every,
+            a.strategy,
+            a.dcp,
+            a.precision,
+            a.grad_accum,
         )
     except BaseException:
         import traceback

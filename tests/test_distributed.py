@@ -258,6 +258,22 @@ def test_fsdp_bf16_mixed_precision_close_to_ddp(ref):
     assert _close(F, _rows(ref, "ref_run"), tol=2e-2) > 1e-5  # and bf16 really ran (not the fp32 numbers)
 
 
+@pytest.mark.slow
+def test_fsdp_gradient_accumulation_equals_ddp(ref):
+    "grad_accum=2: FSDP reduce-scatters every micro-step, DDP syncs only the last; the optimizer steps must agree."
+    for s in ("ddp", "fsdp"):
+        _worker(ref, f"acc_{s}", 2, "--steps", 2, "--bs", 2, "--strategy", s, "--grad-accum", 2)
+    D, F = _rows(ref, "acc_ddp_run"), _rows(ref, "acc_fsdp_run")
+    assert [r["step"] for r in F] == [1, 2] and F[0]["loss"] != _rows(ref, "ref_run")[0][
+        "loss"
+    ]  # really accumulated
+    _close(F, D, what="FSDP vs DDP, grad_accum=2")
+    assert (
+        _weights_diff(ref / "acc_fsdp" / "final", ref / "acc_ddp" / "final", "grad_accum=2 final")
+        < WEIGHT_TOL
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
