@@ -127,9 +127,16 @@ def ref(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def two_part(ref):
+    "DDP on 2 processes (2 × 2 + 2 × 2 images per step), stopped after step 2 of 4; a copy stays untouched in `two_ddp`."
+    _worker(ref, "two", 2, "--steps", 4, "--bs", 2, "--until", 2)
+    shutil.copytree(ref / "two", ref / "two_ddp")
+    return ref / "two_ddp"
+
+
 @pytest.mark.slow
-def test_elastic_resume_two_to_one(ref):
-    _worker(ref, "two", 2, "--steps", 4, "--bs", 2, "--until", 2)  # 2 processes stop after step 2
+def test_elastic_resume_two_to_one(ref, two_part):
     r = _worker(ref, "two", 1, "--steps", 4, "--bs", 4, "--resume", "latest")  # 1 process continues
     assert "written by 2 processes, resumed on 1" in r.stdout
     R = _rows(ref, "ref_run")
@@ -182,11 +189,11 @@ def test_elastic_resume_refuses_another_global_batch(ref, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_equals_ddp_and_exports_unsharded(ref):
+def test_fsdp_equals_ddp_and_exports_unsharded(ref, two_part):
     dcp = ref / "fsdp_dcp"
     _worker(ref, "fsdp", 2, "--steps", 4, "--bs", 2, "--save-every", 2, "--strategy", "fsdp", "--dcp", dcp)
-    _worker(ref, "ddp2", 2, "--steps", 4, "--bs", 2, "--until", 2)  # DDP on the same 2 processes
-    R, F, D = _rows(ref, "ref_run"), _rows(ref, "fsdp_run"), _rows(ref, "ddp2_run")
+    shutil.copytree(two_part, ref / "ddp2")  # DDP on the same 2 processes, steps 1-2
+    R, F, D = _rows(ref, "ref_run"), _rows(ref, "fsdp_run"), _rows(ref, "two_run")
     _close(F, R, what="FSDP 2 processes vs 1 process")
     _close(F[:2], D, what="FSDP vs DDP, 2 processes")
     assert all("grad_norm" in r for r in F)
@@ -234,7 +241,8 @@ def test_fsdp_equals_ddp_and_exports_unsharded(ref):
     full, exported = consolidate_sharded(dcp), load_file(str(ref / "fsdp" / "final" / "model.safetensors"))
     assert all(torch.equal(full[k], exported[k]) for k in exported)
     # a DDP checkpoint resumes sharded (positions -> names, each rank keeps its shards of rank 0's broadcast) ...
-    r = _worker(ref, "ddp2", 2, "--steps", 4, "--bs", 2, "--strategy", "fsdp", "--resume", "latest")
+    ck2 = ref / "ddp2" / "checkpoints" / "step_00000002"
+    r = _worker(ref, "ddp2", 2, "--steps", 4, "--bs", 2, "--strategy", "fsdp", "--resume", ck2)
     assert "strategy=fsdp" in r.stdout and "resumed from" in r.stdout
     _close(_rows(ref, "ddp2_resumed"), R, what="DDP checkpoint resumed under FSDP, steps 3-4")
     assert (
