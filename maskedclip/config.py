@@ -699,6 +699,7 @@ class TrainConfig(ConfigBase):
     tensorboard: bool = False
     wandb: bool = False  # Weights & Biases (no-op + warning without the wandb package; offline unless WANDB_MODE=online)
     device: str = "auto"
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # D35: replicate (DDP) or shard per block (FSDP2) under torchrun
 
     def __post_init__(self):
         if isinstance(self.betas, list):
@@ -726,6 +727,12 @@ class TrainConfig(ConfigBase):
         if self.grad_clip is not None:
             _check_range(self.grad_clip, "train.grad_clip", 0, lo_open=True)
         _check_choice(self.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
+        _check_choice(self.strategy, "train.strategy", ("ddp", "fsdp"))
+        _check(
+            not (self.strategy == "fsdp" and self.precision == "fp16"),
+            "train.strategy",
+            "fsdp is not wired to fp16's gradient scaler; use train.precision=bf16 (or fp32) with fsdp",
+        )
         _check_range(self.save_every, "train.save_every", 0)
         _check_range(self.keep_last, "train.keep_last", 1)
         _check_range(self.log_every, "train.log_every", 1)

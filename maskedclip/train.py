@@ -608,7 +608,25 @@ class Trainer:
             for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
                 if m is not None:
                     m.compile()
-        self.loader = loader if loader is not None else build_loader(config, self.model, self.di)
+        self.sharded = t.strategy == "fsdp" and self.di.distributed
+        # D35: per-block FSDP2 units; parameters become DTensor shards before the optimizer sees them
+        if self.sharded:
+            from maskedclip.distributed import shard_model
+
+            shard_model(self.model, self.precision)
+            if t.diag_every:  # the diagnostics forward runs on rank 0 alone, which a sharded model cannot do
+                self.cfg = config = config.replace(train=t.replace(diag_every=0))
+                t = config.train
+                if self.di.is_main:
+                    print("[maskedclip] train.strategy=fsdp: representation diagnostics (diag/*) are off")
+        elif t.strategy == "fsdp" and self.di.is_main:
+            print("[maskedclip] train.strategy=fsdp with one process: nothing to shard; training unsharded")
+        # D34: ranks read blocks of one global sample order, so a checkpoint resumes on any world size
+        if loader is None:
+            from maskedclip.distributed import elastic_loader
+
+            loader = elastic_loader(build_loader(config, self.model, self.di))
+        self.loader = loader
         self.steps_per_epoch = max(1, len(self.loader) // t.grad_accum)
         self.total_steps = (
             t.steps if t.steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
@@ -625,7 +643,8 @@ class Trainer:
         )
         self.lr = t.lr if t.lr is not None else t.base_lr * self.images_per_step / 256
         groups = param_groups(self.model, t.weight_decay, t.text_lr_mult)
-        fused = dict(fused=True) if _fused_ok(self.device) else {}
+        self._group_names = [g["names"] for g in groups]  # the optimizer's order, for name-keyed state
+        fused = dict(fused=True) if _fused_ok(self.device) and not self.sharded else {}
         self.opt = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "names"} for g in groups],
             lr=self.lr,
@@ -633,8 +652,8 @@ class Trainer:
             **fused,
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.ddp = None
-        if self.di.distributed:
+        self.ddp, self._full_sd = None, None
+        if self.di.distributed and not self.sharded:
             if self.model.teacher is not None:  # the teacher is EMA state, never synchronised as gradients
                 DDP._set_params_and_buffers_to_ignore_for_model(
                     self.model, [f"teacher.{n}" for n, _ in self.model.teacher.named_parameters()]
@@ -646,6 +665,7 @@ class Trainer:
         if self.di.is_main:
             print(
                 f"[maskedclip] method={config.model.method} world_size={self.di.world_size} device={self.device} precision={self.precision}"
+                f"{' strategy=fsdp' if self.sharded else ''}"
             )
             print(
                 f"[maskedclip] global images/step={self.images_per_step} base_lr={t.base_lr:g} -> lr={self.lr:g}"
@@ -690,21 +710,33 @@ def _disk_error(self: Trainer, e: BaseException, what: str) -> RunEnvironmentErr
 # %% ../nbs/09_train.ipynb #ea5071aa
 @patch
 def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> Path | None:
-    """Write a checkpoint atomically (all ranks call this; rank 0 writes the shared files). Refuses non-finite weights.
-    `at_step_start`: the state from before the step in progress (loader position, micro-step, RNG), for a failure mid-step."""
+    """Write a checkpoint atomically (all ranks call this; only rank 0 writes, D33). Refuses non-finite weights.
+    The other ranks' RNG states (and, under FSDP, the weight and optimizer shards) are gathered to rank 0 first, so no
+    directory is shared between nodes. `at_step_start`: the state from before the step in progress (loader position,
+    micro-step, RNG), for a failure mid-step."""
+    from maskedclip.distributed import full_model_state, full_optimizer_state, gather_to_main, local_tensor
+
     ckdir = self.out / "checkpoints"
     name = tag or f"step_{self.step:08d}"
     final, tmp = ckdir / name, ckdir / f".{name}.tmp"
     bad = [
-        k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()
+        k
+        for k, v in self.model.state_dict().items()
+        if v.is_floating_point() and not torch.isfinite(local_tensor(v)).all()
     ]
-    if bad:
-        latest = find_latest(self.out)
+    flag = torch.tensor([float(len(bad))], device=self.device)
+    if self.sharded:  # each rank sees only its shards
+        dist.all_reduce(flag)
+    if flag.item() > 0:
+        latest = find_latest(self.out) if self.di.is_main else None
         raise NonFiniteError(
-            f"the weights became non-finite before step {self.step} ({len(bad)} tensors, e.g. {bad[0]}); nothing was saved. "
-            f"Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}"
+            f"the weights became non-finite before step {self.step} ({int(flag.item())} tensors{', e.g. ' + bad[0] if bad else ''}); "
+            f"nothing was saved. Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}"
         )
     snap = self._snap if at_step_start and self._snap is not None else None
+    rngs = gather_to_main(snap["rng"] if snap else _rng_state())  # collective: every rank's RNG to rank 0
+    full_sd = full_model_state(self.model) if self.sharded else None  # collective: shards to rank 0's CPU
+    full_osd = full_optimizer_state(self.model, self.opt) if self.sharded else None
     err = None
 
     def guarded(fn):
@@ -719,13 +751,20 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
         ckdir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp)
+        if self.sharded:
+            from maskedclip.distributed import save_pretrained_state
+
+            save_pretrained_state(self.model, full_sd, tmp)
+        else:
+            self.model.save_pretrained(tmp)
         self.cfg.to_json(tmp / "config.json")
+        d = self.cfg.data
         state = {
             "step": self.step,
             "epoch": snap["epoch"] if snap else self.epoch,
             "micro": snap["micro"] if snap else self.micro,
-            "optimizer": self.opt.state_dict(),
+            "optimizer": full_osd if self.sharded else self.opt.state_dict(),
+            "optimizer_keys": "names" if self.sharded else "positions",
             "scheduler": {
                 "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps,
@@ -734,9 +773,17 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
             },
             "loader": snap["loader"] if snap else self.loader.state_dict(),
             "world_size": self.di.world_size,
+            "global_batch": {
+                "paired": d.paired_batch_size * self.di.world_size,
+                "unpaired": d.unpaired_batch_size * self.di.world_size,
+                "grad_accum": self.cfg.train.grad_accum,
+            },
+            "strategy": "fsdp" if self.sharded else "ddp",
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         torch.save(state, tmp / "state.pt")
+        for r, st in enumerate(rngs):
+            torch.save(st, tmp / f"rng_rank{r}.pt")
 
     def publish():
         for f in tmp.iterdir():
@@ -756,8 +803,6 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
         if self.di.is_main:
             guarded(write_shared)
         self._agree(err, f"checkpoint {name}: rank 0 failed to write it")
-        guarded(lambda: torch.save(snap["rng"] if snap else _rng_state(), tmp / f"rng_rank{self.di.rank}.pt"))
-        self._agree(err, f"checkpoint {name}: a rank failed to write its RNG state")
         if self.di.is_main:
             guarded(publish)
         self._agree(err, f"checkpoint {name}: rank 0 failed to publish it")
@@ -767,19 +812,69 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
         if isinstance(e, MaskedCLIPError) or not (isinstance(e, OSError) or _is_disk_full(e)):
             raise
         raise self._disk_error(e, f"checkpoint {name}") from None
+    if self.sharded and self.di.is_main:
+        self._full_sd = (self.step, full_sd)  # `_write_final` exports these weights (it runs on rank 0 only)
     return final
 
 # %% ../nbs/09_train.ipynb #f0f5082f
 @patch
 def resume(self: Trainer, where: str):
-    "Restore model, teacher, optimizer, schedule, step, loader position and RNG from a checkpoint."
+    """Restore model, teacher, optimizer, schedule, step, loader position and RNG from a checkpoint. Rank 0 reads it and
+    broadcasts what each rank needs (no shared filesystem). A checkpoint of N processes resumes on M ≠ N with the same
+    global batch (the loader continues the same global sample order; ranks ≥ N keep their fresh RNG)."""
+    from maskedclip.distributed import broadcast_state, load_full_state
+
+    path, payload, err = None, None, None
+    if self.di.is_main:
+        try:
+            path = self._resume_path(where)
+            payload = None if path is None else self._read_checkpoint(path)
+        except MaskedCLIPError as e:
+            err = e
+    self._agree(err, "rank 0 could not read the checkpoint to resume from")
+    model_sd = opt_sd = None
+    if payload is not None:  # the weights travel by FSDP's broadcast (sharded) or with the rest (replicated)
+        model_sd, opt_sd = payload.pop("model"), payload["state"].pop("optimizer")
+        if not self.sharded:
+            payload.update(model=model_sd, optimizer=opt_sd)
+    payload = broadcast_state(payload)
+    if payload is None:
+        return
+    st = payload["state"]
+    if self.sharded:
+        load_full_state(
+            self.model,
+            self.opt,
+            model_sd,
+            self._optim_state(opt_sd, st, "names") if self.di.is_main else None,
+        )
+    else:
+        self.model.load_state_dict(payload["model"], strict=True)
+        self.opt.load_state_dict(self._optim_state(payload["optimizer"], st, "positions"))
+    if self.scaler is not None and st["scaler"] is not None:
+        self.scaler.load_state_dict(st["scaler"])
+    self.step, self.epoch, self.micro = st["step"], st["epoch"], st["micro"]
+    self.loader.load_state_dict(st["loader"])
+    rng = payload["rngs"][self.di.rank]
+    if rng is not None:
+        _set_rng_state(rng)
+    if self.di.is_main:
+        n = st["world_size"]
+        how = (
+            f" (written by {n} process{'es' if n > 1 else ''}, resumed on {self.di.world_size})"
+            if n != self.di.world_size
+            else ""
+        )
+        print(f"[maskedclip] resumed from {payload['path']} at step {self.step}{how}")
+
+# %% ../nbs/09_train.ipynb #d9b00001
+@patch
+def _resume_path(self: Trainer, where: str) -> Path | None:
+    "Rank 0: the complete checkpoint directory `where` names ('latest' or a path), None to start fresh."
     path = find_latest(self.out) if where == "latest" else Path(where)
     if path is None:
-        if self.di.is_main:
-            print(
-                f"[maskedclip] resume='latest': no checkpoint in {self.out / 'checkpoints'}; starting fresh"
-            )
-        return
+        print(f"[maskedclip] resume='latest': no checkpoint in {self.out / 'checkpoints'}; starting fresh")
+        return None
     have = [p.name for p in checkpoint_dirs(self.out)] or "none"
     if not path.is_dir():
         raise ConfigError(
@@ -789,40 +884,86 @@ def resume(self: Trainer, where: str):
         raise ConfigError(
             f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker); give 'latest' or one of {have}"
         )
+    return path
+
+
+@patch
+def _read_checkpoint(self: Trainer, path: Path) -> dict:
+    "Rank 0: weights, state and every new rank's RNG state of checkpoint `path`, checked against this run."
     from safetensors.torch import load_file
 
     try:
-        sd = load_file(str(path / "model.safetensors"), device=str(self.device))
+        sd = load_file(str(path / "model.safetensors"), device="cpu" if self.sharded else str(self.device))
     except Exception as e:
         raise DataError(
             f"train.resume: {path / 'model.safetensors'} is not a readable safetensors file ({str(e)[:100]}); resume from another checkpoint"
         ) from None
     try:
-        st = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
+        st = torch.load(
+            path / "state.pt", map_location="cpu" if self.sharded else self.device, weights_only=True
+        )
     except Exception as e:
         raise DataError(
             f"train.resume: {path / 'state.pt'} cannot be loaded weights-only ({type(e).__name__}); resume from another checkpoint"
         ) from None
-    try:
-        self.model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
+    want = {
+        k: tuple(v.shape) for k, v in self.model.state_dict().items()
+    }  # a DTensor's shape is the full shape
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
         raise ConfigError(
-            f"train.resume: {path} holds another model than this config builds ({str(e).splitlines()[0][:150]})"
-        ) from None
-    if st["world_size"] != self.di.world_size:
-        raise ConfigError(
-            f"train.resume: {path} was written with {st['world_size']} processes, this run has {self.di.world_size}"
+            f"train.resume: {path} holds another model than this config builds (first difference: {diff[0]})"
         )
-    self.opt.load_state_dict(st["optimizer"])
-    if self.scaler is not None and st["scaler"] is not None:
-        self.scaler.load_state_dict(st["scaler"])
-    self.step, self.epoch, self.micro = st["step"], st["epoch"], st["micro"]
-    self.loader.load_state_dict(st["loader"])
-    rng = path / f"rng_rank{self.di.rank}.pt"
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=True))
-    if self.di.is_main:
-        print(f"[maskedclip] resumed from {path} at step {self.step}")
+    self._check_world(path, st)
+    rngs = []
+    for r in range(self.di.world_size):
+        f = path / f"rng_rank{r}.pt"
+        rngs.append(torch.load(f, weights_only=True) if f.is_file() else None)
+    return dict(path=str(path), model=sd, state=st, rngs=rngs)
+
+# %% ../nbs/09_train.ipynb #d9b00004
+@patch
+def _check_world(self: Trainer, path: Path, st: dict):
+    "Rank 0: a checkpoint of another world size resumes only with an elastic loader and the same global batch (D34)."
+    from maskedclip.distributed import is_elastic
+
+    n, w = st["world_size"], self.di.world_size
+    if n == w:
+        return
+    gb, d, acc = st.get("global_batch"), self.cfg.data, self.cfg.train.grad_accum
+    if gb is None or not is_elastic(self.loader):
+        raise ConfigError(
+            f"train.resume: {path} was written with {n} processes, this run has {w}"
+            + ("" if gb is None else " and its loader cannot continue another world size's sample order")
+        )
+    now = dict(paired=d.paired_batch_size * w, unpaired=d.unpaired_batch_size * w, grad_accum=acc)
+    if now != gb:
+        fix = (
+            f"set data.paired_batch_size={gb['paired'] // w} data.unpaired_batch_size={gb['unpaired'] // w} "
+            f"train.grad_accum={gb['grad_accum']}"
+            if gb["paired"] % w == 0 and gb["unpaired"] % w == 0
+            else f"use a number of processes that divides {gb['paired']} and {gb['unpaired']}"
+        )
+        raise ConfigError(
+            f"train.resume: {path} was written by {n} processes with a global batch of {gb['paired']} paired + "
+            f"{gb['unpaired']} unpaired images × {gb['grad_accum']} accumulation; this run has {now['paired']} + "
+            f"{now['unpaired']} × {acc}. Elastic resume keeps the global batch: with {w} process{'es' if w > 1 else ''} {fix}"
+        )
+
+
+@patch
+def _optim_state(self: Trainer, osd: dict, st: dict, want: str) -> dict:
+    "The optimizer state keyed as this strategy loads it: by position (DDP, `opt.state_dict`) or by parameter name (FSDP)."
+    have = st.get("optimizer_keys", "positions")
+    if have == want:
+        return osd
+    names = [n for g in self._group_names for n in g]
+    to = {i: n for i, n in enumerate(names)} if want == "names" else {n: i for i, n in enumerate(names)}
+    return dict(
+        state={to[k]: v for k, v in osd["state"].items()},
+        param_groups=[{**g, "params": [to[k] for k in g["params"]]} for g in osd["param_groups"]],
+    )
 
 # %% ../nbs/09_train.ipynb #c8d98d78
 @patch
@@ -1270,9 +1411,17 @@ def _write_final(self: Trainer):
     try:
         for p in (tmp, old):
             shutil.rmtree(p, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        if self.sharded:  # rank 0 holds the weights the final save gathered from the shards
+            from maskedclip.distributed import export_encoder_state, save_pretrained_state
+
+            if self._full_sd is None or self._full_sd[0] != self.step:
+                raise RuntimeError(f"no gathered weights of step {self.step} to export (save() runs first)")
+            save_pretrained_state(self.model, self._full_sd[1], tmp)
+            export_encoder_state(self.model, self._full_sd[1], enc_tmp)
+        else:
+            self.model.save_pretrained(tmp)
+            self.model.export_encoder(enc_tmp)
         self.cfg.to_json(tmp / "config.json")
-        self.model.export_encoder(enc_tmp)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         enc_tmp.unlink(missing_ok=True)
@@ -1622,6 +1771,13 @@ def pretrain_parser() -> argparse.ArgumentParser:
         help="override any config field (value parsed as JSON when it can be), e.g. --set train.base_lr=1e-4; repeatable",
     )
     ap.add_argument(
+        "--strategy",
+        default=None,
+        choices=("ddp", "fsdp"),
+        help="under torchrun: replicate the model on every process (ddp) or shard it per block (fsdp); "
+        "same as --set train.strategy=...",
+    )
+    ap.add_argument(
         "--no-progress",
         action="store_true",
         help="no tqdm progress bar (logs and metrics.jsonl are unchanged)",
@@ -1649,7 +1805,12 @@ def _parse_pretrain(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
         preset = get_preset(a.preset) if a.preset else base
         d["model"] = (preset.with_method(a.method) if a.method else preset).to_dict()
     d.setdefault("train", {})
-    for k, v in (("output_dir", a.output_dir), ("steps", a.steps), ("resume", a.resume)):
+    for k, v in (
+        ("output_dir", a.output_dir),
+        ("steps", a.steps),
+        ("resume", a.resume),
+        ("strategy", a.strategy),
+    ):
         if v is not None:
             d["train"][k] = v
     for k, v in _key_values(a.set, "SECTION.FIELD=VALUE", "train.base_lr=1e-4"):
@@ -1803,7 +1964,11 @@ def launch(
         if nnodes == 1:
             cmd.append("--standalone")
         else:
-            cmd += [
+            if not master_addr:
+                raise ValueError(
+                    "master_addr: give the address of node 0 (the rendezvous host) for nnodes > 1"
+                )
+            cmd += [  # static rendezvous: node_rank 0 hosts rank 0, so the run directory with the checkpoints is on it
                 f"--node_rank={node_rank}",
                 f"--master_addr={master_addr}",
                 f"--master_port={master_port or 29500}",
