@@ -289,34 +289,33 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_torchrun_agents_separate_directories(ref, tmp_path):
-    "Two nodes as users run them: two torchrun agents, c10d rendezvous, each in its own working directory."
-    from maskedclip.config import ExperimentConfig
+def _agent_cmd(nnodes, node, port):
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        "--nproc_per_node=1",
+        f"--node_rank={node}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=agents",
+        "-m",
+        "maskedclip.train",
+        "--config",
+        "config.json",
+        "--no-progress",
+    ]
 
+
+def _run_agents(tmp_path, nnodes, setup) -> Path:
+    """`nnodes` torchrun agents (one process each, c10d on 127.0.0.1), each in its own working directory
+    `tmp_path/node{n}` that `setup(wd, nnodes)` fills with its data and config.json; returns rank 0's run dir."""
     port, agents = _free_port(), []
-    for node in (0, 1):
+    for node in range(nnodes):
         wd = tmp_path / f"node{node}"
-        shutil.copytree(ref / "data", wd / "data")  # each node has its own copy of the data, no shared disk
-        # the data helper's streaming shards go here: data.paired / data.unpaired naming a prepared dataset
-        cfg = ddp_worker.manifest_config("run", "data", 4, 2)
-        cfg.to_json(wd / "config.json")
-        assert ExperimentConfig.from_json(wd / "config.json").train.output_dir == "run"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=2",
-            "--nproc_per_node=1",
-            f"--node_rank={node}",
-            "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{port}",
-            "--rdzv_id=agents",
-            "-m",
-            "maskedclip.train",
-            "--config",
-            "config.json",
-            "--no-progress",
-        ]
+        setup(wd, nnodes)
+        cmd = _agent_cmd(nnodes, node, port)
         agents.append(
             subprocess.Popen(
                 cmd, cwd=wd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -324,11 +323,26 @@ def test_two_torchrun_agents_separate_directories(ref, tmp_path):
         )
     logs = [a.communicate(timeout=300)[0] for a in agents]
     assert all(a.returncode == 0 for a in agents), [l[-3000:] for l in logs]
-    homes = [tmp_path / f"node{n}" / "run" for n in (0, 1)]
+    homes = [tmp_path / f"node{n}" / "run" for n in range(nnodes)]
     main = [h for h in homes if (h / "metrics.jsonl").is_file()]
     assert len(main) == 1, "exactly one agent holds rank 0's run directory"
-    main, other = main[0], [h for h in homes if h != main[0]][0]
-    assert not (other / "checkpoints").exists() and not (other / "final").exists()
+    for other in homes:
+        if other != main[0]:
+            assert not (other / "checkpoints").exists() and not (other / "final").exists()
+    return main[0]
+
+
+def test_two_torchrun_agents_separate_directories(ref, tmp_path):
+    "Two nodes as users run them: two torchrun agents, c10d rendezvous, each in its own working directory."
+    from maskedclip.config import ExperimentConfig
+
+    def setup(wd, nnodes):
+        shutil.copytree(ref / "data", wd / "data")  # each node has its own copy of the data, no shared disk
+        cfg = ddp_worker.manifest_config("run", "data", 4, 2)
+        cfg.to_json(wd / "config.json")
+        assert ExperimentConfig.from_json(wd / "config.json").train.output_dir == "run"
+
+    main = _run_agents(tmp_path, 2, setup)
     ck = main / "checkpoints" / "step_00000004"
     assert {"COMPLETE", "model.safetensors", "state.pt", "rng_rank0.pt", "rng_rank1.pt"} <= {
         p.name for p in ck.iterdir()
@@ -337,3 +351,30 @@ def test_two_torchrun_agents_separate_directories(ref, tmp_path):
     rows = [json.loads(l) for l in (main / "metrics.jsonl").read_text().splitlines()]
     _close(rows, _rows(ref, "ref_run"), what="two torchrun agents vs 1 process")
     assert _weights_diff(main / "final", ref / "ref" / "final", "two agents final") < WEIGHT_TOL
+
+
+def test_two_torchrun_agents_stream_prepared_shards(ref, tmp_path):
+    """Two agents in separate working directories, each streaming its own copy of the prepared shards
+    (`maskedclip-prepare`, data.streaming, split='rows'): the losses of one process streaming the same shards."""
+    from maskedclip.data.prepare import prepare_dataset
+
+    shards = tmp_path / "shards"
+    for part in ("paired", "unpaired"):
+        prepare_dataset(ref / "data" / f"{part}.jsonl", shards / part, root=ref / "data", shard_size=6)
+
+    def setup(wd, nnodes):
+        shutil.copytree(shards, wd / "shards")  # every node its own copy: nothing shared
+        cfg = ddp_worker.manifest_config("run", "data", 4, 4 // nnodes)
+        data = cfg.data.replace(
+            paired="shards/paired", unpaired="shards/unpaired", root=None, streaming=True, stream_split="rows"
+        )
+        cfg.replace(data=data).to_json(wd / "config.json")
+
+    one = _run_agents(tmp_path / "one", 1, setup)
+    two = _run_agents(tmp_path / "two", 2, setup)
+    rows1 = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows1 if "loss" in r]) == 4
+    _close(rows2, rows1, what="two agents streaming shards vs 1 process streaming shards")
+    assert (two / "final" / "model.safetensors").is_file()
+    assert _weights_diff(two / "final", one / "final", "two agents streaming final") < WEIGHT_TOL
