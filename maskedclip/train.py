@@ -1778,6 +1778,13 @@ def pretrain_parser() -> argparse.ArgumentParser:
         "same as --set train.strategy=...",
     )
     ap.add_argument(
+        "--check-images",
+        default=None,
+        choices=("header", "all", "none"),
+        help="before step 1: read image headers (header, default), decode every image (all) or neither; "
+        "each rank checks only its share; same as --set data.check_images=...",
+    )
+    ap.add_argument(
         "--no-progress",
         action="store_true",
         help="no tqdm progress bar (logs and metrics.jsonl are unchanged)",
@@ -1813,6 +1820,8 @@ def _parse_pretrain(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     ):
         if v is not None:
             d["train"][k] = v
+    if a.check_images is not None:
+        d.setdefault("data", {})["check_images"] = a.check_images
     for k, v in _key_values(a.set, "SECTION.FIELD=VALUE", "train.base_lr=1e-4"):
         _set_path(d, k, v)
     return ExperimentConfig.from_dict(d), a

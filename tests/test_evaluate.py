@@ -773,3 +773,27 @@ def test_finetune_timm_augmentations():
     )
     base = finetune("random", splits, **{k: v for k, v in kw.items() if k not in RETFOUND_AUG})
     assert not np.array_equal(base.scores, r1.scores)
+
+
+def test_load_task_reads_prepared_splits_like_the_manifests(tmp_path):
+    "A task whose splits were prepared (maskedclip-prepare, issue 19) loads the same images, labels and ids."
+    import shutil
+
+    from maskedclip.data.prepare import prepare_dataset
+    from maskedclip.evaluate import load_task
+
+    corpus = _toy_corpus(tmp_path / "c", {"glaucoma": ["no glaucoma", "glaucoma"]}, n=(10, 6, 9))
+    ref = load_task(corpus, "glaucoma", 32)
+    prepped = tmp_path / "p"
+    shutil.copytree(corpus, prepped)
+    tdir = prepped / "tasks" / "glaucoma"
+    for s in ("train", "val", "test"):
+        prepare_dataset(tdir / f"{s}.jsonl", tdir / s, root=prepped, shard_size=4)
+        (tdir / f"{s}.jsonl").unlink()  # only the prepared dataset is left to read
+    got = load_task(prepped, "glaucoma", 32, classes=ref.classes)
+    assert got.classes == ref.classes and got.ids == ref.ids
+    for s in ("train", "val", "test"):
+        assert torch.equal(got.splits[s][0], ref.splits[s][0])
+        np.testing.assert_array_equal(got.splits[s][1], ref.splits[s][1])
+    with pytest.raises(ValueError, match="not in the task's classes"):
+        load_task(prepped, "glaucoma", 32, classes=["glaucoma"])

@@ -206,3 +206,12 @@ def test_lr_scaling_printed(tmp_path, capsys):
     t2 = Trainer(cfg, loader=InMemoryBatches(pi, texts, labels, ui, 4, 4), progress=False)
     assert t2.lr == pytest.approx(1.5e-4 * 8 / 256)
     assert "base_lr=0.00015 -> lr=4.6875e-06" in capsys.readouterr().out
+
+
+def test_check_images_flag_sets_the_policy():
+    "`--check-images` (issue 19) is the data.check_images policy; the default reads headers only; bad values refused."
+    assert config_from_args([])[0].data.check_images == "header"
+    for v in ("header", "all", "none"):
+        assert config_from_args(["--check-images", v])[0].data.check_images == v
+    with pytest.raises(SystemExit):
+        config_from_args(["--check-images", "some"])

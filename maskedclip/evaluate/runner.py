@@ -59,6 +59,22 @@ def task_classes(corpus_root, task: str) -> list[str] | None:
         pass
     return None
 
+# %% ../../nbs/10e_evaluate_runner.ipynb #4949a5f1
+def _task_split(tdir: Path, split: str, root: Path, classes):
+    "One split of a task: a prepared dataset `tdir/<split>/` if there is one (memory-mapped), else `tdir/<split>.jsonl`."
+    from maskedclip.data import load_manifest
+    from maskedclip.data.prepare import is_prepared, load_prepared
+
+    if is_prepared(tdir / split):
+        md = load_prepared(tdir / split)
+        bad = sorted({l for l in md.dataset["label"] if l is not None} - set(classes or ()))
+        if classes is not None and bad:
+            raise ValueError(f"{tdir / split}: labels {bad} are not in the task's classes {list(classes)}")
+        return md
+    return load_manifest(
+        tdir / f"{split}.jsonl", root=root, label_space=classes, check_images=False, verbose=False
+    )
+
 # %% ../../nbs/10e_evaluate_runner.ipynb #e773dfc5
 def load_task(
     corpus_root,
@@ -70,21 +86,17 @@ def load_task(
     progress: bool = False,
     lazy: bool = False,
 ) -> TaskData:
-    """Read `root/tasks/<task>/<split>.jsonl`: per split, uint8 images after `eval_transform(image_size)`'s geometry
+    """Read `root/tasks/<task>/<split>.jsonl`, or the prepared dataset `root/tasks/<task>/<split>/` that
+    `maskedclip-prepare` wrote from it: per split, uint8 images after `eval_transform(image_size)`'s geometry
     (normalised per batch by the consumers) and class ids. `lazy=True`: `TaskImages` that decode per batch instead."""
-    from maskedclip.data import ImageDataset, load_manifest
+    from maskedclip.data import ImageDataset
 
     root = Path(corpus_root)
     tdir = root / "tasks" / task
     if not tdir.is_dir():
         raise FileNotFoundError(f"task {task!r}: no folder {tdir}")
     classes = list(classes) if classes is not None else task_classes(root, task)
-    mds = {
-        s: load_manifest(
-            tdir / f"{s}.jsonl", root=root, label_space=classes, check_images=False, verbose=False
-        )
-        for s in splits
-    }
+    mds = {s: _task_split(tdir, s, root, classes) for s in splits}
     if classes is None:
         classes = sorted({l for l in mds["train"].dataset["label"] if l is not None})
     tf = uint8_eval_transform(image_size, border_crop=border_crop)
