@@ -54,6 +54,7 @@ def run(out, steps, per_rank_bs, resume=None, save_every=0, method="maskedclip")
             seed=7,
             resume=resume,
             save_every=save_every,
+            precision="fp32",  # exact DDP equality: bf16 (the default where native) rounds by thread count
         ),
     )
     pi, texts, labels, ui = global_data()

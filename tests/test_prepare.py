@@ -408,7 +408,7 @@ cfg = ExperimentConfig(
     model=get_preset("tiny"),
     data=DataConfig(paired=paired, unpaired=unpaired, paired_batch_size=b, unpaired_batch_size=b,
                     streaming=True, stream_split="rows", shuffle_buffer=8),
-    train=TrainConfig(output_dir=out, steps=3, lr=1e-3, warmup_steps=1, seed=3, diag_every=0),
+    train=TrainConfig(output_dir=out, steps=3, lr=1e-3, warmup_steps=1, seed=3, diag_every=0, precision="fp32"),
 )
 Trainer(cfg, dist_info=di, progress=False).fit()
 cleanup_distributed()
