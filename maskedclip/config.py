@@ -75,7 +75,7 @@ def _check(cond: bool, field_name: str, msg: str):
 def _check_choice(value, field_name: str, choices):
     _check(value in choices, field_name, f"{value!r} is not one of {list(choices)}")
 
-
+# %% ../nbs/00_config.ipynb #9f8bff8b
 def _check_range(value, field_name: str, lo=None, hi=None, lo_open=False, hi_open=False):
     _check(
         isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -210,7 +210,7 @@ class ConfigBase:
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
 
-
+# %% ../nbs/00_config.ipynb #1193ecb6
 def _dataclass_in(tp):
     "The ConfigBase dataclass inside a type hint such as `X | None`, or None."
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
@@ -303,7 +303,7 @@ class VisionConfig(ConfigBase):
     def num_patches(self) -> int:
         return self.grid_size**2
 
-
+# %% ../nbs/00_config.ipynb #5b7fc8f3
 @dataclass
 class TransformerConfig(ConfigBase):
     "A stack of timm `Block`s (pixel decoder, bridge, feature decoder). `width=None`: the encoder's width."

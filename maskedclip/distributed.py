@@ -325,7 +325,7 @@ def is_sharded(model: nn.Module) -> bool:
 
     return isinstance(model, FSDPModule)
 
-
+# %% ../nbs/09a_distributed.ipynb #a37f82df
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     "This rank's part of a (possibly sharded) tensor."
     return t.to_local() if hasattr(t, "to_local") else t

@@ -80,6 +80,7 @@ JSIEC_FOLDERS = (
 _JSIEC_PREFIX = re.compile(r"^\d+(?:\.\d+)?\.(?=\D)")
 JSIEC_CLASSES = tuple(_JSIEC_PREFIX.sub("", f) for f in JSIEC_FOLDERS)
 
+# %% ../../nbs/01e_data_adapters.ipynb #41859c79
 LABEL_SPACES = {
     "eyepacs": DR_GRADES,
     "aptos2019": DR_GRADES,
@@ -148,7 +149,7 @@ def _lookup(idx: dict, name: str, prefer: Callable[[Path], bool] = lambda p: Fal
         return None
     return sorted(hits, key=lambda p: (not prefer(p), len(p.parts), str(p)))[0]
 
-
+# %% ../../nbs/01e_data_adapters.ipynb #8d923d16
 def _grade(value: str, path: Path, line: int, field: str = "grade") -> str:
     try:
         g = float(value)
@@ -222,7 +223,7 @@ def read_aptos2019(root, *, relative_to=None) -> list[dict]:
         for r in _read_table(path, ["id_code", "diagnosis"])
     ]
 
-
+# %% ../../nbs/01e_data_adapters.ipynb #2a4e5f6a
 def read_idrid_grading(root, *, relative_to=None) -> list[dict]:
     """IDRiD part B (Disease Grading). `root` is the IDRiD folder or `B. Disease Grading` itself:
     `2. Groundtruths/a. IDRiD_Training Set.csv` and `b. IDRiD_Testing Set.csv` with columns
@@ -319,7 +320,7 @@ def odir_keywords(text: str | None) -> list[str]:
             out.append(k)
     return out
 
-
+# %% ../../nbs/01e_data_adapters.ipynb #345a2178
 def read_odir5k(root, *, relative_to=None, csv_name: str | None = None) -> list[dict]:
     """ODIR-5K: `full_df.csv` (Kaggle, one row per eye with repeated patient columns) or the csv exported from
     `ODIR-5K_Training_Annotations(Updated)_V2.xlsx` (one row per patient), columns `ID,Patient Age,Patient Sex,
@@ -369,7 +370,7 @@ def read_odir5k(root, *, relative_to=None, csv_name: str | None = None) -> list[
             )
     return out
 
-
+# %% ../../nbs/01e_data_adapters.ipynb #e8f65803
 def read_airogs(root, *, relative_to=None) -> list[dict]:
     """Rotterdam EyePACS AIROGS (train set): `train_labels.csv` (`challenge_id,class`, class RG/NRG); images
     `<challenge_id>.jpg` anywhere below `root` (the release splits them over folders `0/`..`5/`).
@@ -470,7 +471,7 @@ def read_retina_cataract(root, *, relative_to=None) -> list[dict]:
     Labels: 'normal', 'cataract', 'glaucoma', 'retina disease'."""
     return _folder_dataset(root, relative_to, "retina_cataract", lambda n: RETINA_FOLDERS.get(n.lower()))
 
-
+# %% ../../nbs/01e_data_adapters.ipynb #c1af05ad
 ADAPTERS: dict[str, Callable[..., list[dict]]] = {
     "eyepacs": read_eyepacs,
     "aptos2019": read_aptos2019,

@@ -84,7 +84,7 @@ def _row_name(row: Mapping) -> str:
     "How a prepared row's image is named in errors: its path under the data root, else its file name or id."
     return row.get("image_path") or row["image"].get("path") or row["id"]
 
-
+# %% ../../nbs/01d_data_loader.ipynb #5e8c12fa
 class _ImageRecords(TorchDataset):
     def __init__(
         self,
@@ -176,7 +176,7 @@ class _ImageRecords(TorchDataset):
             out["errors"] = errors
         return out
 
-
+# %% ../../nbs/01d_data_loader.ipynb #d896e422
 class ImageDataset(_ImageRecords):
     """Unpaired images: item = `dict(image=(3,H,W) float, id=str)`.
 
@@ -272,7 +272,7 @@ class _TwoStreams(TorchDataset):
                 return "x", dict(errors=[(str(e.file), str(e))])  # left out of the batch, counted and named
         return stream, ds[(idx, seed)]
 
-
+# %% ../../nbs/01d_data_loader.ipynb #630b398f
 class _Collate:
     def __init__(self, tokenize: Callable | None):
         self.tokenize = tokenize
@@ -321,7 +321,7 @@ class _StepSampler:
     def __len__(self) -> int:
         return max(0, len(self.loader) - self.loader.step)
 
-
+# %% ../../nbs/01d_data_loader.ipynb #86731810
 def _pin(b: Batch) -> Batch:
     return Batch(
         **{
@@ -717,7 +717,7 @@ class _RowSource(_RowStream):
         w = int(st["window"])
         self._open(self.epoch, st["hf"], w, skip=pos - w * self.buffer_size + self._offset)
 
-
+# %% ../../nbs/01d_data_loader.ipynb #66577f61
 class _StreamStepSampler(_StepSampler):
     def __iter__(self):
         L = self.loader
@@ -876,7 +876,7 @@ def _stream_seed(self: StreamingLoader, stream: int, a: int, b: int) -> int:
     s = np.random.SeedSequence([self.seed, stream, r, a, b]).generate_state(2, dtype=np.uint32)
     return int(s[0]) << 32 | int(s[1])
 
-
+# %% ../../nbs/01d_data_loader.ipynb #16d886bd
 @patch
 def _config(self: StreamingLoader) -> dict:
     return dict(
@@ -950,7 +950,7 @@ def _as_manifest(m, root, streaming: bool = False, storage_options=None, **kw):
         return load_imagefolder(m, **kw)
     return load_manifest(m, root, **kw)
 
-
+# %% ../../nbs/01d_data_loader.ipynb #1b462830
 def make_loader(
     paired=None,
     unpaired=None,

@@ -48,7 +48,7 @@ class SkippedRecord:
     file: str | None
     message: str
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #4f1b6197
 @dataclass
 class LoadReport:
     "Counts of a manifest load: `total` rows, `kept`, and every skipped row with its reason and file."
@@ -172,7 +172,7 @@ def _extras_from_rows(rows: list[dict]) -> datasets.Dataset | None:
         )
         return datasets.Dataset.from_list([{k: enc(v) for k, v in e.items()} for e in extras])
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #5155ec15
 def _assemble(
     normalized: list[dict], extras: datasets.Dataset | None, report: LoadReport
 ) -> datasets.Dataset:
@@ -237,7 +237,7 @@ def _scan_json(path: Path):
             )
     return rows, lines, bad, None
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #91a915d2
 def _scan_csv(path: Path):
     "Rows of a CSV file as exact strings with their line numbers; rows with the wrong field count become errors."
     rows, lines, bad = [], [], []
@@ -275,7 +275,7 @@ def _manifest_format(path: Path) -> str:
         return "csv"
     raise ValueError(f"{path}: unknown manifest format {suf!r} (use .jsonl, .json or .csv)")
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #3f38e04a
 def _check_many(
     paths: list[Path], mode: str, max_pixels: int, num_threads: int | None, progress: bool
 ) -> Iterator[BadRecordError | tuple[int, int]]:
@@ -392,7 +392,7 @@ def _validate_rows(
     kept = [(i, rec) for i, rec in cheap if i not in errors]
     return [rec for _, rec in kept], [i for i, _ in kept]
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #f0cafb27
 MIN_IMAGE_SIDE = (
     16  # smaller images are accepted with a warning (a 1x1 placeholder is almost certainly not a photograph)
 )
@@ -567,7 +567,7 @@ def _image_files(folder: Path) -> list[Path]:
         ]
     return out
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #d7480e43
 def _class_folder_records(
     root: Path, folder_label: Callable[[str], str | None], *, source: str, relative_to: Path | None = None
 ) -> list[dict]:
@@ -693,7 +693,7 @@ def load_imagefolder(
         print(report.summary())
     return ManifestData(ds, report, root, root / "metadata.csv", [locs[i] for i in kept])
 
-
+# %% ../../nbs/01b_data_manifest.ipynb #5ddd3208
 def _json_default(o):
     if isinstance(o, Path):
         return o.as_posix()

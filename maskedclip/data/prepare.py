@@ -274,7 +274,7 @@ def prepare_dataset(
         print(prepare_summary(info, out))
     return info
 
-
+# %% ../../nbs/01f_data_prepare.ipynb #54dbfcc8
 def prepare_summary(info: Mapping, output) -> str:
     "The one-line summary of a prepare report."
     why = ", ".join(f"{k} {v}" for k, v in sorted(info["skipped_by_reason"].items()))
@@ -337,7 +337,7 @@ class PreparedData:
     def label_values(self) -> list[str]:
         return list(self.info["label_values"])
 
-
+# %% ../../nbs/01f_data_prepare.ipynb #34e5c365
 def load_prepared(path, storage_options=None) -> PreparedData:
     """Open a prepared dataset for random access: a local folder (or `file://` URL) is memory-mapped, nothing is
     read up front; another fsspec URL is first copied to a local temporary folder by `datasets.load_from_disk`."""

@@ -202,7 +202,7 @@ def _open_pil(src, p, max_pixels: int) -> Image.Image:
         raise BadRecordError(f"image has size {w}x{h}", reason="corrupt_image", file=p)
     return im
 
-
+# %% ../../nbs/01a_data_records.ipynb #8ed311c2
 def check_image(path, mode: str = "verify", max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """Validate an image file without keeping it; return its `(width, height)`.
 
@@ -275,7 +275,7 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> 
         im.close()
         raise _decode_error(e, path, "image data cannot be decoded") from None
 
-
+# %% ../../nbs/01a_data_records.ipynb #9a9622b3
 def load_image_bytes(
     data: bytes, name="<bytes>", max_pixels: int = MAX_PIXELS, draft: int | None = None
 ) -> Image.Image:
@@ -355,7 +355,7 @@ def _opt_str(v, name: str, rid, numbers_ok: bool = False) -> str | None:
         )
     return v if v.strip() else None
 
-
+# %% ../../nbs/01a_data_records.ipynb #e53ef71e
 def _parse_labels(v, rid) -> list[str] | None:
     if v is None:
         return None
