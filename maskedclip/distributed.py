@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from .data.loader import PairedUnpairedLoader, _StepSampler
 
@@ -48,13 +47,11 @@ class GlobalOrderLoader(PairedUnpairedLoader):
         new = cls.__new__(cls)
         new.__dict__.update({k: v for k, v in vars(loader).items() if k != "_dl"})
         new._perms, new._global = {}, {}
-        for tag, ds, s in (("p", new.paired, new._ps), ("u", new.unpaired, new._us)):
+        for tag, ds in (("p", new.paired), ("u", new.unpaired)):
             if (
                 ds is not None
             ):  # the epoch permutation of the whole dataset: DistributedSampler's for one process
-                new._global[tag] = DistributedSampler(
-                    ds, num_replicas=1, rank=0, shuffle=s.shuffle, seed=s.seed
-                )
+                new._global[tag] = new.stream_sampler(tag, num_replicas=1, rank=0)
         n, b = (len(new.unpaired), new.bu) if new.unpaired is not None else (len(new.paired), new.bp)
         g = b * new.world_size
         new._steps = n // g if new.drop_last else math.ceil(n / g)
@@ -62,25 +59,7 @@ class GlobalOrderLoader(PairedUnpairedLoader):
             raise ValueError(
                 f"0 steps per epoch: {n} samples, fewer than the global batch {g} (drop_last=True)"
             )
-        old = loader._dl
-        workers = (
-            dict(
-                persistent_workers=old.persistent_workers,
-                prefetch_factor=old.prefetch_factor,
-                multiprocessing_context=old.multiprocessing_context,
-            )
-            if old.num_workers > 0
-            else {}
-        )
-        new._dl = DataLoader(
-            old.dataset,
-            batch_sampler=_StepSampler(new),
-            collate_fn=old.collate_fn,
-            num_workers=old.num_workers,
-            timeout=old.timeout,
-            generator=old.generator,
-            **workers,
-        )
+        new._dl = loader.data_loader_for(_StepSampler(new))
         return new
 
 # %% ../nbs/09a_distributed.ipynb #d9a00005

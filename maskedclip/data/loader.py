@@ -114,67 +114,83 @@ class _ImageRecords(TorchDataset):
         self.locations = records.locations if isinstance(records, ManifestData) else None
         self._source = records  # ManifestData / PreparedData / PreparedStream know their label values
 
-    def __len__(self) -> int:
-        return len(self.records)
+# %% ../../nbs/01d_data_loader.ipynb #8e99ce27
+@patch
+def __len__(self: _ImageRecords) -> int:
+    return len(self.records)
 
-    def _load(self, idx: int) -> tuple[Image.Image, dict, list]:
-        errors, n = [], len(self)
-        for k in range(self.max_retries + 1):
-            row = self.records[(idx + k) % n]
-            path = _row_name(row) if isinstance(row["image"], Mapping) else self.root / row["image"]
-            try:
-                return self._decode(row), row, errors
-            except BadRecordError as e:
-                man, line = self.locations[(idx + k) % n] if self.locations is not None else (None, None)
-                err = e.located(manifest=man, line=line, record_id=row["id"], field="image", file=path)
-                if self.on_error == "raise":
-                    raise err from None
-                errors.append((str(path), str(err)))
-        raise BadRecordError(
-            f"{self.max_retries + 1} consecutive images failed to decode from index {idx}; last: {errors[-1][1]}",
-            reason="corrupt_image",
-        )
 
-    def _decode(self, row: Mapping) -> Image.Image:
-        "The RGB image of a row: a path under `root` (manifests) or `{bytes, path}` (prepared datasets)."
-        im = row["image"]
-        if isinstance(im, Mapping):
-            return load_image_bytes(im["bytes"], _row_name(row), self.max_pixels, self.decode_size)
-        return load_image(self.root / im, self.max_pixels, self.decode_size)
-
-    def _extra(self, row: dict, rng) -> dict:
-        return {}
-
-    def _mirror(self, extra: dict) -> dict:
-        return extra
-
-    def __getitem__(self, key) -> dict:
-        idx, seed = key if isinstance(key, tuple) else (key, None)
-        idx = int(idx)
-        if not -len(self) <= idx < len(self):
-            raise IndexError(f"index {idx} out of range for {len(self)} records")
-        img, row, errors = self._load(idx % len(self))
-        return self._finish(img, row, seed, errors)
-
-    def item_from_row(self, row: Mapping, seed: int | None = None) -> dict:
-        "The item of a row read from a stream (no retry with the next record: a decode error raises)."
+@patch
+def _load(self: _ImageRecords, idx: int) -> tuple[Image.Image, dict, list]:
+    errors, n = [], len(self)
+    for k in range(self.max_retries + 1):
+        row = self.records[(idx + k) % n]
+        path = _row_name(row) if isinstance(row["image"], Mapping) else self.root / row["image"]
         try:
-            img = self._decode(row)
+            return self._decode(row), row, errors
         except BadRecordError as e:
-            raise e.located(record_id=row["id"], field="image") from None
-        return self._finish(img, row, seed, [])
+            man, line = self.locations[(idx + k) % n] if self.locations is not None else (None, None)
+            err = e.located(manifest=man, line=line, record_id=row["id"], field="image", file=path)
+            if self.on_error == "raise":
+                raise err from None
+            errors.append((str(path), str(err)))
+    raise BadRecordError(
+        f"{self.max_retries + 1} consecutive images failed to decode from index {idx}; last: {errors[-1][1]}",
+        reason="corrupt_image",
+    )
 
-    def _finish(self, img: Image.Image, row: Mapping, seed: int | None, errors: list) -> dict:
-        with _private_rng(seed) as rng:
-            extra = self._extra(row, rng)
-            if (
-                self.hflip > 0 and rng.random() < self.hflip
-            ):  # a flip mirrors the eye's laterality in the text too
-                img, extra = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self._mirror(extra)
-            out = dict(image=self.transform(img), id=row["id"], **extra)
-        if errors:
-            out["errors"] = errors
-        return out
+
+@patch
+def _decode(self: _ImageRecords, row: Mapping) -> Image.Image:
+    "The RGB image of a row: a path under `root` (manifests) or `{bytes, path}` (prepared datasets)."
+    im = row["image"]
+    if isinstance(im, Mapping):
+        return load_image_bytes(im["bytes"], _row_name(row), self.max_pixels, self.decode_size)
+    return load_image(self.root / im, self.max_pixels, self.decode_size)
+
+# %% ../../nbs/01d_data_loader.ipynb #977aa8a6
+@patch
+def _extra(self: _ImageRecords, row: dict, rng) -> dict:
+    return {}
+
+
+@patch
+def _mirror(self: _ImageRecords, extra: dict) -> dict:
+    return extra
+
+
+@patch
+def __getitem__(self: _ImageRecords, key) -> dict:
+    idx, seed = key if isinstance(key, tuple) else (key, None)
+    idx = int(idx)
+    if not -len(self) <= idx < len(self):
+        raise IndexError(f"index {idx} out of range for {len(self)} records")
+    img, row, errors = self._load(idx % len(self))
+    return self._finish(img, row, seed, errors)
+
+
+@patch
+def item_from_row(self: _ImageRecords, row: Mapping, seed: int | None = None) -> dict:
+    "The item of a row read from a stream (no retry with the next record: a decode error raises)."
+    try:
+        img = self._decode(row)
+    except BadRecordError as e:
+        raise e.located(record_id=row["id"], field="image") from None
+    return self._finish(img, row, seed, [])
+
+
+@patch
+def _finish(self: _ImageRecords, img: Image.Image, row: Mapping, seed: int | None, errors: list) -> dict:
+    with _private_rng(seed) as rng:
+        extra = self._extra(row, rng)
+        if (
+            self.hflip > 0 and rng.random() < self.hflip
+        ):  # a flip mirrors the eye's laterality in the text too
+            img, extra = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self._mirror(extra)
+        out = dict(image=self.transform(img), id=row["id"], **extra)
+    if errors:
+        out["errors"] = errors
+    return out
 
 # %% ../../nbs/01d_data_loader.ipynb #d896e422
 class ImageDataset(_ImageRecords):
@@ -334,6 +350,39 @@ def _pin(b: Batch) -> Batch:
         }
     )
 
+# %% ../../nbs/01d_data_loader.ipynb #2b9cf008
+def _checked_batch_sizes(paired, unpaired, batch_size_paired, batch_size_unpaired) -> tuple[int, int]:
+    "The paired and unpaired batch sizes (0 for a missing dataset); a clear error when there is nothing to load."
+    for name, v in (
+        ("batch_size_paired", batch_size_paired),
+        ("batch_size_unpaired", batch_size_unpaired),
+    ):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    bp = batch_size_paired if paired is not None else 0
+    bu = batch_size_unpaired if unpaired is not None else 0
+    if bp == 0 and bu == 0:
+        raise ValueError("nothing to load: both batch sizes are 0 (or both datasets are None)")
+    for name, ds, b in (("paired", paired, bp), ("unpaired", unpaired, bu)):
+        if b > 0 and len(ds) == 0:
+            raise ValueError(f"the {name} dataset is empty but batch_size_{name}={b}")
+    return bp, bu
+
+
+def _data_loader(loader, batch_sampler, num_workers: int, timeout: float, **workers) -> DataLoader:
+    """The `DataLoader` of a two-stream loader: its two datasets, `batch_sampler` and collate. `workers`
+    (`persistent_workers`, `prefetch_factor`, `multiprocessing_context`) apply only with `num_workers` > 0."""
+    # a private generator: creating a DataLoader iterator draws a base seed, which must not consume the global RNG
+    return DataLoader(
+        _TwoStreams(loader.paired, loader.unpaired),
+        batch_sampler=batch_sampler,
+        collate_fn=_Collate(loader.tokenize),
+        num_workers=num_workers,
+        timeout=timeout,
+        generator=torch.Generator().manual_seed(loader.seed),
+        **(workers if num_workers > 0 else {}),
+    )
+
 # %% ../../nbs/01d_data_loader.ipynb #00000026
 class PairedUnpairedLoader:
     """Yields `Batch`es of `batch_size_paired` paired + `batch_size_unpaired` unpaired samples (D15).
@@ -363,28 +412,13 @@ class PairedUnpairedLoader:
         multiprocessing_context=None,
         timeout: float = 0,
     ):
-        for name, v in (
-            ("batch_size_paired", batch_size_paired),
-            ("batch_size_unpaired", batch_size_unpaired),
-        ):
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        bp = batch_size_paired if paired is not None else 0
-        bu = batch_size_unpaired if unpaired is not None else 0
-        if bp == 0 and bu == 0:
-            raise ValueError("nothing to load: both batch sizes are 0 (or both datasets are None)")
-        for name, ds, b in (("paired", paired, bp), ("unpaired", unpaired, bu)):
-            if b > 0 and len(ds) == 0:
-                raise ValueError(f"the {name} dataset is empty but batch_size_{name}={b}")
+        bp, bu = _checked_batch_sizes(paired, unpaired, batch_size_paired, batch_size_unpaired)
         self.paired, self.unpaired = (paired if bp else None), (unpaired if bu else None)
         self.bp, self.bu, self.tokenize, self.seed = bp, bu, tokenize, int(seed)
         self.rank, self.world_size = _dist_info(rank, world_size)
         self.shuffle, self.drop_last, self.pin_memory = shuffle, drop_last, pin_memory
-        mk = lambda ds, s: DistributedSampler(
-            ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=s, drop_last=False
-        )
-        self._ps = mk(self.paired, self.seed + _PAIRED_SEED_OFFSET) if self.paired is not None else None
-        self._us = mk(self.unpaired, self.seed) if self.unpaired is not None else None
+        self._ps = self.stream_sampler("p") if self.paired is not None else None
+        self._us = self.stream_sampler("u") if self.unpaired is not None else None
         shard, b = (self._us.num_samples, bu) if self._us is not None else (self._ps.num_samples, bp)
         self._steps = shard // b if drop_last else math.ceil(shard / b)
         if self._steps == 0:
@@ -395,186 +429,244 @@ class PairedUnpairedLoader:
         self.epoch, self.step = 0, 0
         self.decode_errors: list[tuple[str, str]] = []
         self._perms: dict = {}
-        workers = (
-            dict(
-                persistent_workers=persistent_workers,
-                prefetch_factor=prefetch_factor,
-                multiprocessing_context=multiprocessing_context,
-            )
-            if num_workers > 0
-            else {}
-        )
-        # a private generator: creating a DataLoader iterator draws a base seed, which must not consume the global RNG
-        self._dl = DataLoader(
-            _TwoStreams(self.paired, self.unpaired),
-            batch_sampler=_StepSampler(self),
-            collate_fn=_Collate(tokenize),
-            num_workers=num_workers,
-            timeout=timeout,
-            generator=torch.Generator().manual_seed(self.seed),
-            **workers,
+        self._dl = _data_loader(
+            self,
+            _StepSampler(self),
+            num_workers,
+            timeout,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+            multiprocessing_context=multiprocessing_context,
         )
 
-    def __len__(self) -> int:
-        return self._steps
+# %% ../../nbs/01d_data_loader.ipynb #cb8edb69
+@patch
+def __len__(self: PairedUnpairedLoader) -> int:  # noqa: F811
+    return self._steps
 
-    def close(self) -> None:
-        "Stop the worker processes now (otherwise they stop when the loader is deleted)."
-        it = getattr(self._dl, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self._dl._iterator = None
 
-    def __enter__(self):
-        return self
+@patch
+def close(self: PairedUnpairedLoader) -> None:
+    "Stop the worker processes now (otherwise they stop when the loader is deleted)."
+    it = getattr(self._dl, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    self._dl._iterator = None
 
-    def __exit__(self, *exc):
-        self.close()
 
-    def set_epoch(self, epoch: int) -> None:
-        "Start epoch `epoch` from its first step (what `DistributedSampler.set_epoch` does for a plain loader)."
-        self.epoch, self.step = int(epoch), 0
+@patch
+def __enter__(self: PairedUnpairedLoader):
+    return self
 
-    def _perm(self, stream: str, epoch: int) -> list[int]:
-        key = (stream, epoch)
-        if key not in self._perms:
-            s = self._ps if stream == "p" else self._us
-            s.set_epoch(epoch)
-            self._perms[key] = list(iter(s))
-            while len(self._perms) > 6:
-                self._perms.pop(next(iter(self._perms)))
-        return self._perms[key]
 
-    def _sample_seed(self, stream: int, a: int, b: int) -> int:
-        s = np.random.SeedSequence([self.seed, stream, self.rank, a, b]).generate_state(2, dtype=np.uint32)
-        return int(s[0]) << 32 | int(s[1])
+@patch
+def __exit__(self: PairedUnpairedLoader, *exc):
+    self.close()
 
-    def paired_position(self, epoch: int, step: int) -> tuple[int, int] | None:
-        "`(paired epoch, offset in its permutation)` of the first paired sample of step `step` of `epoch`."
-        if self.paired is None:
-            return None
-        if self.unpaired is None:
-            return (epoch, step * self.bp)
-        return divmod((epoch * self._steps + step) * self.bp, self._ps.num_samples)
 
-    def batch_keys(self, epoch: int, step: int) -> list[tuple[str, int, int]]:
-        "The `(stream, index, sample seed)` keys of step `step` of epoch `epoch` (for this rank)."
-        keys = []
-        if self.paired is not None:
-            if self.unpaired is not None:
-                L, start = self._ps.num_samples, (epoch * self._steps + step) * self.bp
-                for pos in range(start, start + self.bp):
-                    k, off = divmod(pos, L)
-                    keys.append(("p", self._perm("p", k)[off], self._sample_seed(0, 0, pos)))
-            else:
-                perm = self._perm("p", epoch)
-                keys += [
-                    ("p", perm[j], self._sample_seed(0, epoch + 1, j))
-                    for j in range(step * self.bp, min((step + 1) * self.bp, len(perm)))
-                ]
-        if self.unpaired is not None:
-            perm = self._perm("u", epoch)
-            keys += [
-                ("u", perm[j], self._sample_seed(1, epoch, j))
-                for j in range(step * self.bu, min((step + 1) * self.bu, len(perm)))
-            ]
-        return keys
+@patch
+def set_epoch(self: PairedUnpairedLoader, epoch: int) -> None:
+    "Start epoch `epoch` from its first step (what `DistributedSampler.set_epoch` does for a plain loader)."
+    self.epoch, self.step = int(epoch), 0
 
-    def iter_with_meta(self) -> Iterator[tuple[Batch, dict]]:
-        "Like iterating the loader, but yields `(batch, meta)` with the ids, epoch, step and decode errors."
-        if self.step >= self._steps:
-            self.epoch, self.step = self.epoch + 1, 0
-        epoch, it = self.epoch, iter(self._dl)
-        while True:
-            try:
-                batch, meta = next(it)
-            except StopIteration:
-                break
-            except Exception:  # e.g. a BadRecordError raised in a worker: stop the workers, then re-raise
-                self.close()
-                raise
-            meta.update(epoch=epoch, step=self.step)
-            self.step += 1
-            if meta["errors"]:
-                self.decode_errors.extend(meta["errors"])
-                warnings.warn(
-                    f"{len(meta['errors'])} image(s) failed to decode and were replaced: "
-                    + "; ".join(m for _, m in meta["errors"])
-                )
-            yield (_pin(batch) if self.pin_memory and torch.cuda.is_available() else batch), meta
-        if self.step >= self._steps:
-            self.epoch, self.step = self.epoch + 1, 0
-
-    def __iter__(self) -> Iterator[Batch]:
-        for batch, _ in self.iter_with_meta():
-            yield batch
-
-    _CONFIG_KEYS = (
-        "seed",
-        "rank",
-        "world_size",
-        "n_paired",
-        "n_unpaired",
-        "batch_size_paired",
-        "batch_size_unpaired",
-        "shuffle",
-        "drop_last",
+# %% ../../nbs/01d_data_loader.ipynb #51d6229f
+@patch
+def stream_sampler(
+    self: PairedUnpairedLoader, stream: str, num_replicas: int | None = None, rank: int | None = None
+) -> DistributedSampler:
+    """The epoch sampler of stream `'p'` (paired) or `'u'` (unpaired): this rank's shard, or with `num_replicas=1,
+    rank=0` the permutation of the whole dataset (what every rank of `GlobalOrderLoader` reads from)."""
+    ds, seed = (self.paired, self.seed + _PAIRED_SEED_OFFSET) if stream == "p" else (self.unpaired, self.seed)
+    return DistributedSampler(
+        ds,
+        num_replicas=self.world_size if num_replicas is None else num_replicas,
+        rank=self.rank if rank is None else rank,
+        shuffle=self.shuffle,
+        seed=seed,
+        drop_last=False,
     )
 
-    def _config(self) -> dict:
-        return dict(
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            n_paired=len(self.paired) if self.paired is not None else 0,
-            n_unpaired=len(self.unpaired) if self.unpaired is not None else 0,
-            batch_size_paired=self.bp,
-            batch_size_unpaired=self.bu,
-            shuffle=self.shuffle,
-            drop_last=self.drop_last,
+
+@patch
+def data_loader_for(self: PairedUnpairedLoader, batch_sampler) -> DataLoader:
+    "A `DataLoader` with this loader's datasets, collate, workers and generator over another `batch_sampler`."
+    old = self._dl
+    workers = (
+        dict(
+            persistent_workers=old.persistent_workers,
+            prefetch_factor=old.prefetch_factor,
+            multiprocessing_context=old.multiprocessing_context,
+        )
+        if old.num_workers > 0
+        else {}
+    )
+    return DataLoader(
+        old.dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=old.collate_fn,
+        num_workers=old.num_workers,
+        timeout=old.timeout,
+        generator=old.generator,
+        **workers,
+    )
+
+
+@patch
+def _perm(self: PairedUnpairedLoader, stream: str, epoch: int) -> list[int]:
+    key = (stream, epoch)
+    if key not in self._perms:
+        s = self._ps if stream == "p" else self._us
+        s.set_epoch(epoch)
+        self._perms[key] = list(iter(s))
+        while len(self._perms) > 6:
+            self._perms.pop(next(iter(self._perms)))
+    return self._perms[key]
+
+
+@patch
+def _sample_seed(self: PairedUnpairedLoader, stream: int, a: int, b: int) -> int:
+    s = np.random.SeedSequence([self.seed, stream, self.rank, a, b]).generate_state(2, dtype=np.uint32)
+    return int(s[0]) << 32 | int(s[1])
+
+# %% ../../nbs/01d_data_loader.ipynb #06d4f99b
+@patch
+def paired_position(self: PairedUnpairedLoader, epoch: int, step: int) -> tuple[int, int] | None:
+    "`(paired epoch, offset in its permutation)` of the first paired sample of step `step` of `epoch`."
+    if self.paired is None:
+        return None
+    if self.unpaired is None:
+        return (epoch, step * self.bp)
+    return divmod((epoch * self._steps + step) * self.bp, self._ps.num_samples)
+
+
+@patch
+def batch_keys(self: PairedUnpairedLoader, epoch: int, step: int) -> list[tuple[str, int, int]]:
+    "The `(stream, index, sample seed)` keys of step `step` of epoch `epoch` (for this rank)."
+    keys = []
+    if self.paired is not None:
+        if self.unpaired is not None:
+            L, start = self._ps.num_samples, (epoch * self._steps + step) * self.bp
+            for pos in range(start, start + self.bp):
+                k, off = divmod(pos, L)
+                keys.append(("p", self._perm("p", k)[off], self._sample_seed(0, 0, pos)))
+        else:
+            perm = self._perm("p", epoch)
+            keys += [
+                ("p", perm[j], self._sample_seed(0, epoch + 1, j))
+                for j in range(step * self.bp, min((step + 1) * self.bp, len(perm)))
+            ]
+    if self.unpaired is not None:
+        perm = self._perm("u", epoch)
+        keys += [
+            ("u", perm[j], self._sample_seed(1, epoch, j))
+            for j in range(step * self.bu, min((step + 1) * self.bu, len(perm)))
+        ]
+    return keys
+
+# %% ../../nbs/01d_data_loader.ipynb #5c8b38a1
+@patch
+def iter_with_meta(self: PairedUnpairedLoader) -> Iterator[tuple[Batch, dict]]:
+    "Like iterating the loader, but yields `(batch, meta)` with the ids, epoch, step and decode errors."
+    if self.step >= self._steps:
+        self.epoch, self.step = self.epoch + 1, 0
+    epoch, it = self.epoch, iter(self._dl)
+    while True:
+        try:
+            batch, meta = next(it)
+        except StopIteration:
+            break
+        except Exception:  # e.g. a BadRecordError raised in a worker: stop the workers, then re-raise
+            self.close()
+            raise
+        meta.update(epoch=epoch, step=self.step)
+        self.step += 1
+        if meta["errors"]:
+            self.decode_errors.extend(meta["errors"])
+            warnings.warn(
+                f"{len(meta['errors'])} image(s) failed to decode and were replaced: "
+                + "; ".join(m for _, m in meta["errors"])
+            )
+        yield (_pin(batch) if self.pin_memory and torch.cuda.is_available() else batch), meta
+    if self.step >= self._steps:
+        self.epoch, self.step = self.epoch + 1, 0
+
+
+@patch
+def __iter__(self: PairedUnpairedLoader) -> Iterator[Batch]:
+    for batch, _ in self.iter_with_meta():
+        yield batch
+
+# %% ../../nbs/01d_data_loader.ipynb #35174704
+PairedUnpairedLoader._CONFIG_KEYS = (
+    "seed",
+    "rank",
+    "world_size",
+    "n_paired",
+    "n_unpaired",
+    "batch_size_paired",
+    "batch_size_unpaired",
+    "shuffle",
+    "drop_last",
+)
+
+
+@patch
+def _config(self: PairedUnpairedLoader) -> dict:
+    return dict(
+        seed=self.seed,
+        rank=self.rank,
+        world_size=self.world_size,
+        n_paired=len(self.paired) if self.paired is not None else 0,
+        n_unpaired=len(self.unpaired) if self.unpaired is not None else 0,
+        batch_size_paired=self.bp,
+        batch_size_unpaired=self.bu,
+        shuffle=self.shuffle,
+        drop_last=self.drop_last,
+    )
+
+
+@patch
+def state_dict(self: PairedUnpairedLoader) -> dict:
+    "Position (epoch, next step, paired stream position) and the configuration it is valid for."
+    e, s = (self.epoch + 1, 0) if self.step >= self._steps else (self.epoch, self.step)
+    pos = self.paired_position(e, s)
+    return dict(
+        version=1, epoch=e, step=s, paired_position=None if pos is None else list(pos), **self._config()
+    )
+
+# %% ../../nbs/01d_data_loader.ipynb #ddd99598
+@patch
+def load_state_dict(self: PairedUnpairedLoader, state: Mapping, strict: bool = True) -> None:
+    """Resume at `state`'s position; with `strict`, refuse a state saved for another configuration. The position is
+    the same on every rank (each derives its shard from its rank), so rank 0's state resumes every rank."""
+    cfg = self._config()
+    diff = {k: (state.get(k), cfg[k]) for k in self._CONFIG_KEYS if k != "rank" and state.get(k) != cfg[k]}
+    if diff:
+        msg = "loader state was saved for another configuration: " + ", ".join(
+            f"{k} saved {a!r} != now {b!r}" for k, (a, b) in diff.items()
+        )
+        if strict:
+            raise ValueError(msg + " (the data order would differ; pass strict=False to accept)")
+        warnings.warn(msg)
+    epoch, step = int(state["epoch"]), int(state["step"])
+    if not (epoch >= 0 and 0 <= step <= self._steps):
+        raise ValueError(f"bad loader position epoch={epoch}, step={step} ({self._steps} steps per epoch)")
+    self.epoch, self.step = epoch, step
+    saved = state.get("paired_position")
+    if (
+        strict
+        and not diff
+        and saved is not None
+        and tuple(saved) != self.paired_position(*self._norm(epoch, step))
+    ):
+        raise ValueError(
+            f"inconsistent loader state: paired_position {saved} does not follow from epoch {epoch}, step {step}"
         )
 
-    def state_dict(self) -> dict:
-        "Position (epoch, next step, paired stream position) and the configuration it is valid for."
-        e, s = (self.epoch + 1, 0) if self.step >= self._steps else (self.epoch, self.step)
-        pos = self.paired_position(e, s)
-        return dict(
-            version=1, epoch=e, step=s, paired_position=None if pos is None else list(pos), **self._config()
-        )
 
-    def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
-        """Resume at `state`'s position; with `strict`, refuse a state saved for another configuration. The position is
-        the same on every rank (each derives its shard from its rank), so rank 0's state resumes every rank."""
-        cfg = self._config()
-        diff = {
-            k: (state.get(k), cfg[k]) for k in self._CONFIG_KEYS if k != "rank" and state.get(k) != cfg[k]
-        }
-        if diff:
-            msg = "loader state was saved for another configuration: " + ", ".join(
-                f"{k} saved {a!r} != now {b!r}" for k, (a, b) in diff.items()
-            )
-            if strict:
-                raise ValueError(msg + " (the data order would differ; pass strict=False to accept)")
-            warnings.warn(msg)
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if not (epoch >= 0 and 0 <= step <= self._steps):
-            raise ValueError(
-                f"bad loader position epoch={epoch}, step={step} ({self._steps} steps per epoch)"
-            )
-        self.epoch, self.step = epoch, step
-        saved = state.get("paired_position")
-        if (
-            strict
-            and not diff
-            and saved is not None
-            and tuple(saved) != self.paired_position(*self._norm(epoch, step))
-        ):
-            raise ValueError(
-                f"inconsistent loader state: paired_position {saved} does not follow from epoch {epoch}, step {step}"
-            )
-
-    def _norm(self, e, s):
-        return (e + 1, 0) if s >= self._steps else (e, s)
+@patch
+def _norm(self: PairedUnpairedLoader, e, s):
+    return (e + 1, 0) if s >= self._steps else (e, s)
 
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c01
 class _RowStream:
@@ -614,43 +706,49 @@ class _RowStream:
         self.per_epoch = (len(stream) // group) * self._block if rows else stream.rows_per_rank(world_size)
         self.epoch, self.taken, self._hf = 0, 0, None
 
-    def _open(self, epoch: int, hf_state=None, window: int = 0, skip: int = 0) -> None:
-        "Start epoch `epoch`'s stream at `hf_state` (the start of window number `window`), `skip` rows before the next own row."
-        order = (
-            np.random.default_rng([self.seed, epoch]).permutation(self.stream.num_shards).tolist()
-            if self.shuffle
-            else None
-        )
-        by_shard = self.split == "shards"
-        self._hf = self.stream.iterable(
-            order=order, rank=self.rank if by_shard else 0, world_size=self.world_size if by_shard else 1
-        )
-        if hf_state is not None:
-            self._hf.load_state_dict(hf_state)
-        self._it, self.epoch, self._rows, self._wpos = iter(self._hf), epoch, [], 0
-        self._widx, self._start, self._new, self._skip = window, hf_state, True, skip
+# %% ../../nbs/01d_data_loader.ipynb #372caf5c
+@patch
+def _open(self: _RowStream, epoch: int, hf_state=None, window: int = 0, skip: int = 0) -> None:
+    "Start epoch `epoch`'s stream at `hf_state` (the start of window number `window`), `skip` rows before the next own row."
+    order = (
+        np.random.default_rng([self.seed, epoch]).permutation(self.stream.num_shards).tolist()
+        if self.shuffle
+        else None
+    )
+    by_shard = self.split == "shards"
+    self._hf = self.stream.iterable(
+        order=order, rank=self.rank if by_shard else 0, world_size=self.world_size if by_shard else 1
+    )
+    if hf_state is not None:
+        self._hf.load_state_dict(hf_state)
+    self._it, self.epoch, self._rows, self._wpos = iter(self._hf), epoch, [], 0
+    self._widx, self._start, self._new, self._skip = window, hf_state, True, skip
 
-    def _fill(self) -> None:
-        "Read the next window and permute it; remember the stream state at its start."
-        if not self._new:  # the previous window is used up: the next one starts where the stream is now
-            self._widx, self._start = self._widx + 1, self._hf.state_dict()
-        self._new = False
-        rows = list(itertools.islice(self._it, self.buffer_size))
-        if self.shuffle:
-            rank = self.rank if self.split == "shards" else 0
-            perm = np.random.default_rng([self.seed, self.epoch, rank, self._widx]).permutation(len(rows))
-            rows = [rows[i] for i in perm]
-        self._rows, self._wpos = rows, 0
 
-    def _pull(self) -> dict:
-        if self._wpos >= len(self._rows):
-            self._fill()
-            if not self._rows:
-                raise RuntimeError(
-                    f"stream ended after {self.taken} rows of epoch {self.epoch}, expected {self.per_epoch}"
-                )
-        self._wpos += 1
-        return self._rows[self._wpos - 1]
+@patch
+def _fill(self: _RowStream) -> None:
+    "Read the next window and permute it; remember the stream state at its start."
+    if not self._new:  # the previous window is used up: the next one starts where the stream is now
+        self._widx, self._start = self._widx + 1, self._hf.state_dict()
+    self._new = False
+    rows = list(itertools.islice(self._it, self.buffer_size))
+    if self.shuffle:
+        rank = self.rank if self.split == "shards" else 0
+        perm = np.random.default_rng([self.seed, self.epoch, rank, self._widx]).permutation(len(rows))
+        rows = [rows[i] for i in perm]
+    self._rows, self._wpos = rows, 0
+
+
+@patch
+def _pull(self: _RowStream) -> dict:
+    if self._wpos >= len(self._rows):
+        self._fill()
+        if not self._rows:
+            raise RuntimeError(
+                f"stream ended after {self.taken} rows of epoch {self.epoch}, expected {self.per_epoch}"
+            )
+    self._wpos += 1
+    return self._rows[self._wpos - 1]
 
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c04
 class _RowSource(_RowStream):
@@ -681,41 +779,45 @@ class _RowSource(_RowStream):
             (k // self._block) * self._block * self._stride + self._offset + k % self._block,
         )
 
-    def state_dict(self) -> dict:
-        """The position of the group (`pos`: rows of the epoch's order the group has taken, the same on every rank at a step
-        boundary), the window holding it and the `datasets` stream state at that window's start."""
-        if self._hf is None:
-            return dict(epoch=self.epoch, pos=0, window=None, hf=None)
-        if self.taken % self._block:
-            raise RuntimeError(
-                f"stream state asked in the middle of a block ({self.taken} rows of {self._block})"
-            )
-        pos = self.taken * self._stride
-        w = pos // self.buffer_size
-        if w == self._widx:
-            hf = self._start
-        elif w == self._widx + 1:  # windows are read whole: the stream is at the next window's start
-            hf = self._hf.state_dict()
-        else:
-            raise RuntimeError(f"stream state for position {pos} is not at hand (window {self._widx})")
-        return dict(epoch=self.epoch, pos=pos, window=w, hf=hf)
+# %% ../../nbs/01d_data_loader.ipynb #b2fabbfd
+@patch
+def state_dict(self: _RowSource) -> dict:  # noqa: F811
+    """The position of the group (`pos`: rows of the epoch's order the group has taken, the same on every rank at a step
+    boundary), the window holding it and the `datasets` stream state at that window's start."""
+    if self._hf is None:
+        return dict(epoch=self.epoch, pos=0, window=None, hf=None)
+    if self.taken % self._block:
+        raise RuntimeError(
+            f"stream state asked in the middle of a block ({self.taken} rows of {self._block})"
+        )
+    pos = self.taken * self._stride
+    w = pos // self.buffer_size
+    if w == self._widx:
+        hf = self._start
+    elif w == self._widx + 1:  # windows are read whole: the stream is at the next window's start
+        hf = self._hf.state_dict()
+    else:
+        raise RuntimeError(f"stream state for position {pos} is not at hand (window {self._widx})")
+    return dict(epoch=self.epoch, pos=pos, window=w, hf=hf)
 
-    def load_state_dict(self, st: Mapping) -> None:
-        "Resume at `st` (saved with any world size for `split='rows'`, the same one for `split='shards'`)."
-        self._hf, self.epoch, self.taken = None, int(st["epoch"]), 0
-        if st["window"] is None:
-            return
-        pos = int(st["pos"])
-        if pos % (self._stride * self._block):
-            raise ValueError(
-                f"stream position {pos} is not a multiple of the global batch {self._stride * self._block}"
-            )
-        self.taken = pos // self._stride
-        if self.taken >= self.per_epoch:  # the epoch is done: the next row starts the next one
-            self._hf, self.epoch, self.taken = None, self.epoch + 1, 0
-            return
-        w = int(st["window"])
-        self._open(self.epoch, st["hf"], w, skip=pos - w * self.buffer_size + self._offset)
+
+@patch
+def load_state_dict(self: _RowSource, st: Mapping) -> None:  # noqa: F811
+    "Resume at `st` (saved with any world size for `split='rows'`, the same one for `split='shards'`)."
+    self._hf, self.epoch, self.taken = None, int(st["epoch"]), 0
+    if st["window"] is None:
+        return
+    pos = int(st["pos"])
+    if pos % (self._stride * self._block):
+        raise ValueError(
+            f"stream position {pos} is not a multiple of the global batch {self._stride * self._block}"
+        )
+    self.taken = pos // self._stride
+    if self.taken >= self.per_epoch:  # the epoch is done: the next row starts the next one
+        self._hf, self.epoch, self.taken = None, self.epoch + 1, 0
+        return
+    w = int(st["window"])
+    self._open(self.epoch, st["hf"], w, skip=pos - w * self.buffer_size + self._offset)
 
 # %% ../../nbs/01d_data_loader.ipynb #66577f61
 class _StreamStepSampler(_StepSampler):
@@ -724,6 +826,20 @@ class _StreamStepSampler(_StepSampler):
         L._rewind()  # the sources back to the last step handed out to the caller (workers may have read ahead)
         for s in range(L.step, len(L)):
             yield L.batch_keys(L.epoch, s)
+
+# %% ../../nbs/01d_data_loader.ipynb #6809c4f6
+def _streamed_batch_sizes(paired, unpaired, batch_size_paired, batch_size_unpaired) -> tuple[int, int]:
+    "The paired and unpaired batch sizes of a `StreamingLoader`: its datasets must read `PreparedStream`s."
+    bp = batch_size_paired if paired is not None else 0
+    bu = batch_size_unpaired if unpaired is not None else 0
+    if bp == 0 and bu == 0:
+        raise ValueError("nothing to load: both batch sizes are 0 (or both datasets are None)")
+    for ds, b in ((paired, bp), (unpaired, bu)):
+        if b and not isinstance(ds.records, PreparedStream):
+            raise ValueError(
+                "StreamingLoader reads prepared datasets opened as PreparedStream (make_loader(streaming=True))"
+            )
+    return bp, bu
 
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c02
 class StreamingLoader(PairedUnpairedLoader):
@@ -758,15 +874,7 @@ class StreamingLoader(PairedUnpairedLoader):
         multiprocessing_context=None,
         timeout: float = 0,
     ):
-        bp = batch_size_paired if paired is not None else 0
-        bu = batch_size_unpaired if unpaired is not None else 0
-        if bp == 0 and bu == 0:
-            raise ValueError("nothing to load: both batch sizes are 0 (or both datasets are None)")
-        for ds, b in ((paired, bp), (unpaired, bu)):
-            if b and not isinstance(ds.records, PreparedStream):
-                raise ValueError(
-                    "StreamingLoader reads prepared datasets opened as PreparedStream (make_loader(streaming=True))"
-                )
+        bp, bu = _streamed_batch_sizes(paired, unpaired, batch_size_paired, batch_size_unpaired)
         self.paired, self.unpaired = (paired if bp else None), (unpaired if bu else None)
         self.bp, self.bu, self.tokenize, self.seed = bp, bu, tokenize, int(seed)
         self.rank, self.world_size = _dist_info(rank, world_size)
@@ -776,52 +884,49 @@ class StreamingLoader(PairedUnpairedLoader):
             pin_memory,
             buffer_size,
         )
-        src = lambda ds, s, b: _RowSource(
-            ds.records,
-            shuffle=shuffle,
-            seed=s,
-            buffer_size=buffer_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            split=split,
-            block=b,
-        )
-        self.split, self._sources = split, {}
-        if self.paired is not None:
-            self._sources["p"] = src(self.paired, self.seed + _PAIRED_SEED_OFFSET, bp)
-        if self.unpaired is not None:
-            self._sources["u"] = src(self.unpaired, self.seed, bu)
-        self._driver = "u" if self.unpaired is not None else "p"
-        shard, b = self._sources[self._driver].per_epoch, (bu if self._driver == "u" else bp)
-        self._steps = shard // b if drop_last else math.ceil(shard / b)
-        if self._steps == 0:
-            raise ValueError(
-                f"0 steps per epoch: this rank's share has {shard} rows, fewer than the batch size {b} "
-                f"(drop_last={drop_last}, world_size={self.world_size})"
-            )
+        self._open_sources(split)
         self.epoch, self.step = 0, 0
         self.decode_errors: list[tuple[str, str]] = []
         self._states = {0: self._source_states()}  # global step -> source states after it
-        workers = (
-            dict(
-                persistent_workers=persistent_workers,
-                prefetch_factor=prefetch_factor,
-                multiprocessing_context=multiprocessing_context,
-            )
-            if num_workers > 0
-            else {}
-        )
-        self._dl = DataLoader(
-            _TwoStreams(self.paired, self.unpaired),
-            batch_sampler=_StreamStepSampler(self),
-            collate_fn=_Collate(tokenize),
-            num_workers=num_workers,
-            timeout=timeout,
-            generator=torch.Generator().manual_seed(self.seed),
-            **workers,
+        self._dl = _data_loader(
+            self,
+            _StreamStepSampler(self),
+            num_workers,
+            timeout,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+            multiprocessing_context=multiprocessing_context,
         )
 
 # %% ../../nbs/01d_data_loader.ipynb #5e7a1c03
+@patch
+def _open_sources(self: StreamingLoader, split: str) -> None:
+    "One `_RowSource` per stream; the driver stream (unpaired if any) sets the steps per epoch."
+    src = lambda ds, s, b: _RowSource(
+        ds.records,
+        shuffle=self.shuffle,
+        seed=s,
+        buffer_size=self.buffer_size,
+        rank=self.rank,
+        world_size=self.world_size,
+        split=split,
+        block=b,
+    )
+    self.split, self._sources = split, {}
+    if self.paired is not None:
+        self._sources["p"] = src(self.paired, self.seed + _PAIRED_SEED_OFFSET, self.bp)
+    if self.unpaired is not None:
+        self._sources["u"] = src(self.unpaired, self.seed, self.bu)
+    self._driver = "u" if self.unpaired is not None else "p"
+    shard, b = self._sources[self._driver].per_epoch, (self.bu if self._driver == "u" else self.bp)
+    self._steps = shard // b if self.drop_last else math.ceil(shard / b)
+    if self._steps == 0:
+        raise ValueError(
+            f"0 steps per epoch: this rank's share has {shard} rows, fewer than the batch size {b} "
+            f"(drop_last={self.drop_last}, world_size={self.world_size})"
+        )
+
+
 @patch
 def _source_states(self: StreamingLoader) -> dict:
     return {k: s.state_dict() for k, s in self._sources.items()}
@@ -842,9 +947,9 @@ def _rewind(self: StreamingLoader) -> None:
         self._src_g = g
     self._states = {k: v for k, v in self._states.items() if k >= g}
 
-
+# %% ../../nbs/01d_data_loader.ipynb #595742fa
 @patch
-def batch_keys(self: StreamingLoader, epoch: int, step: int) -> list[tuple[str, dict, int]]:
+def batch_keys(self: StreamingLoader, epoch: int, step: int) -> list[tuple[str, dict, int]]:  # noqa: F811
     "The `(stream, row, sample seed)` keys of the next step: rows are read from the streams, so call it in step order."
     if step == 0:
         self._sources[self._driver].start_epoch(epoch)
@@ -885,7 +990,7 @@ def _config(self: StreamingLoader) -> dict:
 
 
 @patch
-def state_dict(self: StreamingLoader) -> dict:
+def state_dict(self: StreamingLoader) -> dict:  # noqa: F811
     "Position (epoch, next step), the `datasets` stream state of each source there, and the configuration."
     e, s = self._norm(self.epoch, self.step)
     g = e * self._steps + s
@@ -895,7 +1000,7 @@ def state_dict(self: StreamingLoader) -> dict:
 
 
 @patch
-def load_state_dict(self: StreamingLoader, state: Mapping, strict: bool = True) -> None:
+def load_state_dict(self: StreamingLoader, state: Mapping, strict: bool = True) -> None:  # noqa: F811
     """Resume at `state`'s position: each stream continues from its saved `datasets` state. With `split="rows"` the state
     of any rank resumes every rank, on any number of ranks that keeps the global batch sizes (elastic resume)."""
     cfg = self._config()
