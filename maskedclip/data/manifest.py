@@ -189,6 +189,15 @@ def _assemble(
     ds.info.description = report.summary()
     return ds
 
+
+def _manifest_data(normalized, extras, report, root, path, locations, verbose: bool) -> ManifestData:
+    "The `ManifestData` of the kept rows (with their extra columns): counts the rows, prints the report if `verbose`."
+    report.kept = len(normalized)
+    ds = _assemble(normalized, extras, report)
+    if verbose:
+        print(report.summary())
+    return ManifestData(ds, report, root, path, locations)
+
 # %% ../../nbs/01b_data_manifest.ipynb #00000019
 def _scan_json(path: Path):
     "Rows of a JSON-lines file (or a JSON array) with their line numbers; malformed lines become errors."
@@ -307,35 +316,10 @@ def _check_many(
         bar.close()
         ex.shutdown(wait=True, cancel_futures=True)
 
-# %% ../../nbs/01b_data_manifest.ipynb #8ea369f9
-def _validate_rows(
-    rows,
-    locs,
-    root,
-    *,
-    label_space,
-    require_text,
-    check_images,
-    max_pixels,
-    num_threads,
-    on_bad_record,
-    report,
-    verbose,
-    check_shard=None,
-    all_gather=None,
-) -> tuple[list[dict], list[int]]:
-    """Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices.
-
-    `check_shard=(rank, world_size)`: this process checks the images of every `world_size`-th row only and
-    `all_gather(local_errors) -> [errors of rank 0, rank 1, ...]` shares what each rank found, so every rank keeps
-    the same rows after checking `1/world_size` of the images (D31)."""
-    seen, cheap, errors, paths = {}, [], {}, {}
-
-    def fail(i, err):
-        if on_bad_record == "raise":
-            raise err
-        errors[i] = err
-
+# %% ../../nbs/01b_data_manifest.ipynb #fe47c997
+def _cheap_checks(rows, locs, root, label_space, require_text, fail) -> list[tuple[int, dict]]:
+    "`(row index, normalised record)` of the rows that pass the checks without reading images; `fail(i, error)` for the others."
+    seen, cheap, paths = {}, [], {}
     for i, (row, (man, line)) in enumerate(zip(rows, locs)):
         rid = row.get("id") if isinstance(row, Mapping) else None
         try:
@@ -358,35 +342,72 @@ def _validate_rows(
             cheap.append((i, rec))
         except BadRecordError as e:
             fail(i, e.located(manifest=man, line=line, record_id=None if rid is None else str(rid)))
+    return cheap
+
+# %% ../../nbs/01b_data_manifest.ipynb #ff316b78
+def _check_row_images(cheap, root, mode, max_pixels, num_threads, verbose, check_shard, all_gather):
+    """Check the images of this rank's share of `cheap` (`[(row index, record)]`) -> (the errors found by every rank,
+    sorted by row; this rank's images smaller than `MIN_IMAGE_SIDE` as `(row index, record, (w, h))`)."""
+    tiny = []
+    rank, world = check_shard or (0, 1)
+    if world > 1 and all_gather is None:
+        raise ValueError("check_shard with world_size > 1 needs all_gather to share the image errors")
+    mine = cheap[rank::world]
+    paths = [Path(root) / rec["image"] for _, rec in mine]
+    found = []
+    for (i, rec), err in zip(
+        mine, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)
+    ):
+        if isinstance(err, BadRecordError):
+            found.append((i, err))
+        elif min(err) < MIN_IMAGE_SIDE:
+            tiny.append((i, rec, err))
+    if world > 1:
+        found = sorted((x for part in all_gather(found) for x in part), key=lambda t: t[0])
+    return found, tiny
+
+# %% ../../nbs/01b_data_manifest.ipynb #8ea369f9
+def _validate_rows(
+    rows,
+    locs,
+    root,
+    *,
+    label_space,
+    require_text,
+    check_images,
+    max_pixels,
+    num_threads,
+    on_bad_record,
+    report,
+    verbose,
+    check_shard=None,
+    all_gather=None,
+) -> tuple[list[dict], list[int]]:
+    """Validate rows (with `(manifest, line)` locations); return the normalised kept rows and their indices.
+
+    `check_shard=(rank, world_size)`: this process checks the images of every `world_size`-th row only and
+    `all_gather(local_errors) -> [errors of rank 0, rank 1, ...]` shares what each rank found, so every rank keeps
+    the same rows after checking `1/world_size` of the images (D31)."""
+    errors = {}
+
+    def fail(i, err):
+        if on_bad_record == "raise":
+            raise err
+        errors[i] = err
+
+    cheap = _cheap_checks(rows, locs, root, label_space, require_text, fail)
     mode = _image_check_mode(check_images)
     tiny = []
     if mode is not None and cheap:
-        rank, world = check_shard or (0, 1)
-        if world > 1 and all_gather is None:
-            raise ValueError("check_shard with world_size > 1 needs all_gather to share the image errors")
-        mine = cheap[rank::world]
-        paths = [Path(root) / rec["image"] for _, rec in mine]
-        found = []
-        for (i, rec), err in zip(
-            mine, _check_many(paths, mode, max_pixels, num_threads, verbose and len(paths) >= 2000)
-        ):
-            if isinstance(err, BadRecordError):
-                found.append((i, err))
-            elif min(err) < MIN_IMAGE_SIDE:
-                tiny.append((i, rec, err))
-        if world > 1:
-            found = sorted((x for part in all_gather(found) for x in part), key=lambda t: t[0])
+        found, tiny = _check_row_images(
+            cheap, root, mode, max_pixels, num_threads, verbose, check_shard, all_gather
+        )
         ids = dict(cheap)
         for i, err in found:
             man, line = locs[i]
             fail(i, err.located(manifest=man, line=line, record_id=ids[i]["id"], field="image"))
     if tiny:
-        (i, rec, (w, h)), (man, line) = tiny[0], locs[tiny[0][0]]
-        warnings.warn(
-            f"{len(tiny)} image(s) smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, e.g. {man}:{line} id={rec['id']!r} "
-            f"file {Path(root) / rec['image']} is {w}x{h}: they would be upscaled to the model input and carry no detail; "
-            "check they are real images, or remove them"
-        )
+        _warn_small_images(tiny, locs, root)
     for i in sorted(errors):
         report.add(errors[i])
     kept = [(i, rec) for i, rec in cheap if i not in errors]
@@ -401,6 +422,53 @@ MIN_IMAGE_SIDE = (
 def _check_policy(on_bad_record):
     if on_bad_record not in ("raise", "skip"):
         raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
+
+
+def _warn_small_images(tiny, locs, root) -> None:
+    "One warning for the images smaller than `MIN_IMAGE_SIDE`, naming the first."
+    (_, rec, (w, h)), (man, line) = tiny[0], locs[tiny[0][0]]
+    warnings.warn(
+        f"{len(tiny)} image(s) smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, e.g. {man}:{line} id={rec['id']!r} "
+        f"file {Path(root) / rec['image']} is {w}x{h}: they would be upscaled to the model input and carry no detail; "
+        "check they are real images, or remove them"
+    )
+
+# %% ../../nbs/01b_data_manifest.ipynb #c078cdd4
+def _raise_earliest(rows, lines, bad, path, root, report, label_space, require_text, max_pixels, num_threads):
+    "Raise the earliest bad row: validate the rows above the first malformed line, then raise that line's error."
+    first = bad[0].line if isinstance(bad[0].line, int) else 0
+    before = [(r, l) for r, l in zip(rows, lines) if isinstance(l, int) and l < first]
+    _validate_rows(
+        [r for r, _ in before],
+        [(str(path), l) for _, l in before],
+        root,
+        label_space=label_space,
+        require_text=require_text,
+        check_images=False,
+        max_pixels=max_pixels,
+        num_threads=num_threads,
+        on_bad_record="raise",
+        report=report,
+        verbose=False,
+    )
+    raise bad[0]
+
+
+def _manifest_extras(fmt, path, cache_dir, header, rows, bad, normalized, kept) -> datasets.Dataset | None:
+    "The kept rows' columns beyond `RECORD_FIELDS`: typed by `datasets`' reader of the file if it reads cleanly."
+    table = None
+    if (
+        not bad and rows and any(k not in RECORD_FIELDS for r in rows for k in r)
+    ):  # extra columns: typed by datasets
+        try:
+            table = _hf_read(fmt, path, cache_dir, header)
+            if len(table) != len(rows):
+                table = None
+        except Exception:
+            table = None
+    if table is not None:
+        return table.select(kept).remove_columns([c for c in table.column_names if c in RECORD_FIELDS])
+    return _extras_from_rows(normalized)
 
 # %% ../../nbs/01b_data_manifest.ipynb #0000001a
 def load_manifest(
@@ -437,25 +505,10 @@ def load_manifest(
     report = LoadReport(manifest=str(path), root=str(root))
     rows, lines, bad, header = (_scan_json if fmt == "json" else _scan_csv)(path)
     report.total = len(rows) + len(bad)
-    if (
-        bad and on_bad_record == "raise"
-    ):  # raise the earliest bad row: check the rows above the first malformed one
-        first = bad[0].line if isinstance(bad[0].line, int) else 0
-        before = [(r, l) for r, l in zip(rows, lines) if isinstance(l, int) and l < first]
-        _validate_rows(
-            [r for r, _ in before],
-            [(str(path), l) for _, l in before],
-            root,
-            label_space=label_space,
-            require_text=require_text,
-            check_images=False,
-            max_pixels=max_pixels,
-            num_threads=num_threads,
-            on_bad_record="raise",
-            report=report,
-            verbose=False,
+    if bad and on_bad_record == "raise":
+        _raise_earliest(
+            rows, lines, bad, path, root, report, label_space, require_text, max_pixels, num_threads
         )
-        raise bad[0]
     normalized, kept = _validate_rows(
         rows,
         [(str(path), l) for l in lines],
@@ -474,25 +527,9 @@ def load_manifest(
     for e in bad:
         report.add(e)
     report.skipped.sort(key=lambda s: (len(s.where), s.where))
-    extras, table = None, None
-    if (
-        not bad and rows and any(k not in RECORD_FIELDS for r in rows for k in r)
-    ):  # extra columns: typed by datasets
-        try:
-            table = _hf_read(fmt, path, cache_dir, header)
-            if len(table) != len(rows):
-                table = None
-        except Exception:
-            table = None
-    if table is not None:
-        extras = table.select(kept).remove_columns([c for c in table.column_names if c in RECORD_FIELDS])
-    else:
-        extras = _extras_from_rows(normalized)
-    report.kept = len(normalized)
-    ds = _assemble(normalized, extras, report)
-    if verbose:
-        print(report.summary())
-    return ManifestData(ds, report, root, path, [(str(path), lines[i]) for i in kept])
+    extras = _manifest_extras(fmt, path, cache_dir, header, rows, bad, normalized, kept)
+    locs = [(str(path), lines[i]) for i in kept]
+    return _manifest_data(normalized, extras, report, root, path, locs, verbose)
 
 # %% ../../nbs/01b_data_manifest.ipynb #66571f27
 def load_records(
@@ -533,11 +570,9 @@ def load_records(
         check_shard=check_shard,
         all_gather=all_gather,
     )
-    report.kept = len(normalized)
-    ds = _assemble(normalized, _extras_from_rows(normalized), report)
-    if verbose:
-        print(report.summary())
-    return ManifestData(ds, report, root, None, [locs[i] for i in kept])
+    return _manifest_data(
+        normalized, _extras_from_rows(normalized), report, root, None, [locs[i] for i in kept], verbose
+    )
 
 # %% ../../nbs/01b_data_manifest.ipynb #0000001b
 _SPLIT_DIRS = {
@@ -615,6 +650,33 @@ def _csv_header(path: Path) -> list[str]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         return next(csv.reader(f), [])
 
+# %% ../../nbs/01b_data_manifest.ipynb #23552b76
+def _metadata_rows(root: Path, metas: list[Path], cache_dir, text_column: str, label_column: str):
+    "The records of an imagefolder's `metadata.csv` files and their `(file, line)` locations."
+    rows, locs = [], []
+    for meta in metas:
+        header = _csv_header(meta)
+        if "file_name" not in header:
+            raise ValueError(f"{meta}: imagefolder metadata needs a file_name column, found {header}")
+        table = _hf_read("csv", meta, cache_dir, header)
+        sub = meta.parent.relative_to(root)
+        split = _SPLIT_DIRS.get(sub.parts[0].lower()) if sub.parts else None
+        for i, r in enumerate(table):
+            fn = r["file_name"] or ""
+            image = (sub / fn).as_posix() if fn else ""
+            rec = {k: v for k, v in r.items() if k not in ("file_name", text_column, label_column)}
+            rec.update(
+                id=r.get("id") or (str(Path(image).with_suffix("").as_posix()) if image else ""),
+                image=image,
+                text=r.get(text_column),
+                label=r.get(label_column),
+                source=r.get("source") or root.name,
+                split=r.get("split") or split,
+            )
+            rows.append(rec)
+            locs.append((str(meta), i + 2))
+    return rows, locs
+
 # %% ../../nbs/01b_data_manifest.ipynb #d0e1836d
 def load_imagefolder(
     root,
@@ -662,36 +724,19 @@ def load_imagefolder(
             raise FileNotFoundError(f"{root}: no metadata.csv and no class folders with images")
         return load_records(recs, root, name=str(root), **common)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    rows, locs = [], []
-    for meta in metas:
-        header = _csv_header(meta)
-        if "file_name" not in header:
-            raise ValueError(f"{meta}: imagefolder metadata needs a file_name column, found {header}")
-        table = _hf_read("csv", meta, cache_dir, header)
-        sub = meta.parent.relative_to(root)
-        split = _SPLIT_DIRS.get(sub.parts[0].lower()) if sub.parts else None
-        for i, r in enumerate(table):
-            fn = r["file_name"] or ""
-            image = (sub / fn).as_posix() if fn else ""
-            rec = {k: v for k, v in r.items() if k not in ("file_name", text_column, label_column)}
-            rec.update(
-                id=r.get("id") or (str(Path(image).with_suffix("").as_posix()) if image else ""),
-                image=image,
-                text=r.get(text_column),
-                label=r.get(label_column),
-                source=r.get("source") or root.name,
-                split=r.get("split") or split,
-            )
-            rows.append(rec)
-            locs.append((str(meta), i + 2))
+    rows, locs = _metadata_rows(root, metas, cache_dir, text_column, label_column)
     report = LoadReport(manifest=str(root), root=str(root), total=len(rows))
     _check_policy(on_bad_record)
     normalized, kept = _validate_rows(rows, locs, root, report=report, **common)
-    report.kept = len(normalized)
-    ds = _assemble(normalized, _extras_from_rows(normalized), report)
-    if verbose:
-        print(report.summary())
-    return ManifestData(ds, report, root, root / "metadata.csv", [locs[i] for i in kept])
+    return _manifest_data(
+        normalized,
+        _extras_from_rows(normalized),
+        report,
+        root,
+        root / "metadata.csv",
+        [locs[i] for i in kept],
+        verbose,
+    )
 
 # %% ../../nbs/01b_data_manifest.ipynb #5ddd3208
 def _json_default(o):
