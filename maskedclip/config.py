@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from fastcore.basics import patch
+
 # %% auto #0
 __all__ = ['BIO_CLINICAL_BERT_ARCH', 'METHODS', 'MFD_TARGETS', 'MLIP_SWITCHES', 'PRESETS', 'ExitCode', 'MaskedCLIPError',
            'ConfigError', 'DataError', 'RunEnvironmentError', 'NonFiniteError', 'ConfigBase', 'exit_code_for',
@@ -465,87 +467,97 @@ class MaskedCLIPConfig(ConfigBase):
     lambda_lg_clip: float = 0.01
     lambda_mfd: float = 0.01
 
-    def __post_init__(self):
-        for f in ("use_mim", "use_clip", "use_bridge", "use_mfd", "use_supervised"):
-            _check(isinstance(getattr(self, f), bool), f, f"expected a bool, got {getattr(self, f)!r}")
-        _check(
-            self.use_mim
-            or self.use_clip
-            or self.use_supervised
-            or self.mlip.integrity != "off"
-            or self.mlip.use_ot,
-            "use_mim",
-            "at least one of use_mim / use_clip / use_supervised must be on",
-        )
-        _check(
-            isinstance(self.supervised_classes, int) and self.supervised_classes >= 0,
-            "supervised_classes",
-            f"expected an int >= 0 (0: from data.label_space), got {self.supervised_classes!r}",
-        )
-        _check_choice(self.mfd_target, "mfd_target", MFD_TARGETS)
-        _check(
-            not self.use_bridge or self.use_clip,
-            "use_bridge",
-            "the bridge feeds the CLIP loss; it needs use_clip=True",
-        )
-        _check(
-            not self.use_mfd or self.use_bridge,
-            "use_mfd",
-            "the distillation target is EMA(bridge∘encoder); it needs use_bridge=True",
-        )
-        _check(
-            not (self.mlip.integrity != "off" or self.mlip.use_ot) or self.use_clip,
-            "mlip",
-            "MLIP losses are contrastive; they need use_clip=True",
-        )
-        _check_range(self.mask_ratio, "mask_ratio", 0, 1, hi_open=True)
-        _check(
-            self.mask_ratio > 0 or not (self.use_mim or self.use_mfd),
-            "mask_ratio",
-            "must be > 0 when use_mim or use_mfd is on",
-        )
-        _check(
-            int(self.vision.num_patches * (1 - self.mask_ratio)) >= 1,
-            "mask_ratio",
-            f"{self.mask_ratio} keeps no patch of {self.vision.num_patches}",
-        )
-        _check_choice(self.clip_view, "clip_view", ("full", "masked"))
-        _check(
-            self.mlip.integrity == "off" or self.clip_view == "masked",
-            "mlip.integrity",
-            "integrity weighting scores the masked view; it needs clip_view='masked'",
-        )
-        _check(
-            self.mlip.mask_sampler != "phi" or self.mlip.integrity == "maco",
-            "mlip.mask_sampler",
-            "'phi' sampling needs the position weights of mlip.integrity='maco'",
-        )
-        _check_range(self.proj_dim, "proj_dim", 1)
-        _check_range(self.logit_scale_max, "logit_scale_max", 0, lo_open=True)
-        _check_range(self.logit_scale_init, "logit_scale_init", 0, self.logit_scale_max)
-        _check_range(self.ema_momentum, "ema_momentum", 0, 1)
-        for f in ("lambda_mim", "lambda_lg_clip", "lambda_mfd"):
-            _check_range(getattr(self, f), f, 0)
-        for f in ("pixel_decoder", "bridge", "feature_decoder"):
-            t = getattr(self, f)
-            _check(
-                isinstance(t, TransformerConfig), f, f"expected a TransformerConfig, got {type(t).__name__}"
-            )
-            w = t.width or self.vision.width
-            _check(w % t.heads == 0, f"{f}.heads", f"width {w} is not divisible by heads {t.heads}")
+    def __post_init__(self):  # the checks: the @patch cells below
+        self._check_switches()
+        self._check_values()
 
-    def with_method(self, method: str) -> "MaskedCLIPConfig":
-        "The same config with the switches of one of `METHODS` (or 'mlip')."
-        if method == "mlip":
-            return dataclasses.replace(self, method="mlip", **MLIP_SWITCHES)
-        _check(method in METHODS, "method", f"{method!r} is not one of {list(METHODS) + ['mlip']}")
-        sw = dict(METHODS[method])
-        mlip = self.mlip if method == self.method else MLIPConfig()
-        if self.method == "mlip":
-            sw["clip_view"] = (
-                "full"  # leaving MLIP's masked contrastive view: back to the paper's default (D1)
-            )
-        return dataclasses.replace(self, method=method, mlip=mlip, **sw)
+# %% ../nbs/00_config.ipynb #8fa2b3f6
+@patch
+def _check_switches(self: MaskedCLIPConfig) -> None:
+    "Refuse switch combinations that train nothing or a loss without the part it needs."
+    for f in ("use_mim", "use_clip", "use_bridge", "use_mfd", "use_supervised"):
+        _check(isinstance(getattr(self, f), bool), f, f"expected a bool, got {getattr(self, f)!r}")
+    _check(
+        self.use_mim
+        or self.use_clip
+        or self.use_supervised
+        or self.mlip.integrity != "off"
+        or self.mlip.use_ot,
+        "use_mim",
+        "at least one of use_mim / use_clip / use_supervised must be on",
+    )
+    _check(
+        isinstance(self.supervised_classes, int) and self.supervised_classes >= 0,
+        "supervised_classes",
+        f"expected an int >= 0 (0: from data.label_space), got {self.supervised_classes!r}",
+    )
+    _check_choice(self.mfd_target, "mfd_target", MFD_TARGETS)
+    _check(
+        not self.use_bridge or self.use_clip,
+        "use_bridge",
+        "the bridge feeds the CLIP loss; it needs use_clip=True",
+    )
+    _check(
+        not self.use_mfd or self.use_bridge,
+        "use_mfd",
+        "the distillation target is EMA(bridge∘encoder); it needs use_bridge=True",
+    )
+    _check(
+        not (self.mlip.integrity != "off" or self.mlip.use_ot) or self.use_clip,
+        "mlip",
+        "MLIP losses are contrastive; they need use_clip=True",
+    )
+
+# %% ../nbs/00_config.ipynb #9eca60c8
+@patch
+def _check_values(self: MaskedCLIPConfig) -> None:
+    "Refuse out-of-range values: mask ratio, CLIP view, projection, temperature, EMA, weights, decoder widths."
+    _check_range(self.mask_ratio, "mask_ratio", 0, 1, hi_open=True)
+    _check(
+        self.mask_ratio > 0 or not (self.use_mim or self.use_mfd),
+        "mask_ratio",
+        "must be > 0 when use_mim or use_mfd is on",
+    )
+    _check(
+        int(self.vision.num_patches * (1 - self.mask_ratio)) >= 1,
+        "mask_ratio",
+        f"{self.mask_ratio} keeps no patch of {self.vision.num_patches}",
+    )
+    _check_choice(self.clip_view, "clip_view", ("full", "masked"))
+    _check(
+        self.mlip.integrity == "off" or self.clip_view == "masked",
+        "mlip.integrity",
+        "integrity weighting scores the masked view; it needs clip_view='masked'",
+    )
+    _check(
+        self.mlip.mask_sampler != "phi" or self.mlip.integrity == "maco",
+        "mlip.mask_sampler",
+        "'phi' sampling needs the position weights of mlip.integrity='maco'",
+    )
+    _check_range(self.proj_dim, "proj_dim", 1)
+    _check_range(self.logit_scale_max, "logit_scale_max", 0, lo_open=True)
+    _check_range(self.logit_scale_init, "logit_scale_init", 0, self.logit_scale_max)
+    _check_range(self.ema_momentum, "ema_momentum", 0, 1)
+    for f in ("lambda_mim", "lambda_lg_clip", "lambda_mfd"):
+        _check_range(getattr(self, f), f, 0)
+    for f in ("pixel_decoder", "bridge", "feature_decoder"):
+        t = getattr(self, f)
+        _check(isinstance(t, TransformerConfig), f, f"expected a TransformerConfig, got {type(t).__name__}")
+        w = t.width or self.vision.width
+        _check(w % t.heads == 0, f"{f}.heads", f"width {w} is not divisible by heads {t.heads}")
+
+# %% ../nbs/00_config.ipynb #6e6b44ed
+@patch
+def with_method(self: MaskedCLIPConfig, method: str) -> "MaskedCLIPConfig":
+    "The same config with the switches of one of `METHODS` (or 'mlip')."
+    if method == "mlip":
+        return dataclasses.replace(self, method="mlip", **MLIP_SWITCHES)
+    _check(method in METHODS, "method", f"{method!r} is not one of {list(METHODS) + ['mlip']}")
+    sw = dict(METHODS[method])
+    mlip = self.mlip if method == self.method else MLIPConfig()
+    if self.method == "mlip":
+        sw["clip_view"] = "full"  # leaving MLIP's masked contrastive view: back to the paper's default (D1)
+    return dataclasses.replace(self, method=method, mlip=mlip, **sw)
 
 # %% ../nbs/00_config.ipynb #06bb08cd
 MLIP_SWITCHES = dict(
@@ -638,35 +650,41 @@ class DataConfig(ConfigBase):
     )
 
     # None: the labels found in the data (printed at the start of the run)
-    def __post_init__(self):
-        _check_range(self.paired_batch_size, "data.paired_batch_size", 0)
-        _check_range(self.unpaired_batch_size, "data.unpaired_batch_size", 0)
+    def __post_init__(self):  # the checks: the @patch cells below
+        self._validate()
+
+# %% ../nbs/00_config.ipynb #87fa6218
+@patch
+def _validate(self: DataConfig) -> None:
+    "Refuse batch sizes, augmentation, worker, record-policy and streaming values out of range; a run needs data."
+    _check_range(self.paired_batch_size, "data.paired_batch_size", 0)
+    _check_range(self.unpaired_batch_size, "data.unpaired_batch_size", 0)
+    _check(
+        self.paired_batch_size + self.unpaired_batch_size > 0,
+        "data.paired_batch_size",
+        "both batch sizes are 0",
+    )
+    _check_range(self.crop_scale_min, "data.crop_scale_min", 0, 1, lo_open=True)
+    _check_range(self.hflip, "data.hflip", 0, 1)
+    _check_range(self.num_workers, "data.num_workers", 0, 256)
+    _check_choice(self.on_bad_record, "data.on_bad_record", ("raise", "skip"))
+    _check_choice(self.check_images, "data.check_images", ("all", "header", "none"))
+    _check_range(self.shuffle_buffer, "data.shuffle_buffer", 1)
+    _check_choice(self.stream_split, "data.stream_split", ("shards", "rows"))
+    for f in ("synthetic_n_paired", "synthetic_n_unpaired", "synthetic_n_task"):
+        _check_range(getattr(self, f), f"data.{f}", 0)
+    _check(
+        self.synthetic or self.paired or self.unpaired,
+        "data.paired",
+        "give a paired and/or unpaired manifest, or set data.synthetic=True",
+    )
+    if isinstance(self.label_space, (list, tuple)):
         _check(
-            self.paired_batch_size + self.unpaired_batch_size > 0,
-            "data.paired_batch_size",
-            "both batch sizes are 0",
+            len(self.label_space) > 0 and all(s.strip() for s in self.label_space),
+            "data.label_space",
+            "give at least one non-empty label",
         )
-        _check_range(self.crop_scale_min, "data.crop_scale_min", 0, 1, lo_open=True)
-        _check_range(self.hflip, "data.hflip", 0, 1)
-        _check_range(self.num_workers, "data.num_workers", 0, 256)
-        _check_choice(self.on_bad_record, "data.on_bad_record", ("raise", "skip"))
-        _check_choice(self.check_images, "data.check_images", ("all", "header", "none"))
-        _check_range(self.shuffle_buffer, "data.shuffle_buffer", 1)
-        _check_choice(self.stream_split, "data.stream_split", ("shards", "rows"))
-        for f in ("synthetic_n_paired", "synthetic_n_unpaired", "synthetic_n_task"):
-            _check_range(getattr(self, f), f"data.{f}", 0)
-        _check(
-            self.synthetic or self.paired or self.unpaired,
-            "data.paired",
-            "give a paired and/or unpaired manifest, or set data.synthetic=True",
-        )
-        if isinstance(self.label_space, (list, tuple)):
-            _check(
-                len(self.label_space) > 0 and all(s.strip() for s in self.label_space),
-                "data.label_space",
-                "give at least one non-empty label",
-            )
-            self.label_space = list(self.label_space)
+        self.label_space = list(self.label_space)
 
 # %% ../nbs/00_config.ipynb #a70613e6
 @dataclass
@@ -701,48 +719,54 @@ class TrainConfig(ConfigBase):
     device: str = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"  # D35: replicate (DDP) or shard per block (FSDP2) under torchrun
 
-    def __post_init__(self):
-        if isinstance(self.betas, list):
-            self.betas = tuple(self.betas)
-        _check(self.steps is not None or self.epochs is not None, "train.steps", "give steps or epochs")
-        if self.steps is not None:
-            _check_range(self.steps, "train.steps", 1)
-        if self.epochs is not None:
-            _check_range(self.epochs, "train.epochs", 0, lo_open=True)
-        if self.warmup_steps is not None:
-            _check_range(self.warmup_steps, "train.warmup_steps", 0)
-        _check_range(self.warmup_epochs, "train.warmup_epochs", 0)
-        _check_range(self.base_lr, "train.base_lr", 0, 1, lo_open=True)
-        if self.lr is not None:
-            _check_range(self.lr, "train.lr", 0, 1, lo_open=True)
-        _check_range(self.min_lr, "train.min_lr", 0, 1)
-        _check_range(self.text_lr_mult, "train.text_lr_mult", 0)
-        _check_range(self.weight_decay, "train.weight_decay", 0, 1)
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "train.betas",
-            f"{self.betas!r} must be two numbers in [0, 1)",
-        )
-        _check_range(self.grad_accum, "train.grad_accum", 1, 4096)
-        if self.grad_clip is not None:
-            _check_range(self.grad_clip, "train.grad_clip", 0, lo_open=True)
-        _check_choice(self.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
-        _check_choice(self.strategy, "train.strategy", ("ddp", "fsdp"))
-        _check(
-            not (self.strategy == "fsdp" and self.precision == "fp16"),
-            "train.strategy",
-            "fsdp is not wired to fp16's gradient scaler; use train.precision=bf16 (or fp32) with fsdp",
-        )
-        _check_range(self.save_every, "train.save_every", 0)
-        _check_range(self.keep_last, "train.keep_last", 1)
-        _check_range(self.log_every, "train.log_every", 1)
-        _check_range(self.diag_every, "train.diag_every", 0)
-        _check_range(self.finite_check_every, "train.finite_check_every", 0)
-        _check(
-            re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device) is not None,
-            "train.device",
-            f"{self.device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)",
-        )
+    def __post_init__(self):  # the checks: the @patch cells below
+        self._validate()
+
+# %% ../nbs/00_config.ipynb #2803d3d5
+@patch
+def _validate(self: TrainConfig) -> None:
+    "Refuse a schedule, optimiser, precision, strategy, checkpoint or device setting out of range."
+    if isinstance(self.betas, list):
+        self.betas = tuple(self.betas)
+    _check(self.steps is not None or self.epochs is not None, "train.steps", "give steps or epochs")
+    if self.steps is not None:
+        _check_range(self.steps, "train.steps", 1)
+    if self.epochs is not None:
+        _check_range(self.epochs, "train.epochs", 0, lo_open=True)
+    if self.warmup_steps is not None:
+        _check_range(self.warmup_steps, "train.warmup_steps", 0)
+    _check_range(self.warmup_epochs, "train.warmup_epochs", 0)
+    _check_range(self.base_lr, "train.base_lr", 0, 1, lo_open=True)
+    if self.lr is not None:
+        _check_range(self.lr, "train.lr", 0, 1, lo_open=True)
+    _check_range(self.min_lr, "train.min_lr", 0, 1)
+    _check_range(self.text_lr_mult, "train.text_lr_mult", 0)
+    _check_range(self.weight_decay, "train.weight_decay", 0, 1)
+    _check(
+        len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+        "train.betas",
+        f"{self.betas!r} must be two numbers in [0, 1)",
+    )
+    _check_range(self.grad_accum, "train.grad_accum", 1, 4096)
+    if self.grad_clip is not None:
+        _check_range(self.grad_clip, "train.grad_clip", 0, lo_open=True)
+    _check_choice(self.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
+    _check_choice(self.strategy, "train.strategy", ("ddp", "fsdp"))
+    _check(
+        not (self.strategy == "fsdp" and self.precision == "fp16"),
+        "train.strategy",
+        "fsdp is not wired to fp16's gradient scaler; use train.precision=bf16 (or fp32) with fsdp",
+    )
+    _check_range(self.save_every, "train.save_every", 0)
+    _check_range(self.keep_last, "train.keep_last", 1)
+    _check_range(self.log_every, "train.log_every", 1)
+    _check_range(self.diag_every, "train.diag_every", 0)
+    _check_range(self.finite_check_every, "train.finite_check_every", 0)
+    _check(
+        re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device) is not None,
+        "train.device",
+        f"{self.device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)",
+    )
 
 # %% ../nbs/00_config.ipynb #36d9ce2c
 @dataclass
