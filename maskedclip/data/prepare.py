@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 from datasets.distributed import split_dataset_by_node
+from fastcore.basics import patch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -184,6 +185,53 @@ def _shard_rows(n: int, k: int) -> list[int]:
     "Rows per shard of `Dataset.save_to_disk(num_shards=k)` (contiguous shards, the first `n % k` one row longer)."
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
+# %% ../../nbs/01f_data_prepare.ipynb #b1e1111f
+def _write_arrow(path: Path, rows) -> tuple[int, set]:
+    "Write `rows` to one Arrow file at `path`, 1024 at a time -> (the number of rows, the labels seen)."
+    writer = ArrowWriter(features=PREPARED_FEATURES, path=str(path), writer_batch_size=100)
+    n, labels, pending = 0, set(), []
+    for row in rows:
+        pending.append(row)
+        labels.update([row["label"], *(row["labels"] or ())])
+        n += 1
+        if len(pending) == 1024:
+            _write_rows(writer, pending)
+            pending = []
+    _write_rows(writer, pending)
+    writer.finalize()
+    return n, labels
+
+
+def _save_shards(work: Path, n: int, shard_size: int) -> tuple[list[str], int]:
+    "Save `work/rows.arrow` as the `datasets` dataset `work/dataset` in shards of `shard_size` rows -> (files, shards)."
+    k = math.ceil(n / shard_size)
+    with _quiet_datasets():
+        ds = datasets.Dataset.from_file(str(work / "rows.arrow"))
+        ds.save_to_disk(str(work / "dataset"), num_shards=k)
+    files = [f["filename"] for f in json.loads((work / "dataset" / "state.json").read_text())["_data_files"]]
+    return files, k
+
+
+def _prepared_info(
+    source, md: ManifestData, n: int, shard_size: int, files, k: int, labels, mode, t0
+) -> dict:
+    "The report written next to the shards (`PREPARED_INFO`): source, shards, labels, image check, time, skips, root."
+    report = md.report
+    info = dict(
+        format="maskedclip-prepared",
+        version=1,
+        source=str(source) if isinstance(source, (str, os.PathLike)) else report.manifest,
+        num_rows=n,
+        shard_size=shard_size,
+        shards=[dict(file=f, num_rows=r) for f, r in zip(files, _shard_rows(n, k))],
+        label_values=sorted(l for l in labels if l is not None),
+        check_images=mode or "none",
+        seconds=round(time.perf_counter() - t0, 3),
+        **report.to_dict(),
+    )
+    info["root"] = str(md.root)
+    return info
+
 # %% ../../nbs/01f_data_prepare.ipynb #a8361409
 def prepare_dataset(
     source,
@@ -227,43 +275,16 @@ def prepare_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        writer = ArrowWriter(features=PREPARED_FEATURES, path=str(work / "rows.arrow"), writer_batch_size=100)
-        n, labels, pending = 0, set(), []
-        for row in _prepared_rows(md, report, mode, max_pixels, verbose and len(md) >= 2000):
-            pending.append(row)
-            labels.update([row["label"], *(row["labels"] or ())])
-            n += 1
-            if len(pending) == 1024:
-                _write_rows(writer, pending)
-                pending = []
-        _write_rows(writer, pending)
-        writer.finalize()
+        rows = _prepared_rows(md, report, mode, max_pixels, verbose and len(md) >= 2000)
+        n, labels = _write_arrow(work / "rows.arrow", rows)
         report.kept = n
         if n == 0:
             raise DataError(
                 f"{source}: no record passed validation ({report.total} records, skipped by reason: "
                 f"{report.by_reason()}); first: {report.skipped[0].message if report.skipped else '-'}"
             )
-        k = math.ceil(n / shard_size)
-        with _quiet_datasets():
-            ds = datasets.Dataset.from_file(str(work / "rows.arrow"))
-            ds.save_to_disk(str(work / "dataset"), num_shards=k)
-        files = [
-            f["filename"] for f in json.loads((work / "dataset" / "state.json").read_text())["_data_files"]
-        ]
-        info = dict(
-            format="maskedclip-prepared",
-            version=1,
-            source=str(source) if isinstance(source, (str, os.PathLike)) else report.manifest,
-            num_rows=n,
-            shard_size=shard_size,
-            shards=[dict(file=f, num_rows=r) for f, r in zip(files, _shard_rows(n, k))],
-            label_values=sorted(l for l in labels if l is not None),
-            check_images=mode or "none",
-            seconds=round(time.perf_counter() - t0, 3),
-            **report.to_dict(),
-        )
-        info["root"] = str(md.root)
+        files, k = _save_shards(work, n, shard_size)
+        info = _prepared_info(source, md, n, shard_size, files, k, labels, mode, t0)
         (work / "dataset" / PREPARED_INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -400,59 +421,65 @@ class PreparedStream:
             return sum(sorted(n)[: len(n) // world_size])
         return sum(n) // world_size
 
-    def iterable(
-        self,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        buffer_size: int = 1000,
-        rank: int = 0,
-        world_size: int = 1,
-        order: Sequence[int] | None = None,
-    ) -> datasets.IterableDataset:
-        """This rank's rows as a `datasets.IterableDataset`, resumable by its `state_dict()`. `order`: the shards in this
-        order (default: as written); `shuffle`: `datasets`' shard shuffle and shuffle buffer (`set_epoch` before each
-        epoch; its buffer is not part of the state, so a resumed stream loses the rows it held)."""
-        files = self.files()
-        if order is not None:
-            if sorted(order) != list(range(len(files))):
-                raise ValueError(f"order must be a permutation of the {len(files)} shards, got {list(order)}")
-            files = [files[k] for k in order]
-        with _quiet_datasets():
-            ds = datasets.load_dataset(
-                "arrow",
-                data_files=files,
-                split="train",
-                streaming=True,
-                features=PREPARED_FEATURES,
-                storage_options=self.storage_options,
-            )
-        if shuffle:
-            ds = ds.shuffle(seed=seed, buffer_size=buffer_size)
-        if world_size > 1:
-            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        return ds
+# %% ../../nbs/01f_data_prepare.ipynb #06974988
+@patch
+def iterable(
+    self: PreparedStream,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    buffer_size: int = 1000,
+    rank: int = 0,
+    world_size: int = 1,
+    order: Sequence[int] | None = None,
+) -> datasets.IterableDataset:
+    """This rank's rows as a `datasets.IterableDataset`, resumable by its `state_dict()`. `order`: the shards in this
+    order (default: as written); `shuffle`: `datasets`' shard shuffle and shuffle buffer (`set_epoch` before each
+    epoch; its buffer is not part of the state, so a resumed stream loses the rows it held)."""
+    files = self.files()
+    if order is not None:
+        if sorted(order) != list(range(len(files))):
+            raise ValueError(f"order must be a permutation of the {len(files)} shards, got {list(order)}")
+        files = [files[k] for k in order]
+    with _quiet_datasets():
+        ds = datasets.load_dataset(
+            "arrow",
+            data_files=files,
+            split="train",
+            streaming=True,
+            features=PREPARED_FEATURES,
+            storage_options=self.storage_options,
+        )
+    if shuffle:
+        ds = ds.shuffle(seed=seed, buffer_size=buffer_size)
+    if world_size > 1:
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    return ds
 
-    def __getstate__(self):  # worker processes: without the cached shard
-        return dict(self.__dict__, _shard=(None, None))
 
-    def __getitem__(self, i: int) -> dict:
-        i = int(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"row {i} out of range for {len(self)} rows")
-        k = 0
-        while i >= self.info["shards"][k]["num_rows"]:
-            i -= self.info["shards"][k]["num_rows"]
-            k += 1
-        if self._shard[0] != k:
-            with self._fs.open(self._root.rstrip("/") + "/" + self.info["shards"][k]["file"], "rb") as f:
-                self._shard = (k, pa.ipc.open_stream(f).read_all())
-        return self._shard[1].slice(i, 1).to_pylist()[0]
+@patch
+def __getstate__(self: PreparedStream):  # worker processes: without the cached shard
+    return dict(self.__dict__, _shard=(None, None))
 
-# %% ../../nbs/01f_data_prepare.ipynb #ee75138d
-def main(argv: Sequence[str] | None = None) -> int:
-    "CLI `maskedclip-prepare`: validate a manifest / imagefolder / adapter's dataset once and write Arrow shards."
-    from maskedclip.data.adapters import ADAPTERS, LABEL_SPACES
+
+@patch
+def __getitem__(self: PreparedStream, i: int) -> dict:
+    i = int(i)
+    if not 0 <= i < len(self):
+        raise IndexError(f"row {i} out of range for {len(self)} rows")
+    k = 0
+    while i >= self.info["shards"][k]["num_rows"]:
+        i -= self.info["shards"][k]["num_rows"]
+        k += 1
+    if self._shard[0] != k:
+        with self._fs.open(self._root.rstrip("/") + "/" + self.info["shards"][k]["file"], "rb") as f:
+            self._shard = (k, pa.ipc.open_stream(f).read_all())
+    return self._shard[1].slice(i, 1).to_pylist()[0]
+
+# %% ../../nbs/01f_data_prepare.ipynb #bb75c897
+def _parser() -> argparse.ArgumentParser:
+    "The command line of `maskedclip-prepare`."
+    from maskedclip.data.adapters import ADAPTERS
 
     p = argparse.ArgumentParser(
         prog="maskedclip-prepare",
@@ -482,7 +509,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-threads", type=int, default=None, help="image-check threads (default min(8, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
+
+# %% ../../nbs/01f_data_prepare.ipynb #ee75138d
+def main(argv: Sequence[str] | None = None) -> int:
+    "CLI `maskedclip-prepare`: validate a manifest / imagefolder / adapter's dataset once and write Arrow shards."
+    from maskedclip.data.adapters import LABEL_SPACES
+
+    a = _parser().parse_args(argv)
     space = a.label_space
     if space is not None:
         space = (

@@ -385,6 +385,54 @@ def _preview(xs, n: int = 8) -> str:
     s = ", ".join(repr(x) for x in xs[:n])
     return s + (f", ... ({len(xs)} in all)" if len(xs) > n else "")
 
+# %% ../../nbs/01a_data_records.ipynb #a9f36b7a
+def _record_id(record: Mapping) -> str:
+    "The record's id as a string (an int is accepted); `BadRecordError` naming `id` otherwise."
+    rid = record.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    if rid is None or (isinstance(rid, str) and not rid.strip()):
+        raise BadRecordError("missing or empty id", reason="missing_field", field="id")
+    if not isinstance(rid, str):
+        raise BadRecordError(
+            f"id must be a string, got {type(rid).__name__} {rid!r}", reason="bad_value", field="id"
+        )
+    return rid
+
+
+def _record_image(record: Mapping, rid: str) -> str:
+    "The record's image path as given; `BadRecordError` naming `image` if it is missing, empty or not a string."
+    image = record.get("image")
+    if image is None or (isinstance(image, str) and not image.strip()):
+        raise BadRecordError(
+            "missing or empty image path", reason="missing_field", record_id=rid, field="image"
+        )
+    if not isinstance(image, str):
+        raise BadRecordError(
+            f"image must be a path string, got {type(image).__name__}",
+            reason="bad_value",
+            record_id=rid,
+            field="image",
+        )
+    return image
+
+
+def _check_in_space(out: Mapping, label_space: Iterable[str], rid: str) -> None:
+    "`BadRecordError` naming `label` or `labels` for the first label outside `label_space`."
+    space = label_space if isinstance(label_space, (set, frozenset, dict)) else list(label_space)
+    for name, vals in (
+        ("label", [out["label"]] if out["label"] is not None else []),
+        ("labels", out["labels"] or []),
+    ):
+        for lab in vals:
+            if lab not in space:
+                raise BadRecordError(
+                    f"label {lab!r} is not in the label space ({_preview(space)})",
+                    reason="label_outside_space",
+                    record_id=rid,
+                    field=name,
+                )
+
 # %% ../../nbs/01a_data_records.ipynb #effe6ad3
 def validate_record(
     record: Mapping,
@@ -406,29 +454,10 @@ def validate_record(
         raise BadRecordError(
             f"a record must be a JSON object, got {type(record).__name__}", reason="malformed_row"
         )
-    rid = record.get("id")
-    if isinstance(rid, int) and not isinstance(rid, bool):
-        rid = str(rid)
-    if rid is None or (isinstance(rid, str) and not rid.strip()):
-        raise BadRecordError("missing or empty id", reason="missing_field", field="id")
-    if not isinstance(rid, str):
-        raise BadRecordError(
-            f"id must be a string, got {type(rid).__name__} {rid!r}", reason="bad_value", field="id"
-        )
+    rid = _record_id(record)
     out = dict(record)
     out["id"] = rid
-    image = record.get("image")
-    if image is None or (isinstance(image, str) and not image.strip()):
-        raise BadRecordError(
-            "missing or empty image path", reason="missing_field", record_id=rid, field="image"
-        )
-    if not isinstance(image, str):
-        raise BadRecordError(
-            f"image must be a path string, got {type(image).__name__}",
-            reason="bad_value",
-            record_id=rid,
-            field="image",
-        )
+    image = _record_image(record, rid)
     out["text"] = _opt_str(record.get("text"), "text", rid)
     if require_text and out["text"] is None:
         raise BadRecordError(
@@ -437,19 +466,7 @@ def validate_record(
     out["label"] = _opt_str(record.get("label"), "label", rid, numbers_ok=True)
     out["labels"] = _parse_labels(record.get("labels"), rid)
     if label_space is not None:
-        space = label_space if isinstance(label_space, (set, frozenset, dict)) else list(label_space)
-        for name, vals in (
-            ("label", [out["label"]] if out["label"] is not None else []),
-            ("labels", out["labels"] or []),
-        ):
-            for lab in vals:
-                if lab not in space:
-                    raise BadRecordError(
-                        f"label {lab!r} is not in the label space ({_preview(space)})",
-                        reason="label_outside_space",
-                        record_id=rid,
-                        field=name,
-                    )
+        _check_in_space(out, label_space, rid)
     out["source"] = _opt_str(record.get("source"), "source", rid)
     out["split"] = _opt_str(record.get("split"), "split", rid)
     if out["split"] is not None and out["split"] not in SPLITS:
