@@ -511,7 +511,7 @@ def _check_switches(self: MaskedCLIPConfig) -> None:
 # %% ../nbs/00_config.ipynb #9eca60c8
 @patch
 def _check_values(self: MaskedCLIPConfig) -> None:
-    "Refuse out-of-range values: mask ratio, CLIP view, projection, temperature, EMA, weights, decoder widths."
+    "Refuse out-of-range values: mask ratio, CLIP view, projection, temperature, EMA, weights, decoders."
     _check_range(self.mask_ratio, "mask_ratio", 0, 1, hi_open=True)
     _check(
         self.mask_ratio > 0 or not (self.use_mim or self.use_mfd),
@@ -656,7 +656,7 @@ class DataConfig(ConfigBase):
 # %% ../nbs/00_config.ipynb #87fa6218
 @patch
 def _validate(self: DataConfig) -> None:
-    "Refuse batch sizes, augmentation, worker, record-policy and streaming values out of range; a run needs data."
+    "Refuse batch, augmentation, worker, record-policy and streaming values out of range; a run needs data."
     _check_range(self.paired_batch_size, "data.paired_batch_size", 0)
     _check_range(self.unpaired_batch_size, "data.unpaired_batch_size", 0)
     _check(

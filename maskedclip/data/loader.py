@@ -352,7 +352,7 @@ def _pin(b: Batch) -> Batch:
 
 # %% ../../nbs/01d_data_loader.ipynb #2b9cf008
 def _checked_batch_sizes(paired, unpaired, batch_size_paired, batch_size_unpaired) -> tuple[int, int]:
-    "The paired and unpaired batch sizes (0 for a missing dataset); a clear error when there is nothing to load."
+    "The paired and unpaired batch sizes (0 for a missing dataset); an error when there is nothing to load."
     for name, v in (
         ("batch_size_paired", batch_size_paired),
         ("batch_size_unpaired", batch_size_unpaired),
@@ -474,8 +474,8 @@ def set_epoch(self: PairedUnpairedLoader, epoch: int) -> None:
 def stream_sampler(
     self: PairedUnpairedLoader, stream: str, num_replicas: int | None = None, rank: int | None = None
 ) -> DistributedSampler:
-    """The epoch sampler of stream `'p'` (paired) or `'u'` (unpaired): this rank's shard, or with `num_replicas=1,
-    rank=0` the permutation of the whole dataset (what every rank of `GlobalOrderLoader` reads from)."""
+    """The epoch sampler of stream `'p'` (paired) or `'u'` (unpaired): this rank's shard, or with
+    `num_replicas=1, rank=0` the whole dataset's permutation (what `GlobalOrderLoader`'s ranks read)."""
     ds, seed = (self.paired, self.seed + _PAIRED_SEED_OFFSET) if stream == "p" else (self.unpaired, self.seed)
     return DistributedSampler(
         ds,

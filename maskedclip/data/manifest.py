@@ -191,7 +191,7 @@ def _assemble(
 
 
 def _manifest_data(normalized, extras, report, root, path, locations, verbose: bool) -> ManifestData:
-    "The `ManifestData` of the kept rows (with their extra columns): counts the rows, prints the report if `verbose`."
+    "The `ManifestData` of the kept rows and their extra columns; prints the report if `verbose`."
     report.kept = len(normalized)
     ds = _assemble(normalized, extras, report)
     if verbose:
@@ -318,7 +318,7 @@ def _check_many(
 
 # %% ../../nbs/01b_data_manifest.ipynb #fe47c997
 def _cheap_checks(rows, locs, root, label_space, require_text, fail) -> list[tuple[int, dict]]:
-    "`(row index, normalised record)` of the rows that pass the checks without reading images; `fail(i, error)` for the others."
+    "`(row index, normalised record)` of the rows that pass the image-free checks; `fail(i, error)` for the rest."
     seen, cheap, paths = {}, [], {}
     for i, (row, (man, line)) in enumerate(zip(rows, locs)):
         rid = row.get("id") if isinstance(row, Mapping) else None
@@ -346,8 +346,8 @@ def _cheap_checks(rows, locs, root, label_space, require_text, fail) -> list[tup
 
 # %% ../../nbs/01b_data_manifest.ipynb #ff316b78
 def _check_row_images(cheap, root, mode, max_pixels, num_threads, verbose, check_shard, all_gather):
-    """Check the images of this rank's share of `cheap` (`[(row index, record)]`) -> (the errors found by every rank,
-    sorted by row; this rank's images smaller than `MIN_IMAGE_SIDE` as `(row index, record, (w, h))`)."""
+    """Check the images of this rank's share of `cheap` (`[(row index, record)]`) -> (the errors found by
+    every rank, sorted by row; this rank's images below `MIN_IMAGE_SIDE` as `(row index, record, (w, h))`)."""
     tiny = []
     rank, world = check_shard or (0, 1)
     if world > 1 and all_gather is None:
@@ -435,7 +435,7 @@ def _warn_small_images(tiny, locs, root) -> None:
 
 # %% ../../nbs/01b_data_manifest.ipynb #c078cdd4
 def _raise_earliest(rows, lines, bad, path, root, report, label_space, require_text, max_pixels, num_threads):
-    "Raise the earliest bad row: validate the rows above the first malformed line, then raise that line's error."
+    "Raise the earliest bad row: validate the rows above the first malformed line, then raise its error."
     first = bad[0].line if isinstance(bad[0].line, int) else 0
     before = [(r, l) for r, l in zip(rows, lines) if isinstance(l, int) and l < first]
     _validate_rows(
@@ -455,7 +455,7 @@ def _raise_earliest(rows, lines, bad, path, root, report, label_space, require_t
 
 
 def _manifest_extras(fmt, path, cache_dir, header, rows, bad, normalized, kept) -> datasets.Dataset | None:
-    "The kept rows' columns beyond `RECORD_FIELDS`: typed by `datasets`' reader of the file if it reads cleanly."
+    "The kept rows' columns beyond `RECORD_FIELDS`, typed by `datasets`' reader if the file reads cleanly."
     table = None
     if (
         not bad and rows and any(k not in RECORD_FIELDS for r in rows for k in r)

@@ -203,7 +203,7 @@ def _write_arrow(path: Path, rows) -> tuple[int, set]:
 
 
 def _save_shards(work: Path, n: int, shard_size: int) -> tuple[list[str], int]:
-    "Save `work/rows.arrow` as the `datasets` dataset `work/dataset` in shards of `shard_size` rows -> (files, shards)."
+    "Save `work/rows.arrow` as the dataset `work/dataset` in shards of `shard_size` rows -> (files, shards)."
     k = math.ceil(n / shard_size)
     with _quiet_datasets():
         ds = datasets.Dataset.from_file(str(work / "rows.arrow"))
@@ -215,7 +215,7 @@ def _save_shards(work: Path, n: int, shard_size: int) -> tuple[list[str], int]:
 def _prepared_info(
     source, md: ManifestData, n: int, shard_size: int, files, k: int, labels, mode, t0
 ) -> dict:
-    "The report written next to the shards (`PREPARED_INFO`): source, shards, labels, image check, time, skips, root."
+    "The report next to the shards (`PREPARED_INFO`): source, shards, labels, image check, time, skips, root."
     report = md.report
     info = dict(
         format="maskedclip-prepared",

@@ -401,7 +401,7 @@ def _record_id(record: Mapping) -> str:
 
 
 def _record_image(record: Mapping, rid: str) -> str:
-    "The record's image path as given; `BadRecordError` naming `image` if it is missing, empty or not a string."
+    "The record's image path as given; `BadRecordError` naming `image` if missing, empty or not a string."
     image = record.get("image")
     if image is None or (isinstance(image, str) and not image.strip()):
         raise BadRecordError(
