@@ -46,41 +46,12 @@ def probe_margins(probe, baseline: str = "random init", method: str = "maskedcli
         )
     return pd.DataFrame(rows)
 
-# %% ../nbs/13_demo.ipynb #86e46aec
-def run_demo(
-    out: str | Path = "runs/demo",
-    preset: str = "demo",
-    method: str = "maskedclip",
-    steps: int = 500,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    image_size: int = 64,
-    n_paired: int = 1024,
-    n_unpaired: int = 8192,
-    n_task: int = 1000,
-    seeds=(0, 1, 2),
-    tasks=DEMO_TASKS,
-    zero_shot_tasks=ZERO_SHOT_TASKS,
-    n_boot: int = 500,
-    precision: str = "auto",
-    progress: bool = True,
-    log=print,
-) -> dict:
-    """The whole demo; returns a summary dict (also written to `out/results.json`). `precision`: `train.precision` of the
-    pre-training ('auto': bf16 where the processor has it natively, else fp32; D27)."""
-    from maskedclip import evaluate as ev
-    from maskedclip import viz
+# %% ../nbs/13_demo.ipynb #a666c00b
+def _demo_corpus(corpus: Path, n_paired: int, n_unpaired: int, n_task: int, image_size: int, progress: bool):
+    "Render the corpus once (both cores); an existing one is reused."
     from maskedclip.synthetic import build_corpus
-    from maskedclip.train import experiment_config, read_metrics, train
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    timings = {}
-    # 1. data
-    corpus = out / "corpus"
     if not (corpus / "corpus.json").is_file():
-        t0 = time.time()
         build_corpus(
             corpus,
             n_paired=n_paired,
@@ -88,13 +59,21 @@ def run_demo(
             n_task_per_split=dict(train=n_task, val=n_task // 2, test=n_task),
             size=image_size,
             seed=0,
-            num_workers=max(1, min(2, os.cpu_count() or 1)),
+            num_workers=_demo_workers(),
             progress=progress,
         )
-        timings["corpus_s"] = time.time() - t0
-    # 2. pre-training (resumes if interrupted)
-    run = out / "pretrain"
-    cfg = experiment_config(
+
+
+def _demo_workers() -> int:
+    "Processes for rendering and evaluation: the cores, at most 2."
+    return max(1, min(2, os.cpu_count() or 1))
+
+# %% ../nbs/13_demo.ipynb #975d191f
+def _demo_config(preset, method, steps, lr, batch_size, image_size, corpus: Path, run: Path, precision: str):
+    "The `ExperimentConfig` of the demo's pre-training."
+    from maskedclip.train import experiment_config
+
+    return experiment_config(
         preset,
         method,
         steps=steps,
@@ -118,13 +97,14 @@ def run_demo(
             "data.hflip": 0.5,
         },
     )
-    t0 = time.time()
-    if not (run / "final" / "model.safetensors").is_file():
-        train(cfg, progress=progress)
-    timings["pretrain_s"] = time.time() - t0
-    # 3. evaluation: linear probe against a random encoder of the same architecture, and zero-shot
-    t0 = time.time()
-    final = run / "final"
+
+# %% ../nbs/13_demo.ipynb #e7165b6f
+def _demo_evaluate(
+    final: Path, corpus: Path, method, tasks, zero_shot_tasks, seeds, n_boot, precision, progress, log
+):
+    "(linear-probe rows, zero-shot rows) of the encoder in `final` and of random init."
+    from maskedclip import evaluate as ev
+
     probe = ev.evaluate_all(
         {"random init": "random", method: str(final)},
         tasks=tasks,
@@ -135,6 +115,8 @@ def run_demo(
         n_boot=n_boot,
         progress=progress,
         log=log,
+        workers=_demo_workers(),
+        precision=precision,
     )
     zs = ev.evaluate_all(
         {method: str(final)},
@@ -146,38 +128,25 @@ def run_demo(
         progress=progress,
         log=log,
     )
-    timings["evaluate_s"] = time.time() - t0
-    # 4. pictures and report
-    t0 = time.time()
+    return probe, zs
+
+# %% ../nbs/13_demo.ipynb #5e0a5596
+def _demo_report(out: Path, run: Path, corpus: Path, cfg, probe, zs, method, notes) -> tuple[dict, Path]:
+    "Write `out/report.html`; return the tables as records and the report's path."
+    from maskedclip import evaluate as ev
+    from maskedclip import viz
+    from maskedclip.train import read_metrics
+
     figures = viz.run_figures(run, data_root=corpus, n=4)
     figures["label efficiency (linear probe)"] = ev.label_efficiency_figure(probe)
-    rows = read_metrics(run)
     probe_summary = ev.summarize(probe).round(4)
     zs_table = zs[["task", "auroc", "ci_low", "ci_high", "auprc"]].round(4)
     margins = probe_margins(probe, method=method).round(4)
-    summary = dict(
-        out=str(out.resolve()),
-        preset=preset,
-        method=method,
-        steps=steps,
-        precision=precision,
-        timings=timings,
-        linear_probe=probe_summary.to_dict("records"),
-        zero_shot=zs_table.to_dict("records"),
-        margins=margins.to_dict("records"),
-        linear_probe_runs=probe.to_dict("records"),
-    )
-    notes = (
-        f"{method} ({preset} preset) pre-trained for {steps} steps of {batch_size}+{batch_size} images on the synthetic corpus "
-        f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
-        f"bootstrap 95% CIs per run; 'separated' means every seed's CI for {method} lies above every seed's CI for random init. "
-        f"Zero-shot with FLAIR-style prompt ensembles."
-    )
     report = viz.write_report(
         out / "report.html",
         figures,
         cfg,
-        rows,
+        read_metrics(run),
         title=f"maskedclip demo: {method}",
         tables={
             "linear probe (mean over seeds)": probe_summary,
@@ -186,17 +155,75 @@ def run_demo(
         },
         notes=notes,
     )
+    tables = dict(
+        linear_probe=probe_summary.to_dict("records"),
+        zero_shot=zs_table.to_dict("records"),
+        margins=margins.to_dict("records"),
+        linear_probe_runs=probe.to_dict("records"),
+    )
+    return tables, report
+
+# %% ../nbs/13_demo.ipynb #1d7dd20a
+def run_demo(
+    out: str | Path = "runs/demo",
+    preset: str = "demo",
+    method: str = "maskedclip",
+    steps: int = 500,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    image_size: int = 64,
+    n_paired: int = 1024,
+    n_unpaired: int = 8192,
+    n_task: int = 1000,
+    seeds=(0, 1, 2),
+    tasks=DEMO_TASKS,
+    zero_shot_tasks=ZERO_SHOT_TASKS,
+    n_boot: int = 500,
+    precision: str = "auto",
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """The whole demo; returns a summary dict (also written to `out/results.json`). `precision`: `train.precision` of the
+    pre-training and of the probe's feature extraction ('auto': bf16 where the processor has it natively, else fp32; D27, D37)."""
+    from maskedclip.train import train
+
+    out, t_start, timings = Path(out), time.time(), {}
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, run = out / "corpus", out / "pretrain"
+    t0 = time.time()
+    if not (corpus / "corpus.json").is_file():
+        _demo_corpus(corpus, n_paired, n_unpaired, n_task, image_size, progress)
+        timings["corpus_s"] = time.time() - t0
+    cfg = _demo_config(preset, method, steps, lr, batch_size, image_size, corpus, run, precision)
+    t0 = time.time()
+    if not (run / "final" / "model.safetensors").is_file():
+        train(cfg, progress=progress)  # resumes if interrupted
+    timings["pretrain_s"] = time.time() - t0
+    t0 = time.time()
+    probe, zs = _demo_evaluate(
+        run / "final", corpus, method, tasks, zero_shot_tasks, seeds, n_boot, precision, progress, log
+    )
+    timings["evaluate_s"] = time.time() - t0
+    t0 = time.time()
+    notes = (
+        f"{method} ({preset} preset) pre-trained for {steps} steps of {batch_size}+{batch_size} images on the synthetic corpus "
+        f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
+        f"bootstrap 95% CIs per run; 'separated' means every seed's CI for {method} lies above every seed's CI for random init. "
+        f"Zero-shot with FLAIR-style prompt ensembles."
+    )
+    tables, report = _demo_report(out, run, corpus, cfg, probe, zs, method, notes)
     timings["report_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
-    summary["report"] = str(report.resolve())
+    summary = dict(out=str(out.resolve()), preset=preset, method=method, steps=steps, precision=precision)
+    summary.update(timings=timings, **tables, report=str(report.resolve()))
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
-# %% ../nbs/13_demo.ipynb #0feb2a41
-def main(argv=None) -> int:
-    "Console script `maskedclip-demo`; returns the exit status (`maskedclip.config.ExitCode`), never exits the interpreter."
+# %% ../nbs/13_demo.ipynb #7dfbe79e
+def _demo_parser() -> argparse.ArgumentParser:
+    "The options of `maskedclip-demo`."
     from maskedclip import __version__
-    from maskedclip.config import METHODS, ExitCode, report_error
+    from maskedclip.config import METHODS
 
     ap = argparse.ArgumentParser(
         prog="maskedclip-demo",
@@ -236,12 +263,41 @@ def main(argv=None) -> int:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16"),
-        help="pre-training precision; auto: bf16 where the processor has it natively, else fp32 (default: %(default)s)",
+        help="precision of pre-training and of the probe's feature extraction; auto: bf16 where the processor has it natively, "
+        "else fp32 (default: %(default)s)",
     )
     ap.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
     ap.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
     )
+    return ap
+
+# %% ../nbs/13_demo.ipynb #790fdd09
+def _print_summary(s: dict, method: str):
+    "The demo's numbers on the console: probe means, the verdict against random init, zero-shot, timings."
+    print("\nlinear probe (AUROC, mean over seeds):")
+    for r in s["linear_probe"]:
+        print(
+            f"  {r['task']:<14} {r['method']:<12} frac={r['fraction']:<4} auroc={r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}"
+        )
+    print("against random init (linear probe; separated = bootstrap CIs do not overlap in any seed):")
+    for r in s["margins"]:
+        print(
+            f"  {r['task']:<14} frac={r['fraction']:<4} random={r['baseline_auroc']:.3f} (CI high {r['baseline_ci_high']:.3f})  "
+            f"{method}={r['method_auroc']:.3f} (CI low {r['method_ci_low']:.3f})  separated={r['separated']}"
+        )
+    print("zero-shot (AUROC [95% CI]):")
+    for r in s["zero_shot"]:
+        print(f"  {r['task']:<14} {r['auroc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    print(f"timings: {json.dumps({k: round(v, 1) for k, v in s['timings'].items()})}")
+    print(f"\nreport: {s['report']}")
+
+# %% ../nbs/13_demo.ipynb #a5f05713
+def main(argv=None) -> int:
+    "Console script `maskedclip-demo`; returns the exit status (`maskedclip.config.ExitCode`), never exits the interpreter."
+    from maskedclip.config import ExitCode, report_error
+
+    ap = _demo_parser()
     try:
         a = ap.parse_args(argv)
         kw = dict(
@@ -261,20 +317,5 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else int(ExitCode.CONFIG))
     except BaseException as e:
         return report_error(e, "maskedclip-demo")
-    print("\nlinear probe (AUROC, mean over seeds):")
-    for r in s["linear_probe"]:
-        print(
-            f"  {r['task']:<14} {r['method']:<12} frac={r['fraction']:<4} auroc={r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}"
-        )
-    print("against random init (linear probe; separated = bootstrap CIs do not overlap in any seed):")
-    for r in s["margins"]:
-        print(
-            f"  {r['task']:<14} frac={r['fraction']:<4} random={r['baseline_auroc']:.3f} (CI high {r['baseline_ci_high']:.3f})  "
-            f"{a.method}={r['method_auroc']:.3f} (CI low {r['method_ci_low']:.3f})  separated={r['separated']}"
-        )
-    print("zero-shot (AUROC [95% CI]):")
-    for r in s["zero_shot"]:
-        print(f"  {r['task']:<14} {r['auroc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
-    print(f"timings: {json.dumps({k: round(v, 1) for k, v in s['timings'].items()})}")
-    print(f"\nreport: {s['report']}")
+    _print_summary(s, a.method)
     return int(ExitCode.OK)

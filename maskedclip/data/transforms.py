@@ -71,7 +71,7 @@ class FundusBorderCrop:
     def __repr__(self) -> str:
         return f"FundusBorderCrop({', '.join(f'{k}={v}' for k, v in self.kw.items())})"
 
-
+# %% ../../nbs/01c_data_transforms.ipynb #cbcb5256
 _LATERALITY = {
     "left": "right",
     "right": "left",

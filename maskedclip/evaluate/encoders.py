@@ -46,7 +46,7 @@ _MODULE_CATEGORY = {
     "patch_proj": "mlip",
 }
 
-
+# %% ../../nbs/10b_evaluate_encoders.ipynb #9c51c5a4
 @dataclass
 class LoadedEncoder:
     "An image encoder E_I and where it came from: `kind` in {'random', 'maskedclip_checkpoint', 'encoder_safetensors', 'timm_state_dict', 'module'}."
@@ -139,7 +139,7 @@ def _new_encoder(vc: VisionConfig, seed: int = 0) -> ViTEncoder:
         torch.manual_seed(seed)
         return ViTEncoder(vc.replace(init_weights=None))
 
-
+# %% ../../nbs/10b_evaluate_encoders.ipynb #8f92bb95
 def _resolve_dir(d: Path) -> Path:
     "A checkpoint directory, or a file, for a directory `d` (checkpoint, or run directory)."
     if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
@@ -181,7 +181,119 @@ def _finish(enc_sd, vc, source, kind, strict, seed, drop_path, other=None, **kw)
         report.unexpected.setdefault(cat, []).extend(sorted(keys))
     return LoadedEncoder(enc, vc, str(source), kind, report, **kw)
 
-# %% ../../nbs/10b_evaluate_encoders.ipynb #7658804f
+# %% ../../nbs/10b_evaluate_encoders.ipynb #e48fb3a8
+def _reloaded(source: LoadedEncoder, seed: int, drop_path) -> LoadedEncoder:
+    "`source` itself, or the same weights with another `drop_path`."
+    if drop_path is None or drop_path == source.vision.drop_path:
+        return source
+    out = _finish(
+        source.encoder.state_dict(),
+        source.vision,
+        source.source,
+        source.kind,
+        True,
+        seed,
+        drop_path,
+        method=source.method,
+        model_dir=source.model_dir,
+        has_text=source.has_text,
+        notes=list(source.notes),
+    )
+    out.report = source.report
+    return out
+
+
+def _random_encoder(source: str, vision_config, seed: int, drop_path) -> LoadedEncoder:
+    "'random' (with `vision_config`) or 'random:<preset>': MAE-style initialisation from `seed`."
+    vc = _vision_config(source.split(":", 1)[1] if ":" in source else vision_config)
+    if vc is None:
+        raise ValueError(
+            f"source 'random' needs vision_config (a VisionConfig or a preset name from {list(PRESETS)}), or write 'random:tiny'"
+        )
+    if drop_path is not None:
+        vc = vc.replace(drop_path=float(drop_path))
+    return LoadedEncoder(
+        _new_encoder(vc, seed),
+        vc.replace(init_weights=None),
+        "random",
+        "random",
+        None,
+        notes=[f"random MAE-style initialisation (seed {seed})"],
+    )
+
+# %% ../../nbs/10b_evaluate_encoders.ipynb #5ead321a
+def _from_checkpoint_dir(path: Path, vc_user, strict, seed, drop_path) -> LoadedEncoder:
+    "A MaskedCLIP checkpoint directory (`config.json` + `model.safetensors`): only the encoder's tensors are read."
+    from safetensors import safe_open
+
+    raw = json.loads((path / "config.json").read_text())
+    mc = MaskedCLIPConfig.from_dict(raw.get("model", raw))
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        sd = {k: f.get_tensor(k) for k in keys if k.startswith("encoder.")}
+    enc_sd, other = _split_maskedclip({**sd, **{k: None for k in keys if not k.startswith("encoder.")}})
+    return _finish(
+        enc_sd,
+        vc_user or mc.vision,
+        path,
+        "maskedclip_checkpoint",
+        strict,
+        seed,
+        drop_path,
+        other,
+        method=mc.method,
+        model_dir=path,
+        has_text=bool(mc.use_clip),
+    )
+
+
+def _from_maskedclip_file(path: Path, sd: dict, vc_user, heads, strict, seed, drop_path) -> LoadedEncoder:
+    "A whole MaskedCLIP state dict in one file; its `config.json` beside it, if any, gives the architecture and method."
+    enc_sd, other = _split_maskedclip(sd)
+    cfg_file = path.parent / "config.json"
+    vc = vc_user
+    method = has_text = None
+    if cfg_file.is_file():
+        raw = json.loads(cfg_file.read_text())
+        mc = MaskedCLIPConfig.from_dict(raw.get("model", raw))
+        vc, method, has_text = vc or mc.vision, mc.method, bool(mc.use_clip)
+    vc = vc or infer_vision_config(enc_sd, heads)
+    model_dir = (
+        path.parent
+        if cfg_file.is_file() and path.suffix == ".safetensors" and path.name == "model.safetensors"
+        else None
+    )
+    kw = dict(method=method, model_dir=model_dir, has_text=bool(has_text and model_dir))
+    return _finish(enc_sd, vc, path, "maskedclip_checkpoint", strict, seed, drop_path, other, **kw)
+
+# %% ../../nbs/10b_evaluate_encoders.ipynb #20480179
+def _from_file(path: Path, vc_user, heads, strict, seed, drop_path) -> LoadedEncoder:
+    "A state-dict file: a whole MaskedCLIP one, or an encoder's (maskedclip `encoder.safetensors`, timm, MAE, RETFound)."
+    meta: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    sd = read_state_dict(path)
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if any(k.startswith("encoder.") for k in sd):
+        return _from_maskedclip_file(path, sd, vc_user, heads, strict, seed, drop_path)
+    if vc_user is not None:
+        vc = vc_user
+    elif "arch" in meta:
+        vc = VisionConfig.from_dict(json.loads(meta["arch"]))
+    else:
+        vc = infer_vision_config(sd, heads)
+    notes = (
+        []
+        if (vc_user is not None or "arch" in meta)
+        else [f"architecture inferred from shapes (heads={vc.heads})"]
+    )
+    kind = "encoder_safetensors" if path.suffix == ".safetensors" else "timm_state_dict"
+    return _finish(sd, vc, path, kind, strict, seed, drop_path, notes=notes)
+
+# %% ../../nbs/10b_evaluate_encoders.ipynb #9db6da18
 def load_encoder(
     source,
     vision_config=None,
@@ -197,41 +309,11 @@ def load_encoder(
     `image_size` resamples the position embedding); `drop_path` sets stochastic depth (fine-tuning); `seed` fixes the
     initial weights of anything not loaded."""
     if isinstance(source, LoadedEncoder):
-        if drop_path is None or drop_path == source.vision.drop_path:
-            return source
-        out = _finish(
-            source.encoder.state_dict(),
-            source.vision,
-            source.source,
-            source.kind,
-            True,
-            seed,
-            drop_path,
-            method=source.method,
-            model_dir=source.model_dir,
-            has_text=source.has_text,
-            notes=list(source.notes),
-        )
-        out.report = source.report
-        return out
+        return _reloaded(source, seed, drop_path)
     if isinstance(source, ViTEncoder):
         return _finish(source.state_dict(), source.cfg, "<ViTEncoder>", "module", True, seed, drop_path)
     if isinstance(source, str) and (source == "random" or source.startswith("random:")):
-        vc = _vision_config(source.split(":", 1)[1] if ":" in source else vision_config)
-        if vc is None:
-            raise ValueError(
-                f"source 'random' needs vision_config (a VisionConfig or a preset name from {list(PRESETS)}), or write 'random:tiny'"
-            )
-        if drop_path is not None:
-            vc = vc.replace(drop_path=float(drop_path))
-        return LoadedEncoder(
-            _new_encoder(vc, seed),
-            vc.replace(init_weights=None),
-            "random",
-            "random",
-            None,
-            notes=[f"random MAE-style initialisation (seed {seed})"],
-        )
+        return _random_encoder(source, vision_config, seed, drop_path)
     if not isinstance(source, (str, Path)):
         raise ValueError(f"encoder source: unsupported type {type(source).__name__}")
     path = Path(source).expanduser()
@@ -241,73 +323,5 @@ def load_encoder(
         path = _resolve_dir(path)
     vc_user = _vision_config(vision_config)
     if path.is_dir():  # a MaskedCLIP checkpoint directory
-        raw = json.loads((path / "config.json").read_text())
-        mc = MaskedCLIPConfig.from_dict(raw.get("model", raw))
-        from safetensors import safe_open
-
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            keys = list(f.keys())
-            sd = {k: f.get_tensor(k) for k in keys if k.startswith("encoder.")}
-        enc_sd, other = _split_maskedclip({**sd, **{k: None for k in keys if not k.startswith("encoder.")}})
-        return _finish(
-            enc_sd,
-            vc_user or mc.vision,
-            path,
-            "maskedclip_checkpoint",
-            strict,
-            seed,
-            drop_path,
-            other,
-            method=mc.method,
-            model_dir=path,
-            has_text=bool(mc.use_clip),
-        )
-    meta: dict = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    sd = read_state_dict(path)
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if any(k.startswith("encoder.") for k in sd):  # a whole MaskedCLIP state dict in one file
-        enc_sd, other = _split_maskedclip(sd)
-        cfg_file = path.parent / "config.json"
-        vc = vc_user
-        method = has_text = None
-        if cfg_file.is_file():
-            raw = json.loads(cfg_file.read_text())
-            mc = MaskedCLIPConfig.from_dict(raw.get("model", raw))
-            vc, method, has_text = vc or mc.vision, mc.method, bool(mc.use_clip)
-        vc = vc or infer_vision_config(enc_sd, heads)
-        model_dir = (
-            path.parent
-            if cfg_file.is_file() and path.suffix == ".safetensors" and path.name == "model.safetensors"
-            else None
-        )
-        return _finish(
-            enc_sd,
-            vc,
-            path,
-            "maskedclip_checkpoint",
-            strict,
-            seed,
-            drop_path,
-            other,
-            method=method,
-            model_dir=model_dir,
-            has_text=bool(has_text and model_dir),
-        )
-    if vc_user is not None:
-        vc = vc_user
-    elif "arch" in meta:
-        vc = VisionConfig.from_dict(json.loads(meta["arch"]))
-    else:
-        vc = infer_vision_config(sd, heads)
-    notes = (
-        []
-        if (vc_user is not None or "arch" in meta)
-        else [f"architecture inferred from shapes (heads={vc.heads})"]
-    )
-    kind = "encoder_safetensors" if path.suffix == ".safetensors" else "timm_state_dict"
-    return _finish(sd, vc, path, kind, strict, seed, drop_path, notes=notes)
+        return _from_checkpoint_dir(path, vc_user, strict, seed, drop_path)
+    return _from_file(path, vc_user, heads, strict, seed, drop_path)

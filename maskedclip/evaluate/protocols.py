@@ -104,13 +104,17 @@ def extract_features(
     pool: str = "mean",
     progress: bool = False,
     desc: str = "features",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    "Frozen E_I features `(N, D)` float32 of full images: mean of patch tokens (`pool='mean'`) or the CLS token."
+    """Frozen E_I features `(N, D)` float32 of full images: mean of patch tokens (`pool='mean'`) or the CLS token.
+    `precision`: autocast of the encoder's forward ('auto': bf16 where the device has it natively, D37); the
+    tokens are pooled in fp32."""
     if pool not in ("mean", "cls"):
         raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
     enc = _encoder_module(encoder)
     dev = torch.device(device) if device is not None else _device_of(enc)
     enc = enc.to(dev)
+    amp = _amp_dtype(precision, dev)
     was = enc.training
     enc.eval()
     out = []
@@ -123,8 +127,9 @@ def extract_features(
             disable=not progress,
             leave=False,
         ):
-            tok = enc(_model_input(x, dev)).tokens
-            out.append((tok[:, 1:].mean(1) if pool == "mean" else tok[:, 0]).float().cpu())
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                tok = enc(_model_input(x, dev)).tokens.float()
+            out.append((tok[:, 1:].mean(1) if pool == "mean" else tok[:, 0]).cpu())
     finally:
         enc.train(was)
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(enc, "embed_dim", 0)), np.float32)

@@ -118,8 +118,10 @@ def _subset(split, idx):
     return x[torch.as_tensor(idx)] if torch.is_tensor(x) else x[idx], y[idx]
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #5ba942a4
-def _check_eval_args(sources, fractions, protocol, corpus_root, workers, test_splits) -> tuple[str, ...]:
-    "One clear error for a bad protocol, corpus, source list, fraction, worker count or test-split list."
+def _check_eval_args(
+    sources, fractions, protocol, corpus_root, workers, test_splits, precision="fp32"
+) -> tuple[str, ...]:
+    "One clear error for a bad protocol, corpus, source list, fraction, worker count, test-split list or precision."
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
     if corpus_root is None or not (Path(corpus_root) / "tasks").is_dir():
@@ -131,6 +133,8 @@ def _check_eval_args(sources, fractions, protocol, corpus_root, workers, test_sp
             raise ValueError(f"fractions: {f!r} is not in (0, 1]")
     if not (isinstance(workers, int) and workers >= 1):
         raise ValueError(f"workers: {workers!r} must be an int >= 1")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision: {precision!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
     test_splits = tuple(test_splits)
     if not test_splits or "test" != test_splits[0]:
         raise ValueError(f"test_splits: {test_splits!r} must start with 'test'")
@@ -233,6 +237,7 @@ def evaluate_all(
     test_splits: Sequence[str] = ("test",),
     fraction_seeds: Mapping[float, Sequence[int]] | None = None,
     workers: int = 1,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """Evaluate every source with `protocol` on every task, label fraction and seed; a tidy DataFrame (one row per run and
     test set).
@@ -241,11 +246,12 @@ def evaluate_all(
     stay; fine-tuning keeps its training subset as uint8). `test_splits`: the test sets every trained model is scored
     on (e.g. `("test", "test_shifted")`; column `test_set`); model selection always uses `val`. `fraction_seeds`:
     other seeds for some fractions (e.g. `{1.0: [0]}`). `workers` > 1 runs independent (source, task, fraction, seed)
-    jobs in that many processes with one thread each; the rows are the same as with one worker.
+    jobs in that many processes with one thread each; the rows are the same as with one worker. `precision`: autocast
+    of the frozen encoder while linear-probe features are extracted (`extract_features`; 'auto': bf16 where native, D37).
 
     `sources`: name -> anything `load_encoder` takes ('random' takes `vision_config`, default: the first other
     source's architecture). `df.attrs` holds the load summaries and the skipped (source, task) pairs."""
-    test_splits = _check_eval_args(sources, fractions, protocol, corpus_root, workers, test_splits)
+    test_splits = _check_eval_args(sources, fractions, protocol, corpus_root, workers, test_splits, precision)
     log = log or (lambda s: None)
     ctx = _EvalContext(
         dict(sources),
@@ -259,6 +265,7 @@ def evaluate_all(
         str(_resolve_device(device)),
         stream,
         test_splits,
+        precision,
     )
     summaries = {n: ctx.encoder(n, seeds[0]).summary() for n in sources}
     for n, s in summaries.items():
@@ -312,6 +319,7 @@ class _EvalContext:
         device,
         stream,
         test_splits,
+        precision="fp32",
     ):
         self.sources, self.corpus_root, self.vision, self.protocol, self.n_boot = (
             sources,
@@ -327,7 +335,7 @@ class _EvalContext:
             device,
             stream,
         )
-        self.test_splits, self._loaded, self._tasks = test_splits, {}, {}
+        self.test_splits, self.precision, self._loaded, self._tasks = test_splits, precision, {}, {}
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("_loaded", "_tasks")} | {
@@ -454,7 +462,10 @@ def run(self: _EvalContext, unit) -> tuple[list[dict], list[dict], int]:
             feats is None or (self.is_random(name) and seed != feats_seed)
         ):
             # features once per encoder
-            feats = {s: extract_features(enc, x, device=self.device) for s, (x, _) in td.splits.items()}
+            feats = {
+                s: extract_features(enc, x, device=self.device, precision=self.precision)
+                for s, (x, _) in td.splits.items()
+            }
             feats_seed, feat_s, t0 = seed, time.perf_counter() - t0, time.perf_counter()
         r = self._fit_one(enc, td, tests, idx, seed, feats)
         sec = time.perf_counter() - t0 + feat_s  # a probe's time includes its encoder's feature extraction

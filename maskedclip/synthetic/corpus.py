@@ -216,7 +216,7 @@ def _write_sample(job: tuple) -> tuple[dict, dict]:
         rec.update(label=f.task_label(task), labels=f.categories if task == "multi_disease" else None)
     return rec, f.labels
 
-
+# %% ../../nbs/02d_synthetic_corpus.ipynb #9f848b59
 def _split_counts(n_task_per_split) -> dict[str, int]:
     if isinstance(n_task_per_split, (int, np.integer)):
         d = dict.fromkeys(SPLITS, int(n_task_per_split))
@@ -252,31 +252,9 @@ def _write_jsonl(path: Path, records: list[dict]):
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
-# %% ../../nbs/02d_synthetic_corpus.ipynb #a7c1d0b9
-def build_corpus(
-    root: str | os.PathLike,
-    n_paired: int,
-    n_unpaired: int,
-    n_task_per_split: int | dict[str, int],
-    size: int = 64,
-    seed: int = 0,
-    prior: FindingPrior | None = None,
-    num_workers: int = 1,
-    progress: bool = True,
-    nuisance: Nuisance | None = DEFAULT_NUISANCE,
-    overwrite: bool = False,
-    n_shifted_test: int = 0,
-    shift: ShiftedAcquisition | None = None,
-) -> Path:
-    """Render a synthetic corpus under `root` in the layout of the data contract: `corpus.json`, `images/<id>.png`,
-    `masks/<id>/<lesion>.png`, `pretrain/{paired,unpaired}.jsonl`, `tasks/<task>/{train,val,test}.jsonl`.
-    Image and mask paths in every manifest are relative to `root`. Pools (paired, unpaired, each task split)
-    use disjoint sample indices, so no eye appears twice; the output is identical for any `num_workers`.
-    An existing corpus at `root` raises `FileExistsError` unless `overwrite=True` (which first removes it).
-    `n_shifted_test` > 0 adds `tasks/<task>/test_shifted.jsonl`: that many new eyes per task imaged through `shift`
-    (default `ShiftedAcquisition()`), an acquisition no other split uses; the other splits are unchanged by it."""
-    root = Path(root)
-    prior = prior or FindingPrior()
+# %% ../../nbs/02d_synthetic_corpus.ipynb #735d7a65
+def _check_corpus_args(n_paired, n_unpaired, num_workers, size, n_shifted_test):
+    "One clear error for a bad count, worker number, image size or shifted-test size."
     for name, v in (("n_paired", n_paired), ("n_unpaired", n_unpaired)):
         if not isinstance(v, (int, np.integer)) or not 0 <= v < 10**8:
             raise ValueError(f"{name} must be an int in [0, 1e8), got {v!r}")
@@ -284,7 +262,12 @@ def build_corpus(
         raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
     if not isinstance(size, (int, np.integer)) or not 16 <= size <= 2048:
         raise ValueError(f"size must be an int in [16, 2048], got {size!r}")
-    splits = _split_counts(n_task_per_split)
+    if not isinstance(n_shifted_test, (int, np.integer)) or not 0 <= n_shifted_test < 10**6:
+        raise ValueError(f"n_shifted_test must be an int in [0, 1e6), got {n_shifted_test!r}")
+
+
+def _prepare_root(root: Path, overwrite: bool):
+    "Refuse an existing corpus unless `overwrite` (then remove it); make `root/images`."
     if (root / "corpus.json").exists():
         if not overwrite:
             raise FileExistsError(
@@ -294,6 +277,12 @@ def build_corpus(
             shutil.rmtree(root / sub, ignore_errors=True)
         (root / "corpus.json").unlink()
     (root / "images").mkdir(parents=True, exist_ok=True)
+
+# %% ../../nbs/02d_synthetic_corpus.ipynb #c704c465
+def _corpus_jobs(
+    root, seed, size, prior, nuisance, splits, n_paired, n_unpaired, n_shifted_test, shift
+) -> list:
+    "The `_write_sample` jobs: paired, unpaired, every task's splits, then the shifted test sets."
     base = (str(root), int(seed))
     tail = (int(size), prior, nuisance)
     jobs = [
@@ -313,24 +302,18 @@ def build_corpus(
                 + (f"{task}-{split}-{k:06d}", "task", split, task)
                 for k in range(splits[split])
             ]
-    if not isinstance(n_shifted_test, (int, np.integer)) or not 0 <= n_shifted_test < 10**6:
-        raise ValueError(f"n_shifted_test must be an int in [0, 1e6), got {n_shifted_test!r}")
-    shift = shift or ShiftedAcquisition()
-    for task in TASKS:
+    for task in TASKS:  # records of a test set ('split' keeps the contract's values)
         jobs += [
             base
-            + (
-                _task_index(task, SHIFTED_SPLIT, k),
-                int(size),
-                prior,
-                shift,
-                f"{task}-{SHIFTED_SPLIT}-{k:06d}",
-                "task",
-                "test",
-                task,
-            )
+            + (_task_index(task, SHIFTED_SPLIT, k), int(size), prior, shift)
+            + (f"{task}-{SHIFTED_SPLIT}-{k:06d}", "task", "test", task)
             for k in range(n_shifted_test)
-        ]  # records of a test set ('split' keeps the contract's values)
+        ]
+    return jobs
+
+
+def _render_all(jobs: list, size: int, num_workers: int, progress: bool) -> list:
+    "Run the jobs (in order) on `num_workers` processes with a progress bar; their (record, labels) results."
     bar = tqdm(total=len(jobs), desc=f"synthetic corpus ({size}px)", disable=not progress, unit="img")
     results = []
     if num_workers == 1 or len(jobs) < 2:
@@ -343,8 +326,12 @@ def build_corpus(
                 results.append(r)
                 bar.update()
     bar.close()
-    recs = [r for r, _ in results]
-    labs = [l for _, l in results]
+    return results
+
+# %% ../../nbs/02d_synthetic_corpus.ipynb #abd76a8b
+def _write_manifests(root: Path, results: list, n_paired, n_unpaired, splits, n_shifted_test) -> tuple:
+    "Write every pool's manifest from the results (in job order); return (manifests, prevalence, counts)."
+    recs, labs = [r for r, _ in results], [l for _, l in results]
     i = 0
 
     def take(n):
@@ -365,15 +352,18 @@ def build_corpus(
             _write_jsonl(root / "tasks" / task / f"{split}.jsonl", r)
             manifests[f"{task}/{split}"] = f"tasks/{task}/{split}.jsonl"
             prevalence[f"{task}/{split}"] = _prevalence(l)
-    for task in TASKS:
-        if not n_shifted_test:
-            break
+    for task in TASKS if n_shifted_test else ():
         r, l = take(n_shifted_test)
         _write_jsonl(root / "tasks" / task / f"{SHIFTED_SPLIT}.jsonl", r)
         counts["tasks"][task][SHIFTED_SPLIT] = int(n_shifted_test)
         manifests[f"{task}/{SHIFTED_SPLIT}"] = f"tasks/{task}/{SHIFTED_SPLIT}.jsonl"
         prevalence[f"{task}/{SHIFTED_SPLIT}"] = _prevalence(l)
-    meta = dict(
+    return manifests, prevalence, counts
+
+# %% ../../nbs/02d_synthetic_corpus.ipynb #79784375
+def _corpus_meta(seed, size, counts, manifests, prior, nuisance, shift, n_shifted_test, prevalence) -> dict:
+    "The content of `corpus.json`: format, generator settings, label spaces, the labelling rules and prevalences."
+    return dict(
         format="maskedclip-synthetic-fundus",
         version=CORPUS_FORMAT_VERSION,
         generator="maskedclip.synthetic",
@@ -404,6 +394,42 @@ def build_corpus(
         ),
         prevalence=prevalence,
     )
+
+# %% ../../nbs/02d_synthetic_corpus.ipynb #ab9fa659
+def build_corpus(
+    root: str | os.PathLike,
+    n_paired: int,
+    n_unpaired: int,
+    n_task_per_split: int | dict[str, int],
+    size: int = 64,
+    seed: int = 0,
+    prior: FindingPrior | None = None,
+    num_workers: int = 1,
+    progress: bool = True,
+    nuisance: Nuisance | None = DEFAULT_NUISANCE,
+    overwrite: bool = False,
+    n_shifted_test: int = 0,
+    shift: ShiftedAcquisition | None = None,
+) -> Path:
+    """Render a synthetic corpus under `root` in the layout of the data contract: `corpus.json`, `images/<id>.png`,
+    `masks/<id>/<lesion>.png`, `pretrain/{paired,unpaired}.jsonl`, `tasks/<task>/{train,val,test}.jsonl`.
+    Image and mask paths in every manifest are relative to `root`. Pools (paired, unpaired, each task split)
+    use disjoint sample indices, so no eye appears twice; the output is identical for any `num_workers`.
+    An existing corpus at `root` raises `FileExistsError` unless `overwrite=True` (which first removes it).
+    `n_shifted_test` > 0 adds `tasks/<task>/test_shifted.jsonl`: that many new eyes per task imaged through `shift`
+    (default `ShiftedAcquisition()`), an acquisition no other split uses; the other splits are unchanged by it."""
+    root, prior, shift = Path(root), prior or FindingPrior(), shift or ShiftedAcquisition()
+    _check_corpus_args(n_paired, n_unpaired, num_workers, size, n_shifted_test)
+    splits = _split_counts(n_task_per_split)
+    _prepare_root(root, overwrite)
+    jobs = _corpus_jobs(
+        root, seed, size, prior, nuisance, splits, n_paired, n_unpaired, n_shifted_test, shift
+    )
+    results = _render_all(jobs, size, num_workers, progress)
+    manifests, prevalence, counts = _write_manifests(
+        root, results, n_paired, n_unpaired, splits, n_shifted_test
+    )
+    meta = _corpus_meta(seed, size, counts, manifests, prior, nuisance, shift, n_shifted_test, prevalence)
     tmp = root / "corpus.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, root / "corpus.json")
@@ -422,9 +448,9 @@ def _parse_n_task(s: str) -> int | dict[str, int]:
         return dict(zip(SPLITS, vals))
     raise argparse.ArgumentTypeError(f"--n-task must be N or TRAIN,VAL,TEST integers, got {s!r}")
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    "CLI `maskedclip-synth`: build a synthetic fundus corpus and print a summary (counts and prevalences)."
+# %% ../../nbs/02d_synthetic_corpus.ipynb #053ce9e1
+def _synth_parser() -> argparse.ArgumentParser:
+    "The options of `maskedclip-synth`."
     p = argparse.ArgumentParser(
         prog="maskedclip-synth", description="Build a synthetic fundus image-report corpus."
     )
@@ -455,26 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        root = build_corpus(
-            a.out,
-            a.n_paired,
-            a.n_unpaired,
-            a.n_task,
-            size=a.size,
-            seed=a.seed,
-            num_workers=a.workers,
-            progress=not a.no_progress,
-            overwrite=a.overwrite,
-            n_shifted_test=a.n_shifted_test,
-        )
-    except (ValueError, FileExistsError) as e:
-        p.error(str(e))
-    meta = json.loads((root / "corpus.json").read_text())
+    return p
+
+
+def _print_corpus_summary(meta: dict, root: Path, seconds: float):
+    "Counts and per-pool prevalences of a built corpus, as a table on the console."
     print(
-        f"synthetic corpus written to {root} in {time.perf_counter() - t0:.1f} s "
+        f"synthetic corpus written to {root} in {seconds:.1f} s "
         f"(size {meta['image_size']} px, seed {meta['seed']})"
     )
     c = meta["counts"]
@@ -493,4 +506,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         dr = 1 - pv["dr_grade"]["no DR"]
         vals = (dr, pv["dr_referral"], pv["glaucoma"], pv["amd"], pv["cataract"], pv["normal"])
         print(f"  {pool:<22}{pv['n']:>6} " + " ".join(f"{v:>9.3f}" for v in vals))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    "CLI `maskedclip-synth`: build a synthetic fundus corpus and print a summary (counts and prevalences)."
+    p = _synth_parser()
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        root = build_corpus(
+            a.out,
+            a.n_paired,
+            a.n_unpaired,
+            a.n_task,
+            size=a.size,
+            seed=a.seed,
+            num_workers=a.workers,
+            progress=not a.no_progress,
+            overwrite=a.overwrite,
+            n_shifted_test=a.n_shifted_test,
+        )
+    except (ValueError, FileExistsError) as e:
+        p.error(str(e))
+    _print_corpus_summary(json.loads((root / "corpus.json").read_text()), root, time.perf_counter() - t0)
     return 0

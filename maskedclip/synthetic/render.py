@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 from PIL import Image
 from scipy import ndimage as ndi
 
@@ -61,7 +62,7 @@ RETINA_REFERENCE = dict(
     size=256, mean=(0.8256, 0.3309, 0.2380), std=(0.0707, 0.0747, 0.0565), luminance=0.4682, texture=0.0652
 )
 
-# %% ../../nbs/02c_synthetic_render.ipynb #00000022
+# %% ../../nbs/02c_synthetic_render.ipynb #64c85bd2
 @dataclass
 class Nuisance:
     """Ranges of the acquisition nuisances (drawn uniformly per image). Zero-width ranges switch a factor off.
@@ -117,60 +118,64 @@ class Nuisance:
             if getattr(self, k)[0] < 0:
                 raise ValueError(f"Nuisance.{k} must be >= 0, got {getattr(self, k)}")
 
-    @classmethod
-    def none(cls) -> "Nuisance":
-        "A canonical camera: no rotation, offset or colour cast; fixed mild optical blur, mid vignetting, tiny noise."
-        return cls(
-            exposure=(1, 1),
-            colour_temp=(0, 0),
-            gamma=(1, 1),
-            blur=(0.0025, 0.0025),
-            noise=(0.004, 0.004),
-            rotation=(0, 0),
-            fov_offset=(0, 0),
-            fov_scale=(0.96, 0.96),
-            vignetting=(0.3, 0.3),
-            gradient=(0, 0),
-            tint=(0, 0),
-            jpeg_quality=(100, 100),
-            tessellation=(0.3, 0.3),
-            nerve_fibre=(0.5, 0.5),
-            tortuosity=(1, 1),
-            calibre=(0.1, 0.1),
-        )
+# %% ../../nbs/02c_synthetic_render.ipynb #f658599f
+@patch(cls_method=True)
+def none(cls: Nuisance) -> Nuisance:
+    "A canonical camera: no rotation, offset or colour cast; fixed mild optical blur, mid vignetting, tiny noise."
+    return cls(
+        exposure=(1, 1),
+        colour_temp=(0, 0),
+        gamma=(1, 1),
+        blur=(0.0025, 0.0025),
+        noise=(0.004, 0.004),
+        rotation=(0, 0),
+        fov_offset=(0, 0),
+        fov_scale=(0.96, 0.96),
+        vignetting=(0.3, 0.3),
+        gradient=(0, 0),
+        tint=(0, 0),
+        jpeg_quality=(100, 100),
+        tessellation=(0.3, 0.3),
+        nerve_fibre=(0.5, 0.5),
+        tortuosity=(1, 1),
+        calibre=(0.1, 0.1),
+    )
 
-    @classmethod
-    def v1(cls) -> "Nuisance":
-        "The version-1 corpus's ranges (before issue 23): narrow framing and camera variation, no JPEG, no new texture."
-        return cls(
-            colour_temp=(-0.08, 0.08),
-            gamma=(0.9, 1.1),
-            blur=(0.002, 0.005),
-            noise=(0.003, 0.012),
-            rotation=(-12, 12),
-            fov_offset=(-0.02, 0.02),
-            fov_scale=(0.92, 1.0),
-            vignetting=(0.15, 0.45),
-            gradient=(0, 0.12),
-            tint=(0, 0),
-            jpeg_quality=(100, 100),
-            tessellation=(0, 0),
-            nerve_fibre=(0, 0),
-            tortuosity=(1, 1),
-            calibre=(0, 0),
-        )
 
-    def draw(self, rng: np.random.Generator) -> dict[str, float]:
-        "One draw of every factor (always the same number of random numbers)."
-        u = rng.random(len(fields(self)) + 3)
-        d = {
-            f.name: getattr(self, f.name)[0] + u[i] * (getattr(self, f.name)[1] - getattr(self, f.name)[0])
-            for i, f in enumerate(fields(self))
-        }
-        k = len(fields(self))
-        d["offset_x"] = self.fov_offset[0] + u[k] * (self.fov_offset[1] - self.fov_offset[0])
-        d["offset_y"], d["gradient_dir"] = d.pop("fov_offset"), 2 * np.pi * u[k + 1]
-        return {k: float(v) for k, v in d.items()}  # Python floats keep float32 images float32
+@patch(cls_method=True)
+def v1(cls: Nuisance) -> Nuisance:
+    "The version-1 corpus's ranges (before issue 23): narrow framing and camera variation, no JPEG, no new texture."
+    return cls(
+        colour_temp=(-0.08, 0.08),
+        gamma=(0.9, 1.1),
+        blur=(0.002, 0.005),
+        noise=(0.003, 0.012),
+        rotation=(-12, 12),
+        fov_offset=(-0.02, 0.02),
+        fov_scale=(0.92, 1.0),
+        vignetting=(0.15, 0.45),
+        gradient=(0, 0.12),
+        tint=(0, 0),
+        jpeg_quality=(100, 100),
+        tessellation=(0, 0),
+        nerve_fibre=(0, 0),
+        tortuosity=(1, 1),
+        calibre=(0, 0),
+    )
+
+# %% ../../nbs/02c_synthetic_render.ipynb #f0df7b62
+@patch
+def draw(self: Nuisance, rng: np.random.Generator) -> dict[str, float]:
+    "One draw of every factor (always the same number of random numbers)."
+    u = rng.random(len(fields(self)) + 3)
+    d = {
+        f.name: getattr(self, f.name)[0] + u[i] * (getattr(self, f.name)[1] - getattr(self, f.name)[0])
+        for i, f in enumerate(fields(self))
+    }
+    k = len(fields(self))
+    d["offset_x"] = self.fov_offset[0] + u[k] * (self.fov_offset[1] - self.fov_offset[0])
+    d["offset_y"], d["gradient_dir"] = d.pop("fov_offset"), 2 * np.pi * u[k + 1]
+    return {k: float(v) for k, v in d.items()}  # Python floats keep float32 images float32
 
 # %% ../../nbs/02c_synthetic_render.ipynb #e4dbb8a8
 DEFAULT_NUISANCE = Nuisance()
@@ -280,7 +285,7 @@ def _splat_ellipses(
     alpha = shape * np.clip(1 - soft * t**2, 0, 1) * np.asarray(opacity, float).reshape(-1, 1, 1)
     return _accumulate(geom.size, flat, ok, shape, alpha)
 
-
+# %% ../../nbs/02c_synthetic_render.ipynb #f2b6b0eb
 def _splat_tubes(geom: _Geometry, px: np.ndarray, py: np.ndarray, r: np.ndarray, min_opacity: float = 0.15):
     """Rasterise a vessel as discs of radius `r` (pixels) centred on densely sampled centre-line points.
     Vessels thinner than a pixel are drawn 1 px wide with proportionally lower opacity. Returns `(shape, alpha)`."""
@@ -405,7 +410,7 @@ def _vessel_tree(
             break
     return out
 
-
+# %% ../../nbs/02c_synthetic_render.ipynb #c0958d81
 def _rasterise_tree(geom: _Geometry, tree, beading: Sequence[str] = (), rng=None):
     "Densify centre lines to <= 0.5 px spacing and map to pixels: `(px, py, radius_px)` flat arrays."
     f = max(1, int(math.ceil(VESSEL_STEP * geom.R / 0.5)))
@@ -503,25 +508,9 @@ def _paint(img, alpha, colour, shade):
     b = _bbox(alpha)
     img[b] += alpha[b][..., None] * (colour * shade[b][..., None] - img[b])
 
-# %% ../../nbs/02c_synthetic_render.ipynb #2f62e4df
-def render_fundus(
-    findings: Findings,
-    size: int = 224,
-    rng: np.random.Generator | None = None,
-    nuisance: Nuisance | None = DEFAULT_NUISANCE,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Render `findings` as a colour fundus photograph.
-
-    Returns `image` `(H, W, 3)` uint8 (H = W = `size`) and `masks`: one bool `(H, W)` mask per entry of
-    `LESION_TYPES` (empty where absent) plus 'optic_disc' and 'optic_cup'. All random draws except the final
-    pixel noise are independent of `size`, so one seed gives the same eye at every resolution.
-    `nuisance=None` renders with `Nuisance.none()` (canonical camera)."""
-    if not isinstance(size, (int, np.integer)) or not 16 <= size <= 2048:
-        raise ValueError(f"size must be an int in [16, 2048], got {size!r}")
-    rng = np.random.default_rng(0) if rng is None else rng
-    f, S = findings, int(size)
-    nz = (nuisance or Nuisance.none()).draw(rng)
-    # ---- size-independent random draws (anatomy, texture, vessels) ----
+# %% ../../nbs/02c_synthetic_render.ipynb #be7f6012
+def _draw_eye(f: Findings, rng: np.random.Generator, nz: dict) -> dict:
+    "The size-independent random draws of one eye: pigment, texture fields, vessel trees and new vessels."
     pig = _BASE_RGB * np.exp(rng.normal(0, [0.03, 0.08, 0.08])).astype(np.float32)
     fields_ = [_noise_field(rng, n, s) for n, s in ((10, 1.0), (40, 1.0), (120, 0.7))]
     tex_amp = np.array([0.08, 0.035, 0.03], np.float32) * rng.uniform(0.8, 1.2)
@@ -539,9 +528,13 @@ def render_fundus(
         (_vessel_tree(rng, f, vein=False, **vk), _ARTERY_T, ()),
         (_vessel_tree(rng, f, vein=True, **vk), _VEIN_T, f.venous_beading),
     ]
-    by_kind = {k: [l for l in f.lesions if l.kind == k] for k in LESION_TYPES}
-    nv = [_nv_tree(rng, l, f.fovea) for l in by_kind["neovascularisation"]]
-    geom = _Geometry(
+    nv = [_nv_tree(rng, l, f.fovea) for l in f.lesions if l.kind == "neovascularisation"]
+    return dict(pig=pig, texture=texture, tess_field=tess_field, nf_field=nf_field, trees=trees, nv=nv)
+
+
+def _framing(f: Findings, S: int, nz: dict) -> _Geometry:
+    "Where the camera puts the eye: FOV centre (offset), radius (scale), rotation, and the mirror of a left eye."
+    return _Geometry(
         S,
         S * (0.5 + nz["offset_x"]),
         S * (0.5 + nz["offset_y"]),
@@ -549,30 +542,29 @@ def render_fundus(
         math.radians(nz["rotation"]),
         1.0 if f.eye == "OD" else -1.0,
     )
-    # ---- background: pigment x illumination x texture, darker macula ----
+
+# %% ../../nbs/02c_synthetic_render.ipynb #9c7433d1
+def _background(f: Findings, eye: dict, geom: _Geometry, nz: dict):
+    "(image (H, W, 3) float32, shade (H, W), u, v, rho2) of the fundus background in canonical FOV coordinates."
     u, v = geom.grid()
     rho2 = u * u + v * v
     gx, gy = math.cos(nz["gradient_dir"]), math.sin(nz["gradient_dir"])
     shade = (1 - nz["vignetting"] * rho2**1.5) * (1 + nz["gradient"] * (gx * u + gy * v))
-    tex = _sample_field(texture, u, v)
-    img = pig * shade[..., None] * (1 + tex[..., None] * _TEX_GAIN)
-    if (
-        nz["tessellation"] > 0
-    ):  # tessellated fundus: pigmented spaces between the large choroidal vessels, peripheral
-        ridge = np.exp(-((_sample_field(tess_field, u, v) / 0.45) ** 2))
+    tex = _sample_field(eye["texture"], u, v)
+    img = eye["pig"] * shade[..., None] * (1 + tex[..., None] * _TEX_GAIN)
+    if nz["tessellation"] > 0:  # pigmented spaces between the large choroidal vessels, peripheral
+        ridge = np.exp(-((_sample_field(eye["tess_field"], u, v) / 0.45) ** 2))
         img *= (
             1
             - (nz["tessellation"] * 0.5 * (1 - ridge) * np.clip(np.sqrt(rho2) * 1.2 - 0.1, 0, 1))[..., None]
             * _TESS
         )
-    if (
-        nz["nerve_fibre"] > 0
-    ):  # nerve-fibre striation: bright streaks radiating from the disc, arching above/below the macula
+    if nz["nerve_fibre"] > 0:  # bright streaks radiating from the disc, arching above/below the macula
         du, dv = u - f.disc[0], v - f.disc[1]
         rd = np.sqrt(du * du + dv * dv)
         th = np.arctan2(dv, du) + 0.9 * np.sign(dv) * np.clip(rd - 0.5 * f.disc_diameter, 0, None)
         k = (th / (2 * np.pi) % 1.0) * 720
-        streak = nf_field[k.astype(np.int32) % 720]
+        streak = eye["nf_field"][k.astype(np.int32) % 720]
         w = np.exp(-np.clip(rd - 0.5 * f.disc_diameter, 0, None) / 0.35) * (
             0.4 + 0.6 * (dv / np.maximum(rd, 1e-6)) ** 2
         )
@@ -586,12 +578,12 @@ def render_fundus(
         ]
         * _MACULA
     )
-    masks = {}
-    if by_kind["drusen"]:
-        sh, al = _splat_ellipses(geom, by_kind["drusen"], soft=0.5, opacity=0.8)
-        _paint(img, al, _DRUSEN, shade)
-        masks["drusen"] = sh
-    # ---- optic disc and cup ----
+    return img, shade, u, v, rho2
+
+# %% ../../nbs/02c_synthetic_render.ipynb #c3d245b4
+def _paint_disc_and_cup(img, geom: _Geometry, f: Findings, u, v, shade, masks: dict):
+    "Paint the disc and cup into `img` and put their masks into `masks`."
+    dd = f.disc_diameter
     rdx, rdy = dd / 2, dd / 2 * 1.08
     td = np.sqrt(((u - f.disc[0]) / rdx) ** 2 + ((v - f.disc[1]) / rdy) ** 2)
     cx_ = f.disc[0] - 0.12 * rdx * (1 - f.cdr)
@@ -602,14 +594,22 @@ def render_fundus(
     _paint(img, a_disc, _DISC_RGB, shade)
     _paint(img, a_cup, _CUP_RGB, shade)
     masks["optic_disc"], masks["optic_cup"] = td <= 1, tc <= 1
-    # ---- vessels (arteries lighter and thinner, veins darker), new vessels ----
-    for tree, T, beading in trees:
+
+
+def _paint_vessels(img, geom: _Geometry, eye: dict, masks: dict):
+    "Arteries and veins (with beading), then new vessels (their mask is the neovascularisation lesion)."
+    for tree, T, beading in eye["trees"]:
         _darken(img, _splat_tubes(geom, *_rasterise_tree(geom, tree, beading))[1], T)
-    if nv:
-        sh, al = _splat_tubes(geom, *_rasterise_tree(geom, [t for tr in nv for t in tr]), min_opacity=0.7)
+    if eye["nv"]:
+        sh, al = _splat_tubes(
+            geom, *_rasterise_tree(geom, [t for tr in eye["nv"] for t in tr]), min_opacity=0.7
+        )
         _darken(img, al, _NV_T)
         masks["neovascularisation"] = sh
-    # ---- retinal lesions ----
+
+# %% ../../nbs/02c_synthetic_render.ipynb #c0595141
+def _paint_lesions(img, geom: _Geometry, by_kind: dict, rng: np.random.Generator, shade, masks: dict):
+    "Microaneurysms, haemorrhages, hard exudates, cotton-wool spots and preretinal haemorrhages, with their masks."
     if by_kind["microaneurysm"]:
         sh, al = _splat_ellipses(geom, by_kind["microaneurysm"])
         _darken(img, al, _MA_T)
@@ -636,14 +636,16 @@ def render_fundus(
         )
         _darken(img, al, _PRE_T)
         masks["preretinal_haemorrhage"] = sh
-    fov = rho2 < 1
-    # ---- media opacity (cataract): blur, low contrast, yellow veil ----
+
+# %% ../../nbs/02c_synthetic_render.ipynb #5ca4bd6f
+def _camera(img, f: Findings, nz: dict, geom: _Geometry, rho2, rng: np.random.Generator) -> np.ndarray:
+    "The acquisition pipeline on the rendered radiance `img`: returns the (H, W, 3) uint8 photograph."
+    S, fov = geom.size, rho2 < 1
     h = f.cataract_haze
     if h > 0:
         img = ndi.gaussian_filter(img, (S * (0.002 + 0.008 * h),) * 2 + (0,), mode="nearest")
         m = img[fov].mean(0)
         img = (m + (img - m) * (1 - 0.45 * h)) * (1 - 0.3 * h) + 0.3 * h * _VEIL * m[0]
-    # ---- camera: colour temperature, blur, gamma, auto-exposure, vignette edge, noise ----
     img *= np.array([1 + nz["colour_temp"], 1.0 + nz["tint"], 1 - nz["colour_temp"]], np.float32)
     if nz["blur"] * S > 0.05:
         img = ndi.gaussian_filter(img, (nz["blur"] * S,) * 2 + (0,), mode="nearest")
@@ -654,20 +656,48 @@ def render_fundus(
     img += nz["noise"] * np.sqrt(np.clip(img, 0, 1) / 0.45) * noise  # shot noise: std grows with the signal
     a_fov = np.clip((1 - np.sqrt(rho2)) * geom.R + 0.5, 0, 1)
     img = np.clip(img, 0, 1) * a_fov[..., None]
+    img = (img * 255 + 0.5).astype(np.uint8)
+    if nz["jpeg_quality"] < 100:
+        # the camera stores JPEG: blocking and ringing. Chroma is kept at full resolution (4:4:4): 4:2:0 at
+        # 64-128 px would wipe the colour of 1-2 px exudates, which a camera at full size does not
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=int(round(nz["jpeg_quality"])), subsampling=0)
+        img = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")) * (a_fov > 0)[..., None]
+        img = img.astype(np.uint8)  # the surround stays black
+    return img
+
+# %% ../../nbs/02c_synthetic_render.ipynb #792a449e
+def render_fundus(
+    findings: Findings,
+    size: int = 224,
+    rng: np.random.Generator | None = None,
+    nuisance: Nuisance | None = DEFAULT_NUISANCE,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Render `findings` as a colour fundus photograph.
+
+    Returns `image` `(H, W, 3)` uint8 (H = W = `size`) and `masks`: one bool `(H, W)` mask per entry of
+    `LESION_TYPES` (empty where absent) plus 'optic_disc' and 'optic_cup'. All random draws except the final
+    pixel noise are independent of `size`, so one seed gives the same eye at every resolution.
+    `nuisance=None` renders with `Nuisance.none()` (canonical camera)."""
+    if not isinstance(size, (int, np.integer)) or not 16 <= size <= 2048:
+        raise ValueError(f"size must be an int in [16, 2048], got {size!r}")
+    rng = np.random.default_rng(0) if rng is None else rng
+    f, S = findings, int(size)
+    nz = (nuisance or Nuisance.none()).draw(rng)
+    eye = _draw_eye(f, rng, nz)
+    by_kind = {k: [l for l in f.lesions if l.kind == k] for k in LESION_TYPES}
+    geom = _framing(f, S, nz)
+    img, shade, u, v, rho2 = _background(f, eye, geom, nz)
+    masks = {}
+    if by_kind["drusen"]:  # under the disc and the vessels
+        sh, al = _splat_ellipses(geom, by_kind["drusen"], soft=0.5, opacity=0.8)
+        _paint(img, al, _DRUSEN, shade)
+        masks["drusen"] = sh
+    _paint_disc_and_cup(img, geom, f, u, v, shade, masks)
+    _paint_vessels(img, geom, eye, masks)
+    _paint_lesions(img, geom, by_kind, rng, shade, masks)
+    fov = rho2 < 1
+    img = _camera(img, f, nz, geom, rho2, rng)
     out = {k: (masks[k] >= 0.5) & fov if k in masks else np.zeros((S, S), bool) for k in LESION_TYPES}
     out.update(optic_disc=masks["optic_disc"] & fov, optic_cup=masks["optic_cup"] & fov)
-    img = (img * 255 + 0.5).astype(np.uint8)
-    if (
-        nz["jpeg_quality"] < 100
-    ):  # the camera stores JPEG: blocking and ringing. Chroma is kept at full resolution
-        buf = (
-            io.BytesIO()
-        )  # (4:4:4): 4:2:0 at 64-128 px would wipe the colour of 1-2 px exudates, which a camera
-        Image.fromarray(img).save(
-            buf, format="JPEG", quality=int(round(nz["jpeg_quality"])), subsampling=0
-        )  # at full size does not
-        img = (
-            np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")) * (a_fov > 0)[..., None]
-        )  # surround stays black
-        img = img.astype(np.uint8)
     return img, out
