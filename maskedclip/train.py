@@ -716,6 +716,7 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
     micro-step, RNG), for a failure mid-step."""
     from maskedclip.distributed import full_model_state, full_optimizer_state, gather_to_main, local_tensor
 
+    self._check_pending()  # D28: a non-finite step not read back yet stops here, never saved as if it had trained
     ckdir = self.out / "checkpoints"
     name = tag or f"step_{self.step:08d}"
     final, tmp = ckdir / name, ckdir / f".{name}.tmp"
