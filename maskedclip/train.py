@@ -955,8 +955,12 @@ def _check_world(self: Trainer, path: Path, st: dict):
 
 @patch
 def _optim_state(self: Trainer, osd: dict, st: dict, want: str) -> dict:
-    "The optimizer state keyed as this strategy loads it: by position (DDP, `opt.state_dict`) or by parameter name (FSDP)."
+    """The optimizer state keyed as this strategy loads it: by position (DDP, `opt.state_dict`) or by parameter name (FSDP).
+    Its groups keep this optimizer's `fused`/`foreach` as built, not the checkpoint's: an FSDP checkpoint's AdamW is not
+    fused, and its groups resumed on one process would be handed fused AdamW's `found_inf` (D28), which they refuse."""
     have = st.get("optimizer_keys", "positions")
+    built = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.opt.param_groups]
+    osd = dict(osd, param_groups=[{**g, **b} for g, b in zip(osd["param_groups"], built)])
     if have == want:
         return osd
     names = [n for g in self._group_names for n in g]

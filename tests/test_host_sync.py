@@ -230,6 +230,28 @@ def test_save_after_fit_until_reads_the_pending_checks(tmp_path):
     assert find_latest(tmp_path / "b").name == "step_00000001"
 
 
+def test_resume_keeps_the_optimizer_fused_as_built(tmp_path):
+    """A checkpoint whose AdamW groups are not fused (as an FSDP run writes them) resumes for training on one process:
+    the groups keep this optimizer's fused setting, so the deferred checks' `found_inf` applies, and the resumed run
+    ends on the weights of the uninterrupted one, bit for bit."""
+    whole = _trainer(tmp_path / "whole", "maskedclip", steps=4, log_every=2, precision="fp32")
+    whole.fit()
+    tr = _trainer(tmp_path / "part", "maskedclip", steps=4, log_every=2, precision="fp32")
+    tr.fit(until=2)
+    tr.close()
+    ck = find_latest(tmp_path / "part")
+    st = torch.load(ck / "state.pt", weights_only=True)
+    assert all(g["fused"] for g in st["optimizer"]["param_groups"])
+    for g in st["optimizer"]["param_groups"]:
+        g["fused"] = None  # what FSDP's (non-fused) AdamW saves
+    torch.save(st, ck / "state.pt")
+    tr = _trainer(tmp_path / "part", "maskedclip", steps=4, log_every=2, precision="fp32", resume="latest")
+    assert tr.step == 2 and tr._deferred_checks() and all(g["fused"] for g in tr.opt.param_groups)
+    tr.fit()
+    a, b = whole.model.state_dict(), tr.model.state_dict()
+    assert tr.step == 4 and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_every_step_check_when_asked(tmp_path):
     "`train.finite_check_every=1` keeps the old per-step check: the NaN stops the run at its own step."
     tr = _trainer(tmp_path, "maskedclip", steps=6, log_every=4, nan_from=3, finite_check_every=1)
