@@ -18,7 +18,7 @@ def _neg_big(dtype: torch.dtype) -> float:
     "A finite stand-in for -inf: sums of a few of these never overflow."
     return torch.finfo(dtype).min / 4
 
-
+# %% ../nbs/08_mlip.ipynb #00000005-1
 def sinkhorn(
     cost: torch.Tensor,  # (..., K, M) transport cost
     a: torch.Tensor,  # (..., K) non-negative row marginals (zeros = padding)
@@ -152,7 +152,7 @@ def _device_check(ok: torch.Tensor, msg: str):
     except RuntimeError:
         raise ValueError(msg.format((~ok).nonzero().flatten().tolist())) from None
 
-
+# %% ../nbs/08_mlip.ipynb #63a9d88f-1
 def _ot_inputs(patch_emb, patch_mask, sent_emb, sent_mask, patch_weights):
     "Validate; return cosines `(Bi, Bt, K, M)` (float32+, autocast off) and marginals `(Bi, K)`, `(Bt, M)`."
     if patch_emb.dim() != 3 or sent_emb.dim() != 3 or patch_emb.shape[-1] != sent_emb.shape[-1]:

@@ -97,7 +97,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         )
     return dev
 
-
+# %% ../nbs/09_train.ipynb #00000004-1
 def setup_distributed(device: str = "auto") -> DistInfo:
     "Initialise torch.distributed from torchrun's variables (no-op for a single process)."
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -206,7 +206,7 @@ def _fsync_dir(path: Path):
         os.fsync(fd)
         os.close(fd)
 
-
+# %% ../nbs/09_train.ipynb #0000000c-1
 def _atomic_write_text(path: Path, text: str):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -339,7 +339,7 @@ class RunLock:
     def __del__(self):
         self.release()
 
-
+# %% ../nbs/09_train.ipynb #r17-lock-1
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -438,8 +438,10 @@ def check_output_dir(out: str | Path, need_bytes: int | None = None) -> Path:
             )
     return out
 
-
+# %% ../nbs/09_train.ipynb #r17-pre-1
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 _DISK_FULL_TEXT = (
     "no space left",
     "file too large",
@@ -525,7 +527,7 @@ def _memory_mb(device: torch.device) -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
+# %% ../nbs/09_train.ipynb #a14b9b61-1
 def _discard(ckpt: Path):
     "Delete a checkpoint directory so that a kill half-way can never leave a `COMPLETE`-marked remnant: rename it away first."
     gone = ckpt.with_name(f".{ckpt.name}.tmp-old")
@@ -1014,7 +1016,7 @@ def _autocast(self: Trainer):
         return stack
     return contextlib.nullcontext()
 
-
+# %% ../nbs/09_train.ipynb #c8d98d78-1
 @patch
 def _batches(self: Trainer):
     "Endless stream of batches. The loader keeps its own position (epoch, step) and rolls over epochs itself."
@@ -1180,7 +1182,7 @@ def _check_finite_grads(self: Trainer, gnorm, sums: dict):
         f"did not step and the state before it is saved to {path}. Lower train.lr or the loss weights, or set train.grad_clip"
     )
 
-
+# %% ../nbs/09_train.ipynb #843d5cb5-1
 @patch
 def _train_step(self: Trainer, stream) -> dict | None:
     "One optimizer step of `grad_accum` micro-steps; returns rank 0's metrics row when the step logs, else None."
@@ -1553,7 +1555,7 @@ class InMemoryBatches:
             self.pos += 1
             yield Batch(**kw)
 
-
+# %% ../nbs/09_train.ipynb #00000010-1
 def _label_space(d: DataConfig) -> list[str] | None:
     from maskedclip.data import LABEL_SPACES
 
@@ -1634,7 +1636,7 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
         )
     return loader
 
-
+# %% ../nbs/09_train.ipynb #32725b5e-1
 def _gather_objects(obj) -> list:
     "Every rank's `obj`, in rank order (`torch.distributed.all_gather_object`): the image errors each rank found (D31)."
     out = [None] * dist.get_world_size()
@@ -1726,7 +1728,7 @@ def _read_config_file(path: str) -> dict:
         )
     return d
 
-
+# %% ../nbs/09_train.ipynb #00000012-1
 def pretrain_parser() -> argparse.ArgumentParser:
     "The `maskedclip-pretrain` command line."
     from maskedclip import __version__
@@ -1837,7 +1839,7 @@ def config_from_args(argv=None) -> tuple[ExperimentConfig, bool]:
     cfg, a = _parse_pretrain(argv)
     return cfg, not a.no_progress
 
-
+# %% ../nbs/09_train.ipynb #ad69883d-1
 def main(argv=None) -> int:
     """`maskedclip-pretrain` in-process: parse, train, clean up; returns the exit code (`ExitCode`), never exits the interpreter.
     A failure prints one line naming the input and what to do (a traceback only for a bug)."""
@@ -1899,7 +1901,7 @@ _PARAM_MAP = {  # papermill parameter -> config path
     "norm_pix_loss": "model.norm_pix_loss",
 }
 
-
+# %% ../nbs/09_train.ipynb #00000016-1
 def experiment_config(
     preset: str = "tiny", method: str = "maskedclip", overrides: dict | None = None, **params
 ) -> ExperimentConfig:
@@ -2020,7 +2022,7 @@ def launch(
         live.close()
     return rc
 
-
+# %% ../nbs/09_train.ipynb #ce8cbeab-1
 def read_metrics(source, partial_tail: bool = True) -> list[dict]:
     """Metric rows from a run directory (its `metrics.jsonl`), a JSON-lines file, or an iterable of dicts.
 
@@ -2091,7 +2093,7 @@ def run_grid(
         done.append(run_dir)
     return done
 
-
+# %% ../nbs/09_train.ipynb #3eedead2-1
 def grid_main(argv=None) -> int:
     "Console script `maskedclip-grid`: run a papermill notebook over a JSON grid of parameters; returns the exit code."
     from maskedclip import __version__
@@ -2186,7 +2188,7 @@ def _in_jupyter_kernel() -> bool:
         return False
     return type(get_ipython()).__name__ == "ZMQInteractiveShell"
 
-
+# %% ../nbs/09_train.ipynb #ee93677a-1
 class LiveProgress:
     """Follows a run's `metrics.jsonl` as the trainer appends to it (rank 0 writes one row per logged step): a plain
     line every `every` steps (default: every tenth of the run) through `stream`, and — in a Jupyter kernel, or with

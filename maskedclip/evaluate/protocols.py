@@ -89,7 +89,7 @@ def _model_input(x: torch.Tensor, device) -> torch.Tensor:
         device
     )  # = eval_transform's last steps
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #00000016-1
 def _device_of(m: nn.Module) -> torch.device:
     p = next(m.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -215,7 +215,7 @@ class EvalResult:
             f"AUPRC {self.auprc:.4f} [{self.auprc_ci.low:.4f}, {self.auprc_ci.high:.4f}] (n_train={self.n_train}, n_test={self.n_test})"
         )
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #00000017-1
 def _make_result(protocol, y, scores, n_train, classes, n_boot, alpha, seed, details) -> EvalResult:
     y, s = _check_ys(y, scores)
     ci_roc = bootstrap_ci(y, s, "auroc", n_boot=n_boot, alpha=alpha, seed=seed)
@@ -328,7 +328,7 @@ def fit_linear_probe(
         "linear_probe", yte, _proba(best[2], xte, k), len(ytr), classes, n_boot, alpha, seed, details
     )
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #8fa25616-1
 def linear_probe(
     encoder,
     train,
@@ -383,7 +383,7 @@ def layer_id(name: str, num_layers: int) -> int:
         return int(name.split(".")[1]) + 1
     return num_layers
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #0000001b-1
 def param_groups_lrd(
     model: nn.Module,
     weight_decay: float = 0.05,
@@ -494,7 +494,7 @@ def _posterize_safe(img, bits_to_keep, **_):
         return img
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep >= 1 else Image.new(img.mode, img.size)
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #fcb0ce0b-1
 class _FinetuneAug:
     "timm's fine-tuning augmentation (`create_transform` with RandAugment / random erasing, `Mixup`), seeded per run."
 
@@ -829,7 +829,7 @@ def class_embeddings(
         embs.append(F.normalize(e, dim=-1) if renormalize else e)
     return torch.stack(embs), prompts
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #00000022-1
 @torch.no_grad()
 def zero_shot(
     model,
