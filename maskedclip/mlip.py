@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['sinkhorn', 'sentence_pool', 'ot_local_plan', 'ot_local_similarity', 'ot_local_loss', 'pyramid_weights',
@@ -325,37 +326,43 @@ class SemanticIntegrityEstimator(nn.Module):
             )
         return self.proj.weight[0]
 
-    def phi_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        "Content-aware φ `(B, L)` in (0, 1) from patch tokens `(B, L, D)` (mode='content')."
-        if self.mode != "content":
-            raise ValueError("phi_tokens: only for mode='content'; use .phi in mode='mask'")
-        if patch_tokens.dim() != 3 or patch_tokens.shape[1] != self.num_patches:
-            raise ValueError(
-                f"phi_tokens: `patch_tokens` must be (B, {self.num_patches}, D), got {tuple(patch_tokens.shape)}"
-            )
-        return torch.sigmoid(self.mlp(patch_tokens).squeeze(-1))
+# %% ../nbs/08_mlip.ipynb #ba0b43a8-p0
+@patch
+def phi_tokens(self: SemanticIntegrityEstimator, patch_tokens: torch.Tensor) -> torch.Tensor:
+    "Content-aware φ `(B, L)` in (0, 1) from patch tokens `(B, L, D)` (mode='content')."
+    if self.mode != "content":
+        raise ValueError("phi_tokens: only for mode='content'; use .phi in mode='mask'")
+    if patch_tokens.dim() != 3 or patch_tokens.shape[1] != self.num_patches:
+        raise ValueError(
+            f"phi_tokens: `patch_tokens` must be (B, {self.num_patches}, D), got {tuple(patch_tokens.shape)}"
+        )
+    return torch.sigmoid(self.mlp(patch_tokens).squeeze(-1))
 
-    def phi_map(self, patch_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        "φ as a detached picture: `(grid_h, grid_w)` in mode='mask', `(B, grid_h, grid_w)` in mode='content'."
-        phi = self.phi if self.mode == "mask" else self.phi_tokens(patch_tokens)
-        return phi.detach().reshape(*phi.shape[:-1], *self.grid_size)
 
-    def forward(
-        self,
-        visibility: torch.Tensor,  # (B, L) 1 = kept, 0 = removed (= 1 - MAE mask)
-        patch_tokens: torch.Tensor | None = None,  # (B, L, D), mode='content' only
-    ) -> torch.Tensor:
-        "Integrity `ρ (B,)`: > 0 in mode='mask', in (0, 1] in mode='content'."
-        if visibility.dim() != 2 or visibility.shape[1] != self.num_patches:
-            raise ValueError(
-                f"SemanticIntegrityEstimator: `visibility` must be (B, {self.num_patches}), got {tuple(visibility.shape)}"
-            )
-        if self.mode == "mask":
-            return F.softplus(self.proj(visibility.to(self.proj.weight.dtype))).squeeze(-1)
-        if patch_tokens is None:
-            raise ValueError("SemanticIntegrityEstimator: mode='content' needs `patch_tokens`")
-        phi = self.phi_tokens(patch_tokens)
-        return (phi * visibility.to(phi.dtype)).sum(-1) / phi.sum(-1)
+@patch
+def phi_map(self: SemanticIntegrityEstimator, patch_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    "φ as a detached picture: `(grid_h, grid_w)` in mode='mask', `(B, grid_h, grid_w)` in mode='content'."
+    phi = self.phi if self.mode == "mask" else self.phi_tokens(patch_tokens)
+    return phi.detach().reshape(*phi.shape[:-1], *self.grid_size)
+
+
+@patch
+def forward(
+    self: SemanticIntegrityEstimator,
+    visibility: torch.Tensor,  # (B, L) 1 = kept, 0 = removed (= 1 - MAE mask)
+    patch_tokens: torch.Tensor | None = None,  # (B, L, D), mode='content' only
+) -> torch.Tensor:
+    "Integrity `ρ (B,)`: > 0 in mode='mask', in (0, 1] in mode='content'."
+    if visibility.dim() != 2 or visibility.shape[1] != self.num_patches:
+        raise ValueError(
+            f"SemanticIntegrityEstimator: `visibility` must be (B, {self.num_patches}), got {tuple(visibility.shape)}"
+        )
+    if self.mode == "mask":
+        return F.softplus(self.proj(visibility.to(self.proj.weight.dtype))).squeeze(-1)
+    if patch_tokens is None:
+        raise ValueError("SemanticIntegrityEstimator: mode='content' needs `patch_tokens`")
+    phi = self.phi_tokens(patch_tokens)
+    return (phi * visibility.to(phi.dtype)).sum(-1) / phi.sum(-1)
 
 # %% ../nbs/08_mlip.ipynb #0000001f
 def sample_mask_from_phi(
