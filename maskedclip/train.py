@@ -272,55 +272,6 @@ class RunLock:
             else "a holder that left no details"
         )
 
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                h = self._holder(fd)
-                os.close(fd)
-                if (
-                    h.get("host") == socket.gethostname()
-                    and isinstance(h.get("pid"), int)
-                    and not _pid_alive(h["pid"])
-                ):
-                    # the holder died but a child it forked (a data-loader worker) still holds the flock: replace the file
-                    print(
-                        f"[maskedclip] {self.path}: taking over the lock of a run that is no longer running ({self._describe(h)})",
-                        file=sys.stderr,
-                    )
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.path)
-                    continue
-                raise RunEnvironmentError(
-                    f"{self.path.parent}: in use by another run ({self._describe(h)}; lock file {self.path}); "
-                    "wait for it to finish or stop it, or give this run another --output-dir"
-                ) from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue  # released and removed meanwhile: lock the new file instead
-            old = self._holder(fd)
-            if old:
-                print(
-                    f"[maskedclip] {self.path}: took over the stale lock of a run that is no longer running ({self._describe(old)})",
-                    file=sys.stderr,
-                )
-            me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-            self._fd = fd
-            return self
-        raise RunEnvironmentError(
-            f"{self.path}: could not take the run lock (it kept changing hands); try again"
-        )
-
     def release(self):
         if self._fd is None:
             return
@@ -338,6 +289,55 @@ class RunLock:
 
     def __del__(self):
         self.release()
+
+# %% ../nbs/09_train.ipynb #r17-lock-p0
+@patch
+def acquire(self: RunLock) -> "RunLock":
+    import fcntl
+
+    for _ in range(10):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            h = self._holder(fd)
+            os.close(fd)
+            if (
+                h.get("host") == socket.gethostname()
+                and isinstance(h.get("pid"), int)
+                and not _pid_alive(h["pid"])
+            ):
+                # the holder died but a child it forked (a data-loader worker) still holds the flock: replace the file
+                print(
+                    f"[maskedclip] {self.path}: taking over the lock of a run that is no longer running ({self._describe(h)})",
+                    file=sys.stderr,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                continue
+            raise RunEnvironmentError(
+                f"{self.path.parent}: in use by another run ({self._describe(h)}; lock file {self.path}); "
+                "wait for it to finish or stop it, or give this run another --output-dir"
+            ) from None
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue  # released and removed meanwhile: lock the new file instead
+        old = self._holder(fd)
+        if old:
+            print(
+                f"[maskedclip] {self.path}: took over the stale lock of a run that is no longer running ({self._describe(old)})",
+                file=sys.stderr,
+            )
+        me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+    raise RunEnvironmentError(f"{self.path}: could not take the run lock (it kept changing hands); try again")
 
 # %% ../nbs/09_train.ipynb #r17-lock-1
 def _pid_alive(pid: int) -> bool:
@@ -1502,58 +1502,64 @@ class InMemoryBatches:
             n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch * 7919 + salt)
         )
 
-    def state_dict(self):
-        return dict(
-            epoch=self.epoch, pos=self.pos, paired_pos=self.paired_pos, paired_epoch=self.paired_epoch
-        )
+# %% ../nbs/09_train.ipynb #00000010-p0
+@patch
+def state_dict(self: InMemoryBatches):
+    return dict(epoch=self.epoch, pos=self.pos, paired_pos=self.paired_pos, paired_epoch=self.paired_epoch)
 
-    def load_state_dict(self, st):
-        self.epoch, self.pos, self.paired_pos, self.paired_epoch = (
-            st["epoch"],
-            st["pos"],
-            st["paired_pos"],
-            st["paired_epoch"],
-        )
 
-    def _paired_block(self):
-        G = self.bp * self.world
-        n = len(self.pi)
-        if self.paired_pos + G > n:
-            self.paired_epoch, self.paired_pos = self.paired_epoch + 1, 0  # endless, re-shuffled
-        idx = self._perm(n, self.paired_epoch, 1)[self.paired_pos : self.paired_pos + G]
-        self.paired_pos += G
-        return idx[self.rank * self.bp : (self.rank + 1) * self.bp]
+@patch
+def load_state_dict(self: InMemoryBatches, st):
+    self.epoch, self.pos, self.paired_pos, self.paired_epoch = (
+        st["epoch"],
+        st["pos"],
+        st["paired_pos"],
+        st["paired_epoch"],
+    )
 
-    def __iter__(self):
-        "This rank's batches until the end of the epoch; a new iteration after the end starts the next epoch."
-        if self.pos >= self._len:
-            self.epoch, self.pos = self.epoch + 1, 0
-        while self.pos < self._len:
-            kw = {}
-            if self.bp:
-                i = self._paired_block()
-                texts = [self.texts[j] for j in i.tolist()]
+
+@patch
+def _paired_block(self: InMemoryBatches):
+    G = self.bp * self.world
+    n = len(self.pi)
+    if self.paired_pos + G > n:
+        self.paired_epoch, self.paired_pos = self.paired_epoch + 1, 0  # endless, re-shuffled
+    idx = self._perm(n, self.paired_epoch, 1)[self.paired_pos : self.paired_pos + G]
+    self.paired_pos += G
+    return idx[self.rank * self.bp : (self.rank + 1) * self.bp]
+
+
+@patch
+def __iter__(self: InMemoryBatches):
+    "This rank's batches until the end of the epoch; a new iteration after the end starts the next epoch."
+    if self.pos >= self._len:
+        self.epoch, self.pos = self.epoch + 1, 0
+    while self.pos < self._len:
+        kw = {}
+        if self.bp:
+            i = self._paired_block()
+            texts = [self.texts[j] for j in i.tolist()]
+            kw.update(
+                paired_images=self.pi[i],
+                texts=texts,
+                labels=self.labels[i] if self.labels is not None else None,
+            )
+            if self.tokenize is not None:
                 kw.update(
-                    paired_images=self.pi[i],
-                    texts=texts,
-                    labels=self.labels[i] if self.labels is not None else None,
+                    {
+                        k: v
+                        for k, v in self.tokenize(texts).items()
+                        if k in ("input_ids", "attention_mask", "sentence_ids")
+                    }
                 )
-                if self.tokenize is not None:
-                    kw.update(
-                        {
-                            k: v
-                            for k, v in self.tokenize(texts).items()
-                            if k in ("input_ids", "attention_mask", "sentence_ids")
-                        }
-                    )
-            if self.bu:
-                G = self.bu * self.world
-                j = self._perm(len(self.ui), self.epoch, 2)[self.pos * G : (self.pos + 1) * G][
-                    self.rank * self.bu : (self.rank + 1) * self.bu
-                ]
-                kw.update(unpaired_images=self.ui[j])
-            self.pos += 1
-            yield Batch(**kw)
+        if self.bu:
+            G = self.bu * self.world
+            j = self._perm(len(self.ui), self.epoch, 2)[self.pos * G : (self.pos + 1) * G][
+                self.rank * self.bu : (self.rank + 1) * self.bu
+            ]
+            kw.update(unpaired_images=self.ui[j])
+        self.pos += 1
+        yield Batch(**kw)
 
 # %% ../nbs/09_train.ipynb #00000010-1
 def _label_space(d: DataConfig) -> list[str] | None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -494,7 +495,7 @@ def _posterize_safe(img, bits_to_keep, **_):
         return img
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep >= 1 else Image.new(img.mode, img.size)
 
-# %% ../../nbs/10c_evaluate_protocols.ipynb #fcb0ce0b-1
+
 class _FinetuneAug:
     "timm's fine-tuning augmentation (`create_transform` with RandAugment / random erasing, `Mixup`), seeded per run."
 
@@ -536,43 +537,51 @@ class _FinetuneAug:
         )
         self.soft = SoftTargetCrossEntropy()
 
-    @contextlib.contextmanager
-    def rng(self):
-        "Seed Python's and NumPy's RNG (timm's transforms draw from them) for the run, and restore them after."
-        if self.timm_tf is None and self.mixup is None:
-            yield
-            return
-        import random
+# %% ../../nbs/10c_evaluate_protocols.ipynb #fcb0ce0b-1-p0
+@patch
+@contextlib.contextmanager
+def rng(self: _FinetuneAug):
+    "Seed Python's and NumPy's RNG (timm's transforms draw from them) for the run, and restore them after."
+    if self.timm_tf is None and self.mixup is None:
+        yield
+        return
+    import random
 
-        py, npst = random.getstate(), np.random.get_state()
-        random.seed(self.seed)
-        np.random.seed(self.seed)
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npst)
+    py, npst = random.getstate(), np.random.get_state()
+    random.seed(self.seed)
+    np.random.seed(self.seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npst)
 
-    def images(self, xb: torch.Tensor) -> torch.Tensor:
-        "timm's training transform per image (uint8 -> PIL; float images are de-normalised first)."
-        from PIL import Image
 
-        from maskedclip.data import denormalize
+@patch
+def images(self: _FinetuneAug, xb: torch.Tensor) -> torch.Tensor:
+    "timm's training transform per image (uint8 -> PIL; float images are de-normalised first)."
+    from PIL import Image
 
-        if xb.dtype != torch.uint8:
-            xb = (denormalize(xb.float()) * 255).round().clamp(0, 255).to(torch.uint8)
-        return torch.stack([self.timm_tf(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in xb])
+    from maskedclip.data import denormalize
 
-    def mix(self, xb, yb, crit):
-        "(images, targets, loss) after Mixup/CutMix (even batches only, as timm requires), else unchanged with `crit`."
-        if self.mixup is None or len(xb) % 2:
-            return xb, yb, crit
-        xb, soft = self.mixup(xb, yb)
-        return xb, soft, self.soft
+    if xb.dtype != torch.uint8:
+        xb = (denormalize(xb.float()) * 255).round().clamp(0, 255).to(torch.uint8)
+    return torch.stack([self.timm_tf(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in xb])
 
-    def describe(self) -> str:
-        on = {k: v for k, v in self.opts.items() if v}
-        return "timm " + ", ".join(f"{k}={v}" for k, v in on.items()) if on else "augment_batch"
+
+@patch
+def mix(self: _FinetuneAug, xb, yb, crit):
+    "(images, targets, loss) after Mixup/CutMix (even batches only, as timm requires), else unchanged with `crit`."
+    if self.mixup is None or len(xb) % 2:
+        return xb, yb, crit
+    xb, soft = self.mixup(xb, yb)
+    return xb, soft, self.soft
+
+
+@patch
+def describe(self: _FinetuneAug) -> str:
+    on = {k: v for k, v in self.opts.items() if v}
+    return "timm " + ", ".join(f"{k}={v}" for k, v in on.items()) if on else "augment_batch"
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #0000001e
 def _splits3(splits) -> tuple:
