@@ -595,91 +595,115 @@ class Trainer:
             self.close()
             raise
 
-    def _build(self, config: ExperimentConfig, loader, progress: bool):
-        t = config.train
-        seed_everything(t.seed)  # identical initial weights on every rank ...
-        self.model = MaskedCLIP(config.model).to(self.device)
-        seed_everything(t.seed + self.di.rank)  # ... then per-rank randomness (drop path, dropout)
-        if t.grad_checkpointing:
-            for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
-                if m is not None:
-                    _set_grad_ckpt(m)
-            if self.model.text is not None:
-                self.model.text.model.gradient_checkpointing_enable()
-        if t.compile:
-            for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
-                if m is not None:
-                    m.compile()
-        self.sharded = t.strategy == "fsdp" and self.di.distributed
-        # D35: per-block FSDP2 units; parameters become DTensor shards before the optimizer sees them
-        if self.sharded:
-            from maskedclip.distributed import shard_model
-
-            shard_model(self.model, self.precision)
-            if t.diag_every:  # the diagnostics forward runs on rank 0 alone, which a sharded model cannot do
-                self.cfg = config = config.replace(train=t.replace(diag_every=0))
-                t = config.train
-                if self.di.is_main:
-                    print("[maskedclip] train.strategy=fsdp: representation diagnostics (diag/*) are off")
-        elif t.strategy == "fsdp" and self.di.is_main:
-            print("[maskedclip] train.strategy=fsdp with one process: nothing to shard; training unsharded")
-        # D34: ranks read blocks of one global sample order, so a checkpoint resumes on any world size
-        if loader is None:
-            from maskedclip.distributed import elastic_loader
-
-            loader = elastic_loader(build_loader(config, self.model, self.di))
-        self.loader = loader
-        self.steps_per_epoch = max(1, len(self.loader) // t.grad_accum)
-        self.total_steps = (
-            t.steps if t.steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        )
-        self.warmup_steps = (
-            t.warmup_steps
-            if t.warmup_steps is not None
-            else int(round(t.warmup_epochs * self.steps_per_epoch))
-        )
-        self.images_per_step = (
-            (config.data.paired_batch_size + config.data.unpaired_batch_size)
-            * self.di.world_size
-            * t.grad_accum
-        )
-        self.lr = t.lr if t.lr is not None else t.base_lr * self.images_per_step / 256
-        groups = param_groups(self.model, t.weight_decay, t.text_lr_mult)
-        self._group_names = [g["names"] for g in groups]  # the optimizer's order, for name-keyed state
-        fused = dict(fused=True) if _fused_ok(self.device) and not self.sharded else {}
-        self.opt = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "names"} for g in groups],
-            lr=self.lr,
-            betas=tuple(t.betas),
-            **fused,
-        )
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.ddp, self._full_sd = None, None
-        if self.di.distributed and not self.sharded:
-            if self.model.teacher is not None:  # the teacher is EMA state, never synchronised as gradients
-                DDP._set_params_and_buffers_to_ignore_for_model(
-                    self.model, [f"teacher.{n}" for n, _ in self.model.teacher.named_parameters()]
-                )
-            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step, self.epoch, self.micro = 0, 0, 0
-        self.progress = progress and self.di.is_main
-        self._loggers = None
-        if self.di.is_main:
-            print(
-                f"[maskedclip] method={config.model.method} world_size={self.di.world_size} device={self.device} precision={self.precision}"
-                f"{' strategy=fsdp' if self.sharded else ''}"
-            )
-            print(
-                f"[maskedclip] global images/step={self.images_per_step} base_lr={t.base_lr:g} -> lr={self.lr:g}"
-                f"{' (lr given directly)' if t.lr is not None else ''}; steps={self.total_steps} warmup={self.warmup_steps}"
-            )
-        if t.resume:
-            self.resume(t.resume)
-
     def close(self):
         "Release the run directory's lock (`fit` does this when it ends)."
         if self._lock is not None:
             self._lock.release()
+
+# %% ../nbs/09_train.ipynb #0a61a5a4-b0
+@patch
+def _build(self: Trainer, config: ExperimentConfig, loader, progress: bool):
+    "Model, then sharding, loader and schedule, then optimizer, in that order; then resume if asked."
+    self._build_model(config)
+    config = self._shard(config)  # FSDP turns the diagnostics off in `self.cfg`
+    t = config.train
+    self._build_schedule(config, loader)
+    self._build_optimizer(t)
+    self.step, self.epoch, self.micro = 0, 0, 0
+    self.progress = progress and self.di.is_main
+    self._loggers = None
+    if self.di.is_main:
+        print(
+            f"[maskedclip] method={config.model.method} world_size={self.di.world_size} device={self.device} precision={self.precision}"
+            f"{' strategy=fsdp' if self.sharded else ''}"
+        )
+        print(
+            f"[maskedclip] global images/step={self.images_per_step} base_lr={t.base_lr:g} -> lr={self.lr:g}"
+            f"{' (lr given directly)' if t.lr is not None else ''}; steps={self.total_steps} warmup={self.warmup_steps}"
+        )
+    if t.resume:
+        self.resume(t.resume)
+
+
+@patch
+def _build_model(self: Trainer, config: ExperimentConfig):
+    "The model, with the same initial weights on every rank; gradient checkpointing and compilation if asked."
+    t = config.train
+    seed_everything(t.seed)  # identical initial weights on every rank ...
+    self.model = MaskedCLIP(config.model).to(self.device)
+    seed_everything(t.seed + self.di.rank)  # ... then per-rank randomness (drop path, dropout)
+    if t.grad_checkpointing:
+        for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
+            if m is not None:
+                _set_grad_ckpt(m)
+        if self.model.text is not None:
+            self.model.text.model.gradient_checkpointing_enable()
+    if t.compile:
+        for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
+            if m is not None:
+                m.compile()
+
+# %% ../nbs/09_train.ipynb #0a61a5a4-b1
+@patch
+def _shard(self: Trainer, config: ExperimentConfig) -> ExperimentConfig:
+    "Under FSDP on several processes, shard the model (D35) and turn the diagnostics off; returns the config in force."
+    t = config.train
+    self.sharded = t.strategy == "fsdp" and self.di.distributed
+    # D35: per-block FSDP2 units; parameters become DTensor shards before the optimizer sees them
+    if self.sharded:
+        from maskedclip.distributed import shard_model
+
+        shard_model(self.model, self.precision)
+        if t.diag_every:  # the diagnostics forward runs on rank 0 alone, which a sharded model cannot do
+            self.cfg = config = config.replace(train=t.replace(diag_every=0))
+            if self.di.is_main:
+                print("[maskedclip] train.strategy=fsdp: representation diagnostics (diag/*) are off")
+    elif t.strategy == "fsdp" and self.di.is_main:
+        print("[maskedclip] train.strategy=fsdp with one process: nothing to shard; training unsharded")
+    return config
+
+
+@patch
+def _build_schedule(self: Trainer, config: ExperimentConfig, loader):
+    "The loader (elastic, D34) and what it fixes: steps per epoch, total and warm-up steps, images per step, lr."
+    t = config.train
+    # D34: ranks read blocks of one global sample order, so a checkpoint resumes on any world size
+    if loader is None:
+        from maskedclip.distributed import elastic_loader
+
+        loader = elastic_loader(build_loader(config, self.model, self.di))
+    self.loader = loader
+    self.steps_per_epoch = max(1, len(self.loader) // t.grad_accum)
+    self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
+    self.warmup_steps = (
+        t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_epochs * self.steps_per_epoch))
+    )
+    self.images_per_step = (
+        (config.data.paired_batch_size + config.data.unpaired_batch_size) * self.di.world_size * t.grad_accum
+    )
+    self.lr = t.lr if t.lr is not None else t.base_lr * self.images_per_step / 256
+
+# %% ../nbs/09_train.ipynb #0a61a5a4-b2
+@patch
+def _build_optimizer(self: Trainer, t):
+    "AdamW over `param_groups` (fused where the device has it and the model is not sharded), fp16's scaler, DDP."
+    groups = param_groups(self.model, t.weight_decay, t.text_lr_mult)
+    self._group_names = [g["names"] for g in groups]  # the optimizer's order, for name-keyed state
+    fused = dict(fused=True) if _fused_ok(self.device) and not self.sharded else {}
+    self.opt = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups],
+        lr=self.lr,
+        betas=tuple(t.betas),
+        **fused,
+    )
+    self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+    self.ddp, self._full_sd = None, None
+    if self.di.distributed and not self.sharded:
+        if self.model.teacher is not None:  # the teacher is EMA state, never synchronised as gradients
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                self.model, [f"teacher.{n}" for n, _ in self.model.teacher.named_parameters()]
+            )
+        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
 # %% ../nbs/09_train.ipynb #e8a21cd9
 @patch
