@@ -740,26 +740,13 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
     The other ranks' RNG states (and, under FSDP, the weight and optimizer shards) are gathered to rank 0 first, so no
     directory is shared between nodes. `at_step_start`: the state from before the step in progress (loader position,
     micro-step, RNG), for a failure mid-step."""
-    from maskedclip.distributed import full_model_state, full_optimizer_state, gather_to_main, local_tensor
+    from maskedclip.distributed import full_model_state, full_optimizer_state, gather_to_main
 
     self._check_pending()  # D28: a non-finite step not read back yet stops here, never saved as if it had trained
     ckdir = self.out / "checkpoints"
     name = tag or f"step_{self.step:08d}"
     final, tmp = ckdir / name, ckdir / f".{name}.tmp"
-    bad = [
-        k
-        for k, v in self.model.state_dict().items()
-        if v.is_floating_point() and not torch.isfinite(local_tensor(v)).all()
-    ]
-    flag = torch.tensor([float(len(bad))], device=self.device)
-    if self.sharded:  # each rank sees only its shards
-        dist.all_reduce(flag)
-    if flag.item() > 0:
-        latest = find_latest(self.out) if self.di.is_main else None
-        raise NonFiniteError(
-            f"the weights became non-finite before step {self.step} ({int(flag.item())} tensors{', e.g. ' + bad[0] if bad else ''}); "
-            f"nothing was saved. Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}"
-        )
+    self._refuse_nonfinite_weights()
     snap = self._snap if at_step_start and self._snap is not None else None
     rngs = gather_to_main(snap["rng"] if snap else _rng_state())  # collective: every rank's RNG to rank 0
     full_sd = full_model_state(self.model) if self.sharded else None  # collective: shards to rank 0's CPU
@@ -785,53 +772,16 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
         else:
             self.model.save_pretrained(tmp)
         self.cfg.to_json(tmp / "config.json")
-        d = self.cfg.data
-        state = {
-            "step": self.step,
-            "epoch": snap["epoch"] if snap else self.epoch,
-            "micro": snap["micro"] if snap else self.micro,
-            "optimizer": full_osd if self.sharded else self.opt.state_dict(),
-            "optimizer_keys": "names" if self.sharded else "positions",
-            "scheduler": {
-                "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps,
-                "lr": self.lr,
-                "min_lr": self.cfg.train.min_lr,
-            },
-            "loader": snap["loader"] if snap else self.loader.state_dict(),
-            "world_size": self.di.world_size,
-            "global_batch": {
-                "paired": d.paired_batch_size * self.di.world_size,
-                "unpaired": d.unpaired_batch_size * self.di.world_size,
-                "grad_accum": self.cfg.train.grad_accum,
-            },
-            "strategy": "fsdp" if self.sharded else "ddp",
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
-        torch.save(state, tmp / "state.pt")
+        torch.save(self._checkpoint_state(snap, full_osd), tmp / "state.pt")
         for r, st in enumerate(rngs):
             torch.save(st, tmp / f"rng_rank{r}.pt")
-
-    def publish():
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckdir)
-        _atomic_write_text(final / "COMPLETE", "ok\n")
-        _atomic_write_text(ckdir / "latest", name + "\n")
-        for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
-            _discard(old)
 
     try:
         if self.di.is_main:
             guarded(write_shared)
         self._agree(err, f"checkpoint {name}: rank 0 failed to write it")
         if self.di.is_main:
-            guarded(publish)
+            guarded(lambda: self._publish(tmp, final))
         self._agree(err, f"checkpoint {name}: rank 0 failed to publish it")
     except Exception as e:
         if self.di.is_main:
@@ -842,6 +792,73 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
     if self.sharded and self.di.is_main:
         self._full_sd = (self.step, full_sd)  # `_write_final` exports these weights (it runs on rank 0 only)
     return final
+
+# %% ../nbs/09_train.ipynb #ea5071aa-w
+@patch
+def _refuse_nonfinite_weights(self: Trainer):
+    "Non-finite weights on any rank stop the run before anything is written (each rank sees only its shards)."
+    from maskedclip.distributed import local_tensor
+
+    bad = [
+        k
+        for k, v in self.model.state_dict().items()
+        if v.is_floating_point() and not torch.isfinite(local_tensor(v)).all()
+    ]
+    flag = torch.tensor([float(len(bad))], device=self.device)
+    if self.sharded:  # each rank sees only its shards
+        dist.all_reduce(flag)
+    if flag.item() > 0:
+        latest = find_latest(self.out) if self.di.is_main else None
+        raise NonFiniteError(
+            f"the weights became non-finite before step {self.step} ({int(flag.item())} tensors{', e.g. ' + bad[0] if bad else ''}); "
+            f"nothing was saved. Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}"
+        )
+
+
+@patch
+def _checkpoint_state(self: Trainer, snap: dict | None, full_osd: dict | None) -> dict:
+    "`state.pt`: step, loader position, optimizer, schedule, world size and global batch (`snap`: the step-start state)."
+    d = self.cfg.data
+    return {
+        "step": self.step,
+        "epoch": snap["epoch"] if snap else self.epoch,
+        "micro": snap["micro"] if snap else self.micro,
+        "optimizer": full_osd if self.sharded else self.opt.state_dict(),
+        "optimizer_keys": "names" if self.sharded else "positions",
+        "scheduler": {
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "lr": self.lr,
+            "min_lr": self.cfg.train.min_lr,
+        },
+        "loader": snap["loader"] if snap else self.loader.state_dict(),
+        "world_size": self.di.world_size,
+        "global_batch": {
+            "paired": d.paired_batch_size * self.di.world_size,
+            "unpaired": d.unpaired_batch_size * self.di.world_size,
+            "grad_accum": self.cfg.train.grad_accum,
+        },
+        "strategy": "fsdp" if self.sharded else "ddp",
+        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+    }
+
+# %% ../nbs/09_train.ipynb #ea5071aa-p
+@patch
+def _publish(self: Trainer, tmp: Path, final: Path):
+    "Rank 0: fsync the written files, move `tmp` to `final`, mark it COMPLETE and latest, drop the oldest ones."
+    ckdir, name = final.parent, final.name
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        _discard(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckdir)
+    _atomic_write_text(final / "COMPLETE", "ok\n")
+    _atomic_write_text(ckdir / "latest", name + "\n")
+    for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
+        _discard(old)
 
 # %% ../nbs/09_train.ipynb #f0f5082f
 @patch
