@@ -19,25 +19,10 @@ def _neg_big(dtype: torch.dtype) -> float:
     "A finite stand-in for -inf: sums of a few of these never overflow."
     return torch.finfo(dtype).min / 4
 
-# %% ../nbs/08_mlip.ipynb #00000005-1
-def sinkhorn(
-    cost: torch.Tensor,  # (..., K, M) transport cost
-    a: torch.Tensor,  # (..., K) non-negative row marginals (zeros = padding)
-    b: torch.Tensor,  # (..., M) non-negative column marginals, same total mass as `a`
-    eps: float = 0.1,  # entropic regularisation ε (kernel exp(-cost/ε))
-    n_iters: int = 100,  # maximum number of Sinkhorn iterations
-    tol: float = 1e-6,  # stop when max over the batch of the L1 row-marginal error < tol
-    *,
-    check_every: int = 0,  # 0: test the tolerance on the device, no host sync (D29); N: on the host every N iterations
-    validate: bool = True,  # check a, b >= 0 with equal mass (host syncs); callers that built them pass False
-    return_iters: bool = False,  # also return the number of iterations actually run
-) -> torch.Tensor | tuple[torch.Tensor, int]:
-    """Entropic OT plan `T (..., K, M)` by log-domain Sinkhorn, batched over leading dims.
 
-    `T.sum(-1) ≈ a`, `T.sum(-2) ≈ b`; rows/columns with zero mass get exactly zero transport. Leading dims
-    of `cost`, `a`, `b` broadcast. Half/bfloat16 inputs are computed in float32, the plan is returned in the
-    input dtype. Differentiable (unrolled) when called with grad; call it under `torch.no_grad()` to use a
-    fixed plan (MLIP/PLOT practice)."""
+def _sinkhorn_inputs(cost, a, b, eps: float, n_iters: int, check_every: int, validate: bool) -> tuple:
+    """`sinkhorn`'s arguments checked, broadcast to one batch shape and promoted to at least float32
+    -> `(cost, a, b, input dtype, compute dtype)`; `validate` also checks a, b >= 0 with equal mass (host syncs)."""
     if cost.dim() < 2:
         raise ValueError(f"sinkhorn: `cost` must be (..., K, M), got shape {tuple(cost.shape)}")
     K, M = cost.shape[-2:]
@@ -66,6 +51,28 @@ def sinkhorn(
             f"sinkhorn: `a` and `b` must have equal total mass; max |sum a - sum b| = "
             f"{(ma - mb).abs().max().item():.3g}"
         )
+    return cost, a, b, out_dtype, dt
+
+# %% ../nbs/08_mlip.ipynb #00000005-1
+def sinkhorn(
+    cost: torch.Tensor,  # (..., K, M) transport cost
+    a: torch.Tensor,  # (..., K) non-negative row marginals (zeros = padding)
+    b: torch.Tensor,  # (..., M) non-negative column marginals, same total mass as `a`
+    eps: float = 0.1,  # entropic regularisation ε (kernel exp(-cost/ε))
+    n_iters: int = 100,  # maximum number of Sinkhorn iterations
+    tol: float = 1e-6,  # stop when max over the batch of the L1 row-marginal error < tol
+    *,
+    check_every: int = 0,  # 0: test the tolerance on the device, no host sync (D29); N: on the host every N iterations
+    validate: bool = True,  # check a, b >= 0 with equal mass (host syncs); callers that built them pass False
+    return_iters: bool = False,  # also return the number of iterations actually run
+) -> torch.Tensor | tuple[torch.Tensor, int]:
+    """Entropic OT plan `T (..., K, M)` by log-domain Sinkhorn, batched over leading dims.
+
+    `T.sum(-1) ≈ a`, `T.sum(-2) ≈ b`; rows/columns with zero mass get exactly zero transport. Leading dims
+    of `cost`, `a`, `b` broadcast. Half/bfloat16 inputs are computed in float32, the plan is returned in the
+    input dtype. Differentiable (unrolled) when called with grad; call it under `torch.no_grad()` to use a
+    fixed plan (MLIP/PLOT practice)."""
+    cost, a, b, out_dtype, dt = _sinkhorn_inputs(cost, a, b, eps, n_iters, check_every, validate)
     neg = _neg_big(dt)
     pa, pb = a > 0, b > 0
     log_a = torch.where(pa, torch.where(pa, a, torch.ones_like(a)).log(), torch.full_like(a, neg))

@@ -1615,15 +1615,10 @@ def _label_space(d: DataConfig) -> list[str] | None:
         )
     return list(LABEL_SPACES[d.label_space])
 
-# %% ../nbs/09_train.ipynb #32725b5e
-def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
-    """The two-stream loader of `maskedclip.data` for `config.data` (synthetic corpus built on demand).
-
-    `data.on_bad_record='skip'` also covers images that pass the load-time check but fail to decode during training
-    (they are replaced by the next record, counted and named); `data.label_space` refuses labels outside it."""
-    from maskedclip.data import make_loader
-
-    d, m = config.data, config.model
+# %% ../nbs/09_train.ipynb #32725b5e-d
+def _data_paths(config: ExperimentConfig, di: DistInfo) -> tuple:
+    "`(paired, unpaired, root)` of `config.data`, the synthetic corpus's (built on demand) if none; each must exist."
+    d = config.data
     paired, unpaired, root = d.paired, d.unpaired, d.root
     if d.synthetic and not (paired or unpaired):
         corpus = ensure_synthetic_corpus(config, di)
@@ -1641,6 +1636,18 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
             raise DataError(
                 f"{name}: {p} does not exist; give an existing manifest (JSONL/CSV), image folder or prepared dataset"
             )
+    return paired, unpaired, root
+
+# %% ../nbs/09_train.ipynb #32725b5e
+def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
+    """The two-stream loader of `maskedclip.data` for `config.data` (synthetic corpus built on demand).
+
+    `data.on_bad_record='skip'` also covers images that pass the load-time check but fail to decode during training
+    (they are replaced by the next record, counted and named); `data.label_space` refuses labels outside it."""
+    from maskedclip.data import make_loader
+
+    d, m = config.data, config.model
+    paired, unpaired, root = _data_paths(config, di)
     with_sentences = bool(m.mlip.use_ot)
     tokenize = (
         (lambda texts: model.tokenize(texts, with_sentences=with_sentences))
@@ -1986,6 +1993,34 @@ def experiment_config(
                 raise ValueError(f"parameter {pname!r} ({path}): {msg.split(':', 1)[1].strip()}") from None
         raise
 
+# %% ../nbs/09_train.ipynb #ce8cbeab-c
+def _launch_command(nproc: int, nnodes: int, node_rank: int, master_addr, master_port) -> list[str]:
+    "The command that runs `maskedclip.train`: plain Python for one process, torchrun (static rendezvous) for more."
+    if nproc == 1 and nnodes == 1:
+        cmd = [sys.executable, "-m", "maskedclip.train"]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--nnodes={nnodes}",
+        ]
+        if nnodes == 1:
+            cmd.append("--standalone")
+        else:
+            if not master_addr:
+                raise ValueError(
+                    "master_addr: give the address of node 0 (the rendezvous host) for nnodes > 1"
+                )
+            cmd += [  # static rendezvous: node_rank 0 hosts rank 0, so the run directory with the checkpoints is on it
+                f"--node_rank={node_rank}",
+                f"--master_addr={master_addr}",
+                f"--master_port={master_port or 29500}",
+            ]
+        cmd += ["-m", "maskedclip.train"]
+    return cmd
+
 # %% ../nbs/09_train.ipynb #ce8cbeab
 def launch(
     config: ExperimentConfig,
@@ -2014,30 +2049,11 @@ def launch(
         pass  # a live run on this directory stops us here, before its config.json is overwritten
     cfg_path = out / "config.json"
     config.to_json(cfg_path)
-    if nproc == 1 and nnodes == 1:
-        cmd = [sys.executable, "-m", "maskedclip.train"]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--nnodes={nnodes}",
-        ]
-        if nnodes == 1:
-            cmd.append("--standalone")
-        else:
-            if not master_addr:
-                raise ValueError(
-                    "master_addr: give the address of node 0 (the rendezvous host) for nnodes > 1"
-                )
-            cmd += [  # static rendezvous: node_rank 0 hosts rank 0, so the run directory with the checkpoints is on it
-                f"--node_rank={node_rank}",
-                f"--master_addr={master_addr}",
-                f"--master_port={master_port or 29500}",
-            ]
-        cmd += ["-m", "maskedclip.train"]
-    cmd += ["--config", str(cfg_path), "--no-progress"]
+    cmd = _launch_command(nproc, nnodes, node_rank, master_addr, master_port) + [
+        "--config",
+        str(cfg_path),
+        "--no-progress",
+    ]
     stream = stream or (lambda line: print(line, end="", flush=True))
     header = f"$ {shlex.join(cmd)}\n"
     stream(header)
