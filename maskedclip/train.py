@@ -1782,16 +1782,9 @@ def _read_config_file(path: str) -> dict:
         )
     return d
 
-# %% ../nbs/09_train.ipynb #00000012-1
-def pretrain_parser() -> argparse.ArgumentParser:
-    "The `maskedclip-pretrain` command line."
-    from maskedclip import __version__
-
-    ap = argparse.ArgumentParser(
-        prog="maskedclip-pretrain",
-        description="Pre-train MaskedCLIP / baselines / MLIP (launch with torchrun for several processes). "
-        "Exit status: 0 ok, 1 internal error, 2 bad configuration, 3 non-finite loss, 4 bad data, 5 environment (disk, lock, device).",
-    )
+# %% ../nbs/09_train.ipynb #00000012-r
+def _add_run_arguments(ap: argparse.ArgumentParser):
+    "`maskedclip-pretrain`'s options that say what to train and where: config, preset, method, run directory, steps, resume."
     ap.add_argument(
         "--config",
         metavar="JSON",
@@ -1824,6 +1817,18 @@ def pretrain_parser() -> argparse.ArgumentParser:
         metavar="latest|DIR",
         help="'latest' (the newest complete checkpoint of --output-dir; fresh if none) or a checkpoint directory",
     )
+
+# %% ../nbs/09_train.ipynb #00000012-1
+def pretrain_parser() -> argparse.ArgumentParser:
+    "The `maskedclip-pretrain` command line."
+    from maskedclip import __version__
+
+    ap = argparse.ArgumentParser(
+        prog="maskedclip-pretrain",
+        description="Pre-train MaskedCLIP / baselines / MLIP (launch with torchrun for several processes). "
+        "Exit status: 0 ok, 1 internal error, 2 bad configuration, 3 non-finite loss, 4 bad data, 5 environment (disk, lock, device).",
+    )
+    _add_run_arguments(ap)
     ap.add_argument(
         "--set",
         action="append",

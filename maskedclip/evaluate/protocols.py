@@ -262,6 +262,24 @@ def _proba(clf, x: np.ndarray, k: int) -> np.ndarray:
     p[:, clf.classes_] = clf.predict_proba(x)
     return p
 
+# %% ../../nbs/10c_evaluate_protocols.ipynb #8fa25616-c
+def _select_C(xtr, ytr, xva, yva, k: int, Cs, max_iter: int, blas_threads) -> tuple:
+    "Logistic regression for each C on the standardised train split -> `(best (AUROC, C, model), val AUROC per C, selection)`."
+    best, val_auroc = None, {}
+    for C in Cs:
+        clf = LogisticRegression(C=float(C), max_iter=max_iter)
+        with (
+            warnings.catch_warnings(),
+            threadpool_limits(blas_threads) if blas_threads else contextlib.nullcontext(),
+        ):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(xtr, ytr)
+        a, sel = _selection_score(yva, _proba(clf, xva, k))
+        val_auroc[float(C)] = a
+        if best is None or a > best[0]:
+            best = (a, float(C), clf)
+    return best, val_auroc, sel
+
 # %% ../../nbs/10c_evaluate_protocols.ipynb #8fa25616
 def fit_linear_probe(
     train,
@@ -295,19 +313,7 @@ def fit_linear_probe(
         )
     scaler = StandardScaler().fit(xtr)
     xtr, xva, xte = scaler.transform(xtr), scaler.transform(xva), scaler.transform(xte)
-    best, val_auroc = None, {}
-    for C in Cs:
-        clf = LogisticRegression(C=float(C), max_iter=max_iter)
-        with (
-            warnings.catch_warnings(),
-            threadpool_limits(blas_threads) if blas_threads else contextlib.nullcontext(),
-        ):
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(xtr, ytr)
-        a, sel = _selection_score(yva, _proba(clf, xva, k))
-        val_auroc[float(C)] = a
-        if best is None or a > best[0]:
-            best = (a, float(C), clf)
+    best, val_auroc, sel = _select_C(xtr, ytr, xva, yva, k, Cs, max_iter, blas_threads)
     details = dict(C=best[1], val_auroc=val_auroc, selection=sel)
     more = {}
     for name, split in (more_tests or {}).items():
