@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['sinkhorn', 'sentence_pool', 'ot_local_plan', 'ot_local_similarity', 'ot_local_loss', 'pyramid_weights',
@@ -19,24 +20,9 @@ def _neg_big(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 4
 
 
-def sinkhorn(
-    cost: torch.Tensor,  # (..., K, M) transport cost
-    a: torch.Tensor,  # (..., K) non-negative row marginals (zeros = padding)
-    b: torch.Tensor,  # (..., M) non-negative column marginals, same total mass as `a`
-    eps: float = 0.1,  # entropic regularisation ε (kernel exp(-cost/ε))
-    n_iters: int = 100,  # maximum number of Sinkhorn iterations
-    tol: float = 1e-6,  # stop when max over the batch of the L1 row-marginal error < tol
-    *,
-    check_every: int = 0,  # 0: test the tolerance on the device, no host sync (D29); N: on the host every N iterations
-    validate: bool = True,  # check a, b >= 0 with equal mass (host syncs); callers that built them pass False
-    return_iters: bool = False,  # also return the number of iterations actually run
-) -> torch.Tensor | tuple[torch.Tensor, int]:
-    """Entropic OT plan `T (..., K, M)` by log-domain Sinkhorn, batched over leading dims.
-
-    `T.sum(-1) ≈ a`, `T.sum(-2) ≈ b`; rows/columns with zero mass get exactly zero transport. Leading dims
-    of `cost`, `a`, `b` broadcast. Half/bfloat16 inputs are computed in float32, the plan is returned in the
-    input dtype. Differentiable (unrolled) when called with grad; call it under `torch.no_grad()` to use a
-    fixed plan (MLIP/PLOT practice)."""
+def _sinkhorn_inputs(cost, a, b, eps: float, n_iters: int, check_every: int, validate: bool) -> tuple:
+    """`sinkhorn`'s arguments checked, broadcast to one batch shape and promoted to at least float32
+    -> `(cost, a, b, input dtype, compute dtype)`; `validate` also checks a, b >= 0 with equal mass (host syncs)."""
     if cost.dim() < 2:
         raise ValueError(f"sinkhorn: `cost` must be (..., K, M), got shape {tuple(cost.shape)}")
     K, M = cost.shape[-2:]
@@ -65,6 +51,28 @@ def sinkhorn(
             f"sinkhorn: `a` and `b` must have equal total mass; max |sum a - sum b| = "
             f"{(ma - mb).abs().max().item():.3g}"
         )
+    return cost, a, b, out_dtype, dt
+
+# %% ../nbs/08_mlip.ipynb #00000005-1
+def sinkhorn(
+    cost: torch.Tensor,  # (..., K, M) transport cost
+    a: torch.Tensor,  # (..., K) non-negative row marginals (zeros = padding)
+    b: torch.Tensor,  # (..., M) non-negative column marginals, same total mass as `a`
+    eps: float = 0.1,  # entropic regularisation ε (kernel exp(-cost/ε))
+    n_iters: int = 100,  # maximum number of Sinkhorn iterations
+    tol: float = 1e-6,  # stop when max over the batch of the L1 row-marginal error < tol
+    *,
+    check_every: int = 0,  # 0: test the tolerance on the device, no host sync (D29); N: on the host every N iterations
+    validate: bool = True,  # check a, b >= 0 with equal mass (host syncs); callers that built them pass False
+    return_iters: bool = False,  # also return the number of iterations actually run
+) -> torch.Tensor | tuple[torch.Tensor, int]:
+    """Entropic OT plan `T (..., K, M)` by log-domain Sinkhorn, batched over leading dims.
+
+    `T.sum(-1) ≈ a`, `T.sum(-2) ≈ b`; rows/columns with zero mass get exactly zero transport. Leading dims
+    of `cost`, `a`, `b` broadcast. Half/bfloat16 inputs are computed in float32, the plan is returned in the
+    input dtype. Differentiable (unrolled) when called with grad; call it under `torch.no_grad()` to use a
+    fixed plan (MLIP/PLOT practice)."""
+    cost, a, b, out_dtype, dt = _sinkhorn_inputs(cost, a, b, eps, n_iters, check_every, validate)
     neg = _neg_big(dt)
     pa, pb = a > 0, b > 0
     log_a = torch.where(pa, torch.where(pa, a, torch.ones_like(a)).log(), torch.full_like(a, neg))
@@ -152,7 +160,7 @@ def _device_check(ok: torch.Tensor, msg: str):
     except RuntimeError:
         raise ValueError(msg.format((~ok).nonzero().flatten().tolist())) from None
 
-
+# %% ../nbs/08_mlip.ipynb #63a9d88f-1
 def _ot_inputs(patch_emb, patch_mask, sent_emb, sent_mask, patch_weights):
     "Validate; return cosines `(Bi, Bt, K, M)` (float32+, autocast off) and marginals `(Bi, K)`, `(Bt, M)`."
     if patch_emb.dim() != 3 or sent_emb.dim() != 3 or patch_emb.shape[-1] != sent_emb.shape[-1]:
@@ -325,37 +333,43 @@ class SemanticIntegrityEstimator(nn.Module):
             )
         return self.proj.weight[0]
 
-    def phi_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        "Content-aware φ `(B, L)` in (0, 1) from patch tokens `(B, L, D)` (mode='content')."
-        if self.mode != "content":
-            raise ValueError("phi_tokens: only for mode='content'; use .phi in mode='mask'")
-        if patch_tokens.dim() != 3 or patch_tokens.shape[1] != self.num_patches:
-            raise ValueError(
-                f"phi_tokens: `patch_tokens` must be (B, {self.num_patches}, D), got {tuple(patch_tokens.shape)}"
-            )
-        return torch.sigmoid(self.mlp(patch_tokens).squeeze(-1))
+# %% ../nbs/08_mlip.ipynb #ba0b43a8-p0
+@patch
+def phi_tokens(self: SemanticIntegrityEstimator, patch_tokens: torch.Tensor) -> torch.Tensor:
+    "Content-aware φ `(B, L)` in (0, 1) from patch tokens `(B, L, D)` (mode='content')."
+    if self.mode != "content":
+        raise ValueError("phi_tokens: only for mode='content'; use .phi in mode='mask'")
+    if patch_tokens.dim() != 3 or patch_tokens.shape[1] != self.num_patches:
+        raise ValueError(
+            f"phi_tokens: `patch_tokens` must be (B, {self.num_patches}, D), got {tuple(patch_tokens.shape)}"
+        )
+    return torch.sigmoid(self.mlp(patch_tokens).squeeze(-1))
 
-    def phi_map(self, patch_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        "φ as a detached picture: `(grid_h, grid_w)` in mode='mask', `(B, grid_h, grid_w)` in mode='content'."
-        phi = self.phi if self.mode == "mask" else self.phi_tokens(patch_tokens)
-        return phi.detach().reshape(*phi.shape[:-1], *self.grid_size)
 
-    def forward(
-        self,
-        visibility: torch.Tensor,  # (B, L) 1 = kept, 0 = removed (= 1 - MAE mask)
-        patch_tokens: torch.Tensor | None = None,  # (B, L, D), mode='content' only
-    ) -> torch.Tensor:
-        "Integrity `ρ (B,)`: > 0 in mode='mask', in (0, 1] in mode='content'."
-        if visibility.dim() != 2 or visibility.shape[1] != self.num_patches:
-            raise ValueError(
-                f"SemanticIntegrityEstimator: `visibility` must be (B, {self.num_patches}), got {tuple(visibility.shape)}"
-            )
-        if self.mode == "mask":
-            return F.softplus(self.proj(visibility.to(self.proj.weight.dtype))).squeeze(-1)
-        if patch_tokens is None:
-            raise ValueError("SemanticIntegrityEstimator: mode='content' needs `patch_tokens`")
-        phi = self.phi_tokens(patch_tokens)
-        return (phi * visibility.to(phi.dtype)).sum(-1) / phi.sum(-1)
+@patch
+def phi_map(self: SemanticIntegrityEstimator, patch_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    "φ as a detached picture: `(grid_h, grid_w)` in mode='mask', `(B, grid_h, grid_w)` in mode='content'."
+    phi = self.phi if self.mode == "mask" else self.phi_tokens(patch_tokens)
+    return phi.detach().reshape(*phi.shape[:-1], *self.grid_size)
+
+
+@patch
+def forward(
+    self: SemanticIntegrityEstimator,
+    visibility: torch.Tensor,  # (B, L) 1 = kept, 0 = removed (= 1 - MAE mask)
+    patch_tokens: torch.Tensor | None = None,  # (B, L, D), mode='content' only
+) -> torch.Tensor:
+    "Integrity `ρ (B,)`: > 0 in mode='mask', in (0, 1] in mode='content'."
+    if visibility.dim() != 2 or visibility.shape[1] != self.num_patches:
+        raise ValueError(
+            f"SemanticIntegrityEstimator: `visibility` must be (B, {self.num_patches}), got {tuple(visibility.shape)}"
+        )
+    if self.mode == "mask":
+        return F.softplus(self.proj(visibility.to(self.proj.weight.dtype))).squeeze(-1)
+    if patch_tokens is None:
+        raise ValueError("SemanticIntegrityEstimator: mode='content' needs `patch_tokens`")
+    phi = self.phi_tokens(patch_tokens)
+    return (phi * visibility.to(phi.dtype)).sum(-1) / phi.sum(-1)
 
 # %% ../nbs/08_mlip.ipynb #0000001f
 def sample_mask_from_phi(

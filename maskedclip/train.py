@@ -97,7 +97,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         )
     return dev
 
-
+# %% ../nbs/09_train.ipynb #00000004-1
 def setup_distributed(device: str = "auto") -> DistInfo:
     "Initialise torch.distributed from torchrun's variables (no-op for a single process)."
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -206,7 +206,7 @@ def _fsync_dir(path: Path):
         os.fsync(fd)
         os.close(fd)
 
-
+# %% ../nbs/09_train.ipynb #0000000c-1
 def _atomic_write_text(path: Path, text: str):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -272,55 +272,6 @@ class RunLock:
             else "a holder that left no details"
         )
 
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                h = self._holder(fd)
-                os.close(fd)
-                if (
-                    h.get("host") == socket.gethostname()
-                    and isinstance(h.get("pid"), int)
-                    and not _pid_alive(h["pid"])
-                ):
-                    # the holder died but a child it forked (a data-loader worker) still holds the flock: replace the file
-                    print(
-                        f"[maskedclip] {self.path}: taking over the lock of a run that is no longer running ({self._describe(h)})",
-                        file=sys.stderr,
-                    )
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.path)
-                    continue
-                raise RunEnvironmentError(
-                    f"{self.path.parent}: in use by another run ({self._describe(h)}; lock file {self.path}); "
-                    "wait for it to finish or stop it, or give this run another --output-dir"
-                ) from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue  # released and removed meanwhile: lock the new file instead
-            old = self._holder(fd)
-            if old:
-                print(
-                    f"[maskedclip] {self.path}: took over the stale lock of a run that is no longer running ({self._describe(old)})",
-                    file=sys.stderr,
-                )
-            me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-            self._fd = fd
-            return self
-        raise RunEnvironmentError(
-            f"{self.path}: could not take the run lock (it kept changing hands); try again"
-        )
-
     def release(self):
         if self._fd is None:
             return
@@ -339,7 +290,56 @@ class RunLock:
     def __del__(self):
         self.release()
 
+# %% ../nbs/09_train.ipynb #r17-lock-p0
+@patch
+def acquire(self: RunLock) -> "RunLock":
+    import fcntl
 
+    for _ in range(10):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            h = self._holder(fd)
+            os.close(fd)
+            if (
+                h.get("host") == socket.gethostname()
+                and isinstance(h.get("pid"), int)
+                and not _pid_alive(h["pid"])
+            ):
+                # the holder died but a child it forked (a data-loader worker) still holds the flock: replace the file
+                print(
+                    f"[maskedclip] {self.path}: taking over the lock of a run that is no longer running ({self._describe(h)})",
+                    file=sys.stderr,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                continue
+            raise RunEnvironmentError(
+                f"{self.path.parent}: in use by another run ({self._describe(h)}; lock file {self.path}); "
+                "wait for it to finish or stop it, or give this run another --output-dir"
+            ) from None
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue  # released and removed meanwhile: lock the new file instead
+        old = self._holder(fd)
+        if old:
+            print(
+                f"[maskedclip] {self.path}: took over the stale lock of a run that is no longer running ({self._describe(old)})",
+                file=sys.stderr,
+            )
+        me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+    raise RunEnvironmentError(f"{self.path}: could not take the run lock (it kept changing hands); try again")
+
+# %% ../nbs/09_train.ipynb #r17-lock-1
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -438,8 +438,10 @@ def check_output_dir(out: str | Path, need_bytes: int | None = None) -> Path:
             )
     return out
 
-
+# %% ../nbs/09_train.ipynb #r17-pre-1
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 _DISK_FULL_TEXT = (
     "no space left",
     "file too large",
@@ -525,7 +527,7 @@ def _memory_mb(device: torch.device) -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
+# %% ../nbs/09_train.ipynb #a14b9b61-1
 def _discard(ckpt: Path):
     "Delete a checkpoint directory so that a kill half-way can never leave a `COMPLETE`-marked remnant: rename it away first."
     gone = ckpt.with_name(f".{ckpt.name}.tmp-old")
@@ -593,91 +595,115 @@ class Trainer:
             self.close()
             raise
 
-    def _build(self, config: ExperimentConfig, loader, progress: bool):
-        t = config.train
-        seed_everything(t.seed)  # identical initial weights on every rank ...
-        self.model = MaskedCLIP(config.model).to(self.device)
-        seed_everything(t.seed + self.di.rank)  # ... then per-rank randomness (drop path, dropout)
-        if t.grad_checkpointing:
-            for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
-                if m is not None:
-                    _set_grad_ckpt(m)
-            if self.model.text is not None:
-                self.model.text.model.gradient_checkpointing_enable()
-        if t.compile:
-            for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
-                if m is not None:
-                    m.compile()
-        self.sharded = t.strategy == "fsdp" and self.di.distributed
-        # D35: per-block FSDP2 units; parameters become DTensor shards before the optimizer sees them
-        if self.sharded:
-            from maskedclip.distributed import shard_model
-
-            shard_model(self.model, self.precision)
-            if t.diag_every:  # the diagnostics forward runs on rank 0 alone, which a sharded model cannot do
-                self.cfg = config = config.replace(train=t.replace(diag_every=0))
-                t = config.train
-                if self.di.is_main:
-                    print("[maskedclip] train.strategy=fsdp: representation diagnostics (diag/*) are off")
-        elif t.strategy == "fsdp" and self.di.is_main:
-            print("[maskedclip] train.strategy=fsdp with one process: nothing to shard; training unsharded")
-        # D34: ranks read blocks of one global sample order, so a checkpoint resumes on any world size
-        if loader is None:
-            from maskedclip.distributed import elastic_loader
-
-            loader = elastic_loader(build_loader(config, self.model, self.di))
-        self.loader = loader
-        self.steps_per_epoch = max(1, len(self.loader) // t.grad_accum)
-        self.total_steps = (
-            t.steps if t.steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        )
-        self.warmup_steps = (
-            t.warmup_steps
-            if t.warmup_steps is not None
-            else int(round(t.warmup_epochs * self.steps_per_epoch))
-        )
-        self.images_per_step = (
-            (config.data.paired_batch_size + config.data.unpaired_batch_size)
-            * self.di.world_size
-            * t.grad_accum
-        )
-        self.lr = t.lr if t.lr is not None else t.base_lr * self.images_per_step / 256
-        groups = param_groups(self.model, t.weight_decay, t.text_lr_mult)
-        self._group_names = [g["names"] for g in groups]  # the optimizer's order, for name-keyed state
-        fused = dict(fused=True) if _fused_ok(self.device) and not self.sharded else {}
-        self.opt = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "names"} for g in groups],
-            lr=self.lr,
-            betas=tuple(t.betas),
-            **fused,
-        )
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.ddp, self._full_sd = None, None
-        if self.di.distributed and not self.sharded:
-            if self.model.teacher is not None:  # the teacher is EMA state, never synchronised as gradients
-                DDP._set_params_and_buffers_to_ignore_for_model(
-                    self.model, [f"teacher.{n}" for n, _ in self.model.teacher.named_parameters()]
-                )
-            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step, self.epoch, self.micro = 0, 0, 0
-        self.progress = progress and self.di.is_main
-        self._loggers = None
-        if self.di.is_main:
-            print(
-                f"[maskedclip] method={config.model.method} world_size={self.di.world_size} device={self.device} precision={self.precision}"
-                f"{' strategy=fsdp' if self.sharded else ''}"
-            )
-            print(
-                f"[maskedclip] global images/step={self.images_per_step} base_lr={t.base_lr:g} -> lr={self.lr:g}"
-                f"{' (lr given directly)' if t.lr is not None else ''}; steps={self.total_steps} warmup={self.warmup_steps}"
-            )
-        if t.resume:
-            self.resume(t.resume)
-
     def close(self):
         "Release the run directory's lock (`fit` does this when it ends)."
         if self._lock is not None:
             self._lock.release()
+
+# %% ../nbs/09_train.ipynb #0a61a5a4-b0
+@patch
+def _build(self: Trainer, config: ExperimentConfig, loader, progress: bool):
+    "Model, then sharding, loader and schedule, then optimizer, in that order; then resume if asked."
+    self._build_model(config)
+    config = self._shard(config)  # FSDP turns the diagnostics off in `self.cfg`
+    t = config.train
+    self._build_schedule(config, loader)
+    self._build_optimizer(t)
+    self.step, self.epoch, self.micro = 0, 0, 0
+    self.progress = progress and self.di.is_main
+    self._loggers = None
+    if self.di.is_main:
+        print(
+            f"[maskedclip] method={config.model.method} world_size={self.di.world_size} device={self.device} precision={self.precision}"
+            f"{' strategy=fsdp' if self.sharded else ''}"
+        )
+        print(
+            f"[maskedclip] global images/step={self.images_per_step} base_lr={t.base_lr:g} -> lr={self.lr:g}"
+            f"{' (lr given directly)' if t.lr is not None else ''}; steps={self.total_steps} warmup={self.warmup_steps}"
+        )
+    if t.resume:
+        self.resume(t.resume)
+
+
+@patch
+def _build_model(self: Trainer, config: ExperimentConfig):
+    "The model, with the same initial weights on every rank; gradient checkpointing and compilation if asked."
+    t = config.train
+    seed_everything(t.seed)  # identical initial weights on every rank ...
+    self.model = MaskedCLIP(config.model).to(self.device)
+    seed_everything(t.seed + self.di.rank)  # ... then per-rank randomness (drop path, dropout)
+    if t.grad_checkpointing:
+        for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
+            if m is not None:
+                _set_grad_ckpt(m)
+        if self.model.text is not None:
+            self.model.text.model.gradient_checkpointing_enable()
+    if t.compile:
+        for m in (self.model.encoder, self.model.decoder, self.model.bridge, self.model.feature_decoder):
+            if m is not None:
+                m.compile()
+
+# %% ../nbs/09_train.ipynb #0a61a5a4-b1
+@patch
+def _shard(self: Trainer, config: ExperimentConfig) -> ExperimentConfig:
+    "Under FSDP on several processes, shard the model (D35) and turn the diagnostics off; returns the config in force."
+    t = config.train
+    self.sharded = t.strategy == "fsdp" and self.di.distributed
+    # D35: per-block FSDP2 units; parameters become DTensor shards before the optimizer sees them
+    if self.sharded:
+        from maskedclip.distributed import shard_model
+
+        shard_model(self.model, self.precision)
+        if t.diag_every:  # the diagnostics forward runs on rank 0 alone, which a sharded model cannot do
+            self.cfg = config = config.replace(train=t.replace(diag_every=0))
+            if self.di.is_main:
+                print("[maskedclip] train.strategy=fsdp: representation diagnostics (diag/*) are off")
+    elif t.strategy == "fsdp" and self.di.is_main:
+        print("[maskedclip] train.strategy=fsdp with one process: nothing to shard; training unsharded")
+    return config
+
+
+@patch
+def _build_schedule(self: Trainer, config: ExperimentConfig, loader):
+    "The loader (elastic, D34) and what it fixes: steps per epoch, total and warm-up steps, images per step, lr."
+    t = config.train
+    # D34: ranks read blocks of one global sample order, so a checkpoint resumes on any world size
+    if loader is None:
+        from maskedclip.distributed import elastic_loader
+
+        loader = elastic_loader(build_loader(config, self.model, self.di))
+    self.loader = loader
+    self.steps_per_epoch = max(1, len(self.loader) // t.grad_accum)
+    self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
+    self.warmup_steps = (
+        t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_epochs * self.steps_per_epoch))
+    )
+    self.images_per_step = (
+        (config.data.paired_batch_size + config.data.unpaired_batch_size) * self.di.world_size * t.grad_accum
+    )
+    self.lr = t.lr if t.lr is not None else t.base_lr * self.images_per_step / 256
+
+# %% ../nbs/09_train.ipynb #0a61a5a4-b2
+@patch
+def _build_optimizer(self: Trainer, t):
+    "AdamW over `param_groups` (fused where the device has it and the model is not sharded), fp16's scaler, DDP."
+    groups = param_groups(self.model, t.weight_decay, t.text_lr_mult)
+    self._group_names = [g["names"] for g in groups]  # the optimizer's order, for name-keyed state
+    fused = dict(fused=True) if _fused_ok(self.device) and not self.sharded else {}
+    self.opt = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups],
+        lr=self.lr,
+        betas=tuple(t.betas),
+        **fused,
+    )
+    self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+    self.ddp, self._full_sd = None, None
+    if self.di.distributed and not self.sharded:
+        if self.model.teacher is not None:  # the teacher is EMA state, never synchronised as gradients
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                self.model, [f"teacher.{n}" for n, _ in self.model.teacher.named_parameters()]
+            )
+        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
 # %% ../nbs/09_train.ipynb #e8a21cd9
 @patch
@@ -714,25 +740,13 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
     The other ranks' RNG states (and, under FSDP, the weight and optimizer shards) are gathered to rank 0 first, so no
     directory is shared between nodes. `at_step_start`: the state from before the step in progress (loader position,
     micro-step, RNG), for a failure mid-step."""
-    from maskedclip.distributed import full_model_state, full_optimizer_state, gather_to_main, local_tensor
+    from maskedclip.distributed import full_model_state, full_optimizer_state, gather_to_main
 
+    self._check_pending()  # D28: a non-finite step not read back yet stops here, never saved as if it had trained
     ckdir = self.out / "checkpoints"
     name = tag or f"step_{self.step:08d}"
     final, tmp = ckdir / name, ckdir / f".{name}.tmp"
-    bad = [
-        k
-        for k, v in self.model.state_dict().items()
-        if v.is_floating_point() and not torch.isfinite(local_tensor(v)).all()
-    ]
-    flag = torch.tensor([float(len(bad))], device=self.device)
-    if self.sharded:  # each rank sees only its shards
-        dist.all_reduce(flag)
-    if flag.item() > 0:
-        latest = find_latest(self.out) if self.di.is_main else None
-        raise NonFiniteError(
-            f"the weights became non-finite before step {self.step} ({int(flag.item())} tensors{', e.g. ' + bad[0] if bad else ''}); "
-            f"nothing was saved. Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}"
-        )
+    self._refuse_nonfinite_weights()
     snap = self._snap if at_step_start and self._snap is not None else None
     rngs = gather_to_main(snap["rng"] if snap else _rng_state())  # collective: every rank's RNG to rank 0
     full_sd = full_model_state(self.model) if self.sharded else None  # collective: shards to rank 0's CPU
@@ -758,53 +772,16 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
         else:
             self.model.save_pretrained(tmp)
         self.cfg.to_json(tmp / "config.json")
-        d = self.cfg.data
-        state = {
-            "step": self.step,
-            "epoch": snap["epoch"] if snap else self.epoch,
-            "micro": snap["micro"] if snap else self.micro,
-            "optimizer": full_osd if self.sharded else self.opt.state_dict(),
-            "optimizer_keys": "names" if self.sharded else "positions",
-            "scheduler": {
-                "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps,
-                "lr": self.lr,
-                "min_lr": self.cfg.train.min_lr,
-            },
-            "loader": snap["loader"] if snap else self.loader.state_dict(),
-            "world_size": self.di.world_size,
-            "global_batch": {
-                "paired": d.paired_batch_size * self.di.world_size,
-                "unpaired": d.unpaired_batch_size * self.di.world_size,
-                "grad_accum": self.cfg.train.grad_accum,
-            },
-            "strategy": "fsdp" if self.sharded else "ddp",
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
-        torch.save(state, tmp / "state.pt")
+        torch.save(self._checkpoint_state(snap, full_osd), tmp / "state.pt")
         for r, st in enumerate(rngs):
             torch.save(st, tmp / f"rng_rank{r}.pt")
-
-    def publish():
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckdir)
-        _atomic_write_text(final / "COMPLETE", "ok\n")
-        _atomic_write_text(ckdir / "latest", name + "\n")
-        for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
-            _discard(old)
 
     try:
         if self.di.is_main:
             guarded(write_shared)
         self._agree(err, f"checkpoint {name}: rank 0 failed to write it")
         if self.di.is_main:
-            guarded(publish)
+            guarded(lambda: self._publish(tmp, final))
         self._agree(err, f"checkpoint {name}: rank 0 failed to publish it")
     except Exception as e:
         if self.di.is_main:
@@ -815,6 +792,73 @@ def save(self: Trainer, tag: str | None = None, at_step_start: bool = False) -> 
     if self.sharded and self.di.is_main:
         self._full_sd = (self.step, full_sd)  # `_write_final` exports these weights (it runs on rank 0 only)
     return final
+
+# %% ../nbs/09_train.ipynb #ea5071aa-w
+@patch
+def _refuse_nonfinite_weights(self: Trainer):
+    "Non-finite weights on any rank stop the run before anything is written (each rank sees only its shards)."
+    from maskedclip.distributed import local_tensor
+
+    bad = [
+        k
+        for k, v in self.model.state_dict().items()
+        if v.is_floating_point() and not torch.isfinite(local_tensor(v)).all()
+    ]
+    flag = torch.tensor([float(len(bad))], device=self.device)
+    if self.sharded:  # each rank sees only its shards
+        dist.all_reduce(flag)
+    if flag.item() > 0:
+        latest = find_latest(self.out) if self.di.is_main else None
+        raise NonFiniteError(
+            f"the weights became non-finite before step {self.step} ({int(flag.item())} tensors{', e.g. ' + bad[0] if bad else ''}); "
+            f"nothing was saved. Lower train.lr / the loss weights or set train.grad_clip, then resume from {latest or 'the start'}"
+        )
+
+
+@patch
+def _checkpoint_state(self: Trainer, snap: dict | None, full_osd: dict | None) -> dict:
+    "`state.pt`: step, loader position, optimizer, schedule, world size and global batch (`snap`: the step-start state)."
+    d = self.cfg.data
+    return {
+        "step": self.step,
+        "epoch": snap["epoch"] if snap else self.epoch,
+        "micro": snap["micro"] if snap else self.micro,
+        "optimizer": full_osd if self.sharded else self.opt.state_dict(),
+        "optimizer_keys": "names" if self.sharded else "positions",
+        "scheduler": {
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "lr": self.lr,
+            "min_lr": self.cfg.train.min_lr,
+        },
+        "loader": snap["loader"] if snap else self.loader.state_dict(),
+        "world_size": self.di.world_size,
+        "global_batch": {
+            "paired": d.paired_batch_size * self.di.world_size,
+            "unpaired": d.unpaired_batch_size * self.di.world_size,
+            "grad_accum": self.cfg.train.grad_accum,
+        },
+        "strategy": "fsdp" if self.sharded else "ddp",
+        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+    }
+
+# %% ../nbs/09_train.ipynb #ea5071aa-p
+@patch
+def _publish(self: Trainer, tmp: Path, final: Path):
+    "Rank 0: fsync the written files, move `tmp` to `final`, mark it COMPLETE and latest, drop the oldest ones."
+    ckdir, name = final.parent, final.name
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        _discard(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckdir)
+    _atomic_write_text(final / "COMPLETE", "ok\n")
+    _atomic_write_text(ckdir / "latest", name + "\n")
+    for old in checkpoint_dirs(self.out)[: -self.cfg.train.keep_last]:
+        _discard(old)
 
 # %% ../nbs/09_train.ipynb #f0f5082f
 @patch
@@ -954,8 +998,12 @@ def _check_world(self: Trainer, path: Path, st: dict):
 
 @patch
 def _optim_state(self: Trainer, osd: dict, st: dict, want: str) -> dict:
-    "The optimizer state keyed as this strategy loads it: by position (DDP, `opt.state_dict`) or by parameter name (FSDP)."
+    """The optimizer state keyed as this strategy loads it: by position (DDP, `opt.state_dict`) or by parameter name (FSDP).
+    Its groups keep this optimizer's `fused`/`foreach` as built, not the checkpoint's: an FSDP checkpoint's AdamW is not
+    fused, and its groups resumed on one process would be handed fused AdamW's `found_inf` (D28), which they refuse."""
     have = st.get("optimizer_keys", "positions")
+    built = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.opt.param_groups]
+    osd = dict(osd, param_groups=[{**g, **b} for g, b in zip(osd["param_groups"], built)])
     if have == want:
         return osd
     names = [n for g in self._group_names for n in g]
@@ -1009,7 +1057,7 @@ def _autocast(self: Trainer):
         return stack
     return contextlib.nullcontext()
 
-
+# %% ../nbs/09_train.ipynb #c8d98d78-1
 @patch
 def _batches(self: Trainer):
     "Endless stream of batches. The loader keeps its own position (epoch, step) and rolls over epochs itself."
@@ -1175,7 +1223,7 @@ def _check_finite_grads(self: Trainer, gnorm, sums: dict):
         f"did not step and the state before it is saved to {path}. Lower train.lr or the loss weights, or set train.grad_clip"
     )
 
-
+# %% ../nbs/09_train.ipynb #843d5cb5-1
 @patch
 def _train_step(self: Trainer, stream) -> dict | None:
     "One optimizer step of `grad_accum` micro-steps; returns rank 0's metrics row when the step logs, else None."
@@ -1495,60 +1543,66 @@ class InMemoryBatches:
             n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch * 7919 + salt)
         )
 
-    def state_dict(self):
-        return dict(
-            epoch=self.epoch, pos=self.pos, paired_pos=self.paired_pos, paired_epoch=self.paired_epoch
-        )
+# %% ../nbs/09_train.ipynb #00000010-p0
+@patch
+def state_dict(self: InMemoryBatches):
+    return dict(epoch=self.epoch, pos=self.pos, paired_pos=self.paired_pos, paired_epoch=self.paired_epoch)
 
-    def load_state_dict(self, st):
-        self.epoch, self.pos, self.paired_pos, self.paired_epoch = (
-            st["epoch"],
-            st["pos"],
-            st["paired_pos"],
-            st["paired_epoch"],
-        )
 
-    def _paired_block(self):
-        G = self.bp * self.world
-        n = len(self.pi)
-        if self.paired_pos + G > n:
-            self.paired_epoch, self.paired_pos = self.paired_epoch + 1, 0  # endless, re-shuffled
-        idx = self._perm(n, self.paired_epoch, 1)[self.paired_pos : self.paired_pos + G]
-        self.paired_pos += G
-        return idx[self.rank * self.bp : (self.rank + 1) * self.bp]
+@patch
+def load_state_dict(self: InMemoryBatches, st):
+    self.epoch, self.pos, self.paired_pos, self.paired_epoch = (
+        st["epoch"],
+        st["pos"],
+        st["paired_pos"],
+        st["paired_epoch"],
+    )
 
-    def __iter__(self):
-        "This rank's batches until the end of the epoch; a new iteration after the end starts the next epoch."
-        if self.pos >= self._len:
-            self.epoch, self.pos = self.epoch + 1, 0
-        while self.pos < self._len:
-            kw = {}
-            if self.bp:
-                i = self._paired_block()
-                texts = [self.texts[j] for j in i.tolist()]
+
+@patch
+def _paired_block(self: InMemoryBatches):
+    G = self.bp * self.world
+    n = len(self.pi)
+    if self.paired_pos + G > n:
+        self.paired_epoch, self.paired_pos = self.paired_epoch + 1, 0  # endless, re-shuffled
+    idx = self._perm(n, self.paired_epoch, 1)[self.paired_pos : self.paired_pos + G]
+    self.paired_pos += G
+    return idx[self.rank * self.bp : (self.rank + 1) * self.bp]
+
+
+@patch
+def __iter__(self: InMemoryBatches):
+    "This rank's batches until the end of the epoch; a new iteration after the end starts the next epoch."
+    if self.pos >= self._len:
+        self.epoch, self.pos = self.epoch + 1, 0
+    while self.pos < self._len:
+        kw = {}
+        if self.bp:
+            i = self._paired_block()
+            texts = [self.texts[j] for j in i.tolist()]
+            kw.update(
+                paired_images=self.pi[i],
+                texts=texts,
+                labels=self.labels[i] if self.labels is not None else None,
+            )
+            if self.tokenize is not None:
                 kw.update(
-                    paired_images=self.pi[i],
-                    texts=texts,
-                    labels=self.labels[i] if self.labels is not None else None,
+                    {
+                        k: v
+                        for k, v in self.tokenize(texts).items()
+                        if k in ("input_ids", "attention_mask", "sentence_ids")
+                    }
                 )
-                if self.tokenize is not None:
-                    kw.update(
-                        {
-                            k: v
-                            for k, v in self.tokenize(texts).items()
-                            if k in ("input_ids", "attention_mask", "sentence_ids")
-                        }
-                    )
-            if self.bu:
-                G = self.bu * self.world
-                j = self._perm(len(self.ui), self.epoch, 2)[self.pos * G : (self.pos + 1) * G][
-                    self.rank * self.bu : (self.rank + 1) * self.bu
-                ]
-                kw.update(unpaired_images=self.ui[j])
-            self.pos += 1
-            yield Batch(**kw)
+        if self.bu:
+            G = self.bu * self.world
+            j = self._perm(len(self.ui), self.epoch, 2)[self.pos * G : (self.pos + 1) * G][
+                self.rank * self.bu : (self.rank + 1) * self.bu
+            ]
+            kw.update(unpaired_images=self.ui[j])
+        self.pos += 1
+        yield Batch(**kw)
 
-
+# %% ../nbs/09_train.ipynb #00000010-1
 def _label_space(d: DataConfig) -> list[str] | None:
     from maskedclip.data import LABEL_SPACES
 
@@ -1561,15 +1615,10 @@ def _label_space(d: DataConfig) -> list[str] | None:
         )
     return list(LABEL_SPACES[d.label_space])
 
-# %% ../nbs/09_train.ipynb #32725b5e
-def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
-    """The two-stream loader of `maskedclip.data` for `config.data` (synthetic corpus built on demand).
-
-    `data.on_bad_record='skip'` also covers images that pass the load-time check but fail to decode during training
-    (they are replaced by the next record, counted and named); `data.label_space` refuses labels outside it."""
-    from maskedclip.data import make_loader
-
-    d, m = config.data, config.model
+# %% ../nbs/09_train.ipynb #32725b5e-d
+def _data_paths(config: ExperimentConfig, di: DistInfo) -> tuple:
+    "`(paired, unpaired, root)` of `config.data`, the synthetic corpus's (built on demand) if none; each must exist."
+    d = config.data
     paired, unpaired, root = d.paired, d.unpaired, d.root
     if d.synthetic and not (paired or unpaired):
         corpus = ensure_synthetic_corpus(config, di)
@@ -1587,6 +1636,18 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
             raise DataError(
                 f"{name}: {p} does not exist; give an existing manifest (JSONL/CSV), image folder or prepared dataset"
             )
+    return paired, unpaired, root
+
+# %% ../nbs/09_train.ipynb #32725b5e
+def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
+    """The two-stream loader of `maskedclip.data` for `config.data` (synthetic corpus built on demand).
+
+    `data.on_bad_record='skip'` also covers images that pass the load-time check but fail to decode during training
+    (they are replaced by the next record, counted and named); `data.label_space` refuses labels outside it."""
+    from maskedclip.data import make_loader
+
+    d, m = config.data, config.model
+    paired, unpaired, root = _data_paths(config, di)
     with_sentences = bool(m.mlip.use_ot)
     tokenize = (
         (lambda texts: model.tokenize(texts, with_sentences=with_sentences))
@@ -1629,7 +1690,7 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
         )
     return loader
 
-
+# %% ../nbs/09_train.ipynb #32725b5e-1
 def _gather_objects(obj) -> list:
     "Every rank's `obj`, in rank order (`torch.distributed.all_gather_object`): the image errors each rank found (D31)."
     out = [None] * dist.get_world_size()
@@ -1721,16 +1782,9 @@ def _read_config_file(path: str) -> dict:
         )
     return d
 
-
-def pretrain_parser() -> argparse.ArgumentParser:
-    "The `maskedclip-pretrain` command line."
-    from maskedclip import __version__
-
-    ap = argparse.ArgumentParser(
-        prog="maskedclip-pretrain",
-        description="Pre-train MaskedCLIP / baselines / MLIP (launch with torchrun for several processes). "
-        "Exit status: 0 ok, 1 internal error, 2 bad configuration, 3 non-finite loss, 4 bad data, 5 environment (disk, lock, device).",
-    )
+# %% ../nbs/09_train.ipynb #00000012-r
+def _add_run_arguments(ap: argparse.ArgumentParser):
+    "`maskedclip-pretrain`'s options that say what to train and where: config, preset, method, run directory, steps, resume."
     ap.add_argument(
         "--config",
         metavar="JSON",
@@ -1763,6 +1817,18 @@ def pretrain_parser() -> argparse.ArgumentParser:
         metavar="latest|DIR",
         help="'latest' (the newest complete checkpoint of --output-dir; fresh if none) or a checkpoint directory",
     )
+
+# %% ../nbs/09_train.ipynb #00000012-1
+def pretrain_parser() -> argparse.ArgumentParser:
+    "The `maskedclip-pretrain` command line."
+    from maskedclip import __version__
+
+    ap = argparse.ArgumentParser(
+        prog="maskedclip-pretrain",
+        description="Pre-train MaskedCLIP / baselines / MLIP (launch with torchrun for several processes). "
+        "Exit status: 0 ok, 1 internal error, 2 bad configuration, 3 non-finite loss, 4 bad data, 5 environment (disk, lock, device).",
+    )
+    _add_run_arguments(ap)
     ap.add_argument(
         "--set",
         action="append",
@@ -1832,7 +1898,7 @@ def config_from_args(argv=None) -> tuple[ExperimentConfig, bool]:
     cfg, a = _parse_pretrain(argv)
     return cfg, not a.no_progress
 
-
+# %% ../nbs/09_train.ipynb #ad69883d-1
 def main(argv=None) -> int:
     """`maskedclip-pretrain` in-process: parse, train, clean up; returns the exit code (`ExitCode`), never exits the interpreter.
     A failure prints one line naming the input and what to do (a traceback only for a bug)."""
@@ -1894,7 +1960,7 @@ _PARAM_MAP = {  # papermill parameter -> config path
     "norm_pix_loss": "model.norm_pix_loss",
 }
 
-
+# %% ../nbs/09_train.ipynb #00000016-1
 def experiment_config(
     preset: str = "tiny", method: str = "maskedclip", overrides: dict | None = None, **params
 ) -> ExperimentConfig:
@@ -1932,6 +1998,34 @@ def experiment_config(
                 raise ValueError(f"parameter {pname!r} ({path}): {msg.split(':', 1)[1].strip()}") from None
         raise
 
+# %% ../nbs/09_train.ipynb #ce8cbeab-c
+def _launch_command(nproc: int, nnodes: int, node_rank: int, master_addr, master_port) -> list[str]:
+    "The command that runs `maskedclip.train`: plain Python for one process, torchrun (static rendezvous) for more."
+    if nproc == 1 and nnodes == 1:
+        cmd = [sys.executable, "-m", "maskedclip.train"]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--nnodes={nnodes}",
+        ]
+        if nnodes == 1:
+            cmd.append("--standalone")
+        else:
+            if not master_addr:
+                raise ValueError(
+                    "master_addr: give the address of node 0 (the rendezvous host) for nnodes > 1"
+                )
+            cmd += [  # static rendezvous: node_rank 0 hosts rank 0, so the run directory with the checkpoints is on it
+                f"--node_rank={node_rank}",
+                f"--master_addr={master_addr}",
+                f"--master_port={master_port or 29500}",
+            ]
+        cmd += ["-m", "maskedclip.train"]
+    return cmd
+
 # %% ../nbs/09_train.ipynb #ce8cbeab
 def launch(
     config: ExperimentConfig,
@@ -1960,30 +2054,11 @@ def launch(
         pass  # a live run on this directory stops us here, before its config.json is overwritten
     cfg_path = out / "config.json"
     config.to_json(cfg_path)
-    if nproc == 1 and nnodes == 1:
-        cmd = [sys.executable, "-m", "maskedclip.train"]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--nnodes={nnodes}",
-        ]
-        if nnodes == 1:
-            cmd.append("--standalone")
-        else:
-            if not master_addr:
-                raise ValueError(
-                    "master_addr: give the address of node 0 (the rendezvous host) for nnodes > 1"
-                )
-            cmd += [  # static rendezvous: node_rank 0 hosts rank 0, so the run directory with the checkpoints is on it
-                f"--node_rank={node_rank}",
-                f"--master_addr={master_addr}",
-                f"--master_port={master_port or 29500}",
-            ]
-        cmd += ["-m", "maskedclip.train"]
-    cmd += ["--config", str(cfg_path), "--no-progress"]
+    cmd = _launch_command(nproc, nnodes, node_rank, master_addr, master_port) + [
+        "--config",
+        str(cfg_path),
+        "--no-progress",
+    ]
     stream = stream or (lambda line: print(line, end="", flush=True))
     header = f"$ {shlex.join(cmd)}\n"
     stream(header)
@@ -2015,7 +2090,7 @@ def launch(
         live.close()
     return rc
 
-
+# %% ../nbs/09_train.ipynb #ce8cbeab-1
 def read_metrics(source, partial_tail: bool = True) -> list[dict]:
     """Metric rows from a run directory (its `metrics.jsonl`), a JSON-lines file, or an iterable of dicts.
 
@@ -2086,7 +2161,7 @@ def run_grid(
         done.append(run_dir)
     return done
 
-
+# %% ../nbs/09_train.ipynb #3eedead2-1
 def grid_main(argv=None) -> int:
     "Console script `maskedclip-grid`: run a papermill notebook over a JSON grid of parameters; returns the exit code."
     from maskedclip import __version__
@@ -2181,7 +2256,7 @@ def _in_jupyter_kernel() -> bool:
         return False
     return type(get_ipython()).__name__ == "ZMQInteractiveShell"
 
-
+# %% ../nbs/09_train.ipynb #ee93677a-1
 class LiveProgress:
     """Follows a run's `metrics.jsonl` as the trainer appends to it (rank 0 writes one row per logged step): a plain
     line every `every` steps (default: every tenth of the run) through `stream`, and — in a Jupyter kernel, or with

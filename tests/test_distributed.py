@@ -248,9 +248,16 @@ def test_fsdp_equals_ddp_and_exports_unsharded(ref, two_part):
     assert (
         _weights_diff(ref / "ddp2" / "final", ref / "ref" / "final", "DDP -> FSDP resume, final") < WEIGHT_TOL
     )
-    # Known bug after the merge with issue 21 (see the session note): resuming an FSDP checkpoint *for training* on one
-    # unsharded process fails, because the loaded optimizer groups are not fused while the trainer passes fused
-    # AdamW's `found_inf`. Loading it for evaluation (above: from_pretrained, the export, DCP) works.
+    # ... and an FSDP checkpoint resumes unsharded on one process and trains (name-keyed optimizer state -> positions;
+    # its non-fused AdamW groups take this optimizer's fused setting, so the deferred checks' `found_inf` applies)
+    tr = ddp_worker.run_manifest(ref / "fsdp", ref / "data", 4, 4, resume=str(step2))
+    assert tr.step == 4 and tr._deferred_checks()
+    assert all(g["fused"] for g in tr.opt.param_groups)
+    _close(_rows(ref, "fsdp_resumed"), R, what="FSDP checkpoint resumed unsharded, steps 3-4")
+    assert (
+        _weights_diff(ref / "fsdp" / "final", ref / "ref" / "final", "FSDP -> 1 process resume, final")
+        < WEIGHT_TOL
+    )
 
 
 @pytest.mark.slow

@@ -208,6 +208,50 @@ def test_deferred_check_names_the_step_and_saves_the_state_before_it(tmp_path):
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
 
 
+def test_save_after_fit_until_reads_the_pending_checks(tmp_path):
+    "A NaN at step 3 and `fit(until=3)`: the save that ends it reads the deferred flags first and refuses, as a check step would."
+    tr = _trainer(tmp_path, "maskedclip", steps=6, log_every=4, nan_from=3)
+    assert tr._deferred_checks()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3: .*mim=nan"):
+        tr.fit(until=3)  # step 3 neither logs nor saves nor checks: only the final save reads its flags
+    assert (
+        find_latest(tmp_path).name == "step_00000002"
+    )  # the state before step 3, not a step 3 that never stepped
+    assert not (tmp_path / "checkpoints" / "step_00000003").exists()
+    # and a save called by hand after a quiet non-finite step refuses in the same words
+    tr = _trainer(tmp_path / "b", "maskedclip", steps=6, log_every=4, nan_from=2)
+    stream = tr._batches()
+    tr.model.train()
+    tr._train_step(stream)  # step 1: finite
+    tr._train_step(stream)  # step 2: NaN, not read back (it neither logs nor saves nor checks)
+    assert tr.step == 2 and tr._pending
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2: .*mim=nan"):
+        tr.save()
+    assert find_latest(tmp_path / "b").name == "step_00000001"
+
+
+def test_resume_keeps_the_optimizer_fused_as_built(tmp_path):
+    """A checkpoint whose AdamW groups are not fused (as an FSDP run writes them) resumes for training on one process:
+    the groups keep this optimizer's fused setting, so the deferred checks' `found_inf` applies, and the resumed run
+    ends on the weights of the uninterrupted one, bit for bit."""
+    whole = _trainer(tmp_path / "whole", "maskedclip", steps=4, log_every=2, precision="fp32")
+    whole.fit()
+    tr = _trainer(tmp_path / "part", "maskedclip", steps=4, log_every=2, precision="fp32")
+    tr.fit(until=2)
+    tr.close()
+    ck = find_latest(tmp_path / "part")
+    st = torch.load(ck / "state.pt", weights_only=True)
+    assert all(g["fused"] for g in st["optimizer"]["param_groups"])
+    for g in st["optimizer"]["param_groups"]:
+        g["fused"] = None  # what FSDP's (non-fused) AdamW saves
+    torch.save(st, ck / "state.pt")
+    tr = _trainer(tmp_path / "part", "maskedclip", steps=4, log_every=2, precision="fp32", resume="latest")
+    assert tr.step == 2 and tr._deferred_checks() and all(g["fused"] for g in tr.opt.param_groups)
+    tr.fit()
+    a, b = whole.model.state_dict(), tr.model.state_dict()
+    assert tr.step == 4 and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_every_step_check_when_asked(tmp_path):
     "`train.finite_check_every=1` keeps the old per-step check: the NaN stops the run at its own step."
     tr = _trainer(tmp_path, "maskedclip", steps=6, log_every=4, nan_from=3, finite_check_every=1)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -89,7 +90,7 @@ def _model_input(x: torch.Tensor, device) -> torch.Tensor:
         device
     )  # = eval_transform's last steps
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #00000016-1
 def _device_of(m: nn.Module) -> torch.device:
     p = next(m.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -220,7 +221,7 @@ class EvalResult:
             f"AUPRC {self.auprc:.4f} [{self.auprc_ci.low:.4f}, {self.auprc_ci.high:.4f}] (n_train={self.n_train}, n_test={self.n_test})"
         )
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #00000017-1
 def _make_result(protocol, y, scores, n_train, classes, n_boot, alpha, seed, details) -> EvalResult:
     y, s = _check_ys(y, scores)
     ci_roc = bootstrap_ci(y, s, "auroc", n_boot=n_boot, alpha=alpha, seed=seed)
@@ -266,6 +267,24 @@ def _proba(clf, x: np.ndarray, k: int) -> np.ndarray:
     p[:, clf.classes_] = clf.predict_proba(x)
     return p
 
+# %% ../../nbs/10c_evaluate_protocols.ipynb #8fa25616-c
+def _select_C(xtr, ytr, xva, yva, k: int, Cs, max_iter: int, blas_threads) -> tuple:
+    "Logistic regression for each C on the standardised train split -> `(best (AUROC, C, model), val AUROC per C, selection)`."
+    best, val_auroc = None, {}
+    for C in Cs:
+        clf = LogisticRegression(C=float(C), max_iter=max_iter)
+        with (
+            warnings.catch_warnings(),
+            threadpool_limits(blas_threads) if blas_threads else contextlib.nullcontext(),
+        ):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(xtr, ytr)
+        a, sel = _selection_score(yva, _proba(clf, xva, k))
+        val_auroc[float(C)] = a
+        if best is None or a > best[0]:
+            best = (a, float(C), clf)
+    return best, val_auroc, sel
+
 # %% ../../nbs/10c_evaluate_protocols.ipynb #8fa25616
 def fit_linear_probe(
     train,
@@ -299,19 +318,7 @@ def fit_linear_probe(
         )
     scaler = StandardScaler().fit(xtr)
     xtr, xva, xte = scaler.transform(xtr), scaler.transform(xva), scaler.transform(xte)
-    best, val_auroc = None, {}
-    for C in Cs:
-        clf = LogisticRegression(C=float(C), max_iter=max_iter)
-        with (
-            warnings.catch_warnings(),
-            threadpool_limits(blas_threads) if blas_threads else contextlib.nullcontext(),
-        ):
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(xtr, ytr)
-        a, sel = _selection_score(yva, _proba(clf, xva, k))
-        val_auroc[float(C)] = a
-        if best is None or a > best[0]:
-            best = (a, float(C), clf)
+    best, val_auroc, sel = _select_C(xtr, ytr, xva, yva, k, Cs, max_iter, blas_threads)
     details = dict(C=best[1], val_auroc=val_auroc, selection=sel)
     more = {}
     for name, split in (more_tests or {}).items():
@@ -333,7 +340,7 @@ def fit_linear_probe(
         "linear_probe", yte, _proba(best[2], xte, k), len(ytr), classes, n_boot, alpha, seed, details
     )
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #8fa25616-1
 def linear_probe(
     encoder,
     train,
@@ -388,7 +395,7 @@ def layer_id(name: str, num_layers: int) -> int:
         return int(name.split(".")[1]) + 1
     return num_layers
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #0000001b-1
 def param_groups_lrd(
     model: nn.Module,
     weight_decay: float = 0.05,
@@ -541,43 +548,51 @@ class _FinetuneAug:
         )
         self.soft = SoftTargetCrossEntropy()
 
-    @contextlib.contextmanager
-    def rng(self):
-        "Seed Python's and NumPy's RNG (timm's transforms draw from them) for the run, and restore them after."
-        if self.timm_tf is None and self.mixup is None:
-            yield
-            return
-        import random
+# %% ../../nbs/10c_evaluate_protocols.ipynb #fcb0ce0b-1-p0
+@patch
+@contextlib.contextmanager
+def rng(self: _FinetuneAug):
+    "Seed Python's and NumPy's RNG (timm's transforms draw from them) for the run, and restore them after."
+    if self.timm_tf is None and self.mixup is None:
+        yield
+        return
+    import random
 
-        py, npst = random.getstate(), np.random.get_state()
-        random.seed(self.seed)
-        np.random.seed(self.seed)
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npst)
+    py, npst = random.getstate(), np.random.get_state()
+    random.seed(self.seed)
+    np.random.seed(self.seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npst)
 
-    def images(self, xb: torch.Tensor) -> torch.Tensor:
-        "timm's training transform per image (uint8 -> PIL; float images are de-normalised first)."
-        from PIL import Image
 
-        from maskedclip.data import denormalize
+@patch
+def images(self: _FinetuneAug, xb: torch.Tensor) -> torch.Tensor:
+    "timm's training transform per image (uint8 -> PIL; float images are de-normalised first)."
+    from PIL import Image
 
-        if xb.dtype != torch.uint8:
-            xb = (denormalize(xb.float()) * 255).round().clamp(0, 255).to(torch.uint8)
-        return torch.stack([self.timm_tf(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in xb])
+    from maskedclip.data import denormalize
 
-    def mix(self, xb, yb, crit):
-        "(images, targets, loss) after Mixup/CutMix (even batches only, as timm requires), else unchanged with `crit`."
-        if self.mixup is None or len(xb) % 2:
-            return xb, yb, crit
-        xb, soft = self.mixup(xb, yb)
-        return xb, soft, self.soft
+    if xb.dtype != torch.uint8:
+        xb = (denormalize(xb.float()) * 255).round().clamp(0, 255).to(torch.uint8)
+    return torch.stack([self.timm_tf(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in xb])
 
-    def describe(self) -> str:
-        on = {k: v for k, v in self.opts.items() if v}
-        return "timm " + ", ".join(f"{k}={v}" for k, v in on.items()) if on else "augment_batch"
+
+@patch
+def mix(self: _FinetuneAug, xb, yb, crit):
+    "(images, targets, loss) after Mixup/CutMix (even batches only, as timm requires), else unchanged with `crit`."
+    if self.mixup is None or len(xb) % 2:
+        return xb, yb, crit
+    xb, soft = self.mixup(xb, yb)
+    return xb, soft, self.soft
+
+
+@patch
+def describe(self: _FinetuneAug) -> str:
+    on = {k: v for k, v in self.opts.items() if v}
+    return "timm " + ", ".join(f"{k}={v}" for k, v in on.items()) if on else "augment_batch"
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #0000001e
 def _splits3(splits) -> tuple:
@@ -606,6 +621,127 @@ def _resolve_device(device) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+# %% ../../nbs/10c_evaluate_protocols.ipynb #2c593799-s
+def _finetune_data(splits, n_classes, classes):
+    "The three splits as `(images, labels)`, labels checked against the `k` classes -> `(train, val, test, k)`."
+    (xtr, ytr), (xva, yva), (xte, yte) = (
+        _unpack(s, n) for s, n in zip(_splits3(splits), ("train", "val", "test"))
+    )
+    if isinstance(xtr, TaskImages):
+        xtr = xtr.materialize()  # read every epoch: decoded once, kept as uint8
+    k = _n_classes(n_classes, classes, np.asarray(ytr), np.asarray(yva), np.asarray(yte))
+    ytr, yva, yte = (_labels_array(y, k) for y in (ytr, yva, yte))
+    return (xtr, ytr), (xva, yva), (xte, yte), k
+
+
+def _finetune_schedule(n: int, batch_size: int, epochs: int, warmup_epochs: float, max_steps, n_evals):
+    """-> `(epochs, total steps, warm-up steps, epochs scored on validation)`. `max_steps` runs fewer epochs (the
+    warm-up keeps its share); `n_evals` scores at most that many evenly spaced epochs (always the last)."""
+    steps_per_epoch = math.ceil(n / batch_size)
+    if (
+        max_steps is not None and epochs * steps_per_epoch > max_steps
+    ):  # fewer epochs; the warm-up keeps its share
+        capped = max(1, max_steps // steps_per_epoch)
+        warmup_epochs, epochs = warmup_epochs * capped / epochs, capped
+    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
+    eval_at = (
+        set(range(epochs))
+        if not n_evals
+        else {int(round(e)) for e in np.linspace(0, epochs - 1, min(n_evals, epochs))}
+    )
+    return epochs, total, warmup, eval_at
+
+
+def _finetune_model(
+    loaded: LoadedEncoder, k: int, head_init_std, seed: int, dev, weight_decay, layer_decay, lr
+):
+    "A copy of the loaded encoder with a `k`-class head (seeded), and its layer-decayed AdamW -> `(model, opt)`."
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViTClassifier(copy.deepcopy(loaded.encoder), k, head_init_std).to(dev)
+    groups = param_groups_lrd(model, weight_decay, layer_decay)
+    opt = torch.optim.AdamW(
+        [{k_: v for k_, v in g.items() if k_ not in ("names", "layer_id")} for g in groups], lr=lr
+    )
+    return model, opt
+
+# %% ../../nbs/10c_evaluate_protocols.ipynb #2c593799-e
+def _finetune_batch(xtr, idx, aug: _FinetuneAug, augment: bool, gen: torch.Generator) -> torch.Tensor:
+    "The training images `idx`, augmented by timm's transform, else by `augment_batch` (tensor images only)."
+    tensor_data = torch.is_tensor(xtr)
+    xb = xtr[idx] if tensor_data else torch.stack([_item_image(xtr[int(j)]) for j in idx])
+    if aug.timm_tf is not None and tensor_data:
+        xb = aug.images(xb)
+    elif augment and tensor_data:
+        xb = augment_batch(_model_input(xb, "cpu"), gen)
+    return xb
+
+
+def _finetune_step(model, opt, scaler, xb, target, lossf, amp, dev) -> float:
+    "One optimizer step: the forward under autocast at `amp`, backward (scaled under fp16), step -> the loss."
+    with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+        loss = lossf(model(xb).float(), target)
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return float(loss.detach())
+
+
+def _finetune_epoch(model, opt, scaler, aug, crit, data, gen, augment, batch_size, step, lrs, amp, dev, bar):
+    """One epoch over the training split `data = (images, labels tensor)` in a fresh random order; `lrs`: `lr_at`'s
+    `(total, warmup, lr, min_lr)`. -> `(losses, step after it, last lr)`."""
+    from maskedclip.train import lr_at
+
+    (xtr, y_t), n = data, len(data[1])
+    model.train()
+    perm = torch.randperm(n, generator=gen)
+    losses = []
+    for i in range(0, n, batch_size):
+        idx = perm[i : i + batch_size]
+        xb = _finetune_batch(xtr, idx, aug, augment, gen)
+        cur = lr_at(step, *lrs)
+        for g in opt.param_groups:
+            g["lr"] = cur * g["lr_scale"]
+        xb, yb = _model_input(xb, dev), y_t[idx].to(dev)
+        xb, target, lossf = aug.mix(xb, yb, crit)
+        losses.append(_finetune_step(model, opt, scaler, xb, target, lossf, amp, dev))
+        step += 1
+        bar.update(1)
+    return losses, step, cur
+
+# %% ../../nbs/10c_evaluate_protocols.ipynb #2c593799-m
+def _score_more_tests(
+    model, more_tests, k, n, classes, n_boot, alpha, seed, eval_batch_size, dev, amp
+) -> dict:
+    "name -> `EvalResult` of the selected weights on each of `more_tests` (`(images, labels)`)."
+    more = {}
+    for name, split in (more_tests or {}).items():
+        x, y = _unpack(split, name)
+        more[name] = _make_result(
+            "finetune",
+            _labels_array(y, k),
+            _predict(model, x, eval_batch_size, dev, amp),
+            n,
+            classes,
+            n_boot,
+            alpha,
+            seed,
+            {},
+        )
+    return more
+
+
+def _keep_best(best: tuple, val_auc: float, epoch: int, model: nn.Module) -> tuple:
+    "`(best validation AUROC, its epoch, a CPU copy of its weights)`, replaced when `val_auc` is higher."
+    if val_auc > best[0]:
+        return val_auc, epoch, {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()}
+    return best
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #2c593799
 def finetune(
@@ -653,48 +789,25 @@ def finetune(
     `n_evals` scores the validation set on at most that many evenly spaced epochs (always the last) instead of every
     epoch. `more_tests`: name -> `(images, labels)` of other test sets, scored by the selected epoch's weights
     (`details['more_tests'][name]`)."""
-    from maskedclip.train import lr_at
 
-    (xtr, ytr), (xva, yva), (xte, yte) = (
-        _unpack(s, n) for s, n in zip(_splits3(splits), ("train", "val", "test"))
-    )
-    if isinstance(xtr, TaskImages):
-        xtr = xtr.materialize()  # read every epoch: decoded once, kept as uint8
-    k = _n_classes(n_classes, classes, np.asarray(ytr), np.asarray(yva), np.asarray(yte))
-    ytr, yva, yte = (_labels_array(y, k) for y in (ytr, yva, yte))
+    (xtr, ytr), (xva, yva), (xte, yte), k = _finetune_data(splits, n_classes, classes)
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
     dev = _resolve_device(device)
     amp = _amp_dtype(precision, dev)
     loaded = load_encoder(encoder_source, vision_config, seed=seed, drop_path=drop_path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ViTClassifier(copy.deepcopy(loaded.encoder), k, head_init_std).to(dev)
-    groups = param_groups_lrd(model, weight_decay, layer_decay)
     lr = blr * batch_size / 256
-    opt = torch.optim.AdamW(
-        [{k_: v for k_, v in g.items() if k_ not in ("names", "layer_id")} for g in groups], lr=lr
-    )
+    model, opt = _finetune_model(loaded, k, head_init_std, seed, dev, weight_decay, layer_decay, lr)
     crit = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     aug = _FinetuneAug(
         augment, loaded.vision.image_size, randaugment, reprob, mixup, cutmix, label_smoothing, k, seed
     )
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     n = len(ytr)
-    steps_per_epoch = math.ceil(n / batch_size)
-    if (
-        max_steps is not None and epochs * steps_per_epoch > max_steps
-    ):  # fewer epochs; the warm-up keeps its share
-        capped = max(1, max_steps // steps_per_epoch)
-        warmup_epochs, epochs = warmup_epochs * capped / epochs, capped
-    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
-    eval_at = (
-        set(range(epochs))
-        if not n_evals
-        else {int(round(e)) for e in np.linspace(0, epochs - 1, min(n_evals, epochs))}
+    epochs, total, warmup, eval_at = _finetune_schedule(
+        n, batch_size, epochs, warmup_epochs, max_steps, n_evals
     )
     gen = torch.Generator().manual_seed(seed)
-    tensor_data = torch.is_tensor(xtr)
     y_t = torch.from_numpy(ytr)
     best = (-1.0, 0, None)
     history = []
@@ -703,34 +816,22 @@ def finetune(
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), aug.rng():
         torch.manual_seed(seed)  # drop path draws from the global RNG
         for epoch in range(epochs):
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            losses = []
-            for i in range(0, n, batch_size):
-                idx = perm[i : i + batch_size]
-                xb = xtr[idx] if tensor_data else torch.stack([_item_image(xtr[int(j)]) for j in idx])
-                if aug.timm_tf is not None and tensor_data:
-                    xb = aug.images(xb)
-                elif augment and tensor_data:
-                    xb = augment_batch(_model_input(xb, "cpu"), gen)
-                cur = lr_at(step, total, warmup, lr, min_lr)
-                for g in opt.param_groups:
-                    g["lr"] = cur * g["lr_scale"]
-                xb, yb = _model_input(xb, dev), y_t[idx].to(dev)
-                xb, target, lossf = aug.mix(xb, yb, crit)
-                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                    loss = lossf(model(xb).float(), target)
-                opt.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                losses.append(float(loss.detach()))
-                step += 1
-                bar.update(1)
+            losses, step, cur = _finetune_epoch(
+                model,
+                opt,
+                scaler,
+                aug,
+                crit,
+                (xtr, y_t),
+                gen,
+                augment,
+                batch_size,
+                step,
+                (total, warmup, lr, min_lr),
+                amp,
+                dev,
+                bar,
+            )
             if epoch not in eval_at:
                 continue
             val_auc, sel = _selection_score(yva, _predict(model, xva, eval_batch_size, dev, amp))
@@ -738,29 +839,11 @@ def finetune(
                 dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_auroc=val_auc, lr=cur)
             )
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_auroc=f"{val_auc:.3f}")
-            if val_auc > best[0]:
-                best = (
-                    val_auc,
-                    epoch + 1,
-                    {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()},
-                )
+            best = _keep_best(best, val_auc, epoch + 1, model)
     bar.close()
     model.load_state_dict(best[2])
     scores = _predict(model, xte, eval_batch_size, dev, amp)
-    more = {}
-    for name, split in (more_tests or {}).items():
-        x, y = _unpack(split, name)
-        more[name] = _make_result(
-            "finetune",
-            _labels_array(y, k),
-            _predict(model, x, eval_batch_size, dev, amp),
-            n,
-            classes,
-            n_boot,
-            alpha,
-            seed,
-            {},
-        )
+    more = _score_more_tests(model, more_tests, k, n, classes, n_boot, alpha, seed, eval_batch_size, dev, amp)
     details = dict(
         best_epoch=best[1],
         best_val_auroc=best[0],
@@ -834,7 +917,7 @@ def class_embeddings(
         embs.append(F.normalize(e, dim=-1) if renormalize else e)
     return torch.stack(embs), prompts
 
-
+# %% ../../nbs/10c_evaluate_protocols.ipynb #00000022-1
 @torch.no_grad()
 def zero_shot(
     model,
