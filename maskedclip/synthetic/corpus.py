@@ -507,7 +507,7 @@ def _print_corpus_summary(meta: dict, root: Path, seconds: float):
         vals = (dr, pv["dr_referral"], pv["glaucoma"], pv["amd"], pv["cataract"], pv["normal"])
         print(f"  {pool:<22}{pv['n']:>6} " + " ".join(f"{v:>9.3f}" for v in vals))
 
-
+# %% ../../nbs/02d_synthetic_corpus.ipynb #76d641e5
 def main(argv: Sequence[str] | None = None) -> int:
     "CLI `maskedclip-synth`: build a synthetic fundus corpus and print a summary (counts and prevalences)."
     p = _synth_parser()
