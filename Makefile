@@ -44,8 +44,11 @@ lint: $(STAMP)
 nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2
 
+# two pytest-xdist workers (one thread each, tests/conftest.py); the groups (tests/conftest.py) keep tests that use
+# both cores themselves apart, once xdist's loadgroup works with pytest 9.2 again (pytest-dev/pytest-xdist#1386)
+PYTEST_WORKERS ?= 2
 pytest: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # each notebook runs once, inside pytest (tests/test_notebooks.py), so one summary line counts everything
 test: check-nbdev lint pytest

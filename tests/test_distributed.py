@@ -25,6 +25,8 @@ import ddp_worker  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
 LOSS_TOL, WEIGHT_TOL = 2e-5, 2e-5
+# every test here runs 2 processes or shares the module's reference run with those that do (tests/conftest.py)
+pytestmark = pytest.mark.two_cores
 LOSSES = ("loss", "mim", "lg_clip", "mfd", "tau", "grad_norm")
 
 

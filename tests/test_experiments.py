@@ -31,6 +31,7 @@ def _plotly_outputs(nb_path):
     ]
 
 
+@pytest.mark.two_cores  # two processes / a browser: see tests/conftest.py
 @pytest.mark.slow
 def test_pretrain_notebook_two_processes(tmp_path):
     out = tmp_path / "pretrain.ipynb"

@@ -233,6 +233,7 @@ def _open_lab(page: Page, url: str, timeout: float = 240):
     page.js(f"window.jupyterapp.shell.activateById(({NB}).id)")  # so that the notebook commands act on it
 
 
+@pytest.mark.two_cores  # two processes / a browser: see tests/conftest.py
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_explorers_in_jupyterlab_survive_a_reload(lab, tmp_path):

@@ -29,6 +29,7 @@ class RecordingClient(nbclient.NotebookClient):
         return super().process_message(msg, cell, cell_index)
 
 
+@pytest.mark.two_cores  # two processes / a browser: see tests/conftest.py
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_process_run_shows_live_progress_in_a_notebook(tmp_path):

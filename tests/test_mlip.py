@@ -102,18 +102,21 @@ def test_sinkhorn_batched_equals_per_item_with_padding():
     a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
     # fixed number of iterations (tol=0): batched is exactly the per-item computation
     Tb = sinkhorn(cost, a, b, eps=0.1, n_iters=50, tol=0)
-    # converged: batched equals per-item up to the tolerance
-    Tc = sinkhorn(cost, a, b, eps=0.1, n_iters=20000, tol=1e-12)
+    # converged: batched equals per-item up to the tolerance. The on-device check (D29) runs all `n_iters` and freezes
+    # the potentials once converged, so the cap costs time, not accuracy: every run here converges in < 300
+    # iterations, and each asserts that it converged before the cap.
+    cap = 2000
+    Tc, it = sinkhorn(cost, a, b, eps=0.1, n_iters=cap, tol=1e-12, return_iters=True)
+    assert it < cap, it
     for i in range(B1):
         for j in range(B2):
             assert torch.allclose(
                 Tb[i, j], sinkhorn(cost[i, j], a[i, j], b[i, j], eps=0.1, n_iters=50, tol=0), atol=1e-14
             )
-            assert torch.allclose(
-                Tc[i, j],
-                sinkhorn(cost[i, j], a[i, j], b[i, j], eps=0.1, n_iters=20000, tol=1e-12),
-                atol=1e-10,
+            Ti, it = sinkhorn(
+                cost[i, j], a[i, j], b[i, j], eps=0.1, n_iters=cap, tol=1e-12, return_iters=True
             )
+            assert it < cap and torch.allclose(Tc[i, j], Ti, atol=1e-10), (i, j, it)
     # broadcasting marginals across a leading dim gives the same result as expanding them
     Tbr = sinkhorn(cost, a[:, :1], b[:1], eps=0.1, n_iters=50, tol=0)
     assert torch.allclose(

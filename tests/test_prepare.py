@@ -415,6 +415,7 @@ cleanup_distributed()
 """
 
 
+@pytest.mark.two_cores  # two processes / a browser: see tests/conftest.py
 @pytest.mark.slow
 def test_two_process_streaming_run_equals_one_process(corpus64, tmp_path):
     "DDP over gloo from streamed shards (split='rows', a file:// URL): the losses of 2 processes are the 1-process losses."

@@ -165,6 +165,7 @@ def _devtools_ws(proc, timeout=60) -> str:
     raise RuntimeError("chromium did not start its DevTools endpoint:\n" + "".join(seen[-20:]))
 
 
+@pytest.mark.two_cores  # two processes / a browser: see tests/conftest.py
 def test_report_renders_offline_in_chromium(report, tmp_path):
     exe = _chromium()
     if exe is None:

@@ -43,6 +43,7 @@ def _run_worker(args, nproc=1, env=None, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
 
 
+@pytest.mark.two_cores  # two processes / a browser: see tests/conftest.py
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process(tmp_path):
     r1 = _run_worker([tmp_path / "one", 3, 8])
