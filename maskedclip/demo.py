@@ -48,20 +48,19 @@ def probe_margins(probe, baseline: str = "random init", method: str = "maskedcli
 
 # %% ../nbs/13_demo.ipynb #a666c00b
 def _demo_corpus(corpus: Path, n_paired: int, n_unpaired: int, n_task: int, image_size: int, progress: bool):
-    "Render the corpus once (both cores); an existing one is reused."
+    "Render the demo's corpus (seed 0) on `_demo_workers()` processes; `run_demo` reuses an existing one."
     from maskedclip.synthetic import build_corpus
 
-    if not (corpus / "corpus.json").is_file():
-        build_corpus(
-            corpus,
-            n_paired=n_paired,
-            n_unpaired=n_unpaired,
-            n_task_per_split=dict(train=n_task, val=n_task // 2, test=n_task),
-            size=image_size,
-            seed=0,
-            num_workers=_demo_workers(),
-            progress=progress,
-        )
+    build_corpus(
+        corpus,
+        n_paired=n_paired,
+        n_unpaired=n_unpaired,
+        n_task_per_split=dict(train=n_task, val=n_task // 2, test=n_task),
+        size=image_size,
+        seed=0,
+        num_workers=_demo_workers(),
+        progress=progress,
+    )
 
 
 def _demo_workers() -> int:

@@ -186,6 +186,23 @@ def run_manifest(
     return tr
 
 
+def _exit_after(main):
+    "Run `main()`, print any error, tear down the process group, flush, and `os._exit` (gloo can abort at shutdown)."
+    code = 0
+    try:
+        main()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        cleanup_distributed()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "manifest":
     import argparse
 
@@ -203,9 +220,8 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "manifest":
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--grad-accum", type=int, default=1)
     a = ap.parse_args()
-    code = 0
-    try:
-        run_manifest(
+    _exit_after(
+        lambda: run_manifest(
             a.out,
             a.data,
             a.steps,
@@ -218,31 +234,14 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "manifest":
             a.precision,
             a.grad_accum,
         )
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    finally:
-        cleanup_distributed()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
+    )
 
 if __name__ == "__main__":
-    code = 0
-    try:
+
+    def _main():
         out, steps, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
         resume = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
         save_every = int(sys.argv[5]) if len(sys.argv) > 5 else 0
         run(out, steps, bs, resume, save_every)
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    finally:
-        cleanup_distributed()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
+    _exit_after(_main)

@@ -263,27 +263,11 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> 
 
     `draft`: for JPEG, let the decoder downscale by 1/2, 1/4 or 1/8 while keeping both sides >= `draft`
     pixels (much faster for 3000-pixel fundus photographs when the model sees 224 pixels)."""
-    im = _open_image(path, max_pixels)
-    try:
-        if draft and im.format == "JPEG":
-            im.draft(None, (int(draft), int(draft)))
-        im.load()
-        return to_rgb(im)
-    except MemoryError:
-        raise
-    except Exception as e:
-        im.close()
-        raise _decode_error(e, path, "image data cannot be decoded") from None
+    return _decode_opened(_open_image(path, max_pixels), path, draft)
 
-# %% ../../nbs/01a_data_records.ipynb #9a9622b3
-def load_image_bytes(
-    data: bytes, name="<bytes>", max_pixels: int = MAX_PIXELS, draft: int | None = None
-) -> Image.Image:
-    """Decode encoded image bytes (e.g. the `Image()` column of a prepared dataset) like `load_image` decodes a file;
-    `name` (the source path) is named in the `BadRecordError`s."""
-    if not data:
-        raise BadRecordError("zero-byte image", reason="empty_file", file=name)
-    im = _open_pil(io.BytesIO(data), name, max_pixels)
+
+def _decode_opened(im: Image.Image, name, draft: int | None) -> Image.Image:
+    "Decode an opened image's pixels (JPEG draft downscaling if `draft`) to RGB; a failure names `name`."
     try:
         if draft and im.format == "JPEG":
             im.draft(None, (int(draft), int(draft)))
@@ -294,6 +278,16 @@ def load_image_bytes(
     except Exception as e:
         im.close()
         raise _decode_error(e, name, "image data cannot be decoded") from None
+
+# %% ../../nbs/01a_data_records.ipynb #9a9622b3
+def load_image_bytes(
+    data: bytes, name="<bytes>", max_pixels: int = MAX_PIXELS, draft: int | None = None
+) -> Image.Image:
+    """Decode encoded image bytes (e.g. the `Image()` column of a prepared dataset) like `load_image` decodes a file;
+    `name` (the source path) is named in the `BadRecordError`s."""
+    if not data:
+        raise BadRecordError("zero-byte image", reason="empty_file", file=name)
+    return _decode_opened(_open_pil(io.BytesIO(data), name, max_pixels), name, draft)
 
 # %% ../../nbs/01a_data_records.ipynb #00000013
 def _image_check_mode(check_images) -> str | None:

@@ -493,7 +493,7 @@ def _amp_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if bf16_ok else (torch.float16 if dev.type == "cuda" else None)
     if precision == "bf16" and not bf16_ok:
-        warnings.warn(f"precision 'bf16': {dev} has no native bf16; fine-tuning in fp32")
+        warnings.warn(f"precision 'bf16': {dev} has no native bf16; computing in fp32")
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
