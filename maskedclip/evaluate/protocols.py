@@ -743,6 +743,71 @@ def _keep_best(best: tuple, val_auc: float, epoch: int, model: nn.Module) -> tup
         return val_auc, epoch, {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()}
     return best
 
+# %% ../../nbs/10c_evaluate_protocols.ipynb #2c593799-l
+def _finetune_epochs(
+    parts, train, val, schedule, lrs, *, augment, batch_size, seed, eval_batch_size, amp, dev, bar
+):
+    """The epochs of `schedule` (`_finetune_schedule`'s `(epochs, total, warmup, eval_at)`) over `train`,
+    each epoch of `eval_at` scored on `val`; `parts = (model, opt, scaler, aug, crit)`, `lrs = (lr, min_lr)`.
+    -> `(best, history, selection)`, `best = (val AUROC, 1-based epoch, a CPU copy of its weights)`."""
+    (model, opt, scaler, aug, crit), (xtr, ytr), (xva, yva) = parts, train, val
+    epochs, total, warmup, eval_at = schedule
+    gen = torch.Generator().manual_seed(seed)
+    y_t = torch.from_numpy(ytr)
+    best, history, step = (-1.0, 0, None), [], 0
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), aug.rng():
+        torch.manual_seed(seed)  # drop path draws from the global RNG
+        for epoch in range(epochs):
+            losses, step, cur = _finetune_epoch(
+                model,
+                opt,
+                scaler,
+                aug,
+                crit,
+                (xtr, y_t),
+                gen,
+                augment,
+                batch_size,
+                step,
+                (total, warmup, *lrs),
+                amp,
+                dev,
+                bar,
+            )
+            if epoch not in eval_at:
+                continue
+            val_auc, sel = _selection_score(yva, _predict(model, xva, eval_batch_size, dev, amp))
+            history.append(
+                dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_auroc=val_auc, lr=cur)
+            )
+            bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_auroc=f"{val_auc:.3f}")
+            best = _keep_best(best, val_auc, epoch + 1, model)
+    return best, history, sel
+
+# %% ../../nbs/10c_evaluate_protocols.ipynb #2c593799-d
+def _finetune_details(best, sel, history, recipe: dict, loaded, amp, aug, steps: tuple, more: dict) -> dict:
+    """`EvalResult.details` of `finetune`: the selected epoch, the history, the `recipe` (lr, blr, batch size,
+    layer decay, drop path, epochs), source, precision, augmentation and `steps = (total, warm-up)`. Each of
+    `more`'s results gets the same (without the history); they are kept under `more_tests`."""
+    details = dict(
+        best_epoch=best[1],
+        best_val_auroc=best[0],
+        selection=sel,
+        history=history,
+        **recipe,
+        source=loaded.summary(),
+        precision=str(amp).replace("torch.", "") if amp is not None else "fp32",
+        augmentation=aug.describe(),
+        steps=steps[0],
+        warmup_steps=steps[1],
+        n_evals=len(history),
+    )
+    for r in more.values():
+        r.details.update({k: v for k, v in details.items() if k != "history"})
+    if more:
+        details["more_tests"] = more
+    return details
+
 # %% ../../nbs/10c_evaluate_protocols.ipynb #2c593799
 def finetune(
     encoder_source,
@@ -807,65 +872,29 @@ def finetune(
     epochs, total, warmup, eval_at = _finetune_schedule(
         n, batch_size, epochs, warmup_epochs, max_steps, n_evals
     )
-    gen = torch.Generator().manual_seed(seed)
-    y_t = torch.from_numpy(ytr)
-    best = (-1.0, 0, None)
-    history = []
-    step = 0
     bar = tqdm(total=total, desc=f"finetune {loaded.kind}", disable=not progress, leave=False)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), aug.rng():
-        torch.manual_seed(seed)  # drop path draws from the global RNG
-        for epoch in range(epochs):
-            losses, step, cur = _finetune_epoch(
-                model,
-                opt,
-                scaler,
-                aug,
-                crit,
-                (xtr, y_t),
-                gen,
-                augment,
-                batch_size,
-                step,
-                (total, warmup, lr, min_lr),
-                amp,
-                dev,
-                bar,
-            )
-            if epoch not in eval_at:
-                continue
-            val_auc, sel = _selection_score(yva, _predict(model, xva, eval_batch_size, dev, amp))
-            history.append(
-                dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_auroc=val_auc, lr=cur)
-            )
-            bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_auroc=f"{val_auc:.3f}")
-            best = _keep_best(best, val_auc, epoch + 1, model)
+    best, history, sel = _finetune_epochs(
+        (model, opt, scaler, aug, crit),
+        (xtr, ytr),
+        (xva, yva),
+        (epochs, total, warmup, eval_at),
+        (lr, min_lr),
+        augment=augment,
+        batch_size=batch_size,
+        seed=seed,
+        eval_batch_size=eval_batch_size,
+        amp=amp,
+        dev=dev,
+        bar=bar,
+    )
     bar.close()
     model.load_state_dict(best[2])
     scores = _predict(model, xte, eval_batch_size, dev, amp)
     more = _score_more_tests(model, more_tests, k, n, classes, n_boot, alpha, seed, eval_batch_size, dev, amp)
-    details = dict(
-        best_epoch=best[1],
-        best_val_auroc=best[0],
-        selection=sel,
-        history=history,
-        lr=lr,
-        blr=blr,
-        batch_size=batch_size,
-        layer_decay=layer_decay,
-        drop_path=drop_path,
-        epochs=epochs,
-        source=loaded.summary(),
-        precision=str(amp).replace("torch.", "") if amp is not None else "fp32",
-        augmentation=aug.describe(),
-        steps=total,
-        warmup_steps=warmup,
-        n_evals=len(history),
+    recipe = dict(
+        lr=lr, blr=blr, batch_size=batch_size, layer_decay=layer_decay, drop_path=drop_path, epochs=epochs
     )
-    for r in more.values():
-        r.details.update({k: v for k, v in details.items() if k != "history"})
-    if more:
-        details["more_tests"] = more
+    details = _finetune_details(best, sel, history, recipe, loaded, amp, aug, (total, warmup), more)
     return _make_result("finetune", yte, scores, n, classes, n_boot, alpha, seed, details)
 
 # %% ../../nbs/10c_evaluate_protocols.ipynb #00000022
