@@ -44,8 +44,6 @@ def _install(plan):
     elif hook == "torch.save":
         import torch
 
-        import maskedclip.train as T
-
         real = torch.save
 
         def save(obj, f, *a, **k):
@@ -56,22 +54,21 @@ def _install(plan):
                 _kill_now()
             return real(obj, f, *a, **k)
 
-        T.torch.save = save
+        torch.save = save  # every module's `torch.save`: the same function
     elif hook == "atomic":
-        import maskedclip.train as T
+        from maskedclip.train import checkpoint, trainer
 
-        real = T._atomic_write_text
+        real = checkpoint._atomic_write_text
 
         def atomic(path, text):
             if due():
                 _kill_now()
             return real(path, text)
 
-        T._atomic_write_text = atomic
+        for m in (checkpoint, trainer):  # each module that calls it looks it up in its own namespace
+            m._atomic_write_text = atomic
     elif hook == "rmtree":  # deleting an old checkpoint: half of its files gone, then killed
         import shutil
-
-        import maskedclip.train as T
 
         real = shutil.rmtree
 
@@ -82,7 +79,7 @@ def _install(plan):
                 _kill_now()
             return real(path, *a, **k)
 
-        T.shutil.rmtree = rmtree
+        shutil.rmtree = rmtree  # every module's `shutil.rmtree`: the same function
     else:
         raise ValueError(hook)
 
