@@ -38,6 +38,11 @@ Protocol, fixed before any run (nothing below is changed after looking at result
   `dC = -<grad C, grad L_part>` (SGD) and `-<grad C, sign(grad L_part)>` (Adam's early steps), per unit step; > 0 means
   the term pushes the patch tokens of one image together.
 
+Scale of the committed run (`experiments/results/mlip-study/`), fixed for CPU time before any result was seen (2
+cores shared by three jobs: the full demo corpus alone took ~40 min to render there): the demo corpus's pools with
+fewer images (`--n-unpaired 2048 --n-task 500`: the same 1024 paired eyes, the first 2048 unpaired eyes, 500 train /
+50 val / 500 test per task) and `--steps 300 --save-every 30` (300 steps of 32 + 32 for every method, warm-up 30).
+
 Outputs under `--out`: `results.jsonl` (one line per measurement as it is made), `results.json` (all of them),
 `provenance.json` (commit, command, timings). The pre-training runs stay under `--out/runs/<method>`.
 
@@ -422,6 +427,8 @@ def main(argv=None):
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--seg-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-pairs", type=int, default=256, help="held-out (and training) pairs for OT")
+    ap.add_argument("--n-unpaired", type=int, default=8192, help="unpaired images of a corpus built here")
+    ap.add_argument("--n-task", type=int, default=1000, help="train and test images per task of a corpus built here")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny corpus, 4 steps")
     a = ap.parse_args(argv)
     if a.quick:
@@ -450,8 +457,14 @@ def main(argv=None):
 
     t0 = time.time()
     if not (corpus / "corpus.json").is_file():
-        n = (64, 64, 40) if a.quick else (1024, 8192, 1000)
-        _demo_corpus(corpus, *n, 64, progress=False)
+        from maskedclip.synthetic import build_corpus
+
+        n_un, n_task = (64, 40) if a.quick else (a.n_unpaired, a.n_task)
+        if (n_un, n_task) == (8192, 1000):
+            _demo_corpus(corpus, 1024, n_un, n_task, 64, progress=False)
+        else:  # the demo's pools with fewer images: the same eyes (index offsets are per pool), validation 50
+            tasks = dict(train=n_task, val=50, test=n_task)
+            build_corpus(corpus, 1024, n_un, tasks, size=64, seed=0, num_workers=2, progress=False)
         timings["corpus_s"] = time.time() - t0
     t0 = time.time()
     train_all = load_segmentation_split(corpus, "multi_disease", "train", lesions="all")
