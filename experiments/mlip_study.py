@@ -64,7 +64,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-METHODS = ("mlip", "random", "mae", "clip", "maskedclip")  # order of work: MLIP first, MaskedCLIP (slowest) last
+METHODS = (
+    "mlip",
+    "random",
+    "mae",
+    "clip",
+    "maskedclip",
+)  # order of work: MLIP first, MaskedCLIP (slowest) last
 RED = ("microaneurysm", "haemorrhage")
 
 
@@ -231,9 +237,13 @@ def diagnostics(log: Log, name: str, model, test):
         n_tokens=f.shape[1],
     )
     if getattr(model, "image_proj", None) is not None:
-        p = torch.cat([patch_embeddings(model, test.images[i : i + 128], "auto") for i in range(0, len(f), 128)])
+        p = torch.cat(
+            [patch_embeddings(model, test.images[i : i + 128], "auto") for i in range(0, len(f), 128)]
+        )
         d.update(
-            joint_patch_cos=patch_cosine(p), joint_erank=effective_rank(p), joint_within_var=within_image_variance(p)
+            joint_patch_cos=patch_cosine(p),
+            joint_erank=effective_rank(p),
+            joint_within_var=within_image_variance(p),
         )
     log.add(name, "diagnostics", **d)
 
@@ -242,7 +252,14 @@ def segmentation(log: Log, name: str, model, train, test, a):
     from maskedclip.segmentation import segmentation_curve
 
     df = segmentation_curve(
-        model, train, test, fractions=(0.01, 0.1, 1.0), seeds=tuple(a.seg_seeds), steps=300, subpatch=8, n_boot=1000
+        model,
+        train,
+        test,
+        fractions=(0.01, 0.1, 1.0),
+        seeds=tuple(a.seg_seeds),
+        steps=300,
+        subpatch=8,
+        n_boot=1000,
     )
     log.add(name, "segmentation", runs=df.to_dict("records"))
 
@@ -352,7 +369,9 @@ def term_attribution(log: Log, run: Path, test, step_dirs):
     from maskedclip.model import MaskedCLIP
 
     x = test.images[:32]
-    recs = [json.loads(l) for l in (Path(a_corpus) / "pretrain" / "paired.jsonl").read_text().splitlines()[:32]]
+    recs = [
+        json.loads(l) for l in (Path(a_corpus) / "pretrain" / "paired.jsonl").read_text().splitlines()[:32]
+    ]
     out = []
     for ck in step_dirs:
         model = MaskedCLIP.from_pretrained(ck)
@@ -408,7 +427,176 @@ def training_diag(log: Log, name: str, run: Path):
     from maskedclip.train import read_metrics
 
     rows = [r for r in read_metrics(run / "metrics.jsonl") if any(k.startswith("diag/") for k in r)]
-    log.add(name, "diag_over_training", rows=[{k: v for k, v in r.items() if k == "step" or k.startswith("diag/")} for r in rows])
+    log.add(
+        name,
+        "diag_over_training",
+        rows=[{k: v for k, v in r.items() if k == "step" or k.startswith("diag/")} for r in rows],
+    )
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def _f(v, n=3):
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{n}f}"
+
+
+def _ci(lo, hi, n=3):
+    return f"[{_f(lo, n)}, {_f(hi, n)}]"
+
+
+def seg_table(rows: list[dict], baseline: str = "random") -> list[dict]:
+    "Per encoder and fraction: pooled / lesion Dice (mean over seeds, CI span over seeds) and separation from random."
+    import pandas as pd
+
+    seg = [dict(encoder=r["encoder"], **x) for r in rows if r["kind"] == "segmentation" for x in r["runs"]]
+    df = pd.DataFrame(seg)
+    out = []
+    for (enc, frac), g in df.groupby(["encoder", "fraction"], sort=False):
+        b = df[(df.encoder == baseline) & (df.fraction == frac)]
+        lo = min(c[0] for c in g.dice_pooled_ci)
+        hi = max(c[1] for c in g.dice_pooled_ci)
+        row = dict(
+            encoder=enc,
+            fraction=frac,
+            dice_pooled=g.dice_pooled.mean(),
+            pooled_ci_low=lo,
+            pooled_ci_high=hi,
+            dice_lesion=g.dice_lesion.mean(),
+            n_seeds=len(g),
+        )
+        if len(b) and enc != baseline:
+            bl, bh = min(c[0] for c in b.dice_pooled_ci), max(c[1] for c in b.dice_pooled_ci)
+            row["above_random"] = bool(lo > bh)
+            row["below_random"] = bool(hi < bl)
+        out.append(row)
+    return out
+
+
+def write_tables(rows: list[dict], path: Path):
+    "`table.md`: every measurement of the study as markdown tables."
+    by = {(r["encoder"], r["kind"]): r for r in rows}
+    encs = list(dict.fromkeys(r["encoder"] for r in rows))
+    L = ["# MLIP study (issue 18): tables", ""]
+    L += ["## Patch-token diagnostics (1000-image test split unless stated; full image)", ""]
+    L += [
+        "| encoder | patch cos | e-rank | within-image var | joint patch cos | joint e-rank |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in encs:
+        d = by.get((e, "diagnostics"))
+        if d:
+            L.append(
+                f"| {e} | {_f(d['encoder_patch_cos'])} | {_f(d['encoder_erank'], 1)} | {_f(d['encoder_within_var'])} "
+                f"| {_f(d.get('joint_patch_cos'))} | {_f(d.get('joint_erank'), 1)} |"
+            )
+    L += [
+        "",
+        "## Few-shot red-lesion segmentation (Dice; mean over seeds, [lowest CI low, highest CI high] over seeds)",
+        "",
+    ]
+    L += [
+        "| encoder | fraction | pooled Dice | CI | lesion-image Dice | vs random (pooled CIs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in seg_table(rows):
+        vs = (
+            "above"
+            if r.get("above_random")
+            else "below"
+            if r.get("below_random")
+            else ("overlap" if "above_random" in r else "")
+        )
+        L.append(
+            f"| {r['encoder']} | {r['fraction']:g} | {_f(r['dice_pooled'])} | {_ci(r['pooled_ci_low'], r['pooled_ci_high'])} "
+            f"| {_f(r['dice_lesion'])} | {vs} |"
+        )
+    L += [
+        "",
+        "## Pointing game (red-lesion prompts; Wilson 95 % CI) and zero-shot AUROC (95 % bootstrap CI)",
+        "",
+    ]
+    L += [
+        "| encoder | hit rate | CI | n | chance | zero-shot glaucoma | zero-shot dr_referral |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in encs:
+        pg, zs = by.get((e, "pointing_game"), {}), by.get((e, "zero_shot"), {})
+        z = {x["task"]: x for x in zs.get("rows", [])}
+        zc = [
+            f"{_f(z[t]['auroc'])} {_ci(z[t]['ci_low'], z[t]['ci_high'])}" if t in z else "–"
+            for t in ("glaucoma", "dr_referral")
+        ]
+        if "hit_rate" in pg:
+            L.append(
+                f"| {e} | {_f(pg['hit_rate'])} | {_ci(*pg['hit_ci'])} | {pg['n']} | {_f(pg['chance'])} | {zc[0]} | {zc[1]} |"
+            )
+        else:
+            L.append(f"| {e} | – | – | – | – | {zc[0]} | {zc[1]} |")
+    L += [
+        "",
+        "## OT patch–sentence matching: local InfoNCE loss, matched vs shuffled reports (mean, t 95 % CI over batches of 32)",
+        "",
+    ]
+    L += [
+        "| encoder | pairs | matched | shuffled | shuffled − matched | top-1 (chance 0.031) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in encs:
+        for w in ("heldout", "training"):
+            o = by.get((e, f"ot_{w}"))
+            if o:
+                m, s, d, t1 = o["matched"], o["shuffled"], o["shuffled_minus_matched"], o["top1"]
+                L.append(
+                    f"| {e} | {w} | {_f(m[0])} | {_f(s[0])} | {_f(d[0])} {_ci(d[1], d[2])} | {_f(t1[0])} {_ci(t1[1], t1[2])} |"
+                )
+    ph = by.get(("mlip", "phi"))
+    if ph:
+        L += [
+            "",
+            f"## φ over training (MLIP, {ph['mode']}; correlations over {ph['n_fov_patches']} field-of-view patches)",
+            "",
+        ]
+        L += [
+            "| step | std | range | r(φ, lesion freq) | partial r given radius | p | r(φ, radius) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for h in ph["history"]:
+            c, pc = h.get("corr_lesion_freq_fov", {}), h.get("partial_given_radius", {})
+            L.append(
+                f"| {h['step']} | {_f(h['std'], 4)} | {_f(h['range'], 4)} | {_f(c.get('pearson'))} | {_f(pc.get('partial_r'))} "
+                f"| {_f(pc.get('p'))} | {_f(pc.get('r_phi_radius'))} |"
+            )
+        h = ph["history"][-1].get("partial_given_radius", {})
+        L += [
+            "",
+            f"r(lesion freq, radius) = {_f(h.get('r_freq_radius'))}; share of the frequency map's variance left after radius: {_f(h.get('freq_resid_share'))}",
+        ]
+    ta = by.get(("mlip", "term_attribution"))
+    if ta:
+        L += [
+            "",
+            "## Which MLIP loss term moves the encoder's patch cosine C (first order, 32 test images; > 0 = pushes tokens together)",
+            "",
+        ]
+        L += [
+            "| checkpoint | C | term | loss | dC (SGD step) | cos(−∇L, ∇C) | dC (sign step) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in ta["rows"]:
+            for k in ("mim", "mcl", "ot"):
+                if k in r:
+                    x = r[k]
+                    L.append(
+                        f"| {r['checkpoint']} | {_f(r['patch_cos'])} | {k} | {_f(x['loss'])} | {x['dC_sgd']:.2e} | {_f(x['cos_angle'])} | {x['dC_sign']:.2e} |"
+                    )
+    L += ["", "## Encoder patch cosine over training (trainer's diag/* rows)", ""]
+    for e in encs:
+        d = by.get((e, "diag_over_training"))
+        if d:
+            pts = ", ".join(f"{r['step']}: {_f(r.get('diag/encoder_patch_cos'))}" for r in d["rows"])
+            L.append(f"- {e}: {pts}")
+    path.write_text("\n".join(L) + "\n")
 
 
 # ----------------------------------------------------------------------------- main
@@ -419,7 +607,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="work folder (corpus, runs, results.jsonl)")
     ap.add_argument("--results", default=None, help="also copy results.json and provenance.json here")
-    ap.add_argument("--corpus", default=None, help="an existing demo corpus (default OUT/corpus, built if missing)")
+    ap.add_argument(
+        "--corpus", default=None, help="an existing demo corpus (default OUT/corpus, built if missing)"
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -428,8 +618,13 @@ def main(argv=None):
     ap.add_argument("--seg-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-pairs", type=int, default=256, help="held-out (and training) pairs for OT")
     ap.add_argument("--n-unpaired", type=int, default=8192, help="unpaired images of a corpus built here")
-    ap.add_argument("--n-task", type=int, default=1000, help="train and test images per task of a corpus built here")
+    ap.add_argument(
+        "--n-task", type=int, default=1000, help="train and test images per task of a corpus built here"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny corpus, 4 steps")
+    ap.add_argument(
+        "--table-only", action="store_true", help="only (re)write OUT/table.md from OUT/results.jsonl"
+    )
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.batch_size, a.save_every, a.seg_seeds, a.n_pairs = 4, 8, 2, [0], 64
@@ -452,6 +647,11 @@ def main(argv=None):
         timings=timings,
     )
     log = Log(out)
+    if a.table_only:
+        write_tables(log.rows, out / "table.md")
+        if a.results:
+            shutil.copy(out / "table.md", Path(a.results) / "table.md")
+        return 0
     from maskedclip.demo import _demo_corpus
     from maskedclip.segmentation import load_segmentation_split
 
@@ -470,7 +670,13 @@ def main(argv=None):
     train_all = load_segmentation_split(corpus, "multi_disease", "train", lesions="all")
     test_all = load_segmentation_split(corpus, "multi_disease", "test", lesions="all")
     train, test = (
-        type(d)(d.images, torch.stack([d.lesion_masks[l] for l in RED]).any(0), {l: d.lesion_masks[l] for l in RED}, d.ids, RED)
+        type(d)(
+            d.images,
+            torch.stack([d.lesion_masks[l] for l in RED]).any(0),
+            {l: d.lesion_masks[l] for l in RED},
+            d.ids,
+            RED,
+        )
         for d in (train_all, test_all)
     )
     pairs = dict(heldout=_pairs_heldout(a.n_pairs), training=_pairs_training(corpus, a.n_pairs))
@@ -487,9 +693,15 @@ def main(argv=None):
             ("diagnostics", lambda: diagnostics(log, name, model, test)),
             ("segmentation", lambda: segmentation(log, name, model, train, test, a)),
             ("pointing_game", lambda: pointing(log, name, model, test)),
-            ("zero_shot", lambda: zero_shot(log, name, runs, corpus) if name not in ("random", "mae") else None),
+            (
+                "zero_shot",
+                lambda: zero_shot(log, name, runs, corpus) if name not in ("random", "mae") else None,
+            ),
             ("ot_heldout", lambda: ot(log, name, model, pairs)),
-            ("diag_over_training", lambda: training_diag(log, name, runs / name) if name != "random" else None),
+            (
+                "diag_over_training",
+                lambda: training_diag(log, name, runs / name) if name != "random" else None,
+            ),
             ("phi", lambda: phi_stats(log, runs / name, train_all) if name == "mlip" else None),
         ):
             if not log.done(name, kind):
@@ -508,7 +720,8 @@ def main(argv=None):
     if a.results:
         res = Path(a.results)
         res.mkdir(parents=True, exist_ok=True)
-        for f in ("results.json", "provenance.json"):
+        write_tables(log.rows, out / "table.md")
+        for f in ("results.json", "provenance.json", "table.md"):
             shutil.copy(out / f, res / f)
     return 0
 

@@ -166,7 +166,7 @@ def _demo_report(out: Path, run: Path, corpus: Path, cfg, probe, zs, method, not
     )
     return tables, report
 
-# %% ../nbs/13_demo.ipynb #716e2f0a
+# %% ../nbs/13_demo.ipynb #acae54e37e7d407bbb7b55eff062a284
 def _mlip_report_sections(run: Path, corpus: Path, n_images: int = 3, seeds=(0,), n_boot: int = 500):
     "(figures, tables) of MLIP's patch-level claims for the report: φ, red-lesion prompt heatmaps, segmentation."
     import pandas as pd
@@ -178,7 +178,9 @@ def _mlip_report_sections(run: Path, corpus: Path, n_images: int = 3, seeds=(0,)
 
     model = MaskedCLIP.from_pretrained(run / "final").eval()
     figs = {"φ over training": viz.phi_evolution_figure(seg.phi_history(run))}
-    train, test = (seg.load_segmentation_split(corpus, "multi_disease", s, lesions="red") for s in ("train", "test"))
+    train, test = (
+        seg.load_segmentation_split(corpus, "multi_disease", s, lesions="red") for s in ("train", "test")
+    )
     prompts = [seg.DEFAULT_LESION_PROMPTS[l] for l in test.lesions]
     for i in test.has_lesion.nonzero().flatten()[:n_images].tolist():
         masks = [test.lesion_masks[l][i] for l in test.lesions]
@@ -188,9 +190,20 @@ def _mlip_report_sections(run: Path, corpus: Path, n_images: int = 3, seeds=(0,)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         random_encoder = MaskedCLIP(model.config).encoder.eval()
-    cols = ["method", "fraction", "seed", "n_train", "dice_pooled", "dice_pooled_ci", "dice_lesion", "dice_ci"]
+    cols = [
+        "method",
+        "fraction",
+        "seed",
+        "n_train",
+        "dice_pooled",
+        "dice_pooled_ci",
+        "dice_lesion",
+        "dice_ci",
+    ]
     curves = [
-        seg.segmentation_curve(enc, train, test, seeds=seeds, steps=300, subpatch=8, n_boot=n_boot).assign(method=m)
+        seg.segmentation_curve(enc, train, test, seeds=seeds, steps=300, subpatch=8, n_boot=n_boot).assign(
+            method=m
+        )
         for m, enc in (("random init", random_encoder), ("mlip", model))
     ]
     table = pd.concat(curves, ignore_index=True)[cols].round(4)
