@@ -423,6 +423,54 @@ def term_attribution(log: Log, run: Path, test, step_dirs):
 a_corpus = None  # set in main (term_attribution reads training pairs)
 
 
+@torch.no_grad()
+def _layer_tokens(enc, images: torch.Tensor, batch_size: int = 100) -> list[torch.Tensor]:
+    "Patch tokens `(N, L, D)` after the patch embedding (+ positions), after each block, and after the final norm."
+    was = enc.training
+    enc.eval()
+    outs = None
+    for i in range(0, len(images), batch_size):
+        x = enc.patch_embed(images[i : i + batch_size]) + enc.pos_embed[:, 1:, :]
+        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        got = [x]
+        for blk in enc.blocks:
+            x = blk(x)
+            got.append(x)
+        got.append(enc.norm(x))
+        got = [g[:, 1:].float() for g in got]
+        outs = got if outs is None else [torch.cat([o, g]) for o, g in zip(outs, got)]
+    enc.train(was)
+    return outs
+
+
+def layer_segmentation(log: Log, name: str, model, train, test):
+    """Added after the protocol (post hoc, issue 18 item 1: where is the lesion information lost?): patch cosine,
+    effective rank and 100 %-mask Dice (seed 0, same head) of the tokens after the patch embedding, each block and
+    the final norm (the last = the features of the main table)."""
+    from maskedclip.diagnostics import effective_rank, patch_cosine
+    from maskedclip.segmentation import _fit_and_score, as_encoder, encoder_grid
+
+    enc = as_encoder(model)
+    grid, _ = encoder_grid(enc)
+    ftr, fte = _layer_tokens(enc, train.images), _layer_tokens(enc, test.images)
+    names = ["patch_embed+pos", *[f"block_{k + 1}" for k in range(len(enc.blocks))], "final_norm"]
+    rows = []
+    for nm, a, b in zip(names, ftr, fte):
+        r = _fit_and_score(a, b, train, test, grid, 1.0, 0, steps=300, subpatch=8, n_boot=1000)
+        rows.append(
+            dict(
+                layer=nm,
+                patch_cos=patch_cosine(b),
+                erank=effective_rank(b),
+                dice_pooled=r["dice_pooled"],
+                dice_pooled_ci=r["dice_pooled_ci"],
+                dice_lesion=r["dice_lesion"],
+            )
+        )
+    log.add(name, "layers", rows=rows)
+
+
 def training_diag(log: Log, name: str, run: Path):
     from maskedclip.train import read_metrics
 
@@ -590,6 +638,20 @@ def write_tables(rows: list[dict], path: Path):
                     L.append(
                         f"| {r['checkpoint']} | {_f(r['patch_cos'])} | {k} | {_f(x['loss'])} | {x['dC_sgd']:.2e} | {_f(x['cos_angle'])} | {x['dC_sign']:.2e} |"
                     )
+    lay = [(e, by[(e, "layers")]) for e in encs if (e, "layers") in by]
+    if lay:
+        L += [
+            "",
+            "## Where the lesion information goes: tokens per layer (post hoc; 100 % masks, seed 0)",
+            "",
+        ]
+        L += ["| encoder | layer | patch cos | e-rank | pooled Dice | CI |", "|---|---|---|---|---|---|"]
+        for e, d in lay:
+            for r in d["rows"]:
+                L.append(
+                    f"| {e} | {r['layer']} | {_f(r['patch_cos'])} | {_f(r['erank'], 1)} | {_f(r['dice_pooled'])} "
+                    f"| {_ci(*r['dice_pooled_ci'])} |"
+                )
     L += ["", "## Encoder patch cosine over training (trainer's diag/* rows)", ""]
     for e in encs:
         d = by.get((e, "diag_over_training"))
@@ -703,6 +765,7 @@ def main(argv=None):
                 lambda: training_diag(log, name, runs / name) if name != "random" else None,
             ),
             ("phi", lambda: phi_stats(log, runs / name, train_all) if name == "mlip" else None),
+            ("layers", lambda: layer_segmentation(log, name, model, train, test)),
         ):
             if not log.done(name, kind):
                 fn()
