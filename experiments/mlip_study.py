@@ -661,6 +661,18 @@ def write_tables(rows: list[dict], path: Path):
     path.write_text("\n".join(L) + "\n")
 
 
+def _write_provenance(out: Path, prov: dict):
+    """`provenance.json`: one entry per invocation of this script on `out` (several may share the work: each one
+    skips the measurements already in `results.jsonl`), keyed by its start time and process id."""
+    import os
+
+    p = out / "provenance.json"
+    old = json.loads(p.read_text()) if p.is_file() else {}
+    inv = old.get("invocations", {})
+    inv[f"{prov['started']} pid {os.getpid()}"] = prov
+    p.write_text(json.dumps(dict(issue=18, invocations=inv), indent=1, default=_jsonable) + "\n")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -775,11 +787,11 @@ def main(argv=None):
             cks = checkpoint_dirs(runs / "mlip")
             term_attribution(log, runs / "mlip", test, [cks[0], runs / "mlip" / "final"])
         timings[f"evaluate_{name}_s"] = time.time() - t0
-        (out / "provenance.json").write_text(json.dumps(prov, indent=1, default=_jsonable) + "\n")
+        _write_provenance(out, prov)
     timings["total_s"] = time.time() - t_start
     prov["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "results.json").write_text(json.dumps(log.rows, indent=1, default=_jsonable) + "\n")
-    (out / "provenance.json").write_text(json.dumps(prov, indent=1, default=_jsonable) + "\n")
+    _write_provenance(out, prov)
     if a.results:
         res = Path(a.results)
         res.mkdir(parents=True, exist_ok=True)
