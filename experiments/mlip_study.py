@@ -11,12 +11,12 @@ Protocol, fixed before any run (nothing below is changed after looking at result
   MLIP here is `demo` + `with_method('mlip')`: integrity 'maco' (φ one weight per grid position, `mode='mask'`), OT on,
   the encoder's masked view for the contrastive terms, the demo's mask ratio. Random init: the `demo`/`mlip` model
   built with `torch.manual_seed(0)` (random ViT; its text tower is the same frozen MiniLM, its projections random).
-* Feature diagnostics: the encoder's patch tokens (CLS dropped) of the 1000 multi_disease test images (full image, eval
+* Feature diagnostics: the encoder's patch tokens (CLS dropped) of the multi_disease test images (full image, eval
   mode): mean within-image patch cosine, entropy effective rank (of 64 tokens, width 192), within-image variance share;
   the same for the joint-space patch embeddings of the text-aligned models (`viz.patch_embeddings`, projection 'auto').
   Over training: the trainer's `diag/*` rows (every 50 steps).
-* Few-shot segmentation (primary outcome): red lesions (microaneurysm + haemorrhage), multi_disease train (1000) ->
-  test (1000); `segmentation_curve` with a linear sub-patch head (`subpatch=8`), 300 AdamW steps, lr 1e-2, batch 16;
+* Few-shot segmentation (primary outcome): red lesions (microaneurysm + haemorrhage), multi_disease train -> test
+  (1000 -> 1000 at demo scale); `segmentation_curve` with a linear sub-patch head (`subpatch=8`), 300 AdamW steps, lr 1e-2, batch 16;
   fractions 1 / 10 / 100 % of the training masks, seeds 0 1 2; Dice pooled over the test split (`dice_pooled`) and the
   per-image mean over images with a lesion (`dice_lesion`), each with a 1000-resample bootstrap 95 % CI per seed.
   "MLIP >= random with non-overlapping CIs" means: at that fraction every seed's pooled-Dice CI of MLIP lies above
@@ -526,7 +526,7 @@ def write_tables(rows: list[dict], path: Path):
     by = {(r["encoder"], r["kind"]): r for r in rows}
     encs = list(dict.fromkeys(r["encoder"] for r in rows))
     L = ["# MLIP study (issue 18): tables", ""]
-    L += ["## Patch-token diagnostics (1000-image test split unless stated; full image)", ""]
+    L += ["## Patch-token diagnostics (multi_disease test split, full image)", ""]
     L += [
         "| encoder | patch cos | e-rank | within-image var | joint patch cos | joint e-rank |",
         "|---|---|---|---|---|---|",
