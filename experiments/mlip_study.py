@@ -792,10 +792,10 @@ def main(argv=None):
     prov["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "results.json").write_text(json.dumps(log.rows, indent=1, default=_jsonable) + "\n")
     _write_provenance(out, prov)
+    write_tables(log.rows, out / "table.md")
     if a.results:
         res = Path(a.results)
         res.mkdir(parents=True, exist_ok=True)
-        write_tables(log.rows, out / "table.md")
         for f in ("results.json", "provenance.json", "table.md"):
             shutil.copy(out / f, res / f)
     return 0
