@@ -697,7 +697,9 @@ def main(argv=None):
     )
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny corpus, 4 steps")
     ap.add_argument(
-        "--table-only", action="store_true", help="only (re)write OUT/table.md from OUT/results.jsonl"
+        "--table-only",
+        action="store_true",
+        help="only (re)write OUT/results.json and OUT/table.md from OUT/results.jsonl (and copy to --results)",
     )
     a = ap.parse_args(argv)
     if a.quick:
@@ -721,10 +723,14 @@ def main(argv=None):
         timings=timings,
     )
     log = Log(out)
-    if a.table_only:
+    if a.table_only:  # gather what every invocation measured (results.jsonl) into results.json and table.md
+        (out / "results.json").write_text(json.dumps(log.rows, indent=1, default=_jsonable) + "\n")
         write_tables(log.rows, out / "table.md")
         if a.results:
-            shutil.copy(out / "table.md", Path(a.results) / "table.md")
+            Path(a.results).mkdir(parents=True, exist_ok=True)
+            for f in ("results.json", "provenance.json", "table.md"):
+                if (out / f).is_file():
+                    shutil.copy(out / f, Path(a.results) / f)
         return 0
     from maskedclip.demo import _demo_corpus
     from maskedclip.segmentation import load_segmentation_split
