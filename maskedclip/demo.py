@@ -141,6 +141,8 @@ def _demo_report(out: Path, run: Path, corpus: Path, cfg, probe, zs, method, not
     probe_summary = ev.summarize(probe).round(4)
     zs_table = zs[["task", "auroc", "ci_low", "ci_high", "auprc"]].round(4)
     margins = probe_margins(probe, method=method).round(4)
+    mlip_figures, mlip_tables = _mlip_report_sections(run, corpus) if method == "mlip" else ({}, {})
+    figures.update(mlip_figures)
     report = viz.write_report(
         out / "report.html",
         figures,
@@ -151,6 +153,7 @@ def _demo_report(out: Path, run: Path, corpus: Path, cfg, probe, zs, method, not
             "linear probe (mean over seeds)": probe_summary,
             f"{method} vs random init (linear probe CIs)": margins,
             "zero-shot": zs_table,
+            **mlip_tables,
         },
         notes=notes,
     )
@@ -159,8 +162,54 @@ def _demo_report(out: Path, run: Path, corpus: Path, cfg, probe, zs, method, not
         zero_shot=zs_table.to_dict("records"),
         margins=margins.to_dict("records"),
         linear_probe_runs=probe.to_dict("records"),
+        **{"mlip_segmentation": t.to_dict("records") for t in mlip_tables.values()},
     )
     return tables, report
+
+# %% ../nbs/13_demo.ipynb #acae54e37e7d407bbb7b55eff062a284
+def _mlip_report_sections(run: Path, corpus: Path, n_images: int = 3, seeds=(0,), n_boot: int = 500):
+    "(figures, tables) of MLIP's patch-level claims for the report: φ, red-lesion prompt heatmaps, segmentation."
+    import pandas as pd
+    import torch
+
+    from maskedclip import segmentation as seg
+    from maskedclip import viz
+    from maskedclip.model import MaskedCLIP
+
+    model = MaskedCLIP.from_pretrained(run / "final").eval()
+    figs = {"φ over training": viz.phi_evolution_figure(seg.phi_history(run))}
+    train, test = (
+        seg.load_segmentation_split(corpus, "multi_disease", s, lesions="red") for s in ("train", "test")
+    )
+    prompts = [seg.DEFAULT_LESION_PROMPTS[l] for l in test.lesions]
+    for i in test.has_lesion.nonzero().flatten()[:n_images].tolist():
+        masks = [test.lesion_masks[l][i] for l in test.lesions]
+        figs[f"prompt heatmaps (MLIP patch_proj), test image {test.ids[i]}"] = viz.prompt_heatmap_figure(
+            model, test.images[i], prompts, lesion_mask=masks, projection="auto"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random_encoder = MaskedCLIP(model.config).encoder.eval()
+    cols = [
+        "method",
+        "fraction",
+        "seed",
+        "n_train",
+        "dice_pooled",
+        "dice_pooled_ci",
+        "dice_lesion",
+        "dice_ci",
+    ]
+    curves = [
+        seg.segmentation_curve(enc, train, test, seeds=seeds, steps=300, subpatch=8, n_boot=n_boot).assign(
+            method=m
+        )
+        for m, enc in (("random init", random_encoder), ("mlip", model))
+    ]
+    table = pd.concat(curves, ignore_index=True)[cols].round(4)
+    for c in ("dice_pooled_ci", "dice_ci"):
+        table[c] = table[c].map(lambda ci: f"[{ci[0]:.3f}, {ci[1]:.3f}]")
+    return figs, {"few-shot red-lesion segmentation (frozen patch features, Dice)": table}
 
 # %% ../nbs/13_demo.ipynb #1d7dd20a
 def run_demo(

@@ -22,7 +22,8 @@ __all__ = ['LESION_GROUPS', 'DEFAULT_LESION_PROMPTS', 'SHORT_RUN_OVERRIDES', 'di
            'resolve_lesions', 'SegmentationData', 'load_segmentation_manifest', 'load_segmentation_split', 'as_encoder',
            'patch_features', 'encoder_grid', 'SegmentationHead', 'soft_dice_loss', 'segmentation_loss',
            'select_fraction', 'predict_masks', 'fewshot_segmentation', 'segmentation_curve', 'pointing_game_score',
-           'phi_history', 'lesion_frequency_map', 'phi_lesion_correlation', 'short_mlip_pretrain', 'ot_alignment']
+           'phi_history', 'lesion_frequency_map', 'phi_lesion_correlation', 'patch_radius', 'phi_partial_correlation',
+           'short_mlip_pretrain', 'ot_alignment']
 
 # %% ../nbs/12_segmentation.ipynb #00000005
 def _as_bool_masks(x, name: str) -> torch.Tensor:
@@ -789,6 +790,54 @@ def phi_lesion_correlation(phi, freq, where=None) -> dict:
     if len(a) < 3 or a.std() == 0 or b.std() == 0:
         return dict(pearson=float("nan"), spearman=float("nan"), n_patches=len(a))
     return dict(pearson=float(pearsonr(a, b)[0]), spearman=float(spearmanr(a, b)[0]), n_patches=len(a))
+
+# %% ../nbs/12_segmentation.ipynb #acae54e37e7d407bbb7b55eff062a284
+def patch_radius(grid: tuple[int, int]) -> torch.Tensor:
+    "Distance of each patch centre from the image centre, in patch widths, `(grid_h, grid_w)` float64."
+    gh, gw = grid
+    y = torch.arange(gh, dtype=torch.float64) + 0.5 - gh / 2
+    x = torch.arange(gw, dtype=torch.float64) + 0.5 - gw / 2
+    return torch.sqrt(y[:, None] ** 2 + x[None, :] ** 2)
+
+
+def phi_partial_correlation(phi, freq, control=None, where=None, degree: int = 2) -> dict:
+    """Partial Pearson correlation of φ `(gh, gw)` with a per-patch map `freq` given `control` (default
+    `patch_radius`), both residualised on [1, c, ..., c^degree]; two-sided t-test (n − degree − 2 dof); over the
+    patches in `where` (bool `(gh, gw)`) if given."""
+    from scipy.stats import t as t_dist
+
+    a, b = (np.asarray(torch.as_tensor(v).double()).ravel() for v in (phi, freq))
+    if a.shape != b.shape:
+        raise ValueError(f"phi {tuple(np.shape(phi))} and freq {tuple(np.shape(freq))} differ in shape")
+    c = patch_radius(tuple(np.shape(phi))) if control is None else control
+    c = np.asarray(torch.as_tensor(c).double()).ravel()
+    if c.shape != a.shape:
+        raise ValueError(f"control {tuple(np.shape(control))} does not match phi {tuple(np.shape(phi))}")
+    if degree < 1:
+        raise ValueError(f"degree: {degree} must be >= 1")
+    if where is not None:
+        w = np.asarray(torch.as_tensor(where).bool()).ravel()
+        a, b, c = a[w], b[w], c[w]
+    n, dof = len(a), len(a) - degree - 2
+    X = np.stack([c**k for k in range(degree + 1)], 1)
+    ra, rb = (y - X @ np.linalg.lstsq(X, y, rcond=None)[0] for y in (a, b))
+    out = dict(
+        n_patches=n,
+        degree=degree,
+        freq_resid_share=float(rb.var() / b.var()) if b.var() > 0 else float("nan"),
+    )
+    out["r_freq_control"], out["r_phi_control"] = (
+        float(np.corrcoef(y, c)[0, 1]) if y.std() > 0 and c.std() > 0 else float("nan") for y in (b, a)
+    )
+    if (
+        dof < 1
+        or ra.std() < 1e-12 * max(1.0, np.abs(a).max())
+        or rb.std() < 1e-12 * max(1.0, np.abs(b).max())
+    ):
+        return dict(partial_r=float("nan"), p=float("nan"), **out)
+    r = float(np.clip(np.corrcoef(ra, rb)[0, 1], -1, 1))
+    tt = r * math.sqrt(dof / max(1e-300, 1 - r * r))
+    return dict(partial_r=r, p=float(2 * t_dist.sf(abs(tt), dof)), **out)
 
 # %% ../nbs/12_segmentation.ipynb #00000033
 SHORT_RUN_OVERRIDES: dict[str, Any] = {

@@ -1,0 +1,811 @@
+"""MLIP's patch-level claims at equal compute (issue 18): random init, MAE, CLIP, MaskedCLIP and MLIP encoders
+pre-trained on the demo corpus and measured on what MLIP claims locally.
+
+Protocol, fixed before any run (nothing below is changed after looking at results):
+
+* Corpus: the demo's (`maskedclip.demo._demo_corpus` sizes: 1024 paired, 8192 unpaired, 1000 / 500 / 1000 images per
+  task split, 64 px, seed 0).
+* Pre-training: `demo` preset with each method's switches (`mae`, `clip`, `maskedclip`, `mlip`), the demo's recipe
+  (`_demo_config`: 500 steps of 32 + 32 images, lr 1e-3, warm-up 50, crops 0.2-1, flips 0.5, seed 0, precision
+  'auto'), except a checkpoint every 50 steps, all kept (for φ over training; checkpoints do not change training).
+  MLIP here is `demo` + `with_method('mlip')`: integrity 'maco' (φ one weight per grid position, `mode='mask'`), OT on,
+  the encoder's masked view for the contrastive terms, the demo's mask ratio. Random init: the `demo`/`mlip` model
+  built with `torch.manual_seed(0)` (random ViT; its text tower is the same frozen MiniLM, its projections random).
+* Feature diagnostics: the encoder's patch tokens (CLS dropped) of the multi_disease test images (full image, eval
+  mode): mean within-image patch cosine, entropy effective rank (of 64 tokens, width 192), within-image variance share;
+  the same for the joint-space patch embeddings of the text-aligned models (`viz.patch_embeddings`, projection 'auto').
+  Over training: the trainer's `diag/*` rows (every 50 steps).
+* Few-shot segmentation (primary outcome): red lesions (microaneurysm + haemorrhage), multi_disease train -> test
+  (1000 -> 1000 at demo scale); `segmentation_curve` with a linear sub-patch head (`subpatch=8`), 300 AdamW steps, lr 1e-2, batch 16;
+  fractions 1 / 10 / 100 % of the training masks, seeds 0 1 2; Dice pooled over the test split (`dice_pooled`) and the
+  per-image mean over images with a lesion (`dice_lesion`), each with a 1000-resample bootstrap 95 % CI per seed.
+  "MLIP >= random with non-overlapping CIs" means: at that fraction every seed's pooled-Dice CI of MLIP lies above
+  every seed's CI of random init.
+* Pointing game: red-lesion prompts (`segmentation.DEFAULT_LESION_PROMPTS`) on the multi_disease test images that have
+  that lesion; models with a text tower only (MAE has none); Wilson 95 % interval; chance = mean lesion area.
+* Zero-shot AUROC: `evaluate_all(protocol='zero_shot')` on the demo's zero-shot tasks (glaucoma, dr_referral), seed 0,
+  500 bootstrap resamples; text-aligned models only.
+* OT matched-vs-shuffled (models with `patch_proj`: MLIP and its random init): `segmentation.ot_alignment` on 8
+  batches of 32 HELD-OUT pairs (renderer seed 0, sample indices 9e8 + k: eyes in no pool of the corpus) and, for
+  contrast, 8 batches of 32 training pairs (the first 256 of `pretrain/paired.jsonl`); full image, 10 derangements per
+  batch; mean over batches with a t 95 % interval; top-1 against chance 1/32.
+* φ over training (MLIP): from every checkpoint (`phi_history`): std, range; Pearson correlation with the per-patch
+  lesion frequency (all lesion types, multi_disease train split) over field-of-view patches (frequency > 0), and the
+  position-controlled test: partial correlation of φ with lesion frequency given the patch's distance from the image
+  centre (both residualised on radius and radius², t-test with n - 4 dof).
+* Which loss term drives collapse (MLIP, checkpoints at steps 50 and 500): on 32 fixed test images, the first-order
+  change of the encoder's patch cosine C if the encoder took a step down one loss part only (mim, mcl, ot):
+  `dC = -<grad C, grad L_part>` (SGD) and `-<grad C, sign(grad L_part)>` (Adam's early steps), per unit step; > 0 means
+  the term pushes the patch tokens of one image together.
+
+Scale of the committed run (`experiments/results/mlip-study/`), fixed for CPU time before any result was seen (2
+cores shared by three jobs: the full demo corpus alone took ~40 min to render there): the demo corpus's pools with
+fewer images (`--n-unpaired 2048 --n-task 500`: the same 1024 paired eyes, the first 2048 unpaired eyes, 500 train /
+50 val / 500 test per task) and `--steps 300 --save-every 30` (300 steps of 32 + 32 for every method, warm-up 30).
+
+Outputs under `--out`: `results.jsonl` (one line per measurement as it is made), `results.json` (all of them),
+`provenance.json` (commit, command, timings). The pre-training runs stay under `--out/runs/<method>`.
+
+    nice -n 19 python experiments/mlip_study.py --out runs/mlip-study --results experiments/results/mlip-study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METHODS = (
+    "mlip",
+    "random",
+    "mae",
+    "clip",
+    "maskedclip",
+)  # order of work: MLIP first, MaskedCLIP (slowest) last
+RED = ("microaneurysm", "haemorrhage")
+
+
+def _git(*args) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+class Log:
+    "Append measurements to `results.jsonl` as they are made, keep them for `results.json`."
+
+    def __init__(self, out: Path):
+        self.path, self.rows = out / "results.jsonl", []
+        if self.path.is_file():
+            self.rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+
+    def done(self, encoder: str, kind: str) -> bool:
+        return any(r["encoder"] == encoder and r["kind"] == kind for r in self.rows)
+
+    def add(self, encoder: str, kind: str, **data):
+        row = dict(encoder=encoder, kind=kind, **data)
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=_jsonable) + "\n")
+        print(f"[{time.strftime('%H:%M:%S')}] {encoder} {kind}: {_short(data)}", flush=True)
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _short(d: dict) -> str:
+    s = json.dumps(d, default=_jsonable)
+    return s if len(s) < 400 else s[:400] + " ..."
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    "Wilson score interval of a proportion k / n."
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (c - h, c + h)
+
+
+def t_interval(x) -> tuple[float, float, float]:
+    "(mean, low, high): t 95 % interval of the mean of `x`."
+    from scipy.stats import t
+
+    x = np.asarray(x, float)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    h = float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - h, m + h
+
+
+def partial_correlation(phi, freq, radius) -> dict:
+    "Pearson correlation of `phi` and `freq` after regressing both on [1, r, r²]; t-test with n - 4 dof."
+    from scipy.stats import pearsonr, t
+
+    a, b, r = (np.asarray(v, float).ravel() for v in (phi, freq, radius))
+    X = np.stack([np.ones_like(r), r, r**2], 1)
+
+    def res(y):
+        return y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
+
+    ra, rb = res(a), res(b)
+    n = len(a)
+    if n < 5 or ra.std() == 0 or rb.std() == 0:
+        return dict(partial_r=float("nan"), p=float("nan"), n=n)
+    pr = float(np.corrcoef(ra, rb)[0, 1])
+    tt = pr * math.sqrt((n - 4) / max(1e-12, 1 - pr * pr))
+    return dict(
+        partial_r=pr,
+        p=float(2 * t.sf(abs(tt), n - 4)),
+        n=n,
+        r_freq_radius=float(pearsonr(b, r)[0]),
+        r_phi_radius=float(pearsonr(a, r)[0]),
+        freq_resid_share=float(rb.var() / max(b.var(), 1e-30)),
+    )
+
+
+def patch_radius(grid: tuple[int, int]) -> np.ndarray:
+    "Distance of each patch centre from the image centre, in patches `(gh, gw)`."
+    gh, gw = grid
+    y, x = np.meshgrid(np.arange(gh) + 0.5 - gh / 2, np.arange(gw) + 0.5 - gw / 2, indexing="ij")
+    return np.sqrt(x**2 + y**2)
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+
+def pretrain(method: str, corpus: Path, run: Path, a) -> float:
+    "The demo's pre-training of `method` (see the docstring); returns seconds (0 if it was already there)."
+    from maskedclip.train import experiment_config, train
+
+    if (run / "final" / "model.safetensors").is_file():
+        return 0.0
+    cfg = experiment_config(
+        "demo",
+        method,
+        steps=a.steps,
+        lr=1e-3,
+        warmup_steps=max(1, a.steps // 10),
+        paired_batch_size=a.batch_size,
+        unpaired_batch_size=a.batch_size,
+        synthetic=True,
+        synthetic_dir=str(corpus),
+        output_dir=str(run),
+        save_every=a.save_every,
+        seed=0,
+        overrides={
+            "model.vision.image_size": 64,
+            "train.resume": "latest",
+            "train.keep_last": a.steps // a.save_every + 2,
+            "train.precision": a.precision,
+            "data.crop_scale_min": 0.2,
+            "data.hflip": 0.5,
+        },
+    )
+    t0 = time.time()
+    train(cfg, progress=False)
+    return time.time() - t0
+
+
+def load_model(name: str, runs: Path):
+    from maskedclip.config import get_preset
+    from maskedclip.model import MaskedCLIP
+
+    if name == "random":
+        torch.manual_seed(0)
+        return MaskedCLIP(get_preset("demo", "mlip")).eval()
+    return MaskedCLIP.from_pretrained(runs / name / "final").eval()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def diagnostics(log: Log, name: str, model, test):
+    from maskedclip.diagnostics import effective_rank, patch_cosine, within_image_variance
+    from maskedclip.segmentation import patch_features
+    from maskedclip.viz import patch_embeddings
+
+    f = patch_features(model, test.images)
+    d = dict(
+        encoder_patch_cos=patch_cosine(f),
+        encoder_erank=effective_rank(f),
+        encoder_within_var=within_image_variance(f),
+        n_images=len(f),
+        width=f.shape[-1],
+        n_tokens=f.shape[1],
+    )
+    if getattr(model, "image_proj", None) is not None:
+        p = torch.cat(
+            [patch_embeddings(model, test.images[i : i + 128], "auto") for i in range(0, len(f), 128)]
+        )
+        d.update(
+            joint_patch_cos=patch_cosine(p),
+            joint_erank=effective_rank(p),
+            joint_within_var=within_image_variance(p),
+        )
+    log.add(name, "diagnostics", **d)
+
+
+def segmentation(log: Log, name: str, model, train, test, a):
+    from maskedclip.segmentation import segmentation_curve
+
+    df = segmentation_curve(
+        model,
+        train,
+        test,
+        fractions=(0.01, 0.1, 1.0),
+        seeds=tuple(a.seg_seeds),
+        steps=300,
+        subpatch=8,
+        n_boot=1000,
+    )
+    log.add(name, "segmentation", runs=df.to_dict("records"))
+
+
+def pointing(log: Log, name: str, model, test):
+    from maskedclip.segmentation import pointing_game_score
+
+    if getattr(model, "text", None) is None or getattr(model, "image_proj", None) is None:
+        log.add(name, "pointing_game", skipped="no text tower")
+        return
+    r = pointing_game_score(model, test.images, {l: test.lesion_masks[l] for l in RED})
+    r["hit_ci"] = wilson(r["hits"], r["n"])
+    log.add(name, "pointing_game", **r)
+
+
+def zero_shot(log: Log, name: str, runs: Path, corpus: Path):
+    from maskedclip import evaluate as ev
+    from maskedclip.demo import ZERO_SHOT_TASKS
+
+    zs = ev.evaluate_all(
+        {name: str(runs / name / "final")},
+        tasks=ZERO_SHOT_TASKS,
+        protocol="zero_shot",
+        corpus_root=corpus,
+        seeds=(0,),
+        n_boot=500,
+        progress=False,
+        log=None,
+    )
+    log.add(name, "zero_shot", rows=zs[["task", "auroc", "ci_low", "ci_high"]].to_dict("records"))
+
+
+def _pairs_heldout(n: int, start: int = 9 * 10**8):
+    from PIL import Image
+
+    from maskedclip.data import eval_transform
+    from maskedclip.synthetic import make_sample
+
+    tf = eval_transform(64)
+    ss = [make_sample(0, start + k, 64) for k in range(n)]
+    return torch.stack([tf(Image.fromarray(s.image)) for s in ss]), [s.report for s in ss]
+
+
+def _pairs_training(corpus: Path, n: int):
+    from maskedclip.data import eval_transform, load_image
+
+    tf = eval_transform(64)
+    recs = [json.loads(l) for l in (corpus / "pretrain" / "paired.jsonl").read_text().splitlines()[:n]]
+    return torch.stack([tf(load_image(corpus / r["image"])) for r in recs]), [r["text"] for r in recs]
+
+
+def ot(log: Log, name: str, model, pairs: dict):
+    from maskedclip.segmentation import ot_alignment
+
+    if getattr(model, "patch_proj", None) is None:
+        return
+    for which, (x, texts) in pairs.items():
+        per = []
+        for b in range(0, len(texts), 32):
+            r = ot_alignment(model, x[b : b + 32], texts[b : b + 32], n_shuffles=10, seed=b)
+            r.pop("similarity")
+            per.append(r)
+        m, s, t1 = (np.array([r[k] for r in per]) for k in ("matched_loss", "shuffled_loss", "top1"))
+        log.add(
+            name,
+            f"ot_{which}",
+            matched=t_interval(m),
+            shuffled=t_interval(s),
+            shuffled_minus_matched=t_interval(s - m),
+            top1=t_interval(t1),
+            chance_top1=1 / 32,
+            n_batches=len(per),
+            batches=per,
+        )
+
+
+def phi_stats(log: Log, run: Path, train_all):
+    from maskedclip.segmentation import lesion_frequency_map, phi_history, phi_lesion_correlation
+
+    hist = phi_history(run)
+    grid = tuple(hist[0][1].shape)
+    freq = lesion_frequency_map(train_all, grid).numpy()
+    fov = freq > 0
+    rad = patch_radius(grid)
+    rows = []
+    for step, p in hist:
+        p = p.double().numpy()
+        row = dict(step=step, std=float(p.std()), range=float(p.max() - p.min()), mean=float(p.mean()))
+        if p.std() > 0:
+            row["corr_lesion_freq_fov"] = phi_lesion_correlation(p, freq, where=fov)
+            row["partial_given_radius"] = partial_correlation(p[fov], freq[fov], rad[fov])
+        rows.append(row)
+    log.add(
+        "mlip",
+        "phi",
+        mode="mask (one weight per grid position, shared by all images)",
+        history=rows,
+        phi_final=hist[-1][1].tolist(),
+        lesion_freq=freq.tolist(),
+        n_fov_patches=int(fov.sum()),
+    )
+
+
+def term_attribution(log: Log, run: Path, test, step_dirs):
+    "First-order effect of each MLIP loss part on the encoder's patch cosine (see the docstring)."
+    from maskedclip.data import Batch
+    from maskedclip.model import MaskedCLIP
+
+    x = test.images[:32]
+    recs = [
+        json.loads(l) for l in (Path(a_corpus) / "pretrain" / "paired.jsonl").read_text().splitlines()[:32]
+    ]
+    out = []
+    for ck in step_dirs:
+        model = MaskedCLIP.from_pretrained(ck)
+        model.train()
+        enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
+
+        def cos_of():
+            t = torch.nn.functional.normalize(model.encoder(x).tokens[:, 1:], dim=-1)
+            L = t.shape[1]
+            return (((t.sum(1) ** 2).sum(-1) - L) / (L * (L - 1))).mean()
+
+        model.eval()
+        c = cos_of()
+        gc = torch.autograd.grad(c, enc_params)
+        model.train()
+        from maskedclip.data import eval_transform, load_image
+
+        tf = eval_transform(64)
+        imgs = torch.stack([tf(load_image(Path(a_corpus) / r["image"])) for r in recs])
+        tok = model.tokenize([r["text"] for r in recs], with_sentences=True)
+        batch = Batch(
+            paired_images=imgs,
+            input_ids=tok["input_ids"],
+            attention_mask=tok["attention_mask"],
+            sentence_ids=tok.get("sentence_ids"),
+        )
+        g = torch.Generator().manual_seed(0)
+        parts = model(batch, generator=g).parts
+        row = dict(checkpoint=ck.name, patch_cos=float(c))
+        for k, v in parts.items():
+            gk = torch.autograd.grad(v, enc_params, retain_graph=True, allow_unused=True)
+            pairs = [(a, b) for a, b in zip(gc, gk) if b is not None]
+            dot = sum(float((a * b).sum()) for a, b in pairs)
+            sdot = sum(float((a * b.sign()).sum()) for a, b in pairs)
+            na = math.sqrt(sum(float((a * a).sum()) for a, _ in pairs))
+            nb = math.sqrt(sum(float((b * b).sum()) for _, b in pairs))
+            row[k] = dict(
+                loss=float(v),
+                dC_sgd=-dot,
+                dC_sign=-sdot,
+                cos_angle=-dot / max(na * nb, 1e-30),
+                grad_norm=nb,
+                weight=model.config.mlip.lambda_ot if k == "ot" else 1.0,
+            )
+        out.append(row)
+    log.add("mlip", "term_attribution", rows=out)
+
+
+a_corpus = None  # set in main (term_attribution reads training pairs)
+
+
+@torch.no_grad()
+def _layer_tokens(enc, images: torch.Tensor, batch_size: int = 100) -> list[torch.Tensor]:
+    "Patch tokens `(N, L, D)` after the patch embedding (+ positions), after each block, and after the final norm."
+    was = enc.training
+    enc.eval()
+    outs = None
+    for i in range(0, len(images), batch_size):
+        x = enc.patch_embed(images[i : i + batch_size]) + enc.pos_embed[:, 1:, :]
+        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        got = [x]
+        for blk in enc.blocks:
+            x = blk(x)
+            got.append(x)
+        got.append(enc.norm(x))
+        got = [g[:, 1:].float() for g in got]
+        outs = got if outs is None else [torch.cat([o, g]) for o, g in zip(outs, got)]
+    enc.train(was)
+    return outs
+
+
+def layer_segmentation(log: Log, name: str, model, train, test):
+    """Added after the protocol (post hoc, issue 18 item 1: where is the lesion information lost?): patch cosine,
+    effective rank and 100 %-mask Dice (seed 0, same head) of the tokens after the patch embedding, each block and
+    the final norm (the last = the features of the main table)."""
+    from maskedclip.diagnostics import effective_rank, patch_cosine
+    from maskedclip.segmentation import _fit_and_score, as_encoder, encoder_grid
+
+    enc = as_encoder(model)
+    grid, _ = encoder_grid(enc)
+    ftr, fte = _layer_tokens(enc, train.images), _layer_tokens(enc, test.images)
+    names = ["patch_embed+pos", *[f"block_{k + 1}" for k in range(len(enc.blocks))], "final_norm"]
+    rows = []
+    for nm, a, b in zip(names, ftr, fte):
+        r = _fit_and_score(a, b, train, test, grid, 1.0, 0, steps=300, subpatch=8, n_boot=1000)
+        rows.append(
+            dict(
+                layer=nm,
+                patch_cos=patch_cosine(b),
+                erank=effective_rank(b),
+                dice_pooled=r["dice_pooled"],
+                dice_pooled_ci=r["dice_pooled_ci"],
+                dice_lesion=r["dice_lesion"],
+            )
+        )
+    log.add(name, "layers", rows=rows)
+
+
+def training_diag(log: Log, name: str, run: Path):
+    from maskedclip.train import read_metrics
+
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if any(k.startswith("diag/") for k in r)]
+    log.add(
+        name,
+        "diag_over_training",
+        rows=[{k: v for k, v in r.items() if k == "step" or k.startswith("diag/")} for r in rows],
+    )
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def _f(v, n=3):
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{n}f}"
+
+
+def _ci(lo, hi, n=3):
+    return f"[{_f(lo, n)}, {_f(hi, n)}]"
+
+
+def seg_table(rows: list[dict], baseline: str = "random") -> list[dict]:
+    "Per encoder and fraction: pooled / lesion Dice (mean over seeds, CI span over seeds) and separation from random."
+    import pandas as pd
+
+    seg = [dict(encoder=r["encoder"], **x) for r in rows if r["kind"] == "segmentation" for x in r["runs"]]
+    df = pd.DataFrame(seg)
+    out = []
+    for (enc, frac), g in df.groupby(["encoder", "fraction"], sort=False):
+        b = df[(df.encoder == baseline) & (df.fraction == frac)]
+        lo = min(c[0] for c in g.dice_pooled_ci)
+        hi = max(c[1] for c in g.dice_pooled_ci)
+        row = dict(
+            encoder=enc,
+            fraction=frac,
+            dice_pooled=g.dice_pooled.mean(),
+            pooled_ci_low=lo,
+            pooled_ci_high=hi,
+            dice_lesion=g.dice_lesion.mean(),
+            n_seeds=len(g),
+        )
+        if len(b) and enc != baseline:
+            bl, bh = min(c[0] for c in b.dice_pooled_ci), max(c[1] for c in b.dice_pooled_ci)
+            row["above_random"] = bool(lo > bh)
+            row["below_random"] = bool(hi < bl)
+        out.append(row)
+    return out
+
+
+def write_tables(rows: list[dict], path: Path):
+    "`table.md`: every measurement of the study as markdown tables."
+    by = {(r["encoder"], r["kind"]): r for r in rows}
+    encs = list(dict.fromkeys(r["encoder"] for r in rows))
+    L = ["# MLIP study (issue 18): tables", ""]
+    L += ["## Patch-token diagnostics (multi_disease test split, full image)", ""]
+    L += [
+        "| encoder | patch cos | e-rank | within-image var | joint patch cos | joint e-rank |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in encs:
+        d = by.get((e, "diagnostics"))
+        if d:
+            L.append(
+                f"| {e} | {_f(d['encoder_patch_cos'])} | {_f(d['encoder_erank'], 1)} | {_f(d['encoder_within_var'])} "
+                f"| {_f(d.get('joint_patch_cos'))} | {_f(d.get('joint_erank'), 1)} |"
+            )
+    L += [
+        "",
+        "## Few-shot red-lesion segmentation (Dice; mean over seeds, [lowest CI low, highest CI high] over seeds)",
+        "",
+    ]
+    L += [
+        "| encoder | fraction | pooled Dice | CI | lesion-image Dice | vs random (pooled CIs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in seg_table(rows):
+        vs = (
+            "above"
+            if r.get("above_random")
+            else "below"
+            if r.get("below_random")
+            else ("overlap" if "above_random" in r else "")
+        )
+        L.append(
+            f"| {r['encoder']} | {r['fraction']:g} | {_f(r['dice_pooled'])} | {_ci(r['pooled_ci_low'], r['pooled_ci_high'])} "
+            f"| {_f(r['dice_lesion'])} | {vs} |"
+        )
+    L += [
+        "",
+        "## Pointing game (red-lesion prompts; Wilson 95 % CI) and zero-shot AUROC (95 % bootstrap CI)",
+        "",
+    ]
+    L += [
+        "| encoder | hit rate | CI | n | chance | zero-shot glaucoma | zero-shot dr_referral |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in encs:
+        pg, zs = by.get((e, "pointing_game"), {}), by.get((e, "zero_shot"), {})
+        z = {x["task"]: x for x in zs.get("rows", [])}
+        zc = [
+            f"{_f(z[t]['auroc'])} {_ci(z[t]['ci_low'], z[t]['ci_high'])}" if t in z else "–"
+            for t in ("glaucoma", "dr_referral")
+        ]
+        if "hit_rate" in pg:
+            L.append(
+                f"| {e} | {_f(pg['hit_rate'])} | {_ci(*pg['hit_ci'])} | {pg['n']} | {_f(pg['chance'])} | {zc[0]} | {zc[1]} |"
+            )
+        else:
+            L.append(f"| {e} | – | – | – | – | {zc[0]} | {zc[1]} |")
+    L += [
+        "",
+        "## OT patch–sentence matching: local InfoNCE loss, matched vs shuffled reports (mean, t 95 % CI over batches of 32)",
+        "",
+    ]
+    L += [
+        "| encoder | pairs | matched | shuffled | shuffled − matched | top-1 (chance 0.031) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in encs:
+        for w in ("heldout", "training"):
+            o = by.get((e, f"ot_{w}"))
+            if o:
+                m, s, d, t1 = o["matched"], o["shuffled"], o["shuffled_minus_matched"], o["top1"]
+                L.append(
+                    f"| {e} | {w} | {_f(m[0])} | {_f(s[0])} | {_f(d[0])} {_ci(d[1], d[2])} | {_f(t1[0])} {_ci(t1[1], t1[2])} |"
+                )
+    ph = by.get(("mlip", "phi"))
+    if ph:
+        L += [
+            "",
+            f"## φ over training (MLIP, {ph['mode']}; correlations over {ph['n_fov_patches']} field-of-view patches)",
+            "",
+        ]
+        L += [
+            "| step | std | range | r(φ, lesion freq) | partial r given radius | p | r(φ, radius) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for h in ph["history"]:
+            c, pc = h.get("corr_lesion_freq_fov", {}), h.get("partial_given_radius", {})
+            L.append(
+                f"| {h['step']} | {_f(h['std'], 4)} | {_f(h['range'], 4)} | {_f(c.get('pearson'))} | {_f(pc.get('partial_r'))} "
+                f"| {_f(pc.get('p'))} | {_f(pc.get('r_phi_radius'))} |"
+            )
+        h = ph["history"][-1].get("partial_given_radius", {})
+        L += [
+            "",
+            f"r(lesion freq, radius) = {_f(h.get('r_freq_radius'))}; share of the frequency map's variance left after radius: {_f(h.get('freq_resid_share'))}",
+        ]
+    ta = by.get(("mlip", "term_attribution"))
+    if ta:
+        L += [
+            "",
+            "## Which MLIP loss term moves the encoder's patch cosine C (first order, 32 test images; > 0 = pushes tokens together)",
+            "",
+        ]
+        L += [
+            "| checkpoint | C | term | loss | dC (SGD step) | cos(−∇L, ∇C) | dC (sign step) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in ta["rows"]:
+            for k in ("mim", "mcl", "ot"):
+                if k in r:
+                    x = r[k]
+                    L.append(
+                        f"| {r['checkpoint']} | {_f(r['patch_cos'])} | {k} | {_f(x['loss'])} | {x['dC_sgd']:.2e} | {_f(x['cos_angle'])} | {x['dC_sign']:.2e} |"
+                    )
+    lay = [(e, by[(e, "layers")]) for e in encs if (e, "layers") in by]
+    if lay:
+        L += [
+            "",
+            "## Where the lesion information goes: tokens per layer (post hoc; 100 % masks, seed 0)",
+            "",
+        ]
+        L += ["| encoder | layer | patch cos | e-rank | pooled Dice | CI |", "|---|---|---|---|---|---|"]
+        for e, d in lay:
+            for r in d["rows"]:
+                L.append(
+                    f"| {e} | {r['layer']} | {_f(r['patch_cos'])} | {_f(r['erank'], 1)} | {_f(r['dice_pooled'])} "
+                    f"| {_ci(*r['dice_pooled_ci'])} |"
+                )
+    L += ["", "## Encoder patch cosine over training (trainer's diag/* rows)", ""]
+    for e in encs:
+        d = by.get((e, "diag_over_training"))
+        if d:
+            pts = ", ".join(f"{r['step']}: {_f(r.get('diag/encoder_patch_cos'))}" for r in d["rows"])
+            L.append(f"- {e}: {pts}")
+    path.write_text("\n".join(L) + "\n")
+
+
+def _write_provenance(out: Path, prov: dict):
+    """`provenance.json`: one entry per invocation of this script on `out` (several may share the work: each one
+    skips the measurements already in `results.jsonl`), keyed by its start time and process id."""
+    import os
+
+    p = out / "provenance.json"
+    old = json.loads(p.read_text()) if p.is_file() else {}
+    inv = old.get("invocations", {})
+    inv[f"{prov['started']} pid {os.getpid()}"] = prov
+    p.write_text(json.dumps(dict(issue=18, invocations=inv), indent=1, default=_jsonable) + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    global a_corpus
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="work folder (corpus, runs, results.jsonl)")
+    ap.add_argument("--results", default=None, help="also copy results.json and provenance.json here")
+    ap.add_argument(
+        "--corpus", default=None, help="an existing demo corpus (default OUT/corpus, built if missing)"
+    )
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--seg-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--n-pairs", type=int, default=256, help="held-out (and training) pairs for OT")
+    ap.add_argument("--n-unpaired", type=int, default=8192, help="unpaired images of a corpus built here")
+    ap.add_argument(
+        "--n-task", type=int, default=1000, help="train and test images per task of a corpus built here"
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny corpus, 4 steps")
+    ap.add_argument(
+        "--table-only",
+        action="store_true",
+        help="only (re)write OUT/results.json and OUT/table.md from OUT/results.jsonl (and copy to --results)",
+    )
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.steps, a.batch_size, a.save_every, a.seg_seeds, a.n_pairs = 4, 8, 2, [0], 64
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Path(a.corpus) if a.corpus else out / "corpus"
+    a_corpus = corpus
+    runs = out / "runs"
+    t_start, timings = time.time(), {}
+    prov = dict(
+        issue=18,
+        commit=_git("rev-parse", "HEAD"),
+        dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        threads=torch.get_num_threads(),
+        args=vars(a),
+        timings=timings,
+    )
+    log = Log(out)
+    if a.table_only:  # gather what every invocation measured (results.jsonl) into results.json and table.md
+        (out / "results.json").write_text(json.dumps(log.rows, indent=1, default=_jsonable) + "\n")
+        write_tables(log.rows, out / "table.md")
+        if a.results:
+            Path(a.results).mkdir(parents=True, exist_ok=True)
+            for f in ("results.json", "provenance.json", "table.md"):
+                if (out / f).is_file():
+                    shutil.copy(out / f, Path(a.results) / f)
+        return 0
+    from maskedclip.demo import _demo_corpus
+    from maskedclip.segmentation import load_segmentation_split
+
+    t0 = time.time()
+    if not (corpus / "corpus.json").is_file():
+        from maskedclip.synthetic import build_corpus
+
+        n_un, n_task = (64, 40) if a.quick else (a.n_unpaired, a.n_task)
+        if (n_un, n_task) == (8192, 1000):
+            _demo_corpus(corpus, 1024, n_un, n_task, 64, progress=False)
+        else:  # the demo's pools with fewer images: the same eyes (index offsets are per pool), validation 50
+            tasks = dict(train=n_task, val=50, test=n_task)
+            build_corpus(corpus, 1024, n_un, tasks, size=64, seed=0, num_workers=2, progress=False)
+        timings["corpus_s"] = time.time() - t0
+    t0 = time.time()
+    train_all = load_segmentation_split(corpus, "multi_disease", "train", lesions="all")
+    test_all = load_segmentation_split(corpus, "multi_disease", "test", lesions="all")
+    train, test = (
+        type(d)(
+            d.images,
+            torch.stack([d.lesion_masks[l] for l in RED]).any(0),
+            {l: d.lesion_masks[l] for l in RED},
+            d.ids,
+            RED,
+        )
+        for d in (train_all, test_all)
+    )
+    pairs = dict(heldout=_pairs_heldout(a.n_pairs), training=_pairs_training(corpus, a.n_pairs))
+    timings["data_s"] = time.time() - t0
+    print(f"data: train {train}, test {test}", flush=True)
+    for name in a.methods:
+        if name != "random":
+            dt = pretrain(name, corpus, runs / name, a)
+            if dt:
+                timings[f"pretrain_{name}_s"] = dt
+        t0 = time.time()
+        model = load_model(name, runs)
+        for kind, fn in (
+            ("diagnostics", lambda: diagnostics(log, name, model, test)),
+            ("segmentation", lambda: segmentation(log, name, model, train, test, a)),
+            ("pointing_game", lambda: pointing(log, name, model, test)),
+            (
+                "zero_shot",
+                lambda: zero_shot(log, name, runs, corpus) if name not in ("random", "mae") else None,
+            ),
+            ("ot_heldout", lambda: ot(log, name, model, pairs)),
+            (
+                "diag_over_training",
+                lambda: training_diag(log, name, runs / name) if name != "random" else None,
+            ),
+            ("phi", lambda: phi_stats(log, runs / name, train_all) if name == "mlip" else None),
+            ("layers", lambda: layer_segmentation(log, name, model, train, test)),
+        ):
+            if not log.done(name, kind):
+                fn()
+        if name == "mlip" and not log.done("mlip", "term_attribution"):
+            from maskedclip.train import checkpoint_dirs
+
+            cks = checkpoint_dirs(runs / "mlip")
+            term_attribution(log, runs / "mlip", test, [cks[0], runs / "mlip" / "final"])
+        timings[f"evaluate_{name}_s"] = time.time() - t0
+        _write_provenance(out, prov)
+    timings["total_s"] = time.time() - t_start
+    prov["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    (out / "results.json").write_text(json.dumps(log.rows, indent=1, default=_jsonable) + "\n")
+    _write_provenance(out, prov)
+    write_tables(log.rows, out / "table.md")
+    if a.results:
+        res = Path(a.results)
+        res.mkdir(parents=True, exist_ok=True)
+        for f in ("results.json", "provenance.json", "table.md"):
+            shutil.copy(out / f, res / f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
