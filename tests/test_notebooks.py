@@ -1,6 +1,8 @@
 "Every notebook in nbs/ runs top to bottom (its assert cells are tests), through nbdev's own `test_nb`."
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,50 @@ def _modules() -> list[str]:
     return out
 
 
+def _library_classes() -> dict[type, dict]:
+    """Every class of every `maskedclip` module (all imported first), with a copy of its namespace. A notebook runs in
+    this process, and its `@patch` cells add methods to the library classes it imports (09f patches
+    `maskedclip.train.Trainer` with functions whose globals are the notebook's, its own `NonFiniteLossError` included),
+    so each notebook's patches are undone before the next test runs."""
+    for m in _modules():
+        importlib.import_module(f"maskedclip.{m.removesuffix('.__init__')}".removesuffix("."))
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        if name == "maskedclip" or name.startswith("maskedclip."):
+            for obj in list(vars(mod).values()):
+                if isinstance(obj, type) and obj.__module__ == name:
+                    out[obj] = dict(vars(obj))
+    return out
+
+
+def _restore_classes(saved: dict[type, dict]):
+    "Put every class's namespace back as `_library_classes` saw it: added names removed, replaced ones restored."
+    for cls, d in saved.items():
+        for k in set(vars(cls)) - set(d):
+            delattr(cls, k)
+        for k, v in d.items():
+            if k not in ("__dict__", "__weakref__") and vars(cls).get(k, d) is not v:
+                setattr(cls, k, v)
+
+
 @pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
 def test_notebook(nb):
-    ok, seconds = run_notebook(nb, skip_flags=["notest", "slow"], showerr=True)
+    saved = _library_classes()
+    try:
+        ok, seconds = run_notebook(nb, skip_flags=["notest", "slow"], showerr=True)
+    finally:
+        _restore_classes(saved)
     assert ok, f"{nb.name} failed (see the traceback above)"
+
+
+def test_notebook_patches_are_undone():
+    "A method a notebook adds to a library class, or replaces, is gone / back after the restore."
+    from maskedclip.train import Trainer
+
+    saved = _library_classes()
+    fit, Trainer.fit, Trainer._added_by_a_notebook = Trainer.fit, lambda self: None, 1
+    _restore_classes(saved)
+    assert Trainer.fit is fit and not hasattr(Trainer, "_added_by_a_notebook")
 
 
 def test_every_module_has_a_notebook():
