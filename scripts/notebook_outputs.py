@@ -1,7 +1,7 @@
 """Outputs kept in the notebooks: only cells tagged `keep_output`, within a size budget.
 
-A notebook is read without running it, so a few outputs that teach (the training-curves figure in `11_viz`, the
-printed tables in `10d_evaluate_tables`) are kept; every other output is cleared.
+A notebook is read without running it, so a few outputs that teach (the training-curves figure in `11f_viz_curves`,
+the printed tables in `10d_evaluate_tables`) are kept; every other output is cleared.
 
     python scripts/notebook_outputs.py            # re-run the notebooks that have tagged cells and keep those outputs
     python scripts/notebook_outputs.py --check    # no run: fail if an untagged cell has output or a budget is exceeded

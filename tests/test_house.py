@@ -24,7 +24,7 @@ def test_kept_outputs_are_tagged_and_within_budget():
         if c.get("outputs")
     }
     assert kept == {
-        "11_viz.ipynb",
+        "11f_viz_curves.ipynb",
         "10d_evaluate_tables.ipynb",
     }  # the figure and the tables the issue asks for
 
