@@ -32,7 +32,7 @@ Protocol, fixed before any run (nothing below is changed after looking at result
 * φ over training (MLIP): from every checkpoint (`phi_history`): std, range; Pearson correlation with the per-patch
   lesion frequency (all lesion types, multi_disease train split) over field-of-view patches (frequency > 0), and the
   position-controlled test: partial correlation of φ with lesion frequency given the patch's distance from the image
-  centre (both residualised on radius and radius², t-test with n - 4 dof).
+  centre (`segmentation.phi_partial_correlation`: both residualised on radius and radius², t-test with n - 4 dof).
 * Which loss term drives collapse (MLIP, checkpoints at steps 50 and 500): on 32 fixed test images, the first-order
   change of the encoder's patch cosine C if the encoder took a step down one loss part only (mim, mcl, ot):
   `dC = -<grad C, grad L_part>` (SGD) and `-<grad C, sign(grad L_part)>` (Adam's early steps), per unit step; > 0 means
@@ -56,13 +56,15 @@ import json
 import math
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests)
+from _provenance import git as _git  # noqa: E402
 
 METHODS = (
     "mlip",
@@ -72,15 +74,6 @@ METHODS = (
     "maskedclip",
 )  # order of work: MLIP first, MaskedCLIP (slowest) last
 RED = ("microaneurysm", "haemorrhage")
-
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 class Log:
@@ -138,39 +131,6 @@ def t_interval(x) -> tuple[float, float, float]:
         return m, float("nan"), float("nan")
     h = float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
     return m, m - h, m + h
-
-
-def partial_correlation(phi, freq, radius) -> dict:
-    "Pearson correlation of `phi` and `freq` after regressing both on [1, r, r²]; t-test with n - 4 dof."
-    from scipy.stats import pearsonr, t
-
-    a, b, r = (np.asarray(v, float).ravel() for v in (phi, freq, radius))
-    X = np.stack([np.ones_like(r), r, r**2], 1)
-
-    def res(y):
-        return y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
-
-    ra, rb = res(a), res(b)
-    n = len(a)
-    if n < 5 or ra.std() == 0 or rb.std() == 0:
-        return dict(partial_r=float("nan"), p=float("nan"), n=n)
-    pr = float(np.corrcoef(ra, rb)[0, 1])
-    tt = pr * math.sqrt((n - 4) / max(1e-12, 1 - pr * pr))
-    return dict(
-        partial_r=pr,
-        p=float(2 * t.sf(abs(tt), n - 4)),
-        n=n,
-        r_freq_radius=float(pearsonr(b, r)[0]),
-        r_phi_radius=float(pearsonr(a, r)[0]),
-        freq_resid_share=float(rb.var() / max(b.var(), 1e-30)),
-    )
-
-
-def patch_radius(grid: tuple[int, int]) -> np.ndarray:
-    "Distance of each patch centre from the image centre, in patches `(gh, gw)`."
-    gh, gw = grid
-    y, x = np.meshgrid(np.arange(gh) + 0.5 - gh / 2, np.arange(gw) + 0.5 - gw / 2, indexing="ij")
-    return np.sqrt(x**2 + y**2)
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -337,20 +297,24 @@ def ot(log: Log, name: str, model, pairs: dict):
 
 
 def phi_stats(log: Log, run: Path, train_all):
-    from maskedclip.segmentation import lesion_frequency_map, phi_history, phi_lesion_correlation
+    from maskedclip.segmentation import (
+        lesion_frequency_map,
+        phi_history,
+        phi_lesion_correlation,
+        phi_partial_correlation,
+    )
 
     hist = phi_history(run)
     grid = tuple(hist[0][1].shape)
     freq = lesion_frequency_map(train_all, grid).numpy()
     fov = freq > 0
-    rad = patch_radius(grid)
     rows = []
     for step, p in hist:
         p = p.double().numpy()
         row = dict(step=step, std=float(p.std()), range=float(p.max() - p.min()), mean=float(p.mean()))
         if p.std() > 0:
             row["corr_lesion_freq_fov"] = phi_lesion_correlation(p, freq, where=fov)
-            row["partial_given_radius"] = partial_correlation(p[fov], freq[fov], rad[fov])
+            row["partial_given_radius"] = phi_partial_correlation(p, freq, where=fov)
         rows.append(row)
     log.add(
         "mlip",
@@ -613,12 +577,12 @@ def write_tables(rows: list[dict], path: Path):
             c, pc = h.get("corr_lesion_freq_fov", {}), h.get("partial_given_radius", {})
             L.append(
                 f"| {h['step']} | {_f(h['std'], 4)} | {_f(h['range'], 4)} | {_f(c.get('pearson'))} | {_f(pc.get('partial_r'))} "
-                f"| {_f(pc.get('p'))} | {_f(pc.get('r_phi_radius'))} |"
+                f"| {_f(pc.get('p'))} | {_f(pc.get('r_phi_control', pc.get('r_phi_radius')))} |"
             )
         h = ph["history"][-1].get("partial_given_radius", {})
         L += [
             "",
-            f"r(lesion freq, radius) = {_f(h.get('r_freq_radius'))}; share of the frequency map's variance left after radius: {_f(h.get('freq_resid_share'))}",
+            f"r(lesion freq, radius) = {_f(h.get('r_freq_control', h.get('r_freq_radius')))}; share of the frequency map's variance left after radius: {_f(h.get('freq_resid_share'))}",
         ]
     ta = by.get(("mlip", "term_attribution"))
     if ta:
