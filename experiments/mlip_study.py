@@ -217,9 +217,9 @@ def segmentation(log: Log, name: str, model, train, test, a):
         test,
         fractions=(0.01, 0.1, 1.0),
         seeds=tuple(a.seg_seeds),
-        steps=300,
+        steps=a.seg_steps,
         subpatch=8,
-        n_boot=1000,
+        n_boot=a.n_boot,
     )
     log.add(name, "segmentation", runs=df.to_dict("records"))
 
@@ -235,7 +235,7 @@ def pointing(log: Log, name: str, model, test):
     log.add(name, "pointing_game", **r)
 
 
-def zero_shot(log: Log, name: str, runs: Path, corpus: Path):
+def zero_shot(log: Log, name: str, runs: Path, corpus: Path, n_boot: int = 500):
     from maskedclip import evaluate as ev
     from maskedclip.demo import ZERO_SHOT_TASKS
 
@@ -245,7 +245,7 @@ def zero_shot(log: Log, name: str, runs: Path, corpus: Path):
         protocol="zero_shot",
         corpus_root=corpus,
         seeds=(0,),
-        n_boot=500,
+        n_boot=n_boot,
         progress=False,
         log=None,
     )
@@ -271,15 +271,15 @@ def _pairs_training(corpus: Path, n: int):
     return torch.stack([tf(load_image(corpus / r["image"])) for r in recs]), [r["text"] for r in recs]
 
 
-def ot(log: Log, name: str, model, pairs: dict):
+def ot(log: Log, name: str, model, pairs: dict, batch: int = 32):
     from maskedclip.segmentation import ot_alignment
 
     if getattr(model, "patch_proj", None) is None:
         return
     for which, (x, texts) in pairs.items():
         per = []
-        for b in range(0, len(texts), 32):
-            r = ot_alignment(model, x[b : b + 32], texts[b : b + 32], n_shuffles=10, seed=b)
+        for b in range(0, len(texts), batch):
+            r = ot_alignment(model, x[b : b + batch], texts[b : b + batch], n_shuffles=10, seed=b)
             r.pop("similarity")
             per.append(r)
         m, s, t1 = (np.array([r[k] for r in per]) for k in ("matched_loss", "shuffled_loss", "top1"))
@@ -290,7 +290,7 @@ def ot(log: Log, name: str, model, pairs: dict):
             shuffled=t_interval(s),
             shuffled_minus_matched=t_interval(s - m),
             top1=t_interval(t1),
-            chance_top1=1 / 32,
+            chance_top1=1 / batch,
             n_batches=len(per),
             batches=per,
         )
@@ -408,7 +408,7 @@ def _layer_tokens(enc, images: torch.Tensor, batch_size: int = 100) -> list[torc
     return outs
 
 
-def layer_segmentation(log: Log, name: str, model, train, test):
+def layer_segmentation(log: Log, name: str, model, train, test, steps: int = 300, n_boot: int = 1000):
     """Added after the protocol (post hoc, issue 18 item 1: where is the lesion information lost?): patch cosine,
     effective rank and 100 %-mask Dice (seed 0, same head) of the tokens after the patch embedding, each block and
     the final norm (the last = the features of the main table)."""
@@ -421,7 +421,7 @@ def layer_segmentation(log: Log, name: str, model, train, test):
     names = ["patch_embed+pos", *[f"block_{k + 1}" for k in range(len(enc.blocks))], "final_norm"]
     rows = []
     for nm, a, b in zip(names, ftr, fte):
-        r = _fit_and_score(a, b, train, test, grid, 1.0, 0, steps=300, subpatch=8, n_boot=1000)
+        r = _fit_and_score(a, b, train, test, grid, 1.0, 0, steps=steps, subpatch=8, n_boot=n_boot)
         rows.append(
             dict(
                 layer=nm,
@@ -659,7 +659,17 @@ def main(argv=None):
     ap.add_argument(
         "--n-task", type=int, default=1000, help="train and test images per task of a corpus built here"
     )
-    ap.add_argument("--quick", action="store_true", help="smoke test: tiny corpus, 4 steps")
+    ap.add_argument("--seg-steps", type=int, default=300, help="AdamW steps of each segmentation head")
+    ap.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples of a Dice CI (zero-shot: half of it)"
+    )
+    ap.add_argument("--ot-batch", type=int, default=32, help="pairs per OT matched-vs-shuffled batch")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test of every measurement: tiny corpus (16 paired, 16 unpaired, 24 per task split), 2 steps, "
+        "10-step heads, 20 resamples, OT on 2 batches of 8",
+    )
     ap.add_argument(
         "--table-only",
         action="store_true",
@@ -667,7 +677,8 @@ def main(argv=None):
     )
     a = ap.parse_args(argv)
     if a.quick:
-        a.steps, a.batch_size, a.save_every, a.seg_seeds, a.n_pairs = 4, 8, 2, [0], 64
+        a.steps, a.batch_size, a.save_every, a.seg_seeds = 2, 8, 1, [0]
+        a.n_pairs, a.ot_batch, a.seg_steps, a.n_boot = 16, 8, 10, 20
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Path(a.corpus) if a.corpus else out / "corpus"
@@ -703,12 +714,12 @@ def main(argv=None):
     if not (corpus / "corpus.json").is_file():
         from maskedclip.synthetic import build_corpus
 
-        n_un, n_task = (64, 40) if a.quick else (a.n_unpaired, a.n_task)
+        n_pa, n_un, n_task = (16, 16, 24) if a.quick else (1024, a.n_unpaired, a.n_task)
         if (n_un, n_task) == (8192, 1000):
             _demo_corpus(corpus, 1024, n_un, n_task, 64, progress=False)
         else:  # the demo's pools with fewer images: the same eyes (index offsets are per pool), validation 50
-            tasks = dict(train=n_task, val=50, test=n_task)
-            build_corpus(corpus, 1024, n_un, tasks, size=64, seed=0, num_workers=2, progress=False)
+            tasks = dict(train=n_task, val=8 if a.quick else 50, test=n_task)
+            build_corpus(corpus, n_pa, n_un, tasks, size=64, seed=0, num_workers=2, progress=False)
         timings["corpus_s"] = time.time() - t0
     t0 = time.time()
     train_all = load_segmentation_split(corpus, "multi_disease", "train", lesions="all")
@@ -739,15 +750,19 @@ def main(argv=None):
             ("pointing_game", lambda: pointing(log, name, model, test)),
             (
                 "zero_shot",
-                lambda: zero_shot(log, name, runs, corpus) if name not in ("random", "mae") else None,
+                lambda: (
+                    zero_shot(log, name, runs, corpus, a.n_boot // 2)
+                    if name not in ("random", "mae")
+                    else None
+                ),
             ),
-            ("ot_heldout", lambda: ot(log, name, model, pairs)),
+            ("ot_heldout", lambda: ot(log, name, model, pairs, a.ot_batch)),
             (
                 "diag_over_training",
                 lambda: training_diag(log, name, runs / name) if name != "random" else None,
             ),
             ("phi", lambda: phi_stats(log, runs / name, train_all) if name == "mlip" else None),
-            ("layers", lambda: layer_segmentation(log, name, model, train, test)),
+            ("layers", lambda: layer_segmentation(log, name, model, train, test, a.seg_steps, a.n_boot)),
         ):
             if not log.done(name, kind):
                 fn()

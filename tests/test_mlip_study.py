@@ -41,10 +41,32 @@ def test_study_quick(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
-    kinds = {(x["encoder"], x["kind"]) for x in rows}
+    by = {(x["encoder"], x["kind"]): x for x in rows}
     for k in ("diagnostics", "segmentation", "pointing_game", "ot_heldout", "ot_training", "layers"):
-        assert ("mlip", k) in kinds and ("random", k) in kinds
-    assert ("mlip", "phi") in kinds and ("mlip", "term_attribution") in kinds
+        assert ("mlip", k) in by and ("random", k) in by
+    for k in ("zero_shot", "diag_over_training", "phi", "term_attribution"):
+        assert ("mlip", k) in by
+    for e in ("mlip", "random"):
+        d = by[(e, "diagnostics")]
+        assert -1 <= d["encoder_patch_cos"] <= 1 and 1 <= d["encoder_erank"] <= d["n_tokens"]
+        seg = by[(e, "segmentation")]["runs"]
+        assert sorted(r["fraction"] for r in seg) == [0.01, 0.1, 1.0]
+        assert all(
+            0 <= r["dice_pooled"] <= 1 and r["dice_pooled_ci"][0] <= r["dice_pooled_ci"][1] for r in seg
+        )
+        o = by[(e, "ot_heldout")]
+        assert (
+            o["n_batches"] == 2
+            and o["chance_top1"] == 1 / 8
+            and o["matched"][1] <= o["matched"][0] <= o["matched"][2]
+        )
+        lay = by[(e, "layers")]["rows"]
+        assert [r["layer"] for r in lay][0] == "patch_embed+pos" and lay[-1]["layer"] == "final_norm"
+    assert {r["task"] for r in by[("mlip", "zero_shot")]["rows"]} == {"glaucoma", "dr_referral"}
+    ph = by[("mlip", "phi")]["history"]
+    assert [h["step"] for h in ph][-1] == 2 and "partial_r" in ph[-1]["partial_given_radius"]
+    ta = by[("mlip", "term_attribution")]["rows"]
+    assert len(ta) == 2 and all({"mim", "mcl", "ot"} <= set(r) for r in ta)
     table = (out / "table.md").read_text()
     assert "Few-shot red-lesion segmentation" in table and "partial r given radius" in table
     prov = json.loads((out / "provenance.json").read_text())
