@@ -46,9 +46,9 @@ fewer images (`--n-unpaired 2048 --n-task 500`: the same 1024 paired eyes, the f
 Added after the committed run (issue 18, items 3-5), each protocol fixed before its run:
 
 * MaskedCLIP re-run: its weights were lost before the zero-shot and per-layer rows were measured; it was pre-trained
-  again with the same command and seed (`--methods maskedclip`). The re-run is not bit-identical to the lost one
-  (CPU bf16 kernels differ between machines), so every MaskedCLIP row of the table comes from the re-run, and the
-  lost run's measured rows stay in `results.json` as `maskedclip-run1` (a second run of the same recipe).
+  again with the same command and seed (`--methods maskedclip --precision fp32`). A re-run on another CPU need not
+  be bit-identical to the lost one, so every MaskedCLIP row of the table comes from the re-run, and the lost run's
+  measured rows stay in `results.json` as `maskedclip-run1` (a second run of the same recipe).
 * `mlip+ot4` (one change aimed at the measured cause): the term attribution of the committed MLIP run says that at
   the final checkpoint `mim` (dC +0.0102) and `mcl` (+0.0183) push an image's patch tokens together and `ot`
   (-0.0100) pushes them apart, all at weight 1. Change: `model.mlip.lambda_ot` 1 -> 4 (the first integer above
@@ -56,7 +56,20 @@ Added after the committed run (issue 18, items 3-5), each protocol fixed before 
   Measured as every other encoder (all kinds above), compared with random init and unchanged MLIP on pooled Dice at
   1 / 10 / 100 % with the same separation rule, and on the encoder patch cosine. The `mlip` preset's default changes
   only if `mlip+ot4`'s pooled-Dice CIs lie above unchanged MLIP's at all three fractions.
-  `--methods mlip --tag ot4 --overrides model.mlip.lambda_ot=4`.
+  `--methods mlip --tag ot4 --overrides model.mlip.lambda_ot=4 --precision fp32`.
+* Precision: the committed runs resolved `--precision auto` to fp32 (a CPU without bf16); on a CPU with bf16 'auto'
+  means bf16, so every run added here passes `--precision fp32`.
+* φ where lesion position is not a function of radius (`mlip+angular`, `random+angular`): the same pools and seeds
+  rendered with `FindingPrior(lesion_angle_bias=0.8)` (lesion centres moved along their circle about the FOV centre
+  to density ∝ 1 + 0.8·cos(θ − 90°), inferior; `02a_synthetic_findings`) into OUT/corpus-angular; MLIP pre-trained
+  on it exactly as `mlip`; every measurement as above on that corpus (segmentation against `random+angular`).
+  Primary: the partial correlation of the final φ with that corpus's lesion-frequency map (all lesion types,
+  multi_disease train split) given radius (degree 2, FOV patches), t-test p and Fisher-z 95 % CI; also over
+  training. Power check (`lesion_map`, per corpus): the frequency map's share of variance left after radius and its
+  partial correlation with the direction cos(θ − 90°) given radius. "φ follows lesions beyond position" needs the
+  final partial r > 0 with p < 0.05.
+  `--corpus OUT/corpus-angular --corpus-prior lesion_angle_bias=0.8 --tag angular --methods mlip random
+  --precision fp32`.
 
 Outputs under `--out`: `results.jsonl` (one line per measurement as it is made), `results.json` (all of them),
 `provenance.json` (commit, command, timings). The pre-training runs stay under `--out/runs/<method>`.
@@ -332,6 +345,34 @@ def ot(log: Log, name: str, model, pairs: dict, batch: int = 32):
         )
 
 
+def fisher_ci(r: float, n: int, k: int = 2, z: float = 1.959964) -> tuple[float, float]:
+    "95 % interval of a (partial) correlation `r` over `n` points with `k` controlled regressors: atanh(r) ± z/√(n−k−3)."
+    if not (n - k - 3 > 0 and abs(r) < 1):
+        return (float("nan"), float("nan"))
+    h = z / math.sqrt(n - k - 3)
+    return (math.tanh(math.atanh(r) - h), math.tanh(math.atanh(r) + h))
+
+
+def direction_map(grid: tuple[int, int], theta0_deg: float = 90.0) -> np.ndarray:
+    "cos(θ − θ0) of each patch centre about the image centre (image frame: y down, so θ0 = 90° is inferior)."
+    gh, gw = grid
+    y, x = np.meshgrid(np.arange(gh) + 0.5 - gh / 2, np.arange(gw) + 0.5 - gw / 2, indexing="ij")
+    return np.cos(np.arctan2(y, x) - math.radians(theta0_deg))
+
+
+def lesion_map(log: Log, key: str, train_all, grid: tuple[int, int]):
+    """How much of the corpus's lesion-frequency map (all lesion types, multi_disease train split) a φ test given
+    radius can use: the share of its variance left after radius, and its partial correlation with the direction
+    cos(θ − 90°) (inferior) given radius (the angular variant's axis; ~0 on the default corpus)."""
+    from maskedclip.segmentation import lesion_frequency_map, phi_partial_correlation
+
+    freq = lesion_frequency_map(train_all, grid).numpy()
+    fov = freq > 0
+    d = phi_partial_correlation(direction_map(grid), freq, where=fov)
+    d["partial_r_ci"] = fisher_ci(d["partial_r"], d["n_patches"])
+    log.add(key, "lesion_map", direction_given_radius=d, rows_superior_to_inferior=freq.mean(1).tolist())
+
+
 def phi_stats(log: Log, run: Path, train_all, name: str = "mlip"):
     from maskedclip.segmentation import (
         lesion_frequency_map,
@@ -350,7 +391,8 @@ def phi_stats(log: Log, run: Path, train_all, name: str = "mlip"):
         row = dict(step=step, std=float(p.std()), range=float(p.max() - p.min()), mean=float(p.mean()))
         if p.std() > 0:
             row["corr_lesion_freq_fov"] = phi_lesion_correlation(p, freq, where=fov)
-            row["partial_given_radius"] = phi_partial_correlation(p, freq, where=fov)
+            pc = phi_partial_correlation(p, freq, where=fov)
+            row["partial_given_radius"] = dict(pc, partial_r_ci=fisher_ci(pc["partial_r"], pc["n_patches"]))
         rows.append(row)
     log.add(
         name,
@@ -505,7 +547,11 @@ def seg_table(rows: list[dict], baseline: str = "random") -> list[dict]:
     df = pd.DataFrame(seg)
     out = []
     for (enc, frac), g in df.groupby(["encoder", "fraction"], sort=False):
-        b = df[(df.encoder == baseline) & (df.fraction == frac)]
+        tag = enc.partition("+")[
+            2
+        ]  # a variant's baseline is the random init measured with it (same corpus), if any
+        base = f"{baseline}+{tag}" if tag and (df.encoder == f"{baseline}+{tag}").any() else baseline
+        b = df[(df.encoder == base) & (df.fraction == frac)]
         lo = min(c[0] for c in g.dice_pooled_ci)
         hi = max(c[1] for c in g.dice_pooled_ci)
         row = dict(
@@ -517,7 +563,7 @@ def seg_table(rows: list[dict], baseline: str = "random") -> list[dict]:
             dice_lesion=g.dice_lesion.mean(),
             n_seeds=len(g),
         )
-        if len(b) and enc != baseline:
+        if len(b) and enc != base:
             bl, bh = min(c[0] for c in b.dice_pooled_ci), max(c[1] for c in b.dice_pooled_ci)
             row["above_random"] = bool(lo > bh)
             row["below_random"] = bool(hi < bl)
@@ -548,7 +594,7 @@ def write_tables(rows: list[dict], path: Path):
         "",
     ]
     L += [
-        "| encoder | fraction | pooled Dice | CI | lesion-image Dice | vs random (pooled CIs) |",
+        "| encoder | fraction | pooled Dice | CI | lesion-image Dice | vs random (pooled CIs; random+TAG for a TAG run on its own corpus) |",
         "|---|---|---|---|---|---|",
     ]
     for r in seg_table(rows):
@@ -573,6 +619,8 @@ def write_tables(rows: list[dict], path: Path):
         "|---|---|---|---|---|---|---|",
     ]
     for e in encs:
+        if not any((e, k) in by for k in ("pointing_game", "zero_shot")):
+            continue
         pg, zs = by.get((e, "pointing_game"), {}), by.get((e, "zero_shot"), {})
         z = {x["task"]: x for x in zs.get("rows", [])}
         zc = [
@@ -612,14 +660,14 @@ def write_tables(rows: list[dict], path: Path):
             "",
         ]
         L += [
-            "| step | std | range | r(φ, lesion freq) | partial r given radius | p | r(φ, radius) |",
-            "|---|---|---|---|---|---|---|",
+            "| step | std | range | r(φ, lesion freq) | partial r given radius | 95 % CI (Fisher z) | p | r(φ, radius) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for h in ph["history"]:
             c, pc = h.get("corr_lesion_freq_fov", {}), h.get("partial_given_radius", {})
             L.append(
                 f"| {h['step']} | {_f(h['std'], 4)} | {_f(h['range'], 4)} | {_f(c.get('pearson'))} | {_f(pc.get('partial_r'))} "
-                f"| {_f(pc.get('p'))} | {_f(pc.get('r_phi_control', pc.get('r_phi_radius')))} |"
+                f"| {_ci(*fisher_ci(pc.get('partial_r', float('nan')), pc.get('n_patches', pc.get('n', 0))))} | {_f(pc.get('p'))} | {_f(pc.get('r_phi_control', pc.get('r_phi_radius')))} |"
             )
         h = ph["history"][-1].get("partial_given_radius", {})
         L += [
@@ -646,6 +694,20 @@ def write_tables(rows: list[dict], path: Path):
                     L.append(
                         f"| {r['checkpoint']} | {_f(r['patch_cos'])} | {k} | {x.get('weight', 1.0):g} | {_f(x['loss'])} | {x['dC_sgd']:.2e} | {_f(x['cos_angle'])} | {x['dC_sign']:.2e} |"
                     )
+    maps = [(e, by[(e, "lesion_map")]) for e in encs if (e, "lesion_map") in by]
+    if maps:
+        L += [
+            "",
+            "## The corpora's lesion-frequency maps (multi_disease train split, all lesion types): what a φ test given radius can use",
+            "",
+            "| corpus | share of variance left after radius | partial r with direction (inferior) given radius | 95 % CI | p |",
+            "|---|---|---|---|---|",
+        ]
+        for e, m in maps:
+            d = m["direction_given_radius"]
+            L.append(
+                f"| {e} | {_f(d['freq_resid_share'])} | {_f(d['partial_r'])} | {_ci(*d['partial_r_ci'])} | {_f(d['p'], 4)} |"
+            )
     lay = [(e, by[(e, "layers")]) for e in encs if (e, "layers") in by]
     if lay:
         L += [
@@ -805,6 +867,9 @@ def main(argv=None):
     pairs = dict(heldout=_pairs_heldout(a.n_pairs), training=_pairs_training(corpus, a.n_pairs))
     timings["data_s"] = time.time() - t0
     print(f"data: train {train}, test {test}", flush=True)
+    corpus_key = f"corpus+{a.tag}" if a.corpus_prior else "corpus"
+    if not log.done(corpus_key, "lesion_map"):
+        lesion_map(log, corpus_key, train_all, (8, 8))  # the demo ViT's grid: 64 px / patch 8
     for method in a.methods:
         name = f"{method}+{a.tag}" if a.tag else method
         if method != "random":

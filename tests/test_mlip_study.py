@@ -67,6 +67,25 @@ def test_study_quick(tmp_path):
     assert [h["step"] for h in ph][-1] == 2 and "partial_r" in ph[-1]["partial_given_radius"]
     ta = by[("mlip", "term_attribution")]["rows"]
     assert len(ta) == 2 and all({"mim", "mcl", "ot"} <= set(r) for r in ta)
+    assert "partial_r_ci" in ph[-1]["partial_given_radius"] and ("corpus", "lesion_map") in by
+    # a variant run: its own corpus (angular lesion prior) and a config override, encoders named METHOD+TAG
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "mlip_study.py"), "--out", str(out), "--quick"]
+        + ["--methods", "mlip", "--tag", "v", "--corpus", str(out / "corpus-v")]
+        + ["--corpus-prior", "lesion_angle_bias=0.8", "--overrides", "model.mlip.lambda_ot=4"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    by = {(x["encoder"], x["kind"]): x for x in rows}
+    assert json.loads((out / "corpus-v" / "corpus.json").read_text())["prior"]["lesion_angle_bias"] == 0.8
+    assert "lesion_angle_bias" not in json.loads((out / "corpus" / "corpus.json").read_text())["prior"]
+    assert ("mlip+v", "phi") in by and ("corpus+v", "lesion_map") in by
+    assert all(
+        r["ot"]["weight"] == 4 and r["mcl"]["weight"] == 1 for r in by[("mlip+v", "term_attribution")]["rows"]
+    )
     table = (out / "table.md").read_text()
     assert "Few-shot red-lesion segmentation" in table and "partial r given radius" in table
     prov = json.loads((out / "provenance.json").read_text())
