@@ -102,6 +102,18 @@ METHODS = (
     "maskedclip",
 )  # order of work: MLIP first, MaskedCLIP (slowest) last
 RED = ("microaneurysm", "haemorrhage")
+KINDS = (
+    "lesion_map",
+    "diagnostics",
+    "segmentation",
+    "pointing_game",
+    "zero_shot",
+    "ot_heldout",
+    "diag_over_training",
+    "phi",
+    "layers",
+    "term_attribution",
+)
 
 
 class Log:
@@ -782,6 +794,13 @@ def main(argv=None):
     ap.add_argument(
         "--n-task", type=int, default=1000, help="train and test images per task of a corpus built here"
     )
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        default=list(KINDS),
+        choices=KINDS,
+        help="measurements to make (default all); ot_heldout makes ot_training too",
+    )
     ap.add_argument("--seg-steps", type=int, default=300, help="AdamW steps of each segmentation head")
     ap.add_argument(
         "--n-boot", type=int, default=1000, help="bootstrap resamples of a Dice CI (zero-shot: half of it)"
@@ -868,7 +887,7 @@ def main(argv=None):
     timings["data_s"] = time.time() - t0
     print(f"data: train {train}, test {test}", flush=True)
     corpus_key = f"corpus+{a.tag}" if a.corpus_prior else "corpus"
-    if not log.done(corpus_key, "lesion_map"):
+    if "lesion_map" in a.kinds and not log.done(corpus_key, "lesion_map"):
         lesion_map(log, corpus_key, train_all, (8, 8))  # the demo ViT's grid: 64 px / patch 8
     for method in a.methods:
         name = f"{method}+{a.tag}" if a.tag else method
@@ -898,9 +917,9 @@ def main(argv=None):
             ("phi", lambda: phi_stats(log, runs / name, train_all, name) if method == "mlip" else None),
             ("layers", lambda: layer_segmentation(log, name, model, train, test, a.seg_steps, a.n_boot)),
         ):
-            if not log.done(name, kind):
+            if kind in a.kinds and not log.done(name, kind):
                 fn()
-        if method == "mlip" and not log.done(name, "term_attribution"):
+        if method == "mlip" and "term_attribution" in a.kinds and not log.done(name, "term_attribution"):
             from maskedclip.train import checkpoint_dirs
 
             cks = checkpoint_dirs(runs / name)

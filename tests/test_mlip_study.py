@@ -72,7 +72,8 @@ def test_study_quick(tmp_path):
     r = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "mlip_study.py"), "--out", str(out), "--quick"]
         + ["--methods", "mlip", "--tag", "v", "--corpus", str(out / "corpus-v")]
-        + ["--corpus-prior", "lesion_angle_bias=0.8", "--overrides", "model.mlip.lambda_ot=4"],
+        + ["--corpus-prior", "lesion_angle_bias=0.8", "--overrides", "model.mlip.lambda_ot=4"]
+        + ["--kinds", "lesion_map", "phi", "term_attribution"],
         capture_output=True,
         text=True,
         timeout=1200,
@@ -82,7 +83,9 @@ def test_study_quick(tmp_path):
     by = {(x["encoder"], x["kind"]): x for x in rows}
     assert json.loads((out / "corpus-v" / "corpus.json").read_text())["prior"]["lesion_angle_bias"] == 0.8
     assert "lesion_angle_bias" not in json.loads((out / "corpus" / "corpus.json").read_text())["prior"]
-    assert ("mlip+v", "phi") in by and ("corpus+v", "lesion_map") in by
+    assert (
+        ("mlip+v", "phi") in by and ("corpus+v", "lesion_map") in by and ("mlip+v", "segmentation") not in by
+    )
     assert all(
         r["ot"]["weight"] == 4 and r["mcl"]["weight"] == 1 for r in by[("mlip+v", "term_attribution")]["rows"]
     )
