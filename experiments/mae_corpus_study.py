@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests)
+from _provenance import git as _git  # noqa: E402
 
 
 def unseen_renders(n: int, size: int, seed: int = 7, zoom: float = 1.0) -> torch.Tensor:

@@ -32,7 +32,7 @@ Protocol, fixed before any run (nothing below is changed after looking at result
 * φ over training (MLIP): from every checkpoint (`phi_history`): std, range; Pearson correlation with the per-patch
   lesion frequency (all lesion types, multi_disease train split) over field-of-view patches (frequency > 0), and the
   position-controlled test: partial correlation of φ with lesion frequency given the patch's distance from the image
-  centre (both residualised on radius and radius², t-test with n - 4 dof).
+  centre (`segmentation.phi_partial_correlation`: both residualised on radius and radius², t-test with n - 4 dof).
 * Which loss term drives collapse (MLIP, checkpoints at steps 50 and 500): on 32 fixed test images, the first-order
   change of the encoder's patch cosine C if the encoder took a step down one loss part only (mim, mcl, ot):
   `dC = -<grad C, grad L_part>` (SGD) and `-<grad C, sign(grad L_part)>` (Adam's early steps), per unit step; > 0 means
@@ -42,6 +42,34 @@ Scale of the committed run (`experiments/results/mlip-study/`), fixed for CPU ti
 cores shared by three jobs: the full demo corpus alone took ~40 min to render there): the demo corpus's pools with
 fewer images (`--n-unpaired 2048 --n-task 500`: the same 1024 paired eyes, the first 2048 unpaired eyes, 500 train /
 50 val / 500 test per task) and `--steps 300 --save-every 30` (300 steps of 32 + 32 for every method, warm-up 30).
+
+Added after the committed run (issue 18, items 3-5), each protocol fixed before its run:
+
+* MaskedCLIP re-run: its weights were lost before the zero-shot and per-layer rows were measured; it was pre-trained
+  again with the same command and seed (`--methods maskedclip --precision fp32`). A re-run on another CPU need not
+  be bit-identical to the lost one, so every MaskedCLIP row of the table comes from the re-run, and the lost run's
+  measured rows stay in `results.json` as `maskedclip-run1` (a second run of the same recipe).
+* `mlip+ot4` (one change aimed at the measured cause): the term attribution of the committed MLIP run says that at
+  the final checkpoint `mim` (dC +0.0102) and `mcl` (+0.0183) push an image's patch tokens together and `ot`
+  (-0.0100) pushes them apart, all at weight 1. Change: `model.mlip.lambda_ot` 1 -> 4 (the first integer above
+  (0.0102 + 0.0183) / 0.0100 = 2.85, where the first-order sum of the three turns to "apart"); nothing else.
+  Measured as every other encoder (all kinds above), compared with random init and unchanged MLIP on pooled Dice at
+  1 / 10 / 100 % with the same separation rule, and on the encoder patch cosine. The `mlip` preset's default changes
+  only if `mlip+ot4`'s pooled-Dice CIs lie above unchanged MLIP's at all three fractions.
+  `--methods mlip --tag ot4 --overrides model.mlip.lambda_ot=4 --precision fp32`.
+* Precision: the committed runs resolved `--precision auto` to fp32 (a CPU without bf16); on a CPU with bf16 'auto'
+  means bf16, so every run added here passes `--precision fp32`.
+* φ where lesion position is not a function of radius (`mlip+angular`, `random+angular`): the same pools and seeds
+  rendered with `FindingPrior(lesion_angle_bias=0.8)` (lesion centres moved along their circle about the FOV centre
+  to density ∝ 1 + 0.8·cos(θ − 90°), inferior; `02a_synthetic_findings`) into OUT/corpus-angular; MLIP pre-trained
+  on it exactly as `mlip`; every measurement as above on that corpus (segmentation against `random+angular`).
+  Primary: the partial correlation of the final φ with that corpus's lesion-frequency map (all lesion types,
+  multi_disease train split) given radius (degree 2, FOV patches), t-test p and Fisher-z 95 % CI; also over
+  training. Power check (`lesion_map`, per corpus): the frequency map's share of variance left after radius and its
+  partial correlation with the direction cos(θ − 90°) given radius. "φ follows lesions beyond position" needs the
+  final partial r > 0 with p < 0.05.
+  `--corpus OUT/corpus-angular --corpus-prior lesion_angle_bias=0.8 --tag angular --methods mlip random
+  --precision fp32`.
 
 Outputs under `--out`: `results.jsonl` (one line per measurement as it is made), `results.json` (all of them),
 `provenance.json` (commit, command, timings). The pre-training runs stay under `--out/runs/<method>`.
@@ -56,13 +84,15 @@ import json
 import math
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests)
+from _provenance import git as _git  # noqa: E402
 
 METHODS = (
     "mlip",
@@ -72,15 +102,18 @@ METHODS = (
     "maskedclip",
 )  # order of work: MLIP first, MaskedCLIP (slowest) last
 RED = ("microaneurysm", "haemorrhage")
-
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
+KINDS = (
+    "lesion_map",
+    "diagnostics",
+    "segmentation",
+    "pointing_game",
+    "zero_shot",
+    "ot_heldout",
+    "diag_over_training",
+    "phi",
+    "layers",
+    "term_attribution",
+)
 
 
 class Log:
@@ -140,44 +173,31 @@ def t_interval(x) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def partial_correlation(phi, freq, radius) -> dict:
-    "Pearson correlation of `phi` and `freq` after regressing both on [1, r, r²]; t-test with n - 4 dof."
-    from scipy.stats import pearsonr, t
-
-    a, b, r = (np.asarray(v, float).ravel() for v in (phi, freq, radius))
-    X = np.stack([np.ones_like(r), r, r**2], 1)
-
-    def res(y):
-        return y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
-
-    ra, rb = res(a), res(b)
-    n = len(a)
-    if n < 5 or ra.std() == 0 or rb.std() == 0:
-        return dict(partial_r=float("nan"), p=float("nan"), n=n)
-    pr = float(np.corrcoef(ra, rb)[0, 1])
-    tt = pr * math.sqrt((n - 4) / max(1e-12, 1 - pr * pr))
-    return dict(
-        partial_r=pr,
-        p=float(2 * t.sf(abs(tt), n - 4)),
-        n=n,
-        r_freq_radius=float(pearsonr(b, r)[0]),
-        r_phi_radius=float(pearsonr(a, r)[0]),
-        freq_resid_share=float(rb.var() / max(b.var(), 1e-30)),
-    )
-
-
-def patch_radius(grid: tuple[int, int]) -> np.ndarray:
-    "Distance of each patch centre from the image centre, in patches `(gh, gw)`."
-    gh, gw = grid
-    y, x = np.meshgrid(np.arange(gh) + 0.5 - gh / 2, np.arange(gw) + 0.5 - gw / 2, indexing="ij")
-    return np.sqrt(x**2 + y**2)
-
-
 # ----------------------------------------------------------------------------- pre-training
 
 
+def base_method(name: str) -> str:
+    "`mlip+ot4` -> `mlip`: an encoder's name is its method, then `+tag` for a run with `--overrides` / `--corpus-prior`."
+    return name.split("+")[0]
+
+
+def parse_settings(items) -> dict:
+    "`['model.mlip.lambda_ot=4', 'x=abc']` -> `{'model.mlip.lambda_ot': 4, 'x': 'abc'}` (values read as JSON when they parse)."
+    out = {}
+    for it in items or ():
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"expected key=value, got {it!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def pretrain(method: str, corpus: Path, run: Path, a) -> float:
-    "The demo's pre-training of `method` (see the docstring); returns seconds (0 if it was already there)."
+    """The demo's pre-training of `method` (see the docstring), plus `a.overrides` (dotted config keys); returns
+    seconds (0 if it was already there)."""
     from maskedclip.train import experiment_config, train
 
     if (run / "final" / "model.safetensors").is_file():
@@ -202,6 +222,7 @@ def pretrain(method: str, corpus: Path, run: Path, a) -> float:
             "train.precision": a.precision,
             "data.crop_scale_min": 0.2,
             "data.hflip": 0.5,
+            **parse_settings(a.overrides),
         },
     )
     t0 = time.time()
@@ -213,7 +234,7 @@ def load_model(name: str, runs: Path):
     from maskedclip.config import get_preset
     from maskedclip.model import MaskedCLIP
 
-    if name == "random":
+    if base_method(name) == "random":
         torch.manual_seed(0)
         return MaskedCLIP(get_preset("demo", "mlip")).eval()
     return MaskedCLIP.from_pretrained(runs / name / "final").eval()
@@ -257,9 +278,9 @@ def segmentation(log: Log, name: str, model, train, test, a):
         test,
         fractions=(0.01, 0.1, 1.0),
         seeds=tuple(a.seg_seeds),
-        steps=300,
+        steps=a.seg_steps,
         subpatch=8,
-        n_boot=1000,
+        n_boot=a.n_boot,
     )
     log.add(name, "segmentation", runs=df.to_dict("records"))
 
@@ -275,7 +296,7 @@ def pointing(log: Log, name: str, model, test):
     log.add(name, "pointing_game", **r)
 
 
-def zero_shot(log: Log, name: str, runs: Path, corpus: Path):
+def zero_shot(log: Log, name: str, runs: Path, corpus: Path, n_boot: int = 500):
     from maskedclip import evaluate as ev
     from maskedclip.demo import ZERO_SHOT_TASKS
 
@@ -285,7 +306,7 @@ def zero_shot(log: Log, name: str, runs: Path, corpus: Path):
         protocol="zero_shot",
         corpus_root=corpus,
         seeds=(0,),
-        n_boot=500,
+        n_boot=n_boot,
         progress=False,
         log=None,
     )
@@ -311,15 +332,15 @@ def _pairs_training(corpus: Path, n: int):
     return torch.stack([tf(load_image(corpus / r["image"])) for r in recs]), [r["text"] for r in recs]
 
 
-def ot(log: Log, name: str, model, pairs: dict):
+def ot(log: Log, name: str, model, pairs: dict, batch: int = 32):
     from maskedclip.segmentation import ot_alignment
 
     if getattr(model, "patch_proj", None) is None:
         return
     for which, (x, texts) in pairs.items():
         per = []
-        for b in range(0, len(texts), 32):
-            r = ot_alignment(model, x[b : b + 32], texts[b : b + 32], n_shuffles=10, seed=b)
+        for b in range(0, len(texts), batch):
+            r = ot_alignment(model, x[b : b + batch], texts[b : b + batch], n_shuffles=10, seed=b)
             r.pop("similarity")
             per.append(r)
         m, s, t1 = (np.array([r[k] for r in per]) for k in ("matched_loss", "shuffled_loss", "top1"))
@@ -330,30 +351,63 @@ def ot(log: Log, name: str, model, pairs: dict):
             shuffled=t_interval(s),
             shuffled_minus_matched=t_interval(s - m),
             top1=t_interval(t1),
-            chance_top1=1 / 32,
+            chance_top1=1 / batch,
             n_batches=len(per),
             batches=per,
         )
 
 
-def phi_stats(log: Log, run: Path, train_all):
-    from maskedclip.segmentation import lesion_frequency_map, phi_history, phi_lesion_correlation
+def fisher_ci(r: float, n: int, k: int = 2, z: float = 1.959964) -> tuple[float, float]:
+    "95 % interval of a (partial) correlation `r` over `n` points with `k` controlled regressors: atanh(r) ± z/√(n−k−3)."
+    if not (n - k - 3 > 0 and abs(r) < 1):
+        return (float("nan"), float("nan"))
+    h = z / math.sqrt(n - k - 3)
+    return (math.tanh(math.atanh(r) - h), math.tanh(math.atanh(r) + h))
+
+
+def direction_map(grid: tuple[int, int], theta0_deg: float = 90.0) -> np.ndarray:
+    "cos(θ − θ0) of each patch centre about the image centre (image frame: y down, so θ0 = 90° is inferior)."
+    gh, gw = grid
+    y, x = np.meshgrid(np.arange(gh) + 0.5 - gh / 2, np.arange(gw) + 0.5 - gw / 2, indexing="ij")
+    return np.cos(np.arctan2(y, x) - math.radians(theta0_deg))
+
+
+def lesion_map(log: Log, key: str, train_all, grid: tuple[int, int]):
+    """How much of the corpus's lesion-frequency map (all lesion types, multi_disease train split) a φ test given
+    radius can use: the share of its variance left after radius, and its partial correlation with the direction
+    cos(θ − 90°) (inferior) given radius (the angular variant's axis; ~0 on the default corpus)."""
+    from maskedclip.segmentation import lesion_frequency_map, phi_partial_correlation
+
+    freq = lesion_frequency_map(train_all, grid).numpy()
+    fov = freq > 0
+    d = phi_partial_correlation(direction_map(grid), freq, where=fov)
+    d["partial_r_ci"] = fisher_ci(d["partial_r"], d["n_patches"])
+    log.add(key, "lesion_map", direction_given_radius=d, rows_superior_to_inferior=freq.mean(1).tolist())
+
+
+def phi_stats(log: Log, run: Path, train_all, name: str = "mlip"):
+    from maskedclip.segmentation import (
+        lesion_frequency_map,
+        phi_history,
+        phi_lesion_correlation,
+        phi_partial_correlation,
+    )
 
     hist = phi_history(run)
     grid = tuple(hist[0][1].shape)
     freq = lesion_frequency_map(train_all, grid).numpy()
     fov = freq > 0
-    rad = patch_radius(grid)
     rows = []
     for step, p in hist:
         p = p.double().numpy()
         row = dict(step=step, std=float(p.std()), range=float(p.max() - p.min()), mean=float(p.mean()))
         if p.std() > 0:
             row["corr_lesion_freq_fov"] = phi_lesion_correlation(p, freq, where=fov)
-            row["partial_given_radius"] = partial_correlation(p[fov], freq[fov], rad[fov])
+            pc = phi_partial_correlation(p, freq, where=fov)
+            row["partial_given_radius"] = dict(pc, partial_r_ci=fisher_ci(pc["partial_r"], pc["n_patches"]))
         rows.append(row)
     log.add(
-        "mlip",
+        name,
         "phi",
         mode="mask (one weight per grid position, shared by all images)",
         history=rows,
@@ -363,7 +417,7 @@ def phi_stats(log: Log, run: Path, train_all):
     )
 
 
-def term_attribution(log: Log, run: Path, test, step_dirs):
+def term_attribution(log: Log, run: Path, test, step_dirs, name: str = "mlip"):
     "First-order effect of each MLIP loss part on the encoder's patch cosine (see the docstring)."
     from maskedclip.data import Batch
     from maskedclip.model import MaskedCLIP
@@ -414,10 +468,14 @@ def term_attribution(log: Log, run: Path, test, step_dirs):
                 dC_sign=-sdot,
                 cos_angle=-dot / max(na * nb, 1e-30),
                 grad_norm=nb,
-                weight=model.config.mlip.lambda_ot if k == "ot" else 1.0,
+                weight=dict(
+                    mim=model.config.lambda_mim,
+                    mcl=model.config.lambda_lg_clip,
+                    ot=model.config.mlip.lambda_ot,
+                ).get(k, 1.0),
             )
         out.append(row)
-    log.add("mlip", "term_attribution", rows=out)
+    log.add(name, "term_attribution", rows=out)
 
 
 a_corpus = None  # set in main (term_attribution reads training pairs)
@@ -444,7 +502,7 @@ def _layer_tokens(enc, images: torch.Tensor, batch_size: int = 100) -> list[torc
     return outs
 
 
-def layer_segmentation(log: Log, name: str, model, train, test):
+def layer_segmentation(log: Log, name: str, model, train, test, steps: int = 300, n_boot: int = 1000):
     """Added after the protocol (post hoc, issue 18 item 1: where is the lesion information lost?): patch cosine,
     effective rank and 100 %-mask Dice (seed 0, same head) of the tokens after the patch embedding, each block and
     the final norm (the last = the features of the main table)."""
@@ -457,7 +515,7 @@ def layer_segmentation(log: Log, name: str, model, train, test):
     names = ["patch_embed+pos", *[f"block_{k + 1}" for k in range(len(enc.blocks))], "final_norm"]
     rows = []
     for nm, a, b in zip(names, ftr, fte):
-        r = _fit_and_score(a, b, train, test, grid, 1.0, 0, steps=300, subpatch=8, n_boot=1000)
+        r = _fit_and_score(a, b, train, test, grid, 1.0, 0, steps=steps, subpatch=8, n_boot=n_boot)
         rows.append(
             dict(
                 layer=nm,
@@ -501,7 +559,11 @@ def seg_table(rows: list[dict], baseline: str = "random") -> list[dict]:
     df = pd.DataFrame(seg)
     out = []
     for (enc, frac), g in df.groupby(["encoder", "fraction"], sort=False):
-        b = df[(df.encoder == baseline) & (df.fraction == frac)]
+        tag = enc.partition("+")[
+            2
+        ]  # a variant's baseline is the random init measured with it (same corpus), if any
+        base = f"{baseline}+{tag}" if tag and (df.encoder == f"{baseline}+{tag}").any() else baseline
+        b = df[(df.encoder == base) & (df.fraction == frac)]
         lo = min(c[0] for c in g.dice_pooled_ci)
         hi = max(c[1] for c in g.dice_pooled_ci)
         row = dict(
@@ -513,7 +575,7 @@ def seg_table(rows: list[dict], baseline: str = "random") -> list[dict]:
             dice_lesion=g.dice_lesion.mean(),
             n_seeds=len(g),
         )
-        if len(b) and enc != baseline:
+        if len(b) and enc != base:
             bl, bh = min(c[0] for c in b.dice_pooled_ci), max(c[1] for c in b.dice_pooled_ci)
             row["above_random"] = bool(lo > bh)
             row["below_random"] = bool(hi < bl)
@@ -544,7 +606,7 @@ def write_tables(rows: list[dict], path: Path):
         "",
     ]
     L += [
-        "| encoder | fraction | pooled Dice | CI | lesion-image Dice | vs random (pooled CIs) |",
+        "| encoder | fraction | pooled Dice | CI | lesion-image Dice | vs random (pooled CIs; random+TAG for a TAG run on its own corpus) |",
         "|---|---|---|---|---|---|",
     ]
     for r in seg_table(rows):
@@ -569,6 +631,8 @@ def write_tables(rows: list[dict], path: Path):
         "|---|---|---|---|---|---|---|",
     ]
     for e in encs:
+        if not any((e, k) in by for k in ("pointing_game", "zero_shot")):
+            continue
         pg, zs = by.get((e, "pointing_game"), {}), by.get((e, "zero_shot"), {})
         z = {x["task"]: x for x in zs.get("rows", [])}
         zc = [
@@ -598,46 +662,64 @@ def write_tables(rows: list[dict], path: Path):
                 L.append(
                     f"| {e} | {w} | {_f(m[0])} | {_f(s[0])} | {_f(d[0])} {_ci(d[1], d[2])} | {_f(t1[0])} {_ci(t1[1], t1[2])} |"
                 )
-    ph = by.get(("mlip", "phi"))
-    if ph:
+    for e in encs:
+        ph = by.get((e, "phi"))
+        if not ph:
+            continue
         L += [
             "",
-            f"## φ over training (MLIP, {ph['mode']}; correlations over {ph['n_fov_patches']} field-of-view patches)",
+            f"## φ over training ({e}, {ph['mode']}; correlations over {ph['n_fov_patches']} field-of-view patches)",
             "",
         ]
         L += [
-            "| step | std | range | r(φ, lesion freq) | partial r given radius | p | r(φ, radius) |",
-            "|---|---|---|---|---|---|---|",
+            "| step | std | range | r(φ, lesion freq) | partial r given radius | 95 % CI (Fisher z) | p | r(φ, radius) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for h in ph["history"]:
             c, pc = h.get("corr_lesion_freq_fov", {}), h.get("partial_given_radius", {})
             L.append(
                 f"| {h['step']} | {_f(h['std'], 4)} | {_f(h['range'], 4)} | {_f(c.get('pearson'))} | {_f(pc.get('partial_r'))} "
-                f"| {_f(pc.get('p'))} | {_f(pc.get('r_phi_radius'))} |"
+                f"| {_ci(*fisher_ci(pc.get('partial_r', float('nan')), pc.get('n_patches', pc.get('n', 0))))} | {_f(pc.get('p'))} | {_f(pc.get('r_phi_control', pc.get('r_phi_radius')))} |"
             )
         h = ph["history"][-1].get("partial_given_radius", {})
         L += [
             "",
-            f"r(lesion freq, radius) = {_f(h.get('r_freq_radius'))}; share of the frequency map's variance left after radius: {_f(h.get('freq_resid_share'))}",
+            f"r(lesion freq, radius) = {_f(h.get('r_freq_control', h.get('r_freq_radius')))}; share of the frequency map's variance left after radius: {_f(h.get('freq_resid_share'))}",
         ]
-    ta = by.get(("mlip", "term_attribution"))
-    if ta:
+    for e in encs:
+        ta = by.get((e, "term_attribution"))
+        if not ta:
+            continue
         L += [
             "",
-            "## Which MLIP loss term moves the encoder's patch cosine C (first order, 32 test images; > 0 = pushes tokens together)",
+            f"## Which loss term moves the encoder's patch cosine C ({e}; first order, 32 test images; > 0 = pushes tokens together; dC of the unweighted term, weight = its λ in the loss)",
             "",
         ]
         L += [
-            "| checkpoint | C | term | loss | dC (SGD step) | cos(−∇L, ∇C) | dC (sign step) |",
-            "|---|---|---|---|---|---|---|",
+            "| checkpoint | C | term | weight | loss | dC (SGD step) | cos(−∇L, ∇C) | dC (sign step) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in ta["rows"]:
             for k in ("mim", "mcl", "ot"):
                 if k in r:
                     x = r[k]
                     L.append(
-                        f"| {r['checkpoint']} | {_f(r['patch_cos'])} | {k} | {_f(x['loss'])} | {x['dC_sgd']:.2e} | {_f(x['cos_angle'])} | {x['dC_sign']:.2e} |"
+                        f"| {r['checkpoint']} | {_f(r['patch_cos'])} | {k} | {x.get('weight', 1.0):g} | {_f(x['loss'])} | {x['dC_sgd']:.2e} | {_f(x['cos_angle'])} | {x['dC_sign']:.2e} |"
                     )
+    maps = [(e, by[(e, "lesion_map")]) for e in encs if (e, "lesion_map") in by]
+    if maps:
+        L += [
+            "",
+            "## The corpora's lesion-frequency maps (multi_disease train split, all lesion types): what a φ test given radius can use",
+            "",
+            "| corpus | share of variance left after radius | partial r with direction (inferior) given radius | 95 % CI | p |",
+            "|---|---|---|---|---|",
+        ]
+        for e, m in maps:
+            d = m["direction_given_radius"]
+            L.append(
+                f"| {e} | {_f(d['freq_resid_share'])} | {_f(d['partial_r'])} | {_ci(*d['partial_r_ci'])} | {_f(d['p'], 4)} |"
+            )
     lay = [(e, by[(e, "layers")]) for e in encs if (e, "layers") in by]
     if lay:
         L += [
@@ -685,6 +767,23 @@ def main(argv=None):
         "--corpus", default=None, help="an existing demo corpus (default OUT/corpus, built if missing)"
     )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument(
+        "--tag",
+        default=None,
+        help="name the encoders METHOD+TAG (runs/METHOD+TAG): a variant run with --overrides and/or --corpus-prior",
+    )
+    ap.add_argument(
+        "--overrides",
+        nargs="*",
+        default=[],
+        help="dotted config keys for pre-training, e.g. model.mlip.lambda_ot=4",
+    )
+    ap.add_argument(
+        "--corpus-prior",
+        nargs="*",
+        default=[],
+        help="FindingPrior fields of a corpus built here, e.g. lesion_angle_bias=0.8 (default: the demo's prior)",
+    )
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--save-every", type=int, default=50)
@@ -695,15 +794,35 @@ def main(argv=None):
     ap.add_argument(
         "--n-task", type=int, default=1000, help="train and test images per task of a corpus built here"
     )
-    ap.add_argument("--quick", action="store_true", help="smoke test: tiny corpus, 4 steps")
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        default=list(KINDS),
+        choices=KINDS,
+        help="measurements to make (default all); ot_heldout makes ot_training too",
+    )
+    ap.add_argument("--seg-steps", type=int, default=300, help="AdamW steps of each segmentation head")
+    ap.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples of a Dice CI (zero-shot: half of it)"
+    )
+    ap.add_argument("--ot-batch", type=int, default=32, help="pairs per OT matched-vs-shuffled batch")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test of every measurement: tiny corpus (16 paired, 16 unpaired, 24 per task split), 2 steps, "
+        "10-step heads, 20 resamples, OT on 2 batches of 8",
+    )
     ap.add_argument(
         "--table-only",
         action="store_true",
         help="only (re)write OUT/results.json and OUT/table.md from OUT/results.jsonl (and copy to --results)",
     )
     a = ap.parse_args(argv)
+    if (a.overrides or a.corpus_prior) and not a.tag:
+        ap.error("--overrides / --corpus-prior need a --tag (the variant's encoders are named METHOD+TAG)")
     if a.quick:
-        a.steps, a.batch_size, a.save_every, a.seg_seeds, a.n_pairs = 4, 8, 2, [0], 64
+        a.steps, a.batch_size, a.save_every, a.seg_seeds = 2, 8, 1, [0]
+        a.n_pairs, a.ot_batch, a.seg_steps, a.n_boot = 16, 8, 10, 20
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Path(a.corpus) if a.corpus else out / "corpus"
@@ -739,12 +858,17 @@ def main(argv=None):
     if not (corpus / "corpus.json").is_file():
         from maskedclip.synthetic import build_corpus
 
-        n_un, n_task = (64, 40) if a.quick else (a.n_unpaired, a.n_task)
-        if (n_un, n_task) == (8192, 1000):
+        n_pa, n_un, n_task = (16, 16, 24) if a.quick else (1024, a.n_unpaired, a.n_task)
+        if (n_un, n_task) == (8192, 1000) and not a.corpus_prior:
             _demo_corpus(corpus, 1024, n_un, n_task, 64, progress=False)
         else:  # the demo's pools with fewer images: the same eyes (index offsets are per pool), validation 50
-            tasks = dict(train=n_task, val=50, test=n_task)
-            build_corpus(corpus, 1024, n_un, tasks, size=64, seed=0, num_workers=2, progress=False)
+            tasks = dict(train=n_task, val=8 if a.quick else 50, test=n_task)
+            from maskedclip.synthetic import FindingPrior
+
+            prior = FindingPrior(**parse_settings(a.corpus_prior))
+            build_corpus(
+                corpus, n_pa, n_un, tasks, size=64, seed=0, prior=prior, num_workers=2, progress=False
+            )
         timings["corpus_s"] = time.time() - t0
     t0 = time.time()
     train_all = load_segmentation_split(corpus, "multi_disease", "train", lesions="all")
@@ -762,9 +886,13 @@ def main(argv=None):
     pairs = dict(heldout=_pairs_heldout(a.n_pairs), training=_pairs_training(corpus, a.n_pairs))
     timings["data_s"] = time.time() - t0
     print(f"data: train {train}, test {test}", flush=True)
-    for name in a.methods:
-        if name != "random":
-            dt = pretrain(name, corpus, runs / name, a)
+    corpus_key = f"corpus+{a.tag}" if a.corpus_prior else "corpus"
+    if "lesion_map" in a.kinds and not log.done(corpus_key, "lesion_map"):
+        lesion_map(log, corpus_key, train_all, (8, 8))  # the demo ViT's grid: 64 px / patch 8
+    for method in a.methods:
+        name = f"{method}+{a.tag}" if a.tag else method
+        if method != "random":
+            dt = pretrain(method, corpus, runs / name, a)
             if dt:
                 timings[f"pretrain_{name}_s"] = dt
         t0 = time.time()
@@ -775,23 +903,27 @@ def main(argv=None):
             ("pointing_game", lambda: pointing(log, name, model, test)),
             (
                 "zero_shot",
-                lambda: zero_shot(log, name, runs, corpus) if name not in ("random", "mae") else None,
+                lambda: (
+                    zero_shot(log, name, runs, corpus, a.n_boot // 2)
+                    if method not in ("random", "mae")
+                    else None
+                ),
             ),
-            ("ot_heldout", lambda: ot(log, name, model, pairs)),
+            ("ot_heldout", lambda: ot(log, name, model, pairs, a.ot_batch)),
             (
                 "diag_over_training",
-                lambda: training_diag(log, name, runs / name) if name != "random" else None,
+                lambda: training_diag(log, name, runs / name) if method != "random" else None,
             ),
-            ("phi", lambda: phi_stats(log, runs / name, train_all) if name == "mlip" else None),
-            ("layers", lambda: layer_segmentation(log, name, model, train, test)),
+            ("phi", lambda: phi_stats(log, runs / name, train_all, name) if method == "mlip" else None),
+            ("layers", lambda: layer_segmentation(log, name, model, train, test, a.seg_steps, a.n_boot)),
         ):
-            if not log.done(name, kind):
+            if kind in a.kinds and not log.done(name, kind):
                 fn()
-        if name == "mlip" and not log.done("mlip", "term_attribution"):
+        if method == "mlip" and "term_attribution" in a.kinds and not log.done(name, "term_attribution"):
             from maskedclip.train import checkpoint_dirs
 
-            cks = checkpoint_dirs(runs / "mlip")
-            term_attribution(log, runs / "mlip", test, [cks[0], runs / "mlip" / "final"])
+            cks = checkpoint_dirs(runs / name)
+            term_attribution(log, runs / name, test, [cks[0], runs / name / "final"], name)
         timings[f"evaluate_{name}_s"] = time.time() - t0
         _write_provenance(out, prov)
     timings["total_s"] = time.time() - t_start

@@ -1,4 +1,4 @@
-"experiments/mlip_study.py (issue 18): its statistics against the library's and an independent formula, and --quick."
+"experiments/mlip_study.py (issue 18): its own statistic (Wilson interval; the partial correlation is the library's, tested in 12_segmentation) and --quick."
 
 import importlib.util
 import json
@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,22 +17,6 @@ def _study():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def test_partial_correlation_matches_library_and_formula():
-    from maskedclip.segmentation import patch_radius, phi_partial_correlation
-
-    st = _study()
-    g = np.random.default_rng(3)
-    rad = patch_radius((8, 8)).numpy()
-    assert np.allclose(st.patch_radius((8, 8)), rad)
-    phi, freq = g.normal(size=(8, 8)), -rad + 0.3 * g.normal(size=(8, 8))
-    a = st.partial_correlation(phi, freq, rad)
-    b = phi_partial_correlation(phi, freq)
-    assert abs(a["partial_r"] - b["partial_r"]) < 1e-12 and abs(a["p"] - b["p"]) < 1e-12
-    # independent: regress on [1, r, r^2] with numpy.polyfit and correlate the residuals
-    res = [y.ravel() - np.polyval(np.polyfit(rad.ravel(), y.ravel(), 2), rad.ravel()) for y in (phi, freq)]
-    assert abs(a["partial_r"] - np.corrcoef(*res)[0, 1]) < 1e-10
 
 
 def test_wilson_interval():
@@ -58,10 +41,54 @@ def test_study_quick(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
-    kinds = {(x["encoder"], x["kind"]) for x in rows}
+    by = {(x["encoder"], x["kind"]): x for x in rows}
     for k in ("diagnostics", "segmentation", "pointing_game", "ot_heldout", "ot_training", "layers"):
-        assert ("mlip", k) in kinds and ("random", k) in kinds
-    assert ("mlip", "phi") in kinds and ("mlip", "term_attribution") in kinds
+        assert ("mlip", k) in by and ("random", k) in by
+    for k in ("zero_shot", "diag_over_training", "phi", "term_attribution"):
+        assert ("mlip", k) in by
+    for e in ("mlip", "random"):
+        d = by[(e, "diagnostics")]
+        assert -1 <= d["encoder_patch_cos"] <= 1 and 1 <= d["encoder_erank"] <= d["n_tokens"]
+        seg = by[(e, "segmentation")]["runs"]
+        assert sorted(r["fraction"] for r in seg) == [0.01, 0.1, 1.0]
+        assert all(
+            0 <= r["dice_pooled"] <= 1 and r["dice_pooled_ci"][0] <= r["dice_pooled_ci"][1] for r in seg
+        )
+        o = by[(e, "ot_heldout")]
+        assert (
+            o["n_batches"] == 2
+            and o["chance_top1"] == 1 / 8
+            and o["matched"][1] <= o["matched"][0] <= o["matched"][2]
+        )
+        lay = by[(e, "layers")]["rows"]
+        assert [r["layer"] for r in lay][0] == "patch_embed+pos" and lay[-1]["layer"] == "final_norm"
+    assert {r["task"] for r in by[("mlip", "zero_shot")]["rows"]} == {"glaucoma", "dr_referral"}
+    ph = by[("mlip", "phi")]["history"]
+    assert [h["step"] for h in ph][-1] == 2 and "partial_r" in ph[-1]["partial_given_radius"]
+    ta = by[("mlip", "term_attribution")]["rows"]
+    assert len(ta) == 2 and all({"mim", "mcl", "ot"} <= set(r) for r in ta)
+    assert "partial_r_ci" in ph[-1]["partial_given_radius"] and ("corpus", "lesion_map") in by
+    # a variant run: its own corpus (angular lesion prior) and a config override, encoders named METHOD+TAG
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "mlip_study.py"), "--out", str(out), "--quick"]
+        + ["--methods", "mlip", "--tag", "v", "--corpus", str(out / "corpus-v")]
+        + ["--corpus-prior", "lesion_angle_bias=0.8", "--overrides", "model.mlip.lambda_ot=4"]
+        + ["--kinds", "lesion_map", "phi", "term_attribution"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    by = {(x["encoder"], x["kind"]): x for x in rows}
+    assert json.loads((out / "corpus-v" / "corpus.json").read_text())["prior"]["lesion_angle_bias"] == 0.8
+    assert "lesion_angle_bias" not in json.loads((out / "corpus" / "corpus.json").read_text())["prior"]
+    assert (
+        ("mlip+v", "phi") in by and ("corpus+v", "lesion_map") in by and ("mlip+v", "segmentation") not in by
+    )
+    assert all(
+        r["ot"]["weight"] == 4 and r["mcl"]["weight"] == 1 for r in by[("mlip+v", "term_attribution")]["rows"]
+    )
     table = (out / "table.md").read_text()
     assert "Few-shot red-lesion segmentation" in table and "partial r given radius" in table
     prov = json.loads((out / "provenance.json").read_text())

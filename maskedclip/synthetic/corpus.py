@@ -361,6 +361,16 @@ def _write_manifests(root: Path, results: list, n_paired, n_unpaired, splits, n_
     return manifests, prevalence, counts
 
 # %% ../../nbs/02d_synthetic_corpus.ipynb #79784375
+def _prior_meta(prior: FindingPrior) -> dict:
+    """The prior as written to `corpus.json`. The angular lesion option (`lesion_angle_*`, added later) is written
+    only when it is on, so a default corpus's `corpus.json` stays byte-identical to one written before it existed."""
+    d = asdict(prior)
+    if not d.get("lesion_angle_bias"):
+        d.pop("lesion_angle_bias", None)
+        d.pop("lesion_angle_deg", None)
+    return d
+
+
 def _corpus_meta(seed, size, counts, manifests, prior, nuisance, shift, n_shifted_test, prevalence) -> dict:
     "The content of `corpus.json`: format, generator settings, label spaces, the labelling rules and prevalences."
     return dict(
@@ -371,7 +381,7 @@ def _corpus_meta(seed, size, counts, manifests, prior, nuisance, shift, n_shifte
         image_size=int(size),
         counts=counts,
         manifests=manifests,
-        prior=asdict(prior),
+        prior=_prior_meta(prior),
         nuisance=asdict(nuisance) if nuisance is not None else None,
         shifted_acquisition=asdict(shift) if n_shifted_test else None,
         label_spaces=TASKS,

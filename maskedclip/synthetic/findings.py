@@ -263,6 +263,11 @@ class FindingPrior:
     # fovea offset from the FOV centre (uniform; < 0 temporal): macula-centred to nearly disc-centred views
     # (version 1: N(0, 0.025))
     fovea_x: tuple[float, float] = (-0.2, 0.02)
+    # lesion centres about the FOV centre, an option that is off by default (a = 0: the default corpus, unchanged):
+    # density ∝ 1 + a·cos(θ − θ0), a = lesion_angle_bias in [0, 1), θ0 = lesion_angle_deg in the canonical frame
+    # (0 nasal, 90 inferior; a left eye's mirror keeps an inferior θ0 inferior)
+    lesion_angle_bias: float = 0.0
+    lesion_angle_deg: float = 90.0
 
     def __post_init__(self):
         p = np.asarray(self.dr_grade_probs, dtype=float)
@@ -284,6 +289,10 @@ class FindingPrior:
         if not (len(self.fovea_x) == 2 and -0.3 <= self.fovea_x[0] <= self.fovea_x[1] <= 0.05):
             raise ValueError(
                 f"FindingPrior.fovea_x must be a range (low, high) within [-0.3, 0.05], got {self.fovea_x}"
+            )
+        if not 0.0 <= self.lesion_angle_bias < 1.0:
+            raise ValueError(
+                f"FindingPrior.lesion_angle_bias must be in [0, 1), got {self.lesion_angle_bias}"
             )
         lo = self.haem_per_quadrant_severe[0]
         if lo <= SEVERE_HAEMORRHAGES_PER_QUADRANT:
@@ -311,6 +320,26 @@ def expected(self: FindingPrior) -> dict[str, float]:
         normal=(1 - pdr) * (1 - self.p_glaucoma) * (1 - self.p_amd) * (1 - self.p_cataract),
     )
 
+# %% ../../nbs/02a_synthetic_findings.ipynb #acae54e37e7d407bbb7b55eff062a284
+def _angular(prior) -> tuple[float, float] | None:
+    "(a, θ0 in radians) of the prior's angular lesion density, or None when it is off (a = 0: the default)."
+    a = float(getattr(prior, "lesion_angle_bias", 0.0))
+    return (a, math.radians(prior.lesion_angle_deg)) if a > 0 else None
+
+
+def _angular_warp(p: np.ndarray, a: float, theta0: float) -> np.ndarray:
+    """Move points `(n, 2)` along their circle about the FOV centre so that uniform angles come out with density
+    ∝ 1 + a·cos(θ − θ0); radii unchanged. Inverse CDF: the root of φ + a·sin φ = u (φ = θ − θ0) by bisection."""
+    r, th = np.hypot(p[:, 0], p[:, 1]), np.arctan2(p[:, 1], p[:, 0])
+    u = np.mod(th - theta0, 2 * np.pi)
+    lo, hi = np.zeros_like(u), np.full_like(u, 2 * np.pi)
+    for _ in range(60):  # 2π / 2^60: exact to float precision
+        mid = (lo + hi) / 2
+        below = mid + a * np.sin(mid) < u
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    t = theta0 + (lo + hi) / 2
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
 # %% ../../nbs/02a_synthetic_findings.ipynb #00000013
 def _count(rng: np.random.Generator, lo_hi: tuple[int, int]) -> int:
     return int(rng.integers(lo_hi[0], lo_hi[1] + 1))
@@ -327,9 +356,11 @@ def _positions(
     sigma: float = 0.3,
     quadrant: str | None = None,
     ring: float | None = None,
+    angular: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """`(n, 2)` lesion centres inside the FOV (radius `rmax`) and off the optic disc: uniform, or Gaussian
-    around `centre` (`sigma`), or on a ring of radius `ring` around `centre`; optionally folded into `quadrant`."""
+    around `centre` (`sigma`), or on a ring of radius `ring` around `centre`; moved by `_angular_warp(*angular)`
+    if given; optionally folded into `quadrant`."""
     out, tries = np.zeros((0, 2)), 0
     while len(out) < n:
         m, tries = 2 * (n - len(out)) + 8, tries + 1
@@ -344,6 +375,8 @@ def _positions(
             p = np.asarray(centre) + np.stack([rr * np.cos(th), rr * np.sin(th)], 1)
         else:
             p = np.asarray(centre) + sigma * rng.standard_normal((m, 2))
+        if angular is not None:
+            p = _angular_warp(p, *angular)
         if quadrant is not None:
             p = np.abs(p) * [(-1 if "temporal" in quadrant else 1), (-1 if "supero" in quadrant else 1)]
         ok = (np.hypot(*p.T) < rmax) & (np.hypot(*(p - disc).T) > 0.75 * dd)
@@ -389,13 +422,20 @@ def _severe_signs(
         for q in QUADRANTS:
             les += _haemorrhages(
                 rng,
-                _positions(rng, _count(rng, prior.haem_per_quadrant_severe), disc, dd, quadrant=q),
+                _positions(
+                    rng,
+                    _count(rng, prior.haem_per_quadrant_severe),
+                    disc,
+                    dd,
+                    quadrant=q,
+                    angular=_angular(prior),
+                ),
                 disc,
             )
     return les, beading
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #401bb3b6
-def _hard_exudates(rng: np.random.Generator, fovea, disc, dd) -> list[Lesion]:
+def _hard_exudates(rng: np.random.Generator, fovea, disc, dd, angular=None) -> list[Lesion]:
     "Hard exudates: 1-2 clusters or circinate rings in the posterior pole."
     les = []
     for _ in range(int(rng.integers(1, 3))):
@@ -403,7 +443,7 @@ def _hard_exudates(rng: np.random.Generator, fovea, disc, dd) -> list[Lesion]:
         c = (fovea[0] + d * np.cos(th), fovea[1] + d * np.sin(th))
         n = int(rng.integers(4, 21))
         ring = rng.uniform(0.03, 0.08) if rng.random() < 0.5 else None
-        pos = _positions(rng, n, disc, dd, centre=c, sigma=0.04, ring=ring)
+        pos = _positions(rng, n, disc, dd, centre=c, sigma=0.04, ring=ring, angular=angular)
         les += _round_lesions(
             "hard_exudate",
             pos,
@@ -414,7 +454,7 @@ def _hard_exudates(rng: np.random.Generator, fovea, disc, dd) -> list[Lesion]:
     return les
 
 # %% ../../nbs/02a_synthetic_findings.ipynb #fba3a212
-def _cotton_wool_spots(rng: np.random.Generator, disc, dd) -> list[Lesion]:
+def _cotton_wool_spots(rng: np.random.Generator, disc, dd, angular=None) -> list[Lesion]:
     "Cotton-wool spots: fluffy, near the disc and the arcades."
     n = int(rng.integers(1, 5))
     d, th = (
@@ -422,7 +462,9 @@ def _cotton_wool_spots(rng: np.random.Generator, disc, dd) -> list[Lesion]:
         rng.choice([-1.0, 1.0], n) * np.radians(rng.uniform(100, 160, n)),
     )
     centre_pts = np.stack([disc[0] + d * np.cos(th), disc[1] + d * np.sin(th)], 1)
-    pos = np.array([_positions(rng, 1, disc, dd, centre=tuple(p), sigma=0.03)[0] for p in centre_pts])
+    pos = np.array(
+        [_positions(rng, 1, disc, dd, centre=tuple(p), sigma=0.03, angular=angular)[0] for p in centre_pts]
+    )
     return _round_lesions(
         "cotton_wool_spot",
         pos,
@@ -471,7 +513,7 @@ def _new_vessels(rng: np.random.Generator, prior: FindingPrior, disc, dd) -> lis
                 )
             )
     if pre:
-        p = _positions(rng, 1, disc, dd, rmax=0.7)[0]
+        p = _positions(rng, 1, disc, dd, rmax=0.7, angular=_angular(prior))[0]
         r = rng.uniform(0.06, 0.12)
         les.append(
             Lesion("preretinal_haemorrhage", float(p[0]), float(p[1]), r, r * rng.uniform(0.75, 0.95), 0.0)
@@ -489,7 +531,7 @@ def _dr_lesions(
     n_ma = _count(rng, prior.ma_count_mild if grade == 1 else prior.ma_count_other)
     les += _round_lesions(
         "microaneurysm",
-        _positions(rng, n_ma, disc, dd, centre=fovea, sigma=0.35),
+        _positions(rng, n_ma, disc, dd, centre=fovea, sigma=0.35, angular=_angular(prior)),
         rng.uniform(0.003, 0.006, n_ma),
     )
     if grade == 1:
@@ -506,11 +548,13 @@ def _dr_lesions(
         les += severe
     if has_h or grade == 4:
         lo_hi = prior.haem_count_moderate if grade < 4 else (5, max(5, 2 * prior.haem_count_moderate[1]))
-        les += _haemorrhages(rng, _positions(rng, _count(rng, lo_hi), disc, dd), disc)
+        les += _haemorrhages(
+            rng, _positions(rng, _count(rng, lo_hi), disc, dd, angular=_angular(prior)), disc
+        )
     if has_e:
-        les += _hard_exudates(rng, fovea, disc, dd)
+        les += _hard_exudates(rng, fovea, disc, dd, _angular(prior))
     if has_c:
-        les += _cotton_wool_spots(rng, disc, dd)
+        les += _cotton_wool_spots(rng, disc, dd, _angular(prior))
     if grade == 4:
         les += _new_vessels(rng, prior, disc, dd)
     return les, beading
@@ -536,7 +580,7 @@ def _drusen(rng: np.random.Generator, amd: bool, prior: FindingPrior, fovea, dis
     sub = np.where(
         d_um >= DRUSEN_LARGE_UM, "large", np.where(d_um >= DRUSEN_INTERMEDIATE_UM, "intermediate", "small")
     )
-    pos = _positions(rng, len(d_um), disc, dd, centre=fovea, sigma=0.8 * dd)
+    pos = _positions(rng, len(d_um), disc, dd, centre=fovea, sigma=0.8 * dd, angular=_angular(prior))
     r = d_um / 2 * dd / DISC_DIAMETER_UM
     return [
         Lesion("drusen", float(x), float(y), float(a), float(a), 0.0, str(s))
