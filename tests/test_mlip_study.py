@@ -29,16 +29,20 @@ def test_wilson_interval():
     assert abs(lo - (c - h)) < 1e-12 and abs(hi - (c + h)) < 1e-12 and lo < p < hi
 
 
-@pytest.mark.slow
-def test_study_quick(tmp_path):
-    out = tmp_path / "study"
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "mlip_study.py"), "--out", str(out), "--quick"]
-        + ["--methods", "mlip", "random"],
+def _run_study(out, *args) -> subprocess.CompletedProcess:
+    "`experiments/mlip_study.py --out OUT --quick ARGS` in a fresh interpreter."
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "mlip_study.py"), "--out", str(out), "--quick", *args],
         capture_output=True,
         text=True,
         timeout=1200,
     )
+
+
+@pytest.mark.slow
+def test_study_quick(tmp_path):
+    out = tmp_path / "study"
+    r = _run_study(out, "--methods", "mlip", "random")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     by = {(x["encoder"], x["kind"]): x for x in rows}
@@ -69,14 +73,11 @@ def test_study_quick(tmp_path):
     assert len(ta) == 2 and all({"mim", "mcl", "ot"} <= set(r) for r in ta)
     assert "partial_r_ci" in ph[-1]["partial_given_radius"] and ("corpus", "lesion_map") in by
     # a variant run: its own corpus (angular lesion prior) and a config override, encoders named METHOD+TAG
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "mlip_study.py"), "--out", str(out), "--quick"]
-        + ["--methods", "mlip", "--tag", "v", "--corpus", str(out / "corpus-v")]
-        + ["--corpus-prior", "lesion_angle_bias=0.8", "--overrides", "model.mlip.lambda_ot=4"]
-        + ["--kinds", "lesion_map", "phi", "term_attribution"],
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    r = _run_study(
+        out,
+        *("--methods", "mlip", "--tag", "v", "--corpus", str(out / "corpus-v")),
+        *("--corpus-prior", "lesion_angle_bias=0.8", "--overrides", "model.mlip.lambda_ot=4"),
+        *("--kinds", "lesion_map", "phi", "term_attribution"),
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
