@@ -10,6 +10,9 @@ from .records import *
 from .manifest import *
 from .prepare import *
 from .transforms import *
+from .torch_datasets import *
+from .twostream import *
+from .streaming import *
 from .loader import *
 from .adapters import *
 from .loader import _Collate
