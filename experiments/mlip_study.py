@@ -559,9 +559,8 @@ def seg_table(rows: list[dict], baseline: str = "random") -> list[dict]:
     df = pd.DataFrame(seg)
     out = []
     for (enc, frac), g in df.groupby(["encoder", "fraction"], sort=False):
-        tag = enc.partition("+")[
-            2
-        ]  # a variant's baseline is the random init measured with it (same corpus), if any
+        # a variant's baseline is the random init measured with it (same corpus), if any
+        tag = enc.partition("+")[2]
         base = f"{baseline}+{tag}" if tag and (df.encoder == f"{baseline}+{tag}").any() else baseline
         b = df[(df.encoder == base) & (df.fraction == frac)]
         lo = min(c[0] for c in g.dice_pooled_ci)

@@ -1,4 +1,4 @@
-"experiments/mlip_study.py (issue 18): its own statistic (Wilson interval; the partial correlation is the library's, tested in 12_segmentation) and --quick."
+"experiments/mlip_study.py (issue 18): its own statistics (Wilson and Fisher-z intervals; the partial correlation is the library's, tested in 12_segmentation) and --quick."
 
 import importlib.util
 import json
@@ -27,6 +27,22 @@ def test_wilson_interval():
     c = (p + z * z / (2 * n)) / (1 + z * z / n)
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     assert abs(lo - (c - h)) < 1e-12 and abs(hi - (c + h)) < 1e-12 and lo < p < hi
+
+
+def test_fisher_interval_matches_scipy():
+    "The study's Fisher-z interval of a (partial) correlation against scipy's interval of Pearson's r."
+    import numpy as np
+    from scipy.stats import pearsonr
+
+    st = _study()
+    x = np.random.default_rng(0).normal(size=(2, 40))
+    r = pearsonr(x[0], x[0] + x[1])
+    ref = r.confidence_interval(0.95)
+    lo, hi = st.fisher_ci(r.statistic, 40, k=0)
+    assert abs(lo - ref.low) < 1e-6 and abs(hi - ref.high) < 1e-6
+    # k controlled regressors cost k points: the partial correlation's interval is the plain one over n - k
+    assert st.fisher_ci(0.3, 54, k=2) == st.fisher_ci(0.3, 52, k=0)
+    assert all(math.isnan(v) for v in st.fisher_ci(1.0, 54) + st.fisher_ci(0.3, 5))
 
 
 def _run_study(out, *args) -> subprocess.CompletedProcess:
