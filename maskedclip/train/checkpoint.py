@@ -184,14 +184,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 # %% ../../nbs/09c_train_checkpoint.ipynb #91a106af
+# Our own temporaries (`.step_N.tmp`, `.final.tmp`, `.encoder.tmp.safetensors`, `latest.tmp<pid>`), and the one that
+# safetensors >= 0.8 makes in the target's folder for an atomic save (Rust `tempfile`: `.tmp` + 6 letters/digits);
+# a kill during `save_file(..., run/.encoder.tmp.safetensors)` leaves that one in the run folder itself.
+_STALE_TMP = r"\.(step_\d+|final|final\.old|encoder)\.tmp.*|.+\.tmp\d+|\.tmp[A-Za-z0-9]{6}"
+
+
 def clean_stale_tmp(run_dir: str | Path) -> list[str]:
-    "Remove what an interrupted save leaves (`.step_N.tmp/`, `.final.tmp/`, `*.tmp<pid>` pointer files); only the lock holder may call this."
+    """Remove what an interrupted save leaves (`.step_N.tmp/`, `.final.tmp/`, `*.tmp<pid>` pointer files, and the
+    `.tmpXXXXXX` file that safetensors >= 0.8 writes beside its target before renaming it); only the lock holder
+    may call this."""
     run_dir, gone = Path(run_dir), []
     for d in (run_dir / "checkpoints", run_dir):
         if not d.is_dir():
             continue
         for p in d.iterdir():
-            if re.fullmatch(r"\.(step_\d+|final|final\.old|encoder)\.tmp.*|.+\.tmp\d+", p.name):
+            if re.fullmatch(_STALE_TMP, p.name):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 gone.append(str(p))
     return gone
