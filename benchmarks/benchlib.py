@@ -121,7 +121,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str, trainer_attention: bool = True):
-    "The trainer's autocast; `trainer_attention`: with its attention precision (fp32 attention under bf16 on CPU, D27)."
+    "The trainer's autocast; `trainer_attention`: with its attention precision (under bf16 on CPU: no bf16 SDPA kernel, D27)."
     if precision not in ("bf16", "fp16"):
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()

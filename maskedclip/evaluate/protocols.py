@@ -108,8 +108,10 @@ def extract_features(
     precision: str = "fp32",
 ) -> np.ndarray:
     """Frozen E_I features `(N, D)` float32 of full images: mean of patch tokens (`pool='mean'`) or the CLS token.
-    `precision`: autocast of the encoder's forward ('auto': bf16 where the device has it natively, D37); the
-    tokens are pooled in fp32."""
+    `precision`: autocast of the encoder's forward ('auto': bf16 where the device has it natively, D37), with the
+    training forward's attention rule (`maskedclip.train.sdpa_backend_context`, D27); the tokens are pooled in fp32."""
+    from maskedclip.train import sdpa_backend_context
+
     if pool not in ("mean", "cls"):
         raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
     enc = _encoder_module(encoder)
@@ -128,7 +130,10 @@ def extract_features(
             disable=not progress,
             leave=False,
         ):
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            with (
+                torch.autocast(dev.type, dtype=amp, enabled=amp is not None),
+                sdpa_backend_context(dev, "bf16" if amp == torch.bfloat16 else "fp32"),
+            ):
                 tok = enc(_model_input(x, dev)).tokens.float()
             out.append((tok[:, 1:].mean(1) if pool == "mean" else tok[:, 0]).cpu())
     finally:

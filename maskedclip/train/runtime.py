@@ -193,23 +193,34 @@ def _resolve_precision(p: str, device: torch.device) -> str:
     return p
 
 # %% ../../nbs/09b_train_runtime.ipynb #c8d98d78-a
-class _Float32Attention(torch.overrides.TorchFunctionMode):
-    "Inside: `F.scaled_dot_product_attention` on bf16 CPU tensors runs in fp32 (inputs up-cast, output cast back)."
+def _plain_attention(args, kwargs) -> bool:
+    "An SDPA call with only q, k, v (no mask, dropout, causal flag, scale or GQA)?"
+    return len(args) == 3 and all(v is None or (not torch.is_tensor(v) and not v) for v in kwargs.values())
+
+
+class _CpuBf16Attention(torch.overrides.TorchFunctionMode):
+    """Inside: `F.scaled_dot_product_attention` on bf16 CPU tensors avoids torch's bf16 SDPA kernel. A plain call runs
+    `softmax(q k^T / sqrt(d)) v` under the caller's autocast (bf16 matmuls, fp32 softmax); any other call runs the fp32
+    kernel on up-cast inputs and returns bf16."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and args[0].dtype == torch.bfloat16:
-            up = lambda t: t.float() if torch.is_tensor(t) and t.dtype == torch.bfloat16 else t
-            with torch.autocast("cpu", enabled=False):
-                out = func(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
-            return out.to(torch.bfloat16)
-        return func(*args, **kwargs)
+        if func is not torch.nn.functional.scaled_dot_product_attention or args[0].dtype != torch.bfloat16:
+            return func(*args, **kwargs)
+        if _plain_attention(args, kwargs):
+            q, k, v = args
+            return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1).to(v.dtype) @ v
+        up = lambda t: t.float() if torch.is_tensor(t) and t.dtype == torch.bfloat16 else t
+        with torch.autocast("cpu", enabled=False):
+            out = func(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+        return out.to(torch.bfloat16)
 
 
 def sdpa_backend_context(device: torch.device, precision: str):
     """How attention runs in a training forward (D27). Under bf16 on CPU, torch's fused SDPA kernel is 3–14× slower
-    than in fp32 (its backward above all; `benchmarks/profile_step.py`), so there attention runs in fp32 on
-    up-cast inputs (the matmuls around it stay bf16); everywhere else nothing changes."""
+    than in fp32 (its backward above all; `benchmarks/profile_step.py`), so there a plain call runs as
+    `softmax(q k^T / sqrt(d)) v` with bf16 matmuls and an fp32 softmax, and a masked one in fp32 on up-cast inputs;
+    everywhere else nothing changes."""
     if torch.device(device).type == "cpu" and precision == "bf16":
-        return _Float32Attention()
+        return _CpuBf16Attention()
     return contextlib.nullcontext()
