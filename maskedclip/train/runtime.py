@@ -205,7 +205,11 @@ class _CpuBf16Attention(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not torch.nn.functional.scaled_dot_product_attention or args[0].dtype != torch.bfloat16:
+        if (
+            func is not torch.nn.functional.scaled_dot_product_attention
+            or not args
+            or args[0].dtype != torch.bfloat16
+        ):
             return func(*args, **kwargs)
         if _plain_attention(args, kwargs):
             q, k, v = args
