@@ -97,6 +97,12 @@ def main(argv=None):
         help="FindingPrior fields of a corpus built here and of the unseen renders, e.g. extended_signs=true (D40)",
     )
     ap.add_argument("--workers", type=int, default=1, help="processes rendering a corpus built here")
+    ap.add_argument(
+        "--overrides",
+        nargs="*",
+        default=[],
+        help="dotted config keys for pre-training on top of the protocol, e.g. model.norm_pix_loss=false",
+    )
     a = ap.parse_args(argv)
     from mlip_study import parse_settings
 
@@ -171,6 +177,7 @@ def main(argv=None):
             "train.keep_last": 2,
             "data.hflip": a.hflip,
             "data.crop_scale_min": a.crop_scale_min,
+            **parse_settings(a.overrides),
         },
     )
     t0 = time.time()
@@ -227,6 +234,7 @@ def main(argv=None):
             n_unpaired=a.n_unpaired,
             corpus=str(corpus),
             corpus_prior=parse_settings(a.corpus_prior),
+            overrides=parse_settings(a.overrides),
         ),
         mim_loss=mim,
         linear_probe_margins=probe_margins(probe, method="mae").round(4).to_dict("records"),
