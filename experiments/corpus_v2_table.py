@@ -1,6 +1,10 @@
 """Before/after table of two `mae_corpus_study.py` results (markdown to stdout).
 
 python experiments/corpus_v2_table.py experiments/results/corpus-v2/before.json experiments/results/corpus-v2/after.json
+
+Two more arguments name the columns (default: corpus-v2's before / after), e.g. for corpus v3 (D40):
+python experiments/corpus_v2_table.py experiments/results/corpus-v2/after.json experiments/results/corpus-v3/v3.json \
+    "corpus v2 (after)" "corpus v3: extended_signs=true"
 """
 
 import json
@@ -9,11 +13,15 @@ import sys
 
 def main(argv=None):
     paths = argv or sys.argv[1:]
-    if len(paths) != 2:
+    if len(paths) not in (2, 4):
         raise SystemExit(__doc__)
-    b, a = (json.load(open(p)) for p in paths)
+    b, a = (json.load(open(p)) for p in paths[:2])
+    cols = paths[2:] or [
+        "before (corpus v1, no crops/flips, 1024 unpaired)",
+        "after (corpus v2, crops 0.2-1, flips 0.5, 8192 unpaired)",
+    ]
     out = [
-        "| | before (corpus v1, no crops/flips, 1024 unpaired) | after (corpus v2, crops 0.2-1, flips 0.5, 8192 unpaired) |",
+        f"| | {cols[0]} | {cols[1]} |",
         "|---|---|---|",
     ]
     names = dict(

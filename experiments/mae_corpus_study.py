@@ -8,6 +8,9 @@ Unseen renders: 512 eyes from renderer seed 7 (the corpus uses seed 0), through 
 masks drawn from a fixed generator (seed 0), mask ratio 0.75, normalised-pixel loss (the training loss).
 
     python experiments/mae_corpus_study.py --out runs/study/after --crop-scale-min 0.2 --hflip 0.5
+
+`--corpus-prior key=value ...` builds the corpus (and draws the unseen renders) from `FindingPrior(**settings)`,
+e.g. `extended_signs=true` (D40); `--workers` renders a corpus built here on that many processes (same bytes).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by 
 from _provenance import git as _git  # noqa: E402
 
 
-def unseen_renders(n: int, size: int, seed: int = 7, zoom: float = 1.0) -> torch.Tensor:
-    "`n` fresh renders (renderer seed `seed`) through the evaluation transform; `zoom` > 1 magnifies the centre first."
+def unseen_renders(n: int, size: int, seed: int = 7, zoom: float = 1.0, prior=None) -> torch.Tensor:
+    """`n` fresh renders (renderer seed `seed`, population `prior`, default `FindingPrior()`) through the evaluation
+    transform; `zoom` > 1 magnifies the centre first."""
     from PIL import Image
 
     from maskedclip.data import eval_transform
@@ -34,7 +38,7 @@ def unseen_renders(n: int, size: int, seed: int = 7, zoom: float = 1.0) -> torch
     tf = eval_transform(size)
     out = []
     for k in range(n):
-        im = Image.fromarray(make_sample(seed, k, size).image)
+        im = Image.fromarray(make_sample(seed, k, size, prior).image)
         if zoom != 1.0:
             s = size / zoom
             o = (size - s) / 2
@@ -86,11 +90,28 @@ def main(argv=None):
         action="store_true",
         help="add the fine-tune comparison to an existing OUT/results.json (pre-training and the rest are not redone)",
     )
+    ap.add_argument(
+        "--corpus-prior",
+        nargs="*",
+        default=[],
+        help="FindingPrior fields of a corpus built here and of the unseen renders, e.g. extended_signs=true (D40)",
+    )
+    ap.add_argument("--workers", type=int, default=1, help="processes rendering a corpus built here")
+    ap.add_argument(
+        "--overrides",
+        nargs="*",
+        default=[],
+        help="dotted config keys for pre-training on top of the protocol, e.g. model.norm_pix_loss=false",
+    )
     a = ap.parse_args(argv)
+    from mlip_study import parse_settings
+
     from maskedclip import evaluate as ev
     from maskedclip.demo import DEMO_TASKS, probe_margins
     from maskedclip.model import MaskedCLIP
-    from maskedclip.synthetic import build_corpus
+    from maskedclip.synthetic import FindingPrior, build_corpus
+
+    prior = FindingPrior(**parse_settings(a.corpus_prior))
     from maskedclip.train import experiment_config, train
 
     out = Path(a.out)
@@ -131,7 +152,8 @@ def main(argv=None):
             n_task_per_split=dict(train=1000, val=500, test=1000),
             size=64,
             seed=0,
-            num_workers=1,
+            prior=prior,
+            num_workers=a.workers,
             progress=False,
         )
     t["corpus_s"] = time.time() - t0
@@ -155,6 +177,7 @@ def main(argv=None):
             "train.keep_last": 2,
             "data.hflip": a.hflip,
             "data.crop_scale_min": a.crop_scale_min,
+            **parse_settings(a.overrides),
         },
     )
     t0 = time.time()
@@ -165,8 +188,8 @@ def main(argv=None):
     model = MaskedCLIP.from_pretrained(run / "final")
     torch.manual_seed(0)
     rand = MaskedCLIP(model.config)
-    x = unseen_renders(a.n_unseen, 64)
-    xz = unseen_renders(a.n_unseen, 64, zoom=1 / 0.95)
+    x = unseen_renders(a.n_unseen, 64, prior=prior)
+    xz = unseen_renders(a.n_unseen, 64, zoom=1 / 0.95, prior=prior)
     from maskedclip.data import ImageDataset, eval_transform, load_manifest
 
     seen = ImageDataset(
@@ -210,6 +233,8 @@ def main(argv=None):
             hflip=a.hflip,
             n_unpaired=a.n_unpaired,
             corpus=str(corpus),
+            corpus_prior=parse_settings(a.corpus_prior),
+            overrides=parse_settings(a.overrides),
         ),
         mim_loss=mim,
         linear_probe_margins=probe_margins(probe, method="mae").round(4).to_dict("records"),

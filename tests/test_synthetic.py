@@ -444,6 +444,59 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         Nuisance(rotation=(5, -5))
 
 
+# ------------------------------------------------------------------------------- extended signs of disease (D40)
+def test_extended_signs_keep_every_label_and_the_anatomy_masks():
+    """Same seed, same eye: labels, CDR, lesion kinds and per-quadrant haemorrhage counts agree with the default;
+    the disc and cup masks are identical; only glaucomatous eyes get RNFL defects; the default has none."""
+    from maskedclip.synthetic.findings import haemorrhages_per_quadrant
+
+    px = FindingPrior(extended_signs=True)
+    for i in range(300):
+        a, b = sample_findings(np.random.default_rng(i)), sample_findings(np.random.default_rng(i), px)
+        assert a.labels == b.labels and a.cdr == b.cdr
+        assert sorted(l.kind for l in a.lesions) == sorted(l.kind for l in b.lesions)
+        assert haemorrhages_per_quadrant(a.lesions) == haemorrhages_per_quadrant(b.lesions)
+        assert bool(b.rnfl_defects) == b.glaucoma and not (a.rnfl_defects or a.ppa or a.venous_dilation)
+    for i in range(6):
+        sa, sb = make_sample(0, i, 64), make_sample(0, i, 64, px)
+        assert sa.findings.labels == sb.findings.labels
+        assert all(np.array_equal(sa.masks[k], sb.masks[k]) for k in ("optic_disc", "optic_cup"))
+        assert {k for k, m in sa.masks.items() if m.any()} == {k for k, m in sb.masks.items() if m.any()}
+
+
+def test_extended_signs_cluster_haemorrhages_and_darken_the_rnfl_wedge():
+    "Haemorrhages sit closer to their nearest neighbour; a wedge defect darkens green inside it and nothing far away."
+    from dataclasses import replace
+
+    px, d = FindingPrior(extended_signs=True), []
+    for i in range(400):
+        fs = sample_findings(np.random.default_rng(i)), sample_findings(np.random.default_rng(i), px)
+        if 5 <= fs[0].count("haemorrhage") <= 40:
+            p = [np.array([(l.x, l.y) for l in f.lesions if l.kind == "haemorrhage"]) for f in fs]
+            dist = [np.hypot(*(q[:, None] - q[None]).transpose(2, 0, 1)) + 9 * np.eye(len(q)) for q in p]
+            d.append([x.min(1).mean() for x in dist])
+    d = np.array(d)
+    assert len(d) > 50 and d[:, 1].mean() < 0.6 * d[:, 0].mean()
+    f0 = Findings(cdr=0.8)
+    f1 = replace(f0, rnfl_defects=((120.0, 16.0, 0.6, 0.3),))
+    a, ma = render_fundus(f0, 128, np.random.default_rng(3), None)
+    b, mb = render_fundus(f1, 128, np.random.default_rng(3), None)
+    assert all(np.array_equal(ma[k], mb[k]) for k in ma)
+    r = (b[..., 1].astype(float) + 1) / (a[..., 1].astype(float) + 1)
+    assert (r < 0.85).sum() > 150 and np.median(r[a[..., 1] > 0]) > 0.97  # a darker wedge, the rest unchanged
+    rows, cols = np.nonzero(r < 0.85)
+    assert rows.mean() > 64  # inferior (y grows down; no rotation in the canonical camera)
+
+
+def test_extended_signs_bad_inputs():
+    with pytest.raises(ValueError, match="extended_signs"):
+        FindingPrior(extended_signs="yes")
+    with pytest.raises(ValueError, match="rnfl_defects"):
+        Findings(rnfl_defects=((120.0, -5.0, 0.5, 0.3),))
+    with pytest.raises(ValueError, match="ppa"):
+        Findings(ppa=-0.1)
+
+
 def test_cli_builds_and_summarises(tmp_path, capsys):
     out = tmp_path / "cli"
     assert (

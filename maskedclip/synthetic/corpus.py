@@ -363,11 +363,14 @@ def _write_manifests(root: Path, results: list, n_paired, n_unpaired, splits, n_
 # %% ../../nbs/02d_synthetic_corpus.ipynb #79784375
 def _prior_meta(prior: FindingPrior) -> dict:
     """The prior as written to `corpus.json`. The angular lesion option (`lesion_angle_*`, added later) is written
-    only when it is on, so a default corpus's `corpus.json` stays byte-identical to one written before it existed."""
+    only when it is on, so a default corpus's `corpus.json` stays byte-identical to one written before it existed;
+    the same holds for `extended_signs` (D40)."""
     d = asdict(prior)
     if not d.get("lesion_angle_bias"):
         d.pop("lesion_angle_bias", None)
         d.pop("lesion_angle_deg", None)
+    if not d.get("extended_signs"):
+        d.pop("extended_signs", None)
     return d
 
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -147,7 +147,10 @@ class Findings:
 
     Geometry is in the canonical right-eye frame (FOV radii, see `Lesion`); a left eye ('OS') is rendered
     mirrored. `cdr` is the vertical cup-to-disc ratio, `cataract_haze` in [0, 1] the lens opacity,
-    `venous_beading` the quadrants with beaded veins."""
+    `venous_beading` the quadrants with beaded veins. Three signs are drawn only under
+    `FindingPrior(extended_signs=True)` (D40) and enter no label: `rnfl_defects`, nerve-fibre-layer wedge defects
+    as `(angle_deg at the disc margin, half_width_deg, length in FOV radii, depth in [0, 1])`; `ppa`, the width of
+    peripapillary atrophy beyond the disc margin in disc radii; `venous_dilation`, the relative widening of the veins."""
 
     eye: str = "OD"
     fovea: tuple[float, float] = (0.0, 0.02)
@@ -157,6 +160,9 @@ class Findings:
     lesions: list[Lesion] = field(default_factory=list)
     venous_beading: tuple[str, ...] = ()
     cataract_haze: float = 0.0
+    rnfl_defects: tuple[tuple[float, float, float, float], ...] = ()
+    ppa: float = 0.0
+    venous_dilation: float = 0.0
     dr_grade: int = field(init=False)
     glaucoma: bool = field(init=False)
     amd: bool = field(init=False)
@@ -176,6 +182,15 @@ class Findings:
         if bad:
             raise ValueError(
                 f"Findings.venous_beading has unknown quadrants {sorted(bad)}; allowed {QUADRANTS}"
+            )
+        self.rnfl_defects = tuple(tuple(float(x) for x in d) for d in self.rnfl_defects)
+        if any(len(d) != 4 or not (d[1] > 0 and d[2] > 0 and 0 <= d[3] <= 1) for d in self.rnfl_defects):
+            raise ValueError(
+                f"Findings.rnfl_defects must be (angle_deg, half_width_deg > 0, length > 0, depth in [0, 1]), got {self.rnfl_defects}"
+            )
+        if not (self.ppa >= 0 and self.venous_dilation >= 0):
+            raise ValueError(
+                f"Findings.ppa and venous_dilation must be >= 0, got {self.ppa}, {self.venous_dilation}"
             )
         self.lesions = list(self.lesions)
         self.venous_beading = tuple(self.venous_beading)
@@ -268,6 +283,10 @@ class FindingPrior:
     # (0 nasal, 90 inferior; a left eye's mirror keeps an inferior θ0 inferior)
     lesion_angle_bias: float = 0.0
     lesion_angle_deg: float = 90.0
+    # correlates of disease that extend over several patches (D40), off by default (the default corpus, unchanged):
+    # clustered red lesions with exudate rings, venous widening with the DR grade, RNFL wedge defects and
+    # peripapillary atrophy in glaucoma. Drawn after every default draw: the same seed is the same eye, same labels
+    extended_signs: bool = False
 
     def __post_init__(self):
         p = np.asarray(self.dr_grade_probs, dtype=float)
@@ -294,6 +313,8 @@ class FindingPrior:
             raise ValueError(
                 f"FindingPrior.lesion_angle_bias must be in [0, 1), got {self.lesion_angle_bias}"
             )
+        if not isinstance(self.extended_signs, (bool, np.bool_)):
+            raise ValueError(f"FindingPrior.extended_signs must be a bool, got {self.extended_signs!r}")
         lo = self.haem_per_quadrant_severe[0]
         if lo <= SEVERE_HAEMORRHAGES_PER_QUADRANT:
             raise ValueError(
@@ -559,6 +580,82 @@ def _dr_lesions(
         les += _new_vessels(rng, prior, disc, dd)
     return les, beading
 
+# %% ../../nbs/02a_synthetic_findings.ipynb #7623eae2785240b9bd12b16a66d81610
+_HAEM_SUBTYPES, _HAEM_P, _HAEM_R = ("dot", "blot", "flame"), (0.5, 0.35, 0.15), (1.0, 2.0, 2.6)
+
+
+def _cluster_haemorrhages(
+    rng: np.random.Generator, haem: list[Lesion], disc, dd
+) -> tuple[list[Lesion], list]:
+    "Haemorrhages regrouped into clusters of ~5 within their own quadrant, sharing subtype and size; (lesions, centres)."
+    out, centres = [], []
+    for q in QUADRANTS:
+        n = sum(l.quadrant == q for l in haem)
+        if n == 0:
+            continue
+        k = max(1, round(n / 5))
+        cs = _positions(rng, k, disc, dd, quadrant=q)
+        for c, m in zip(cs, rng.multinomial(n - k, np.full(k, 1 / k)) + 1):
+            s = int(rng.choice(3, p=_HAEM_P))
+            pos = _positions(rng, m, disc, dd, centre=tuple(c), sigma=dd * rng.uniform(0.25, 0.5), quadrant=q)
+            r = rng.uniform(0.006, 0.013) * _HAEM_R[s] * rng.uniform(0.85, 1.15, m)
+            flame = np.arctan2(pos[:, 1] - disc[1], pos[:, 0] - disc[0])
+            aspect = rng.uniform(0.28, 0.42, m) if s == 2 else rng.uniform(0.75, 1.0, m)
+            ang = flame if s == 2 else rng.uniform(0, np.pi, m)
+            out += _round_lesions("haemorrhage", pos, r, _HAEM_SUBTYPES[s], aspect, ang)
+            centres.append(tuple(c))
+    return out, centres
+
+
+def _gather(
+    rng, les: list[Lesion], centres, disc, dd, *, ring: tuple[float, float] | None = None
+) -> list[Lesion]:
+    "Move `les` (kind, size, shape kept) around `centres`: Gaussian (0.4 disc diameters) or on a ring of radius ~ U(ring)."
+    k = rng.integers(len(centres), size=len(les))
+    out = list(les)
+    for j, c in enumerate(centres):
+        idx = np.flatnonzero(k == j)
+        if len(idx):
+            rr = None if ring is None else rng.uniform(*ring)
+            pos = _positions(rng, len(idx), disc, dd, centre=c, sigma=0.4 * dd, ring=rr)
+            for i, (x, y) in zip(idx, pos):
+                out[i] = replace(les[i], x=float(x), y=float(y))
+    return out
+
+# %% ../../nbs/02a_synthetic_findings.ipynb #7cdc8c89c7104fffa095e18ddfef8986
+def _glaucoma_signs(rng: np.random.Generator, cdr: float, glaucoma: bool) -> tuple[tuple, float]:
+    "(RNFL wedge defects, PPA width in disc radii) of one eye; severity e = (CDR - 0.65) / 0.25 (see above)."
+    if not glaucoma:
+        return (), (float(rng.uniform(0.05, 0.15)) if rng.random() < 0.15 else 0.0)
+    e = float(np.clip((cdr - GLAUCOMA_CDR_THRESHOLD) / (0.9 - GLAUCOMA_CDR_THRESHOLD), 0, 1))
+    first = 1.0 if rng.random() < 0.6 else -1.0  # +1 inferior (y grows inferiorly), -1 superior
+    sides = [first] + ([-first] if rng.random() < 0.3 + 0.5 * e else [])
+    rnfl = tuple((s * rng.uniform(105, 135), 8 + 14 * e, 0.35 + 0.5 * e, 0.2 + 0.2 * e) for s in sides)
+    return rnfl, float((0.15 + 0.35 * e) * rng.uniform(0.8, 1.2))
+
+
+def _extend_signs(rng: np.random.Generator, f: Findings) -> Findings:
+    "`f` with the extended signs of D40 (drawn after every default draw); its labels are unchanged."
+    disc, dd = f.disc, f.disc_diameter
+    by = {k: [l for l in f.lesions if l.kind == k] for k in ("haemorrhage", "microaneurysm", "hard_exudate")}
+    rest = [l for l in f.lesions if l.kind not in by]
+    haem, centres = _cluster_haemorrhages(rng, by["haemorrhage"], disc, dd)
+    ma = by["microaneurysm"]
+    if ma and not centres:  # microaneurysms only: clusters of their own about the posterior pole
+        k = max(1, round(len(ma) / 5))
+        centres = [tuple(c) for c in _positions(rng, k, disc, dd, centre=f.fovea, sigma=0.35)]
+    ma = _gather(rng, ma, centres, disc, dd) if ma else []
+    ex = by["hard_exudate"]
+    if ex:  # circinate rings around the (one or two) clusters nearest the fovea
+        near = sorted(centres, key=lambda c: math.hypot(c[0] - f.fovea[0], c[1] - f.fovea[1]))
+        ex = _gather(rng, ex, near[: 1 + (len(ex) >= 8)], disc, dd, ring=(0.04, 0.09))
+    rnfl, ppa = _glaucoma_signs(rng, f.cdr, f.glaucoma)
+    g = replace(
+        f, lesions=ma + haem + ex + rest, rnfl_defects=rnfl, ppa=ppa, venous_dilation=0.05 * f.dr_grade
+    )
+    assert g.labels == f.labels, "extended signs changed a label"
+    return g
+
 # %% ../../nbs/02a_synthetic_findings.ipynb #8ffacf79
 def _drusen(rng: np.random.Generator, amd: bool, prior: FindingPrior, fovea, disc, dd) -> list[Lesion]:
     "Drusen around the fovea; sizes drawn in micrometres so that `amd_from_drusen` returns `amd`."
@@ -611,4 +708,4 @@ def sample_findings(rng: np.random.Generator, prior: FindingPrior | None = None)
         haze = rng.uniform(0.0, 0.2) if rng.random() < prior.p_mild_haze else 0.0
     f = Findings(eye, fovea, disc, dd, cdr, les, beading, float(haze))
     assert (f.dr_grade, f.glaucoma, f.amd) == (grade, glaucoma, amd), "sampler and rules disagree"
-    return f
+    return _extend_signs(rng, f) if getattr(prior, "extended_signs", False) else f

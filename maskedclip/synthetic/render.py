@@ -524,10 +524,10 @@ def _draw_eye(f: Findings, rng: np.random.Generator, nz: dict) -> dict:
     )  # nerve-fibre bundles, by angle
     nf_field = (nf_field / nf_field.std()).astype(np.float32)
     vk = dict(tortuosity=nz["tortuosity"], calibre=nz["calibre"])
-    trees = [
-        (_vessel_tree(rng, f, vein=False, **vk), _ARTERY_T, ()),
-        (_vessel_tree(rng, f, vein=True, **vk), _VEIN_T, f.venous_beading),
-    ]
+    artery, vein = _vessel_tree(rng, f, vein=False, **vk), _vessel_tree(rng, f, vein=True, **vk)
+    if f.venous_dilation:  # D40: venous calibre grows with the DR grade (radii only, no random draw)
+        vein = [(p, r * (1 + f.venous_dilation), s, a) for p, r, s, a in vein]
+    trees = [(artery, _ARTERY_T, ()), (vein, _VEIN_T, f.venous_beading)]
     nv = [_nv_tree(rng, l, f.fovea) for l in f.lesions if l.kind == "neovascularisation"]
     return dict(pig=pig, texture=texture, tess_field=tess_field, nf_field=nf_field, trees=trees, nv=nv)
 
@@ -569,6 +569,8 @@ def _background(f: Findings, eye: dict, geom: _Geometry, nz: dict):
             0.4 + 0.6 * (dv / np.maximum(rd, 1e-6)) ** 2
         )
         img *= 1 + (nz["nerve_fibre"] * 0.12 * streak * w)[..., None] * _NFL
+    if f.rnfl_defects:  # D40: glaucomatous nerve-fibre-layer wedge defects
+        img *= 1 - _rnfl_defect_map(f, u, v)[..., None] * _NFL
     df2 = (u - f.fovea[0]) ** 2 + (v - f.fovea[1]) ** 2
     dd = f.disc_diameter
     img *= (
@@ -591,6 +593,8 @@ def _paint_disc_and_cup(img, geom: _Geometry, f: Findings, u, v, shade, masks: d
     e = 1.0 / (rdx * geom.R)  # one pixel in disc radii
     a_disc = np.clip((1 - td) / max(0.12, e), 0, 1)
     a_cup = np.clip((1 - tc) / max(0.3, e / f.cdr), 0, 1) * 0.95
+    if f.ppa > 0:  # D40: peripapillary atrophy, under the disc margin
+        _paint(img, _ppa_alpha(f, u, v, td, e), _PPA_RGB, shade)
     _paint(img, a_disc, _DISC_RGB, shade)
     _paint(img, a_cup, _CUP_RGB, shade)
     masks["optic_disc"], masks["optic_cup"] = td <= 1, tc <= 1
@@ -606,6 +610,32 @@ def _paint_vessels(img, geom: _Geometry, eye: dict, masks: dict):
         )
         _darken(img, al, _NV_T)
         masks["neovascularisation"] = sh
+
+# %% ../../nbs/02c_synthetic_render.ipynb #acae54e37e7d407bbb7b55eff062a284
+_RNFL_BEND = 1.2  # arcuate bend of the fibre coordinate, radians per FOV radius beyond the disc margin
+
+_PPA_RGB = np.array([0.92, 0.7, 0.52], np.float32)  # pale atrophic crescent (sclera and choroid showing)
+
+
+def _rnfl_defect_map(f: Findings, u, v) -> np.ndarray:
+    "`(H, W)` float32 strength of `f.rnfl_defects` (max over defects) at canonical coordinates `u, v`."
+    du, dv = u - f.disc[0], v - f.disc[1]
+    s = np.clip(np.sqrt(du * du + dv * dv) - 0.5 * f.disc_diameter, 0, None)
+    th, out = np.arctan2(dv, du), np.zeros_like(u)
+    for ang, hw, length, depth in f.rnfl_defects:
+        a = math.radians(ang)
+        d = np.angle(np.exp(1j * (th - math.copysign(_RNFL_BEND, a) * s - a)))  # wrapped Δφ
+        w = np.exp(-((d / math.radians(hw)) ** 4)) / (1 + np.exp((s - length) / 0.04))
+        out = np.maximum(out, (depth * w * np.clip(s / 0.01, 0, 1)).astype(np.float32))
+    return out
+
+
+def _ppa_alpha(f: Findings, u, v, td, e: float) -> np.ndarray:
+    "Compositing weight of the temporal PPA crescent; `td` = elliptic disc distance (1 at the margin), `e` one pixel."
+    cos_t = np.clip(-(u - f.disc[0]) / np.maximum(np.hypot(u - f.disc[0], v - f.disc[1]), 1e-6), 0, 1)
+    outer = 1 + f.ppa * cos_t**0.7
+    edge = max(0.08, e)
+    return (0.8 * np.clip((outer - td) / edge, 0, 1) * np.clip((td - 0.95) / edge, 0, 1)).astype(np.float32)
 
 # %% ../../nbs/02c_synthetic_render.ipynb #c0595141
 def _paint_lesions(img, geom: _Geometry, by_kind: dict, rng: np.random.Generator, shade, masks: dict):
