@@ -10,7 +10,12 @@ masks drawn from a fixed generator (seed 0), mask ratio 0.75, normalised-pixel l
     python experiments/mae_corpus_study.py --out runs/study/after --crop-scale-min 0.2 --hflip 0.5
 
 `--corpus-prior key=value ...` builds the corpus (and draws the unseen renders) from `FindingPrior(**settings)`,
-e.g. `extended_signs=true` (D40); `--workers` renders a corpus built here on that many processes (same bytes).
+e.g. `extended_signs=true` (D40); `--workers` renders a corpus built here, and runs the evaluation's jobs, on that
+many processes (the same bytes and rows). `--n-test` and `--pretrain-seed` (D41) change the test split's size and
+the pre-training seed; every results file then also holds D41's verdicts: the mean AUROC over the evaluation seeds
+with a 1000-resample bootstrap of the test images (`seed_mean_margins`, primary) and with the seeds resampled as
+well (two-level), beside the per-seed rule above. The test labels and scores of every run go to
+`OUT/scores_<protocol>.npz`.
 """
 
 from __future__ import annotations
@@ -61,6 +66,26 @@ def mim_loss_on(model, x: torch.Tensor, seed: int = 0, batch_size: int = 128) ->
     return tot / len(x)
 
 
+def _seed_mean_verdicts(df, scores_path: Path) -> dict:
+    """D41's verdicts of MAE against random init: the seed-mean AUROC with a bootstrap of the test images (primary)
+    and with the seeds resampled too (two-level); the runs' test labels and scores saved to `scores_path`."""
+    import numpy as np
+
+    from maskedclip.demo import seed_mean_margins
+
+    arrays = {}
+    for (m, task, frac, seed, split), (y, s) in df.attrs["scores"].items():
+        key = f"{m.replace(' ', '_')}|{task}|{frac}|{seed}|{split}"
+        arrays[key + "|labels"], arrays[key + "|scores"] = y, s
+    np.savez_compressed(scores_path, **arrays)
+    out = {}
+    for name, two in (("test_bootstrap", False), ("two_level", True)):
+        v = seed_mean_margins(df, method="mae", n_boot=1000, resample_draws=two).round(4)
+        print(f"seed-mean verdict ({name}):", v.to_string(), sep="\n", flush=True)
+        out[name] = v.to_dict("records")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (corpus, run, results.json)")
@@ -77,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--n-unpaired", type=int, default=1024, help="unpaired images of a corpus built here")
     ap.add_argument("--n-unseen", type=int, default=512, help="unseen renders for the MIM loss")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds")
+    ap.add_argument("--n-test", type=int, default=1000, help="test images per task of a corpus built here")
+    ap.add_argument("--pretrain-seed", type=int, default=0, help="seed of the pre-training run")
     ap.add_argument(
         "--source-commit",
         default=None,
@@ -96,7 +123,12 @@ def main(argv=None):
         default=[],
         help="FindingPrior fields of a corpus built here and of the unseen renders, e.g. extended_signs=true (D40)",
     )
-    ap.add_argument("--workers", type=int, default=1, help="processes rendering a corpus built here")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes rendering a corpus built here and running the evaluation",
+    )
     ap.add_argument(
         "--overrides",
         nargs="*",
@@ -130,8 +162,11 @@ def main(argv=None):
             n_boot=500,
             progress=False,
             log=None,
+            keep_scores=True,
+            workers=a.workers,
         )
         res["finetune_margins"] = probe_margins(ft, method="mae").round(4).to_dict("records")
+        res["finetune_seed_mean"] = _seed_mean_verdicts(ft, out / "scores_finetune.npz")
         res["finetune_runs"] = (
             ft[["method", "task", "fraction", "seed", "auroc", "ci_low", "ci_high"]]
             .round(4)
@@ -149,7 +184,7 @@ def main(argv=None):
             corpus,
             n_paired=1024,
             n_unpaired=a.n_unpaired,
-            n_task_per_split=dict(train=1000, val=500, test=1000),
+            n_task_per_split=dict(train=1000, val=500, test=a.n_test),
             size=64,
             seed=0,
             prior=prior,
@@ -170,7 +205,7 @@ def main(argv=None):
         synthetic_dir=str(corpus),
         output_dir=str(run),
         save_every=max(1, a.steps // 4),
-        seed=0,
+        seed=a.pretrain_seed,
         overrides={
             "model.vision.image_size": 64,
             "train.resume": "latest",
@@ -216,6 +251,8 @@ def main(argv=None):
         n_boot=500,
         progress=False,
         log=None,
+        keep_scores=True,
+        workers=a.workers,
     )
     t["probe_s"] = time.time() - t0
     res = dict(
@@ -226,6 +263,9 @@ def main(argv=None):
             preset="demo",
             method="mae",
             steps=a.steps,
+            pretrain_seed=a.pretrain_seed,
+            eval_seeds=list(a.seeds),
+            n_test=a.n_test,
             batch="32+32",
             image_size=64,
             lr=1e-3,
@@ -238,6 +278,7 @@ def main(argv=None):
         ),
         mim_loss=mim,
         linear_probe_margins=probe_margins(probe, method="mae").round(4).to_dict("records"),
+        linear_probe_seed_mean=_seed_mean_verdicts(probe, out / "scores_linear_probe.npz"),
         linear_probe_runs=probe[["method", "task", "fraction", "seed", "auroc", "ci_low", "ci_high"]]
         .round(4)
         .to_dict("records"),
@@ -255,9 +296,12 @@ def main(argv=None):
             n_boot=500,
             progress=False,
             log=None,
+            keep_scores=True,
+            workers=a.workers,
         )
         t["finetune_s"] = time.time() - t0
         res["finetune_margins"] = probe_margins(ft, method="mae").round(4).to_dict("records")
+        res["finetune_seed_mean"] = _seed_mean_verdicts(ft, out / "scores_finetune.npz")
         print(probe_margins(ft, method="mae").round(3).to_string(), flush=True)
     res["timings"] = {k: round(v, 1) for k, v in t.items()}
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import PRESETS
 
 # %% auto #0
-__all__ = ['DEMO_TASKS', 'ZERO_SHOT_TASKS', 'probe_margins', 'run_demo', 'main']
+__all__ = ['DEMO_TASKS', 'ZERO_SHOT_TASKS', 'probe_margins', 'run_demo', 'main', 'seed_mean_margins']
 
 # %% ../nbs/13_demo.ipynb #00000003
 DEMO_TASKS = ("glaucoma", "dr_referral", "dr_grade", "multi_disease")
@@ -367,3 +367,52 @@ def main(argv=None) -> int:
         return report_error(e, "maskedclip-demo")
     _print_summary(s, a.method)
     return int(ExitCode.OK)
+
+# %% ../nbs/13_demo.ipynb #8dd0d8092fe74a7c96281538738b07e2
+def seed_mean_margins(
+    probe,
+    baseline: str = "random init",
+    method: str = "maskedclip",
+    n_boot: int = 1000,
+    resample_draws: bool = False,
+    seed: int = 0,
+):
+    """Per task and label fraction: does `method`'s mean AUROC over the seeds beat `baseline`'s with bootstrap CIs
+    (`seed_mean_ci`) that do not overlap? `probe` from `evaluate_all(..., keep_scores=True)`; the 'test' set only."""
+    import pandas as pd
+
+    from maskedclip.evaluate import seed_mean_ci
+
+    if "scores" not in probe.attrs:
+        raise ValueError(
+            "seed_mean_margins: the frame holds no scores; run evaluate_all(..., keep_scores=True)"
+        )
+    sc, rows = probe.attrs["scores"], []
+    test = probe[probe["test_set"] == "test"] if "test_set" in probe else probe
+    for (task, frac), g in test.groupby(["task", "fraction"], sort=False):
+        cis = {}
+        for name in (baseline, method):
+            seeds = sorted(g.loc[g["method"] == name, "seed"])
+            if not seeds:
+                raise ValueError(f"seed_mean_margins: no {name!r} rows for task {task!r} at fraction {frac}")
+            keys = [(name, task, frac, s, "test") for s in seeds]
+            y = sc[keys[0]][0]
+            cis[name] = seed_mean_ci(
+                y, [sc[k][1] for k in keys], n_boot=n_boot, seed=seed, resample_draws=resample_draws
+            )
+        b, m = cis[baseline], cis[method]
+        rows.append(
+            dict(
+                task=task,
+                fraction=frac,
+                n_draws=len(g.loc[g["method"] == method]),
+                baseline_auroc=b.estimate,
+                baseline_ci_low=b.low,
+                baseline_ci_high=b.high,
+                method_auroc=m.estimate,
+                method_ci_low=m.low,
+                method_ci_high=m.high,
+                separated=bool(m.low > b.high),
+            )
+        )
+    return pd.DataFrame(rows)

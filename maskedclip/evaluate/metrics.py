@@ -16,7 +16,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'DEFAULT_TASKS', 'METHOD_ORDER', 'METHOD_LABELS', 'METRICS', 'as_score_matrix', 'encode_labels', 'auroc',
-           'auprc', 'ConfidenceInterval', 'bootstrap_indices', 'bootstrap_ci', 'mean_std', 'label_fraction']
+           'auprc', 'ConfidenceInterval', 'bootstrap_indices', 'bootstrap_ci', 'mean_std', 'seed_mean_ci',
+           'label_fraction']
 
 # %% ../../nbs/10a_evaluate_metrics.ipynb #00000004
 PROTOCOLS = ("linear_probe", "finetune", "zero_shot")
@@ -260,6 +261,56 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     "Mean and sample standard deviation (ddof=1) over seeds; the std of a single value is NaN."
     v = np.asarray(list(values), dtype=np.float64)
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
+
+# %% ../../nbs/10a_evaluate_metrics.ipynb #acae54e37e7d407bbb7b55eff062a284
+def seed_mean_ci(
+    y,
+    scores_by_draw: Sequence,
+    metric: str = "auroc",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    resample_draws: bool = False,
+    chunk: int = 250,
+) -> ConfidenceInterval:
+    """Percentile-bootstrap CI of the mean macro `metric` ('auroc' or 'auprc') over label draws scored on one test
+    set `y`: `scores_by_draw` holds one `(N, K)` score matrix per draw. Each resample draws the test images
+    (stratified, shared by every draw); with `resample_draws` also the draws, with replacement
+    (`np.random.default_rng([seed, 1])`)."""
+    if metric not in _FAST_METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {list(_FAST_METRICS)}")
+    if not len(scores_by_draw):
+        raise ValueError("seed_mean_ci: scores_by_draw is empty")
+    if not (isinstance(n_boot, int) and n_boot >= 1):
+        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    pairs = [_check_ys(y, s) for s in scores_by_draw]
+    y = pairs[0][0]
+    cols = [int(c) for c in np.unique(y)]
+    if len(cols) < 2:
+        raise ValueError(f"seed_mean_ci: y holds a single class; {metric} is undefined")
+    estimate = float(np.mean([METRICS[metric](y, s) for _, s in pairs]))
+    idx = bootstrap_indices(y, n_boot, seed, stratified=True)
+    vals = np.stack(  # (D, n_boot): each draw's metric on each resample
+        [
+            np.concatenate(
+                [
+                    _macro_rows(y[idx[i : i + chunk]], s[idx[i : i + chunk]], _FAST_METRICS[metric], cols)
+                    for i in range(0, n_boot, chunk)
+                ]
+            )
+            for _, s in pairs
+        ]
+    )
+    if resample_draws:
+        pick = np.random.default_rng([seed, 1]).integers(0, len(pairs), size=(n_boot, len(pairs)))
+        means = vals[pick, np.arange(n_boot)[:, None]].mean(1)
+    else:
+        means = vals.mean(0)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    name = f"mean {metric} over {len(pairs)} draws" + (" (draws resampled)" if resample_draws else "")
+    return ConfidenceInterval(name, estimate, float(low), float(high), alpha, n_boot, 0, True)
 
 # %% ../../nbs/10a_evaluate_metrics.ipynb #0000000f
 def _labels_of(records_or_labels) -> list:

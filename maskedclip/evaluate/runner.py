@@ -205,7 +205,14 @@ def _results_frame(rows, skipped, summaries, sources, tasks, ctx) -> pd.DataFram
             test_splits.index(r["test_set"]),
         )
     )
+    scores = {
+        (r["method"], r["task"], r["fraction"], r["seed"], r["test_set"]): r.pop("_scores")
+        for r in rows
+        if "_scores" in r
+    }
     df = pd.DataFrame(rows, columns=_RESULT_COLUMNS)
+    if ctx.keep_scores:
+        df.attrs["scores"] = scores
     df.attrs.update(
         load_reports=summaries,
         skipped=skipped,
@@ -238,6 +245,7 @@ def evaluate_all(
     fraction_seeds: Mapping[float, Sequence[int]] | None = None,
     workers: int = 1,
     precision: str = "fp32",
+    keep_scores: bool = False,
 ) -> pd.DataFrame:
     """Evaluate every source with `protocol` on every task, label fraction and seed; a tidy DataFrame (one row per run and
     test set).
@@ -248,6 +256,8 @@ def evaluate_all(
     other seeds for some fractions (e.g. `{1.0: [0]}`). `workers` > 1 runs independent (source, task, fraction, seed)
     jobs in that many processes with one thread each; the rows are the same as with one worker. `precision`: autocast
     of the frozen encoder while linear-probe features are extracted (`extract_features`; 'auto': bf16 where native, D37).
+    `keep_scores=True` keeps every run's test labels and scores in `df.attrs["scores"]`, keyed by
+    `(method, task, fraction, seed, test_set)` -> `(labels (N,), scores (N, K))` (for `seed_mean_ci`).
 
     `sources`: name -> anything `load_encoder` takes ('random' takes `vision_config`, default: the first other
     source's architecture). `df.attrs` holds the load summaries and the skipped (source, task) pairs."""
@@ -266,6 +276,7 @@ def evaluate_all(
         stream,
         test_splits,
         precision,
+        keep_scores,
     )
     summaries = {n: ctx.encoder(n, seeds[0]).summary() for n in sources}
     for n, s in summaries.items():
@@ -320,6 +331,7 @@ class _EvalContext:
         stream,
         test_splits,
         precision="fp32",
+        keep_scores=False,
     ):
         self.sources, self.corpus_root, self.vision, self.protocol, self.n_boot = (
             sources,
@@ -336,6 +348,7 @@ class _EvalContext:
             stream,
         )
         self.test_splits, self.precision, self._loaded, self._tasks = test_splits, precision, {}, {}
+        self.keep_scores = keep_scores
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("_loaded", "_tasks")} | {
@@ -410,6 +423,8 @@ def _zero_shot_rows(self: _EvalContext, name, task, enc0, td, tests, seed) -> li
                 seconds=time.perf_counter() - t0,
             )
         )
+        if self.keep_scores:
+            rows[-1]["_scores"] = (r.labels, r.scores)
     return rows
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #7841b4e2
@@ -474,6 +489,8 @@ def run(self: _EvalContext, unit) -> tuple[list[dict], list[dict], int]:
             rows.append(
                 rs.row(method=name, task=task, fraction=float(frac), seed=int(seed), test_set=s, seconds=sec)
             )
+            if self.keep_scores:
+                rows[-1]["_scores"] = (rs.labels, rs.scores)
     return rows, [], len(pairs)
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #eebff30d
