@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import PRESETS
 
 # %% auto #0
-__all__ = ['DEMO_TASKS', 'ZERO_SHOT_TASKS', 'probe_margins', 'run_demo', 'main', 'seed_mean_margins']
+__all__ = ['DEMO_TASKS', 'ZERO_SHOT_TASKS', 'DEMO_CORPUS_PRIOR', 'probe_margins', 'run_demo', 'main', 'seed_mean_margins']
 
 # %% ../nbs/13_demo.ipynb #00000003
 DEMO_TASKS = ("glaucoma", "dr_referral", "dr_grade", "multi_disease")
@@ -47,8 +47,43 @@ def probe_margins(probe, baseline: str = "random init", method: str = "maskedcli
     return pd.DataFrame(rows)
 
 # %% ../nbs/13_demo.ipynb #a666c00b
-def _demo_corpus(corpus: Path, n_paired: int, n_unpaired: int, n_task: int, image_size: int, progress: bool):
-    "Render the demo's corpus (seed 0) on `_demo_workers()` processes; `run_demo` reuses an existing one."
+DEMO_CORPUS_PRIOR = {"extended_signs": True}  # corpus version 3 (D40, D42)
+
+
+def _demo_prior(corpus_prior: dict | None):
+    "The `FindingPrior` of the demo's corpus: `DEMO_CORPUS_PRIOR` unless `corpus_prior` says otherwise."
+    from maskedclip.synthetic import FindingPrior
+
+    kw = DEMO_CORPUS_PRIOR if corpus_prior is None else corpus_prior
+    from maskedclip.config import ConfigError
+
+    try:
+        return FindingPrior(**kw)
+    except TypeError as e:
+        raise ConfigError(f"--corpus-prior {kw!r}: {e}") from None
+
+
+def _check_demo_corpus(corpus: Path, prior):
+    "An existing corpus must have been rendered with `prior`: one clear error naming `corpus.json` otherwise."
+    from maskedclip.config import DataError
+    from maskedclip.synthetic.corpus import _prior_meta
+
+    have = json.loads((corpus / "corpus.json").read_text()).get("prior")
+    want = json.loads(json.dumps(_prior_meta(prior)))  # as corpus.json holds it (tuples as lists)
+    if have != want:
+        diff = sorted(k for k in set(have or {}) | set(want) if (have or {}).get(k) != want.get(k))
+        raise DataError(
+            f"{corpus / 'corpus.json'}: rendered with another finding prior (fields {diff}: "
+            f"{ {k: (have or {}).get(k, '(default)') for k in diff} } here, "
+            f"{ {k: want.get(k, '(default)') for k in diff} } asked); "
+            "remove the folder to render it again, or pass the prior it was made with (--corpus-prior)"
+        )
+
+
+def _demo_corpus(
+    corpus: Path, n_paired: int, n_unpaired: int, n_task: int, image_size: int, progress: bool, prior=None
+):
+    "Render the demo's corpus (seed 0, `prior`) on `_demo_workers()` processes; `run_demo` reuses an existing one."
     from maskedclip.synthetic import build_corpus
 
     build_corpus(
@@ -58,9 +93,28 @@ def _demo_corpus(corpus: Path, n_paired: int, n_unpaired: int, n_task: int, imag
         n_task_per_split=dict(train=n_task, val=n_task // 2, test=n_task),
         size=image_size,
         seed=0,
+        prior=prior,
         num_workers=_demo_workers(),
         progress=progress,
     )
+
+
+def _parse_prior(items) -> dict | None:
+    "`['extended_signs=false']` -> `{'extended_signs': False}` (values read as JSON when they parse); None stays None."
+    from maskedclip.config import ConfigError
+
+    if items is None:
+        return None
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"--corpus-prior: expected key=value, got {it!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 def _demo_workers() -> int:
@@ -230,18 +284,22 @@ def run_demo(
     precision: str = "auto",
     progress: bool = True,
     log=print,
+    corpus_prior: dict | None = None,
 ) -> dict:
     """The whole demo; returns a summary dict (also written to `out/results.json`). `precision`: `train.precision` of the
-    pre-training and of the probe's feature extraction ('auto': bf16 where the processor has it natively, else fp32; D27, D37)."""
+    pre-training and of the probe's feature extraction ('auto': bf16 where the processor has it natively, else fp32; D27, D37).
+    `corpus_prior`: `FindingPrior` fields of the corpus (default `DEMO_CORPUS_PRIOR`, corpus version 3; `{}`: version 2);
+    an existing `out/corpus` rendered with another prior is an error, not silently reused."""
     from maskedclip.train import train
 
     out, t_start, timings = Path(out), time.time(), {}
     out.mkdir(parents=True, exist_ok=True)
     corpus, run = out / "corpus", out / "pretrain"
-    t0 = time.time()
+    t0, prior = time.time(), _demo_prior(corpus_prior)
     if not (corpus / "corpus.json").is_file():
-        _demo_corpus(corpus, n_paired, n_unpaired, n_task, image_size, progress)
+        _demo_corpus(corpus, n_paired, n_unpaired, n_task, image_size, progress, prior)
         timings["corpus_s"] = time.time() - t0
+    _check_demo_corpus(corpus, prior)
     cfg = _demo_config(preset, method, steps, lr, batch_size, image_size, corpus, run, precision)
     t0 = time.time()
     if not (run / "final" / "model.safetensors").is_file():
@@ -255,7 +313,7 @@ def run_demo(
     t0 = time.time()
     notes = (
         f"{method} ({preset} preset) pre-trained for {steps} steps of {batch_size}+{batch_size} images on the synthetic corpus "
-        f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
+        f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px, finding prior {dict(DEMO_CORPUS_PRIOR if corpus_prior is None else corpus_prior)}); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
         f"bootstrap 95% CIs per run; 'separated' means every seed's CI for {method} lies above every seed's CI for random init. "
         f"Zero-shot with FLAIR-style prompt ensembles."
     )
@@ -263,6 +321,7 @@ def run_demo(
     timings["report_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
     summary = dict(out=str(out.resolve()), preset=preset, method=method, steps=steps, precision=precision)
+    summary["corpus_prior"] = dict(DEMO_CORPUS_PRIOR if corpus_prior is None else corpus_prior)
     summary.update(timings=timings, **tables, report=str(report.resolve()))
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
@@ -314,6 +373,15 @@ def _demo_parser() -> argparse.ArgumentParser:
         help="precision of pre-training and of the probe's feature extraction; auto: bf16 where the processor has it natively, "
         "else fp32 (default: %(default)s)",
     )
+    ap.add_argument(
+        "--corpus-prior",
+        nargs="*",
+        default=None,
+        metavar="KEY=VALUE",
+        help="FindingPrior fields of the corpus (default: "
+        + " ".join(f"{k}={json.dumps(v)}" for k, v in DEMO_CORPUS_PRIOR.items())
+        + ", corpus version 3; extended_signs=false: version 2)",
+    )
     ap.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny corpus, few steps)")
     ap.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
@@ -357,6 +425,7 @@ def main(argv=None) -> int:
             seeds=tuple(range(a.seeds)),
             n_task=a.n_task,
             precision=a.precision,
+            corpus_prior=_parse_prior(a.corpus_prior),
         )
         if a.quick:
             kw.update(steps=4, batch_size=8, n_paired=64, n_unpaired=64, n_task=40, seeds=(0,), n_boot=50)

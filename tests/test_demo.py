@@ -44,6 +44,15 @@ def test_demo_quick(tmp_path):
     r2 = _quick_demo(out)
     assert r2.returncode == 0 and "pretrain_s" in r2.stdout
     assert "corpus_s" not in json.loads((out / "results.json").read_text())["timings"]
+    assert json.loads((out / "results.json").read_text())["corpus_prior"] == {
+        "extended_signs": True
+    }  # v3 (D42)
+    # the folder's corpus is version 3: asking for version 2 is one clear error, before any pre-training
+    r3 = _quick_demo(out, "--corpus-prior", "extended_signs=false")
+    assert r3.returncode == 4 and "corpus.json: rendered with another finding prior" in r3.stderr, r3.stderr[
+        -2000:
+    ]
+    assert str(out / "corpus" / "corpus.json") in r3.stderr
 
 
 @pytest.mark.slow
