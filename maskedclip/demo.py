@@ -52,11 +52,10 @@ DEMO_CORPUS_PRIOR = {"extended_signs": True}  # corpus version 3 (D40, D42)
 
 def _demo_prior(corpus_prior: dict | None):
     "The `FindingPrior` of the demo's corpus: `DEMO_CORPUS_PRIOR` unless `corpus_prior` says otherwise."
+    from maskedclip.config import ConfigError
     from maskedclip.synthetic import FindingPrior
 
     kw = DEMO_CORPUS_PRIOR if corpus_prior is None else corpus_prior
-    from maskedclip.config import ConfigError
-
     try:
         return FindingPrior(**kw)
     except TypeError as e:
@@ -101,20 +100,11 @@ def _demo_corpus(
 
 def _parse_prior(items) -> dict | None:
     "`['extended_signs=false']` -> `{'extended_signs': False}` (values read as JSON when they parse); None stays None."
-    from maskedclip.config import ConfigError
+    from maskedclip.train.cli import _key_values
 
     if items is None:
         return None
-    out = {}
-    for it in items:
-        k, sep, v = it.partition("=")
-        if not sep or not k:
-            raise ConfigError(f"--corpus-prior: expected key=value, got {it!r}")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    return dict(_key_values(items, "FIELD=VALUE", "extended_signs=false", option="--corpus-prior"))
 
 
 def _demo_workers() -> int:

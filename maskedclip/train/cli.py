@@ -51,13 +51,13 @@ def _parse_value(s: str):
         return s
 
 
-def _key_values(items, what: str, example: str) -> list[tuple[str, object]]:
-    "`KEY=VALUE` strings -> (key, JSON-or-string value); a malformed one is a `ConfigError` naming it."
+def _key_values(items, what: str, example: str, option: str = "--set") -> list[tuple[str, object]]:
+    "`KEY=VALUE` strings -> (key, JSON-or-string value); a malformed one is a `ConfigError` naming it and `option`."
     out = []
     for item in items:
         k, sep, v = item.partition("=")
         if not sep or not k.strip():
-            raise ConfigError(f"--set {item!r}: expected {what}, e.g. --set {example}")
+            raise ConfigError(f"{option} {item!r}: expected {what}, e.g. {option} {example}")
         out.append((k.strip(), _parse_value(v)))
     return out
 
