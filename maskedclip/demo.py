@@ -285,7 +285,9 @@ def run_demo(
     out, t_start, timings = Path(out), time.time(), {}
     out.mkdir(parents=True, exist_ok=True)
     corpus, run = out / "corpus", out / "pretrain"
-    t0, prior = time.time(), _demo_prior(corpus_prior)
+    # the FindingPrior fields of the corpus, resolved once for the prior, the notes and the summary
+    fields = dict(DEMO_CORPUS_PRIOR if corpus_prior is None else corpus_prior)
+    t0, prior = time.time(), _demo_prior(fields)
     if not (corpus / "corpus.json").is_file():
         _demo_corpus(corpus, n_paired, n_unpaired, n_task, image_size, progress, prior)
         timings["corpus_s"] = time.time() - t0
@@ -303,7 +305,7 @@ def run_demo(
     t0 = time.time()
     notes = (
         f"{method} ({preset} preset) pre-trained for {steps} steps of {batch_size}+{batch_size} images on the synthetic corpus "
-        f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px, finding prior {dict(DEMO_CORPUS_PRIOR if corpus_prior is None else corpus_prior)}); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
+        f"({n_paired} paired, {n_unpaired} unpaired, {image_size} px, finding prior {fields}); {n_task} train / {n_task // 2} val / {n_task} test images per task. Linear probe: mean ± std over seeds {list(seeds)}, "
         f"bootstrap 95% CIs per run; 'separated' means every seed's CI for {method} lies above every seed's CI for random init. "
         f"Zero-shot with FLAIR-style prompt ensembles."
     )
@@ -311,7 +313,7 @@ def run_demo(
     timings["report_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
     summary = dict(out=str(out.resolve()), preset=preset, method=method, steps=steps, precision=precision)
-    summary["corpus_prior"] = dict(DEMO_CORPUS_PRIOR if corpus_prior is None else corpus_prior)
+    summary["corpus_prior"] = fields
     summary.update(timings=timings, **tables, report=str(report.resolve()))
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
