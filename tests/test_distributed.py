@@ -35,6 +35,10 @@ def _worker(root, out, nproc, *args):
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
     r = subprocess.run([sys.executable, *cmd], cwd=root, capture_output=True, text=True, env=ENV, timeout=300)
+    if r.returncode:  # pytest truncates a long assertion message; captured output is shown whole
+        print(
+            f"$ {' '.join(cmd)}\nexit {r.returncode}\n--- stdout ---\n{r.stdout[-4000:]}\n--- stderr ---\n{r.stderr[-12000:]}"
+        )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
 
