@@ -24,6 +24,7 @@ from maskedclip.evaluate import (
     auprc,
     auroc,
     bootstrap_ci,
+    bootstrap_indices,
     evaluate_all,
     extract_features,
     finetune,
@@ -36,6 +37,7 @@ from maskedclip.evaluate import (
     main,
     param_groups_lrd,
     save_results,
+    seed_mean_ci,
     table1,
     table2,
     zero_shot,
@@ -139,6 +141,26 @@ def test_bootstrap_skips_and_counts_resamples_missing_a_class():
     a = bootstrap_ci(y, s, "auprc", n_boot=100, seed=2)
     b = bootstrap_ci(y, s, auprc, n_boot=100, seed=2)
     assert (a.low, a.high) == pytest.approx((b.low, b.high), abs=1e-12)
+
+
+@pytest.mark.parametrize("stratified", [True, False])
+def test_bootstrap_by_item_counts_equals_scikit_learn_on_each_resample(stratified):
+    "The bootstrap reads every resample off item counts (issue 21); scikit-learn on each resample is the reference."
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 5, 400)
+    s = np.round(rng.random((400, 5)) + 0.8 * np.eye(5)[y], 1)  # rounding makes many ties
+    for metric, fn in (("auroc", auroc), ("auprc", auprc)):
+        a = bootstrap_ci(y, s, metric, n_boot=60, seed=3, stratified=stratified)
+        b = bootstrap_ci(
+            y, s, fn, n_boot=60, seed=3, stratified=stratified
+        )  # a callable: scikit-learn per resample
+        assert (a.estimate, a.low, a.high) == pytest.approx((b.estimate, b.low, b.high), abs=1e-12)
+        assert a.n_skipped == b.n_skipped
+    draws = [s, np.round(rng.random((400, 5)), 1)]
+    ci = seed_mean_ci(y, draws, "auroc", n_boot=40, seed=5)
+    idx = bootstrap_indices(y, 40, 5)
+    means = [np.mean([auroc(y[r], d[r]) for d in draws]) for r in idx]
+    assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), abs=1e-12)
 
 
 # ---------------------------------------------------------------- label fractions

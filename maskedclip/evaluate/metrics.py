@@ -173,6 +173,45 @@ def _selection_score(y, scores) -> tuple[float, str]:
         return _fast_auroc(y, s), "val_auroc"
     return float(np.mean(np.log(np.clip(s[np.arange(len(y)), y], 1e-12, None)))), "val_log_likelihood"
 
+# %% ../../nbs/10a_evaluate_metrics.ipynb #c0a1b2c3d4e5
+def _resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    "Resample index rows `(B, M)` -> how often each of the `n` items is drawn, `(B, n)` float64 (exact integers)."
+    b = idx.shape[0]
+    return (
+        np.bincount((np.arange(b)[:, None] * n + idx).ravel(), minlength=b * n)
+        .reshape(b, n)
+        .astype(np.float64)
+    )
+
+
+def _counted_binary(pos: np.ndarray, s: np.ndarray, w: np.ndarray, metric: str) -> np.ndarray:
+    """One binary problem (`pos`, `s` `(N,)`) under item counts `w` `(B, N)` -> `metric` per row `(B,)`. The scores are
+    sorted once; per row, cumulative true/false positives at the last item of each group of tied scores give
+    ROC-AUC (Mann–Whitney, ties count 1/2) and AP (one threshold per distinct score, scikit-learn's rule)."""
+    order = np.argsort(-s, kind="stable")
+    ss, wo, yo = s[order], w[:, order], pos[order]
+    last = np.flatnonzero(np.r_[ss[:-1] != ss[1:], True])
+    # (B, G) counted positives / negatives scoring >= each distinct score (integer sums: exact)
+    tp = np.cumsum(np.where(yo, wo, 0), axis=1)[:, last].astype(np.float64)
+    fp = np.cumsum(np.where(yo, 0, wo), axis=1)[:, last].astype(np.float64)
+    dtp, dfp = np.diff(tp, axis=1, prepend=0.0), np.diff(fp, axis=1, prepend=0.0)
+    npos, nneg = tp[:, -1], fp[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "auroc":
+            return (dtp * (nneg[:, None] - fp + 0.5 * dfp)).sum(1) / (npos * nneg)
+        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=dtp > 0)
+        return (dtp * precision).sum(1) / npos
+
+
+def _resampled_macro(
+    y: np.ndarray, s: np.ndarray, idx: np.ndarray, metric: str, cols: Sequence[int]
+) -> np.ndarray:
+    """Macro `metric` ('auroc'/'auprc') of every resample row of `idx` `(B, M)` of (`y` `(N,)`, `s` `(N, K)`) over the
+    classes `cols` -> `(B,)`. Equals `_macro_rows(y[idx], s[idx], ...)` up to rounding, without sorting each resample:
+    a resample enters as item counts (issue 21: the demo's bootstrap CIs took a fifth of its evaluation)."""
+    w = _resample_counts(idx, len(y))
+    return np.mean([_counted_binary(y == k, s[:, k], w, metric) for k in cols], axis=0)
+
 # %% ../../nbs/10a_evaluate_metrics.ipynb #0000000c
 @dataclass
 class ConfidenceInterval:
@@ -244,10 +283,7 @@ def bootstrap_ci(
     if isinstance(metric, str):
         cols = [int(c) for c in classes]
         vals = np.concatenate(
-            [
-                _macro_rows(y[idx[i : i + chunk]], s[idx[i : i + chunk]], _FAST_METRICS[metric], cols)
-                for i in range(0, len(idx), chunk)
-            ]
+            [_resampled_macro(y, s, idx[i : i + chunk], metric, cols) for i in range(0, len(idx), chunk)]
         )
     else:
         vals = np.array([metric(y[r], s[r]) for r in idx], dtype=np.float64)
@@ -295,10 +331,7 @@ def seed_mean_ci(
     vals = np.stack(  # (D, n_boot): each draw's metric on each resample
         [
             np.concatenate(
-                [
-                    _macro_rows(y[idx[i : i + chunk]], s[idx[i : i + chunk]], _FAST_METRICS[metric], cols)
-                    for i in range(0, n_boot, chunk)
-                ]
+                [_resampled_macro(y, s, idx[i : i + chunk], metric, cols) for i in range(0, n_boot, chunk)]
             )
             for _, s in pairs
         ]
