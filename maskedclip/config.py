@@ -625,6 +625,8 @@ class DataConfig(ConfigBase):
     crop_scale_min: float = 0.2  # RandomResizedCrop scale (MAE 0.2; D17)
     hflip: float = 0.5
     num_workers: int = 0
+    # decoded images kept in memory per dataset and process, in MiB (0: off); batches are bit-identical either way
+    cache_mb: float = 0.0
     on_bad_record: Literal["raise", "skip"] = "raise"
     # manifests: image check before step 1; "header" opens each header (size, format), "all" also decodes (truncation),
     # "none" checks nothing; each rank checks its share of the images (D31). Prepared datasets were checked once.
@@ -667,6 +669,7 @@ def _validate(self: DataConfig) -> None:
     _check_range(self.crop_scale_min, "data.crop_scale_min", 0, 1, lo_open=True)
     _check_range(self.hflip, "data.hflip", 0, 1)
     _check_range(self.num_workers, "data.num_workers", 0, 256)
+    _check_range(self.cache_mb, "data.cache_mb", 0)
     _check_choice(self.on_bad_record, "data.on_bad_record", ("raise", "skip"))
     _check_choice(self.check_images, "data.check_images", ("all", "header", "none"))
     _check_range(self.shuffle_buffer, "data.shuffle_buffer", 1)

@@ -624,6 +624,26 @@ def test_deterministic_for_a_seed(corpus):
     )
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoded_image_cache_gives_the_same_batches(corpus, workers):
+    "data.cache_mb (issue 21): three epochs with hflip and crops are bit-identical with and without the cache."
+    root, *_ = corpus
+    kw = dict(bp=4, bu=5, seed=5, hflip=0.5, num_workers=workers)
+    plain, cached = loader(root, **kw), loader(root, cache_mb=4, **kw)
+    a, b = [x for _ in range(3) for x in run(plain)], [x for _ in range(3) for x in run(cached)]
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 18
+    for (_, _, x), (_, _, y) in zip(a, b):
+        assert torch.equal(x.paired_images, y.paired_images) and torch.equal(
+            x.unpaired_images, y.unpaired_images
+        )
+        assert x.texts == y.texts and torch.equal(x.input_ids, y.input_ids)
+    if (
+        workers == 0
+    ):  # in-process: the cache holds every record (12 paired, 30 unpaired) after the first epoch
+        assert len(cached.paired._rows) == 12 and len(cached.unpaired._rows) == 30
+        assert cached.unpaired._cached_bytes > 0
+
+
 def test_loader_leaves_global_rng_alone(corpus):
     root, *_ = corpus
     torch.manual_seed(123)

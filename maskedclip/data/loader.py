@@ -109,6 +109,7 @@ def make_loader(
     check_images=True,
     max_pixels: int = MAX_PIXELS,
     decode_size: int | None = None,
+    cache_mb: float = 0.0,
     on_decode_error: str = "raise",
     verbose: bool = True,
     streaming: bool = False,
@@ -125,7 +126,8 @@ def make_loader(
 
     Prepared datasets (`maskedclip-prepare` outputs, local or fsspec URLs) are memory-mapped, or with `streaming=True`
     read as streams by a `StreamingLoader` (`buffer_size`: shuffle buffer rows). `check_shard`/`all_gather`: each rank
-    checks a share of a manifest's images (see `load_manifest`)."""
+    checks a share of a manifest's images (see `load_manifest`). `cache_mb`: decoded images each dataset keeps in memory
+    (per process; `ImageDataset`), the same batches bit for bit."""
     tf = (
         train_transform(image_size, scale, 0.0, border_crop)
         if train
@@ -150,6 +152,7 @@ def make_loader(
         decode_size=decode_size,
         on_error=on_decode_error,
         hflip=hflip if train else 0.0,
+        cache_mb=cache_mb,
     )
     pds = ImageTextDataset(pm, label_map=label_space, text_fn=text_fn, **ds_kw) if pm is not None else None
     uds = ImageDataset(um, **ds_kw) if um is not None else None

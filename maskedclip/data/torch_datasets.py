@@ -15,11 +15,12 @@ import torch
 from fastcore.basics import patch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
+from torchvision.transforms import v2
 
 from .manifest import ManifestData
 from .prepare import PreparedData, PreparedStream
 from .records import MAX_PIXELS, BadRecordError, _preview, load_image, load_image_bytes
-from .transforms import eval_transform, mirror_laterality
+from .transforms import FundusBorderCrop, eval_transform, mirror_laterality
 
 # %% auto #0
 __all__ = ['build_label_map', 'label_to_id', 'ImageDataset', 'ImageTextDataset']
@@ -78,6 +79,17 @@ def _row_name(row: Mapping) -> str:
     return row.get("image_path") or row["image"].get("path") or row["id"]
 
 # %% ../../nbs/01d1_data_torch_datasets.ipynb #5e8c12fa
+def _deterministic_prefix(transform) -> tuple[tuple, Callable]:
+    "(the leading `FundusBorderCrop` steps of a `v2.Compose`, the rest as a callable); `((), transform)` otherwise."
+    ts = list(getattr(transform, "transforms", ()))
+    k = 0
+    while k < len(ts) and isinstance(ts[k], FundusBorderCrop):
+        k += 1
+    if not isinstance(transform, v2.Compose) or k == 0:
+        return (), transform
+    return tuple(ts[:k]), v2.Compose(ts[k:])
+
+
 class _ImageRecords(TorchDataset):
     def __init__(
         self,
@@ -90,6 +102,7 @@ class _ImageRecords(TorchDataset):
         on_error: str = "raise",
         max_retries: int = 10,
         hflip: float = 0.0,
+        cache_mb: float = 0.0,
     ):
         self.records, self.root = _as_records(records, root)
         if not 0 <= hflip <= 1:
@@ -103,6 +116,14 @@ class _ImageRecords(TorchDataset):
             decode_size,
             on_error,
             max_retries,
+        )
+        if not cache_mb >= 0:
+            raise ValueError(f"cache_mb must be >= 0 (0: no cache), got {cache_mb!r}")
+        # decoded-image cache: the record rows and, per (index, flipped), the image after the transform's
+        # deterministic leading steps (`_deterministic_prefix`); first come, first kept, up to cache_mb
+        self.cache_mb, self._rows, self._images, self._cached_bytes = float(cache_mb), {}, {}, 0
+        self._split_of = (
+            None  # the transform that `_prefix`/`_rest` were split from (a new one empties the cache)
         )
         self.locations = records.locations if isinstance(records, ManifestData) else None
         self._source = records  # ManifestData / PreparedData / PreparedStream know their label values
@@ -158,6 +179,8 @@ def __getitem__(self: _ImageRecords, key) -> dict:
     idx = int(idx)
     if not -len(self) <= idx < len(self):
         raise IndexError(f"index {idx} out of range for {len(self)} records")
+    if self.cache_mb:
+        return self._cached_item(idx % len(self), seed)
     img, row, errors = self._load(idx % len(self))
     return self._finish(img, row, seed, errors)
 
@@ -173,17 +196,54 @@ def item_from_row(self: _ImageRecords, row: Mapping, seed: int | None = None) ->
 
 
 @patch
-def _finish(self: _ImageRecords, img: Image.Image, row: Mapping, seed: int | None, errors: list) -> dict:
+def _finish(
+    self: _ImageRecords, img: Image.Image, row: Mapping, seed: int | None, errors: list, prepared=None
+) -> dict:
+    "The item: text/label (`_extra`), the flip, the transform. `prepared(flip)`: the image after `_prefix`, if cached."
     with _private_rng(seed) as rng:
         extra = self._extra(row, rng)
-        if (
-            self.hflip > 0 and rng.random() < self.hflip
-        ):  # a flip mirrors the eye's laterality in the text too
-            img, extra = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self._mirror(extra)
-        out = dict(image=self.transform(img), id=row["id"], **extra)
+        flip = self.hflip > 0 and rng.random() < self.hflip
+        if flip:  # a flip mirrors the eye's laterality in the text too
+            extra = self._mirror(extra)
+        if prepared is not None:
+            image = self._rest(prepared(flip))
+        else:
+            image = self.transform(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img)
+        out = dict(image=image, id=row["id"], **extra)
     if errors:
         out["errors"] = errors
     return out
+
+
+@patch
+def _cached_item(self: _ImageRecords, idx: int, seed: int | None) -> dict:
+    """`__getitem__` with the decoded-image cache (`cache_mb` > 0): the same item, bit for bit, without decoding an
+    image or re-running the transform's deterministic leading steps (`FundusBorderCrop`) once they are kept. A record
+    replaced by `on_error='replace'` is never cached."""
+    if self._split_of is not self.transform:
+        self._prefix, self._rest = _deterministic_prefix(self.transform)
+        self._split_of, self._images, self._cached_bytes = self.transform, {}, 0
+    row, img = self._rows.get(idx), None
+    if row is None:
+        img, row, errors = self._load(idx)
+        if errors:
+            return self._finish(img, row, seed, errors)
+        self._rows[idx] = row
+
+    def prepared(flip: bool) -> Image.Image:
+        nonlocal img
+        out = self._images.get((idx, flip))
+        if out is None:
+            img = self._decode(row) if img is None else img
+            out = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
+            for t in self._prefix:
+                out = t(out)
+            nbytes = out.width * out.height * len(out.getbands())
+            if self._cached_bytes + nbytes <= self.cache_mb * 2**20:
+                self._images[(idx, flip)], self._cached_bytes = out, self._cached_bytes + nbytes
+        return out
+
+    return self._finish(None, row, seed, [], prepared)
 
 # %% ../../nbs/01d1_data_torch_datasets.ipynb #d896e422
 class ImageDataset(_ImageRecords):
@@ -191,7 +251,10 @@ class ImageDataset(_ImageRecords):
 
     `records`: `ManifestData`, `datasets.Dataset` or list of records (the last two need `root`).
     `decode_size`: JPEG draft decoding (see `load_image`). `on_error`: 'raise' or 'replace'.
-    `hflip`: probability of a horizontal flip before `transform` (from the item's private RNG)."""
+    `hflip`: probability of a horizontal flip before `transform` (from the item's private RNG).
+    `cache_mb`: keep decoded images (after the transform's deterministic `FundusBorderCrop`) in memory up to this many
+    MiB, first come first kept (0: off); items are bit-identical with and without it. Per process (each DataLoader
+    worker holds its own)."""
 
 # %% ../../nbs/01d1_data_torch_datasets.ipynb #9c60feb9
 class ImageTextDataset(_ImageRecords):

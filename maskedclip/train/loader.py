@@ -192,6 +192,7 @@ def build_loader(config: ExperimentConfig, model: MaskedCLIP, di: DistInfo):
         scale=(d.crop_scale_min, 1.0),
         hflip=d.hflip,
         num_workers=d.num_workers,
+        cache_mb=d.cache_mb,
         on_bad_record=d.on_bad_record,
         on_decode_error="replace" if d.on_bad_record == "skip" else "raise",
         label_space=space,
