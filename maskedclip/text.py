@@ -197,6 +197,7 @@ class TextTower(nn.Module):
         # frozen only: a text's token ids -> its last hidden states (CPU, float32), LRU
         self._cache = OrderedDict()
         self._use_cache = True
+        self._diag_memo = None  # frozen only: (token ids, output) of the fixed diagnostics batch
 
     def train(self, mode: bool = True):
         "A frozen tower stays in eval mode (no dropout), so its embeddings are the same in training and evaluation."
@@ -207,6 +208,7 @@ class TextTower(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache.clear()  # new weights: cached hidden states are stale
+        self._diag_memo = None  # and so is the diagnostics batch's output (`maskedclip.diagnostics`)
         super()._load_from_state_dict(*args, **kwargs)
 
 # %% ../nbs/05_text.ipynb #9fd559cb

@@ -25,6 +25,7 @@ from maskedclip.evaluate.protocols import (
     extract_features,
     finetune,
     fit_linear_probe,
+    load_model,
     uint8_eval_transform,
     zero_shot,
 )
@@ -348,12 +349,14 @@ class _EvalContext:
             stream,
         )
         self.test_splits, self.precision, self._loaded, self._tasks = test_splits, precision, {}, {}
+        self._models = {}  # zero-shot: a source's whole model (with its text tower), loaded once per process
         self.keep_scores = keep_scores
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_loaded", "_tasks")} | {
+        return {k: v for k, v in self.__dict__.items() if k not in ("_loaded", "_tasks", "_models")} | {
             "_loaded": {},
             "_tasks": {},
+            "_models": {},
         }
 
 # %% ../../nbs/10e_evaluate_runner.ipynb #6cdaa511
@@ -403,8 +406,10 @@ def _zero_shot_rows(self: _EvalContext, name, task, enc0, td, tests, seed) -> li
     rows = []
     for s, (x, y) in tests.items():
         t0 = time.perf_counter()
+        if name not in self._models:  # one load for all of a source's tasks (the text tower's build is ~1 s)
+            self._models[name] = load_model(enc0)
         r = zero_shot(
-            enc0,
+            self._models[name],
             x,
             y,
             td.classes,
