@@ -228,7 +228,12 @@ def _cached_item(self: _ImageRecords, idx: int, seed: int | None) -> dict:
         img, row, errors = self._load(idx)
         if errors:
             return self._finish(img, row, seed, errors)
-        self._rows[idx] = row
+        im = row[
+            "image"
+        ]  # a prepared dataset's row holds its image's encoded bytes: they count against the budget
+        nbytes = len(im.get("bytes") or b"") if isinstance(im, Mapping) else 0
+        if self._cached_bytes + nbytes <= self.cache_mb * 2**20:
+            self._rows[idx], self._cached_bytes = row, self._cached_bytes + nbytes
 
     def prepared(flip: bool) -> Image.Image:
         nonlocal img
