@@ -637,9 +637,8 @@ def test_decoded_image_cache_gives_the_same_batches(corpus, workers):
             x.unpaired_images, y.unpaired_images
         )
         assert x.texts == y.texts and torch.equal(x.input_ids, y.input_ids)
-    if (
-        workers == 0
-    ):  # in-process: the cache holds every record (12 paired, 30 unpaired) after the first epoch
+    # in-process, the cache holds every record (12 paired, 30 unpaired) after the first epoch
+    if workers == 0:
         assert len(cached.paired._rows) == 12 and len(cached.unpaired._rows) == 30
         assert cached.unpaired._cached_bytes > 0
 

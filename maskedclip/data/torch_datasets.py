@@ -81,13 +81,12 @@ def _row_name(row: Mapping) -> str:
 # %% ../../nbs/01d1_data_torch_datasets.ipynb #5e8c12fa
 def _deterministic_prefix(transform) -> tuple[tuple, Callable]:
     "(the leading `FundusBorderCrop` steps of a `v2.Compose`, the rest as a callable); `((), transform)` otherwise."
-    ts = list(getattr(transform, "transforms", ()))
-    k = 0
+    if not isinstance(transform, v2.Compose):
+        return (), transform
+    ts, k = list(transform.transforms), 0
     while k < len(ts) and isinstance(ts[k], FundusBorderCrop):
         k += 1
-    if not isinstance(transform, v2.Compose) or k == 0:
-        return (), transform
-    return tuple(ts[:k]), v2.Compose(ts[k:])
+    return (tuple(ts[:k]), v2.Compose(ts[k:])) if k else ((), transform)
 
 
 class _ImageRecords(TorchDataset):
@@ -220,17 +219,17 @@ def _cached_item(self: _ImageRecords, idx: int, seed: int | None) -> dict:
     """`__getitem__` with the decoded-image cache (`cache_mb` > 0): the same item, bit for bit, without decoding an
     image or re-running the transform's deterministic leading steps (`FundusBorderCrop`) once they are kept. A record
     replaced by `on_error='replace'` is never cached."""
+    # a new transform: the cache starts afresh (rows too: they share one budget)
     if self._split_of is not self.transform:
         self._prefix, self._rest = _deterministic_prefix(self.transform)
-        self._split_of, self._images, self._cached_bytes = self.transform, {}, 0
+        self._split_of, self._rows, self._images, self._cached_bytes = self.transform, {}, {}, 0
     row, img = self._rows.get(idx), None
     if row is None:
         img, row, errors = self._load(idx)
         if errors:
             return self._finish(img, row, seed, errors)
-        im = row[
-            "image"
-        ]  # a prepared dataset's row holds its image's encoded bytes: they count against the budget
+        # a prepared dataset's row holds its image's encoded bytes: they count against the budget
+        im = row["image"]
         nbytes = len(im.get("bytes") or b"") if isinstance(im, Mapping) else 0
         if self._cached_bytes + nbytes <= self.cache_mb * 2**20:
             self._rows[idx], self._cached_bytes = row, self._cached_bytes + nbytes

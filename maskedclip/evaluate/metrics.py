@@ -175,13 +175,9 @@ def _selection_score(y, scores) -> tuple[float, str]:
 
 # %% ../../nbs/10a_evaluate_metrics.ipynb #c0a1b2c3d4e5
 def _resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
-    "Resample index rows `(B, M)` -> how often each of the `n` items is drawn, `(B, n)` float64 (exact integers)."
+    "Resample index rows `(B, M)` -> how often each of the `n` items is drawn, `(B, n)` int64."
     b = idx.shape[0]
-    return (
-        np.bincount((np.arange(b)[:, None] * n + idx).ravel(), minlength=b * n)
-        .reshape(b, n)
-        .astype(np.float64)
-    )
+    return np.bincount((np.arange(b)[:, None] * n + idx).ravel(), minlength=b * n).reshape(b, n)
 
 
 def _counted_binary(pos: np.ndarray, s: np.ndarray, w: np.ndarray, metric: str) -> np.ndarray:

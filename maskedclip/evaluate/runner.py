@@ -403,11 +403,11 @@ def task(self: _EvalContext, task, size) -> TaskData:
 @patch
 def _zero_shot_rows(self: _EvalContext, name, task, enc0, td, tests, seed) -> list[dict]:
     "Zero-shot result rows of source `name` on `task`, one per test set."
+    if name not in self._models:  # one load for all of a source's tasks (the text tower's build is ~1 s)
+        self._models[name] = load_model(enc0)
     rows = []
     for s, (x, y) in tests.items():
         t0 = time.perf_counter()
-        if name not in self._models:  # one load for all of a source's tasks (the text tower's build is ~1 s)
-            self._models[name] = load_model(enc0)
         r = zero_shot(
             self._models[name],
             x,
